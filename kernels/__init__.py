@@ -1,0 +1,1 @@
+"""Triton kernels of gpukv (installed as `gpukv_kernels`)."""

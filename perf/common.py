@@ -1,0 +1,79 @@
+"""Shared helpers for the perf sweeps: model table, timing, results folder, CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+# Realistic per-rank shapes: (name, kind, num_layers, num_kv_heads, head_dim, dtype, row_bytes)
+MODELS = {
+    "llama3.1-8b": dict(kind="mha", num_layers=32, num_heads=8, head_dim=128, dtype=torch.bfloat16),
+    "llama-70b-tp8": dict(kind="mha", num_layers=80, num_heads=1, head_dim=128, dtype=torch.bfloat16),
+    "llama-70b-tp4": dict(kind="mha", num_layers=80, num_heads=2, head_dim=128, dtype=torch.bfloat16),
+    "deepseek-v3-mla": dict(kind="mla", num_layers=61, num_heads=1, head_dim=576, dtype=torch.bfloat16),
+    "deepseek-v3-fp8ds": dict(kind="mla", num_layers=61, num_heads=1, head_dim=656, dtype=torch.uint8),
+}
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return "cpu"
+
+
+def results_dir(device: torch.device | str, root: str | os.PathLike | None = None) -> Path:
+    """``perf/results/<device>/`` (or ``$GPUKV_RESULTS_DIR/<device>``), created on demand."""
+    base = Path(root or os.environ.get("GPUKV_RESULTS_DIR") or Path(__file__).parent / "results")
+    path = base / device_name(device)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bench(fn: Callable[[], object], *, device: torch.device | str = "cpu", repeats: int = 7,
+          warmup: int = 2) -> float:
+    """Median seconds of ``fn()``: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_csv(path: Path, rows: Iterable[dict]) -> Path:
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def progress(iterable, **kwargs):
+    """tqdm when installed (the perf extra), else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
