@@ -1,0 +1,77 @@
+"""The safetensors disk tier: atomic files, warm restart, LRU budget, bad files are misses."""
+
+import torch
+
+from gpukv.disk import DiskTier
+
+
+def _payload(n, seed):
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_store_flush_and_load_bit_exact(tmp_path):
+    tier = DiskTier(tmp_path)
+    p = _payload(1000, 1)
+    assert tier.submit("m/0/aa", "fp", p)
+    assert tier.flush(10)
+    assert tier.contains_many(["m/0/aa", "m/0/bb"]) == [True, False]
+    assert torch.equal(tier.load("m/0/aa", "fp", 1000), p)
+    assert tier.load("m/0/bb", "fp", 1000) is None
+    assert list(tmp_path.glob("*/*.tmp")) == []
+    tier.close()
+
+
+def test_warm_restart_finds_chunks(tmp_path):
+    tier = DiskTier(tmp_path)
+    for i in range(3):
+        tier.submit(f"m/0/{i}", "fp", _payload(512, i))
+    tier.flush(10)
+    tier.close()
+    again = DiskTier(tmp_path)
+    assert again.contains_many([f"m/0/{i}" for i in range(3)]) == [True] * 3
+    assert torch.equal(again.load("m/0/2", "fp", 512), _payload(512, 2))
+    assert again.stats()["files"] == 3
+    again.close()
+
+
+def test_lru_budget_evicts_oldest_and_loads_refresh(tmp_path):
+    one = len(__import__("gpukv.chunk_codec", fromlist=["x"]).encode("m/0/0", "fp", _payload(4096, 0)))
+    tier = DiskTier(tmp_path, capacity_bytes=3 * one)
+    for i in range(3):
+        tier.submit(f"m/0/{i}", "fp", _payload(4096, i))
+        tier.flush(10)
+    assert tier.load("m/0/0", "fp", 4096) is not None  # 0 is now the most recent
+    tier.submit("m/0/3", "fp", _payload(4096, 3))
+    tier.flush(10)
+    assert tier.contains_many([f"m/0/{i}" for i in range(4)]) == [True, False, True, True]
+    assert tier.stats()["evicted"] == 1 and tier.stats()["used_bytes"] <= 3 * one
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == 3
+    tier.close()
+
+
+def test_corrupted_truncated_and_foreign_files_are_misses_and_removed(tmp_path):
+    tier = DiskTier(tmp_path)
+    for i in range(3):
+        tier.submit(f"m/0/{i}", "fp", _payload(2048, i))
+    tier.flush(10)
+    paths = {i: tmp_path / tier._file_name(f"m/0/{i}")[:2] / tier._file_name(f"m/0/{i}") for i in range(3)}
+    blob = bytearray(paths[0].read_bytes())
+    blob[-5] ^= 0x55
+    paths[0].write_bytes(bytes(blob))                      # corrupted payload
+    paths[1].write_bytes(paths[1].read_bytes()[:100])      # truncated
+    assert tier.load("m/0/0", "fp", 2048) is None
+    assert tier.load("m/0/1", "fp", 2048) is None
+    assert tier.load("m/0/2", "other-layout", 2048) is None  # foreign fingerprint
+    assert not paths[0].exists() and not paths[1].exists() and not paths[2].exists()
+    assert tier.stats()["corrupt"] == 3
+    assert tier.contains_many(["m/0/0", "m/0/1", "m/0/2"]) == [False] * 3
+    tier.close()
+
+
+def test_queue_full_drops_and_counts(tmp_path):
+    tier = DiskTier(tmp_path, queue_size=1)
+    tier._queue.put(("__flush__", __import__("threading").Event(), None))  # occupy the writer's queue
+    accepted = [tier.submit(f"m/0/{i}", "fp", _payload(16, i)) for i in range(50)]
+    assert not all(accepted)
+    assert tier.stats()["dropped"] == accepted.count(False)
+    tier.close()
