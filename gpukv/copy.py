@@ -1,0 +1,146 @@
+"""pack / unpack: move full token chunks between a paged KV cache and the L1 arena.
+
+One call covers every layer, K/V and chunk. Three backends behind one call:
+
+* ``"triton"``: the kernels in ``gpukv_kernels`` (compiled on CUDA; on CPU tensors only under
+  ``TRITON_INTERPRET=1``, which tests use);
+* ``"torch"``: a fast CPU path (``index_select`` / ``index_copy_`` straight into the arena);
+* ``"ref"``: the pure-torch reference the tests check both against.
+
+Auto choice: ``triton`` for CUDA tensors, ``torch`` otherwise; ``GPUKV_BACKEND`` or the
+``backend`` argument forces one. Every argument is validated before any byte is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence, Union
+
+import torch
+
+from gpukv.layout import PagedKV
+
+OFFSET_ALIGN = 16
+BACKENDS = ("triton", "torch", "ref")
+
+Offsets = Union[torch.Tensor, Sequence[int]]
+
+
+def pack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
+         chunk_size: int = 256, backend: str | None = None) -> None:
+    """Copy ``len(offsets)`` chunks out of the pages into ``arena``.
+
+    slot_mapping: 1-D int64/int32, ``len(offsets) * chunk_size`` page slots
+                  (``slot = block * block_size + offset``), ``-1`` = skip that token.
+    arena:        1-D uint8 tensor on the cache's device (the L1's memory).
+    offsets:      byte offsets of the chunks in ``arena``: multiples of 16, non-overlapping, each
+                  chunk ``paged.chunk_bytes(chunk_size)`` long, in the chunk format
+                  ``[num_layers, num_kv, chunk_size, row_bytes]``.
+    """
+    _run("pack", paged, slot_mapping, arena, offsets, chunk_size, backend)
+
+
+def unpack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
+           chunk_size: int = 256, backend: str | None = None) -> None:
+    """Copy chunks from ``arena`` back into the pages; the arguments mean what they do in :func:`pack`."""
+    _run("unpack", paged, slot_mapping, arena, offsets, chunk_size, backend)
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    choice = backend or os.environ.get("GPUKV_BACKEND") or None
+    if choice is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+                         "is imported; use backend 'torch' on CPU")
+    return choice
+
+
+def _run(op: str, paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend) -> None:
+    slots, offs = validate(paged, slot_mapping, arena, offsets, chunk_size)
+    if offs.numel() == 0:
+        return
+    choice = resolve_backend(backend, paged.device)
+    if choice == "torch":
+        from gpukv import copy_torch
+
+        getattr(copy_torch, f"{op}_torch")(paged, slots, arena, offs, chunk_size=chunk_size)
+    elif choice == "ref":
+        from gpukv_kernels import pack as pack_mod, unpack as unpack_mod
+
+        fn = pack_mod.pack_ref if op == "pack" else unpack_mod.unpack_ref
+        fn(paged, slots, arena, offs, chunk_size=chunk_size)
+    else:
+        from gpukv_kernels import pack as pack_mod, unpack as unpack_mod
+
+        fn = pack_mod.pack_triton if op == "pack" else unpack_mod.unpack_triton
+        fn(paged, slots, arena, offs, chunk_size=chunk_size)
+
+
+def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check every argument; returns (slots as int64 on the cache's device, offsets as CPU int64)."""
+    if not isinstance(paged, PagedKV):
+        raise ValueError(f"paged must be a PagedKV, got {type(paged).__name__}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 or arena.dim() != 1:
+        desc = f"{tuple(arena.shape)} {arena.dtype}" if isinstance(arena, torch.Tensor) else type(arena).__name__
+        raise ValueError(f"arena must be a 1-D uint8 tensor, got {desc}")
+    if not arena.is_contiguous():
+        raise ValueError(f"arena must be contiguous, got stride {arena.stride()}")
+    if arena.device != paged.device:
+        raise ValueError(f"arena is on {arena.device}, the paged cache on {paged.device}")
+    offs = _offsets_tensor(offsets)
+    n = offs.numel()
+    chunk_bytes = paged.chunk_bytes(chunk_size)
+    if n:
+        if bool((offs % OFFSET_ALIGN != 0).any()):
+            bad = offs[offs % OFFSET_ALIGN != 0][0].item()
+            raise ValueError(f"offset {bad} is not a multiple of {OFFSET_ALIGN}")
+        lo, hi = int(offs.min()), int(offs.max())
+        if lo < 0 or hi + chunk_bytes > arena.numel():
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"offset {bad} + chunk_bytes {chunk_bytes} runs past the arena "
+                             f"({arena.numel()} bytes)")
+        srt = torch.sort(offs).values
+        gaps = srt[1:] - srt[:-1]
+        if bool((gaps < chunk_bytes).any()):
+            i = int(torch.nonzero(gaps < chunk_bytes)[0])
+            raise ValueError(f"offsets {int(srt[i])} and {int(srt[i + 1])} overlap "
+                             f"(chunks are {chunk_bytes} bytes)")
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+    if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be 1-D int64 or int32, got shape "
+                         f"{tuple(slot_mapping.shape)} dtype {slot_mapping.dtype}")
+    if slot_mapping.numel() != n * chunk_size:
+        raise ValueError(f"slot_mapping has {slot_mapping.numel()} entries, expected "
+                         f"len(offsets) * chunk_size = {n} * {chunk_size} = {n * chunk_size}")
+    if slot_mapping.device.type not in ("cpu", paged.device.type):
+        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the paged cache on {paged.device}")
+    if n:
+        smin, smax = int(slot_mapping.min()), int(slot_mapping.max())
+        if smin < -1:
+            raise ValueError(f"slot_mapping entry {smin} is below -1")
+        if smax >= paged.num_slots:
+            raise ValueError(f"slot_mapping entry {smax} is past the cache ({paged.num_slots} slots = "
+                             f"{paged.num_blocks} blocks x {paged.block_size})")
+    slots = slot_mapping.to(device=paged.device, dtype=torch.int64)
+    return slots, offs
+
+
+def _offsets_tensor(offsets: Offsets) -> torch.Tensor:
+    if isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 1 or offsets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"offsets must be a 1-D int64 tensor, got shape {tuple(offsets.shape)} "
+                             f"dtype {offsets.dtype}")
+        return offsets.to("cpu", torch.int64)
+    try:
+        values = [int(o) for o in offsets]
+    except (TypeError, ValueError):
+        raise ValueError(f"offsets must be a 1-D tensor or a sequence of ints, got {offsets!r:.80}") from None
+    if any(isinstance(o, bool) or int(o) != o for o in offsets):
+        raise ValueError(f"offsets must be integers, got {list(offsets)!r:.80}")
+    return torch.tensor(values, dtype=torch.int64)

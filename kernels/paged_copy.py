@@ -1,0 +1,73 @@
+"""Shared Triton helpers of the pack/unpack kernels and their launch metadata.
+
+A program copies ``BLOCK_T`` tokens x one (layer, K/V) pair. Addresses are in *words*: the widest
+integer (8/4/2/1 bytes) dividing the head size, the strides, the base addresses and the arena, so
+bf16, fp16, fp32, fp8 and opaque records are one code path and the interpreter never does float
+math. Per-layer base addresses come from an int64 table, cast to pointers in the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_WORDS = {8: (torch.int64, tl.int64), 4: (torch.int32, tl.int32), 2: (torch.int16, tl.int16),
+          1: (torch.uint8, tl.uint8)}
+
+
+@triton.jit
+def token_tile(slot_ptr, offs_ptr, pid_t, num_tokens, block_size, chunk_size,
+               stride_block, stride_token, pid_lk, row_words, BLOCK_T: tl.constexpr):
+    """Word offsets of the tile's tokens in the pages (src) and the arena (dst), and the mask."""
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = t < num_tokens
+    slot = tl.load(slot_ptr + t, mask=in_range, other=-1).to(tl.int64)
+    valid = in_range & (slot >= 0)
+    slot = tl.where(valid, slot, 0)
+    page_off = (slot // block_size) * stride_block + (slot % block_size) * stride_token
+    chunk = t // chunk_size
+    chunk_off = tl.load(offs_ptr + chunk, mask=in_range, other=0)
+    arena_off = chunk_off + (pid_lk.to(tl.int64) * chunk_size + t % chunk_size) * row_words
+    return page_off, arena_off, valid
+
+
+@triton.jit
+def row_cols(r0, row_words, head_words, stride_head, BLOCK_R: tl.constexpr):
+    """Word offsets of row columns ``r0 .. r0 + BLOCK_R`` in the pages (head-strided) and the chunk."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = r < row_words
+    page_col = (r // head_words).to(tl.int64) * stride_head + r % head_words
+    return page_col, r.to(tl.int64), r_mask
+
+
+def launch_meta(paged, arena: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor,
+                chunk_size: int) -> dict:
+    """Kernel arguments in words for validated inputs (see :func:`gpukv.copy.validate`)."""
+    ptrs = paged.base_ptrs.flatten()
+    word = 8
+    for v in (paged.head_bytes, paged.stride_block_bytes, paged.stride_token_bytes,
+              paged.stride_head_bytes, arena.data_ptr(), *ptrs.tolist()):
+        while v % word:
+            word //= 2
+    torch_word, tl_word = _WORDS[word]
+    usable = arena.numel() - arena.numel() % word
+    row_words = paged.row_bytes // word
+    return dict(
+        table=ptrs.to(arena.device),
+        slots=slots,
+        offsets=(offsets // word).to(arena.device),
+        arena=arena[:usable].view(torch_word),
+        num_tokens=slots.numel(),
+        block_size=paged.block_size,
+        chunk_size=chunk_size,
+        stride_block=paged.stride_block_bytes // word,
+        stride_token=paged.stride_token_bytes // word,
+        stride_head=paged.stride_head_bytes // word,
+        row_words=row_words,
+        head_words=paged.head_bytes // word,
+        WORD=tl_word,
+        BLOCK_T=16,
+        BLOCK_R=min(triton.next_power_of_2(row_words), 1024),
+        grid=(triton.cdiv(slots.numel(), 16), paged.num_layers * paged.num_kv),
+    )

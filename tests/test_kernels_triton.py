@@ -1,0 +1,108 @@
+"""The Triton pack/unpack kernels against the torch reference, bit-exact.
+
+On CPU they run under TRITON_INTERPRET=1 (set here and in conftest.py before triton is imported),
+so shapes stay tiny. On a CUDA machine `GPUKV_TRITON_COMPILED=1` runs the same tests compiled on
+the GPU (perf/gpu_check.sh).
+"""
+
+import os
+
+if os.environ.get("GPUKV_TRITON_COMPILED") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gpukv.copy import pack, unpack  # noqa: E402
+from gpukv.layout import PagedKV  # noqa: E402
+from paged_cases import DTYPES, LAYOUTS, clone_layers, make_cache, storages, token_rows  # noqa: E402
+
+COMPILED = os.environ.get("GPUKV_TRITON_COMPILED") == "1"
+DEVICE = "cuda" if COMPILED else "cpu"
+POISON = 0x3C
+
+if COMPILED and not torch.cuda.is_available():
+    pytest.skip("GPUKV_TRITON_COMPILED=1 needs a CUDA device", allow_module_level=True)
+
+
+def _to_device(layers):
+    if isinstance(layers, tuple):
+        return tuple(_to_device(x) for x in layers)
+    out = []
+    for t in layers:
+        d = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE)
+        storages([d])[0].copy_(storages([t])[0])
+        out.append(d)
+    return out
+
+
+def _check(layout, *, dtype=torch.bfloat16, num_chunks=2, chunk_size=16, block_size=16, num_layers=2,
+           slot_dtype=torch.int64, holes=True, heads=2, head_dim=8):
+    num_blocks = -(-num_chunks * chunk_size // block_size) + 2
+    layers, dims, kind = make_cache(layout, dtype=dtype, num_layers=num_layers, num_blocks=num_blocks,
+                                    block_size=block_size, heads=heads, head_dim=head_dim)
+    layers = _to_device(layers)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    gen = torch.Generator().manual_seed(7)
+    slots = torch.randperm(paged.num_slots, generator=gen)[: num_chunks * chunk_size].to(slot_dtype)
+    if holes:
+        slots[[0, 3]] = -1
+    cb = paged.chunk_bytes(chunk_size)
+    step = -(-(cb + 32) // 16) * 16
+    offsets = torch.tensor([(num_chunks - 1 - i) * step for i in range(num_chunks)], dtype=torch.int64)
+    size = num_chunks * step
+    ref = torch.full((size,), POISON, dtype=torch.uint8, device=DEVICE)
+    got = ref.clone()
+    pack(paged, slots, ref, offsets, chunk_size=chunk_size, backend="ref")
+    pack(paged, slots.to(DEVICE), got, offsets.to(DEVICE), chunk_size=chunk_size, backend="triton")
+    assert torch.equal(ref.cpu(), got.cpu())
+    dst_layers = clone_layers(layers) if DEVICE == "cpu" else _to_device(layers)
+    for t in storages(dst_layers):
+        t.fill_(POISON)
+    dst = PagedKV.from_tensors(dst_layers, dims, kind=kind)
+    unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="triton")
+    valid = slots[slots >= 0].long().to(DEVICE)
+    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(paged, valid).cpu())
+    for kv_views in dst.views:
+        for v in kv_views:
+            v.view(torch.uint8)[valid // dst.block_size, valid % dst.block_size] = POISON
+    assert all(bool((t == POISON).all()) for t in storages(dst_layers))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout(layout):
+    _check(layout)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp8", "u8"])
+def test_dtypes(dtype):
+    _check("kv_first_hnd", dtype=DTYPES[dtype])
+
+
+def test_block_size_64_odd_counts_int32_slots():
+    _check("mla", block_size=64, num_chunks=3, num_layers=3, slot_dtype=torch.int32, chunk_size=32)
+
+
+def test_fp8_ds_mla_record_rows():
+    _check("mla", dtype=torch.uint8, heads=1, head_dim=656, num_chunks=1)
+
+
+def test_all_holes_and_empty_call():
+    layers, dims, kind = make_cache("mla")
+    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
+    arena = torch.full((paged.chunk_bytes(16),), POISON, dtype=torch.uint8, device=DEVICE)
+    pack(paged, torch.full((16,), -1, device=DEVICE), arena, [0], chunk_size=16, backend="triton")
+    pack(paged, torch.empty(0, dtype=torch.int64, device=DEVICE), arena, [], chunk_size=16, backend="triton")
+    assert bool((arena == POISON).all())
+
+
+def test_bad_input_raises_before_launch():
+    layers, dims, kind = make_cache("kv_first")
+    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
+    arena = torch.full((4 * paged.chunk_bytes(16),), POISON, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="is past the cache"):
+        pack(paged, torch.arange(16, device=DEVICE) + paged.num_slots, arena, [0], chunk_size=16,
+             backend="triton")
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        unpack(paged, torch.arange(16, device=DEVICE), arena, [8], chunk_size=16, backend="triton")
+    assert bool((arena == POISON).all())

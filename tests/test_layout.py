@@ -1,0 +1,82 @@
+"""PagedKV.from_tensors: every dims string, stride orders, and the errors for what does not fit."""
+
+import pytest
+import torch
+
+from gpukv.layout import PagedKV
+from paged_cases import LAYOUTS, make_cache
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_describes_every_layout(layout):
+    layers, dims, kind = make_cache(layout, num_layers=3, num_blocks=6, block_size=16, heads=2, head_dim=8)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    mla = kind == "mla"
+    sglang = dims == "S,H,D"
+    assert paged.num_layers == 3 and paged.num_kv == (1 if mla else 2)
+    assert paged.block_size == (1 if sglang else 16)
+    assert paged.num_slots == 96
+    assert paged.row_bytes == 2 * 8 * 2  # heads * head_dim * bf16 (MLA: one 16-wide row)
+    assert paged.chunk_shape(32) == (3, paged.num_kv, 32, 32)
+    assert paged.chunk_bytes(32) == 3 * paged.num_kv * 32 * 32
+    assert paged.base_ptrs.shape == (3, paged.num_kv) and paged.base_ptrs.dtype == torch.int64
+
+
+def test_kv_offsets_and_strides_match_the_tensors():
+    layers, dims, kind = make_cache("kv_first", num_blocks=4, block_size=16, heads=2, head_dim=8)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    t = layers[1]
+    assert paged.base_ptrs[1].tolist() == [t[0].data_ptr(), t[1].data_ptr()]
+    assert (paged.stride_block_bytes, paged.stride_token_bytes, paged.stride_head_bytes) == (
+        t.stride(1) * 2, t.stride(2) * 2, t.stride(3) * 2)
+    packed, dims, kind = make_cache("packed", head_dim=8)
+    p = PagedKV.from_tensors(packed, dims, kind=kind)
+    assert p.base_ptrs[0, 1] - p.base_ptrs[0, 0] == 8 * 2  # V is the second half of each head
+
+
+def test_hnd_strides_come_from_the_tensor():
+    layers, dims, kind = make_cache("flashinfer_hnd", num_blocks=4, block_size=16, heads=2, head_dim=8)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    assert paged.stride_token_bytes == 8 * 2 and paged.stride_head_bytes == 16 * 8 * 2
+
+
+def test_stacked_tensor_with_layer_first():
+    stacked = torch.zeros(5, 4, 16, 576, dtype=torch.bfloat16)
+    paged = PagedKV.from_tensors(stacked, "NB,BS,D", kind="mla")
+    assert paged.num_layers == 5 and paged.row_bytes == 1152
+    assert paged.base_ptrs[3, 0] == stacked[3].data_ptr()
+
+
+def test_fp8_ds_mla_records():
+    layers = [torch.zeros(4, 64, 656, dtype=torch.uint8) for _ in range(2)]
+    paged = PagedKV.from_tensors(layers, "NB,BS,D", kind="mla")
+    assert paged.row_bytes == 656 and paged.chunk_bytes(256) == 2 * 256 * 656
+
+
+def test_fingerprint_is_layout_not_memory():
+    a = PagedKV.from_tensors([torch.zeros(4, 16, 64, dtype=torch.bfloat16)], "NB,BS,D", kind="mla")
+    b = PagedKV.from_tensors([torch.ones(9, 16, 64, dtype=torch.bfloat16)], "NB,BS,D", kind="mla")
+    c = PagedKV.from_tensors([torch.zeros(4, 16, 64, dtype=torch.float16)], "NB,BS,D", kind="mla")
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("layers, dims, kind, message", [
+    ([torch.zeros(4, 16, 64)], "NB,BS,D", "gqa", "kind must be 'mha' or 'mla'"),
+    ([torch.zeros(4, 16, 64)], "NB,XX,D", "mla", "unknown dims 'NB,XX,D'"),
+    ([torch.zeros(4, 16, 64)], "NB,BS,D", "mha", "is a mla layout, but kind='mha'"),
+    ([torch.zeros(4, 16, 64)], "2,NB,BS,H,D", "mha", "expected 5 dims"),
+    ([torch.zeros(3, 4, 16, 2, 8)], "2,NB,BS,H,D", "mha", "dim '2' of '2,NB,BS,H,D' has size 3"),
+    ([torch.zeros(4, 16, 64), torch.zeros(4, 16, 32)], "NB,BS,D", "mla", "layer 1 is (4, 16, 32)"),
+    ([torch.zeros(4, 16, 64), torch.zeros(4, 16, 64, dtype=torch.float16)], "NB,BS,D", "mla", "layer 1 is"),
+    ([torch.zeros(4, 64, 16).transpose(1, 2)], "NB,BS,D", "mla", "must be contiguous (stride 1)"),
+    ([torch.zeros(4, 2, 16, 7)], "NB,H,BS,2D", "mha", "odd size 7"),
+    ([torch.zeros(64, 2, 8)], "S,H,D", "mla", "one latent row per token, got H=2"),
+    ([torch.zeros(64, 2, 8)], "S,H,D", "mha", "take layers=(k_layers, v_layers)"),
+    (([torch.zeros(64, 2, 8)], []), "S,H,D", "mha", "equal in length"),
+    ([], "NB,BS,D", "mla", "layers is empty"),
+    (torch.zeros(4, 16, 64), "NB,BS,D", "mla", "a stacked cache needs 4 dims"),
+    (["not a tensor"], "NB,BS,D", "mla", "layer 0 is a str"),
+])
+def test_bad_layouts_name_the_problem(layers, dims, kind, message):
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        PagedKV.from_tensors(layers, dims, kind=kind)
