@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+                  "valkey://", "valkeys://", "valkey+cluster://")
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,10 +65,9 @@ class EngineConfig:
             )
         if self.disk_capacity_bytes is not None and self.disk_dir is None:
             raise ValueError("disk_capacity_bytes is set but disk_dir is None")
-        if self.remote_url is not None and not str(self.remote_url).startswith(
-            ("redis://", "rediss://", "unix://", "valkey://", "valkeys://")
-        ):
-            raise ValueError(f"remote_url must be a redis:// or rediss:// URL, got {self.remote_url!r}")
+        if self.remote_url is not None and not str(self.remote_url).startswith(REMOTE_SCHEMES):
+            raise ValueError(f"remote_url must start with one of {', '.join(REMOTE_SCHEMES)}; "
+                             f"got {self.remote_url!r}")
         for name in ("remote_timeout_s", "read_lease_s", "write_lease_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
