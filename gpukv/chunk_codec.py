@@ -7,7 +7,8 @@ chunk format ``[num_layers, num_kv, chunk_size, row_bytes]``, flattened) and str
     key             the object key string (``ObjectKey.to_str()``)
     fingerprint     the layout fingerprint (model, kind, dims, dtype, row bytes, chunk size)
     nbytes          payload length
-    checksum        blake2b-128 hex digest of the payload
+    checksum        ``xxh3-128:<hex>`` of the payload (xxHash: ~20x blake2b's speed, and a
+                    checksum here guards against corruption, not against an adversary)
 
 ``decode`` returns ``None`` (a miss) for anything truncated, corrupted or foreign; callers log and
 drop such values, they never reach a worker's pages.
@@ -15,9 +16,8 @@ drop such values, they never reach a worker's pages.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+import xxhash
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -25,9 +25,9 @@ FORMAT_VERSION = "1"
 
 
 def checksum(payload: torch.Tensor) -> str:
-    """blake2b-128 hex digest of a contiguous CPU uint8 tensor's bytes."""
+    """``xxh3-128:<hex>`` of a contiguous CPU uint8 tensor's bytes."""
     assert payload.dtype == torch.uint8 and payload.device.type == "cpu"
-    return hashlib.blake2b(payload.numpy().data, digest_size=16).hexdigest()
+    return "xxh3-128:" + xxhash.xxh3_128_hexdigest(payload.numpy().data)
 
 
 def make_header(key: str, fingerprint: str, payload: torch.Tensor) -> dict[str, str]:
