@@ -4,7 +4,8 @@ One call covers every layer, K/V and chunk. Three backends behind one call:
 
 * ``"triton"``: the kernels in ``gpukv_kernels`` (compiled on CUDA; on CPU tensors only under
   ``TRITON_INTERPRET=1``, which tests use);
-* ``"torch"``: a fast CPU path (``index_select`` / ``index_copy_`` straight into the arena);
+* ``"torch"``: a fast CPU path (one unit-row gather/scatter per layer and K/V, straight into the
+  arena; see :mod:`gpukv.copy_torch`);
 * ``"ref"``: the pure-torch reference the tests check both against.
 
 Auto choice: ``triton`` for CUDA tensors, ``torch`` otherwise; ``GPUKV_BACKEND`` or the
@@ -60,9 +61,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _run(op: str, paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend) -> None:
     slots, offs = validate(paged, slot_mapping, arena, offsets, chunk_size)
+    choice = resolve_backend(backend, paged.device)
     if offs.numel() == 0:
         return
-    choice = resolve_backend(backend, paged.device)
     if choice == "torch":
         from gpukv import copy_torch
 
@@ -92,7 +93,7 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
         raise ValueError(f"arena must be contiguous, got stride {arena.stride()}")
     if arena.device != paged.device:
         raise ValueError(f"arena is on {arena.device}, the paged cache on {paged.device}")
-    offs = _offsets_tensor(offsets)
+    offs = _offsets_tensor(offsets, paged.device)
     n = offs.numel()
     chunk_bytes = paged.chunk_bytes(chunk_size)
     if n:
@@ -121,7 +122,7 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
     if slot_mapping.device.type not in ("cpu", paged.device.type):
         raise ValueError(f"slot_mapping is on {slot_mapping.device}, the paged cache on {paged.device}")
     if n:
-        smin, smax = int(slot_mapping.min()), int(slot_mapping.max())
+        smin, smax = torch.stack(torch.aminmax(slot_mapping)).tolist()  # one sync on a GPU
         if smin < -1:
             raise ValueError(f"slot_mapping entry {smin} is below -1")
         if smax >= paged.num_slots:
@@ -131,11 +132,13 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
     return slots, offs
 
 
-def _offsets_tensor(offsets: Offsets) -> torch.Tensor:
+def _offsets_tensor(offsets: Offsets, device: torch.device) -> torch.Tensor:
     if isinstance(offsets, torch.Tensor):
         if offsets.dim() != 1 or offsets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"offsets must be a 1-D int64 tensor, got shape {tuple(offsets.shape)} "
                              f"dtype {offsets.dtype}")
+        if offsets.device.type not in ("cpu", device.type):
+            raise ValueError(f"offsets is on {offsets.device}, the paged cache on {device}")
         return offsets.to("cpu", torch.int64)
     try:
         values = [int(o) for o in offsets]

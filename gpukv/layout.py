@@ -41,9 +41,18 @@ class PagedKV:
     """A paged KV cache of ``num_layers`` layers, as the pack/unpack kernels see it.
 
     ``base_ptrs`` is an int64 CPU tensor ``[num_layers, num_kv]`` of byte addresses of the first
-    element of each layer's K (and V) for block 0, token 0, head 0. Strides are in bytes. ``views``
-    holds, per (layer, kv), a strided view ``[num_blocks, block_size, num_heads, head_elems]`` of
-    the same memory (used by the torch path and the reference).
+    element of each layer's K (and V) for block 0, token 0, head 0; ``addr_table`` the same
+    addresses flattened (layer-major) on the cache's device, for the kernels. Strides are in bytes.
+    ``word_bytes`` is the widest of 8/4/2/1 dividing the head size, the strides and every base
+    address. ``views`` holds, per (layer, kv), a strided view
+    ``[num_blocks, block_size, num_heads, head_elems]`` of the same memory (the reference's view).
+
+    Units (the torch path's view): a *unit* is the largest piece of a token row that is contiguous
+    in the pages -- the whole row for NHD, MLA and SGLang pools, one head for HND and packed K|V.
+    ``units`` holds per (layer, kv), layer-major, a 2-D view ``[num_units, unit_bytes / word_bytes]``
+    in the word dtype; token ``(block, pos)`` row's units are
+    ``block * unit_strides[0] + pos * unit_strides[1] + unit_offsets``, in chunk (head-major) order.
+    ``host_units`` are the same views as numpy arrays for a CPU cache (empty otherwise).
     """
 
     kind: str
@@ -62,6 +71,13 @@ class PagedKV:
     base_ptrs: torch.Tensor
     views: tuple
     tensors: tuple
+    addr_table: torch.Tensor
+    word_bytes: int
+    unit_bytes: int
+    unit_strides: tuple[int, int]
+    unit_offsets: tuple[int, ...]
+    units: tuple
+    host_units: tuple
 
     @property
     def row_bytes(self) -> int:
@@ -167,13 +183,27 @@ class PagedKV:
                     t.storage_offset() + off))
             ptrs.append(row_ptrs)
             views.append(tuple(row_views))
+        strides = (s_block * item, s_token * item, s_head * item)
+        head_bytes = head_elems * item
+        flat_views = [v for row in views for v in row]
+        word = word_bytes(head_bytes, *strides, *(p for row in ptrs for p in row),
+                          *(v.storage_offset() * item for v in flat_views))
+        unit, unit_strides, unit_offsets = _units(num_blocks, block_size, num_heads, head_bytes,
+                                                  strides, word)
+        num_units = ((num_blocks - 1) * unit_strides[0] + (block_size - 1) * unit_strides[1]
+                     + max(unit_offsets) + 1)
+        units = tuple(_unit_view(v, num_units, unit, word) for v in flat_views)
+        host_units = tuple(u.numpy() for u in units) if first.device.type == "cpu" else ()
         return cls(kind=kind, dims=dims, num_layers=len(groups[0]), num_kv=num_kv,
                    num_blocks=num_blocks, block_size=block_size, num_heads=num_heads,
-                   head_bytes=head_elems * item, dtype=first.dtype, device=first.device,
-                   stride_block_bytes=s_block * item, stride_token_bytes=s_token * item,
-                   stride_head_bytes=s_head * item,
+                   head_bytes=head_bytes, dtype=first.dtype, device=first.device,
+                   stride_block_bytes=strides[0], stride_token_bytes=strides[1],
+                   stride_head_bytes=strides[2],
                    base_ptrs=torch.tensor(ptrs, dtype=torch.int64), views=tuple(views),
-                   tensors=tuple(flat))
+                   tensors=tuple(flat),
+                   addr_table=torch.tensor(ptrs, dtype=torch.int64).flatten().to(first.device),
+                   word_bytes=word, unit_bytes=unit, unit_strides=unit_strides,
+                   unit_offsets=unit_offsets, units=units, host_units=host_units)
 
 
 def _layer_list(layers: Layers, ndim: int) -> list[torch.Tensor]:
@@ -195,3 +225,37 @@ def _kv_pair(layers: Layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         raise ValueError(f"k_layers and v_layers must be non-empty and equal in length, "
                          f"got {len(k_layers)} and {len(v_layers)}")
     return k_layers, v_layers
+
+
+INT_BY_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def word_bytes(*values: int) -> int:
+    """The widest of 8/4/2/1 bytes dividing every value (sizes, strides, addresses)."""
+    for w in (8, 4, 2):
+        if all(v % w == 0 for v in values):
+            return w
+    return 1
+
+
+def _units(num_blocks: int, block_size: int, num_heads: int, head_bytes: int,
+           strides: tuple[int, int, int], word: int) -> tuple[int, tuple[int, int], tuple[int, ...]]:
+    """(unit bytes, (block, token) strides in units, a row's unit offsets in head-major order)."""
+    # a size-1 dimension's stride never moves an address: treat it as 0 (it may be anything)
+    s_block = strides[0] if num_blocks > 1 else 0
+    s_token = strides[1] if block_size > 1 else 0
+    s_head = strides[2] if num_heads > 1 else head_bytes
+    row = num_heads * head_bytes
+    if s_head == head_bytes and s_block % row == 0 and s_token % row == 0:
+        return row, (s_block // row, s_token // row), (0,)
+    unit = head_bytes if s_block % head_bytes == 0 and s_token % head_bytes == 0 \
+        and s_head % head_bytes == 0 else word
+    offsets = tuple((h * s_head + w) // unit for h in range(num_heads) for w in range(0, head_bytes, unit))
+    return unit, (s_block // unit, s_token // unit), offsets
+
+
+def _unit_view(view: torch.Tensor, num_units: int, unit: int, word: int) -> torch.Tensor:
+    """``[num_units, unit // word]`` word view of the memory that starts at ``view``'s first byte."""
+    raw = view.view(torch.uint8)
+    units = torch.as_strided(raw, (num_units, unit), (unit, 1), raw.storage_offset())
+    return units.view(INT_BY_SIZE[word])

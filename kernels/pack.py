@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpukv_kernels.paged_copy import launch_meta, row_cols, token_tile
+from gpukv_kernels.paged_copy import (check_compiled_or_interpreted, launch_meta, row_cols,
+                                       token_tile)
 
 
 @triton.jit
@@ -35,6 +36,7 @@ def pack_triton(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.
     with ``len(offsets) * chunk_size`` entries in ``[-1, num_slots)``; ``offsets`` CPU int64,
     16-aligned, non-overlapping, inside ``arena`` (1-D uint8, the cache's device).
     """
+    check_compiled_or_interpreted(_pack_kernel, arena)
     m = launch_meta(paged, arena, offsets, slots, chunk_size)
     _pack_kernel[m["grid"]](
         m["table"], m["slots"], m["offsets"], m["arena"],

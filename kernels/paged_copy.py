@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from gpukv.layout import word_bytes
+
+MAX_TILE = 4096  # words one program moves per step
 
 _WORDS = {8: (torch.int64, tl.int64), 4: (torch.int32, tl.int32), 2: (torch.int16, tl.int16),
           1: (torch.uint8, tl.uint8)}
@@ -41,20 +46,29 @@ def row_cols(r0, row_words, head_words, stride_head, BLOCK_R: tl.constexpr):
     return page_col, r.to(tl.int64), r_mask
 
 
+def check_compiled_or_interpreted(kernel, arena: torch.Tensor) -> None:
+    """CPU tensors work only with the interpreter, chosen when this package was first imported."""
+    if arena.device.type != "cuda" and not isinstance(kernel, InterpretedFunction):
+        raise ValueError(f"the Triton kernels were compiled for a GPU but the tensors are on "
+                         f"{arena.device}: set TRITON_INTERPRET=1 before gpukv_kernels is imported, "
+                         f"or use backend 'torch'")
+
+
 def launch_meta(paged, arena: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor,
                 chunk_size: int) -> dict:
-    """Kernel arguments in words for validated inputs (see :func:`gpukv.copy.validate`)."""
-    ptrs = paged.base_ptrs.flatten()
-    word = 8
-    for v in (paged.head_bytes, paged.stride_block_bytes, paged.stride_token_bytes,
-              paged.stride_head_bytes, arena.data_ptr(), *ptrs.tolist()):
-        while v % word:
-            word //= 2
+    """Kernel arguments in words for validated inputs (see :func:`gpukv.copy.validate`).
+
+    A tile is ``BLOCK_T`` tokens x ``BLOCK_R`` words of a row (at most 4096 words), so short rows
+    (one head of a TP8 shard) still give each program several KiB to move.
+    """
+    word = word_bytes(paged.word_bytes, arena.data_ptr())
     torch_word, tl_word = _WORDS[word]
     usable = arena.numel() - arena.numel() % word
     row_words = paged.row_bytes // word
+    block_r = min(triton.next_power_of_2(row_words), MAX_TILE // 16)
+    block_t = min(MAX_TILE // block_r, triton.next_power_of_2(slots.numel()))
     return dict(
-        table=ptrs.to(arena.device),
+        table=paged.addr_table,
         slots=slots,
         offsets=(offsets // word).to(arena.device),
         arena=arena[:usable].view(torch_word),
@@ -67,7 +81,7 @@ def launch_meta(paged, arena: torch.Tensor, offsets: torch.Tensor, slots: torch.
         row_words=row_words,
         head_words=paged.head_bytes // word,
         WORD=tl_word,
-        BLOCK_T=16,
-        BLOCK_R=min(triton.next_power_of_2(row_words), 1024),
-        grid=(triton.cdiv(slots.numel(), 16), paged.num_layers * paged.num_kv),
+        BLOCK_T=block_t,
+        BLOCK_R=block_r,
+        grid=(triton.cdiv(slots.numel(), block_t), paged.num_layers * paged.num_kv),
     )

@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gpukv_kernels.paged_copy import launch_meta, row_cols, token_tile
-
-_INT_BY_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from gpukv.layout import INT_BY_SIZE
+from gpukv_kernels.paged_copy import (check_compiled_or_interpreted, launch_meta, row_cols,
+                                       token_tile)
 
 
 @triton.jit
@@ -32,6 +32,7 @@ def _unpack_kernel(table_ptr, slot_ptr, offs_ptr, arena_ptr,
 def unpack_triton(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
                   chunk_size: int) -> None:
     """Launch the unpack kernel; preconditions as in :func:`gpukv_kernels.pack.pack_triton`."""
+    check_compiled_or_interpreted(_unpack_kernel, arena)
     m = launch_meta(paged, arena, offsets, slots, chunk_size)
     _unpack_kernel[m["grid"]](
         m["table"], m["slots"], m["offsets"], m["arena"],
@@ -54,5 +55,5 @@ def unpack_ref(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.T
                 for kv in range(paged.num_kv):
                     dst = paged.views[layer][kv][block, pos]  # [H, D]
                     start = off + ((layer * paged.num_kv + kv) * chunk_size + i) * row
-                    word = _INT_BY_SIZE[dst.element_size()]
+                    word = INT_BY_SIZE[dst.element_size()]
                     dst.view(word).copy_(arena[start:start + row].view(word).view(dst.shape))

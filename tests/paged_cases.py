@@ -56,9 +56,9 @@ def clone_layers(layers):
 
 
 def _clone_strided(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-    _bytes(out).copy_(_bytes(t))
-    return out
+    """A copy of ``t``'s whole storage (padding included), viewed with ``t``'s strides."""
+    storage = _bytes(t).clone()
+    return torch.as_strided(storage.view(t.dtype), t.shape, t.stride(), t.storage_offset())
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,35 @@ def test_bad_input_raises_before_writing(op, change, message):
     assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before_pages))
 
 
+@pytest.mark.parametrize("name", ["arena", "slot_mapping", "offsets"])
+@pytest.mark.parametrize("op", [pack, unpack])
+def test_tensors_on_another_device_are_refused(op, name):
+    layers, args = _bad_call()
+    arena, before_pages = args["arena"], flat_bytes(layers)
+    before_arena = arena.clone()
+    moved = {"arena": arena, "slot_mapping": args["slot_mapping"],
+             "offsets": torch.tensor(args["offsets"])}[name].to("meta")
+    args[name] = moved
+    with pytest.raises(ValueError, match=f"{name} is on meta, the paged cache on cpu"):
+        op(args.pop("paged"), args.pop("slot_mapping"), args.pop("arena"), args.pop("offsets"), **args)
+    assert torch.equal(arena, before_arena)
+    assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before_pages))
+
+
+def test_env_var_picks_the_backend(monkeypatch):
+    layers, args = _bad_call()
+    paged, slots, arena, offsets = (args.pop(k) for k in ("paged", "slot_mapping", "arena", "offsets"))
+    monkeypatch.setenv("GPUKV_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pack(paged, slots, arena, offsets, chunk_size=16)
+    assert bool((arena == POISON).all())
+    monkeypatch.setenv("GPUKV_BACKEND", "ref")
+    pack(paged, slots, arena, offsets, chunk_size=16)
+    expected = _arena(arena.numel())
+    pack(paged, slots, expected, offsets, chunk_size=16, backend="torch")
+    assert torch.equal(arena, expected) and not bool((arena == POISON).all())
+
+
 def test_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("GPUKV_BACKEND", raising=False)

@@ -1,23 +1,26 @@
 """The Triton pack/unpack kernels against the torch reference, bit-exact.
 
-On CPU they run under TRITON_INTERPRET=1 (set here and in conftest.py before triton is imported),
-so shapes stay tiny. On a CUDA machine `GPUKV_TRITON_COMPILED=1` runs the same tests compiled on
-the GPU (perf/gpu_check.sh).
+Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors, so shapes stay tiny. The
+interpreter is chosen when the kernels are first imported, so it is set here before anything
+imports triton (importing torch does not). With a CUDA device (or ``GPUKV_TRITON_COMPILED=1``, as
+perf/gpu_check.sh sets) the same tests run compiled on the GPU.
 """
 
 import os
 
-if os.environ.get("GPUKV_TRITON_COMPILED") != "1":
+import torch  # does not import triton
+
+COMPILED = os.environ.get("GPUKV_TRITON_COMPILED") == "1" or (
+    torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1")
+if not COMPILED:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from gpukv.copy import pack, unpack  # noqa: E402
 from gpukv.layout import PagedKV  # noqa: E402
 from paged_cases import DTYPES, LAYOUTS, clone_layers, make_cache, storages, token_rows  # noqa: E402
 
-COMPILED = os.environ.get("GPUKV_TRITON_COMPILED") == "1"
 DEVICE = "cuda" if COMPILED else "cpu"
 POISON = 0x3C
 
@@ -87,6 +90,25 @@ def test_fp8_ds_mla_record_rows():
     _check("mla", dtype=torch.uint8, heads=1, head_dim=656, num_chunks=1)
 
 
+@pytest.mark.parametrize("shift", [1, 2, 4])
+def test_arena_less_aligned_than_the_pages_uses_narrower_words(shift):
+    layers, dims, kind = make_cache("kv_first", num_blocks=4)
+    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
+    cb = paged.chunk_bytes(16)
+    slots = torch.randperm(paged.num_slots, generator=torch.Generator().manual_seed(3))[:32]
+    ref = torch.full((2 * cb,), POISON, dtype=torch.uint8, device=DEVICE)
+    backing = torch.full((2 * cb + shift,), POISON, dtype=torch.uint8, device=DEVICE)
+    got = backing[shift:]
+    pack(paged, slots, ref, [cb, 0], chunk_size=16, backend="ref")
+    pack(paged, slots, got, [cb, 0], chunk_size=16, backend="triton")
+    assert torch.equal(got.cpu(), ref.cpu()) and bool((backing[:shift] == POISON).all())
+    dst = PagedKV.from_tensors(_to_device(make_cache("kv_first", num_blocks=4, seed=9)[0]), dims,
+                               kind=kind)
+    unpack(dst, slots, got, [cb, 0], chunk_size=16, backend="triton")
+    valid = slots.to(DEVICE)
+    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(paged, valid).cpu())
+
+
 def test_all_holes_and_empty_call():
     layers, dims, kind = make_cache("mla")
     paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
@@ -106,3 +128,12 @@ def test_bad_input_raises_before_launch():
     with pytest.raises(ValueError, match="not a multiple of 16"):
         unpack(paged, torch.arange(16, device=DEVICE), arena, [8], chunk_size=16, backend="triton")
     assert bool((arena == POISON).all())
+
+
+def test_kernels_run_in_the_mode_this_file_chose():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from gpukv_kernels import pack as pack_mod
+
+    # a module that imported gpukv_kernels before this file would have fixed the mode already
+    assert isinstance(pack_mod._pack_kernel, InterpretedFunction) == (not COMPILED)

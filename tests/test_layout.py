@@ -53,6 +53,17 @@ def test_fp8_ds_mla_records():
     assert paged.row_bytes == 656 and paged.chunk_bytes(256) == 2 * 256 * 656
 
 
+@pytest.mark.parametrize("dtype, width, word", [
+    (torch.bfloat16, 576, 8), (torch.uint8, 656, 8), (torch.float8_e4m3fn, 580, 4),
+    (torch.float16, 3, 2), (torch.uint8, 13, 1)])
+def test_word_is_the_widest_that_divides_heads_strides_and_addresses(dtype, width, word):
+    paged = PagedKV.from_tensors([torch.zeros(3, 16, width, dtype=dtype) for _ in range(2)],
+                                 "NB,BS,D", kind="mla")
+    assert paged.word_bytes == word
+    assert paged.addr_table.tolist() == paged.base_ptrs.flatten().tolist()
+    assert paged.units[0].dtype.itemsize == word and paged.units[0].shape == (48, width * dtype.itemsize // word)
+
+
 def test_fingerprint_is_layout_not_memory():
     a = PagedKV.from_tensors([torch.zeros(4, 16, 64, dtype=torch.bfloat16)], "NB,BS,D", kind="mla")
     b = PagedKV.from_tensors([torch.ones(9, 16, 64, dtype=torch.bfloat16)], "NB,BS,D", kind="mla")
@@ -68,6 +79,7 @@ def test_fingerprint_is_layout_not_memory():
     ([torch.zeros(3, 4, 16, 2, 8)], "2,NB,BS,H,D", "mha", "dim '2' of '2,NB,BS,H,D' has size 3"),
     ([torch.zeros(4, 16, 64), torch.zeros(4, 16, 32)], "NB,BS,D", "mla", "layer 1 is (4, 16, 32)"),
     ([torch.zeros(4, 16, 64), torch.zeros(4, 16, 64, dtype=torch.float16)], "NB,BS,D", "mla", "layer 1 is"),
+    ([torch.zeros(4, 16, 64), torch.zeros(4, 16, 64, device="meta")], "NB,BS,D", "mla", "on meta; layer 0"),
     ([torch.zeros(4, 64, 16).transpose(1, 2)], "NB,BS,D", "mla", "must be contiguous (stride 1)"),
     ([torch.zeros(4, 2, 16, 7)], "NB,H,BS,2D", "mha", "odd size 7"),
     ([torch.zeros(64, 2, 8)], "S,H,D", "mla", "one latent row per token, got H=2"),

@@ -1,0 +1,128 @@
+"""The torch (CPU) path's own mechanisms, each checked bit-exact against the reference.
+
+test_copy.py covers every layout and dtype through the public API; here: the unit plans (rows,
+heads, words), whole-block chunks, arenas less aligned than the pages, stacked caches, and that
+pack never writes into the pages nor unpack outside its slots.
+"""
+
+import pytest
+import torch
+
+from gpukv.copy import pack, unpack
+from gpukv.copy_torch import unit_index
+from gpukv.layout import PagedKV
+from paged_cases import clone_layers, flat_bytes, make_cache, random_bits, storages, token_rows
+
+POISON = 0x5A
+
+
+def _whole_block_slots(num_blocks, block_size, num_chunks, chunk_size, seed=0):
+    """Slots of whole blocks in random order, as a vLLM block table gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(num_blocks, generator=gen)[: num_chunks * chunk_size // block_size]
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+
+
+def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
+    """pack and unpack through 'torch' equal 'ref' byte for byte, and touch nothing else."""
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    num_chunks = slots.numel() // chunk_size
+    cb = paged.chunk_bytes(chunk_size)
+    offsets = [(num_chunks - 1 - c) * (cb + 32) for c in range(num_chunks)]  # reversed, with gaps
+    size = num_chunks * (cb + 32)
+    ref = torch.full((size,), POISON, dtype=torch.uint8)
+    backing = torch.full((size + arena_shift,), POISON, dtype=torch.uint8)
+    got = backing[arena_shift:]
+    pages_before = flat_bytes(layers)
+    pack(paged, slots, ref, offsets, chunk_size=chunk_size, backend="ref")
+    pack(paged, slots, got, offsets, chunk_size=chunk_size, backend="torch")
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), pages_before))
+    # unpack into poisoned pages: the slots get their rows back, every other byte keeps the poison
+    dst_layers = clone_layers(layers)
+    for t in storages(dst_layers):
+        t.fill_(POISON)
+    dst = PagedKV.from_tensors(dst_layers, dims, kind=kind)
+    unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="torch")
+    valid = slots[slots >= 0].long()
+    assert torch.equal(token_rows(dst, valid), token_rows(paged, valid))
+    for kv_views in dst.views:
+        for v in kv_views:
+            v.view(torch.uint8)[valid // dst.block_size, valid % dst.block_size] = POISON
+    assert all(bool((t == POISON).all()) for t in storages(dst_layers))
+    return paged
+
+
+@pytest.mark.parametrize("layout, unit, per_row", [
+    ("kv_first", "row", 1), ("blocks_first", "row", 1), ("mla", "row", 1), ("sglang_mha", "row", 1),
+    ("kv_first_hnd", "head", 2), ("flashinfer_hnd", "head", 2), ("packed", "head", 2),
+])
+def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
+    layers, dims, kind = make_cache(layout, num_blocks=5, block_size=16, heads=2, head_dim=8)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    assert paged.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
+    assert len(paged.unit_offsets) == per_row
+    # unit_index names exactly the bytes token_rows reads, for every slot
+    slots = torch.arange(paged.num_slots)
+    idx = unit_index(paged, slots)
+    for plane, kv_views in zip(paged.units, [v for row in paged.views for v in row]):
+        got = plane.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
+        want = kv_views.view(torch.uint8)[slots // paged.block_size, slots % paged.block_size]
+        assert torch.equal(got, want.reshape(paged.num_slots, -1))
+
+
+def test_padded_heads_fall_back_to_word_units():
+    # heads padded to 12 of 8 used values: head stride 24 B is no multiple of the 16 B head
+    gen = torch.Generator().manual_seed(1)
+    layers = [random_bits((2, 6, 16, 2, 12), torch.bfloat16, gen)[..., :8] for _ in range(3)]
+    paged = _check(layers, "2,NB,BS,H,D", "mha", _slots(96, 48, holes=True), chunk_size=16)
+    assert paged.unit_bytes == paged.word_bytes == 8 and len(paged.unit_offsets) == 4
+
+
+@pytest.mark.parametrize("layout, block_size, chunk_size", [
+    ("kv_first", 16, 32), ("mla", 64, 64), ("mla", 16, 48), ("blocks_first", 16, 32)])
+def test_whole_block_chunks(layout, block_size, chunk_size):
+    layers, dims, kind = make_cache(layout, num_blocks=9, block_size=block_size, num_layers=3)
+    slots = _whole_block_slots(9, block_size, 3, chunk_size)
+    _check(layers, dims, kind, slots, chunk_size=chunk_size)
+
+
+def test_mixed_chunks_whole_blocks_runs_and_holes():
+    layers, dims, kind = make_cache("kv_first", num_blocks=10, block_size=16, num_layers=3)
+    whole = _whole_block_slots(10, 16, 1, 32)[:32]
+    shifted = torch.arange(40, 72)  # consecutive, but starts mid-block
+    holed = _whole_block_slots(10, 16, 1, 32, seed=5)[:32].clone()
+    holed[7] = -1
+    _check(layers, dims, kind, torch.cat([whole, shifted, holed]), chunk_size=32)
+
+
+@pytest.mark.parametrize("shift", [1, 2, 4, 8])
+@pytest.mark.parametrize("layout", ["kv_first", "flashinfer_hnd"])
+def test_arena_less_aligned_than_the_pages(layout, shift):
+    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16)
+    _check(layers, dims, kind, _slots(96, 48, holes=True), chunk_size=16, arena_shift=shift)
+
+
+def test_stacked_cache_and_int32_slots():
+    gen = torch.Generator().manual_seed(2)
+    stacked = random_bits((5, 4, 16, 576), torch.bfloat16, gen)  # 5 MLA layers in one tensor
+    slots = _whole_block_slots(4, 16, 3, 16).to(torch.int32)
+    _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
+
+
+def test_unpack_of_a_chunk_of_holes_writes_nothing():
+    layers, dims, kind = make_cache("blocks_first", num_blocks=4)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    before = flat_bytes(layers)
+    arena = torch.zeros(paged.chunk_bytes(16), dtype=torch.uint8)
+    unpack(paged, torch.full((16,), -1, dtype=torch.int64), arena, [0], chunk_size=16,
+           backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before))
+
+
+def _slots(num_slots, n, *, holes, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_slots, generator=gen)[:n]
+    if holes:
+        slots[[2, n - 1]] = -1
+    return slots
