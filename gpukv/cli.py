@@ -1,0 +1,78 @@
+"""The ``gpukv`` command: ``gpukv demo`` and ``gpukv serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _size(text: str) -> int:
+    """Parse ``4GiB``, ``512MiB``, ``1e9`` or a plain byte count."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    low = text.strip().lower()
+    for unit, scale in units.items():
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * scale)
+    try:
+        return int(float(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpukv", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the store/lookup/retrieve lifecycle end to end")
+    demo.add_argument("--kind", choices=["mla", "mha", "both"], default="both")
+    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    demo.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
+    demo.add_argument("--layers", type=int, default=8, help="layers (default 8, scaled down)")
+    demo.add_argument("--chunk-size", type=int, default=256)
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+    demo.add_argument("--server", action="store_true", help="run through a spawned gpukv server")
+    demo.add_argument("--model", choices=["tiny-deepseek", "tiny-llama"], default=None,
+                      help="run the real-model prefix-reuse scenario instead (needs transformers)")
+
+    serve = sub.add_parser("serve", help="run the cache server for the workers of this machine")
+    serve.add_argument("--address", default=None,
+                       help="ipc:///path (default: ipc://$XDG_RUNTIME_DIR or /tmp) or tcp://127.0.0.1:PORT")
+    serve.add_argument("--capacity", type=_size, default=_size("4GiB"), help="L1 bytes (default 4GiB)")
+    serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: auto)")
+    serve.add_argument("--chunk-size", type=int, default=256)
+    serve.add_argument("--disk-dir", default=None)
+    serve.add_argument("--disk-capacity", type=_size, default=None)
+    serve.add_argument("--remote-url", default=None, help="redis:// or rediss:// URL of a shared tier")
+    serve.add_argument("--worker-timeout", type=float, default=30.0,
+                       help="seconds without a ping before a worker is reaped (default 30)")
+    serve.add_argument("--threads", type=int, default=4, help="worker threads for transfers")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a tcp:// bind on a non-loopback address (no authentication!)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        if args.model is not None:
+            from gpukv.integrations.prefix_reuse import run_demo as run_model_demo
+
+            return run_model_demo(args.model, server=args.server)
+        from gpukv.demo import run_demo
+
+        return run_demo(kinds=["mla", "mha"] if args.kind == "both" else [args.kind], tp_size=args.tp,
+                        num_tokens=args.tokens, num_layers=args.layers, chunk_size=args.chunk_size,
+                        device=args.device, server=args.server)
+    if args.command == "serve":
+        from gpukv.server import serve_main
+
+        return serve_main(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
