@@ -142,7 +142,7 @@ class CacheEngine:
         """
         inst = self._instance(instance_id)
         hashes = chunk_hashes(token_ids, self.config.chunk_size, seed=self._seed)
-        slots = self._check_slots(slot_mapping, len(token_ids))
+        slots = self._check_slots(slot_mapping, len(token_ids), inst.paged)
         if not hashes:
             return 0
         keys = self._keys(inst.model, inst.kv_rank, hashes)
@@ -286,7 +286,7 @@ class CacheEngine:
             if request_id not in self._requests:
                 raise ValueError(f"unknown request {request_id!r}: call lookup() first")
         hashes = chunk_hashes(token_ids, self.config.chunk_size, seed=self._seed)
-        slots = self._check_slots(slot_mapping, len(token_ids))
+        slots = self._check_slots(slot_mapping, len(token_ids), inst.paged)
         if not hashes:
             return 0
         keys = self._keys(inst.model, inst.kv_rank, hashes)
@@ -394,7 +394,8 @@ class CacheEngine:
             statuses = self.l1.finish_read(keys, extra, owner=request_id)
             assert all(s is Status.OK for s in statuses), statuses
 
-    def _check_slots(self, slot_mapping: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _check_slots(self, slot_mapping: torch.Tensor, num_tokens: int, paged: PagedKV) -> torch.Tensor:
+        """Validate a slot mapping before any share is taken or any byte moves."""
         if not isinstance(slot_mapping, torch.Tensor):
             raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
         if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
@@ -402,6 +403,12 @@ class CacheEngine:
                              f"{tuple(slot_mapping.shape)} dtype {slot_mapping.dtype}")
         if slot_mapping.numel() != num_tokens:
             raise ValueError(f"slot_mapping has {slot_mapping.numel()} entries for {num_tokens} tokens")
+        if num_tokens:
+            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+            if lo < -1 or hi >= paged.num_slots:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"slot_mapping entry {bad} is outside [-1, {paged.num_slots}) "
+                                 f"({paged.num_blocks} blocks x {paged.block_size})")
         return slot_mapping
 
     def _maybe_expire(self) -> None:
