@@ -7,7 +7,9 @@ give the same hashes in every process and on every machine (never Python's ``has
 
 from __future__ import annotations
 
+import array
 import hashlib
+import sys
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 HASH_BYTES = 16
+_LITTLE = sys.byteorder == "little"
 
 TokenIds = Union[Sequence[int], np.ndarray, torch.Tensor]
 
@@ -28,6 +31,13 @@ def as_token_array(token_ids: TokenIds) -> np.ndarray:
                 f"dtype {token_ids.dtype}"
             )
         arr = token_ids.detach().to("cpu", torch.int64).numpy()
+    elif isinstance(token_ids, (list, tuple)):
+        try:  # array('q') converts a list of ints ~2x faster than numpy's type inference
+            return np.frombuffer(array.array("q", token_ids), dtype="<i8") if _LITTLE else \
+                np.array(token_ids, dtype="<i8")
+        except (TypeError, OverflowError):
+            raise ValueError(f"token_ids must be a 1-D sequence of int64 integers, got "
+                             f"{str(token_ids)[:60]!r}") from None
     else:
         arr = np.asarray(token_ids)
         if arr.size == 0:
