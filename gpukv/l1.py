@@ -22,12 +22,18 @@ States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> 
   until the write fits or nothing is evictable (then OUT_OF_MEMORY; evictions done stay done).
   Recency is the time an object became ready and unlocked (finish_write, or the finish_read that
   dropped its count to zero), so a read refreshes it.
+- Keys in one ``reserve_write`` are served in order, so a ready key of the batch that an earlier
+  key evicted is then written afresh (OK), or gets OUT_OF_MEMORY, instead of NOT_WRITABLE.
+- ``buffer(key)`` only for objects being written or read-locked (a ready, unlocked one could be
+  evicted under the caller); ``locate``/``nbytes`` for any existing object. Absent keys raise
+  ``KeyError`` naming the key.
 - Thread safety: one lock around all state, taken once per call.
 """
 
 from __future__ import annotations
 
 import enum
+import numbers
 import operator
 import threading
 import time
@@ -105,8 +111,9 @@ class L1Manager:
                       owner: Hashable = None) -> list[Status]:
         """Start writing ``nbytes`` per absent key (OK); existing keys get NOT_WRITABLE. Evicts
         when full; once a key gets OUT_OF_MEMORY, so do all later keys."""
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes <= 0:
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+        nbytes = int(nbytes)
         slot_bytes = aligned_bytes(nbytes)
         out: list[Status] = []
         with self._lock:

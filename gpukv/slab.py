@@ -18,6 +18,7 @@ Layout and policy:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -69,8 +70,9 @@ class SlabArena:
                  slab_bytes: int | None = None) -> None:
         """Allocate the arena: a 1-D uint8 tensor of ``capacity_bytes`` on ``device``.
         ``slab_bytes`` (target slab size) defaults to ``min(4 MiB, capacity_bytes // MIN_SLABS)``."""
-        if not isinstance(capacity_bytes, int) or capacity_bytes < ALIGN_BYTES:
+        if not isinstance(capacity_bytes, numbers.Integral) or capacity_bytes < ALIGN_BYTES:
             raise ValueError(f"capacity_bytes must be an int >= {ALIGN_BYTES}, got {capacity_bytes!r}")
+        capacity_bytes = int(capacity_bytes)
         if slab_bytes is None:
             slab_bytes = max(ALIGN_BYTES, min(DEFAULT_SLAB_BYTES, capacity_bytes // MIN_SLABS))
         if not isinstance(slab_bytes, int) or slab_bytes < ALIGN_BYTES:
