@@ -25,6 +25,7 @@ from gpukv.l1 import MAX_READERS, L1Manager, Status
 from gpukv.layout import PagedKV
 from gpukv.readers import resolve_extra_count
 from gpukv.spill import Spiller
+from gpukv.tier_loader import TierLoader
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class CacheEngine:
             self.tiers.append(RemoteTier(self.config.remote_url,
                                          timeout_s=self.config.remote_timeout_s))
         self._spiller = Spiller(self.l1, self.tiers) if self.tiers else None
+        self._loader = TierLoader(self.l1, self.tiers)
         self._lock = threading.Lock()
         self._instances: dict[Hashable, _Instance] = {}
         self._models: dict[str, _Model] = {}
@@ -213,7 +215,8 @@ class CacheEngine:
                 n_l1 = cut
         hits, per_tier = n_l1, {}
         if self.tiers:
-            hits, per_tier, later_l1 = self._lookup_tiers(info, keys, n_l1, extra, request_id)
+            hits, later_l1, per_tier = self._loader.extend(keys, n_l1, extra, request_id,
+                                                           info.fingerprint, info.chunk_bytes)
             n_l1 += later_l1
         with self._lock:
             self._counters.hit_chunks_l1 += n_l1
@@ -222,55 +225,6 @@ class CacheEngine:
         detail = ", ".join([f"{n_l1} L1"] + [f"{n} {name}" for name, n in per_tier.items()])
         log.info("Lookup req=%s: %d/%d prefix chunks (%s)", request_id, hits, len(hashes), detail)
         return hits * self.config.chunk_size
-
-    def _lookup_tiers(self, info: _Model, keys: list[list[ObjectKey]], start: int, extra: int,
-                      request_id: Hashable) -> tuple[int, dict[str, int]]:
-        """Extend an L1 prefix hit chunk by chunk through L1 and the lower tiers.
-
-        A chunk counts for the lowest tier any of its rank objects came from.
-        """
-        per_tier: dict[str, int] = {}
-        n = start
-        while n < len(keys[0]):
-            got: list[ObjectKey] = []
-            source = "L1"
-            for rank_keys in keys:
-                where = self._take_or_load(info, rank_keys[n], extra, request_id)
-                if where is None:
-                    break
-                got.append(rank_keys[n])
-                source = where if where != "L1" else source
-            if len(got) < len(keys):
-                self._release(request_id, got, extra)
-                break
-            per_tier[source] = per_tier.get(source, 0) + 1
-            n += 1
-        l1_hits = per_tier.pop("L1", 0)
-        return n, per_tier, l1_hits
-
-    def _take_or_load(self, info: _Model, key: ObjectKey, extra: int,
-                      request_id: Hashable) -> str | None:
-        """Take shares on ``key`` in L1, or load it from the first tier holding it.
-
-        Returns where it came from ("L1" or the tier's name), or None on a miss.
-        """
-        if self.l1.reserve_read([key], extra, owner=request_id)[0] is Status.OK:
-            return "L1"
-        key_str = key.to_str()
-        for tier in self.tiers:
-            if not tier.contains_many([key_str])[0]:
-                continue
-            payload = tier.load(key_str, info.fingerprint, info.chunk_bytes)
-            if payload is None:
-                continue
-            if self.l1.reserve_write([key], info.chunk_bytes, temporary=True,
-                                     owner=request_id)[0] is not Status.OK:
-                return None  # no room, or another request is loading it right now
-            self.l1.buffer(key).copy_(payload)
-            status = self.l1.finish_write_and_reserve_read([key], extra, owner=request_id)[0]
-            assert status is Status.OK, status
-            return tier.name
-        return None
 
     # ---- retrieve -------------------------------------------------------------------------
     def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
