@@ -7,7 +7,7 @@ the widest integer word, and a chunk moves with one gather (pack) or scatter (un
 rows per plane: one memcpy per unit, no temporary. Index tensors are built once per call. Where
 a plane's token rows are evenly packed (NHD kv-first, MLA) and a chunk's slots are whole blocks
 in order (what a vLLM block table gives), the chunk moves in whole blocks instead: ``chunk_size /
-block_size`` copies of ``block_size`` rows each, which halves the unpack time on CPU.
+block_size`` copies of ``block_size`` rows each: fewer, larger memmoves (unpack gains most).
 
 On CPU the copies run through numpy views of the same memory (zero-copy): ``np.take(out=)`` and
 fancy assignment copy each unit with one memmove, single-threaded and with little per-call
@@ -60,7 +60,7 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
     full = valid.all(dim=1).tolist()
     bs = paged.block_size
     blocked = _whole_blocks(paged, slots)  # per chunk: move it block by block
-    block_planes = [p.reshape(paged.num_blocks, -1) for p in planes] if any(blocked) else None
+    block_planes = [_by_block(p, paged.num_blocks) for p in planes] if any(blocked) else None
     block_index = slots[:, ::bs] // bs
     if on_cpu:
         memory, index, block_index = arena.numpy(), index.numpy(), block_index.numpy()
@@ -112,6 +112,14 @@ def _planes(paged: PagedKV, word: int, on_cpu: bool) -> tuple:
         return paged.host_units if on_cpu else paged.units
     views = tuple(u.view(torch.uint8).view(INT_BY_SIZE[word]) for u in paged.units)
     return tuple(v.numpy() for v in views) if on_cpu else views
+
+
+def _by_block(plane, num_blocks: int):
+    """``[num_blocks, block_size * unit_words]`` view of a plane whose blocks are contiguous."""
+    if isinstance(plane, np.ndarray):
+        assert plane.flags.c_contiguous  # so reshape is a view, never a copy
+        return plane.reshape(num_blocks, -1)
+    return plane.view(num_blocks, -1)
 
 
 def _as_words(raw, word: int):

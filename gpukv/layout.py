@@ -256,6 +256,6 @@ def _units(num_blocks: int, block_size: int, num_heads: int, head_bytes: int,
 
 def _unit_view(view: torch.Tensor, num_units: int, unit: int, word: int) -> torch.Tensor:
     """``[num_units, unit // word]`` word view of the memory that starts at ``view``'s first byte."""
-    raw = view.view(torch.uint8)
+    raw = view.detach().view(torch.uint8)
     units = torch.as_strided(raw, (num_units, unit), (unit, 1), raw.storage_offset())
     return units.view(INT_BY_SIZE[word])

@@ -11,7 +11,8 @@ import torch
 from gpukv.copy import pack, unpack
 from gpukv.copy_torch import unit_index
 from gpukv.layout import PagedKV
-from paged_cases import clone_layers, flat_bytes, make_cache, random_bits, storages, token_rows
+from paged_cases import (LAYOUTS, clone_layers, flat_bytes, make_cache, random_bits, storages,
+                         token_rows)
 
 POISON = 0x5A
 
@@ -118,6 +119,32 @@ def test_unpack_of_a_chunk_of_holes_writes_nothing():
     unpack(paged, torch.full((16,), -1, dtype=torch.int64), arena, [0], chunk_size=16,
            backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_backend_on_cuda_tensors(layout):
+    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16)
+    cpu = PagedKV.from_tensors(layers, dims, kind=kind)
+    paged = PagedKV.from_tensors(_to_cuda(layers), dims, kind=kind)
+    slots = torch.cat([_whole_block_slots(6, 16, 2, 16), _slots(96, 16, holes=True, seed=4)])
+    cb = cpu.chunk_bytes(16)
+    ref = torch.full((3 * cb,), POISON, dtype=torch.uint8)
+    got = ref.cuda()
+    pack(cpu, slots, ref, [0, 2 * cb, cb], chunk_size=16, backend="ref")
+    pack(paged, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
+    assert torch.equal(got.cpu(), ref)
+    dst = PagedKV.from_tensors(_to_cuda(make_cache(layout, num_blocks=6, seed=8)[0]), dims, kind=kind)
+    unpack(dst, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
+    valid = slots[slots >= 0].cuda()
+    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(cpu, valid.cpu()))
+
+
+def _to_cuda(layers):
+    if isinstance(layers, tuple):
+        return tuple(_to_cuda(x) for x in layers)
+    return [torch.as_strided(storages([t])[0].cuda().view(t.dtype), t.shape, t.stride(),
+                             t.storage_offset()) for t in layers]
 
 
 def _slots(num_slots, n, *, holes, seed=3):
