@@ -93,24 +93,22 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
         raise ValueError(f"arena must be contiguous, got stride {arena.stride()}")
     if arena.device != paged.device:
         raise ValueError(f"arena is on {arena.device}, the paged cache on {paged.device}")
-    offs = _offsets_tensor(offsets, paged.device)
-    n = offs.numel()
+    offs = _offsets_list(offsets, paged.device)  # a few ints: checked in Python, no tensor ops
+    n = len(offs)
     chunk_bytes = paged.chunk_bytes(chunk_size)
+    for off in offs:
+        if off % OFFSET_ALIGN:
+            raise ValueError(f"offset {off} is not a multiple of {OFFSET_ALIGN}")
     if n:
-        if bool((offs % OFFSET_ALIGN != 0).any()):
-            bad = offs[offs % OFFSET_ALIGN != 0][0].item()
-            raise ValueError(f"offset {bad} is not a multiple of {OFFSET_ALIGN}")
-        lo, hi = int(offs.min()), int(offs.max())
+        lo, hi = min(offs), max(offs)
         if lo < 0 or hi + chunk_bytes > arena.numel():
             bad = lo if lo < 0 else hi
             raise ValueError(f"offset {bad} + chunk_bytes {chunk_bytes} runs past the arena "
                              f"({arena.numel()} bytes)")
-        srt = torch.sort(offs).values
-        gaps = srt[1:] - srt[:-1]
-        if bool((gaps < chunk_bytes).any()):
-            i = int(torch.nonzero(gaps < chunk_bytes)[0])
-            raise ValueError(f"offsets {int(srt[i])} and {int(srt[i + 1])} overlap "
-                             f"(chunks are {chunk_bytes} bytes)")
+        srt = sorted(offs)
+        for a, b in zip(srt, srt[1:]):
+            if b - a < chunk_bytes:
+                raise ValueError(f"offsets {a} and {b} overlap (chunks are {chunk_bytes} bytes)")
     if not isinstance(slot_mapping, torch.Tensor):
         raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
@@ -129,21 +127,21 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
             raise ValueError(f"slot_mapping entry {smax} is past the cache ({paged.num_slots} slots = "
                              f"{paged.num_blocks} blocks x {paged.block_size})")
     slots = slot_mapping.to(device=paged.device, dtype=torch.int64)
-    return slots, offs
+    return slots, torch.tensor(offs, dtype=torch.int64)
 
 
-def _offsets_tensor(offsets: Offsets, device: torch.device) -> torch.Tensor:
+def _offsets_list(offsets: Offsets, device: torch.device) -> list[int]:
     if isinstance(offsets, torch.Tensor):
         if offsets.dim() != 1 or offsets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"offsets must be a 1-D int64 tensor, got shape {tuple(offsets.shape)} "
                              f"dtype {offsets.dtype}")
         if offsets.device.type not in ("cpu", device.type):
             raise ValueError(f"offsets is on {offsets.device}, the paged cache on {device}")
-        return offsets.to("cpu", torch.int64)
+        return offsets.tolist()
     try:
         values = [int(o) for o in offsets]
     except (TypeError, ValueError):
         raise ValueError(f"offsets must be a 1-D tensor or a sequence of ints, got {offsets!r:.80}") from None
     if any(isinstance(o, bool) or int(o) != o for o in offsets):
         raise ValueError(f"offsets must be integers, got {list(offsets)!r:.80}")
-    return torch.tensor(values, dtype=torch.int64)
+    return values

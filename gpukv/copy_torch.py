@@ -39,12 +39,12 @@ def unpack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offse
     _copy(paged, slots, arena, offsets, chunk_size, to_arena=False)
 
 
-def unit_index(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
-    """``[..., len(slots) * units_per_row]`` unit rows of valid ``slots``, in chunk order."""
+def unit_index(paged: PagedKV, slots):
+    """``[..., len(slots) * units_per_row]`` unit rows of valid ``slots`` (a tensor or a numpy
+    array), in chunk order."""
     block, pos = slots // paged.block_size, slots % paged.block_size
     first = block * paged.unit_strides[0] + pos * paged.unit_strides[1]
-    within = torch.tensor(paged.unit_offsets, dtype=torch.int64, device=slots.device)
-    return (first.unsqueeze(-1) + within).flatten(-2)
+    return (first[..., None] + _like(paged.unit_offsets, slots)).reshape(*slots.shape[:-1], -1)
 
 
 def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
@@ -54,23 +54,23 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
     planes = _planes(paged, word, on_cpu)
     per_row = len(paged.unit_offsets)
     shape = (len(planes), chunk_size * per_row, paged.unit_bytes // word)
-    slots = slots.view(-1, chunk_size)
+    # index math on a few thousand ints: numpy on CPU (a microsecond an op, torch takes ten)
+    slots = slots.view(-1, chunk_size).numpy() if on_cpu else slots.view(-1, chunk_size)
+    memory = arena.numpy() if on_cpu else arena
     valid = slots >= 0
-    index = unit_index(paged, slots.clamp(min=0))  # [chunks, chunk_size * per_row]
-    full = valid.all(dim=1).tolist()
+    full = valid.all(1).tolist()
     bs = paged.block_size
     blocked = _whole_blocks(paged, slots)  # per chunk: move it block by block
-    block_planes = [_by_block(p, paged.num_blocks) for p in planes] if any(blocked) else None
-    block_index = slots[:, ::bs] // bs
-    if on_cpu:
-        memory, index, block_index = arena.numpy(), index.numpy(), block_index.numpy()
-    else:
-        memory = arena
+    if any(blocked):
+        block_planes = [p.view(paged.num_blocks, -1) if isinstance(p, torch.Tensor)
+                        else p.reshape(paged.num_blocks, -1) for p in planes]  # contiguous: views
+        block_index = slots[:, ::bs] // bs
+    index = None if all(blocked) else unit_index(paged, slots * valid)  # [chunks, units]
     nbytes = paged.chunk_bytes(chunk_size)
     for c, off in enumerate(offsets.tolist()):
         chunk = _as_words(memory[off:off + nbytes], word).reshape(shape)
         if full[c]:
-            idx, src_planes = index[c], planes
+            idx, src_planes = index[c] if index is not None else None, planes
             if blocked[c]:
                 idx, src_planes = block_index[c], block_planes
                 chunk = chunk.reshape(len(planes), chunk_size // bs, -1)
@@ -78,13 +78,12 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
                 if not to_arena:
                     plane[idx] = rows
                 elif on_cpu:
-                    np.take(plane, idx, axis=0, out=rows, mode="clip")  # "raise" would buffer `out`
+                    plane.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
                 else:
                     torch.index_select(plane, 0, idx, out=rows)
             continue
-        keep = valid[c].repeat_interleave(per_row).nonzero().flatten()
-        if on_cpu:
-            keep = keep.numpy()
+        keep = valid[c].repeat(per_row) if on_cpu else valid[c].repeat_interleave(per_row)
+        keep = keep.nonzero()[0] if on_cpu else keep.nonzero().flatten()
         idx = index[c][keep]
         for plane, rows in zip(planes, chunk):
             if to_arena:
@@ -93,16 +92,22 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
                 plane[idx] = rows[keep]
 
 
-def _whole_blocks(paged: PagedKV, slots: torch.Tensor) -> list[bool]:
+def _whole_blocks(paged: PagedKV, slots) -> list[bool]:
     """Per chunk: are its slots whole blocks in order, in planes whose blocks are contiguous?"""
     bs, num_chunks = paged.block_size, slots.shape[0]
     if not (bs > 1 and slots.shape[1] % bs == 0 and paged.unit_offsets == (0,)
             and paged.unit_strides == (bs, 1)):
         return [False] * num_chunks
-    grid = slots.view(num_chunks, -1, bs)
-    steps = torch.arange(bs, device=slots.device)
-    whole = ((grid - grid[..., :1]) == steps).all(-1) & (grid[..., 0] % bs == 0)
+    grid = slots.reshape(num_chunks, -1, bs)
+    whole = ((grid - grid[..., :1]) == _like(range(bs), slots)).all(-1) & (grid[..., 0] % bs == 0)
     return whole.all(-1).tolist()
+
+
+def _like(values, like):
+    """``values`` as int64 where ``like`` lives (a numpy array, or a tensor on its device)."""
+    if isinstance(like, np.ndarray):
+        return np.asarray(values, dtype=np.int64)
+    return torch.tensor(values, dtype=torch.int64, device=like.device)
 
 
 def _planes(paged: PagedKV, word: int, on_cpu: bool) -> tuple:
@@ -112,14 +117,6 @@ def _planes(paged: PagedKV, word: int, on_cpu: bool) -> tuple:
         return paged.host_units if on_cpu else paged.units
     views = tuple(u.view(torch.uint8).view(INT_BY_SIZE[word]) for u in paged.units)
     return tuple(v.numpy() for v in views) if on_cpu else views
-
-
-def _by_block(plane, num_blocks: int):
-    """``[num_blocks, block_size * unit_words]`` view of a plane whose blocks are contiguous."""
-    if isinstance(plane, np.ndarray):
-        assert plane.flags.c_contiguous  # so reshape is a view, never a copy
-        return plane.reshape(num_blocks, -1)
-    return plane.view(num_blocks, -1)
 
 
 def _as_words(raw, word: int):
