@@ -20,7 +20,7 @@ dims               engine layout               notes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
@@ -68,16 +68,16 @@ class PagedKV:
     stride_block_bytes: int
     stride_token_bytes: int
     stride_head_bytes: int
-    base_ptrs: torch.Tensor
-    views: tuple
-    tensors: tuple
-    addr_table: torch.Tensor
+    base_ptrs: torch.Tensor = field(repr=False, compare=False)
+    views: tuple = field(repr=False, compare=False)
+    tensors: tuple = field(repr=False, compare=False)
+    addr_table: torch.Tensor = field(repr=False, compare=False)
     word_bytes: int
     unit_bytes: int
     unit_strides: tuple[int, int]
     unit_offsets: tuple[int, ...]
-    units: tuple
-    host_units: tuple
+    units: tuple = field(repr=False, compare=False)
+    host_units: tuple = field(repr=False, compare=False)
 
     @property
     def row_bytes(self) -> int:
@@ -194,14 +194,14 @@ class PagedKV:
                      + max(unit_offsets) + 1)
         units = tuple(_unit_view(v, num_units, unit, word) for v in flat_views)
         host_units = tuple(u.numpy() for u in units) if first.device.type == "cpu" else ()
+        base_ptrs = torch.tensor(ptrs, dtype=torch.int64)
         return cls(kind=kind, dims=dims, num_layers=len(groups[0]), num_kv=num_kv,
                    num_blocks=num_blocks, block_size=block_size, num_heads=num_heads,
                    head_bytes=head_bytes, dtype=first.dtype, device=first.device,
                    stride_block_bytes=strides[0], stride_token_bytes=strides[1],
                    stride_head_bytes=strides[2],
-                   base_ptrs=torch.tensor(ptrs, dtype=torch.int64), views=tuple(views),
-                   tensors=tuple(flat),
-                   addr_table=torch.tensor(ptrs, dtype=torch.int64).flatten().to(first.device),
+                   base_ptrs=base_ptrs, views=tuple(views), tensors=tuple(flat),
+                   addr_table=base_ptrs.flatten().to(first.device),
                    word_bytes=word, unit_bytes=unit, unit_strides=unit_strides,
                    unit_offsets=unit_offsets, units=units, host_units=host_units)
 
@@ -250,7 +250,8 @@ def _units(num_blocks: int, block_size: int, num_heads: int, head_bytes: int,
         return row, (s_block // row, s_token // row), (0,)
     unit = head_bytes if s_block % head_bytes == 0 and s_token % head_bytes == 0 \
         and s_head % head_bytes == 0 else word
-    offsets = tuple((h * s_head + w) // unit for h in range(num_heads) for w in range(0, head_bytes, unit))
+    offsets = tuple((h * s_head + w) // unit
+                    for h in range(num_heads) for w in range(0, head_bytes, unit))
     return unit, (s_block // unit, s_token // unit), offsets
 
 
