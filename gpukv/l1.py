@@ -8,20 +8,12 @@ States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> 
   ``MAX_READERS`` shares of one key and can only release its own.
 - Leases: a share lease lasts ``read_lease_s`` from the owner's latest reserve on that key; a
   write lease lasts ``write_lease_s`` from ``reserve_write``. Deadlines are enforced only by
-  ``expire()``. Each owner has one OrderedDict ``key -> deadline``; all read leases share one
-  duration and the clock is monotonic, so move-to-end on refresh keeps it in deadline order and
-  ``expire()`` costs O(owners holding shares + expired leases). No object is allocated per share
-  record (ints and OrderedDict nodes only), which keeps the garbage collector off the hot path.
+  ``expire()``, in O(owners holding shares + expired leases) (``gpukv.leases``).
 - Temporary objects (L2 hits) are freed when their read count drops to zero, whether by
   ``finish_read``, ``expire()``, ``release_owner()`` or ``delete(force=True)``. A temporary object
   finished with plain ``finish_write`` (no readers) stays ready until evicted or deleted.
-- Eviction (only in ``reserve_write`` when the slab is full) takes ready, unlocked objects only.
-  Each size class keeps its own LRU. First choice: the LRU object of the *same* class (frees a
-  slot there). When that class has none, a whole slab of another class is emptied: among slabs
-  whose objects are all evictable, the one whose most recently used object is oldest; this repeats
-  until the write fits or nothing is evictable (then OUT_OF_MEMORY; evictions done stay done).
-  Recency is the time an object became ready and unlocked (finish_write, or the finish_read that
-  dropped its count to zero), so a read refreshes it.
+- Eviction (only in ``reserve_write`` when the slab is full) takes ready, unlocked objects only:
+  the LRU object of the same size class, else a whole slab of another class (``gpukv.eviction``).
 - Keys in one ``reserve_write`` are served in order, so a ready key of the batch that an earlier
   key evicted is then written afresh (OK), or gets OUT_OF_MEMORY, instead of NOT_WRITABLE.
 - ``buffer(key)`` only for objects being written or read-locked (a ready, unlocked one could be
@@ -43,6 +35,8 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
+from gpukv.eviction import SizeClassLRU
+from gpukv.leases import LeaseIndex
 from gpukv.slab import SlabArena, aligned_bytes
 
 MAX_READERS = 128
@@ -99,11 +93,10 @@ class L1Manager:
         self.read_lease_s, self.write_lease_s, self._clock = read_lease_s, write_lease_s, clock
         self._lock = threading.Lock()
         self._objects: dict[Hashable, _Object] = {}
-        self._lru: dict[int, OrderedDict[Hashable, _Object]] = {}  # slot_bytes -> LRU first
+        self._evictable: SizeClassLRU[_Object] = SizeClassLRU(self._slab)
         self._writing: OrderedDict[Hashable, _Object] = OrderedDict()  # by write deadline
-        self._owner_leases: dict[Hashable, OrderedDict[Hashable, float]] = {}  # key -> deadline
+        self._owner_leases = LeaseIndex()
         self._owner_writes: dict[Hashable, dict[Hashable, None]] = {}
-        self._stamp = 0
         self._evictions = 0
 
     # -- writes --------------------------------------------------------------------------------
@@ -117,8 +110,7 @@ class L1Manager:
         slot_bytes = aligned_bytes(nbytes)
         out: list[Status] = []
         with self._lock:
-            if slot_bytes not in self._lru:
-                self._lru[slot_bytes] = OrderedDict()
+            self._evictable.add_class(slot_bytes)
             deadline = self._clock() + self.write_lease_s
             objects, full = self._objects, slot_bytes > self._slab.capacity_bytes
             writes = self._owner_writes.setdefault(owner, {})
@@ -150,7 +142,7 @@ class L1Manager:
                 obj = self._writing_obj(key, owner, out)
                 if obj is not None:
                     self._make_ready(obj)
-                    self._to_lru(obj)
+                    self._evictable.push(obj)
         return out
 
     def finish_write_and_reserve_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
@@ -202,10 +194,10 @@ class L1Manager:
         count = _check_extra(extra_count)
         out: list[Status] = []
         with self._lock:
-            get, lrus = self._objects.get, self._lru
+            get, lrus, leases = self._objects.get, self._evictable.by_class, self._owner_leases
             deadline = self._clock() + self.read_lease_s
-            owned = self._owned(owner)
-            for key in keys:  # _add_shares inlined: this loop is the lookup hot path
+            owned = leases.owned(owner)
+            for key in keys:  # _add_shares and leases.refresh inlined: the lookup hot path
                 obj = get(key)
                 if obj is None:
                     out.append(NOT_FOUND)
@@ -229,7 +221,7 @@ class L1Manager:
                     del lrus[obj.slot_bytes][key]
                 obj.readers += count
                 out.append(OK)
-            self._forget_if_idle(owner)
+            leases.forget_if_idle(owner)
         return out
 
     def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
@@ -239,8 +231,8 @@ class L1Manager:
         count = _check_extra(extra_count)
         out: list[Status] = []
         with self._lock:
-            get, owned = self._objects.get, self._owner_leases.get(owner)
-            lrus, stamp = self._lru, self._stamp
+            get, leases, evictable = self._objects.get, self._owner_leases, self._evictable
+            owned, lrus, stamp = leases.get(owner), evictable.by_class, evictable.stamp
             for key in keys:
                 obj = get(key)
                 if obj is None:
@@ -260,31 +252,21 @@ class L1Manager:
                 if not obj.readers:
                     if obj.temporary:
                         self._free(obj)
-                    else:  # _to_lru inlined
+                    else:  # evictable.push inlined
                         stamp += 1
                         obj.stamp = stamp
                         lrus[obj.slot_bytes][key] = obj
                 out.append(OK)
-            self._stamp = stamp
-            self._forget_if_idle(owner)
+            evictable.stamp = stamp
+            leases.forget_if_idle(owner)
         return out
 
     def _add_shares(self, obj: _Object, owner: Hashable, count: int, now: float) -> None:
         """First shares of an object just made ready (never in the LRU, so never evictable)."""
         assert count <= MAX_READERS and not obj.shares and not obj.readers
         obj.shares[owner] = count
-        self._owned(owner)[obj.key] = now + self.read_lease_s
+        self._owner_leases.refresh(owner, obj.key, now + self.read_lease_s)
         obj.readers = count
-
-    def _owned(self, owner: Hashable) -> OrderedDict[Hashable, float]:
-        owned = self._owner_leases.get(owner)
-        if owned is None:
-            owned = self._owner_leases[owner] = OrderedDict()
-        return owned
-
-    def _forget_if_idle(self, owner: Hashable) -> None:
-        if not self._owner_leases.get(owner, True):
-            del self._owner_leases[owner]
 
     # -- leases and owners ---------------------------------------------------------------------
     def expire(self) -> int:
@@ -293,13 +275,8 @@ class L1Manager:
         each owner's leases are kept in deadline order (one lease duration, monotonic clock)."""
         with self._lock:
             now, released = self._clock(), 0
-            for owner, owned in list(self._owner_leases.items()):
-                while owned:
-                    key, deadline = next(iter(owned.items()))
-                    if deadline > now:
-                        break
-                    released += self._release_lease(key, owner)
-                self._forget_if_idle(owner)
+            for owner, key in self._owner_leases.pop_expired(now):
+                released += self._release_shares(key, owner)
             while self._writing:
                 obj = next(iter(self._writing.values()))
                 if obj.write_deadline > now:
@@ -311,9 +288,8 @@ class L1Manager:
         """Drop every share and unfinished write of ``owner``; returns the shares released."""
         with self._lock:
             released = 0
-            for key in list(self._owner_leases.get(owner, ())):
-                released += self._release_lease(key, owner)
-            self._forget_if_idle(owner)
+            for key in self._owner_leases.pop_owner(owner):
+                released += self._release_shares(key, owner)
             for key in list(self._owner_writes.get(owner, ())):
                 self._free(self._objects[key])
             return released
@@ -324,11 +300,10 @@ class L1Manager:
             obj = self._objects.get(key)
             return obj.shares.get(owner, 0) if obj is not None else 0
 
-    def _release_lease(self, key: Hashable, owner: Hashable) -> int:
-        """Drop all of ``owner``'s shares of ``key``; the caller forgets the owner once idle."""
+    def _release_shares(self, key: Hashable, owner: Hashable) -> int:
+        """Drop all of ``owner``'s shares of ``key``; the caller has removed the lease."""
         obj = self._objects[key]
         count = obj.shares.pop(owner)
-        del self._owner_leases[owner][key]
         obj.readers -= count
         assert obj.readers >= 0, (obj.key, obj.readers)
         if not obj.readers:
@@ -347,13 +322,12 @@ class L1Manager:
                     out.append(NOT_FOUND)
                     continue
                 if obj.ready and not obj.readers:
-                    del self._lru[obj.slot_bytes][key]
+                    self._evictable.remove(obj)
                 elif not force:
                     out.append(Status.LOCKED)
                     continue
                 for owner in obj.shares:
-                    del self._owner_leases[owner][key]
-                    self._forget_if_idle(owner)
+                    self._owner_leases.drop(owner, key)
                 obj.shares.clear()
                 obj.readers = 0
                 self._free(obj)
@@ -363,23 +337,16 @@ class L1Manager:
     def clear(self) -> int:
         """Delete every ready, unlocked object; returns how many were deleted."""
         with self._lock:
-            num_deleted = 0
-            for lru in self._lru.values():
-                while lru:
-                    self._free(lru.popitem(last=False)[1])
-                    num_deleted += 1
-            return num_deleted
+            victims = self._evictable.pop_all()
+            for obj in victims:
+                self._free(obj)
+            return len(victims)
 
     def _unlocked(self, obj: _Object) -> None:
         if obj.temporary:
             self._free(obj)
         else:
-            self._to_lru(obj)
-
-    def _to_lru(self, obj: _Object) -> None:
-        self._stamp += 1
-        obj.stamp = self._stamp
-        self._lru[obj.slot_bytes][obj.key] = obj
+            self._evictable.push(obj)
 
     def _free(self, obj: _Object) -> None:
         """Forget ``obj`` and free its slot; the caller has taken it out of the LRU if it was there."""
@@ -398,34 +365,15 @@ class L1Manager:
 
     def _alloc(self, slot_bytes: int) -> int | None:
         offset = self._slab.alloc(slot_bytes)
-        while offset is None and self._evict_for(slot_bytes):
+        while offset is None:
+            victims = self._evictable.victims(slot_bytes)
+            if not victims:
+                break
+            self._evictions += len(victims)
+            for obj in victims:
+                self._free(obj)
             offset = self._slab.alloc(slot_bytes)
         return offset
-
-    def _evict_for(self, slot_bytes: int) -> bool:
-        """Evict to make room for one ``slot_bytes`` slot; False when nothing useful is evictable."""
-        same = self._lru.get(slot_bytes)
-        if same:
-            self._evict([same.popitem(last=False)[1]])
-            return True
-        by_slab: dict = {}  # slab of another class -> its evictable objects
-        for lru in self._lru.values():
-            for obj in lru.values():
-                by_slab.setdefault(self._slab.slab_of(obj.offset), []).append(obj)
-        whole = [(max(o.stamp for o in objs), slab.start, objs)
-                 for slab, objs in by_slab.items() if len(objs) == slab.num_used]
-        if not whole:
-            return False
-        victims = min(whole, key=lambda t: t[:2])[2]
-        for obj in victims:
-            del self._lru[obj.slot_bytes][obj.key]
-        self._evict(victims)
-        return True
-
-    def _evict(self, victims: list[_Object]) -> None:
-        for obj in victims:
-            self._evictions += 1
-            self._free(obj)
 
     # -- queries -------------------------------------------------------------------------------
     def buffer(self, key: Hashable) -> torch.Tensor:
@@ -513,6 +461,6 @@ class L1Manager:
                 "capacity_bytes": self._slab.capacity_bytes,
                 "evictions": self._evictions,
                 "slabs_in_use": self._slab.num_slabs,
-                "leases": sum(len(owned) for owned in self._owner_leases.values()),
+                "leases": self._owner_leases.num_leases(),
                 "owners": len(self._owner_leases),
             }

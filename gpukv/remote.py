@@ -6,12 +6,8 @@ Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, 
 fingerprint, size, blake2b checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
 
-URLs (redis-py syntax; the password is masked in every message and log line):
-    redis://[[user]:password@]host:port/db    TCP, optional ACL user / password
-    rediss://...?ssl_ca_certs=/path/ca.pem    TLS (also ssl_cert_reqs, ssl_check_hostname, ...)
-    unix:///path/redis.sock?db=0              Unix socket
-    redis+cluster://host:port                 Redis / Valkey cluster via redis.cluster.RedisCluster
-    rediss+cluster://, valkey[s]://, valkey[s]+cluster://   same, TLS / aliases
+URLs: redis://, rediss://, unix://, redis+cluster://, valkey[s]:// ... (see ``gpukv.redis_url``);
+the password is masked in every message and log line.
 
 Faults. At construction a bad URL, a wrong password, a server wanting AUTH or an unreachable
 server raise ``ValueError`` naming the masked URL (a misconfigured shared tier fails fast).
@@ -46,43 +42,20 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
-import redis
 import redis.exceptions as rexc
 import torch
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.retry import Retry
 
 from gpukv import chunk_codec
+from gpukv.redis_url import DOWN_ERRORS, connect, mask_url
 
 log = logging.getLogger(__name__)
 
-# The server is unreachable, stalled or mid-failover: mark the tier down, never raise to callers.
-DOWN_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, rexc.InvalidResponse,
-               rexc.ClusterError, rexc.RedisClusterException)
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 WARN_INTERVAL_S = 5.0
-_SCHEMES = {"redis": "redis", "rediss": "rediss", "unix": "unix", "valkey": "redis",
-            "valkeys": "rediss"}
 _COUNTERS = ("stored", "dropped", "hits", "misses", "corrupt", "deleted", "errors", "skipped",
              "bytes_stored", "bytes_loaded")
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(slots=True)
@@ -126,7 +99,7 @@ class RemoteTier:
         self.timeout_s = float(timeout_s)
         self.batch_size = batch_size
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        self._client = _connect(url, self.url, self.timeout_s)
+        self._client = connect(url, self.timeout_s)
         self._queue: queue.Queue[_Op] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -379,33 +352,3 @@ class RemoteTier:
         more = f" (+{suppressed} similar suppressed)" if suppressed else ""
         log.warning("remote tier %s: %s%s", self.url, message, more)
 
-
-def _connect(url: str, masked: str, timeout_s: float) -> redis.Redis | RedisCluster:
-    """A client with bounded sockets and no retries, after a successful PING."""
-    scheme, sep, rest = url.partition("://")
-    cluster = scheme.endswith("+cluster")
-    scheme = _SCHEMES.get(scheme.removesuffix("+cluster"))
-    if not sep or scheme is None or (cluster and scheme == "unix"):
-        raise ValueError(f"remote URL {masked!r}: scheme must be one of redis://, rediss://, "
-                         "unix://, redis+cluster://, rediss+cluster:// (valkey[s]:// alike)")
-    url = f"{scheme}://{rest}"
-    # Query parameters of the URL (e.g. ?socket_timeout=) override these, as in redis-py.
-    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                   retry=Retry(NoBackoff(), 0))
-    client = None
-    try:
-        client = (RedisCluster if cluster else redis.Redis).from_url(url, **options)
-        client.ping()
-    except (rexc.AuthenticationError, rexc.AuthenticationWrongNumberOfArgsError,
-            rexc.NoPermissionError) as exc:
-        reason = (f"authentication failed ({type(exc).__name__}: {exc}); check the user/password "
-                  "in the URL")
-    except DOWN_ERRORS as exc:
-        reason = f"server unreachable within {timeout_s} s ({type(exc).__name__}: {exc})"
-    except (rexc.ResponseError, ValueError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    else:
-        return client
-    if client is not None:
-        client.close()
-    raise ValueError(f"remote URL {masked!r}: {reason}")
