@@ -9,15 +9,20 @@ a plane's token rows are evenly packed (NHD kv-first, MLA) and a chunk's slots a
 in order (what a vLLM block table gives), the chunk moves in whole blocks instead: ``chunk_size /
 block_size`` copies of ``block_size`` rows each: fewer, larger memmoves (unpack gains most).
 
-On CPU the copies run through numpy views of the same memory (zero-copy): ``np.take(out=)`` and
-fancy assignment copy each unit with one memmove, single-threaded and with little per-call
-overhead, where torch's ``index_copy_``/``index_put_`` copy word by word and its threaded
-``index_select`` stalls on a busy machine (measured by perf/sweep_kernels.py). On other devices
-(``backend="torch"`` forced on CUDA) the same loop uses ``index_select(out=)`` / indexed assignment.
+On CPU the copies run through numpy views of the same memory (zero-copy): ``ndarray.take(out=)``
+and fancy assignment copy each unit with one memmove, with little per-call overhead, where
+torch's ``index_copy_``/``index_put_`` copy word by word and its OpenMP ``index_select`` stalls on
+a busy machine. numpy releases the GIL while copying, so a large call splits its planes over
+``torch.get_num_threads()`` Python threads, as many as the plain copy it is measured against
+uses. On other devices (``backend="torch"`` forced on CUDA) the same loop uses
+``index_select(out=)`` / indexed assignment.
 Arguments are validated by :mod:`gpukv.copy`; this module assumes them correct.
 """
 
 from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ import torch
 from gpukv.layout import INT_BY_SIZE, PagedKV, word_bytes
 
 _NP_INT_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+BYTES_PER_THREAD = 8 << 20  # a CPU call uses another thread per 8 MiB, up to torch's thread count
 
 
 def pack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
@@ -67,29 +73,48 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
         block_index = slots[:, ::bs] // bs
     index = None if all(blocked) else unit_index(paged, slots * valid)  # [chunks, units]
     nbytes = paged.chunk_bytes(chunk_size)
+    steps = []  # per chunk: (planes, its rows per plane, index into the planes, kept rows or None)
     for c, off in enumerate(offsets.tolist()):
         chunk = _as_words(memory[off:off + nbytes], word).reshape(shape)
-        if full[c]:
-            idx, src_planes = index[c] if index is not None else None, planes
-            if blocked[c]:
-                idx, src_planes = block_index[c], block_planes
-                chunk = chunk.reshape(len(planes), chunk_size // bs, -1)
-            for plane, rows in zip(src_planes, chunk):
-                if not to_arena:
-                    plane[idx] = rows
-                elif on_cpu:
-                    plane.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
+        if blocked[c]:
+            steps.append((block_planes, chunk.reshape(len(planes), chunk_size // bs, -1),
+                          block_index[c], None))
+        elif full[c]:
+            steps.append((planes, chunk, index[c], None))
+        else:
+            keep = valid[c].repeat(per_row) if on_cpu else valid[c].repeat_interleave(per_row)
+            keep = keep.nonzero()[0] if on_cpu else keep.nonzero().flatten()
+            steps.append((planes, chunk, index[c][keep], keep))
+    move = functools.partial(_move, steps, to_arena, on_cpu)
+    threads = min(torch.get_num_threads(), len(planes), len(steps) * nbytes // BYTES_PER_THREAD)
+    if not on_cpu or threads <= 1:
+        move(0, len(planes))
+        return
+    # numpy releases the GIL while it copies: split the planes over torch's CPU thread count
+    cuts = [len(planes) * k // threads for k in range(threads + 1)]
+    with ThreadPoolExecutor(threads - 1) as pool:
+        futures = [pool.submit(move, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+        move(cuts[0], cuts[1])
+        for future in futures:
+            future.result()
+
+
+def _move(steps: list, to_arena: bool, on_cpu: bool, lo: int, hi: int) -> None:
+    """Planes ``lo:hi`` of every chunk: one gather (pack) or scatter (unpack) of rows each."""
+    for planes, chunk, idx, keep in steps:
+        for i in range(lo, hi):
+            plane, rows = planes[i], chunk[i]
+            if keep is not None:  # a chunk with -1 slots: only its kept rows
+                if to_arena:
+                    rows[keep] = plane[idx]
                 else:
-                    torch.index_select(plane, 0, idx, out=rows)
-            continue
-        keep = valid[c].repeat(per_row) if on_cpu else valid[c].repeat_interleave(per_row)
-        keep = keep.nonzero()[0] if on_cpu else keep.nonzero().flatten()
-        idx = index[c][keep]
-        for plane, rows in zip(planes, chunk):
-            if to_arena:
-                rows[keep] = plane[idx]
+                    plane[idx] = rows[keep]
+            elif not to_arena:
+                plane[idx] = rows
+            elif on_cpu:
+                plane.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
             else:
-                plane[idx] = rows[keep]
+                torch.index_select(plane, 0, idx, out=rows)
 
 
 def _whole_blocks(paged: PagedKV, slots) -> list[bool]:

@@ -111,6 +111,24 @@ def test_stacked_cache_and_int32_slots():
     _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
 
 
+@pytest.mark.parametrize("layout", ["kv_first", "flashinfer_hnd", "mla"])
+def test_planes_split_over_threads(monkeypatch, layout):
+    import gpukv.copy_torch as copy_torch
+
+    monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    split = []
+    real_move = copy_torch._move
+    monkeypatch.setattr(copy_torch, "_move", lambda *a: split.append(a[-2:]) or real_move(*a))
+    layers, dims, kind = make_cache(layout, num_blocks=8, block_size=16, num_layers=5)
+    whole = _whole_block_slots(8, 16, 2, 32)
+    holed = _slots(128, 32, holes=True)
+    _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
+    planes = 5 if kind == "mla" else 10
+    thirds = [(0, planes // 3), (planes // 3, 2 * planes // 3), (2 * planes // 3, planes)]
+    assert sorted(split) == sorted(thirds * 2)  # pack, then unpack, each on three threads
+
+
 def test_unpack_of_a_chunk_of_holes_writes_nothing():
     layers, dims, kind = make_cache("blocks_first", num_blocks=4)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
