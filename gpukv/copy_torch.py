@@ -30,7 +30,9 @@ import torch
 from gpukv.layout import INT_BY_SIZE, PagedKV, word_bytes
 
 _NP_INT_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-BYTES_PER_THREAD = 8 << 20  # a CPU call uses another thread per 8 MiB, up to torch's thread count
+# a CPU call uses one thread per 32 MiB it moves, up to torch's thread count (starting a thread
+# pool costs ~0.5 ms, which smaller calls would not win back)
+BYTES_PER_THREAD = 32 << 20
 
 
 def pack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
