@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -28,6 +29,8 @@ from gpukv.spill import Spiller
 from gpukv.tier_loader import TierLoader
 
 log = logging.getLogger(__name__)
+
+MAX_REQUESTS = 1 << 16  # request ids remembered for retrieve (a request normally ends first)
 
 
 @dataclass(slots=True)
@@ -83,7 +86,9 @@ class CacheEngine:
         self._lock = threading.Lock()
         self._instances: dict[Hashable, _Instance] = {}
         self._models: dict[str, _Model] = {}
-        self._requests: dict[Hashable, str] = {}  # request id -> model it looked up
+        # request id -> model it looked up; bounded: the oldest are forgotten past MAX_REQUESTS
+        # (their remaining shares still end with free_lookup_locks or their lease)
+        self._requests: OrderedDict[Hashable, str] = OrderedDict()
         self._counters = _Counters()
         self._seed = self.config.salt.encode()
         self._last_expire = 0.0
@@ -201,6 +206,9 @@ class CacheEngine:
         keys = [self._keys(model, r, hashes) for r in ranks]
         with self._lock:
             self._requests[request_id] = model
+            self._requests.move_to_end(request_id)
+            while len(self._requests) > MAX_REQUESTS:
+                self._requests.popitem(last=False)
             self._counters.lookups += 1
         # L1 prefix, all ranks at once (one reserve_read call)
         n_l1 = min(self.l1.prefix_hits(k) for k in keys) if hashes else 0
