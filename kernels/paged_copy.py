@@ -46,6 +46,42 @@ def row_cols(r0, row_words, head_words, stride_head, BLOCK_R: tl.constexpr):
     return page_col, r.to(tl.int64), r_mask
 
 
+@triton.jit
+def paged_copy_kernel(table_ptr, slot_ptr, offs_ptr, arena_ptr,
+                      num_tokens, block_size, chunk_size,
+                      stride_block, stride_token, stride_head, row_words, head_words,
+                      WORD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PACK: tl.constexpr):
+    """One tile: ``BLOCK_T`` tokens of one (layer, K/V); PACK copies pages -> arena, else back."""
+    pid_t = tl.program_id(0)
+    pid_lk = tl.program_id(1)
+    base = tl.load(table_ptr + pid_lk).to(tl.pointer_type(WORD))
+    page_off, arena_off, valid = token_tile(slot_ptr, offs_ptr, pid_t, num_tokens, block_size,
+                                            chunk_size, stride_block, stride_token, pid_lk,
+                                            row_words, BLOCK_T)
+    for r0 in range(0, row_words, BLOCK_R):
+        page_col, chunk_col, r_mask = row_cols(r0, row_words, head_words, stride_head, BLOCK_R)
+        mask = valid[:, None] & r_mask[None, :]
+        page_ptrs = base + page_off[:, None] + page_col[None, :]
+        arena_ptrs = arena_ptr + arena_off[:, None] + chunk_col[None, :]
+        if PACK:
+            tl.store(arena_ptrs, tl.load(page_ptrs, mask=mask), mask=mask)
+        else:
+            tl.store(page_ptrs, tl.load(arena_ptrs, mask=mask), mask=mask)
+
+
+def launch(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
+           chunk_size: int, pack: bool) -> None:
+    """One launch of :func:`paged_copy_kernel` for all layers, K/V and chunks (validated inputs)."""
+    check_compiled_or_interpreted(paged_copy_kernel, arena)
+    m = launch_meta(paged, arena, offsets, slots, chunk_size)
+    paged_copy_kernel[m["grid"]](
+        m["table"], m["slots"], m["offsets"], m["arena"],
+        m["num_tokens"], m["block_size"], m["chunk_size"],
+        m["stride_block"], m["stride_token"], m["stride_head"], m["row_words"], m["head_words"],
+        WORD=m["WORD"], BLOCK_T=m["BLOCK_T"], BLOCK_R=m["BLOCK_R"], PACK=pack)
+
+
 def check_compiled_or_interpreted(kernel, arena: torch.Tensor) -> None:
     """CPU tensors work only with the interpreter, chosen when this package was first imported."""
     if arena.device.type != "cuda" and not isinstance(kernel, InterpretedFunction):

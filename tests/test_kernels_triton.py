@@ -133,7 +133,7 @@ def test_bad_input_raises_before_launch():
 def test_kernels_run_in_the_mode_this_file_chose():
     from triton.runtime.interpreter import InterpretedFunction
 
-    from gpukv_kernels import pack as pack_mod
+    from gpukv_kernels.paged_copy import paged_copy_kernel
 
     # a module that imported gpukv_kernels before this file would have fixed the mode already
-    assert isinstance(pack_mod._pack_kernel, InterpretedFunction) == (not COMPILED)
+    assert isinstance(paged_copy_kernel, InterpretedFunction) == (not COMPILED)
