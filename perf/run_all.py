@@ -55,14 +55,15 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str]) -> st
              "Ratios compare against a baseline measured in the same run; absolute numbers on shared "
              "machines are noise.", "", "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
-    kern = _first(out, "kernels.csv")
+    kern = _first(out, f"sweep_kernels_{preset}.csv", "sweep_kernels_quick.csv", "sweep_kernels_full.csv")
     if kern:
-        lines += ["", "## pack / unpack (`kernels.csv`)", "",
-                  "| model | row B | op | median GB/s | x plain copy | x per-layer torch loop |", "|---|---|---|---|---|---|"]
-        for model in dict.fromkeys(r["model"] for r in kern):
+        lines += ["", "## pack / unpack (`sweep_kernels`, medians over 1..64 chunks per call)", "",
+                  "| model | layout | row B | op | GB/s | x plain copy | x per-layer torch loop |",
+                  "|---|---|---|---|---|---|---|"]
+        for model, layout in dict.fromkeys((r["model"], r.get("layout", "")) for r in kern):
             for op in ("pack", "unpack"):
-                sub = [r for r in kern if r["model"] == model and r["op"] == op]
-                lines.append(f"| {model} | {sub[0]['row_bytes']} | {op} | {_med(r['gbps'] for r in sub):.2f} | "
+                sub = [r for r in kern if r["model"] == model and r.get("layout", "") == layout and r["op"] == op]
+                lines.append(f"| {model} | {layout} | {sub[0]['row_bytes']} | {op} | {_med(r['gbps'] for r in sub):.2f} | "
                              f"{_med(r['ratio_vs_copy'] for r in sub):.2f} | {_med(r['ratio_vs_loop'] for r in sub):.2f} |")
     l1 = _first(out, f"sweep_l1_{preset}.csv", "sweep_l1_quick.csv", "sweep_l1_full.csv")
     if l1:
@@ -74,9 +75,9 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str]) -> st
             if sub:
                 lines.append(f"| reserve+finish read | {extra} | {_med(r['us_per_key'] for r in sub):.2f} | "
                              f"{_med(r['vs_extra0'] for r in sub):.2f} | {_med(r['speedup_vs_loop'] for r in sub):.1f} |")
-    eng = _first(out, "engine.csv")
+    eng = _first(out, "sweep_engine.csv")
     if eng:
-        lines += ["", "## engine overhead (`engine.csv`)", "",
+        lines += ["", "## engine overhead (`sweep_engine.csv`)", "",
                   "| kind | tokens | store / pack | retrieve / unpack |", "|---|---|---|---|"]
         lines += [f"| {r['kind']} | {r['tokens']} | {float(r['store_ratio']):.2f} | {float(r['retrieve_ratio']):.2f} |"
                   for r in eng]

@@ -121,15 +121,15 @@ def main(argv=None) -> int:
     for kind, tokens in progress(points, desc="engine sweep"):
         rows.append(run_point(kind, tokens, preset["layers"][kind], args.device, preset["repeats"]))
     out = results_dir(args.device)
-    csv_path = write_csv(out / "engine.csv", rows)
-    plot(rows, out / "engine.png")
+    csv_path = write_csv(out / "sweep_engine.csv", rows)
+    plot(rows, out / "sweep_engine.png")
     print(f"{'kind':4} {'tokens':>6} {'store GB/s':>10} {'pack GB/s':>9} {'ratio':>5} "
           f"{'retr GB/s':>9} {'unpack GB/s':>11} {'ratio':>5}")
     for r in rows:
         print(f"{r['kind']:4} {r['tokens']:6d} {r['store_gbps']:10.2f} {r['pack_gbps']:9.2f} "
               f"{r['store_ratio']:5.2f} {r['retrieve_gbps']:9.2f} {r['unpack_gbps']:11.2f} "
               f"{r['retrieve_ratio']:5.2f}")
-    print(f"wrote {csv_path} and {out / 'engine.png'}")
+    print(f"wrote {csv_path} and {out / 'sweep_engine.png'}")
     return 0
 
 
