@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukv_kernels.paged_copy import launch
+from gpukv_kernels.paged_copy import launch, ref_rows
 
 
 def pack_triton(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
@@ -25,19 +25,5 @@ def pack_ref(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Ten
              chunk_size: int) -> None:
     """The obviously-correct reference: token by token, layer by layer, through byte views."""
     row = paged.row_bytes
-    for c, off in enumerate(offsets.tolist()):
-        for i in range(chunk_size):
-            slot = int(slots[c * chunk_size + i])
-            if slot < 0:
-                continue
-            block, pos = divmod(slot, paged.block_size)
-            for layer in range(paged.num_layers):
-                for kv in range(paged.num_kv):
-                    src = paged.views[layer][kv][block, pos]  # [H, D]
-                    start = off + ((layer * paged.num_kv + kv) * chunk_size + i) * row
-                    arena[start:start + row] = _row_bytes(src)
-
-
-def _row_bytes(x: torch.Tensor) -> torch.Tensor:
-    """The bytes of an ``[H, D]`` view, head-major (a copy)."""
-    return x.contiguous().view(torch.uint8).flatten()
+    for src, start in ref_rows(paged, slots, offsets, chunk_size):
+        arena[start:start + row] = src.contiguous().view(torch.uint8).flatten()

@@ -82,6 +82,22 @@ def launch(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tenso
         WORD=m["WORD"], BLOCK_T=m["BLOCK_T"], BLOCK_R=m["BLOCK_R"], PACK=pack)
 
 
+def ref_rows(paged, slots: torch.Tensor, offsets: torch.Tensor, chunk_size: int):
+    """The references' walk: ``(page row view [H, D], arena byte offset)`` for every valid token,
+    layer and K/V, in chunk order -- the chunk format spelled out one row at a time."""
+    row = paged.row_bytes
+    for c, off in enumerate(offsets.tolist()):
+        for i in range(chunk_size):
+            slot = int(slots[c * chunk_size + i])
+            if slot < 0:
+                continue
+            block, pos = divmod(slot, paged.block_size)
+            for layer in range(paged.num_layers):
+                for kv in range(paged.num_kv):
+                    start = off + ((layer * paged.num_kv + kv) * chunk_size + i) * row
+                    yield paged.views[layer][kv][block, pos], start
+
+
 def check_compiled_or_interpreted(kernel, arena: torch.Tensor) -> None:
     """CPU tensors work only with the interpreter, chosen when this package was first imported."""
     if arena.device.type != "cuda" and not isinstance(kernel, InterpretedFunction):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from gpukv.layout import INT_BY_SIZE
-from gpukv_kernels.paged_copy import launch
+from gpukv_kernels.paged_copy import launch, ref_rows
 
 
 def unpack_triton(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
@@ -21,15 +21,6 @@ def unpack_ref(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.T
                chunk_size: int) -> None:
     """The obviously-correct reference: token by token, layer by layer, through byte views."""
     row = paged.row_bytes
-    for c, off in enumerate(offsets.tolist()):
-        for i in range(chunk_size):
-            slot = int(slots[c * chunk_size + i])
-            if slot < 0:
-                continue
-            block, pos = divmod(slot, paged.block_size)
-            for layer in range(paged.num_layers):
-                for kv in range(paged.num_kv):
-                    dst = paged.views[layer][kv][block, pos]  # [H, D]
-                    start = off + ((layer * paged.num_kv + kv) * chunk_size + i) * row
-                    word = INT_BY_SIZE[dst.element_size()]
-                    dst.view(word).copy_(arena[start:start + row].view(word).view(dst.shape))
+    for dst, start in ref_rows(paged, slots, offsets, chunk_size):
+        word = INT_BY_SIZE[dst.element_size()]
+        dst.view(word).copy_(arena[start:start + row].view(word).view(dst.shape))
