@@ -67,15 +67,16 @@ class Spiller:
             if keys is None:
                 fingerprint.set()
                 continue
-            for key in keys:
+            names = [k.to_str() for k in keys]
+            held = [t.contains_many(names) for t in self._tiers]  # one round trip per tier
+            for i, key in enumerate(keys):
                 try:
-                    self._spill_one(key, fingerprint)
+                    self._spill_one(key, names[i], [t for t, h in zip(self._tiers, held) if not h[i]],
+                                    fingerprint)
                 finally:
                     self._l1.finish_read([key], 0, owner=SPILL_OWNER)
 
-    def _spill_one(self, key, fingerprint: str) -> None:
-        key_str = key.to_str()
-        todo = [t for t in self._tiers if not t.contains_many([key_str])[0]]
+    def _spill_one(self, key, key_str: str, todo: list, fingerprint: str) -> None:
         if not todo:
             return
         payload = self._l1.buffer(key).to("cpu", copy=True)
