@@ -50,63 +50,59 @@ def _med(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _section(title: str, header: list[str], rows: list[tuple]) -> list[str]:
+    """A Markdown section with one table; nothing when there are no rows."""
+    if not rows:
+        return []
+    lines = ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
 def summarize(out: Path, device: str, preset: str, status: dict[str, str]) -> str:
     lines = [f"# gpukv perf summary: {device} ({preset} preset)", "",
              "Ratios compare against a baseline measured in the same run; absolute numbers on shared "
              "machines are noise.", "", "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
     kern = _first(out, f"sweep_kernels_{preset}.csv", "sweep_kernels_quick.csv", "sweep_kernels_full.csv")
-    if kern:
-        lines += ["", "## pack / unpack (`sweep_kernels`, medians over 1..64 chunks per call)", "",
-                  "| model | layout | row B | op | GB/s | x plain copy | x per-layer torch loop |",
-                  "|---|---|---|---|---|---|---|"]
-        for model, layout in dict.fromkeys((r["model"], r.get("layout", "")) for r in kern):
-            for op in ("pack", "unpack"):
-                sub = [r for r in kern if r["model"] == model and r.get("layout", "") == layout and r["op"] == op]
-                lines.append(f"| {model} | {layout} | {sub[0]['row_bytes']} | {op} | {_med(r['gbps'] for r in sub):.2f} | "
-                             f"{_med(r['ratio_vs_copy'] for r in sub):.2f} | {_med(r['ratio_vs_loop'] for r in sub):.2f} |")
+    rows = []
+    for model, layout in dict.fromkeys((r["model"], r.get("layout", "")) for r in kern):
+        for op in ("pack", "unpack"):
+            sub = [r for r in kern if r["model"] == model and r.get("layout", "") == layout and r["op"] == op]
+            rows.append((model, layout, sub[0]["row_bytes"], op, f"{_med(r['gbps'] for r in sub):.2f}",
+                         f"{_med(r['ratio_vs_copy'] for r in sub):.2f}", f"{_med(r['ratio_vs_loop'] for r in sub):.2f}"))
+    lines += _section("pack / unpack (`sweep_kernels`, medians over 1..64 chunks per call)",
+                      ["model", "layout", "row B", "op", "GB/s", "x plain copy", "x per-layer torch loop"], rows)
     l1 = _first(out, f"sweep_l1_{preset}.csv", "sweep_l1_quick.csv", "sweep_l1_full.csv")
-    if l1:
-        lines += ["", "## L1 shares (`sweep_l1`)", "",
-                  "| op | extra_count | µs per key (median over batches) | vs extra_count 0 | x per-share loop |",
-                  "|---|---|---|---|---|"]
-        for extra in ("0", "7", "127"):
-            sub = [r for r in l1 if r["op"] == "read" and r["extra_count"] == extra and r["eviction"] == "off"]
-            if sub:
-                lines.append(f"| reserve+finish read | {extra} | {_med(r['us_per_key'] for r in sub):.2f} | "
-                             f"{_med(r['vs_extra0'] for r in sub):.2f} | {_med(r['speedup_vs_loop'] for r in sub):.1f} |")
-    eng = _first(out, "sweep_engine.csv")
-    if eng:
-        lines += ["", "## engine overhead (`sweep_engine.csv`)", "",
-                  "| kind | tokens | store / pack | retrieve / unpack |", "|---|---|---|---|"]
-        lines += [f"| {r['kind']} | {r['tokens']} | {float(r['store_ratio']):.2f} | {float(r['retrieve_ratio']):.2f} |"
-                  for r in eng]
-    lookup = _first(out, "sweep_server_lookup.csv")
-    if lookup:
-        lines += ["", "## server LOOKUP latency (`sweep_server_lookup.csv`, ipc://)", "",
-                  "| clients | chunks | server p50 µs | p99 µs | embedded p50 µs | zmq echo p50 µs |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['clients']} | {r['chunks']} | {r['server_p50_us']} | {r['server_p99_us']} | "
-                  f"{r['embedded_p50_us']} | {r['echo_p50_us']} |" for r in lookup]
-    transfer = _first(out, "sweep_server_transfer.csv")
-    if transfer:
-        lines += ["", "## server STORE / RETRIEVE vs embedded (`sweep_server_transfer.csv`)", "",
-                  "| op | clients | tokens | server GB/s | embedded GB/s | ratio |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['op']} | {r['clients']} | {r['tokens']} | {r['server_gbps']} | {r['embedded_gbps']} | "
-                  f"{r['ratio']} |" for r in transfer]
-    remote = _first(out, "sweep_remote.csv")
-    if remote:
-        lines += ["", "## Redis tier vs raw redis-py (`sweep_remote.csv`)", "",
-                  "| chunks | value MiB | store / raw SET | load / raw GET |", "|---|---|---|---|"]
-        lines += [f"| {r['chunks']} | {int(r['value_bytes']) / 2**20:.1f} | {float(r['store_ratio']):.2f} | "
-                  f"{float(r['load_ratio']):.2f} |" for r in remote]
-    ttft = sorted(out.glob("sweep_ttft_*.csv"))
-    for path in ttft:
-        rows = _rows(path)
-        lines += ["", f"## time to first token (`{path.name}`)", "",
-                  "| prompt | shared | TTFT full ms | TTFT cached ms | speedup | round trip / ideal | logits identical |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['prompt_tokens']} | {r['shared_frac']} | {r['ttft_full_ms']} | {r['ttft_cached_ms']} | "
-                  f"{r['speedup']} | {r['roundtrip_frac_of_ideal']} | {r['logits_identical']} |" for r in rows]
+    rows = []
+    for extra in ("0", "7", "127"):
+        sub = [r for r in l1 if r["op"] == "read" and r["extra_count"] == extra and r["eviction"] == "off"]
+        if sub:
+            rows.append(("reserve+finish read", extra, f"{_med(r['us_per_key'] for r in sub):.2f}",
+                         f"{_med(r['vs_extra0'] for r in sub):.2f}", f"{_med(r['speedup_vs_loop'] for r in sub):.1f}"))
+    lines += _section("L1 shares (`sweep_l1`)", ["op", "extra_count", "µs per key (median over batches)",
+                                                 "vs extra_count 0", "x per-share loop"], rows)
+    lines += _section("engine overhead (`sweep_engine.csv`)",
+                      ["kind", "tokens", "store / pack", "retrieve / unpack"],
+                      [(r["kind"], r["tokens"], f"{float(r['store_ratio']):.2f}", f"{float(r['retrieve_ratio']):.2f}")
+                       for r in _first(out, "sweep_engine.csv")])
+    lines += _section("server LOOKUP latency (`sweep_server_lookup.csv`, ipc://)",
+                      ["clients", "chunks", "server p50 µs", "p99 µs", "embedded p50 µs", "zmq echo p50 µs"],
+                      [(r["clients"], r["chunks"], r["server_p50_us"], r["server_p99_us"], r["embedded_p50_us"],
+                        r["echo_p50_us"]) for r in _first(out, "sweep_server_lookup.csv")])
+    lines += _section("server STORE / RETRIEVE vs embedded (`sweep_server_transfer.csv`)",
+                      ["op", "clients", "tokens", "server GB/s", "embedded GB/s", "ratio"],
+                      [(r["op"], r["clients"], r["tokens"], r["server_gbps"], r["embedded_gbps"], r["ratio"])
+                       for r in _first(out, "sweep_server_transfer.csv")])
+    lines += _section("Redis tier vs raw redis-py (`sweep_remote.csv`)",
+                      ["chunks", "value MiB", "store / raw SET", "load / raw GET"],
+                      [(r["chunks"], f"{int(r['value_bytes']) / 2**20:.1f}", f"{float(r['store_ratio']):.2f}",
+                        f"{float(r['load_ratio']):.2f}") for r in _first(out, "sweep_remote.csv")])
+    for path in sorted(out.glob("sweep_ttft_*.csv")):
+        lines += _section(f"time to first token (`{path.name}`)",
+                          ["prompt", "shared", "TTFT full ms", "TTFT cached ms", "speedup", "round trip / ideal",
+                           "logits identical"],
+                          [(r["prompt_tokens"], r["shared_frac"], r["ttft_full_ms"], r["ttft_cached_ms"], r["speedup"],
+                            r["roundtrip_frac_of_ideal"], r["logits_identical"]) for r in _rows(path)])
     return "\n".join(lines) + "\n"
 
 
