@@ -49,6 +49,12 @@ class MLAGroup:
     def rows(self, rank, slots):
         return [token_rows(layer, "mla", slots).view(torch.int16) for layer in self.pages[rank]]
 
+    def assert_retrieved(self):
+        """Each rank's read slots hold, bit for bit, what rank 0 stored."""
+        expected = self.rows(0, self.store_slots)
+        for rank in range(self.tp):
+            assert all(torch.equal(a, b) for a, b in zip(self.rows(rank, self.read_slots), expected))
+
     def keys(self):
         return [ObjectKey("dsv3", 0, h) for h in chunk_hashes(self.tokens, CS)]
 
@@ -65,9 +71,7 @@ def test_mla_tp2_lookup_takes_two_shares_each_rank_releases_one():
     assert all(k in engine.l1 for k in g.keys())  # still readable for rank 1
     assert engine.retrieve("mla-1", g.tokens, g.read_slots, request_id="R") == 512
     assert engine.read_count("dsv3", g.tokens) == [0, 0]
-    expected = g.rows(0, g.store_slots)
-    for rank in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(g.rows(rank, g.read_slots), expected))
+    g.assert_retrieved()
     assert engine.free_lookup_locks("R") == 0
 
 
@@ -84,9 +88,7 @@ def test_mla_tp2_from_disk_after_l1_cleared_temporary_objects_leave(tmp_path):
     assert engine.read_count("dsv3", g.tokens) == [1, 1] and len(engine.l1) == 2
     assert engine.retrieve("mla-1", g.tokens, g.read_slots, request_id="R") == 512
     assert len(engine.l1) == 0 and engine.l1.used_bytes == 0  # temporary objects freed
-    expected = g.rows(0, g.store_slots)
-    for rank in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(g.rows(rank, g.read_slots), expected))
+    g.assert_retrieved()
     engine.close()
 
 
@@ -102,7 +104,7 @@ def test_warm_restart_on_the_same_disk_dir(tmp_path):
     assert engine2.lookup("dsv3", g.tokens, request_id="R2", tp_size=2) == 512
     for r in range(2):
         assert engine2.retrieve(f"mla-{r}", g.tokens, g.read_slots, request_id="R2") == 512
-    assert all(torch.equal(a, b) for a, b in zip(g.rows(1, g.read_slots), g.rows(0, g.store_slots)))
+    g.assert_retrieved()
     engine2.close()
 
 
