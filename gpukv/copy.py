@@ -109,25 +109,31 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
         for a, b in zip(srt, srt[1:]):
             if b - a < chunk_bytes:
                 raise ValueError(f"offsets {a} and {b} overlap (chunks are {chunk_bytes} bytes)")
+    check_slot_mapping(paged, slot_mapping, n * chunk_size,
+                       f"len(offsets) * chunk_size = {n} * {chunk_size} = {n * chunk_size}")
+    slots = slot_mapping.to(device=paged.device, dtype=torch.int64)
+    return slots, torch.tensor(offs, dtype=torch.int64)
+
+
+def check_slot_mapping(paged: PagedKV, slot_mapping, num_entries: int, expected: str) -> None:
+    """A slot mapping fits ``paged``: 1-D int32/int64, ``num_entries`` long (``expected`` says
+    why, for the message), on the CPU or the cache's device, every entry in ``[-1, num_slots)``."""
     if not isinstance(slot_mapping, torch.Tensor):
         raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be 1-D int64 or int32, got shape "
                          f"{tuple(slot_mapping.shape)} dtype {slot_mapping.dtype}")
-    if slot_mapping.numel() != n * chunk_size:
-        raise ValueError(f"slot_mapping has {slot_mapping.numel()} entries, expected "
-                         f"len(offsets) * chunk_size = {n} * {chunk_size} = {n * chunk_size}")
+    if slot_mapping.numel() != num_entries:
+        raise ValueError(f"slot_mapping has {slot_mapping.numel()} entries, expected {expected}")
     if slot_mapping.device.type not in ("cpu", paged.device.type):
         raise ValueError(f"slot_mapping is on {slot_mapping.device}, the paged cache on {paged.device}")
-    if n:
+    if num_entries:
         smin, smax = torch.stack(torch.aminmax(slot_mapping)).tolist()  # one sync on a GPU
         if smin < -1:
             raise ValueError(f"slot_mapping entry {smin} is below -1")
         if smax >= paged.num_slots:
             raise ValueError(f"slot_mapping entry {smax} is past the cache ({paged.num_slots} slots = "
                              f"{paged.num_blocks} blocks x {paged.block_size})")
-    slots = slot_mapping.to(device=paged.device, dtype=torch.int64)
-    return slots, torch.tensor(offs, dtype=torch.int64)
 
 
 def _offsets_list(offsets: Offsets, device: torch.device) -> list[int]:

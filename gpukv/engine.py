@@ -20,7 +20,7 @@ from typing import Hashable
 import torch
 
 from gpukv.config import EngineConfig
-from gpukv.copy import pack, unpack
+from gpukv.copy import check_slot_mapping, pack, unpack
 from gpukv.keys import ObjectKey, TokenIds, chunk_hashes
 from gpukv.l1 import MAX_READERS, L1Manager, Status
 from gpukv.layout import PagedKV
@@ -358,19 +358,7 @@ class CacheEngine:
 
     def _check_slots(self, slot_mapping: torch.Tensor, num_tokens: int, paged: PagedKV) -> torch.Tensor:
         """Validate a slot mapping before any share is taken or any byte moves."""
-        if not isinstance(slot_mapping, torch.Tensor):
-            raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-        if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"slot_mapping must be 1-D int32/int64, got shape "
-                             f"{tuple(slot_mapping.shape)} dtype {slot_mapping.dtype}")
-        if slot_mapping.numel() != num_tokens:
-            raise ValueError(f"slot_mapping has {slot_mapping.numel()} entries for {num_tokens} tokens")
-        if num_tokens:
-            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-            if lo < -1 or hi >= paged.num_slots:
-                bad = lo if lo < -1 else hi
-                raise ValueError(f"slot_mapping entry {bad} is outside [-1, {paged.num_slots}) "
-                                 f"({paged.num_blocks} blocks x {paged.block_size})")
+        check_slot_mapping(paged, slot_mapping, num_tokens, f"one per token ({num_tokens})")
         return slot_mapping
 
     def _maybe_expire(self) -> None:

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from gpukv.keys import ObjectKey, chunk_hashes
-from gpukv.layout import PagedKV
 from gpukv.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
                             ReadCounts, Register, Retrieve, Stats, Store, Unregister)
 from gpukv.shm import SHM_DIR, remove_stale
@@ -36,14 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Session:
     last_seen: float
-    instances: dict = field(default_factory=dict)  # client instance id -> _Mapped
+    instances: dict = field(default_factory=dict)  # client instance id -> WorkerMemory
     requests: set = field(default_factory=set)  # request ids whose LOOKUP this session sent
-
-
-@dataclass(slots=True)
-class _Mapped:
-    memory: WorkerMemory
-    num_slots: int
 
 
 class Sessions:
@@ -90,7 +83,7 @@ class Sessions:
                              f"{self.worker_timeout_s} s): register again")
         return entry
 
-    def _memory(self, session: str, instance_id: Hashable) -> _Mapped:
+    def _memory(self, session: str, instance_id: Hashable) -> WorkerMemory:
         with self._lock:
             mem = self._session(session).instances.get(instance_id)
         if mem is None:
@@ -107,7 +100,6 @@ class Sessions:
             tensors = mem.tensors
             layers = (tensors[: len(tensors) // 2], tensors[len(tensors) // 2:]) \
                 if body.kv_pair else tensors
-            num_slots = PagedKV.from_tensors(layers, body.dims, kind=body.kind).num_slots
             self.engine.register((session, body.instance_id), body.model, layers, body.dims,
                                  kind=body.kind, tp_rank=body.tp_rank, tp_size=body.tp_size)
         except BaseException:
@@ -116,7 +108,7 @@ class Sessions:
         with self._lock:
             entry = self._sessions.get(session)
             if entry is not None:
-                entry.instances[body.instance_id] = _Mapped(mem, num_slots)
+                entry.instances[body.instance_id] = mem
                 return
         self.engine.unregister((session, body.instance_id))  # reaped meanwhile
         mem.close()
@@ -127,12 +119,11 @@ class Sessions:
         self.engine.unregister((session, body.instance_id))
         with self._lock:
             self._session(session).instances.pop(body.instance_id, None)
-        mem.memory.close()
+        mem.close()
 
     def _store(self, session: str, body: Store) -> int:
-        mem = self._memory(session, body.instance_id)
-        slots = _slots(body.slots, mem)
-        return self.engine.store((session, body.instance_id), _tokens(body.tokens), slots)
+        self._memory(session, body.instance_id)  # unknown instance -> ValueError naming it
+        return self.engine.store((session, body.instance_id), _tokens(body.tokens), _slots(body.slots))
 
     def _lookup(self, session: str, body: Lookup) -> int:
         hashes = body.hashes if body.hashes is not None else chunk_hashes(
@@ -147,14 +138,14 @@ class Sessions:
         return hit
 
     def _retrieve(self, session: str, body: Retrieve) -> int:
-        mem = self._memory(session, body.instance_id)
+        self._memory(session, body.instance_id)
         with self._lock:
             sessions = self._lookups.get(body.request_id)
             if not sessions:
                 raise ValueError(f"unknown request {body.request_id!r}: LOOKUP it first")
             owner = session if session in sessions else sessions[0]
         return self.engine.retrieve((session, body.instance_id), _tokens(body.tokens),
-                                    _slots(body.slots, mem), request_id=(owner, body.request_id))
+                                    _slots(body.slots), request_id=(owner, body.request_id))
 
     def _free(self, session: str, body: FreeLookupLocks) -> int:
         return self.engine.free_lookup_locks((session, body.request_id))
@@ -222,7 +213,7 @@ class Sessions:
             self.engine.end_session((session, request_id))
         for instance_id, mem in entry.instances.items():
             self.engine.unregister((session, instance_id))
-            mem.memory.close()
+            mem.close()
         stale = remove_stale(self.shm_dir) if entry.instances else []
         log.info("reaped client %s: %d shares of %d requests released, %d instances dropped, "
                  "%d shm files removed", session, released, len(entry.requests),
@@ -240,11 +231,6 @@ def _tokens(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i8")
 
 
-def _slots(data: bytes, mem: _Mapped) -> torch.Tensor:
-    """The slot mapping, checked against the cache *before* the engine takes or releases shares."""
-    slots = np.frombuffer(data, dtype="<i8")
-    if slots.size and (slots.min() < -1 or slots.max() >= mem.num_slots):
-        bad = int(slots.min()) if slots.min() < -1 else int(slots.max())
-        raise ValueError(f"slot_mapping entry {bad} is outside the cache's slots [-1, "
-                         f"{mem.num_slots})")
-    return torch.from_numpy(slots.copy())
+def _slots(data: bytes) -> torch.Tensor:
+    """The slot mapping (the engine checks it against the cache before it takes any share)."""
+    return torch.from_numpy(np.frombuffer(data, dtype="<i8").copy())

@@ -227,10 +227,10 @@ def test_bad_input_raises_and_changes_nothing():
         engine.retrieve("mla-0", g.tokens, g.read_slots, request_id="nope")
     with pytest.raises(ValueError, match="unknown instance 'ghost'"):
         engine.store("ghost", g.tokens, g.store_slots)
-    with pytest.raises(ValueError, match="slot_mapping has 511 entries for 512 tokens"):
+    with pytest.raises(ValueError, match=r"slot_mapping has 511 entries, expected one per token \(512\)"):
         engine.store("mla-0", g.tokens, g.store_slots[:511])
     engine.lookup("dsv3", g.tokens, request_id="L", tp_size=2)
-    with pytest.raises(ValueError, match=r"slot_mapping entry 2535 is outside \[-1, 1536\)"):
+    with pytest.raises(ValueError, match=r"slot_mapping entry 2535 is past the cache \(1536 slots"):
         engine.retrieve("mla-1", g.tokens, g.read_slots + 1000, request_id="L")
     assert engine.read_count("dsv3", g.tokens) == [2, 2]  # the bad retrieve took and released nothing
     engine.end_session("L")
