@@ -25,7 +25,7 @@ from gpukv.keys import ObjectKey, TokenIds, chunk_hashes
 from gpukv.l1 import MAX_READERS, L1Manager, Status
 from gpukv.layout import PagedKV
 from gpukv.readers import resolve_extra_count
-from gpukv.spill import Spiller
+from gpukv.spill import SPILL_OWNER, Spiller
 from gpukv.tier_loader import TierLoader
 
 log = logging.getLogger(__name__)
@@ -305,9 +305,17 @@ class CacheEngine:
         return out
 
     def read_count(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0) -> list[int]:
-        """Shares held on each full chunk's object (for tests, notebooks and debugging)."""
+        """Readers' shares on each full chunk's object (for tests, notebooks and debugging)."""
         hashes = chunk_hashes(token_ids, self.config.chunk_size, seed=self._seed)
-        return [self.l1.read_count(k) for k in self._keys(model, kv_rank, hashes)]
+        return self.object_states(model, hashes, kv_rank=kv_rank)["read_counts"]
+
+    def object_states(self, model: str, hashes: list[bytes], *, kv_rank: int = 0) -> dict:
+        """Per chunk object: ``read_counts`` (shares held by requests; the spill thread's
+        transient share is not a reader's), ``present`` (ready or read-locked) and ``evictable``."""
+        keys = self._keys(model, kv_rank, hashes)
+        return dict(read_counts=[self.l1.read_count(k) - self.l1.held(k, SPILL_OWNER) for k in keys],
+                    present=[k in self.l1 for k in keys],
+                    evictable=[self.l1.is_evictable(k) for k in keys])
 
     def clear_l1(self) -> int:
         """Drop every ready, unlocked L1 object (lower tiers keep theirs)."""

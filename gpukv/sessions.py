@@ -23,7 +23,7 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
-from gpukv.keys import ObjectKey, chunk_hashes
+from gpukv.keys import chunk_hashes
 from gpukv.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
                             ReadCounts, Register, Retrieve, Stats, Store, Unregister)
 from gpukv.shm import SHM_DIR, remove_stale
@@ -181,10 +181,7 @@ class Sessions:
     def _read_counts(self, q: ReadCounts) -> dict:
         hashes = q.hashes if q.hashes is not None else chunk_hashes(
             _tokens(q.tokens), self.engine.config.chunk_size, seed=self._seed)
-        keys = [ObjectKey(q.model, q.kv_rank, h, self.engine.config.salt) for h in hashes]
-        l1 = self.engine.l1
-        return dict(read_counts=[l1.read_count(k) for k in keys], present=[k in l1 for k in keys],
-                    evictable=[l1.is_evictable(k) for k in keys])
+        return self.engine.object_states(q.model, hashes, kv_rank=q.kv_rank)
 
     def _flush(self, session: str, body: Flush) -> bool:
         return self.engine.flush(body.timeout_s)
