@@ -16,16 +16,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PagedKV": "gpukv.layout",
-    "pack": "gpukv.copy",
-    "unpack": "gpukv.copy",
+    "PagedKV": "gpukv.paged.layout",
+    "pack": "gpukv.paged.copy",
+    "unpack": "gpukv.paged.copy",
     "L1Manager": "gpukv.l1",
     "Status": "gpukv.l1",
     "MAX_READERS": "gpukv.l1",
-    "chunk_hashes": "gpukv.keys",
+    "chunk_hashes": "gpukv.engine.keys",
     "CacheEngine": "gpukv.engine",
     "EngineConfig": "gpukv.config",
-    "CacheClient": "gpukv.client",
+    "CacheClient": "gpukv.frontend.client",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -187,10 +187,10 @@ def _run_through_server(kinds: list[str], *, tp_size: int, num_tokens: int, num_
                         chunk_size: int, device: str | None, gen: torch.Generator) -> list[Row]:
     """The demo through a spawned ``gpukv serve``: pages in shared memory (CPU) or CUDA IPC; the
     "after restart" phase restarts the server process on the same disk folder."""
-    from gpukv.client import CacheClient
+    from gpukv.frontend.client import CacheClient
     from gpukv.config import default_device
-    from gpukv.server import ServerProcess
-    from gpukv.shm import ShmAllocator
+    from gpukv.frontend.server import ServerProcess
+    from gpukv.frontend.shm import ShmAllocator
 
     device = device or default_device()
     rows: list[Row] = []

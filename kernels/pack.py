@@ -14,7 +14,7 @@ def pack_triton(paged, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.
                 chunk_size: int) -> None:
     """Launch the pack kernel: one launch for all layers, K/V and chunks.
 
-    Preconditions (checked by :func:`gpukv.copy.validate`): ``slots`` int64 on the cache's device
+    Preconditions (checked by :func:`gpukv.paged.copy.validate`): ``slots`` int64 on the cache's device
     with ``len(offsets) * chunk_size`` entries in ``[-1, num_slots)``; ``offsets`` CPU int64,
     16-aligned, non-overlapping, inside ``arena`` (1-D uint8, the cache's device).
     """

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from gpukv.layout import word_bytes
+from gpukv.paged.layout import word_bytes
 
 MAX_TILE = 4096  # words one program moves per step
 
@@ -108,7 +108,7 @@ def check_compiled_or_interpreted(kernel, arena: torch.Tensor) -> None:
 
 def launch_meta(paged, arena: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor,
                 chunk_size: int) -> dict:
-    """Kernel arguments in words for validated inputs (see :func:`gpukv.copy.validate`).
+    """Kernel arguments in words for validated inputs (see :func:`gpukv.paged.copy.validate`).
 
     A tile is ``BLOCK_T`` tokens x ``BLOCK_R`` words of a row (at most 4096 words), so short rows
     (one head of a TP8 shard) still give each program several KiB to move.

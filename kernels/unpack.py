@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukv.layout import INT_BY_SIZE
+from gpukv.paged.layout import INT_BY_SIZE
 from gpukv_kernels.paged_copy import launch, ref_rows
 
 

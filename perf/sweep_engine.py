@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bench, progress, results_dir, write_csv  # noqa: E402
 
 from gpukv import CacheEngine, EngineConfig  # noqa: E402
-from gpukv.copy import pack, unpack  # noqa: E402
-from gpukv.keys import chunk_hashes  # noqa: E402
+from gpukv.paged.copy import pack, unpack  # noqa: E402
+from gpukv.engine.keys import chunk_hashes  # noqa: E402
 
 PRESETS = {
     "quick": dict(tokens=[2048, 8192], layers={"mla": 16, "mha": 8}, repeats=3),

@@ -2,7 +2,7 @@
 
 For each model shape and 1..64 chunks of 256 tokens (slots: whole blocks in random order, as a
 vLLM block table gives them):
-  gpukv        pack / unpack through gpukv.copy (auto backend: Triton on CUDA, torch on CPU)
+  gpukv        pack / unpack through gpukv.paged.copy (auto backend: Triton on CUDA, torch on CPU)
   copy         a plain copy of the same number of bytes (``dst.copy_(src)``, memcpy)
   torch loop   per layer and K/V: index_select the rows of all chunks, then copy them into the
                chunk views (unpack: index_copy_ back) -- the straightforward per-layer torch path
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import MODELS, device_name, progress, results_dir, write_csv  # noqa: E402
 
-from gpukv.copy import pack, resolve_backend, unpack  # noqa: E402
-from gpukv.layout import PagedKV  # noqa: E402
+from gpukv.paged.copy import pack, resolve_backend, unpack  # noqa: E402
+from gpukv.paged.layout import PagedKV  # noqa: E402
 
 CHUNK = 256
 PRESETS = {

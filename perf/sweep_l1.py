@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, progress, results_dir, write_csv  # noqa: E402
 
 from gpukv.l1 import L1Manager, Status  # noqa: E402
-from gpukv.slab import aligned_bytes  # noqa: E402
+from gpukv.l1.slab import aligned_bytes  # noqa: E402
 
 PRESETS = {
     "quick": dict(batches=[1, 16, 256, 4096], rounds=7, repeats=3),

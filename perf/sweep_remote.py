@@ -36,7 +36,7 @@ from common import MODELS, bench, progress, results_dir, write_csv  # noqa: E402
 import redis  # noqa: E402
 
 from gpukv import CacheEngine, EngineConfig, chunk_codec  # noqa: E402
-from gpukv.remote import RemoteTier  # noqa: E402
+from gpukv.tiers.remote import RemoteTier  # noqa: E402
 
 PRESETS = {
     "quick": dict(values=[("deepseek-v3-mla", 16)], chunks=[1, 8, 64], repeats=3),

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import MODELS, progress, results_dir, write_csv  # noqa: E402
 
 from gpukv import CacheClient, CacheEngine, EngineConfig  # noqa: E402
-from gpukv.server import ServerProcess  # noqa: E402
-from gpukv.shm import ShmAllocator  # noqa: E402
+from gpukv.frontend.server import ServerProcess  # noqa: E402
+from gpukv.frontend.shm import ShmAllocator  # noqa: E402
 
 PRESETS = {
     "quick": dict(chunks=[1, 2, 4, 8, 16, 32, 64, 128], lookups=150, tokens=8192, layers=4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpukv.layout import PagedKV
+from gpukv.paged.layout import PagedKV
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp8": torch.float8_e4m3fn, "u8": torch.uint8}

@@ -1,6 +1,6 @@
 import torch
 
-from gpukv import chunk_codec
+from gpukv.tiers import codec as chunk_codec
 
 
 def _payload(n=4096, seed=0):

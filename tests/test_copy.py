@@ -6,8 +6,8 @@ The Triton kernels get the same checks under TRITON_INTERPRET=1 in test_kernels_
 import pytest
 import torch
 
-from gpukv.copy import pack, resolve_backend, unpack
-from gpukv.layout import PagedKV
+from gpukv.paged.copy import pack, resolve_backend, unpack
+from gpukv.paged.layout import PagedKV
 from paged_cases import DTYPES, LAYOUTS, clone_layers, flat_bytes, make_cache, storages, token_rows
 
 POISON = 0xA5

@@ -8,9 +8,9 @@ pack never writes into the pages nor unpack outside its slots.
 import pytest
 import torch
 
-from gpukv.copy import pack, unpack
-from gpukv.copy_torch import unit_index
-from gpukv.layout import PagedKV
+from gpukv.paged.copy import pack, unpack
+from gpukv.paged.copy_torch import unit_index
+from gpukv.paged.layout import PagedKV
 from paged_cases import (LAYOUTS, clone_layers, flat_bytes, make_cache, random_bits, storages,
                          token_rows)
 
@@ -113,7 +113,7 @@ def test_stacked_cache_and_int32_slots():
 
 @pytest.mark.parametrize("layout", ["kv_first", "flashinfer_hnd", "mla"])
 def test_planes_split_over_threads(monkeypatch, layout):
-    import gpukv.copy_torch as copy_torch
+    import gpukv.paged.copy_torch as copy_torch
 
     monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)

@@ -2,7 +2,7 @@
 
 import torch
 
-from gpukv.disk import DiskTier
+from gpukv.tiers.disk import DiskTier
 
 
 def _payload(n, seed):
@@ -35,7 +35,7 @@ def test_warm_restart_finds_chunks(tmp_path):
 
 
 def test_lru_budget_evicts_oldest_and_loads_refresh(tmp_path):
-    one = len(__import__("gpukv.chunk_codec", fromlist=["x"]).encode("m/0/0", "fp", _payload(4096, 0)))
+    one = len(__import__("gpukv.tiers.codec", fromlist=["x"]).encode("m/0/0", "fp", _payload(4096, 0)))
     tier = DiskTier(tmp_path, capacity_bytes=3 * one)
     for i in range(3):
         tier.submit(f"m/0/{i}", "fp", _payload(4096, i))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpukv import CacheEngine, EngineConfig
-from gpukv.keys import ObjectKey, chunk_hashes
+from gpukv.engine.keys import ObjectKey, chunk_hashes
 from gpukv.l1 import Status
 from gpukv.demo import make_pages, token_rows
 
@@ -209,7 +209,7 @@ def test_store_out_of_memory_keeps_the_prefix_that_fits():
 def test_log_lines(caplog):
     engine = _engine()
     g = MLAGroup(engine)
-    with caplog.at_level(logging.INFO, logger="gpukv.engine"):
+    with caplog.at_level(logging.INFO, logger="gpukv.engine.engine"):
         engine.store("mla-0", g.tokens, g.store_slots)
         engine.lookup("dsv3", g.tokens, request_id="R", tp_size=2)
         engine.retrieve("mla-0", g.tokens, g.read_slots, request_id="R")

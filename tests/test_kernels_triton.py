@@ -17,8 +17,8 @@ if not COMPILED:
 
 import pytest  # noqa: E402
 
-from gpukv.copy import pack, unpack  # noqa: E402
-from gpukv.layout import PagedKV  # noqa: E402
+from gpukv.paged.copy import pack, unpack  # noqa: E402
+from gpukv.paged.layout import PagedKV  # noqa: E402
 from paged_cases import DTYPES, LAYOUTS, clone_layers, make_cache, storages, token_rows  # noqa: E402
 
 DEVICE = "cuda" if COMPILED else "cpu"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpukv.keys import ObjectKey, chunk_hashes
+from gpukv.engine.keys import ObjectKey, chunk_hashes
 
 
 def test_full_chunks_only_and_chained():
@@ -29,7 +29,7 @@ def test_same_hashes_for_list_numpy_tensor_and_other_process():
     ref = chunk_hashes(tokens, 16)
     assert chunk_hashes(np.array(tokens, dtype=np.int32), 16) == ref
     assert chunk_hashes(torch.tensor(tokens, dtype=torch.int64), 16) == ref
-    code = "from gpukv.keys import chunk_hashes; print(chunk_hashes(list(range(5, 69)), 16)[3].hex())"
+    code = "from gpukv.engine.keys import chunk_hashes; print(chunk_hashes(list(range(5, 69)), 16)[3].hex())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert out.stdout.strip() == ref[3].hex()

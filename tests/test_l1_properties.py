@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gpukv.l1 import MAX_READERS, L1Manager, Status
-from gpukv.slab import aligned_bytes
+from gpukv.l1.slab import aligned_bytes
 
 KEYS = ["a", "b", "c", "d", "e", "f", "g"]
 OWNERS = [None, "r1", "r2"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpukv.layout import PagedKV
+from gpukv.paged.layout import PagedKV
 from paged_cases import LAYOUTS, make_cache
 
 

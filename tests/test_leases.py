@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpukv.leases import LeaseIndex
+from gpukv.l1.leases import LeaseIndex
 
 
 def test_refresh_moves_a_key_behind_the_owners_later_deadlines():

@@ -83,9 +83,9 @@ def test_mla_tp2_both_ranks_retrieve_the_latent_and_match_a_full_prefill(deepsee
 
 def test_mla_tp2_through_a_gpukv_server(deepseek, tmp_path):
     """The same scenario through ``gpukv serve``: pages in shared memory, the server copies."""
-    from gpukv.client import CacheClient
-    from gpukv.server import ServerProcess
-    from gpukv.shm import ShmAllocator
+    from gpukv.frontend.client import CacheClient
+    from gpukv.frontend.server import ServerProcess
+    from gpukv.frontend.shm import ShmAllocator
 
     address = f"ipc://{tmp_path}/gpukv.sock"
     prompt_a, prompt_b = make_prompts(192, 128)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpukv.protocol import (PROTOCOL_VERSION, CudaIpcTensor, EndSession, Flush, FreeLookupLocks,
+from gpukv.frontend.protocol import (PROTOCOL_VERSION, CudaIpcTensor, EndSession, Flush, FreeLookupLocks,
                             Lookup, Ping, ProtocolError, ReadCounts, Register, Retrieve,
                             ShmTensor, Stats, Store, Unregister, decode_reply, decode_request,
                             encode_reply, encode_request, error_reply, ok_reply)

@@ -1,10 +1,10 @@
-"""Table test of resolving a caller's tp_size into extra reader shares (gpukv.readers)."""
+"""Table test of resolving a caller's tp_size into extra reader shares (gpukv.engine.readers)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpukv.readers import MAX_READERS, legacy_extra_count, resolve_extra_count
+from gpukv.engine.readers import MAX_READERS, legacy_extra_count, resolve_extra_count
 
 
 @pytest.mark.parametrize("kind, tp_size, num_readers, extra", [

@@ -18,8 +18,8 @@ if importlib.util.find_spec("redis") is None and os.environ.get("GPUKV_REQUIRE_R
     pytest.skip("python package 'redis' not installed (pip install redis hiredis)",
                 allow_module_level=True)
 
-from gpukv import chunk_codec  # noqa: E402
-from gpukv.remote import RemoteTier, mask_url  # noqa: E402
+from gpukv.tiers import codec as chunk_codec  # noqa: E402
+from gpukv.tiers.remote import RemoteTier, mask_url  # noqa: E402
 
 FP = "llama-8b|mha|2,NB,BS,H,D|bf16|2048|16"
 TIMEOUT_S = 0.3
@@ -151,7 +151,7 @@ def test_bad_values_are_misses_and_get_deleted(tier, redis_server, kind, caplog)
     raw.set(f"gpukv:{key}", _bad_values(key)[kind])
     assert tier.contains_many([key]) == [True]  # EXISTS cannot tell; the load checks
 
-    with caplog.at_level(logging.WARNING, logger="gpukv.remote"):
+    with caplog.at_level(logging.WARNING, logger="gpukv.tiers.remote"):
         assert tier.load_many([key], FP, 4096) == [None]
     assert tier.flush(10)
     assert raw.exists(f"gpukv:{key}") == 0
@@ -273,7 +273,7 @@ def test_drop_warnings_are_rate_limited(redis_server, caplog):
     with RemoteTier(redis_server.url, timeout_s=TIMEOUT_S) as tier:
         redis_server.stop()
         tier.contains_many(["m/0/x"])  # notices the fault
-        with caplog.at_level(logging.WARNING, logger="gpukv.remote"):
+        with caplog.at_level(logging.WARNING, logger="gpukv.tiers.remote"):
             for i in range(50):
                 assert tier.submit(f"m/0/{i}", FP, payload(i, 16)) is False
         drops = [r for r in caplog.records if "dropped" in r.getMessage()]

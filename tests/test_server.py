@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpukv.client import CacheClient, ServerUnavailable
-from gpukv.server import ServerProcess
+from gpukv.frontend.client import CacheClient, ServerUnavailable
+from gpukv.frontend.server import ServerProcess
 
 CHUNK = 16
 BLOCK = 16
@@ -33,7 +33,7 @@ SHAPES = {"mla": (NUM_BLOCKS, BLOCK, 64), "mha": (NUM_BLOCKS, 2, BLOCK, 2, 32)}
 # ---- a worker process: pages in shared memory, a CacheClient, commands over a pipe -------------
 class _WorkerState:
     def __init__(self, address: str) -> None:
-        from gpukv.shm import ShmAllocator
+        from gpukv.frontend.shm import ShmAllocator
 
         self.client = CacheClient(address, timeout_s=60, connect_timeout_s=120)
         self.shm = ShmAllocator()
@@ -325,7 +325,7 @@ class _SlowStoreEngine:
 @contextlib.contextmanager
 def serving(engine, address: str):
     """A CacheServer on ``engine`` in a thread of this process (for cheap in-process checks)."""
-    from gpukv.server import CacheServer, ServerConfig
+    from gpukv.frontend.server import CacheServer, ServerConfig
 
     server = CacheServer(engine, ServerConfig(address=address))
     loop = threading.Thread(target=server.serve_forever)
@@ -345,7 +345,7 @@ def engine(capacity_bytes: int = 8 << 20):
 
 
 def test_sglang_kv_pools_register_as_a_pair(tmp_path):
-    from gpukv.shm import ShmAllocator
+    from gpukv.frontend.shm import ShmAllocator
 
     with serving(engine(), f"ipc://{tmp_path}/s.sock") as server, ShmAllocator() as shm, \
             CacheClient(server.address, timeout_s=10) as client:
@@ -367,7 +367,7 @@ def test_sglang_kv_pools_register_as_a_pair(tmp_path):
 
 
 def test_a_long_store_stalls_neither_ping_nor_lookup(tmp_path):
-    from gpukv.shm import ShmAllocator
+    from gpukv.frontend.shm import ShmAllocator
 
     gate = threading.Event()
     slow = _SlowStoreEngine(engine(), gate)

@@ -18,10 +18,10 @@ import pytest
 import torch
 import zmq
 
-from gpukv.client import CacheClient, ServerUnavailable
-from gpukv.protocol import PROTOCOL_VERSION, decode_reply
-from gpukv.server import ServerConfig, ServerProcess, check_address
-from gpukv.shm import ShmAllocator
+from gpukv.frontend.client import CacheClient, ServerUnavailable
+from gpukv.frontend.protocol import PROTOCOL_VERSION, decode_reply
+from gpukv.frontend.server import ServerConfig, ServerProcess, check_address
+from gpukv.frontend.shm import ShmAllocator
 from test_server import (CHUNK, DIMS, LAYERS, NUM_BLOCKS, SHAPES, STORE_BLOCKS, Worker, prompt,
                          slots_of, token_rows)
 
@@ -158,7 +158,7 @@ def test_only_loopback_tcp_binds_unless_allowed():
 def test_tcp_loopback_server_answers(tmp_path):
     from gpukv.config import EngineConfig
     from gpukv.engine import CacheEngine
-    from gpukv.server import CacheServer
+    from gpukv.frontend.server import CacheServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

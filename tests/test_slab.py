@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpukv.slab import ALIGN_BYTES, SlabArena, aligned_bytes
+from gpukv.l1.slab import ALIGN_BYTES, SlabArena, aligned_bytes
 
 
 def test_aligned_bytes_rounds_up_to_256():

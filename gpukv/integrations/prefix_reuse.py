@@ -299,9 +299,9 @@ def run_demo(model_name: str, *, tokens: int = 256, chunk_size: int = 32, shared
         results = serves(CacheEngine(EngineConfig(capacity_bytes=256 << 20, device=device,
                                                   chunk_size=chunk_size)))
     else:
-        from gpukv.client import CacheClient
-        from gpukv.server import ServerProcess
-        from gpukv.shm import ShmAllocator
+        from gpukv.frontend.client import CacheClient
+        from gpukv.frontend.server import ServerProcess
+        from gpukv.frontend.shm import ShmAllocator
 
         with tempfile.TemporaryDirectory(prefix="gpukv-model-demo-") as tmp, ShmAllocator() as shm:
             address = f"ipc://{tmp}/gpukv.sock"

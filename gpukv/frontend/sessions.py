@@ -23,11 +23,11 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
-from gpukv.keys import chunk_hashes
-from gpukv.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
+from gpukv.engine.keys import chunk_hashes
+from gpukv.frontend.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
                             ReadCounts, Register, Retrieve, Stats, Store, Unregister)
-from gpukv.shm import SHM_DIR, remove_stale
-from gpukv.worker_memory import WorkerMemory
+from gpukv.frontend.shm import SHM_DIR, remove_stale
+from gpukv.frontend.worker_memory import WorkerMemory
 
 log = logging.getLogger(__name__)
 

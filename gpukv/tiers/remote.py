@@ -6,7 +6,7 @@ Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, 
 fingerprint, size, blake2b checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
 
-URLs: redis://, rediss://, unix://, redis+cluster://, valkey[s]:// ... (see ``gpukv.redis_url``);
+URLs: redis://, rediss://, unix://, redis+cluster://, valkey[s]:// ... (see ``gpukv.tiers.redis_url``);
 the password is masked in every message and log line.
 
 Faults. At construction a bad URL, a wrong password, a server wanting AUTH or an unreachable
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import redis.exceptions as rexc
 import torch
 
-from gpukv import chunk_codec
-from gpukv.redis_url import DOWN_ERRORS, connect, mask_url
+from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.redis_url import DOWN_ERRORS, connect, mask_url
 
 log = logging.getLogger(__name__)
 

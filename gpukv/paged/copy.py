@@ -5,7 +5,7 @@ One call covers every layer, K/V and chunk. Three backends behind one call:
 * ``"triton"``: the kernels in ``gpukv_kernels`` (compiled on CUDA; on CPU tensors only under
   ``TRITON_INTERPRET=1``, which tests use);
 * ``"torch"``: a fast CPU path (one unit-row gather/scatter per layer and K/V, straight into the
-  arena; see :mod:`gpukv.copy_torch`);
+  arena; see :mod:`gpukv.paged.copy_torch`);
 * ``"ref"``: the pure-torch reference the tests check both against.
 
 Auto choice: ``triton`` for CUDA tensors, ``torch`` otherwise; ``GPUKV_BACKEND`` or the
@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 import torch
 
-from gpukv.layout import PagedKV
+from gpukv.paged.layout import PagedKV
 
 OFFSET_ALIGN = 16
 BACKENDS = ("triton", "torch", "ref")
@@ -65,7 +65,7 @@ def _run(op: str, paged: PagedKV, slot_mapping, arena, offsets, chunk_size, back
     if offs.numel() == 0:
         return
     if choice == "torch":
-        from gpukv import copy_torch
+        from gpukv.paged import copy_torch
 
         getattr(copy_torch, f"{op}_torch")(paged, slots, arena, offs, chunk_size=chunk_size)
     elif choice == "ref":

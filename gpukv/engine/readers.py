@@ -7,7 +7,7 @@ comes from the request, never from how many workers happen to be registered.
 
 from __future__ import annotations
 
-MAX_READERS = 128  # the same bound as gpukv.l1.MAX_READERS (kept here to stay import-light)
+from gpukv.constants import MAX_READERS
 
 
 def resolve_extra_count(kind: str, tp_size: int, num_readers: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """L2 disk tier: one safetensors file per chunk, written off the hot path, LRU within a budget.
 
 Files live at ``<disk_dir>/<aa>/<blake2b(key)>.safetensors`` and carry the self-describing header
-of :mod:`gpukv.chunk_codec` (format version, key, layout fingerprint, size, checksum). A new tier
+of :mod:`gpukv.tiers.codec` (format version, key, layout fingerprint, size, checksum). A new tier
 on the same folder indexes the files it finds (warm restart; recency = file mtime). Writes go to a
 temporary file in the same folder, then ``os.replace`` (atomic). A truncated, corrupted or foreign
 file is a miss: it is logged, removed, and never reaches a worker's pages.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gpukv import chunk_codec
+from gpukv.tiers import codec as chunk_codec
 
 log = logging.getLogger(__name__)
 

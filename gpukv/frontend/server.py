@@ -1,13 +1,13 @@
 """``gpukv serve``: one cache server process for every worker of a machine.
 
-One ROUTER socket (clients use DEALER; see :mod:`gpukv.protocol`), and one thread, the loop,
+One ROUTER socket (clients use DEALER; see :mod:`gpukv.frontend.protocol`), and one thread, the loop,
 touches it. The loop decodes each request and answers PING, FREE_LOOKUP_LOCKS, END_SESSION and
 L1-only LOOKUPs itself (microseconds of bookkeeping); it hands REGISTER, STORE, RETRIEVE and FLUSH
 to a *transfer* pool, and STATS, UNREGISTER and tier-touching LOOKUPs to a *control* pool, so a
 long transfer never stalls a ping, a lookup or another worker. Pool threads put their replies on
 a queue and wake the loop through a pipe it polls.
 
-Client sessions, request ownership and reaping live in :mod:`gpukv.sessions`. A request that
+Client sessions, request ownership and reaping live in :mod:`gpukv.frontend.sessions`. A request that
 fails gets an error reply naming the problem; the loop never dies of one.
 """
 
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import zmq
 
-from gpukv.protocol import (EndSession, FreeLookupLocks, Lookup, Ping, ProtocolError, Reply,
+from gpukv.frontend.protocol import (EndSession, FreeLookupLocks, Lookup, Ping, ProtocolError, Reply,
                             Request, Stats, Unregister, decode_request, default_address,
                             encode_reply, error_reply, ok_reply)
-from gpukv.sessions import Sessions
-from gpukv.shm import SHM_DIR, remove_stale
+from gpukv.frontend.sessions import Sessions
+from gpukv.frontend.shm import SHM_DIR, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout_s: float) -> dict:
         """Ping until the server answers; ``RuntimeError`` if it exits or stays silent."""
-        from gpukv.client import CacheClient, ServerUnavailable
+        from gpukv.frontend.client import CacheClient, ServerUnavailable
 
         deadline = time.monotonic() + timeout_s
         while True:

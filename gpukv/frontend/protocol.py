@@ -20,8 +20,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 
 PROTOCOL_VERSION = 1
-MAX_READERS = 128  # gpukv.l1.MAX_READERS
-HASH_BYTES = 16  # gpukv.keys.HASH_BYTES
+from gpukv.constants import HASH_BYTES, MAX_READERS
 MAX_TOKENS = 1 << 22
 MAX_DIMS = 8
 MAX_TENSORS = 4096
@@ -53,7 +52,7 @@ class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="t
 
 # ---- worker tensor handles (REGISTER) ----------------------------------------------------------
 class ShmTensor(_Msg, tag="shm"):
-    """A CPU tensor inside a shared-memory file (see :mod:`gpukv.shm`); strides in elements."""
+    """A CPU tensor inside a shared-memory file (see :mod:`gpukv.frontend.shm`); strides in elements."""
 
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
     offset_bytes: Size

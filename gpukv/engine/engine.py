@@ -20,13 +20,13 @@ from typing import Hashable
 import torch
 
 from gpukv.config import EngineConfig
-from gpukv.copy import check_slot_mapping, pack, unpack
-from gpukv.keys import ObjectKey, TokenIds, chunk_hashes
+from gpukv.paged.copy import check_slot_mapping, pack, unpack
+from gpukv.engine.keys import ObjectKey, TokenIds, chunk_hashes
 from gpukv.l1 import MAX_READERS, L1Manager, Status
-from gpukv.layout import PagedKV
-from gpukv.readers import resolve_extra_count
-from gpukv.spill import SPILL_OWNER, Spiller
-from gpukv.tier_loader import TierLoader
+from gpukv.paged.layout import PagedKV
+from gpukv.engine.readers import resolve_extra_count
+from gpukv.engine.spill import SPILL_OWNER, Spiller
+from gpukv.engine.loader import TierLoader
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,12 @@ class CacheEngine:
                             write_lease_s=self.config.write_lease_s)
         self.tiers = []
         if self.config.disk_dir is not None:
-            from gpukv.disk import DiskTier
+            from gpukv.tiers.disk import DiskTier
 
             self.tiers.append(DiskTier(self.config.disk_dir,
                                        capacity_bytes=self.config.disk_capacity_bytes))
         if self.config.remote_url is not None:
-            from gpukv.remote import RemoteTier
+            from gpukv.tiers.remote import RemoteTier
 
             self.tiers.append(RemoteTier(self.config.remote_url,
                                          timeout_s=self.config.remote_timeout_s))

@@ -2,7 +2,7 @@
 
 Every layout is moved in *units*, the largest piece of a token row that is contiguous in the
 pages (the whole row for NHD, MLA and SGLang pools; one head for HND and packed K|V; see
-:class:`gpukv.layout.PagedKV`). Each (layer, K/V) plane is a 2-D ``[num_units, unit_words]`` view in
+:class:`gpukv.paged.layout.PagedKV`). Each (layer, K/V) plane is a 2-D ``[num_units, unit_words]`` view in
 the widest integer word, and a chunk moves with one gather (pack) or scatter (unpack) of unit
 rows per plane: one memcpy per unit, no temporary. Index tensors are built once per call. Where
 a plane's token rows are evenly packed (NHD kv-first, MLA) and a chunk's slots are whole blocks
@@ -16,7 +16,7 @@ a busy machine. numpy releases the GIL while copying, so a large call splits its
 ``torch.get_num_threads()`` Python threads, as many as the plain copy it is measured against
 uses. On other devices (``backend="torch"`` forced on CUDA) the same loop uses
 ``index_select(out=)`` / indexed assignment.
-Arguments are validated by :mod:`gpukv.copy`; this module assumes them correct.
+Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from gpukv.layout import INT_BY_SIZE, PagedKV, word_bytes
+from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
 
 _NP_INT_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # a CPU call uses one thread per 32 MiB it moves, up to torch's thread count (starting a thread

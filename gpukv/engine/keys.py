@@ -16,7 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-HASH_BYTES = 16
+from gpukv.constants import HASH_BYTES  # noqa: E402
 _LITTLE = sys.byteorder == "little"
 
 TokenIds = Union[Sequence[int], np.ndarray, torch.Tensor]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Hashable
 
-from gpukv.keys import ObjectKey
+from gpukv.engine.keys import ObjectKey
 from gpukv.l1 import L1Manager, Status
 
 

@@ -4,7 +4,7 @@ On CPU a worker allocates its paged KV cache with :class:`ShmAllocator` instead 
 ``torch.empty``: each tensor lives in its own file ``/dev/shm/gpukv-<pid>-<random>`` (owner-only,
 mode 0600), mapped shared. :meth:`gpukv.CacheClient.register` finds the file from the tensor's
 storage and sends only its path, offset, dtype, shape and strides; the server maps the same file
-(:mod:`gpukv.worker_memory`) and its store/retrieve kernels read and write the worker's pages in
+(:mod:`gpukv.frontend.worker_memory`) and its store/retrieve kernels read and write the worker's pages in
 place. Files are unlinked by :meth:`ShmAllocator.close` (or at interpreter exit); the mappings
 stay valid in every process that holds them. The files of a worker killed with SIGKILL are
 removed by the server's reaper (:func:`remove_stale`: the pid in the name is gone).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gpukv.protocol import ShmTensor
+from gpukv.frontend.protocol import ShmTensor
 
 SHM_DIR = "/dev/shm"
 PREFIX = "gpukv-"
@@ -97,7 +97,7 @@ def shm_handle(tensor: torch.Tensor) -> ShmTensor:
     path = tensor.untyped_storage().filename
     if not path:
         raise ValueError(f"tensor of shape {tuple(tensor.shape)} is not in a shared-memory file: "
-                         "allocate worker KV caches with gpukv.shm.ShmAllocator to use a server")
+                         "allocate worker KV caches with gpukv.frontend.shm.ShmAllocator to use a server")
     return ShmTensor(path=path, offset_bytes=tensor.storage_offset() * tensor.element_size(),
                      dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
                      stride=list(tensor.stride()))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, Hashable, Protocol, TypeVar
 
-from gpukv.slab import Slab, SlabArena
+from gpukv.l1.slab import Slab, SlabArena
 
 
 class Evictable(Protocol):

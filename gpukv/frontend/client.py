@@ -8,7 +8,7 @@ A worker switches between embedded and server mode by construction alone::
 Same methods, arguments and return values (``register``, ``unregister``, ``store``, ``lookup``,
 ``retrieve``, ``free_lookup_locks``, ``end_session``, ``stats``, ``flush``, ``close``), plus
 ``ping``. Only metadata crosses the socket: ``register`` sends handles of the worker's KV tensors
-(CPU: allocate them with :class:`gpukv.shm.ShmAllocator`; CUDA: IPC handles), and the server runs
+(CPU: allocate them with :class:`gpukv.frontend.shm.ShmAllocator`; CUDA: IPC handles), and the server runs
 the copy kernels on the worker's own memory. ``lookup`` hashes the prompt here (with the
 server's ``chunk_size`` and salt, learned at connect) and sends 16 bytes per chunk.
 
@@ -41,11 +41,11 @@ import msgspec
 import torch
 import zmq
 
-from gpukv.keys import TokenIds, as_token_array, chunk_hashes
-from gpukv.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
+from gpukv.engine.keys import TokenIds, as_token_array, chunk_hashes
+from gpukv.frontend.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
                             ReadCounts, Register, Retrieve, Stats, Store, Unregister, decode_reply,
                             default_address, encode_request)
-from gpukv.worker_memory import describe
+from gpukv.frontend.worker_memory import describe
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ServerError(RuntimeError):
 
 class CacheClient:
     """A connection to a ``gpukv serve`` process at ``address`` (``ipc://...`` or ``tcp://...``;
-    default: :func:`gpukv.protocol.default_address`, the server's default).
+    default: :func:`gpukv.frontend.protocol.default_address`, the server's default).
 
     ``timeout_s`` bounds every call (a transfer of many GB may need more: pass a larger one).
     ``ping_interval_s`` defaults to a quarter of the server's worker timeout; 0 disables pings.

@@ -8,12 +8,12 @@ States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> 
   ``MAX_READERS`` shares of one key and can only release its own.
 - Leases: a share lease lasts ``read_lease_s`` from the owner's latest reserve on that key; a
   write lease lasts ``write_lease_s`` from ``reserve_write``. Deadlines are enforced only by
-  ``expire()``, in O(owners holding shares + expired leases) (``gpukv.leases``).
+  ``expire()``, in O(owners holding shares + expired leases) (``gpukv.l1.leases``).
 - Temporary objects (L2 hits) are freed when their read count drops to zero, whether by
   ``finish_read``, ``expire()``, ``release_owner()`` or ``delete(force=True)``. A temporary object
   finished with plain ``finish_write`` (no readers) stays ready until evicted or deleted.
 - Eviction (only in ``reserve_write`` when the slab is full) takes ready, unlocked objects only:
-  the LRU object of the same size class, else a whole slab of another class (``gpukv.eviction``).
+  the LRU object of the same size class, else a whole slab of another class (``gpukv.l1.eviction``).
 - Keys in one ``reserve_write`` are served in order, so a ready key of the batch that an earlier
   key evicted is then written afresh (OK), or gets OUT_OF_MEMORY, instead of NOT_WRITABLE.
 - ``buffer(key)`` only for objects being written or read-locked (a ready, unlocked one could be
@@ -35,11 +35,11 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
-from gpukv.eviction import SizeClassLRU
-from gpukv.leases import LeaseIndex
-from gpukv.slab import SlabArena, aligned_bytes
+from gpukv.l1.eviction import SizeClassLRU
+from gpukv.l1.leases import LeaseIndex
+from gpukv.l1.slab import SlabArena, aligned_bytes
 
-MAX_READERS = 128
+from gpukv.constants import MAX_READERS  # noqa: E402  (re-exported)
 
 
 class Status(enum.Enum):

@@ -1,7 +1,7 @@
 """Worker KV tensors shared zero-copy with the server: describing them (worker) and mapping them
 (server).
 
-CPU: the tensors live in shared-memory files (:mod:`gpukv.shm`); the server maps the same file and
+CPU: the tensors live in shared-memory files (:mod:`gpukv.frontend.shm`); the server maps the same file and
 views it with the worker's offset, shape and strides. It only maps regular files of its own user,
 mode 0600, named ``gpukv-*`` directly under its shm directory, opened without following links: a
 client cannot make the server write into an arbitrary file.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gpukv.protocol import CudaIpcTensor, ShmTensor, TensorHandle
-from gpukv.shm import PREFIX, SHM_DIR, shm_handle
+from gpukv.frontend.protocol import CudaIpcTensor, ShmTensor, TensorHandle
+from gpukv.frontend.shm import PREFIX, SHM_DIR, shm_handle
 
 
 def describe(tensor: torch.Tensor) -> TensorHandle:

@@ -1,0 +1,2 @@
+"""The front end: the ZMQ wire protocol, the ``gpukv serve`` server and its client sessions, and
+the :class:`CacheClient` workers use."""
