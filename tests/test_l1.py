@@ -116,21 +116,18 @@ def test_finish_read_of_an_object_being_written_is_wrong_state():
 def test_temporary_object_freed_by_the_last_finish_read():
     l1 = make()
     assert l1.reserve_write(["t"], SIZE, temporary=True, owner="req") == [OK]
-    assert l1.finish_write(["t"], owner="req") == [OK]
-    assert l1.reserve_read(["t"], 3, owner="req") == [OK]
+    assert l1.finish_write_and_reserve_read(["t"], 3, owner="req") == [OK]
     assert l1.finish_read(["t"], 1, owner="req") == [OK]
     assert "t" in l1 and l1.read_count("t") == 2 and l1.used_bytes == 1024
     assert l1.finish_read(["t"], 1, owner="req") == [OK]
     assert "t" not in l1 and l1.used_bytes == 0 and len(l1) == 0
 
 
-def test_temporary_object_finished_without_readers_stays_until_evicted():
+def test_temporary_object_finished_without_readers_is_freed_at_once():
     l1 = make(1)
     assert l1.reserve_write(["t"], SIZE, temporary=True) == [OK]
     assert l1.finish_write(["t"]) == [OK]
-    assert "t" in l1 and l1.is_evictable("t")
-    assert l1.reserve_write(["n"], SIZE) == [OK]
-    assert "t" not in l1 and l1.stats()["evictions"] == 1
+    assert "t" not in l1 and l1.used_bytes == 0 and l1.stats()["evictions"] == 0
 
 
 # -- 6. reserve_write ---------------------------------------------------------------------------------
@@ -204,7 +201,11 @@ def test_delete_states_and_force():
     assert l1.delete(["x", "ready", "locked", "writing"]) == [NF, OK, LK, LK]
     assert l1.used_bytes == 2 * 1024
     assert l1.delete(["locked", "writing"], force=True) == [OK, OK]
-    assert l1.used_bytes == 0 and l1.stats()["objects"] == 0
+    # the discarded write's slot stays out of circulation until its writer lets go of it
+    assert l1.used_bytes == 1024 and l1.stats()["objects"] == 0 and "writing" not in l1
+    assert l1.stats()["deferred_frees"] == 1
+    assert l1.finish_write(["writing"], owner="w") == [NF]
+    assert l1.used_bytes == 0
     assert l1.release_owner("a") == 0 and l1.release_owner("w") == 0  # nothing left behind
     assert l1.stats()["leases"] == 0 and l1.stats()["owners"] == 0
 
@@ -346,9 +347,13 @@ def test_keys_are_any_hashable_and_stats_add_up():
     put(l1, keys)
     assert l1.reserve_read(keys[:1], 1) == [OK]
     assert l1.reserve_write(["w"], 300) == [OK]
-    assert l1.stats() == {"objects": 4, "ready": 3, "writing": 1, "read_locked": 1,
-                          "used_bytes": 3 * 1024 + 512, "capacity_bytes": 8 * 1024,
-                          "evictions": 0, "slabs_in_use": 4, "leases": 1, "owners": 1}
+    stats = l1.stats()
+    assert stats.pop("devices") == [dict(used_bytes=3 * 1024 + 512, capacity_bytes=8 * 1024,
+                                         objects=4, evictions=0)]
+    assert stats == {"objects": 4, "ready": 3, "writing": 1, "read_locked": 1, "pinned": 0,
+                     "shares": 2, "used_bytes": 3 * 1024 + 512, "capacity_bytes": 8 * 1024,
+                     "evictions": 0, "expired_shares": 0, "expired_writes": 0,
+                     "deferred_frees": 0, "slabs_in_use": 4, "leases": 1, "owners": 1}
 
 
 # -- 12. threads ---------------------------------------------------------------------------------------

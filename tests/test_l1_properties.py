@@ -252,7 +252,7 @@ class L1Machine(RuleBasedStateMachine):
         assert self.l1.stats()["leases"] == 0 and self.l1.stats()["writing"] == 0
         self.l1.delete(list(self.model), force=True)
         assert self.l1.used_bytes == 0 and len(self.l1) == 0 and self.l1.stats()["slabs_in_use"] == 0
-        assert self.l1._slab.free_ranges == [(0, 4096)]
+        assert self.l1.arenas[0].free_ranges == [(0, 4096)]
 
 
 L1Machine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

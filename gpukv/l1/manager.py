@@ -1,466 +1,407 @@
-"""The L1 manager: objects in the device slab, owned reader shares with leases, LRU eviction.
+"""The L1 manager: objects in device slabs, owned reader shares with leases, copy pins, eviction.
 
-States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> absent.
+States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> absent, and from
+any state *doomed* (discarded while a copy still pins it: invisible, its slot freed by the last
+unpin).
 
 - Shares: ``reserve_read(keys, extra_count)`` gives ``owner`` ``1 + extra_count`` shares per key
-  in one step; each object keeps ``shares: owner -> count``, one integer per (key, owner)
-  whatever the count, so taking or releasing n shares is O(1) in n. An owner holds at most
-  ``MAX_READERS`` shares of one key and can only release its own.
-- Leases: a share lease lasts ``read_lease_s`` from the owner's latest reserve on that key; a
-  write lease lasts ``write_lease_s`` from ``reserve_write``. Deadlines are enforced only by
-  ``expire()``, in O(owners holding shares + expired leases) (``gpukv.l1.leases``).
-- Temporary objects (L2 hits) are freed when their read count drops to zero, whether by
-  ``finish_read``, ``expire()``, ``release_owner()`` or ``delete(force=True)``. A temporary object
-  finished with plain ``finish_write`` (no readers) stays ready until evicted or deleted.
-- Eviction (only in ``reserve_write`` when the slab is full) takes ready, unlocked objects only:
-  the LRU object of the same size class, else a whole slab of another class (``gpukv.l1.eviction``).
-- Keys in one ``reserve_write`` are served in order, so a ready key of the batch that an earlier
-  key evicted is then written afresh (OK), or gets OUT_OF_MEMORY, instead of NOT_WRITABLE.
-- ``buffer(key)`` only for objects being written or read-locked (a ready, unlocked one could be
-  evicted under the caller); ``locate``/``nbytes`` for any existing object. Absent keys raise
-  ``KeyError`` naming the key.
+  in one step (``top_up=True``: only as many as bring the owner to that count, so a repeated
+  lookup takes nothing more); one integer per (key, owner) whatever the count. An owner holds at
+  most ``MAX_READERS`` shares of one key and can only release its own.
+- Pins: every copy holds a pin on the object it reads or writes for its whole duration. A write
+  is pinned from ``reserve_write`` until ``finish_write``/``abort_write``; a reader pins with
+  ``pin`` and ends with ``unpin`` or ``end_read``. Release by owner, lease expiry, ``delete`` and
+  eviction never free or hand out a pinned slot: they doom the object and the last unpin frees it.
+  A pinned object is never evicted.
+- Leases: a share lease lasts ``read_lease_s`` from the owner's latest reserve of that key; a
+  write lease ``write_lease_s`` from ``reserve_write``. ``expire()`` enforces both: an expired
+  write is doomed (it never becomes readable; ``finish_write`` then answers NOT_FOUND).
+- Temporary objects (tier hits) are freed as soon as no share and no pin holds them.
+- Eviction (only when an arena is full): ready, unlocked, unpinned objects of the same device, the
+  LRU of the same size class first, else a whole slab of another class (``gpukv.l1.eviction``).
+- Devices: one slab arena per device; an object lives in the arena its write named. Keys are
+  global: one key is in at most one arena. Capacity and eviction are per device.
 - Thread safety: one lock around all state, taken once per call.
 """
 
 from __future__ import annotations
 
-import enum
-import numbers
-import operator
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
+from gpukv.constants import MAX_READERS
+from gpukv.l1.entry import Entry, Status, share_count
 from gpukv.l1.eviction import SizeClassLRU
 from gpukv.l1.leases import LeaseIndex
-from gpukv.l1.slab import SlabArena, aligned_bytes
-
-from gpukv.constants import MAX_READERS  # noqa: E402  (re-exported)
-
-
-class Status(enum.Enum):
-    """Per-key outcome of an L1 call."""
-
-    OK = "OK"
-    NOT_FOUND = "NOT_FOUND"
-    NOT_READY = "NOT_READY"
-    NOT_WRITABLE = "NOT_WRITABLE"
-    WRONG_STATE = "WRONG_STATE"
-    LOCKED = "LOCKED"
-    OUT_OF_MEMORY = "OUT_OF_MEMORY"
-
+from gpukv.l1.queries import L1Queries
+from gpukv.l1.slab import SlabArena
 
 OK, NOT_FOUND, NOT_READY, WRONG_STATE = Status.OK, Status.NOT_FOUND, Status.NOT_READY, Status.WRONG_STATE
+__all__ = ["Entry", "L1Manager", "MAX_READERS", "Status"]
 
 
-@dataclass(slots=True, eq=False)
-class _Object:
-    key: Hashable
-    nbytes: int
-    slot_bytes: int
-    offset: int
-    temporary: bool
-    writer: Hashable  # owner of the unfinished write
-    write_deadline: float
-    ready: bool = False
-    readers: int = 0  # sum of the counts in ``shares``
-    stamp: int = 0  # LRU recency (larger = more recent)
-    shares: dict[Hashable, int] = field(default_factory=dict)  # owner -> count
+class L1Manager(L1Queries):
+    """Device-resident chunk cache with owned, leased reader shares and copy pins."""
 
-
-def _check_extra(extra_count: int) -> int:
-    extra = operator.index(extra_count)
-    if not 0 <= extra < MAX_READERS:
-        raise ValueError(f"extra_count must be in [0, {MAX_READERS - 1}], got {extra_count!r}")
-    return extra + 1
-
-
-class L1Manager:
-    """Device-resident chunk cache with owned, leased reader shares (see the module docstring)."""
-
-    def __init__(self, capacity_bytes: int, *, device: torch.device | str = "cpu",
-                 read_lease_s: float = 300.0, write_lease_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic, slab_bytes: int | None = None) -> None:
-        """Allocate a ``capacity_bytes`` uint8 arena on ``device`` ("cpu", "cuda", "cuda:N")."""
+    def __init__(self, capacity_bytes: int | None = None, *, device: torch.device | str = "cpu",
+                 arenas: Sequence[SlabArena] | None = None, read_lease_s: float = 300.0,
+                 write_lease_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 slab_bytes: int | None = None) -> None:
+        """One ``capacity_bytes`` arena on ``device``, or the given ``arenas`` (one per device)."""
         for name, value in (("read_lease_s", read_lease_s), ("write_lease_s", write_lease_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        self._slab = SlabArena(capacity_bytes, device=device, slab_bytes=slab_bytes)
+        if arenas is None:
+            arenas = [SlabArena(capacity_bytes, device=device, slab_bytes=slab_bytes)]
+        elif capacity_bytes is not None or not arenas:
+            raise ValueError("give either capacity_bytes or a non-empty list of arenas")
+        self.arenas: list[SlabArena] = list(arenas)
+        self._lrus: list[SizeClassLRU[Entry]] = [SizeClassLRU(a) for a in self.arenas]
         self.read_lease_s, self.write_lease_s, self._clock = read_lease_s, write_lease_s, clock
         self._lock = threading.Lock()
-        self._objects: dict[Hashable, _Object] = {}
-        self._evictable: SizeClassLRU[_Object] = SizeClassLRU(self._slab)
-        self._writing: OrderedDict[Hashable, _Object] = OrderedDict()  # by write deadline
+        self._objects: dict[Hashable, Entry] = {}  # live (not doomed) objects by key
+        self._writing: OrderedDict[Entry, None] = OrderedDict()  # live writes, by deadline
+        self._owner_writes: dict[Hashable, dict[Entry, None]] = {}
+        # discarded writes whose writer still holds the pin (its finish/abort releases it)
+        self._doomed_writes: dict[tuple[Hashable, Hashable], list[Entry]] = {}
         self._owner_leases = LeaseIndex()
-        self._owner_writes: dict[Hashable, dict[Hashable, None]] = {}
-        self._evictions = 0
+        self._counts = dict(evictions=[0] * len(self.arenas), expired_shares=0, expired_writes=0,
+                            deferred_frees=0)
 
     # -- writes --------------------------------------------------------------------------------
-    def reserve_write(self, keys: Iterable[Hashable], nbytes: int, *, temporary: bool = False,
-                      owner: Hashable = None) -> list[Status]:
+    def reserve_write(self, keys: Iterable[Hashable], nbytes: int, *, device: int = 0,
+                      temporary: bool = False, owner: Hashable = None) -> list[Status]:
         """Start writing ``nbytes`` per absent key (OK); existing keys get NOT_WRITABLE. Evicts
-        when full; once a key gets OUT_OF_MEMORY, so do all later keys."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes <= 0:
+        when full; once a key gets OUT_OF_MEMORY, so do all later keys. Each write is pinned
+        until ``finish_write``/``abort_write``."""
+        return self.reserve_write_slots(keys, nbytes, device=device, temporary=temporary,
+                                        owner=owner)[0]
+
+    def reserve_write_slots(self, keys: Iterable[Hashable], nbytes: int, *, device: int = 0,
+                            temporary: bool = False, owner: Hashable = None
+                            ) -> tuple[list[Status], list[Entry | None]]:
+        """``reserve_write`` that also returns the handle of each new write (None where not OK):
+        what a copy needs (``handle.device``, ``handle.offset``) and gives back at the end."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
-        nbytes = int(nbytes)
-        slot_bytes = aligned_bytes(nbytes)
-        out: list[Status] = []
+        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.arenas):
+            raise ValueError(f"device must be an arena index in [0, {len(self.arenas)}), got {device!r}")
+        slab, lru = self.arenas[device], self._lrus[device]
+        slot_bytes = slab.slot_bytes_for(nbytes)
+        statuses: list[Status] = []
+        handles: list[Entry | None] = []
         with self._lock:
-            self._evictable.add_class(slot_bytes)
+            lru.add_class(slot_bytes)
             deadline = self._clock() + self.write_lease_s
-            objects, full = self._objects, slot_bytes > self._slab.capacity_bytes
-            writes = self._owner_writes.setdefault(owner, {})
+            objects, full = self._objects, slot_bytes > slab.capacity_bytes
             for key in keys:
-                if full:
-                    out.append(Status.OUT_OF_MEMORY)
-                elif key in objects:
-                    out.append(Status.NOT_WRITABLE)
-                else:
-                    offset = self._alloc(slot_bytes)
-                    if offset is None:
-                        full = True
-                        out.append(Status.OUT_OF_MEMORY)
-                        continue
-                    obj = _Object(key, nbytes, slot_bytes, offset, temporary, owner, deadline)
-                    objects[key] = self._writing[key] = obj
-                    writes[key] = None
-                    out.append(OK)
-            if not writes:
-                del self._owner_writes[owner]
-        return out
+                offset = None if full or key in objects else self._alloc(device, slot_bytes)
+                if offset is None:
+                    full = full or key not in objects
+                    statuses.append(Status.OUT_OF_MEMORY if full else Status.NOT_WRITABLE)
+                    handles.append(None)
+                    continue
+                entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, owner, deadline,
+                              pins=1)
+                objects[key] = entry
+                self._writing[entry] = None
+                self._owner_writes.setdefault(owner, {})[entry] = None
+                statuses.append(OK)
+                handles.append(entry)
+        return statuses, handles
 
-    def finish_write(self, keys: Iterable[Hashable], *, owner: Hashable = None) -> list[Status]:
-        """Make ``owner``'s written objects ready (they join the LRU as most recent).
-        NOT_FOUND if absent; WRONG_STATE if ready or written by another owner."""
-        out: list[Status] = []
-        with self._lock:
-            for key in keys:
-                obj = self._writing_obj(key, owner, out)
-                if obj is not None:
-                    self._make_ready(obj)
-                    self._evictable.push(obj)
-        return out
-
-    def finish_write_and_reserve_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
-                                      owner: Hashable = None) -> list[Status]:
-        """``finish_write`` plus ``1 + extra_count`` shares for ``owner`` in one step per key, so
-        no eviction can come between. Statuses as ``finish_write``."""
-        count = _check_extra(extra_count)
+    def finish_write(self, writes: Iterable, *, owner: Hashable = None, extra_count: int | None = None,
+                     reader: Hashable = None) -> list[Status]:
+        """Make written objects ready and release their write pins. ``writes``: keys (``owner``'s
+        writes of them) or handles from ``reserve_write_slots``. With ``extra_count``, ``reader``
+        also gets ``1 + extra_count`` shares in the same step (no eviction can slip in).
+        NOT_FOUND: absent, or discarded meanwhile (expired, aborted, its owner released);
+        WRONG_STATE: ready, or another owner's write."""
+        count = None if extra_count is None else share_count(extra_count)
         out: list[Status] = []
         with self._lock:
             now = self._clock()
-            for key in keys:
-                obj = self._writing_obj(key, owner, out)
-                if obj is not None:
-                    self._make_ready(obj)
-                    self._add_shares(obj, owner, count, now)
+            for entry in self._writes_of(writes, owner, out):
+                if not entry.doomed:
+                    entry.ready = True
+                    self._end_write(entry)
+                    if count is not None:
+                        self._add_shares(entry, reader, count, now, top_up=False)
+                self._release_write_pin(entry)
         return out
 
-    def abort_write(self, keys: Iterable[Hashable], *, owner: Hashable = None) -> list[Status]:
-        """Free ``owner``'s unfinished writes. Statuses as ``finish_write``."""
+    def finish_write_and_reserve_read(self, keys: Iterable, extra_count: int = 0, *,
+                                      owner: Hashable = None) -> list[Status]:
+        """``finish_write`` plus ``1 + extra_count`` shares for ``owner`` in one step per key."""
+        return self.finish_write(keys, owner=owner, extra_count=extra_count, reader=owner)
+
+    def abort_write(self, writes: Iterable, *, owner: Hashable = None) -> list[Status]:
+        """Discard unfinished writes (keys of ``owner``, or handles) and release their pins."""
         out: list[Status] = []
         with self._lock:
-            for key in keys:
-                obj = self._writing_obj(key, owner, out)
-                if obj is not None:
-                    self._free(obj)
+            for entry in self._writes_of(writes, owner, out):
+                self._doom(entry)
+                self._release_write_pin(entry)
         return out
 
-    def _writing_obj(self, key: Hashable, owner: Hashable, out: list[Status]) -> _Object | None:
-        obj = self._objects.get(key)
-        if obj is None:
-            out.append(NOT_FOUND)
-        elif obj.ready or obj.writer != owner:
-            out.append(WRONG_STATE)
-        else:
-            out.append(OK)
-            return obj
-        return None
+    def _writes_of(self, writes: Iterable, owner: Hashable, out: list[Status]) -> Iterator[Entry]:
+        """The unfinished writes named by ``writes`` whose pin is still held, one at a time (an
+        item is resolved after the previous one was handled); appends a status per item to
+        ``out``: OK, NOT_FOUND for a write discarded meanwhile (its pin is released all the
+        same), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
+        for item in writes:
+            if type(item) is Entry:
+                entry = item if not item.ready and item.pins == 1 else None
+                status = WRONG_STATE if entry is None else NOT_FOUND if entry.doomed else OK
+            else:
+                entry = self._objects.get(item)
+                status = (WRONG_STATE if entry is not None and (entry.ready or entry.writer != owner)
+                          else OK if entry is not None else NOT_FOUND)
+                if entry is None:
+                    doomed = self._doomed_writes.get((owner, item))
+                    entry = doomed[-1] if doomed else None
+                elif status is not OK:
+                    entry = None
+            out.append(status)
+            if entry is not None:
+                yield entry
 
-    def _make_ready(self, obj: _Object) -> None:
-        obj.ready = True
-        del self._writing[obj.key]
-        self._drop_owner_write(obj.writer, obj.key)
+    def _release_write_pin(self, entry: Entry) -> None:
+        if entry.doomed:
+            doomed = self._doomed_writes[(entry.writer, entry.key)]
+            doomed.remove(entry)
+            if not doomed:
+                del self._doomed_writes[(entry.writer, entry.key)]
+        self._unpin(entry)
+
+    def _end_write(self, entry: Entry) -> None:
+        del self._writing[entry]
+        writes = self._owner_writes[entry.writer]
+        del writes[entry]
+        if not writes:
+            del self._owner_writes[entry.writer]
 
     # -- reads ---------------------------------------------------------------------------------
     def reserve_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
-                     owner: Hashable = None) -> list[Status]:
-        """Give ``owner`` ``1 + extra_count`` shares per ready key (and refresh its lease).
-        NOT_FOUND if absent, NOT_READY while written, WRONG_STATE past MAX_READERS for the owner."""
-        count = _check_extra(extra_count)
+                     owner: Hashable = None, top_up: bool = False) -> list[Status]:
+        """Give ``owner`` ``1 + extra_count`` shares per ready key (and refresh its lease); with
+        ``top_up`` only what brings ``owner`` up to that many. NOT_FOUND if absent, NOT_READY
+        while written, WRONG_STATE past MAX_READERS for the owner (nothing taken for that key)."""
+        count = share_count(extra_count)
         out: list[Status] = []
         with self._lock:
-            get, lrus, leases = self._objects.get, self._evictable.by_class, self._owner_leases
-            deadline = self._clock() + self.read_lease_s
-            owned = leases.owned(owner)
-            for key in keys:  # _add_shares and leases.refresh inlined: the lookup hot path
-                obj = get(key)
-                if obj is None:
+            now, get = self._clock(), self._objects.get
+            for key in keys:
+                entry = get(key)
+                if entry is None:
                     out.append(NOT_FOUND)
-                    continue
-                if not obj.ready:
+                elif not entry.ready:
                     out.append(NOT_READY)
-                    continue
-                shares = obj.shares
-                held = shares.get(owner)
-                if held is None:
-                    shares[owner] = count
-                    owned[key] = deadline
-                elif held + count > MAX_READERS:
-                    out.append(WRONG_STATE)
-                    continue
                 else:
-                    shares[owner] = held + count
-                    owned[key] = deadline
-                    owned.move_to_end(key)
-                if not obj.readers:
-                    del lrus[obj.slot_bytes][key]
-                obj.readers += count
-                out.append(OK)
-            leases.forget_if_idle(owner)
+                    out.append(self._add_shares(entry, owner, count, now, top_up))
+            self._owner_leases.forget_if_idle(owner)
         return out
 
     def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
                     owner: Hashable = None) -> list[Status]:
         """Release ``1 + extra_count`` of ``owner``'s shares per key; WRONG_STATE (no change) if
         the owner holds fewer. A temporary object whose count reaches zero is freed."""
-        count = _check_extra(extra_count)
+        count = share_count(extra_count)
         out: list[Status] = []
         with self._lock:
-            get, leases, evictable = self._objects.get, self._owner_leases, self._evictable
-            owned, lrus, stamp = leases.get(owner), evictable.by_class, evictable.stamp
+            get = self._objects.get
             for key in keys:
-                obj = get(key)
-                if obj is None:
+                entry = get(key)
+                if entry is None:
                     out.append(NOT_FOUND)
-                    continue
-                shares = obj.shares
-                held = shares.get(owner)
-                if held is None or held < count:
+                elif entry.shares.get(owner, 0) < count:
                     out.append(WRONG_STATE)
-                    continue
-                if held == count:
-                    del shares[owner]
-                    del owned[key]
                 else:
-                    shares[owner] = held - count
-                obj.readers -= count
-                if not obj.readers:
-                    if obj.temporary:
-                        self._free(obj)
-                    else:  # evictable.push inlined
-                        stamp += 1
-                        obj.stamp = stamp
-                        lrus[obj.slot_bytes][key] = obj
-                out.append(OK)
-            evictable.stamp = stamp
-            leases.forget_if_idle(owner)
+                    self._drop_shares(entry, owner, count)
+                    out.append(OK)
         return out
 
-    def _add_shares(self, obj: _Object, owner: Hashable, count: int, now: float) -> None:
-        """First shares of an object just made ready (never in the LRU, so never evictable)."""
-        assert count <= MAX_READERS and not obj.shares and not obj.readers
-        obj.shares[owner] = count
-        self._owner_leases.refresh(owner, obj.key, now + self.read_lease_s)
-        obj.readers = count
+    def _add_shares(self, entry: Entry, owner: Hashable, count: int, now: float,
+                    top_up: bool) -> Status:
+        held = entry.shares.get(owner, 0)
+        add = max(0, count - held) if top_up else count
+        if held + add > MAX_READERS:
+            return WRONG_STATE
+        if entry.idle:
+            self._lrus[entry.device].remove(entry)
+        if add:
+            entry.shares[owner] = held + add
+            entry.readers += add
+        self._owner_leases.refresh(owner, entry.key, now + self.read_lease_s)
+        return OK
 
-    # -- leases and owners ---------------------------------------------------------------------
+    def _drop_shares(self, entry: Entry, owner: Hashable, count: int | None = None, *,
+                     lease_gone: bool = False) -> int:
+        """Release ``count`` (None: all) of ``owner``'s shares of ``entry``; returns how many.
+        ``lease_gone``: the caller already took the lease out of the index."""
+        held = entry.shares.pop(owner)
+        count = held if count is None else count
+        if count < held:
+            entry.shares[owner] = held - count
+        elif not lease_gone:
+            self._owner_leases.drop(owner, entry.key)
+        entry.readers -= count
+        if not entry.readers:
+            self._settle(entry)
+        return count
+
+    # -- pins ----------------------------------------------------------------------------------
+    def pin(self, keys: Iterable[Hashable]) -> tuple[list[Status], list[Entry | None]]:
+        """Pin ready objects for a copy out of them; NOT_FOUND / NOT_READY as ``reserve_read``."""
+        statuses: list[Status] = []
+        handles: list[Entry | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._objects.get(key)
+                status = NOT_FOUND if entry is None else OK if entry.ready else NOT_READY
+                statuses.append(status)
+                handles.append(self._pin(entry) if status is OK else None)
+        return statuses, handles
+
+    def pin_handles(self, handles: Iterable[Entry]) -> list[Status]:
+        """Pin objects already named by handles (NOT_FOUND once discarded, NOT_READY if writing)."""
+        out: list[Status] = []
+        with self._lock:
+            for entry in handles:
+                status = NOT_FOUND if entry.doomed else OK if entry.ready else NOT_READY
+                if status is OK:
+                    self._pin(entry)
+                out.append(status)
+        return out
+
+    def unpin(self, handles: Iterable[Entry]) -> None:
+        """Release pins taken by ``pin``/``pin_handles`` (the last one frees a discarded object)."""
+        with self._lock:
+            for entry in handles:
+                self._unpin(entry)
+
+    def end_read(self, handles: Iterable[Entry], *, owner: Hashable = None) -> int:
+        """After a copy out of pinned objects: release one of ``owner``'s shares of each (where
+        it still holds one), then unpin. Returns the shares released."""
+        released = 0
+        with self._lock:
+            for entry in handles:
+                if not entry.doomed and entry.shares.get(owner, 0):
+                    released += self._drop_shares(entry, owner, 1)
+                self._unpin(entry)
+        return released
+
+    def _pin(self, entry: Entry) -> Entry:
+        if entry.idle:
+            self._lrus[entry.device].remove(entry)
+        entry.pins += 1
+        return entry
+
+    def _unpin(self, entry: Entry) -> None:
+        assert entry.pins > 0, entry.key
+        entry.pins -= 1
+        if not entry.pins:
+            self._settle(entry)
+
+    def _settle(self, entry: Entry) -> None:
+        """An object just lost its last reader or pin: free it, or make it evictable."""
+        if entry.pins or entry.readers:
+            return
+        if entry.doomed:
+            self.arenas[entry.device].free(entry.offset)
+        elif entry.ready and entry.temporary:
+            self._doom(entry)
+        elif entry.ready:
+            self._lrus[entry.device].push(entry)
+
+    # -- leases, owners, delete ----------------------------------------------------------------
     def expire(self) -> int:
         """Release every share whose lease has passed and discard every write whose lease has
-        passed. Returns the number of shares released. O(owners with shares + expired leases):
-        each owner's leases are kept in deadline order (one lease duration, monotonic clock)."""
+        passed (pinned slots are freed by their last unpin). Returns the shares released."""
         with self._lock:
             now, released = self._clock(), 0
             for owner, key in self._owner_leases.pop_expired(now):
-                released += self._release_shares(key, owner)
+                released += self._drop_shares(self._objects[key], owner, lease_gone=True)
             while self._writing:
-                obj = next(iter(self._writing.values()))
-                if obj.write_deadline > now:
+                entry = next(iter(self._writing))
+                if entry.write_deadline > now:
                     break
-                self._free(obj)
+                self._doom(entry)
+                self._counts["expired_writes"] += 1
+            self._counts["expired_shares"] += released
             return released
 
-    def release_owner(self, owner: Hashable) -> int:
-        """Drop every share and unfinished write of ``owner``; returns the shares released."""
+    def release_owner(self, owner: Hashable, keys: Iterable[Hashable] | None = None) -> int:
+        """Drop all shares ``owner`` holds (on ``keys`` only, when given) and, without ``keys``,
+        discard its unfinished writes. Returns the shares released."""
         with self._lock:
             released = 0
-            for key in self._owner_leases.pop_owner(owner):
-                released += self._release_shares(key, owner)
-            for key in list(self._owner_writes.get(owner, ())):
-                self._free(self._objects[key])
+            owned = self._owner_leases.get(owner, {})
+            for key in list(owned) if keys is None else [k for k in keys if k in owned]:
+                released += self._drop_shares(self._objects[key], owner)
+            if keys is None:
+                for entry in list(self._owner_writes.get(owner, ())):
+                    self._doom(entry)
             return released
 
-    def held(self, key: Hashable, owner: Hashable = None) -> int:
-        """Shares ``owner`` holds on ``key`` (0 if none or absent)."""
-        with self._lock:
-            obj = self._objects.get(key)
-            return obj.shares.get(owner, 0) if obj is not None else 0
-
-    def _release_shares(self, key: Hashable, owner: Hashable) -> int:
-        """Drop all of ``owner``'s shares of ``key``; the caller has removed the lease."""
-        obj = self._objects[key]
-        count = obj.shares.pop(owner)
-        obj.readers -= count
-        assert obj.readers >= 0, (obj.key, obj.readers)
-        if not obj.readers:
-            self._unlocked(obj)
-        return count
-
-    # -- delete, eviction, freeing -------------------------------------------------------------
     def delete(self, keys: Iterable[Hashable], *, force: bool = False) -> list[Status]:
-        """Free objects. Read-locked or unfinished ones get LOCKED unless ``force`` (their shares
-        and unfinished writes are then dropped too)."""
+        """Free objects. Read-locked, pinned or unfinished ones get LOCKED unless ``force``
+        (they are then discarded: shares dropped, slot freed by the last unpin)."""
         out: list[Status] = []
         with self._lock:
             for key in keys:
-                obj = self._objects.get(key)
-                if obj is None:
+                entry = self._objects.get(key)
+                if entry is None:
                     out.append(NOT_FOUND)
-                    continue
-                if obj.ready and not obj.readers:
-                    self._evictable.remove(obj)
-                elif not force:
+                elif not (entry.idle or force):
                     out.append(Status.LOCKED)
-                    continue
-                for owner in obj.shares:
-                    self._owner_leases.drop(owner, key)
-                obj.shares.clear()
-                obj.readers = 0
-                self._free(obj)
-                out.append(OK)
+                else:
+                    self._doom(entry, queued=entry.idle)
+                    out.append(OK)
         return out
 
     def clear(self) -> int:
-        """Delete every ready, unlocked object; returns how many were deleted."""
+        """Delete every ready, unlocked, unpinned object; returns how many were deleted."""
         with self._lock:
-            victims = self._evictable.pop_all()
-            for obj in victims:
-                self._free(obj)
+            victims = [e for lru in self._lrus for e in lru.pop_all()]
+            for entry in victims:
+                self._doom(entry)
             return len(victims)
 
-    def _unlocked(self, obj: _Object) -> None:
-        if obj.temporary:
-            self._free(obj)
+    def _doom(self, entry: Entry, *, queued: bool = False) -> None:
+        """Discard ``entry`` (``queued``: it is in the LRU): unreachable by key, shares dropped;
+        its slot freed now unless a copy pins it."""
+        if entry.doomed:
+            return
+        if queued:
+            self._lrus[entry.device].remove(entry)
+        if not entry.ready:
+            self._end_write(entry)
+            self._doomed_writes.setdefault((entry.writer, entry.key), []).append(entry)
+        del self._objects[entry.key]
+        for owner in entry.shares:
+            self._owner_leases.drop(owner, entry.key)
+        entry.shares.clear()
+        entry.readers = 0
+        entry.doomed = True
+        if entry.pins:
+            self._counts["deferred_frees"] += 1
         else:
-            self._evictable.push(obj)
+            self.arenas[entry.device].free(entry.offset)
 
-    def _free(self, obj: _Object) -> None:
-        """Forget ``obj`` and free its slot; the caller has taken it out of the LRU if it was there."""
-        assert obj.readers == 0 and not obj.shares, obj.key
-        del self._objects[obj.key]
-        if not obj.ready:
-            del self._writing[obj.key]
-            self._drop_owner_write(obj.writer, obj.key)
-        self._slab.free(obj.offset)
-
-    def _drop_owner_write(self, owner: Hashable, key: Hashable) -> None:
-        writes = self._owner_writes[owner]
-        del writes[key]
-        if not writes:
-            del self._owner_writes[owner]
-
-    def _alloc(self, slot_bytes: int) -> int | None:
-        offset = self._slab.alloc(slot_bytes)
+    def _alloc(self, device: int, slot_bytes: int) -> int | None:
+        slab, lru = self.arenas[device], self._lrus[device]
+        offset = slab.alloc(slot_bytes)
         while offset is None:
-            victims = self._evictable.victims(slot_bytes)
+            victims = lru.victims(slot_bytes)
             if not victims:
                 break
-            self._evictions += len(victims)
-            for obj in victims:
-                self._free(obj)
-            offset = self._slab.alloc(slot_bytes)
+            self._counts["evictions"][device] += len(victims)
+            for entry in victims:
+                self._doom(entry)
+            offset = slab.alloc(slot_bytes)
         return offset
-
-    # -- queries -------------------------------------------------------------------------------
-    def buffer(self, key: Hashable) -> torch.Tensor:
-        """1-D uint8 view of ``nbytes`` into the arena for an object being written or read-locked.
-        KeyError if absent; ValueError if ready but unlocked (take a read share first)."""
-        with self._lock:
-            obj = self._objects.get(key)
-            if obj is None:
-                raise KeyError(f"no L1 object for key {key!r}")
-            if obj.ready and not obj.readers:
-                raise ValueError(f"L1 object {key!r} is not being written nor read-locked")
-            return self._slab.arena[obj.offset:obj.offset + obj.nbytes]
-
-    def locate(self, keys: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(arena, offsets)``: the 1-D uint8 arena and a CPU int64 tensor of byte offsets, one
-        per key (writing, ready or read-locked). KeyError naming the first absent key."""
-        with self._lock:
-            objects, offsets = self._objects, []
-            for key in keys:
-                obj = objects.get(key)
-                if obj is None:
-                    raise KeyError(f"no L1 object for key {key!r}")
-                offsets.append(obj.offset)
-        return self._slab.arena, torch.tensor(offsets, dtype=torch.int64)
-
-    def nbytes(self, key: Hashable) -> int:
-        """Byte size of an existing object (writing or ready); KeyError naming an absent key."""
-        with self._lock:
-            obj = self._objects.get(key)
-            if obj is None:
-                raise KeyError(f"no L1 object for key {key!r}")
-            return obj.nbytes
-
-    def read_count(self, key: Hashable) -> int:
-        """Total shares held on ``key`` by all owners (0 if absent)."""
-        with self._lock:
-            obj = self._objects.get(key)
-            return obj.readers if obj is not None else 0
-
-    def is_evictable(self, key: Hashable) -> bool:
-        """Whether ``key`` is ready and unlocked (False if absent)."""
-        with self._lock:
-            obj = self._objects.get(key)
-            return obj is not None and obj.ready and obj.readers == 0
-
-    def prefix_hits(self, keys: Iterable[Hashable]) -> int:
-        """Number of leading keys that are ready (read-locked or not). Does not touch recency."""
-        hits = 0
-        with self._lock:
-            for key in keys:
-                obj = self._objects.get(key)
-                if obj is None or not obj.ready:
-                    break
-                hits += 1
-        return hits
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            obj = self._objects.get(key)
-            return obj is not None and obj.ready
-
-    def __len__(self) -> int:
-        return len(self._objects) - len(self._writing)
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of the slots held by live objects (writing or ready)."""
-        return self._slab.used_bytes
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._slab.capacity_bytes
-
-    def stats(self) -> dict[str, int]:
-        """Counters: objects, ready, writing, read_locked, used_bytes, capacity_bytes, evictions,
-        slabs_in_use, leases, owners."""
-        with self._lock:
-            writing = len(self._writing)
-            return {
-                "objects": len(self._objects),
-                "ready": len(self._objects) - writing,
-                "writing": writing,
-                "read_locked": sum(1 for obj in self._objects.values() if obj.readers),
-                "used_bytes": self._slab.used_bytes,
-                "capacity_bytes": self._slab.capacity_bytes,
-                "evictions": self._evictions,
-                "slabs_in_use": self._slab.num_slabs,
-                "leases": self._owner_leases.num_leases(),
-                "owners": len(self._owner_leases),
-            }

@@ -67,9 +67,11 @@ class SlabArena:
     """Fixed-size slot allocator over one device arena. Not thread-safe: the L1 manager locks."""
 
     def __init__(self, capacity_bytes: int, *, device: torch.device | str = "cpu",
-                 slab_bytes: int | None = None) -> None:
-        """Allocate the arena: a 1-D uint8 tensor of ``capacity_bytes`` on ``device``.
-        ``slab_bytes`` (target slab size) defaults to ``min(4 MiB, capacity_bytes // MIN_SLABS)``."""
+                 slab_bytes: int | None = None, memory: torch.Tensor | None = None) -> None:
+        """Carve ``memory`` (a 1-D uint8 tensor of at least ``capacity_bytes``, e.g. a shared
+        arena of :mod:`gpukv.l1.arena`), or a new ``torch.empty`` of ``capacity_bytes`` on
+        ``device``. ``slab_bytes`` (target slab size) defaults to
+        ``min(4 MiB, capacity_bytes // MIN_SLABS)``."""
         if not isinstance(capacity_bytes, numbers.Integral) or capacity_bytes < ALIGN_BYTES:
             raise ValueError(f"capacity_bytes must be an int >= {ALIGN_BYTES}, got {capacity_bytes!r}")
         capacity_bytes = int(capacity_bytes)
@@ -77,7 +79,12 @@ class SlabArena:
             slab_bytes = max(ALIGN_BYTES, min(DEFAULT_SLAB_BYTES, capacity_bytes // MIN_SLABS))
         if not isinstance(slab_bytes, int) or slab_bytes < ALIGN_BYTES:
             raise ValueError(f"slab_bytes must be an int >= {ALIGN_BYTES}, got {slab_bytes!r}")
-        self.arena = torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
+        if memory is None:
+            memory = torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
+        elif memory.dtype != torch.uint8 or memory.dim() != 1 or memory.numel() < capacity_bytes:
+            raise ValueError(f"memory must be a 1-D uint8 tensor of >= {capacity_bytes} bytes, got "
+                             f"{tuple(memory.shape)} {memory.dtype}")
+        self.arena = memory
         self.capacity_bytes = capacity_bytes
         self.slab_bytes = slab_bytes
         self.used_bytes = 0
@@ -88,6 +95,11 @@ class SlabArena:
         self._slab_of: dict[int, Slab] = {}  # offset of each used slot -> its slab
 
     # -- slots ---------------------------------------------------------------------------------
+    @staticmethod
+    def slot_bytes_for(nbytes: int) -> int:
+        """The slot size (size class) of an object of ``nbytes``."""
+        return aligned_bytes(nbytes)
+
     def alloc(self, slot_bytes: int) -> int | None:
         """Hand out one slot of ``slot_bytes`` (an aligned size); its offset, or None when full."""
         assert slot_bytes > 0 and slot_bytes % ALIGN_BYTES == 0, slot_bytes

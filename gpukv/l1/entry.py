@@ -1,0 +1,63 @@
+"""One L1 object's record, and the per-key outcomes of L1 calls.
+
+An :class:`Entry` is also the *handle* a copy holds: ``reserve_write_slots`` and ``pin`` return
+entries, and ``finish_write`` / ``abort_write`` / ``unpin`` / ``end_read`` take them back. A handle
+names one object, never a key: if the object is discarded while a copy holds it (expired write
+lease, a force delete, the writer unregistered) its key may be stored afresh in another slot,
+and the handle still points at the old slot, which is not reused until the last pin is gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from gpukv.constants import MAX_READERS
+
+
+class Status(enum.Enum):
+    """Per-key outcome of an L1 call."""
+
+    OK = "OK"
+    NOT_FOUND = "NOT_FOUND"
+    NOT_READY = "NOT_READY"
+    NOT_WRITABLE = "NOT_WRITABLE"
+    WRONG_STATE = "WRONG_STATE"
+    LOCKED = "LOCKED"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """An object in one device arena. Read-only for callers: ``key``, ``device`` (arena index),
+    ``offset`` (bytes into that arena), ``nbytes``; everything else belongs to the manager."""
+
+    key: Hashable
+    device: int
+    nbytes: int
+    slot_bytes: int
+    offset: int
+    temporary: bool
+    writer: Hashable  # owner of the unfinished write
+    write_deadline: float
+    ready: bool = False
+    doomed: bool = False  # discarded: invisible, freed when the last pin goes
+    readers: int = 0  # sum of the counts in ``shares``
+    pins: int = 0  # copies in progress (a write holds one from reserve to finish/abort)
+    stamp: int = 0  # LRU recency (larger = more recent)
+    shares: dict[Hashable, int] = field(default_factory=dict)  # owner -> count
+
+    @property
+    def idle(self) -> bool:
+        """Ready, unlocked and unpinned: what the LRU holds."""
+        return self.ready and not self.readers and not self.pins and not self.doomed
+
+
+def share_count(extra_count: int) -> int:
+    """``1 + extra_count`` after checking ``0 <= extra_count < MAX_READERS`` (ValueError)."""
+    extra = operator.index(extra_count)
+    if not 0 <= extra < MAX_READERS:
+        raise ValueError(f"extra_count must be in [0, {MAX_READERS - 1}], got {extra_count!r}")
+    return extra + 1
