@@ -21,8 +21,10 @@ def default_device() -> str:
 class EngineConfig:
     """Settings of a :class:`gpukv.CacheEngine`.
 
-    capacity_bytes       L1 budget (one arena on ``device``).
+    capacity_bytes       L1 budget of each device's arena.
     device               ``None`` = auto (``cuda`` when present, else ``cpu``).
+    devices              arenas to create, e.g. ``("cuda:0", "cuda:1")`` (``None`` = ``(device,)``);
+                         ``"cpu:0", "cpu:1"`` make several CPU arenas that stand for devices.
     chunk_size           tokens per stored chunk (only full chunks are stored).
     disk_dir             folder of the safetensors disk tier (``None`` = no disk tier).
     disk_capacity_bytes  LRU budget of the disk tier (``None`` = unbounded).
@@ -32,6 +34,10 @@ class EngineConfig:
     write_lease_s        lease of an unfinished write.
     salt                 tenant salt: seeds the hash chain and tags every key.
     backend              copy backend forced for pack/unpack (``None`` = auto).
+    max_requests         open requests (looked up, not ended) the engine keeps at most.
+    max_keys_per_request chunk hashes x ranks one call may name (bounds one call's work).
+    prefault             touch the arenas' pages when they are created, so the first stores do
+                         not pay a page fault per 4 KiB (costs a zero fill of the capacity).
     """
 
     capacity_bytes: int = 1 << 30
@@ -45,18 +51,34 @@ class EngineConfig:
     write_lease_s: float = 600.0
     salt: str = ""
     backend: str | None = None
+    devices: tuple[str, ...] | None = None
+    max_requests: int = 1 << 16
+    max_keys_per_request: int = 1 << 17
+    prefault: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.capacity_bytes, int) or self.capacity_bytes <= 0:
+        if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) \
+                or self.capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be a positive int, got {self.capacity_bytes!r}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
+                or self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
         if self.device is None:
-            self.device = default_device()
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from None
+            self.device = default_device() if not self.devices else self.devices[0]
+        if self.devices is None:
+            self.devices = (self.device,)
+        self.devices = tuple(self.devices)
+        for name in (self.device, *self.devices):
+            try:
+                torch.device(name)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device {name!r} is not a torch device: {exc}") from None
+        if not self.devices or len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"devices must be distinct and non-empty, got {self.devices!r}")
+        for name in ("max_requests", "max_keys_per_request"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.disk_capacity_bytes is not None and (
             not isinstance(self.disk_capacity_bytes, int) or self.disk_capacity_bytes <= 0
         ):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from gpukv import CacheEngine, EngineConfig
-from gpukv.engine.keys import ObjectKey, chunk_hashes
 from gpukv.l1 import Status
 from gpukv.demo import make_pages, token_rows
 
@@ -56,7 +55,10 @@ class MLAGroup:
             assert all(torch.equal(a, b) for a, b in zip(self.rows(rank, self.read_slots), expected))
 
     def keys(self):
-        return [ObjectKey("dsv3", 0, h) for h in chunk_hashes(self.tokens, CS)]
+        return [k for k, _ in self.engine.object_keys("dsv3", self.tokens)]
+
+    def tier_keys(self):
+        return [t for _, t in self.engine.object_keys("dsv3", self.tokens)]
 
 
 def test_mla_tp2_lookup_takes_two_shares_each_rank_releases_one():
@@ -115,7 +117,7 @@ def test_corrupted_disk_chunk_is_a_miss_and_never_reaches_pages(tmp_path):
     engine.flush(30)
     engine.clear_l1()
     disk = engine.tiers[0]
-    name = disk._file_name(g.keys()[1].to_str())
+    name = disk._file_name(g.tier_keys()[1])
     path = disk.root / name[:2] / name
     blob = bytearray(path.read_bytes())
     blob[-3] ^= 0x01
@@ -209,14 +211,19 @@ def test_store_out_of_memory_keeps_the_prefix_that_fits():
 def test_log_lines(caplog):
     engine = _engine()
     g = MLAGroup(engine)
-    with caplog.at_level(logging.INFO, logger="gpukv.engine.engine"):
+    with caplog.at_level(logging.INFO, logger="gpukv"):
         engine.store("mla-0", g.tokens, g.store_slots)
         engine.lookup("dsv3", g.tokens, request_id="R", tp_size=2)
         engine.retrieve("mla-0", g.tokens, g.read_slots, request_id="R")
-    text = caplog.text
-    assert "Stored 512 tokens in " in text and "GB/s)" in text
-    assert "Lookup req=R: 2/2 prefix chunks (2 L1)" in text
-    assert "Retrieved 512 tokens in " in text
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    # one INFO line per store and per retrieve batch; lookups (the hot path) log at DEBUG
+    assert [m.split(" in ")[0] for m in info if not m.startswith("Registered")] == \
+        ["Stored 512 tokens", "Retrieved 512 tokens"]
+    assert all("GB/s)" in m for m in info if not m.startswith("Registered"))
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="gpukv.engine.core"):
+        engine.lookup("dsv3", g.tokens, request_id="R", tp_size=2)
+    assert "Lookup 'R': 2/2 prefix chunks (2 L1" in caplog.text
 
 
 def test_bad_input_raises_and_changes_nothing():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpukv.engine.keys import ObjectKey, chunk_hashes
+from gpukv.engine.keys import (KEY_VERSION, KeySpace, chunk_hashes, layout_digest, parse_tier_key,
+                               request_seed)
 
 
 def test_full_chunks_only_and_chained():
@@ -26,6 +27,7 @@ def test_full_chunks_only_and_chained():
 
 def test_same_hashes_for_list_numpy_tensor_and_other_process():
     tokens = list(range(5, 5 + 64))
+    assert chunk_hashes(range(5, 69), 16) == chunk_hashes(tokens, 16)
     ref = chunk_hashes(tokens, 16)
     assert chunk_hashes(np.array(tokens, dtype=np.int32), 16) == ref
     assert chunk_hashes(torch.tensor(tokens, dtype=torch.int64), 16) == ref
@@ -58,8 +60,39 @@ def test_bad_tokens(bad):
         chunk_hashes(bad, 2)
 
 
-def test_object_key_text_form():
+def test_key_space_text_form_parses_back_and_is_versioned():
     h = bytes(range(16))
-    assert ObjectKey("m", 1, h).to_str() == f"m/1/{h.hex()}"
-    assert ObjectKey("m", 0, h, "t1").to_str() == f"m/0/{h.hex()}/t1"
-    assert ObjectKey("m", 0, h) == ObjectKey("m", 0, h) and hash(ObjectKey("m", 0, h)) == hash(ObjectKey("m", 0, h))
+    space = KeySpace("meta-llama/Llama-3.1-8B", layout_digest("kind=mha;..."), 1, 7)
+    (key,) = space.keys([h])
+    assert key == h + space.suffix and len(key) == 20
+    text = space.tier_key(key)
+    assert text.startswith(f"v{KEY_VERSION}/meta-llama/Llama-3.1-8B/") and text.endswith(h.hex())
+    assert parse_tier_key(text) == ("meta-llama/Llama-3.1-8B", space.layout, 1, h)
+    assert parse_tier_key(f"m/1/{h.hex()}") is None  # the old (v1) format: a miss, not an error
+    other = KeySpace("meta-llama/Llama-3.1-8B", space.layout, 0, 8)
+    assert other.keys([h]) != space.keys([h])  # another rank's shard is another object
+
+
+def test_extras_change_only_their_chunk_and_later_ones():
+    tokens = list(range(64))
+    base = chunk_hashes(tokens, 16)
+    mm = chunk_hashes(tokens, 16, extras=[None, b"image-hash"])
+    assert mm[0] == base[0] and mm[1] != base[1] and mm[2] != base[2]
+    assert chunk_hashes(tokens, 16, extras=[None, b"other"])[1] != mm[1]
+    with pytest.raises(ValueError, match=r"extras\[0\]"):
+        chunk_hashes(tokens, 16, extras=["not bytes"])
+
+
+def test_request_seed_separates_parts_and_absent_is_empty():
+    assert request_seed(None, None) == b""
+    assert request_seed("ab", "c") != request_seed("a", "bc")
+    assert request_seed("salt", None) != request_seed(None, "salt")
+    assert chunk_hashes(range(16), 16, seed=request_seed("lora-a")) != \
+        chunk_hashes(range(16), 16, seed=request_seed("lora-b"))
+
+
+@pytest.mark.parametrize("bad", [[2**64 - 1], [2**63], np.array([2**64 - 1], dtype=np.uint64),
+                                 torch.tensor([True, False]), [1, "2"]])
+def test_token_ids_outside_int64_are_refused_not_wrapped(bad):
+    with pytest.raises(ValueError, match="token_ids"):
+        chunk_hashes(bad, 1)

@@ -1,82 +1,120 @@
 """Extending an L1 prefix hit through the lower tiers (disk, remote).
 
-After the leading chunks found in L1, a lookup walks on chunk by chunk: an object still in L1
-gets its shares there; otherwise the first tier holding it loads it into L1 as a *temporary*
-object that is born read-locked with the request's shares (``finish_write_and_reserve_read``, so
-eviction cannot slip in), and freed by the retrieve that releases its last share. A chunk counts
-only when every rank's object of it was found; the walk stops at the first miss.
+After the leading chunks found in L1, a lookup goes on from the first chunk some rank misses:
 
-Each tier is asked once per rank which of the remaining keys it holds (one round trip for a
-remote tier), then only the chunks of that prefix are loaded.
+1. Which (rank, chunk) objects must come from a tier: those not ready in L1 now.
+2. Local tiers (disk) say which of those they hold (an index lookup, no I/O); a remote tier is
+   asked once for all the rest: one pipelined GET under one time budget
+   (``remote_timeout_s`` per lookup, not per chunk).
+3. The run of chunks where every rank's object is in L1 or was found in a tier is taken: an L1
+   object gets the request's shares there; a tier hit is written into L1 as a *temporary* object
+   (its write pinned, so nothing can reuse the slot under the copy) and finished with the
+   request's shares in one step, so eviction cannot slip in; it is freed by the retrieve that
+   releases its last share. A chunk counts only when every rank's object was taken; the walk
+   stops at the first miss, and the shares of a chunk taken only in part are given back.
 """
 
 from __future__ import annotations
 
-from typing import Hashable
+import logging
+from typing import Callable, Hashable
 
-from gpukv.engine.keys import ObjectKey
+import torch
+
+from gpukv.engine.keys import KeySpace
+from gpukv.engine.registry import InternalOwner
 from gpukv.l1 import L1Manager, Status
+
+log = logging.getLogger(__name__)
+LOADER = InternalOwner("loader")
 
 
 class TierLoader:
     """Loads chunks from ``tiers`` (in order) into ``l1`` for a lookup."""
 
-    def __init__(self, l1: L1Manager, tiers: list) -> None:
+    def __init__(self, l1: L1Manager, tiers: list, *, budget_s: float,
+                 device_of: Callable[[KeySpace], int]) -> None:
         self.l1 = l1
         self.tiers = tiers
+        self.budget_s = budget_s
+        self.device_of = device_of
 
-    def extend(self, keys: list[list[ObjectKey]], start: int, extra: int, owner: Hashable,
-               fingerprint: str, nbytes: int) -> tuple[int, int, dict[str, int]]:
-        """Walk on from chunk ``start``; ``keys[rank][chunk]``.
-
-        Returns ``(end, l1_chunks, tier_chunks)``: the chunk index of the first miss, how many
-        chunks after ``start`` were found in L1, and per tier name how many were loaded (a chunk
-        counts for the lowest tier any of its rank objects came from).
-        """
-        num_chunks = len(keys[0])
-        if start >= num_chunks:
+    def extend(self, spaces: list[KeySpace], hashes: list[bytes], start: int, extra: int,
+               owner: Hashable, fingerprint: str, nbytes: int) -> tuple[int, int, dict[str, int]]:
+        """Walk on from chunk ``start``. Returns ``(end, l1_chunks, tier_chunks)``: the chunk
+        index of the first miss, how many chunks after ``start`` were all in L1, and per tier
+        name how many were loaded (a chunk counts for the lowest tier any rank came from)."""
+        if start >= len(hashes):
             return start, 0, {}
-        held = [[t.contains_many([k.to_str() for k in rank_keys[start:]]) for t in self.tiers]
-                for rank_keys in keys]
+        keys = [space.keys(hashes) for space in spaces]
+        found = self._find(spaces, keys, start, fingerprint, nbytes)
         per_source: dict[str, int] = {}
         n = start
-        while n < num_chunks:
-            got: list[ObjectKey] = []
-            source = "L1"
-            for rank, rank_keys in enumerate(keys):
-                where = self._take_or_load(rank_keys[n], [h[n - start] for h in held[rank]], extra,
-                                           owner, fingerprint, nbytes)
+        while n < len(hashes):
+            got, source = [], "L1"
+            for rank, space in enumerate(spaces):
+                where = self._take(space, keys[rank][n], found.get((rank, n)), extra, owner,
+                                   fingerprint, nbytes)
                 if where is None:
                     break
-                got.append(rank_keys[n])
+                got.append(keys[rank][n])
                 source = where if where != "L1" else source
-            if len(got) < len(keys):
-                if got:
-                    statuses = self.l1.finish_read(got, extra, owner=owner)
-                    assert all(s is Status.OK for s in statuses), statuses
+            if len(got) < len(spaces):
+                self.l1.release_owner(owner, got)
                 break
             per_source[source] = per_source.get(source, 0) + 1
             n += 1
-        l1_chunks = per_source.pop("L1", 0)
-        return n, l1_chunks, per_source
+        return n, per_source.pop("L1", 0), per_source
 
-    def _take_or_load(self, key: ObjectKey, in_tier: list[bool], extra: int, owner: Hashable,
-                      fingerprint: str, nbytes: int) -> str | None:
-        """Shares on ``key`` in L1, or a load from the first tier holding it; None on a miss."""
-        if self.l1.reserve_read([key], extra, owner=owner)[0] is Status.OK:
+    def _find(self, spaces, keys, start, fingerprint, nbytes) -> dict:
+        """(rank, chunk) -> (tier, payload or None for a local tier) for objects not in L1,
+        up to the first chunk that no tier holds for some rank."""
+        need = [(r, c) for c in range(start, len(keys[0])) for r in range(len(spaces))
+                if keys[r][c] not in self.l1]
+        found: dict = {}
+        for tier in self.tiers:
+            if not need:
+                break
+            names = [spaces[r].tier_key(keys[r][c]) for r, c in need]
+            try:
+                if getattr(tier, "local", tier.name == "disk"):
+                    hits = [(tier, None) if h else None for h in tier.contains_many(names)]
+                else:
+                    hits = [(tier, p) if p is not None else None for p in
+                            tier.load_many(names, fingerprint, nbytes, budget_s=self.budget_s)]
+            except Exception:  # noqa: BLE001 - a failing tier is a miss, never a failed lookup
+                log.warning("lookup: tier %s failed; treated as a miss", tier.name, exc_info=True)
+                continue
+            rest = []
+            for item, hit in zip(need, hits):
+                if hit is None:
+                    rest.append(item)
+                else:
+                    found[item] = hit
+            need = rest
+        return found
+
+    def _take(self, space: KeySpace, key: bytes, hit, extra: int, owner: Hashable,
+              fingerprint: str, nbytes: int) -> str | None:
+        """Shares on ``key`` in L1, or a load of the tier hit; None on a miss."""
+        if self.l1.reserve_read([key], extra, owner=owner, top_up=True)[0] is Status.OK:
             return "L1"
-        key_str = key.to_str()
-        for tier, present in zip(self.tiers, in_tier):
-            if not present:
-                continue
-            payload = tier.load(key_str, fingerprint, nbytes)
+        if hit is None:
+            return None
+        tier, payload = hit
+        if payload is None:
+            payload = tier.load_many([space.tier_key(key)], fingerprint, nbytes)[0]
             if payload is None:  # vanished since, or failed its checks (the tier dropped it)
-                continue
-            if self.l1.reserve_write([key], nbytes, temporary=True, owner=owner)[0] is not Status.OK:
-                return None  # no room, or another request is loading it right now
-            self.l1.buffer(key).copy_(payload)
-            status = self.l1.finish_write_and_reserve_read([key], extra, owner=owner)[0]
-            if status is not Status.OK:  # the write lease expired in between: it was discarded
                 return None
-            return tier.name
-        return None
+        statuses, (handle,) = self.l1.reserve_write_slots([key], nbytes, temporary=True,
+                                                          owner=LOADER, device=self.device_of(space))
+        if statuses[0] is not Status.OK:
+            return None  # no room, or another request is loading it right now
+        try:
+            arena = self.l1.arena(handle.device)
+            arena[handle.offset:handle.offset + nbytes].copy_(payload.view(torch.uint8))
+        except BaseException:
+            self.l1.abort_write([handle])
+            raise
+        status = self.l1.finish_write([handle], extra_count=extra, reader=owner)[0]
+        return tier.name if status is Status.OK else None  # NOT_FOUND: expired meanwhile

@@ -1,0 +1,279 @@
+"""The books of a cache: registry, requests, shares, pins, tiers, spill and loads; no copies.
+
+``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
+share. It speaks chunk hashes, instance ids and request owners, and hands out *plans*: a store
+plan names the arena slots a worker must pack into (write-pinned until commit or abort), a
+retrieve plan the slots it may unpack from (pinned until ``end_retrieve``). Whoever holds a plan
+runs the copy (the engine in-process, or the worker through the server) and then gives it back.
+
+Requests: ``lookup`` opens the request (owner = the request's identity, opaque here) and tops
+its shares up to ``readers`` per object (idempotent: repeated lookups take nothing more);
+``free`` releases its shares on a chunk range or all; ``end_request`` releases all and forgets
+it. A request whose read lease passed is forgotten by ``expire``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from gpukv.config import EngineConfig
+from gpukv.engine.loader import TierLoader
+from gpukv.engine.readers import resolve_extra_count
+from gpukv.engine.registry import Instance, Registry
+from gpukv.engine.requests import Busy, RequestTable
+from gpukv.engine.spill import Spiller
+from gpukv.l1 import L1Manager, Status
+from gpukv.l1.entry import Entry
+from gpukv.l1.memory import ArenaMemory, create
+from gpukv.l1.slab import SlabArena
+
+log = logging.getLogger(__name__)
+
+
+class UnknownRequest(ValueError):
+    """A retrieve or free names a request that never looked up (or already ended)."""
+
+
+@dataclass(slots=True)
+class StorePlan:
+    """Slots to pack into: ``chunks[i]`` (an index into the hashes given) goes to
+    ``handles[i]`` (``.device``, ``.offset``). ``cached``: chunks already held."""
+
+    instance: Instance
+    chunks: list[int]
+    handles: list[Entry]
+    cached: int
+    full: int  # chunks refused for lack of room
+
+
+@dataclass(slots=True)
+class RetrievePlan:
+    """Pinned objects to unpack from, one per chunk of the prefix, in order."""
+
+    instance: Instance
+    request: Hashable
+    handles: list[Entry]
+    released: int = field(default=0)
+
+
+class CacheCore:
+    """Registry, requests, L1 books and tiers of one cache (thread-safe)."""
+
+    def __init__(self, config: EngineConfig | None = None, *, shared: bool = False) -> None:
+        """``shared``: create the arenas so another process can map them (the server)."""
+        self.config = config = config or EngineConfig()
+        self.memories: list[ArenaMemory] = [
+            create(d, config.capacity_bytes, shared=shared, prefault=config.prefault)
+            for d in config.devices]
+        self.l1 = L1Manager(arenas=[SlabArena(config.capacity_bytes, memory=m.tensor)
+                                    for m in self.memories],
+                            read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s)
+        self.registry = Registry(config.chunk_size)
+        self.requests = RequestTable(config.max_requests)
+        self.tiers = _make_tiers(config)
+        self.spiller = Spiller(self.l1, self.tiers) if self.tiers else None
+        self.loader = TierLoader(self.l1, self.tiers, budget_s=config.remote_timeout_s,
+                                 device_of=self.registry.device_of_space)
+        self._lock = threading.Lock()
+        self.counts = dict(stored_chunks=0, lookups=0, hit_chunks_l1=0, retrieved_chunks=0,
+                           failed_retrieves=0)
+        self.tier_hits: dict[str, int] = {}
+        self._last_expire = 0.0
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.config.devices
+
+    # ---- registration ---------------------------------------------------------------------
+    def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
+                 tp_rank: int = 0, tp_size: int = 1, device: int = 0) -> Instance:
+        if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.devices):
+            raise ValueError(f"device must be an arena index in [0, {len(self.devices)}), got {device!r}")
+        inst = self.registry.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
+                                      tp_size=tp_size, device=device)
+        log.info("Registered %r: model=%s kind=%s tp=%d/%d layers=%d chunk=%d B device=%s",
+                 instance_id, model, kind, tp_rank, tp_size, inst.num_layers, inst.chunk_bytes,
+                 self.devices[device])
+        return inst
+
+    def unregister(self, instance_id: Hashable) -> None:
+        """Forget an instance; its unfinished writes are discarded (a copy still running keeps
+        its slots until it commits or aborts; its commit then stores nothing)."""
+        inst = self.registry.unregister(instance_id)
+        self.l1.release_owner(inst.writer)
+
+    # ---- store ----------------------------------------------------------------------------
+    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> StorePlan:
+        """Reserve write slots for the chunks of ``hashes`` not held yet."""
+        inst = self.registry.instance(instance_id)
+        self._check_work(len(hashes))
+        statuses, handles = self.l1.reserve_write_slots(inst.space.keys(hashes), inst.chunk_bytes,
+                                                        device=inst.device, owner=inst.writer)
+        new = [i for i, s in enumerate(statuses) if s is Status.OK]
+        return StorePlan(inst, new, [handles[i] for i in new],
+                         cached=sum(s is Status.NOT_WRITABLE for s in statuses),
+                         full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
+
+    def commit_store(self, plan: StorePlan) -> int:
+        """The copy is complete: make the plan's chunks readable; returns how many became so
+        (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
+        statuses = self.l1.finish_write(plan.handles)
+        ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
+        if ready and self.spiller is not None:
+            self.spiller.spill(ready, plan.instance.space,
+                               self.registry.model(plan.instance.model).fingerprint)
+        with self._lock:
+            self.counts["stored_chunks"] += len(ready)
+        return len(ready)
+
+    def abort_store(self, plan: StorePlan) -> None:
+        self.l1.abort_write(plan.handles)
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def lookup(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
+               num_readers: int | None = None, creator: Hashable = None) -> int:
+        """Leading chunks held for every rank; the request's shares topped up to ``readers``
+        per object (MLA: ``num_readers or tp_size``; MHA: 1 per rank's object)."""
+        info = self.registry.model(model)
+        extra = resolve_extra_count(info.kind, tp_size, num_readers)
+        spaces = self.registry.spaces(model, tp_size)
+        self._check_work(len(hashes) * len(spaces))
+        self.maybe_expire()
+        self.requests.open(request, model, spaces, hashes, creator=creator,
+                           deadline=time.monotonic() + self.config.read_lease_s)
+        keys = [space.keys(hashes) for space in spaces]
+        n_l1 = min(self.l1.prefix_hits(k) for k in keys) if hashes else 0
+        if n_l1:
+            taken = [k[i] for k in keys for i in range(n_l1)]
+            statuses = self.l1.reserve_read(taken, extra, owner=request, top_up=True)
+            failed = [j % n_l1 for j, s in enumerate(statuses) if s is not Status.OK]
+            if failed:  # evicted between prefix_hits and reserve_read: keep the shorter prefix
+                n_l1 = min(failed)
+                self.l1.release_owner(request, [k[i] for k in keys for i in range(n_l1, len(k))])
+        hits, per_tier = n_l1, {}
+        if self.tiers and n_l1 < len(hashes):
+            hits, later_l1, per_tier = self.loader.extend(spaces, hashes, n_l1, extra, request,
+                                                          info.fingerprint, info.chunk_bytes)
+            n_l1 += later_l1
+        with self._lock:
+            self.counts["lookups"] += 1
+            self.counts["hit_chunks_l1"] += n_l1
+            for name, n in per_tier.items():
+                self.tier_hits[name] = self.tier_hits.get(name, 0) + n
+        log.debug("Lookup %r: %d/%d prefix chunks (%d L1, %s)", request, hits, len(hashes), n_l1,
+                  per_tier)
+        return hits
+
+    # ---- retrieve -------------------------------------------------------------------------
+    def begin_retrieve(self, instance_id: Hashable, hashes: list[bytes], *,
+                       request: Hashable) -> RetrievePlan | None:
+        """Pin the objects of ``hashes`` for an unpack; None (nothing pinned) if any is missing.
+        UnknownRequest if the request never looked up."""
+        inst = self.registry.instance(instance_id)
+        self._check_work(len(hashes))
+        if request not in self.requests:
+            raise UnknownRequest(f"unknown request {request!r}: look it up first")
+        statuses, handles = self.l1.pin(inst.space.keys(hashes))
+        if any(s is not Status.OK for s in statuses):
+            self.l1.unpin([h for h in handles if h is not None])
+            with self._lock:
+                self.counts["failed_retrieves"] += 1
+            return None
+        return RetrievePlan(inst, request, handles)
+
+    def end_retrieve(self, plan: RetrievePlan) -> int:
+        """The copy is complete: release one of the request's shares per object (where it
+        still holds one) and unpin; returns the shares released."""
+        plan.released = self.l1.end_read(plan.handles, owner=plan.request)
+        with self._lock:
+            self.counts["retrieved_chunks"] += len(plan.handles)
+        return plan.released
+
+    # ---- request lifecycle ----------------------------------------------------------------
+    def free(self, request: Hashable, *, start_chunk: int = 0, end_chunk: int | None = None) -> int:
+        """Release the request's shares on chunks ``[start_chunk, end_chunk)`` (all by default);
+        returns how many."""
+        if start_chunk == 0 and end_chunk is None:
+            return self.l1.release_owner(request)
+        req = self.requests.get(request)
+        if req is None:
+            return 0
+        return self.l1.release_owner(request, req.keys(start_chunk, end_chunk))
+
+    def end_request(self, request: Hashable) -> int:
+        """Release everything the request holds and forget it; returns the shares released."""
+        self.requests.pop(request)
+        return self.l1.release_owner(request)
+
+    def maybe_expire(self, *, every_s: float = 1.0) -> None:
+        now = time.monotonic()
+        if now - self._last_expire > every_s:
+            self._last_expire = now
+            self.expire()
+
+    def expire(self) -> int:
+        """Enforce leases: expired shares and writes, and forget requests past their lease."""
+        released = self.l1.expire()
+        for req in self.requests.prune(time.monotonic()):
+            released += self.l1.release_owner(req.owner)
+        return released
+
+    # ---- misc -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(self.counts, hit_chunks_tier=dict(self.tier_hits))
+        out.update(instances=self.registry.num_instances, models=self.registry.snapshot(),
+                   open_requests=len(self.requests), devices=list(self.devices),
+                   l1=self.l1.stats(), tiers={t.name: t.stats() for t in self.tiers})
+        if self.spiller is not None:
+            out["spill"] = dict(self.spiller.counts, queue_depth=self.spiller.queue_depth)
+        return out
+
+    def object_states(self, model: str, hashes: list[bytes], *, kv_rank: int = 0) -> dict:
+        """Per chunk object of one rank: ``read_counts`` (shares held by requests),
+        ``present`` (ready) and ``evictable`` (ready, unlocked, unpinned)."""
+        spaces = self.registry.spaces(model, kv_rank + 1)
+        keys = spaces[min(kv_rank, len(spaces) - 1)].keys(hashes)
+        return dict(read_counts=[self.l1.read_count(k) for k in keys],
+                    present=[k in self.l1 for k in keys],
+                    evictable=[self.l1.is_evictable(k) for k in keys])
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every spilled chunk has reached every tier; False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        ok = self.spiller.flush(timeout_s) if self.spiller is not None else True
+        for tier in self.tiers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ok = tier.flush(left) and ok
+        return ok
+
+    def close(self, flush_timeout_s: float = 10.0) -> None:
+        """Flush what is queued for the lower tiers (up to ``flush_timeout_s``), then stop."""
+        if self.tiers:
+            self.flush(flush_timeout_s)
+        if self.spiller is not None:
+            self.spiller.close()
+        for tier in self.tiers:
+            tier.close()
+
+    def _check_work(self, num_keys: int) -> None:
+        if num_keys > self.config.max_keys_per_request:
+            raise Busy(f"one call may name at most {self.config.max_keys_per_request} chunk "
+                       f"objects (chunks x ranks), got {num_keys}")
+
+
+def _make_tiers(config: EngineConfig) -> list:
+    tiers = []
+    if config.disk_dir is not None:
+        from gpukv.tiers.disk import DiskTier
+
+        tiers.append(DiskTier(config.disk_dir, capacity_bytes=config.disk_capacity_bytes))
+    if config.remote_url is not None:
+        from gpukv.tiers.remote import RemoteTier
+
+        tiers.append(RemoteTier(config.remote_url, timeout_s=config.remote_timeout_s))
+    return tiers

@@ -1,0 +1,157 @@
+"""Arena memory: the one uint8 tensor per device that L1 carves into slots, and how a worker maps
+the server's arena into its own process.
+
+CPU, shared (the server): a ``memfd`` sealed against shrinking and growing (``F_SEAL_SHRINK |
+F_SEAL_GROW | F_SEAL_SEAL``), so no client that maps it can make the server fault on a truncated
+page; a worker opens it through ``/proc/<server pid>/fd/<fd>`` (same user only) and checks the
+seals and size before mapping. CPU, private (the embedded engine): anonymous memory with
+transparent huge pages requested. Both are *pre-faulted* when created (``MADV_POPULATE_WRITE``,
+else one write per page), so the first stores into a fresh L1 do not pay a page fault per 4 KiB
+(issue 15); that costs one zero fill of the capacity at start-up.
+
+CUDA (UNTESTED here: no GPU in CI): ``torch.empty`` on the device, exported with CUDA IPC handles
+(the fields of ``torch.multiprocessing.reductions.reduce_tensor`` as plain data, never pickled);
+the GPU is named by its UUID since device indices differ between processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
+
+import torch
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(slots=True)
+class ArenaMemory:
+    """``tensor``: 1-D uint8 of ``nbytes`` on ``device``; ``handle``: how another process of the
+    same user maps it (None for private memory)."""
+
+    device: str
+    tensor: torch.Tensor
+    handle: dict | None = None
+    _keep: list = field(default_factory=list, repr=False)  # fds and maps that must outlive it
+
+    def close(self) -> None:
+        for item in self._keep:
+            if isinstance(item, int):
+                os.close(item)
+        self._keep.clear()
+
+
+def create(device: str, nbytes: int, *, shared: bool, prefault: bool = True) -> ArenaMemory:
+    """A new arena of ``nbytes`` on ``device`` ("cpu", "cpu:N" or "cuda[:N]")."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"arena size must be a positive int, got {nbytes!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        return ArenaMemory(device, tensor, cuda_handle(tensor) if shared else None)
+    if dev.type != "cpu":
+        raise ValueError(f"arenas live on cpu or cuda devices, got {device!r}")
+    size = -(-nbytes // PAGE) * PAGE
+    keep: list = []
+    if shared:
+        fd = os.memfd_create(f"gpukv-arena-{device}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        keep.append(fd)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        handle = dict(kind="memfd", pid=os.getpid(), fd=fd, nbytes=size)
+    else:
+        mapped = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+        _advise(mapped, mmap.MADV_HUGEPAGE)
+        handle = None
+    keep.append(mapped)
+    tensor = torch.frombuffer(mapped, dtype=torch.uint8)[:nbytes]
+    if prefault:
+        populate(mapped, tensor)
+    return ArenaMemory(device, tensor, handle, keep)
+
+
+def populate(mapped: mmap.mmap, tensor: torch.Tensor) -> None:
+    """Fault in every page of a mapping (writing), without changing its bytes."""
+    if not _advise(mapped, MADV_POPULATE_WRITE):
+        tensor.view(-1)[::PAGE].add_(0)  # one write per page where the kernel lacks the advice
+
+
+def open_cpu(handle: dict, *, populate_pages: bool = True) -> tuple[torch.Tensor, mmap.mmap]:
+    """Map a server's CPU arena (``handle`` from :func:`create`) in this process.
+
+    Raises ValueError when it is not a sealed memfd of this user of the announced size.
+    """
+    if handle.get("kind") != "memfd":
+        raise ValueError(f"not a CPU arena handle: {handle.get('kind')!r}")
+    path = f"/proc/{int(handle['pid'])}/fd/{int(handle['fd'])}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot open the server's arena {path}: {exc.strerror} (the worker must "
+                         "run as the server's user and see its /proc)") from None
+    try:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise ValueError(f"{path} is not a memfd of uid {os.getuid()}")
+        if st.st_size != handle["nbytes"] or seals & _SEALS != _SEALS:
+            raise ValueError(f"{path}: size {st.st_size} (announced {handle['nbytes']}) or seals "
+                             f"{seals:#x} do not match a gpukv arena")
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate_pages else 0)
+        mapped = mmap.mmap(fd, st.st_size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapped, dtype=torch.uint8), mapped
+
+
+def _advise(mapped: mmap.mmap, advice: int) -> bool:
+    try:
+        mapped.madvise(advice)
+    except OSError:
+        return False
+    return True
+
+
+# ---- CUDA (UNTESTED: no GPU in CI) --------------------------------------------------------------
+def cuda_handle(tensor: torch.Tensor) -> dict:
+    """The CUDA IPC description of a device tensor, as plain data."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(tensor.detach())
+    (_, size, stride, offset, _, dtype, device, handle, storage_size_bytes, storage_offset_bytes,
+     _, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = args
+    return dict(kind="cuda_ipc", device_index=int(device),
+                device_uuid=str(torch.cuda.get_device_properties(device).uuid),
+                ipc_handle=bytes(handle), storage_size_bytes=int(storage_size_bytes),
+                storage_offset_bytes=int(storage_offset_bytes),
+                ref_counter_handle=bytes(ref_counter_handle),
+                ref_counter_offset=int(ref_counter_offset), event_handle=bytes(event_handle or b""),
+                event_sync_required=bool(event_sync_required), nbytes=int(size[0]),
+                offset=int(offset))
+
+
+def open_cuda(handle: dict) -> torch.Tensor:
+    """Map a server's CUDA arena in this process (on the GPU with the handle's UUID)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if not torch.cuda.is_available():
+        raise ValueError("the server's arena is on a GPU but this process sees none")
+    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    if handle["device_uuid"] not in uuids:
+        raise ValueError(f"GPU {handle['device_uuid']} of the server's arena is not visible here "
+                         f"(visible: {uuids})")
+    device = uuids.index(handle["device_uuid"])
+    with torch.cuda.device(device):
+        return rebuild_cuda_tensor(
+            torch.Tensor, torch.Size([handle["nbytes"]]), (1,), handle["offset"],
+            torch.UntypedStorage, torch.uint8, device, handle["ipc_handle"],
+            handle["storage_size_bytes"], handle["storage_offset_bytes"], False,
+            handle["ref_counter_handle"], handle["ref_counter_offset"],
+            handle["event_handle"] or None, handle["event_sync_required"])
