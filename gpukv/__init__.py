@@ -6,6 +6,7 @@ Public API (imported lazily so `import gpukv` stays light for CLI start-up):
     chunk_hashes                           stable chained chunk keys
     CacheEngine, EngineConfig              the embedded engine
     CacheClient                            the same API through a `gpukv serve` process
+    ServerProcess                          a `gpukv serve` child process (demos, tests)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _EXPORTS = {
     "CacheEngine": "gpukv.engine",
     "EngineConfig": "gpukv.config",
     "CacheClient": "gpukv.frontend.client",
+    "ServerProcess": "gpukv.frontend.process",
 }
 
 __all__ = sorted(_EXPORTS)

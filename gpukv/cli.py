@@ -39,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the cache server for the workers of this machine")
     serve.add_argument("--address", default=None,
-                       help="ipc:///path (default: ipc://$XDG_RUNTIME_DIR or /tmp) or tcp://127.0.0.1:PORT")
-    serve.add_argument("--capacity", type=_size, default=_size("4GiB"), help="L1 bytes (default 4GiB)")
+                       help="ipc:///path (default: ipc://$XDG_RUNTIME_DIR/gpukv.sock, else "
+                            "ipc:///tmp/gpukv-<uid>/gpukv.sock) or tcp://127.0.0.1:PORT")
+    serve.add_argument("--capacity", type=_size, default=_size("4GiB"),
+                       help="L1 bytes per device (default 4GiB)")
     serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: auto)")
+    serve.add_argument("--devices", default=None,
+                       help="comma-separated arenas, one per device: cuda:0,cuda:1 (CPU: cpu:0,cpu:1 "
+                            "stand for devices); default: --device")
     serve.add_argument("--chunk-size", type=int, default=256)
     serve.add_argument("--disk-dir", default=None)
     serve.add_argument("--disk-capacity", type=_size, default=None)
@@ -51,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=4, help="worker threads for transfers")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a tcp:// bind on a non-loopback address (no authentication!)")
+    serve.add_argument("--allow-abstract", action="store_true",
+                       help="allow an abstract ipc://@name socket (no file permissions!)")
+    serve.add_argument("--flush-timeout", type=float, default=5.0,
+                       help="seconds to flush queued spills at shutdown (default 5)")
     return parser
 
 

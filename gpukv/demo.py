@@ -185,16 +185,16 @@ def run_demo(*, kinds: list[str], tp_size: int = 2, num_tokens: int = 2048, num_
 
 def _run_through_server(kinds: list[str], *, tp_size: int, num_tokens: int, num_layers: int,
                         chunk_size: int, device: str | None, gen: torch.Generator) -> list[Row]:
-    """The demo through a spawned ``gpukv serve``: pages in shared memory (CPU) or CUDA IPC; the
-    "after restart" phase restarts the server process on the same disk folder."""
-    from gpukv.frontend.client import CacheClient
+    """The demo through a spawned ``gpukv serve``: the server keeps the books and owns the arena
+    (shared memory on CPU, CUDA IPC on GPU); this process's ranks copy their own plain tensors in
+    and out of it. The "after restart" phase restarts the server on the same disk folder."""
     from gpukv.config import default_device
-    from gpukv.frontend.server import ServerProcess
-    from gpukv.frontend.shm import ShmAllocator
+    from gpukv.frontend.client import CacheClient
+    from gpukv.frontend.process import ServerProcess
 
     device = device or default_device()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="gpukv-demo-") as tmp, ShmAllocator() as shm:
+    with tempfile.TemporaryDirectory(prefix="gpukv-demo-") as tmp:
         for kind in kinds:
             address, disk_dir = f"ipc://{tmp}/gpukv-{kind}.sock", f"{tmp}/{kind}"
             holder: dict = {}
@@ -212,7 +212,7 @@ def _run_through_server(kinds: list[str], *, tp_size: int, num_tokens: int, num_
             try:
                 rows += run_kind(make_cache(), kind, tp_size=tp_size, num_tokens=num_tokens,
                                  num_layers=num_layers, device=device, make_cache=make_cache,
-                                 alloc=shm.empty if device == "cpu" else None, gen=gen)
+                                 gen=gen)
             finally:
                 if "cache" in holder:
                     holder["cache"].close()

@@ -168,6 +168,15 @@ class CacheCore:
                   per_tier)
         return hits
 
+    def covered_by_l1(self, model: str, hashes: list[bytes], tp_size: int = 1) -> bool:
+        """Whether every rank's object of every chunk is ready in L1 now (a lookup that would
+        not touch a tier; the answer may change before the lookup runs, which is harmless)."""
+        try:
+            spaces = self.registry.spaces(model, tp_size)
+        except ValueError:
+            return True  # an unknown model fails fast, without a tier
+        return all(self.l1.prefix_hits(s.keys(hashes)) == len(hashes) for s in spaces)
+
     # ---- retrieve -------------------------------------------------------------------------
     def begin_retrieve(self, instance_id: Hashable, hashes: list[bytes], *,
                        request: Hashable) -> RetrievePlan | None:

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from gpukv.engine.keys import KeySpace
+from gpukv.errors import Busy
 
-
-class Busy(ValueError):
-    """A bound was reached (open requests, in-flight work): retry later or end requests."""
+__all__ = ["Busy", "Request", "RequestTable"]
 
 
 @dataclass(slots=True)

@@ -1,94 +1,114 @@
-"""``CacheClient``: the :class:`gpukv.CacheEngine` API, served by a ``gpukv serve`` process.
+"""``CacheClient``: the :class:`gpukv.CacheEngine` API, with the books kept by ``gpukv serve``.
 
 A worker switches between embedded and server mode by construction alone::
 
-    cache = CacheEngine(EngineConfig(...))        # embedded
-    cache = CacheClient("ipc:///run/gpukv.sock")  # one server for every worker of the machine
+    cache = CacheEngine(EngineConfig(...))                    # embedded
+    cache = CacheClient("ipc:///run/user/1000/gpukv.sock")    # one server for the whole machine
 
-Same methods, arguments and return values (``register``, ``unregister``, ``store``, ``lookup``,
-``retrieve``, ``free_lookup_locks``, ``end_session``, ``stats``, ``flush``, ``close``), plus
-``ping``. Only metadata crosses the socket: ``register`` sends handles of the worker's KV tensors
-(CPU: allocate them with :class:`gpukv.frontend.shm.ShmAllocator`; CUDA: IPC handles), and the server runs
-the copy kernels on the worker's own memory. ``lookup`` hashes the prompt here (with the
-server's ``chunk_size`` and salt, learned at connect) and sends 16 bytes per chunk.
+Same methods, arguments and return values. The worker registers its engine's OWN KV tensors
+(list, tuple or dict name -> tensor; cross-layer views included); the server answers with its
+arenas' handles, which this client maps once. ``store`` asks for write slots (STORE_BEGIN), packs
+its pages into them here, in this process, then commits; ``retrieve`` pins the request's objects
+(RETRIEVE_BEGIN), unpacks them here and releases (RETRIEVE_END): two round trips each, and only
+metadata crosses the socket.
 
-CUDA ordering (UNTESTED: no GPU in CI): ``store`` synchronizes the worker's current CUDA stream
-before sending, so its writes to the pages are complete before the server's kernel reads them;
-the server synchronizes its own stream before it answers ``retrieve``.
+CUDA ordering (UNTESTED: no GPU in CI): the copy runs on this worker's current stream, after its
+own forward work; ``store`` sends the commit only after an event recorded after the pack has
+completed, and ``retrieve`` releases its pins only after the unpack's event has completed, so the
+server never hands out a slot a copy still touches. An arena on another GPU (an MLA object stored
+by another rank) is copied chunk by chunk into a staging buffer on this GPU first
+(``Tensor.copy_`` between devices: peer-to-peer when the driver allows it, else through host
+memory), then unpacked locally.
 
-Ids: instance and request ids are ``str`` or ``int`` here (the engine takes any hashable).
+Groups: requests are visible to the sessions of one group. The processes of one engine (its
+scheduler and its workers) pass the same ``group`` secret; by default each client is a group of
+its own.
 
-Threads: any thread may call any method; each call borrows a DEALER socket from a pool (one per
-concurrent call), so a long ``store`` never blocks a ``lookup`` from another thread. Every call has
-a timeout: a dead server raises :class:`ServerUnavailable` naming the address, never hangs.
-
-Liveness: a daemon thread PINGs the server every ``worker_timeout / 4`` seconds, so the server's
-reaper sees this process alive while it idles. When the process dies (even by SIGKILL), pings
-stop and the server releases this client's shares and drops its mappings after the timeout. A
-client that was reaped while alive (stopped for longer than the timeout) or whose server
-restarted gets "unknown instance" errors: it must ``register`` again.
+Threads: any thread may call any method; each call borrows a DEALER socket from a pool. Every
+call has a timeout: a dead server raises :class:`ServerUnavailable`, never hangs. A daemon thread
+PINGs every ``worker_timeout / 4`` s so the server sees this process alive while it idles.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 import msgspec
 import torch
 import zmq
 
-from gpukv.engine.keys import TokenIds, as_token_array, chunk_hashes
-from gpukv.frontend.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
-                            ReadCounts, Register, Retrieve, Stats, Store, Unregister, decode_reply,
-                            default_address, encode_request)
-from gpukv.frontend.worker_memory import describe
+from gpukv.engine.engine import chunk_slots, full_chunks, token_range  # noqa: F401 (re-export)
+from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
+from gpukv.errors import Busy
+from gpukv.frontend import protocol as p
+from gpukv.frontend.peer import server_uid
+from gpukv.l1.memory import open_cpu, open_cuda
+from gpukv.paged.copy import check_slot_mapping, pack, unpack
+from gpukv.paged.layout import PagedKV
 
 log = logging.getLogger(__name__)
 
 
 class ServerUnavailable(ConnectionError):
-    """The server did not answer in time (dead, stopped or overloaded)."""
+    """The server did not answer in time (dead, stopped or overloaded), or nobody listens."""
 
 
 class ServerError(RuntimeError):
     """The server failed a request for a reason other than bad input."""
 
 
+@dataclass(slots=True)
+class _Local:
+    paged: PagedKV
+    device: int  # arena index its stores go to
+    chunk_bytes: int
+
+
 class CacheClient:
     """A connection to a ``gpukv serve`` process at ``address`` (``ipc://...`` or ``tcp://...``;
     default: :func:`gpukv.frontend.protocol.default_address`, the server's default).
 
-    ``timeout_s`` bounds every call (a transfer of many GB may need more: pass a larger one).
-    ``ping_interval_s`` defaults to a quarter of the server's worker timeout; 0 disables pings.
+    ``timeout_s`` bounds every call; ``ping_interval_s`` defaults to a quarter of the server's
+    worker timeout (0 disables pings); ``group``: see the module docstring.
     """
 
-    def __init__(self, address: str | None = None, *, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 10.0, ping_interval_s: float | None = None) -> None:
-        address = default_address() if address is None else address
+    def __init__(self, address: str | None = None, *, group: str | None = None,
+                 timeout_s: float = 30.0, connect_timeout_s: float = 10.0,
+                 ping_interval_s: float | None = None, backend: str | None = None) -> None:
+        address = p.default_address() if address is None else address
         if not isinstance(address, str) or not address.startswith(("ipc://", "tcp://")):
-            raise ValueError(f"address must be ipc://<path> or tcp://<host>:<port>, "
-                             f"got {address!r}")
+            raise ValueError(f"address must be ipc://<path> or tcp://<host>:<port>, got {address!r}")
         if timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError(f"timeouts must be positive, got {timeout_s!r}, {connect_timeout_s!r}")
-        self.address = address
-        self.timeout_s = float(timeout_s)
+        if group is not None and (not isinstance(group, str) or not 16 <= len(group) <= 128):
+            raise ValueError("group must be a secret str of 16 to 128 characters")
+        self.address, self.timeout_s, self.backend = address, float(timeout_s), backend
         self.session = uuid.uuid4().hex
+        self.group = group
         self._ctx = zmq.Context()
         self._pool: list[zmq.Socket] = []
         self._pool_lock = threading.Lock()
         self._seq = itertools.count(1)
         self._closed = threading.Event()
-        self._cuda: dict[Hashable, torch.device] = {}  # instances whose pages are on a GPU
+        self._locals: dict[Hashable, _Local] = {}
+        self._handles: list[dict] = []
+        self._arenas: dict[int, torch.Tensor] = {}
+        self._maps: list = []
         self._pinger: threading.Thread | None = None
         try:
-            info = self._call(Ping(), timeout_s=connect_timeout_s)
-            if info.get("version") != PROTOCOL_VERSION:
-                raise ServerError(f"server at {address} speaks protocol {info.get('version')!r},"
-                                  f" this client {PROTOCOL_VERSION}")
+            uid = server_uid(address)
+            if uid is None:
+                raise ServerUnavailable(f"no gpukv server listens on {address}")
+            if uid not in (-1, os.getuid()):
+                raise ValueError(f"the server at {address} runs as uid {uid}, not as this user "
+                                 f"({os.getuid()}): refusing to send it anything")
+            info = self._call(p.Ping(os.getpid()), timeout_s=connect_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -103,79 +123,113 @@ class CacheClient:
 
     # ---- the engine API --------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, kv_caches, dims: str, *,
-                 kind: str = "mha", tp_rank: int = 0, tp_size: int = 1) -> None:
-        """Share this worker's KV tensors with the server (see :meth:`CacheEngine.register`)."""
-        layers = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
-        kv_pair = len(layers) == 2 and all(isinstance(x, (list, tuple)) for x in layers)
-        if kv_pair:  # SGLang MHA pools: (k_layers, v_layers)
-            if len(layers[0]) != len(layers[1]):
-                raise ValueError(f"k_layers and v_layers differ in length: {len(layers[0])} != "
-                                 f"{len(layers[1])}")
-            layers = list(layers[0]) + list(layers[1])
-        self._call(Register(instance_id, model, dims, kind, tp_rank, tp_size,
-                            [describe(t) for t in layers], kv_pair))
-        if layers and isinstance(layers[0], torch.Tensor) and layers[0].is_cuda:
-            self._cuda[instance_id] = layers[0].device
+                 kind: str = "mha", tp_rank: int = 0, tp_size: int = 1,
+                 device: str | None = None) -> None:
+        """Describe this worker's KV tensors to the server (see :meth:`CacheEngine.register`)
+        and map the server's arenas. ``device``: the arena name to store into (default: the
+        server's arena on the pages' device)."""
+        if isinstance(kv_caches, dict):
+            kv_caches = list(kv_caches.values())
+        paged = PagedKV.from_tensors(kv_caches, dims, kind=kind)
+        if device is None:
+            device = "cpu" if paged.device.type == "cpu" else \
+                f"cuda-uuid:{torch.cuda.get_device_properties(paged.device).uuid}"
+        from gpukv.engine.engine import describe
+
+        reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
+                                      tp_size, device))
+        self._handles = reply["arenas"]
+        self._locals[instance_id] = _Local(paged, reply["device"], reply["chunk_bytes"])
+        self._arena(reply["device"])  # map it now: a bad handle fails the registration
 
     def unregister(self, instance_id: Hashable) -> None:
-        self._call(Unregister(instance_id))
-        self._cuda.pop(instance_id, None)
+        self._call(p.Unregister(instance_id))
+        self._locals.pop(instance_id, None)
 
-    def store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor) -> int:
-        """Tokens newly stored; the server packs them straight out of this worker's pages.
-
-        CUDA pages: the current stream is synchronized first, so the worker's writes to the
-        pages are complete before the server's kernel reads them (another process, another
-        stream). UNTESTED on GPU (no GPU in CI).
-        """
-        device = self._cuda.get(instance_id)
-        if device is not None:
-            torch.cuda.current_stream(device).synchronize()
-        return self._call(Store(instance_id, _int64_bytes(token_ids, "token_ids"),
-                                _slots_bytes(slot_mapping)))
+    def store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
+              seed: bytes = b"", extras=None) -> int:
+        """Tokens really stored: the full chunks not cached yet, packed here into the slots the
+        server reserved, then committed (a chunk with a ``-1`` slot is not stored)."""
+        local = self._local(instance_id)
+        hashes = self._hashes(token_ids, seed, extras)
+        check_slot_mapping(local.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
+        chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
+        if not chunks:
+            return 0
+        plan = self._call(p.StoreBegin(instance_id, [hashes[i] for i in chunks]))
+        if not plan["plan"]:
+            return 0
+        try:
+            slots = chunk_slots(slot_mapping, [chunks[i] for i in plan["chunks"]], self.chunk_size)
+            offsets = torch.tensor(plan["offsets"], dtype=torch.int64)
+            pack(local.paged, slots, self._arena(plan["device"]), offsets,
+                 chunk_size=self.chunk_size, backend=self.backend)
+            _wait_for_copy(local.paged)
+        except BaseException:
+            self._call(p.StoreCommit(plan["plan"], ok=False))
+            raise
+        return self._call(p.StoreCommit(plan["plan"])) * self.chunk_size
 
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
-               num_readers: int | None = None) -> int:
-        """Leading tokens held; takes ``num_readers or tp_size`` shares per MLA object."""
-        hashes = chunk_hashes(token_ids, self.chunk_size, seed=self.salt.encode())
+               num_readers: int | None = None, seed: bytes = b"", extras=None) -> int:
+        """Leading tokens held; tops the request's shares up to ``num_readers or tp_size`` per
+        MLA object (a repeated lookup takes no more)."""
+        hashes = self._hashes(token_ids, seed, extras)
         return self.lookup_hashes(model, hashes, request_id=request_id, tp_size=tp_size,
                                   num_readers=num_readers)
 
     def lookup_hashes(self, model: str, hashes: list[bytes], *, request_id: Hashable,
                       tp_size: int = 1, num_readers: int | None = None) -> int:
-        return self._call(Lookup(model, request_id, tp_size, num_readers, hashes=list(hashes)))
+        return self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers))
 
     def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-                 request_id: Hashable) -> int:
-        """Tokens written into this worker's pages (all or nothing)."""
-        return self._call(Retrieve(instance_id, request_id, _int64_bytes(token_ids, "token_ids"),
-                                   _slots_bytes(slot_mapping)))
+                 request_id: Hashable, seed: bytes = b"", extras=None) -> int:
+        """Tokens written into this worker's pages: all the full chunks, or 0 (nothing written)."""
+        local = self._local(instance_id)
+        hashes = self._hashes(token_ids, seed, extras)
+        check_slot_mapping(local.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
+        if not hashes:
+            return 0
+        plan = self._call(p.RetrieveBegin(instance_id, request_id, hashes))
+        if not plan["plan"]:
+            return 0
+        try:
+            self._unpack(local, slot_mapping, plan["devices"], plan["offsets"])
+        finally:
+            self._call(p.RetrieveEnd(plan["plan"]))
+        return len(hashes) * self.chunk_size
 
-    def free_lookup_locks(self, request_id: Hashable, *, tp_size: int = 1) -> int:
-        return self._call(FreeLookupLocks(request_id, tp_size))
+    def free_lookup_locks(self, request_id: Hashable, *, start_token: int = 0,
+                          end_token: int | None = None, tp_size: int = 1) -> int:
+        """Release the request's shares on chunks inside ``[start_token, end_token)`` (all by
+        default); returns how many."""
+        token_range(start_token, end_token, self.chunk_size)  # ValueError naming a bad bound
+        return self._call(p.FreeLookupLocks(request_id, start_token, end_token, tp_size))
 
     def end_session(self, request_id: Hashable) -> None:
-        self._call(EndSession(request_id))
+        self._call(p.EndSession(request_id))
 
     def stats(self) -> dict:
-        return self._call(Stats())
+        return self._call(p.Stats(), timeout_s=max(self.timeout_s, 60.0))
 
-    def read_counts(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0) -> dict:
+    def read_counts(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0,
+                    seed: bytes = b"") -> dict:
         """Read-only debug view of a prefix's objects: lists ``read_counts``, ``present`` and
         ``evictable``, one entry per full chunk."""
-        hashes = chunk_hashes(token_ids, self.chunk_size, seed=self.salt.encode())
-        return self._call(Stats(ReadCounts(model, kv_rank, hashes=hashes)))["query"]
+        hashes = self._hashes(token_ids, seed, None)
+        return self._call(p.Stats(p.ReadCounts(model, hashes, kv_rank)))["query"]
 
-    def read_count(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0) -> list[int]:
+    def read_count(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0,
+                   seed: bytes = b"") -> list[int]:
         """Shares held on each full chunk's object (like :meth:`CacheEngine.read_count`)."""
-        return self.read_counts(model, token_ids, kv_rank=kv_rank)["read_counts"]
+        return self.read_counts(model, token_ids, kv_rank=kv_rank, seed=seed)["read_counts"]
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        return self._call(Flush(timeout_s), timeout_s=max(self.timeout_s, (timeout_s or 0) + 5))
+        return self._call(p.Flush(timeout_s), timeout_s=max(self.timeout_s, (timeout_s or 0) + 5))
 
     def ping(self, *, timeout_s: float | None = None) -> dict:
-        """The server's identity (protocol version, chunk size, salt, device, worker timeout)."""
-        return self._call(Ping(), timeout_s=timeout_s)
+        """The server's identity (protocol version, chunk size, salt, devices, worker timeout)."""
+        return self._call(p.Ping(os.getpid()), timeout_s=timeout_s)
 
     def close(self) -> None:
         """Stop pinging and close the sockets (the server reaps the session after its timeout)."""
@@ -196,6 +250,48 @@ class CacheClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ---- copies ----------------------------------------------------------------------------
+    def _unpack(self, local: _Local, slots: torch.Tensor, devices: list[int],
+                offsets: list[int]) -> None:
+        cs, here = self.chunk_size, local.paged.device
+        groups: dict[int, list[int]] = {}
+        for i, dev in enumerate(devices):
+            groups.setdefault(dev, []).append(i)
+        for dev, where in groups.items():
+            arena = self._arena(dev)
+            offs = [offsets[i] for i in where]
+            if arena.device != here:  # another GPU's arena: stage its chunks here first
+                staging = torch.empty(len(offs) * local.chunk_bytes, dtype=torch.uint8, device=here)
+                for j, off in enumerate(offs):
+                    staging[j * local.chunk_bytes:(j + 1) * local.chunk_bytes].copy_(
+                        arena[off:off + local.chunk_bytes], non_blocking=True)
+                arena, offs = staging, [j * local.chunk_bytes for j in range(len(offs))]
+            unpack(local.paged, chunk_slots(slots, where, cs), arena,
+                   torch.tensor(offs, dtype=torch.int64), chunk_size=cs, backend=self.backend)
+        _wait_for_copy(local.paged)
+
+    def _arena(self, index: int) -> torch.Tensor:
+        arena = self._arenas.get(index)
+        if arena is None:
+            handle = self._handles[index]
+            if handle["kind"] == "memfd":
+                arena, mapped = open_cpu(handle)
+                self._maps.append(mapped)
+            else:
+                arena = open_cuda(handle)
+            self._arenas[index] = arena
+        return arena
+
+    def _local(self, instance_id: Hashable) -> _Local:
+        local = self._locals.get(instance_id)
+        if local is None:
+            raise ValueError(f"unknown instance {instance_id!r}: register() it first")
+        return local
+
+    def _hashes(self, token_ids: TokenIds, seed: bytes, extras) -> list[bytes]:
+        return chunk_hashes(token_ids, self.chunk_size, seed=request_seed(self.salt, seed),
+                            extras=extras)
+
     # ---- transport -------------------------------------------------------------------------
     def _call(self, body, *, timeout_s: float | None = None) -> Any:
         if self._closed.is_set():
@@ -203,8 +299,8 @@ class CacheClient:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         seq = next(self._seq)
         try:
-            frame = encode_request(seq, self.session, body)
-        except msgspec.EncodeError as exc:  # e.g. an id that is neither str nor int
+            frame = p.encode_request(seq, self.session, body, self.group)
+        except (msgspec.EncodeError, TypeError) as exc:  # e.g. an id that is neither str nor int
             raise TypeError(f"cannot send {body.__struct_config__.tag}: {exc}") from None
         sock = self._borrow()
         try:
@@ -212,7 +308,7 @@ class CacheClient:
             sock.send(frame, copy=len(frame) < 65536)
             while True:
                 try:
-                    reply = decode_reply(sock.recv())
+                    reply = p.decode_reply(sock.recv())
                 except zmq.Again:
                     raise ServerUnavailable(
                         f"gpukv server at {self.address} did not answer "
@@ -224,8 +320,8 @@ class CacheClient:
             raise
         self._give_back(sock)
         if not reply.ok:
-            error = {"ValueError": ValueError, "TypeError": TypeError}.get(reply.error_type,
-                                                                           ServerError)
+            error = {"ValueError": ValueError, "TypeError": TypeError, "Busy": Busy}.get(
+                reply.error_type, ServerError)
             raise error(f"{reply.error} (server {self.address})")
         return reply.value
 
@@ -248,22 +344,15 @@ class CacheClient:
     def _ping_loop(self, interval_s: float) -> None:
         while not self._closed.wait(interval_s):
             try:
-                self._call(Ping(), timeout_s=max(interval_s, 1.0))
+                self._call(p.Ping(os.getpid()), timeout_s=max(interval_s, 1.0))
             except (ServerUnavailable, ServerError, ValueError) as exc:  # the server may restart
                 log.debug("ping of %s failed: %s", self.address, exc)
 
 
-def _int64_bytes(values: TokenIds, name: str) -> bytes:
-    try:
-        return as_token_array(values).tobytes()
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-
-
-def _slots_bytes(slot_mapping: torch.Tensor) -> bytes:
-    if not isinstance(slot_mapping, torch.Tensor):
-        raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-    if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be 1-D int32/int64, got shape "
-                         f"{tuple(slot_mapping.shape)} dtype {slot_mapping.dtype}")
-    return slot_mapping.detach().to("cpu", torch.int64).numpy().tobytes()
+def _wait_for_copy(paged: PagedKV) -> None:
+    """Block until this worker's copy is complete (CUDA: an event after it on the current
+    stream, not a device-wide sync)."""
+    if paged.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(paged.device))
+        event.synchronize()

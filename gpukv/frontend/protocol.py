@@ -2,14 +2,18 @@
 
 One request is one ZMQ frame holding a msgpack map (never pickle)::
 
-    {"v": 1, "seq": <int>, "session": <client session id>, "body": {"type": "lookup", ...}}
+    {"v": 2, "seq": <int>, "session": <secret>, "group": <secret or absent>, "body": {...}}
 
-``body`` is a tagged union of the request structs below (``type`` is the tag). The server answers
-each request with one :class:`Reply` frame carrying the same ``seq``. Decoding is strict: unknown
-request types, unknown or missing fields, wrong types and out-of-range numbers are all
-:class:`ProtocolError` (a ``ValueError``) naming the bad field, e.g.
-``Expected `int` <= 128 - at `$.body.tp_size```. Token ids and slot mappings travel as raw
-little-endian int64 bytes; chunk hashes as 16-byte strings.
+``session`` is the client's random id (never echoed back); ``group`` names the requests a session
+may see: sessions of one group (the scheduler and the workers of one engine) share requests, any
+other session cannot retrieve with, release or learn about them. ``body`` is a tagged union of
+the structs below (``type`` is the tag). Each request gets one :class:`Reply` with the same
+``seq``. Decoding is strict: unknown types, unknown or missing fields, wrong types and
+out-of-range numbers are :class:`ProtocolError` (a ``ValueError``) naming the field, e.g.
+``Expected `int` <= 128 - at `$.body.tp_size```. Chunk hashes travel as 16-byte strings.
+
+Only metadata crosses the socket: the server answers STORE_BEGIN / RETRIEVE_BEGIN with arena
+offsets, and the worker copies between its own pages and the arena it mapped at REGISTER.
 """
 
 from __future__ import annotations
@@ -19,133 +23,118 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
 from gpukv.constants import HASH_BYTES, MAX_READERS
-MAX_TOKENS = 1 << 22
-MAX_DIMS = 8
-MAX_TENSORS = 4096
+from gpukv.errors import Busy
+
+PROTOCOL_VERSION = 2
+MAX_HASHES = 1 << 17  # hashes in one request (x ranks: the server's max_keys_per_request)
+MAX_FRAME_BYTES = 8 << 20
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=128)]
 Id = Union[Name, Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]]
 Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_READERS)]
-Size = Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]
-Int64Bytes = Annotated[bytes, msgspec.Meta(max_length=8 * MAX_TOKENS)]
+Small = Annotated[int, msgspec.Meta(ge=0, le=1 << 32)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 Hash = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES)]
-Hashes = Annotated[list[Hash], msgspec.Meta(max_length=MAX_TOKENS)]
-Shape = Annotated[list[Size], msgspec.Meta(max_length=MAX_DIMS)]
-DType = Literal["bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2",
-                "uint8", "int8", "int16", "int32", "int64"]
+Hashes = Annotated[list[Hash], msgspec.Meta(max_length=MAX_HASHES)]
+PlanId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
 
 
 def default_address() -> str:
-    """The server's default address: ``ipc://$XDG_RUNTIME_DIR/gpukv.sock``, else
-    ``ipc:///tmp/gpukv-<uid>.sock``."""
+    """``ipc://$XDG_RUNTIME_DIR/gpukv.sock``, else ``ipc:///tmp/gpukv-<uid>/gpukv.sock`` (a
+    folder of this user's, mode 0700, so no other user can bind the path first)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return f"ipc://{runtime}/gpukv.sock"
-    return f"ipc:///tmp/gpukv-{os.getuid()}.sock"
+    return f"ipc:///tmp/gpukv-{os.getuid()}/gpukv.sock"
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
     pass
 
 
-# ---- worker tensor handles (REGISTER) ----------------------------------------------------------
-class ShmTensor(_Msg, tag="shm"):
-    """A CPU tensor inside a shared-memory file (see :mod:`gpukv.frontend.shm`); strides in elements."""
+class Layout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the books need of a paged cache (``PagedKV.describe()``): no tensors, no pointers."""
 
-    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-    offset_bytes: Size
-    dtype: DType
-    shape: Shape
-    stride: Shape
-
-
-class CudaIpcTensor(_Msg, tag="cuda_ipc"):
-    """A CUDA tensor shared by a CUDA IPC handle: the fields of ``reduce_tensor`` as plain data.
-
-    ``device_uuid`` identifies the GPU (indices differ between processes with different
-    ``CUDA_VISIBLE_DEVICES``); ``device_index`` is the worker's own index, a fallback only.
-    """
-
-    device_index: Annotated[int, msgspec.Meta(ge=0, le=1024)]
-    device_uuid: Annotated[str, msgspec.Meta(max_length=64)]
-    ipc_handle: Annotated[bytes, msgspec.Meta(min_length=1, max_length=256)]
-    storage_size_bytes: Size
-    storage_offset_bytes: Size
-    ref_counter_handle: Annotated[bytes, msgspec.Meta(max_length=4096)]
-    ref_counter_offset: Size
-    event_handle: Annotated[bytes, msgspec.Meta(max_length=256)]
-    event_sync_required: bool
-    dtype: DType
-    shape: Shape
-    stride: Shape
-    offset: Size  # tensor offset in its storage, in elements
-
-
-TensorHandle = Union[ShmTensor, CudaIpcTensor]
+    kind: Literal["mla", "mha"]
+    dims: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    dtype: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    num_layers: Small
+    num_kv: Small
+    num_heads: Small
+    head_bytes: Small
+    row_bytes: Small
+    block_size: Small = 0
+    num_blocks: Small = 0
 
 
 # ---- requests ----------------------------------------------------------------------------------
+class Ping(_Msg, tag="ping"):
+    """Liveness, and the handshake: the client's pid lets the server tell a dead worker from a
+    stalled one before it reuses slots that worker was handed."""
+
+    pid: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] | None = None
+
+
 class Register(_Msg, tag="register"):
     instance_id: Id
     model: Name
-    dims: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    kind: Literal["mla", "mha"]
+    layout: Layout
     tp_rank: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS - 1)]
     tp_size: Count
-    tensors: Annotated[list[TensorHandle], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
-    kv_pair: bool = False  # tensors = K layers then V layers (SGLang MHA pools)
+    device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class Unregister(_Msg, tag="unregister"):
     instance_id: Id
 
 
-class Store(_Msg, tag="store"):
+class StoreBegin(_Msg, tag="store_begin"):
     instance_id: Id
-    tokens: Int64Bytes
-    slots: Int64Bytes
+    hashes: Hashes
+
+
+class StoreCommit(_Msg, tag="store_commit"):
+    plan: PlanId
+    ok: bool = True  # False: the copy failed, discard the reservation
 
 
 class Lookup(_Msg, tag="lookup"):
-    """``tokens`` or (cheaper) ``hashes``: exactly one of them."""
-
     model: Name
     request_id: Id
+    hashes: Hashes
     tp_size: Count = 1
     num_readers: Count | None = None
-    tokens: Int64Bytes | None = None
-    hashes: Hashes | None = None
 
 
-class Retrieve(_Msg, tag="retrieve"):
+class RetrieveBegin(_Msg, tag="retrieve_begin"):
     instance_id: Id
     request_id: Id
-    tokens: Int64Bytes
-    slots: Int64Bytes
+    hashes: Hashes
+
+
+class RetrieveEnd(_Msg, tag="retrieve_end"):
+    plan: PlanId
 
 
 class FreeLookupLocks(_Msg, tag="free_lookup_locks"):
     request_id: Id
-    tp_size: Count = 1
+    start_token: Tokens = 0
+    end_token: Tokens | None = None
+    tp_size: Count = 1  # accepted for compatibility; shares are the request's, whatever it is
 
 
 class EndSession(_Msg, tag="end_session"):
     request_id: Id
 
 
-class Ping(_Msg, tag="ping"):
-    pass
-
-
 class ReadCounts(_Msg, tag="read_counts"):
     """Read-only debug query: shares held on (and evictability of) the objects of a prefix."""
 
     model: Name
+    hashes: Hashes
     kv_rank: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS - 1)] = 0
-    tokens: Int64Bytes | None = None
-    hashes: Hashes | None = None
 
 
 class Stats(_Msg, tag="stats"):
@@ -156,15 +145,16 @@ class Flush(_Msg, tag="flush"):
     timeout_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
-Body = Union[Register, Unregister, Store, Lookup, Retrieve, FreeLookupLocks, EndSession, Ping,
-             Stats, Flush]
+Body = Union[Ping, Register, Unregister, StoreBegin, StoreCommit, Lookup, RetrieveBegin,
+             RetrieveEnd, FreeLookupLocks, EndSession, Stats, Flush]
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     v: int
     seq: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
-    session: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    session: Secret
     body: Body
+    group: Secret | None = None
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -175,7 +165,7 @@ class Reply(msgspec.Struct, frozen=True):
     ok: bool
     value: Any = None
     error: str = ""
-    error_type: Literal["", "ValueError", "TypeError", "RuntimeError"] = ""
+    error_type: Literal["", "ValueError", "TypeError", "Busy", "RuntimeError"] = ""
 
 
 class _Header(msgspec.Struct):
@@ -192,64 +182,57 @@ class ProtocolError(ValueError):
 
 
 # ---- encoding and validation -------------------------------------------------------------------
-def encode_request(seq: int, session: str, body: Body) -> bytes:
-    return msgspec.msgpack.encode(Request(PROTOCOL_VERSION, seq, session, body))
+_ENCODER = msgspec.msgpack.Encoder()
+_REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+_HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
+_REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+
+
+def encode_request(seq: int, session: str, body: Body, group: str | None = None) -> bytes:
+    return _ENCODER.encode(Request(PROTOCOL_VERSION, seq, session, body, group))
 
 
 def decode_request(frame: bytes) -> Request:
-    """Decode and validate one request frame; raises :class:`ProtocolError` naming the problem."""
+    """Decode and validate one request frame; raises :class:`ProtocolError` naming the problem
+    (a frame too deeply nested for the decoder included)."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
     try:
-        header = msgspec.msgpack.decode(frame, type=_Header)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed request: {exc}") from None
+        header = _HEADER_DECODER.decode(frame)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed request: {_reason(exc)}") from None
     seq = header.seq if 0 <= header.seq < (1 << 63) else 0
     if header.v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {header.v!r} (server speaks "
                             f"{PROTOCOL_VERSION})", seq)
     try:
-        request = msgspec.msgpack.decode(frame, type=Request)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed request: {exc}", seq) from None
-    try:
-        check_body(request.body)
-    except ValueError as exc:
-        raise ProtocolError(f"invalid {request.body.__struct_config__.tag} request: {exc}",
-                            seq) from None
+        request = _REQUEST_DECODER.decode(frame)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed request: {_reason(exc)}", seq) from None
+    body = request.body
+    if isinstance(body, Register) and body.tp_rank >= body.tp_size:
+        raise ProtocolError(f"invalid register request: tp_rank must be in [0, tp_size="
+                            f"{body.tp_size}), got {body.tp_rank}", seq)
+    if isinstance(body, FreeLookupLocks) and body.end_token is not None \
+            and body.end_token < body.start_token:
+        raise ProtocolError(f"invalid free_lookup_locks request: end_token {body.end_token} is "
+                            f"before start_token {body.start_token}", seq)
     return request
 
 
-def check_body(body: Body) -> None:
-    """The checks the schema cannot express; raises ``ValueError`` naming the bad field."""
-    if isinstance(body, Stats) and body.query is not None:
-        check_body(body.query)
-    for name in ("tokens", "slots"):
-        data = getattr(body, name, None)
-        if data is not None and len(data) % 8:
-            raise ValueError(f"{name} must be little-endian int64 bytes, got {len(data)} bytes "
-                             "(not a multiple of 8)")
-    if isinstance(body, (Lookup, ReadCounts)) and (body.tokens is None) == (body.hashes is None):
-        raise ValueError("exactly one of tokens and hashes must be given")
-    if isinstance(body, (Store, Retrieve)) and len(body.tokens) != len(body.slots):
-        raise ValueError(f"slots has {len(body.slots) // 8} entries for "
-                         f"{len(body.tokens) // 8} tokens")
-    if isinstance(body, Register):
-        if body.tp_rank >= body.tp_size:
-            raise ValueError(f"tp_rank must be in [0, tp_size={body.tp_size}), got {body.tp_rank}")
-        for i, t in enumerate(body.tensors):
-            if len(t.shape) != len(t.stride) or not t.shape:
-                raise ValueError(f"tensors[{i}]: shape {t.shape} and stride {t.stride} must be "
-                                 "non-empty and of the same length")
+def _reason(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def encode_reply(reply: Reply) -> bytes:
-    return msgspec.msgpack.encode(reply)
+    return _ENCODER.encode(reply)
 
 
 def decode_reply(frame: bytes) -> Reply:
     try:
-        return msgspec.msgpack.decode(frame, type=Reply)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed reply from the server: {exc}") from None
+        return _REPLY_DECODER.decode(frame)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed reply from the server: {_reason(exc)}") from None
 
 
 def ok_reply(seq: int, value: Any = None) -> Reply:
@@ -258,7 +241,7 @@ def ok_reply(seq: int, value: Any = None) -> Reply:
 
 def error_reply(seq: int, exc: BaseException) -> Reply:
     """The reply to a request that raised ``exc``: its type (coarsened) and its message."""
-    kind = ("ValueError" if isinstance(exc, ValueError)
+    kind = ("Busy" if isinstance(exc, Busy) else "ValueError" if isinstance(exc, ValueError)
             else "TypeError" if isinstance(exc, TypeError) else "RuntimeError")
     message = str(exc) or type(exc).__name__
     return Reply(PROTOCOL_VERSION, seq, False, None, f"{type(exc).__name__}: {message}", kind)

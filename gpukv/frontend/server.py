@@ -1,14 +1,18 @@
 """``gpukv serve``: one cache server process for every worker of a machine.
 
-One ROUTER socket (clients use DEALER; see :mod:`gpukv.frontend.protocol`), and one thread, the loop,
-touches it. The loop decodes each request and answers PING, FREE_LOOKUP_LOCKS, END_SESSION and
-L1-only LOOKUPs itself (microseconds of bookkeeping); it hands REGISTER, STORE, RETRIEVE and FLUSH
-to a *transfer* pool, and STATS, UNREGISTER and tier-touching LOOKUPs to a *control* pool, so a
-long transfer never stalls a ping, a lookup or another worker. Pool threads put their replies on
-a queue and wake the loop through a pipe it polls.
+The server owns the L1 arenas (one per device, shared with the workers) and keeps the books;
+workers run the copies themselves. One ROUTER socket (clients use DEALER; see
+:mod:`gpukv.frontend.protocol`), and one thread, the loop, touches it. Every request is
+bookkeeping (no bytes of KV cross the socket), so the loop answers most of them itself in
+microseconds; a lookup that may read the disk or remote tier, a large request (more than
+``INLINE_KEYS`` objects), STATS and FLUSH go to a small pool, so a long one never stalls a ping
+or another worker. Pool threads put their replies on a queue and wake the loop through a pipe.
 
-Client sessions, request ownership and reaping live in :mod:`gpukv.frontend.sessions`. A request that
-fails gets an error reply naming the problem; the loop never dies of one.
+Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
+past a bound); nothing a client sends can end the loop. Per session, requests waiting in the
+pool are bounded (``max_pending``). Liveness is judged from frames *received*: a session is
+reaped only when it has been silent for the worker timeout while the loop kept up with its
+socket (a backlog on the loop never reaps live clients).
 """
 
 from __future__ import annotations
@@ -18,58 +22,40 @@ import logging
 import os
 import queue
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zmq
 
-from gpukv.frontend.protocol import (EndSession, FreeLookupLocks, Lookup, Ping, ProtocolError, Reply,
-                            Request, Stats, Unregister, decode_request, default_address,
-                            encode_reply, error_reply, ok_reply)
-from gpukv.frontend.sessions import Sessions
-from gpukv.frontend.shm import SHM_DIR, remove_stale
+from gpukv.errors import Busy
+from gpukv.frontend import protocol as p
+from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
+from gpukv.frontend.sessions import Limits, Sessions
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 80 << 20
-_INLINE = (Ping, FreeLookupLocks, EndSession)  # pure L1 bookkeeping: microseconds
-_CONTROL = (Lookup, Stats, Unregister)
-_LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
-def check_address(address: str, *, allow_remote: bool = False) -> str:
-    """Validate a bind address: ``ipc://<path>`` or ``tcp://<loopback>:<port>``."""
-    if address.startswith("ipc://"):
-        if not address[len("ipc://"):]:
-            raise ValueError(f"ipc address needs a path, got {address!r}")
-        return address
-    if address.startswith("tcp://"):
-        host = address[len("tcp://"):].rpartition(":")[0]
-        if host not in _LOOPBACK and not allow_remote:
-            raise ValueError(f"refusing to bind {address!r}: not a loopback address (the protocol "
-                             "has no authentication); pass allow_remote to override")
-        return address
-    raise ValueError(f"address must be ipc://<path> or tcp://127.0.0.1:<port>, got {address!r}")
+INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
+_POOLED = (p.Stats, p.Flush)
 
 
 @dataclass(slots=True)
 class ServerConfig:
-    """Front-end settings (the engine has its own :class:`EngineConfig`)."""
+    """Front-end settings (the books have their own :class:`gpukv.EngineConfig`)."""
 
-    address: str = field(default_factory=default_address)
+    address: str = field(default_factory=p.default_address)
     worker_timeout_s: float = 30.0
     threads: int = 4
-    shm_dir: str = SHM_DIR
     allow_remote: bool = False
+    allow_abstract: bool = False
+    max_pending: int = 64  # requests of one session waiting in the pool
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        check_address(self.address, allow_remote=self.allow_remote)
+        check_address(self.address, allow_remote=self.allow_remote,
+                      allow_abstract=self.allow_abstract)
         if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s!r}")
         if not isinstance(self.threads, int) or not 1 <= self.threads <= 256:
@@ -77,37 +63,34 @@ class ServerConfig:
 
 
 class CacheServer:
-    """Serves a :class:`gpukv.CacheEngine` over ZMQ until :meth:`stop` is called."""
+    """Serves a :class:`gpukv.engine.core.CacheCore` (made with ``shared=True``) over ZMQ
+    until :meth:`stop` is called."""
 
-    def __init__(self, engine, config: ServerConfig | None = None) -> None:
-        self.engine = engine
-        self.config = config or ServerConfig()
-        self.handlers = Sessions(engine, worker_timeout_s=self.config.worker_timeout_s,
-                                 shm_dir=self.config.shm_dir)
+    def __init__(self, core, config: ServerConfig | None = None) -> None:
+        self.core = core
+        self.config = config = config or ServerConfig()
+        self.sessions = Sessions(core, worker_timeout_s=config.worker_timeout_s,
+                                 limits=config.limits)
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._bind()
-        self._replies: queue.SimpleQueue[tuple[bytes, Reply]] = queue.SimpleQueue()
+        self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
-        self._transfer = ThreadPoolExecutor(self.config.threads, thread_name_prefix="gpukv-xfer")
-        self._control = ThreadPoolExecutor(2, thread_name_prefix="gpukv-ctl")
-        self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        # an L1-only lookup takes microseconds: answer it in the loop; one that may read the
-        # disk or remote tier goes to the control pool
-        self._inline = _INLINE if getattr(engine, "tiers", None) else _INLINE + (Lookup,)
+        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="gpukv-pool")
+        self._pending: dict[str, int] = {}  # session -> requests in the pool
+        self._pending_lock = threading.Lock()
+        self.last_drained = time.monotonic()  # the loop last found its socket empty
 
     def _bind(self) -> None:
         address = self.config.address
         if address.startswith("ipc://"):
-            path = Path(address[len("ipc://"):])
-            if path.exists():
-                if _ipc_alive(path):
-                    raise ValueError(f"another server is listening on {address}")
-                path.unlink()
+            prepare_socket_path(ipc_path(address))
             old = os.umask(0o077)  # only this user may connect
             try:
                 self._router.bind(address)
@@ -124,8 +107,9 @@ class CacheServer:
         poller.register(self._wake_r, zmq.POLLIN)
         reap_every = min(1.0, self.config.worker_timeout_s / 4)
         next_reap = time.monotonic() + reap_every
-        log.info("gpukv server listening on %s (chunk_size=%d, worker timeout %.1f s)",
-                 self.address, self.engine.config.chunk_size, self.config.worker_timeout_s)
+        log.info("gpukv server listening on %s (devices %s, chunk_size=%d, worker timeout %.1f s)",
+                 self.address, ",".join(self.core.devices), self.core.config.chunk_size,
+                 self.config.worker_timeout_s)
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, next_reap - time.monotonic()) * 1000
@@ -134,53 +118,100 @@ class CacheServer:
                     os.read(self._wake_r, 65536)
                 self._send_replies()
                 if self._router in events:
-                    for _ in range(64):
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
-                            break
-                        self._on_frames(frames)
+                    self._drain(64)
+                else:
+                    self.last_drained = time.monotonic()  # nothing waiting on the socket
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + reap_every
-                    self.handlers.reap_idle()
+                    self._reap()
         finally:
             self._shutdown()
+
+    def _drain(self, budget: int) -> None:
+        for _ in range(budget):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                self.last_drained = time.monotonic()
+                return
+            try:
+                self._on_frames(frames)
+            except Exception:  # noqa: BLE001 - nothing a client sends may end the loop
+                log.warning("dropped a request that failed outside its handler", exc_info=True)
+
+    def _reap(self) -> None:
+        cutoff = min(time.monotonic(), self.last_drained + 1.0) - self.config.worker_timeout_s
+        try:
+            self.sessions.reap_idle(cutoff)
+            self.core.maybe_expire()
+        except Exception:  # noqa: BLE001 - the reaper must not end the loop either
+            log.warning("reaping failed", exc_info=True)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
         if len(frames) != 2:
-            self._router.send_multipart([identity, encode_reply(error_reply(
-                0, ProtocolError(f"a request is one frame, got {len(frames) - 1}")))])
+            self._send(identity, p.error_reply(0, p.ProtocolError(
+                f"a request is one frame, got {len(frames) - 1}")))
             return
         try:
-            request = decode_request(frames[1])
-        except ProtocolError as exc:
+            request = p.decode_request(frames[1])
+            self.sessions.touch(request.session, request.group)
+        except ValueError as exc:
             log.debug("bad request: %s", exc)
-            self._router.send_multipart([identity, encode_reply(error_reply(exc.seq, exc))])
+            self._send(identity, p.error_reply(getattr(exc, "seq", 0), exc))
             return
-        self.handlers.touch(request.session)
-        if isinstance(request.body, self._inline):
-            self._router.send_multipart([identity, encode_reply(self._run(request))])
+        if not self._pooled(request.body):
+            self._send(identity, self._run(request))
             return
-        pool = self._control if isinstance(request.body, _CONTROL) else self._transfer
-        pool.submit(self._run_and_queue, identity, request)
+        with self._pending_lock:
+            pending = self._pending.get(request.session, 0)
+            if pending >= self.config.max_pending:
+                busy = True
+            else:
+                busy, self._pending[request.session] = False, pending + 1
+        if busy:
+            self._send(identity, p.error_reply(request.seq, Busy(
+                f"busy: {pending} requests of this client are waiting; retry later")))
+            return
+        self._pool.submit(self._run_and_queue, identity, request)
 
-    def _run(self, request: Request) -> Reply:
+    def _pooled(self, body) -> bool:
+        if isinstance(body, _POOLED):
+            return True
+        hashes = getattr(body, "hashes", None)
+        if hashes is None:
+            return False
+        ranks = body.tp_size if isinstance(body, p.Lookup) else 1
+        if len(hashes) * ranks > INLINE_KEYS:
+            return True
+        return isinstance(body, p.Lookup) and bool(self.core.tiers) and \
+            not self.core.covered_by_l1(body.model, body.hashes, body.tp_size)  # may read a tier
+
+    def _run(self, request: p.Request) -> p.Reply:
         try:
-            return ok_reply(request.seq, self.handlers.handle(request.session, request.body))
+            return p.ok_reply(request.seq, self.sessions.handle(request.session, request.body))
         except Exception as exc:  # noqa: BLE001 - the loop must answer every request and live on
             if isinstance(exc, (ValueError, TypeError, KeyError)):
                 log.debug("request %s failed: %s", type(request.body).__name__, exc)
             else:
                 log.warning("request %s failed", type(request.body).__name__, exc_info=True)
-            return error_reply(request.seq, exc)
+            return p.error_reply(request.seq, exc)
 
-    def _run_and_queue(self, identity: bytes, request: Request) -> None:
-        self._replies.put((identity, self._run(request)))
+    def _run_and_queue(self, identity: bytes, request: p.Request) -> None:
+        try:
+            reply = self._run(request)
+        finally:
+            with self._pending_lock:
+                left = self._pending.get(request.session, 1) - 1
+                if left > 0:
+                    self._pending[request.session] = left
+                else:
+                    self._pending.pop(request.session, None)
+        self._replies.put((identity, reply))
         try:
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: a wake-up is pending anyway
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed at shutdown
 
     def _send_replies(self) -> None:
         while True:
@@ -188,7 +219,13 @@ class CacheServer:
                 identity, reply = self._replies.get_nowait()
             except queue.Empty:
                 return
-            self._router.send_multipart([identity, encode_reply(reply)])
+            self._send(identity, reply)
+
+    def _send(self, identity: bytes, reply: p.Reply) -> None:
+        try:
+            self._router.send_multipart([identity, p.encode_reply(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the client is gone or not reading: drop its reply
+            log.debug("reply dropped: %s", exc)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -200,107 +237,40 @@ class CacheServer:
             pass
 
     def _shutdown(self) -> None:
-        self._control.shutdown(wait=True, cancel_futures=True)
-        self._transfer.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._send_replies()
-        self.handlers.close()
+        self.sessions.close()
         self._router.close(linger=0)
         self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self.address.startswith("ipc://"):
-            Path(self.address[len("ipc://"):]).unlink(missing_ok=True)
+        if self.address.startswith("ipc://") and not ipc_path(self.address).startswith("@"):
+            try:
+                os.unlink(ipc_path(self.address))
+            except FileNotFoundError:
+                pass
         log.info("gpukv server on %s stopped", self.address)
-
-
-def _ipc_alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """Entry point of ``gpukv serve`` (options from :func:`gpukv.cli.build_parser`)."""
     from gpukv.config import EngineConfig
-    from gpukv.engine import CacheEngine
+    from gpukv.engine.core import CacheCore
 
-    config = ServerConfig(address=args.address or default_address(),
+    config = ServerConfig(address=args.address or p.default_address(),
                           worker_timeout_s=args.worker_timeout, threads=args.threads,
-                          allow_remote=getattr(args, "allow_remote", False))
-    engine = CacheEngine(EngineConfig(capacity_bytes=args.capacity, device=args.device,
-                                      chunk_size=args.chunk_size, disk_dir=args.disk_dir,
-                                      disk_capacity_bytes=args.disk_capacity,
-                                      remote_url=args.remote_url))
-    remove_stale(config.shm_dir)  # files of workers that died while no server was up
-    server = CacheServer(engine, config)
-    sys.setswitchinterval(0.001)  # the loop thread waits less for the GIL behind a transfer
+                          allow_remote=args.allow_remote, allow_abstract=args.allow_abstract)
+    devices = tuple(args.devices.split(",")) if args.devices else None
+    core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
+                                  chunk_size=args.chunk_size, disk_dir=args.disk_dir,
+                                  disk_capacity_bytes=args.disk_capacity,
+                                  remote_url=args.remote_url), shared=True)
+    server = CacheServer(core, config)
+    sys.setswitchinterval(0.001)  # the loop waits less for the GIL behind a pool thread
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     try:
         server.serve_forever()
     finally:
-        engine.close()
+        core.close(flush_timeout_s=args.flush_timeout)
     return 0
-
-
-class ServerProcess:
-    """A ``gpukv serve`` child process (``python -m gpukv.cli serve``) for demos, tests, sweeps.
-
-    ``wait_ready()`` pings until it answers; ``stop()`` sends SIGTERM (SIGKILL after
-    ``timeout_s``); also a context manager.
-    """
-
-    def __init__(self, address: str, *, capacity_bytes: int = 256 << 20, device: str = "cpu",
-                 chunk_size: int = 256, disk_dir: str | os.PathLike | None = None,
-                 worker_timeout_s: float = 30.0, threads: int = 4, log_level: str = "WARNING",
-                 ready_timeout_s: float = 120.0) -> None:
-        check_address(address)
-        self.address = address
-        self.argv = [sys.executable, "-m", "gpukv.cli", "--log-level", log_level, "serve",
-                     "--address", address, "--capacity", str(capacity_bytes), "--device", device,
-                     "--chunk-size", str(chunk_size), "--worker-timeout", str(worker_timeout_s),
-                     "--threads", str(threads)]
-        if disk_dir is not None:
-            self.argv += ["--disk-dir", str(disk_dir)]
-        self.proc = subprocess.Popen(self.argv)
-        self.info = self.wait_ready(ready_timeout_s)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout_s: float) -> dict:
-        """Ping until the server answers; ``RuntimeError`` if it exits or stays silent."""
-        from gpukv.frontend.client import CacheClient, ServerUnavailable
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpukv serve exited with {self.proc.returncode}: {self.argv}")
-            try:
-                with CacheClient(self.address, connect_timeout_s=0.5, ping_interval_s=0) as client:
-                    return client.server_info
-            except ServerUnavailable:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"gpukv serve on {self.address} not ready in {timeout_s} s")
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -1,13 +1,21 @@
-"""Client sessions of a ``gpukv serve`` process, and what each request does to the engine.
+"""Client sessions of a ``gpukv serve`` process, and what each request does to the books.
 
-Every request names its client session. The shares a LOOKUP takes are owned by
-``(session, request_id)`` in the engine, so FREE_LOOKUP_LOCKS and END_SESSION release only the
-calling client's own shares. A RETRIEVE releases one share of the caller's own lookup of that
-request if it made one (every rank looks up for itself), else of the first client that looked it
-up (a scheduler looked up for the whole TP group). Instances are namespaced per session the same
-way. A session silent for ``worker_timeout_s`` is reaped: its requests end (their shares are
-released), its instances are unregistered (unfinished writes discarded, mappings dropped) and
-the shm files of dead workers are unlinked.
+Identities. A session is a client's random secret (never echoed back, never in a message). Its
+instances are namespaced by the session; its requests by its *group* (a second secret that the
+processes of one engine share, default: the session itself), so a scheduler's lookup and its
+workers' retrieves meet, and no other session can retrieve with, release or learn about them.
+Error messages show only the caller's own ids (:class:`Scoped` prints just the id).
+
+Plans. STORE_BEGIN and RETRIEVE_BEGIN hand the worker arena slots and keep the plan (its write
+reservation, or its pins) in the session until STORE_COMMIT / RETRIEVE_END. A session silent for
+the worker timeout is reaped: its requests end, its instances are unregistered; its open plans are
+*orphaned*, not released: the slots stay out of circulation until the worker's process is gone
+(its pid, told at PING, no longer runs), because a stalled worker that wakes up would otherwise
+copy into slots handed to someone else. A client that never told its pid gets its orphaned plans
+released one more worker timeout later.
+
+Bounds per session (:class:`Limits`): instances, open requests, plans in flight and bytes
+reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,217 +25,333 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Hashable
 
-import numpy as np
 import torch
 
-from gpukv.engine.keys import chunk_hashes
-from gpukv.frontend.protocol import (PROTOCOL_VERSION, EndSession, Flush, FreeLookupLocks, Lookup, Ping,
-                            ReadCounts, Register, Retrieve, Stats, Store, Unregister)
-from gpukv.frontend.shm import SHM_DIR, remove_stale
-from gpukv.frontend.worker_memory import WorkerMemory
+from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
+from gpukv.engine.engine import token_range
+from gpukv.errors import Busy
+from gpukv.frontend import protocol as p
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Scoped:
+    """A client's id inside its session or group; prints as the client's id alone."""
+
+    scope: str
+    ident: Hashable
+
+    def __repr__(self) -> str:
+        return repr(self.ident)
+
+
+@dataclass(slots=True)
+class Limits:
+    max_instances: int = 256
+    max_open_requests: int = 1 << 14
+    max_plans: int = 1024
+    max_reserved_bytes: int | None = None  # default: half of one device's arena
+
+
 @dataclass(slots=True)
 class _Session:
+    sid: str
+    group: str
     last_seen: float
-    instances: dict = field(default_factory=dict)  # client instance id -> WorkerMemory
-    requests: set = field(default_factory=set)  # request ids whose LOOKUP this session sent
+    pid: int | None = None
+    instances: dict[Hashable, Scoped] = field(default_factory=dict)
+    requests: set[Scoped] = field(default_factory=set)  # requests this session opened
+    plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
+    next_plan: int = 1
+    reserved_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Orphans:
+    pid: int | None
+    release_after: float
+    plans: list
 
 
 class Sessions:
-    """Client sessions and the engine calls of every request type (thread-safe).
+    """Client sessions and the core calls of every request type (thread-safe)."""
 
-    Engine ids are namespaced: instance ``(session, instance_id)``, request owner
-    ``(lookup session, request_id)``.
-    """
-
-    def __init__(self, engine, *, worker_timeout_s: float = 30.0,
-                 shm_dir: str | os.PathLike = SHM_DIR) -> None:
-        self.engine = engine
+    def __init__(self, core: CacheCore, *, worker_timeout_s: float = 30.0,
+                 limits: Limits | None = None) -> None:
+        self.core = core
         self.worker_timeout_s = worker_timeout_s
-        self.shm_dir = Path(shm_dir)
+        self.limits = limits or Limits()
+        if self.limits.max_reserved_bytes is None:
+            self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self._lookups: dict[Hashable, list[str]] = {}  # request id -> sessions that looked it up
-        self._seed = engine.config.salt.encode()
-        self._handlers = {Register: self._register, Unregister: self._unregister,
-                          Store: self._store, Lookup: self._lookup, Retrieve: self._retrieve,
-                          FreeLookupLocks: self._free, EndSession: self._end, Ping: self._ping,
-                          Stats: self._stats, Flush: self._flush}
+        self._orphans: list[_Orphans] = []
+        self.reaped = 0
+        self._handlers = {
+            p.Ping: self._ping, p.Register: self._register, p.Unregister: self._unregister,
+            p.StoreBegin: self._store_begin, p.StoreCommit: self._store_commit,
+            p.Lookup: self._lookup, p.RetrieveBegin: self._retrieve_begin,
+            p.RetrieveEnd: self._retrieve_end, p.FreeLookupLocks: self._free,
+            p.EndSession: self._end, p.Stats: self._stats, p.Flush: self._flush}
 
-    def touch(self, session: str) -> None:
-        """Mark ``session`` alive now (a new id starts a new, empty session)."""
+    def touch(self, sid: str, group: str | None) -> None:
+        """Mark ``sid`` alive now (a new id starts a new, empty session). ValueError if the
+        session named another group before (nothing changes)."""
         with self._lock:
-            entry = self._sessions.get(session)
+            entry = self._sessions.get(sid)
             if entry is None:
-                self._sessions[session] = _Session(time.monotonic())
-                log.debug("new client session %s", session)
+                self._sessions[sid] = _Session(sid, group or sid, time.monotonic())
+            elif entry.group != (group or sid):
+                raise ValueError("this session belongs to another group: use a new client")
             else:
                 entry.last_seen = time.monotonic()
 
-    def handle(self, session: str, body) -> Any:
-        """Run one decoded request body for ``session``; its return value is the reply value.
-        Raises ``ValueError`` naming the problem for bad input (the server turns it into an
-        error reply)."""
-        return self._handlers[type(body)](session, body)
-
-    def _session(self, session: str) -> _Session:
-        entry = self._sessions.get(session)
-        if entry is None:
-            raise ValueError(f"session {session!r} was reaped (no ping for "
-                             f"{self.worker_timeout_s} s): register again")
-        return entry
-
-    def _memory(self, session: str, instance_id: Hashable) -> WorkerMemory:
-        with self._lock:
-            mem = self._session(session).instances.get(instance_id)
-        if mem is None:
-            raise ValueError(f"unknown instance {instance_id!r} for this client: REGISTER it first")
-        return mem
+    def handle(self, sid: str, body) -> Any:
+        """Run one decoded request body for session ``sid``; its return value is the reply."""
+        return self._handlers[type(body)](self._session(sid), body)
 
     # ---- handlers ----------------------------------------------------------------------------
-    def _register(self, session: str, body: Register) -> None:
+    def _ping(self, s: _Session, body: p.Ping) -> dict:
+        if body.pid is not None:
+            s.pid = body.pid
+        cfg = self.core.config
+        return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
+                    devices=list(cfg.devices), worker_timeout_s=self.worker_timeout_s,
+                    pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request))
+
+    def _register(self, s: _Session, body: p.Register) -> dict:
         with self._lock:
-            if body.instance_id in self._session(session).instances:
+            if body.instance_id in s.instances:
                 raise ValueError(f"instance {body.instance_id!r} is already registered")
-        mem = WorkerMemory(body.tensors, shm_dir=self.shm_dir)
+            if len(s.instances) >= self.limits.max_instances:
+                raise Busy(f"busy: this client registered {len(s.instances)} instances")
+            key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
-            tensors = mem.tensors
-            layers = (tensors[: len(tensors) // 2], tensors[len(tensors) // 2:]) \
-                if body.kv_pair else tensors
-            self.engine.register((session, body.instance_id), body.model, layers, body.dims,
-                                 kind=body.kind, tp_rank=body.tp_rank, tp_size=body.tp_size)
+            device = self._device_index(body.device)
+            layout = {f: getattr(body.layout, f) for f in body.layout.__struct_fields__}
+            inst = self.core.register(key, body.model, layout, kind=body.layout.kind,
+                                      tp_rank=body.tp_rank, tp_size=body.tp_size, device=device)
         except BaseException:
-            mem.close()
+            with self._lock:
+                s.instances.pop(body.instance_id, None)
             raise
+        return dict(device=device, arenas=[m.handle for m in self.core.memories],
+                    chunk_bytes=inst.chunk_bytes, kv_rank=inst.space.kv_rank)
+
+    def _unregister(self, s: _Session, body: p.Unregister) -> None:
+        key = self._instance(s, body.instance_id)
+        self.core.unregister(key)
         with self._lock:
-            entry = self._sessions.get(session)
-            if entry is not None:
-                entry.instances[body.instance_id] = mem
-                return
-        self.engine.unregister((session, body.instance_id))  # reaped meanwhile
-        mem.close()
-        raise ValueError(f"session {session!r} was reaped during REGISTER")
+            s.instances.pop(body.instance_id, None)
 
-    def _unregister(self, session: str, body: Unregister) -> None:
-        mem = self._memory(session, body.instance_id)
-        self.engine.unregister((session, body.instance_id))
+    def _store_begin(self, s: _Session, body: p.StoreBegin) -> dict:
+        key = self._instance(s, body.instance_id)
+        self._check_plans(s)
+        plan = self.core.begin_store(key, body.hashes)
+        nbytes = len(plan.handles) * plan.instance.chunk_bytes
         with self._lock:
-            self._session(session).instances.pop(body.instance_id, None)
-        mem.close()
+            if s.reserved_bytes + nbytes > self.limits.max_reserved_bytes:
+                busy = True
+            else:
+                busy, plan_id = False, self._add_plan(s, plan)
+                s.reserved_bytes += nbytes
+        if busy:
+            self.core.abort_store(plan)
+            raise Busy(f"busy: this client has {s.reserved_bytes} bytes of stores in flight")
+        return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
+                    device=plan.instance.device, cached=plan.cached, full=plan.full)
 
-    def _store(self, session: str, body: Store) -> int:
-        self._memory(session, body.instance_id)  # unknown instance -> ValueError naming it
-        return self.engine.store((session, body.instance_id), _tokens(body.tokens), _slots(body.slots))
-
-    def _lookup(self, session: str, body: Lookup) -> int:
-        hashes = body.hashes if body.hashes is not None else chunk_hashes(
-            _tokens(body.tokens), self.engine.config.chunk_size, seed=self._seed)
-        hit = self.engine.lookup_hashes(body.model, hashes, request_id=(session, body.request_id),
-                                        tp_size=body.tp_size, num_readers=body.num_readers)
+    def _store_commit(self, s: _Session, body: p.StoreCommit) -> int:
+        plan = self._take_plan(s, body.plan, StorePlan)
         with self._lock:
-            sessions = self._lookups.setdefault(body.request_id, [])
-            if session not in sessions:
-                sessions.append(session)
-            self._session(session).requests.add(body.request_id)
-        return hit
+            s.reserved_bytes -= len(plan.handles) * plan.instance.chunk_bytes
+        if not body.ok:
+            self.core.abort_store(plan)
+            return 0
+        return self.core.commit_store(plan)
 
-    def _retrieve(self, session: str, body: Retrieve) -> int:
-        self._memory(session, body.instance_id)
+    def _lookup(self, s: _Session, body: p.Lookup) -> int:
+        owner = Scoped(s.group, body.request_id)
         with self._lock:
-            sessions = self._lookups.get(body.request_id)
-            if not sessions:
-                raise ValueError(f"unknown request {body.request_id!r}: LOOKUP it first")
-            owner = session if session in sessions else sessions[0]
-        return self.engine.retrieve((session, body.instance_id), _tokens(body.tokens),
-                                    _slots(body.slots), request_id=(owner, body.request_id))
-
-    def _free(self, session: str, body: FreeLookupLocks) -> int:
-        return self.engine.free_lookup_locks((session, body.request_id))
-
-    def _end(self, session: str, body: EndSession) -> None:
-        self.engine.end_session((session, body.request_id))
+            new = owner not in s.requests
+            if new and len(s.requests) >= self.limits.max_open_requests:
+                raise Busy(f"busy: this client has {len(s.requests)} open requests; end some")
+        hits = self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
+                                num_readers=body.num_readers, creator=s.sid)
         with self._lock:
-            self._forget(session, body.request_id)
-            self._session(session).requests.discard(body.request_id)
+            s.requests.add(owner)
+        return hits * self.core.config.chunk_size
 
-    def _forget(self, session: str, request_id: Hashable) -> None:
-        sessions = self._lookups.get(request_id)
-        if sessions is not None and session in sessions:
-            sessions.remove(session)
-            if not sessions:
-                del self._lookups[request_id]
-
-    def _ping(self, session: str, body: Ping) -> dict:
-        cfg = self.engine.config
-        return dict(version=PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
-                    device=str(self.engine.device), worker_timeout_s=self.worker_timeout_s,
-                    pid=os.getpid())
-
-    def _stats(self, session: str, body: Stats) -> dict:
-        out = self.engine.stats()
+    def _retrieve_begin(self, s: _Session, body: p.RetrieveBegin) -> dict:
+        key = self._instance(s, body.instance_id)
+        self._check_plans(s)
+        owner = Scoped(s.group, body.request_id)
+        try:
+            plan = self.core.begin_retrieve(key, body.hashes, request=owner)
+        except UnknownRequest:
+            raise ValueError(f"unknown request {body.request_id!r}: LOOKUP it first") from None
+        if plan is None:
+            return dict(plan=0, devices=[], offsets=[])
         with self._lock:
-            out["server"] = dict(sessions=len(self._sessions), requests=len(self._lookups),
-                                 instances=sum(len(s.instances) for s in self._sessions.values()))
+            plan_id = self._add_plan(s, plan)
+        return dict(plan=plan_id, devices=[h.device for h in plan.handles],
+                    offsets=[h.offset for h in plan.handles])
+
+    def _retrieve_end(self, s: _Session, body: p.RetrieveEnd) -> int:
+        return self.core.end_retrieve(self._take_plan(s, body.plan, RetrievePlan))
+
+    def _free(self, s: _Session, body: p.FreeLookupLocks) -> int:
+        start, end = token_range(body.start_token, body.end_token, self.core.config.chunk_size)
+        return self.core.free(Scoped(s.group, body.request_id), start_chunk=start, end_chunk=end)
+
+    def _end(self, s: _Session, body: p.EndSession) -> None:
+        owner = Scoped(s.group, body.request_id)
+        req = self.core.requests.get(owner)
+        self.core.end_request(owner)
+        with self._lock:
+            creator = self._sessions.get(req.creator) if req is not None else None
+            for entry in (s, creator):
+                if entry is not None:
+                    entry.requests.discard(owner)
+
+    def _stats(self, s: _Session, body: p.Stats) -> dict:
+        out = self.core.stats()
+        with self._lock:
+            out["server"] = dict(sessions=len(self._sessions), reaped=self.reaped,
+                                 orphaned_plans=sum(len(o.plans) for o in self._orphans),
+                                 requests=sum(len(x.requests) for x in self._sessions.values()),
+                                 plans=sum(len(x.plans) for x in self._sessions.values()))
         if body.query is not None:
-            out["query"] = self._read_counts(body.query)
+            q = body.query
+            out["query"] = self.core.object_states(q.model, q.hashes, kv_rank=q.kv_rank)
         return out
 
-    def _read_counts(self, q: ReadCounts) -> dict:
-        hashes = q.hashes if q.hashes is not None else chunk_hashes(
-            _tokens(q.tokens), self.engine.config.chunk_size, seed=self._seed)
-        return self.engine.object_states(q.model, hashes, kv_rank=q.kv_rank)
-
-    def _flush(self, session: str, body: Flush) -> bool:
-        return self.engine.flush(body.timeout_s)
+    def _flush(self, s: _Session, body: p.Flush) -> bool:
+        return self.core.flush(body.timeout_s)
 
     # ---- reaping -----------------------------------------------------------------------------
-    def reap_idle(self) -> list[str]:
-        """Reap every session silent for longer than the worker timeout; returns their ids."""
-        cutoff = time.monotonic() - self.worker_timeout_s
+    def reap_idle(self, cutoff: float) -> list[str]:
+        """Reap every session last seen before ``cutoff``; returns their ids. Also releases
+        orphaned plans whose worker is gone, and forgets requests whose lease passed."""
         with self._lock:
             idle = [sid for sid, s in self._sessions.items() if s.last_seen < cutoff]
         for sid in idle:
             self.reap(sid)
+        self._release_orphans()
+        self._prune_requests()
         return idle
 
-    def reap(self, session: str) -> int:
-        """Release a session's shares, unregister its instances; returns the shares released."""
+    def reap(self, sid: str) -> int:
+        """End a session: its requests end, its instances are unregistered, its plans are
+        orphaned (see the module docstring). Returns the shares released."""
         with self._lock:
-            entry = self._sessions.pop(session, None)
-            if entry is None:
+            s = self._sessions.pop(sid, None)
+            if s is None:
                 return 0
-            for request_id in entry.requests:
-                self._forget(session, request_id)
-        released = 0
-        for request_id in entry.requests:
-            released += self.engine.free_lookup_locks((session, request_id))
-            self.engine.end_session((session, request_id))
-        for instance_id, mem in entry.instances.items():
-            self.engine.unregister((session, instance_id))
-            mem.close()
-        stale = remove_stale(self.shm_dir) if entry.instances else []
-        log.info("reaped client %s: %d shares of %d requests released, %d instances dropped, "
-                 "%d shm files removed", session, released, len(entry.requests),
-                 len(entry.instances), len(stale))
+            self.reaped += 1
+        released = sum(self.core.end_request(owner) for owner in s.requests)
+        for key in s.instances.values():
+            self.core.unregister(key)
+        if s.plans:
+            grace = 0.0 if s.pid is not None else self.worker_timeout_s
+            with self._lock:
+                self._orphans.append(_Orphans(s.pid, time.monotonic() + grace, list(s.plans.values())))
+        log.info("reaped a client: %d shares of %d requests released, %d instances dropped, "
+                 "%d plans orphaned", released, len(s.requests), len(s.instances), len(s.plans))
+        self._release_orphans()
         return released
 
     def close(self) -> None:
         with self._lock:
-            sessions = list(self._sessions)
-        for sid in sessions:
+            sids = list(self._sessions)
+        for sid in sids:
             self.reap(sid)
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+        for orphan in orphans:
+            self._release(orphan.plans)
+
+    def _release_orphans(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            done = [o for o in self._orphans if now >= o.release_after and not _alive(o.pid)]
+            self._orphans = [o for o in self._orphans if o not in done]
+        for orphan in done:
+            self._release(orphan.plans)
+
+    def _release(self, plans: list) -> None:
+        for plan in plans:
+            if isinstance(plan, StorePlan):
+                self.core.abort_store(plan)
+            else:
+                self.core.l1.unpin(plan.handles)
+
+    def _prune_requests(self) -> None:
+        with self._lock:
+            for s in self._sessions.values():
+                s.requests = {owner for owner in s.requests if owner in self.core.requests}
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _session(self, sid: str) -> _Session:
+        with self._lock:
+            entry = self._sessions.get(sid)
+        if entry is None:
+            raise ValueError(f"this client's session was reaped (no ping for "
+                             f"{self.worker_timeout_s} s): register again")
+        return entry
+
+    def _instance(self, s: _Session, instance_id: Hashable) -> Scoped:
+        with self._lock:
+            key = s.instances.get(instance_id)
+        if key is None:
+            raise ValueError(f"unknown instance {instance_id!r} for this client: REGISTER it first")
+        return key
+
+    def _check_plans(self, s: _Session) -> None:
+        if len(s.plans) >= self.limits.max_plans:
+            raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
+
+    def _add_plan(self, s: _Session, plan) -> int:
+        plan_id = s.next_plan
+        s.next_plan += 1
+        s.plans[plan_id] = plan
+        return plan_id
+
+    def _take_plan(self, s: _Session, plan_id: int, kind: type):
+        with self._lock:
+            plan = s.plans.get(plan_id)
+            if not isinstance(plan, kind):
+                raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
+            return s.plans.pop(plan_id)
+
+    def _device_index(self, name: str | None) -> int:
+        """The arena for a worker on ``name``: an arena's exact name, "cpu" (the first CPU
+        arena) or "cuda-uuid:<uuid>" (the arena on that GPU)."""
+        devices = self.core.config.devices
+        if name in devices:
+            return devices.index(name)
+        for i, dev in enumerate(devices):
+            if name in (None, "cpu") and torch.device(dev).type == "cpu":
+                return i
+            if name and name.startswith("cuda-uuid:") and torch.device(dev).type == "cuda" \
+                    and _gpu_uuid(dev) == name.removeprefix("cuda-uuid:"):
+                return i
+        raise ValueError(f"this server has no arena for device {name!r} (it has {list(devices)})")
 
 
-def _tokens(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<i8")
+def _gpu_uuid(device: str) -> str:
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
 
 
-def _slots(data: bytes) -> torch.Tensor:
-    """The slot mapping (the engine checks it against the cache before it takes any share)."""
-    return torch.from_numpy(np.frombuffer(data, dtype="<i8").copy())
+def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet waited for, does not)."""
+    if pid is None:
+        return False
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")

@@ -1,0 +1,118 @@
+"""Who may bind and who answers: socket-path ownership for the server, peer uid for the client.
+
+The protocol has no authentication of its own: on one machine the operating system's users are
+the boundary. So the server binds only a path it owns in a folder no other user can write (the
+default folder ``/tmp/gpukv-<uid>`` is created 0700), refuses abstract ``ipc://@name`` sockets
+(no file permissions) unless explicitly allowed, and binds tcp:// only on loopback unless
+``allow_remote``. The client, before it sends anything (tokens are user data), checks that the
+process listening on the address runs as its own user: ``SO_PEERCRED`` on ipc://, the owner of
+the listening socket in ``/proc/net/tcp{,6}`` on loopback tcp://.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def ipc_path(address: str) -> str:
+    return address[len("ipc://"):]
+
+
+def check_address(address: str, *, allow_remote: bool = False, allow_abstract: bool = False) -> str:
+    """Validate a bind address: ``ipc://<path>`` or ``tcp://<loopback>:<port>``."""
+    if address.startswith("ipc://"):
+        path = ipc_path(address)
+        if not path:
+            raise ValueError(f"ipc address needs a path, got {address!r}")
+        if path.startswith("@") and not allow_abstract:
+            raise ValueError(f"refusing the abstract socket {address!r}: it has no file "
+                             "permissions, so any local user could connect (pass allow_abstract)")
+        return address
+    if address.startswith("tcp://"):
+        host = address[len("tcp://"):].rpartition(":")[0]
+        if host not in _LOOPBACK and not allow_remote:
+            raise ValueError(f"refusing to bind {address!r}: not a loopback address (the protocol "
+                             "has no authentication); pass allow_remote to override")
+        return address
+    raise ValueError(f"address must be ipc://<path> or tcp://127.0.0.1:<port>, got {address!r}")
+
+
+def prepare_socket_path(path: str) -> None:
+    """Make sure the server may bind ``path``: its folder is this user's and not writable by
+    others (the default ``/tmp/gpukv-<uid>`` is created 0700), and an existing file there is
+    this user's stale socket (removed) -- never another user's or a live server's."""
+    if path.startswith("@"):
+        return
+    folder = Path(path).parent
+    if folder.name == f"gpukv-{os.getuid()}" and not folder.exists():
+        folder.mkdir(mode=0o700)
+    st = folder.lstat() if folder.exists() else None
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"socket folder {str(folder)!r} does not exist")
+    sticky = st.st_mode & stat.S_ISVTX
+    if st.st_uid != os.getuid() and not (sticky and st.st_uid == 0):
+        raise ValueError(f"refusing to bind in {str(folder)!r}: owned by uid {st.st_uid}, not "
+                         f"{os.getuid()}")
+    if st.st_mode & 0o022 and not sticky:
+        raise ValueError(f"refusing to bind in {str(folder)!r}: writable by other users "
+                         f"(mode {oct(st.st_mode & 0o777)})")
+    target = Path(path)
+    try:
+        tst = target.lstat()
+    except FileNotFoundError:
+        return
+    if tst.st_uid != os.getuid():
+        raise ValueError(f"refusing to bind {path!r}: the file there belongs to uid {tst.st_uid}")
+    if not stat.S_ISSOCK(tst.st_mode):
+        raise ValueError(f"refusing to bind {path!r}: a non-socket file is in its place")
+    if peer_uid(path) is not None:
+        raise ValueError(f"another server is listening on ipc://{path}")
+    target.unlink()
+
+
+def peer_uid(path: str) -> int | None:
+    """The uid of the process listening on a Unix socket path (None if nobody listens)."""
+    name = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(name)
+        except OSError:
+            return None
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def tcp_listener_uid(host: str, port: int) -> int | None:
+    """The uid owning the socket listening on loopback ``host:port`` (``/proc/net/tcp``), or
+    None when it cannot be told."""
+    want_port = f"{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, uid = fields[1], fields[3], fields[7]
+            if state == "0A" and local.rsplit(":", 1)[1] == want_port:  # 0A = LISTEN
+                return int(uid)
+    return None
+
+
+def server_uid(address: str) -> int | None:
+    """The uid of the process listening on ``address`` (None: nobody listens on ipc:// or
+    loopback tcp://, or a non-local tcp:// server whose user cannot be told: ``-1``)."""
+    if address.startswith("ipc://"):
+        return peer_uid(ipc_path(address))
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if host not in _LOOPBACK or not port.isdigit():
+        return -1  # a remote server: the user chose it (allow_remote on the server side)
+    return tcp_listener_uid(host.strip("[]"), int(port))
