@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpukv.ops.client_metrics import ClientMetrics
 from gpukv.ops.metrics import (LOOKUP_BUCKETS, OTHER, REJECT_REASONS, RETRIEVE_FAILURE_REASONS,
                                TIERS, CacheMetrics)
+from gpukv.ops.series import Histogram
 from gpukv.ops.snapshot import MAX_DEVICES
 
 
@@ -166,6 +167,32 @@ def test_event_counters_move_by_exact_counts_with_bounded_labels(m):
         with pytest.raises((ValueError, TypeError)):
             call()
     assert samples(m) == before
+
+
+def test_a_value_on_a_bucket_bound_lands_in_that_bucket():
+    m = CacheMetrics()
+    m.lookup("x", 0, {}, 1e-4)      # exactly le="0.0001"
+    m.lookup("x", 0, {}, 0.0)       # the first bucket
+    m.lookup("x", 0, {}, 1e-4 + 1e-12)
+    assert value(m, "gpukv_lookup_seconds_bucket", le="2.5e-05") == 1
+    assert value(m, "gpukv_lookup_seconds_bucket", le="5e-05") == 1
+    assert value(m, "gpukv_lookup_seconds_bucket", le="0.0001") == 2
+    assert value(m, "gpukv_lookup_seconds_bucket", le="0.00025") == 3
+    with pytest.raises(ValueError, match="increasing"):
+        Histogram((1.0, 0.5))
+    with pytest.raises(ValueError, match="increasing"):
+        Histogram(())
+
+
+def test_a_device_added_before_any_eviction_exports_zero():
+    m = CacheMetrics()
+    m.add_device("cuda:0")
+    m.add_device("cuda:0")
+    assert value(m, "gpukv_evictions_total", device="cuda:0") == 0
+    m.evicted("cuda:0", 2)
+    assert value(m, "gpukv_evictions_total", device="cuda:0") == 2
+    with pytest.raises(ValueError):
+        m.add_device("")
 
 
 def test_eviction_devices_past_the_cap_fold_into_other():

@@ -4,43 +4,69 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import threading
+from typing import Iterator
 
-from gpukv.ops.metrics import LOOKUP_BUCKETS, TRANSFER_BUCKETS, check_seconds
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from gpukv.ops.metrics import LOOKUP_BUCKETS, TRANSFER_BUCKETS
+from gpukv.ops.series import Histogram, check_seconds
+
+HISTOGRAMS = {  # request -> (metric name, help, buckets)
+    "lookup": ("gpukv_client_lookup_seconds", "LOOKUP round trip seen by the client",
+               LOOKUP_BUCKETS),
+    "store": ("gpukv_client_store_seconds", "STORE round trip (reserve, pack, commit) seen by "
+              "the client", TRANSFER_BUCKETS),
+    "retrieve": ("gpukv_client_retrieve_seconds", "RETRIEVE round trip (pin, unpack, release) "
+                 "seen by the client", TRANSFER_BUCKETS),
+}
 
 
-class ClientMetrics:
-    """Client-side round trips (a :class:`gpukv.CacheClient`'s view, its own registry)."""
+class ClientMetrics(Collector):
+    """Client-side round trips (a :class:`gpukv.CacheClient`'s view, its own ``.registry``).
+    Thread-safe; bad arguments raise and change nothing."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self._lookup = Histogram("gpukv_client_lookup_seconds", "LOOKUP round trip seen by the "
-                                 "client", buckets=LOOKUP_BUCKETS, registry=r)
-        self._store = Histogram("gpukv_client_store_seconds", "STORE round trip (reserve, pack, "
-                                "commit) seen by the client", buckets=TRANSFER_BUCKETS, registry=r)
-        self._retrieve = Histogram("gpukv_client_retrieve_seconds", "RETRIEVE round trip (pin, "
-                                   "unpack, release) seen by the client", buckets=TRANSFER_BUCKETS,
-                                   registry=r)
-        self._unavailable = Counter("gpukv_client_server_unavailable",
-                                    "Requests that found no server answering", registry=r)
+        self._lock = threading.Lock()
+        self._histograms = {req: Histogram(buckets) for req, (_, _, buckets) in HISTOGRAMS.items()}
+        self._unavailable = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def _observe(self, request: str, seconds: float) -> None:
+        check_seconds("seconds", seconds)
+        histogram = self._histograms[request]
+        bucket = histogram.bucket(seconds)
+        with self._lock:
+            histogram.add(bucket, seconds)
 
     def lookup(self, seconds: float) -> None:
         """One LOOKUP round trip of ``seconds``."""
-        check_seconds("seconds", seconds)
-        self._lookup.observe(seconds)
+        self._observe("lookup", seconds)
 
     def store(self, seconds: float) -> None:
-        check_seconds("seconds", seconds)
-        self._store.observe(seconds)
+        """One STORE round trip of ``seconds``."""
+        self._observe("store", seconds)
 
     def retrieve(self, seconds: float) -> None:
-        check_seconds("seconds", seconds)
-        self._retrieve.observe(seconds)
+        """One RETRIEVE round trip of ``seconds``."""
+        self._observe("retrieve", seconds)
 
     def server_unavailable(self) -> None:
         """A request that found no server (the client gave up or reconnected)."""
-        self._unavailable.inc()
+        with self._lock:
+            self._unavailable += 1
+
+    def collect(self) -> Iterator:
+        with self._lock:
+            out = [self._histograms[req].family(name, doc)
+                   for req, (name, doc, _) in HISTOGRAMS.items()]
+            out.append(CounterMetricFamily("gpukv_client_server_unavailable",
+                                           "Requests that found no server answering",
+                                           value=self._unavailable))
+        return iter(out)
 
     def render(self) -> bytes:
         """Prometheus text exposition of the client's metrics."""

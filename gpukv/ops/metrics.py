@@ -2,28 +2,32 @@
 ``CollectorRegistry``: no global state, never the default registry, so two engines in one process
 never mix their counts (the client's round trips: :mod:`gpukv.ops.client_metrics`).
 
-Hot-path cost: every label child is bound once (per model at :meth:`CacheMetrics.add_model`, per
-tier / reason at construction); a call is a dict lookup, a few validations and a few
-``inc``/``observe`` calls, no string formatting. Gauges (L1 occupancy, queue depths, clients, tier
-health) are read at scrape time from a snapshot callable (:mod:`gpukv.ops.snapshot`), so nothing
-is paid for them per request.
+Hot-path cost: a call checks its arguments, takes the instance's one lock and adds to plain ints
+(~0.5 us for a LOOKUP; see :mod:`gpukv.ops.series` for why not prometheus-client's children).
+The numbers become metric families only when Prometheus scrapes. Gauges (L1 occupancy, queue
+depths, clients, tier health) are read at scrape time from a snapshot callable
+(:mod:`gpukv.ops.snapshot`), so nothing is paid for them per request.
 
-Label sets are bounded: ``tier`` in :data:`TIERS`, ``reason`` in the tuples below, ``model`` in
-the models passed to :meth:`CacheMetrics.add_model` (at most ``max_models``; any other model is
-counted as ``"other"``), ``device`` in the devices seen (at most :data:`MAX_DEVICES`, then
-``"other"``). Never a request id or a hash.
+Label sets are bounded: ``tier`` in :data:`TIERS`, ``reason`` / ``kind`` in the tuples below,
+``model`` in the models passed to :meth:`CacheMetrics.add_model` (at most ``max_models``; any other
+model is counted as ``"other"``), ``device`` in the devices seen (at most :data:`MAX_DEVICES`,
+then ``"other"``). Never a request id or a hash. Every labelled series exists (at 0) from the
+start, so ``rate()`` works from the first scrape.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import threading
-from typing import Callable, Mapping
+from bisect import bisect_left
+from typing import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from gpukv.ops.series import Histogram, check_count, check_label, check_seconds
 from gpukv.ops.snapshot import MAX_DEVICES, SnapshotCollector
 
 TIERS = ("L1", "disk", "remote")
@@ -40,46 +44,35 @@ LOOKUP_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-
 TRANSFER_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
                     250e-3, 500e-3, 1.0, 2.5, 10.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # what GET /metrics answers with
-
-
-def check_count(name: str, value: object) -> None:
-    if value.__class__ is int and value >= 0:  # the fast path: a plain non-negative int
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def check_seconds(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not 0.0 <= value < math.inf:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-
-
-def _label(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+MODEL_COUNTERS = {  # _ModelSeries field -> (metric name without _total, help)
+    "requests": ("gpukv_lookup_requests", "LOOKUP requests"),
+    "requested": ("gpukv_lookup_requested_tokens", "Prompt tokens asked for by lookups"),
+    "store_bytes": ("gpukv_store_bytes", "Bytes stored into L1"),
+    "store_chunks": ("gpukv_store_chunks", "Chunks stored into L1"),
+    "retrieve_bytes": ("gpukv_retrieve_bytes", "Bytes retrieved out of L1"),
+    "retrieve_chunks": ("gpukv_retrieve_chunks", "Chunks retrieved out of L1"),
+}
 
 
 class _ModelSeries:
-    """The per-model children of every model-labelled metric, bound once."""
+    """One model's counts."""
 
-    __slots__ = ("requests", "requested", "hits", "store_bytes", "store_chunks",
-                 "retrieve_bytes", "retrieve_chunks")
+    __slots__ = tuple(MODEL_COUNTERS) + ("hits",)
 
-    def __init__(self, m: "CacheMetrics", model: str) -> None:
-        self.requests = m._requests.labels(model)
-        self.requested = m._requested.labels(model)
-        self.hits = {tier: m._hits.labels(model, tier) for tier in TIERS}
-        self.store_bytes = m._store_bytes.labels(model)
-        self.store_chunks = m._store_chunks.labels(model)
-        self.retrieve_bytes = m._retrieve_bytes.labels(model)
-        self.retrieve_chunks = m._retrieve_chunks.labels(model)
+    def __init__(self) -> None:
+        for field in MODEL_COUNTERS:
+            setattr(self, field, 0)
+        self.hits = dict.fromkeys(TIERS, 0)
 
 
-class CacheMetrics:
+def _counter(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in counts.items():
+        family.add_metric([key], n)
+    return family
+
+
+class CacheMetrics(Collector):
     """Counters and histograms of one engine or server; its own registry (``.registry``).
 
     ``max_models`` bounds the ``model`` label; ``version`` is exported as
@@ -91,53 +84,24 @@ class CacheMetrics:
         if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
             raise ValueError(f"max_models must be a positive int, got {max_models!r}")
         self.max_models = max_models
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self._requests = Counter("gpukv_lookup_requests", "LOOKUP requests", ["model"], registry=r)
-        self._requested = Counter("gpukv_lookup_requested_tokens",
-                                  "Prompt tokens asked for by lookups", ["model"], registry=r)
-        self._hits = Counter("gpukv_lookup_hit_tokens",
-                             "Prefix tokens found by lookups, by the tier that held them",
-                             ["model", "tier"], registry=r)
-        self._lookup_seconds = Histogram("gpukv_lookup_seconds", "Server-side LOOKUP handling time",
-                                         buckets=LOOKUP_BUCKETS, registry=r)
-        self._store_bytes = Counter("gpukv_store_bytes", "Bytes stored into L1", ["model"],
-                                    registry=r)
-        self._store_chunks = Counter("gpukv_store_chunks", "Chunks stored into L1", ["model"],
-                                     registry=r)
-        self._store_seconds = Histogram("gpukv_store_seconds", "STORE time (reserve to commit)",
-                                        buckets=TRANSFER_BUCKETS, registry=r)
-        self._retrieve_bytes = Counter("gpukv_retrieve_bytes", "Bytes retrieved out of L1",
-                                       ["model"], registry=r)
-        self._retrieve_chunks = Counter("gpukv_retrieve_chunks", "Chunks retrieved out of L1",
-                                        ["model"], registry=r)
-        self._retrieve_seconds = Histogram("gpukv_retrieve_seconds", "RETRIEVE time (pin to release)",
-                                           buckets=TRANSFER_BUCKETS, registry=r)
-        failures = Counter("gpukv_retrieve_failures", "Retrieves that wrote nothing, by reason",
-                           ["reason"], registry=r)
-        self._failures = {reason: failures.labels(reason) for reason in RETRIEVE_FAILURE_REASONS}
-        self._evictions = Counter("gpukv_evictions", "L1 objects evicted to make room", ["device"],
-                                  registry=r)
-        self._devices: dict[str, object] = {}
-        expiries = Counter("gpukv_lease_expiries", "Leases that expired (read shares released, "
-                           "unfinished writes discarded)", ["kind"], registry=r)
-        self._expiries = {kind: expiries.labels(kind) for kind in LEASE_KINDS}
-        self._pin_deferred = Counter("gpukv_pin_deferred_frees", "Objects that had to be freed "
-                                     "while a copy pinned them, freed at the last unpin", registry=r)
-        self._reaped = Counter("gpukv_reaped_clients", "Clients reaped after they stopped pinging",
-                               registry=r)
-        tier_errors = Counter("gpukv_tier_errors", "Failed tier operations", ["tier"], registry=r)
-        self._tier_errors = {tier: tier_errors.labels(tier) for tier in TIERS}
-        rejected = Counter("gpukv_rejected_requests", "Requests answered busy or over a limit",
-                           ["reason"], registry=r)
-        self._rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
-        if version is not None:
-            Info("gpukv_build", "gpukv build", registry=r).info({"version": str(version)})
+        self.version = None if version is None else str(version)
         self._lock = threading.Lock()
         self._models: dict[str, _ModelSeries] = {}
-        self._other = _ModelSeries(self, OTHER)
+        self._other = _ModelSeries()
+        self._lookup_seconds = Histogram(LOOKUP_BUCKETS)
+        self._store_seconds = Histogram(TRANSFER_BUCKETS)
+        self._retrieve_seconds = Histogram(TRANSFER_BUCKETS)
+        self._failures = dict.fromkeys(RETRIEVE_FAILURE_REASONS, 0)
+        self._evictions: dict[str, int] = {}
+        self._expiries = dict.fromkeys(LEASE_KINDS, 0)
+        self._pin_deferred = 0
+        self._reaped = 0
+        self._tier_errors = dict.fromkeys(TIERS, 0)
+        self._rejected = dict.fromkeys(REJECT_REASONS, 0)
         self._snapshot = SnapshotCollector()
-        r.register(self._snapshot)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.registry.register(self._snapshot)
 
     # ---- models ----------------------------------------------------------------------------
     def add_model(self, model: str) -> str:
@@ -150,7 +114,7 @@ class CacheMetrics:
                 return model
             if model == OTHER or len(self._models) >= self.max_models:
                 return OTHER
-            self._models[model] = _ModelSeries(self, model)
+            self._models[model] = _ModelSeries()
             return model
 
     @property
@@ -173,104 +137,111 @@ class CacheMetrics:
         tokens found in each tier (tiers absent from the mapping found none; the hits sum to at
         most ``requested_tokens``), handled in ``seconds``."""
         series = self._series(model)
-        check_count("requested_tokens", requested_tokens)
+        if requested_tokens.__class__ is not int or requested_tokens < 0:  # fast path inlined
+            check_count("requested_tokens", requested_tokens)
         if hit_tokens_by_tier.__class__ is not dict and not isinstance(hit_tokens_by_tier, Mapping):
             raise TypeError(f"hit_tokens_by_tier must be a mapping tier -> tokens, got "
                             f"{type(hit_tokens_by_tier).__name__}")
+        hits = series.hits
         total = 0
         for tier, n in hit_tokens_by_tier.items():
-            if tier not in series.hits:
-                _label("tier", tier, TIERS)
+            if tier not in hits:
+                check_label("tier", tier, TIERS)
             if n.__class__ is not int or n < 0:  # format the name only for a bad value
                 check_count(f"hit_tokens_by_tier[{tier!r}]", n)
             total += n
         if total > requested_tokens:
             raise ValueError(f"hit tokens {dict(hit_tokens_by_tier)} sum to {total} > "
                              f"requested_tokens {requested_tokens}")
-        check_seconds("seconds", seconds)
-        series.requests.inc()
-        if requested_tokens:
-            series.requested.inc(requested_tokens)
-        for tier, n in hit_tokens_by_tier.items():
-            if n:
-                series.hits[tier].inc(n)
-        self._lookup_seconds.observe(seconds)
+        if seconds.__class__ is not float or not 0.0 <= seconds < math.inf:
+            check_seconds("seconds", seconds)
+        histogram = self._lookup_seconds
+        bucket = bisect_left(histogram.bounds, seconds)
+        with self._lock:
+            series.requests += 1
+            series.requested += requested_tokens
+            for tier, n in hit_tokens_by_tier.items():
+                hits[tier] += n
+            histogram.counts[bucket] += 1
+            histogram.sum += seconds
 
     def store(self, model: str, num_chunks: int, nbytes: int, seconds: float) -> None:
         """One committed STORE of ``num_chunks`` chunks (``nbytes`` in all) in ``seconds``."""
-        series = self._series(model)
-        check_count("num_chunks", num_chunks)
-        check_count("nbytes", nbytes)
-        check_seconds("seconds", seconds)
-        series.store_chunks.inc(num_chunks)
-        series.store_bytes.inc(nbytes)
-        self._store_seconds.observe(seconds)
+        self._transfer(model, num_chunks, nbytes, seconds, store=True)
 
     def retrieve(self, model: str, num_chunks: int, nbytes: int, seconds: float) -> None:
         """One successful RETRIEVE of ``num_chunks`` chunks (``nbytes``) in ``seconds``."""
+        self._transfer(model, num_chunks, nbytes, seconds, store=False)
+
+    def _transfer(self, model: str, num_chunks: int, nbytes: int, seconds: float, *,
+                  store: bool) -> None:
         series = self._series(model)
         check_count("num_chunks", num_chunks)
         check_count("nbytes", nbytes)
         check_seconds("seconds", seconds)
-        series.retrieve_chunks.inc(num_chunks)
-        series.retrieve_bytes.inc(nbytes)
-        self._retrieve_seconds.observe(seconds)
+        histogram = self._store_seconds if store else self._retrieve_seconds
+        bucket = histogram.bucket(seconds)
+        with self._lock:
+            if store:
+                series.store_chunks += num_chunks
+                series.store_bytes += nbytes
+            else:
+                series.retrieve_chunks += num_chunks
+                series.retrieve_bytes += nbytes
+            histogram.add(bucket, seconds)
 
     def retrieve_failed(self, reason: str) -> None:
         """A RETRIEVE that wrote nothing; ``reason`` in :data:`RETRIEVE_FAILURE_REASONS`."""
-        child = self._failures.get(reason)
-        if child is None:
-            _label("reason", reason, RETRIEVE_FAILURE_REASONS)
-        child.inc()
+        self._bump(self._failures, "reason", reason, RETRIEVE_FAILURE_REASONS, 1)
+
+    def add_device(self, device: str) -> None:
+        """Export ``device``'s eviction count (at 0) before its first eviction (idempotent)."""
+        self.evicted(device, 0)
 
     def evicted(self, device: str, count: int = 1) -> None:
-        """``count`` L1 objects evicted on ``device`` (e.g. ``"cuda:0"``)."""
+        """``count`` L1 objects evicted on ``device`` (e.g. ``"cuda:0"``); past
+        :data:`MAX_DEVICES` devices the rest count under ``"other"``."""
         check_count("count", count)
-        child = self._devices.get(device)
-        if child is None:
-            if not isinstance(device, str) or not device:
-                raise ValueError(f"device must be a non-empty str, got {device!r}")
-            with self._lock:
-                if device not in self._devices:
-                    label = device if len(self._devices) < MAX_DEVICES else OTHER
-                    self._devices[device] = self._evictions.labels(label)
-                child = self._devices[device]
-        child.inc(count)
+        if not isinstance(device, str) or not device:
+            raise ValueError(f"device must be a non-empty str, got {device!r}")
+        with self._lock:
+            if device not in self._evictions and len(self._evictions) >= MAX_DEVICES:
+                device = OTHER
+            self._evictions[device] = self._evictions.get(device, 0) + count
 
     def lease_expired(self, kind: str, count: int = 1) -> None:
         """``count`` leases of ``kind`` (``"read"``: shares released; ``"write"``: an unfinished
         write discarded) expired."""
-        check_count("count", count)
-        child = self._expiries.get(kind)
-        if child is None:
-            _label("kind", kind, LEASE_KINDS)
-        child.inc(count)
+        self._bump(self._expiries, "kind", kind, LEASE_KINDS, count)
 
     def pin_deferred_free(self, count: int = 1) -> None:
         """``count`` objects that had to be freed while a copy pinned them (freed at the last
         unpin instead)."""
         check_count("count", count)
-        self._pin_deferred.inc(count)
+        with self._lock:
+            self._pin_deferred += count
 
     def client_reaped(self, count: int = 1) -> None:
         """``count`` clients reaped after they stopped pinging."""
         check_count("count", count)
-        self._reaped.inc(count)
+        with self._lock:
+            self._reaped += count
 
     def tier_error(self, tier: str, count: int = 1) -> None:
         """``count`` failed operations of ``tier`` (in :data:`TIERS`)."""
-        check_count("count", count)
-        child = self._tier_errors.get(tier)
-        if child is None:
-            _label("tier", tier, TIERS)
-        child.inc(count)
+        self._bump(self._tier_errors, "tier", tier, TIERS, count)
 
     def rejected(self, reason: str) -> None:
         """A request answered busy or over a limit; ``reason`` in :data:`REJECT_REASONS`."""
-        child = self._rejected.get(reason)
-        if child is None:
-            _label("reason", reason, REJECT_REASONS)
-        child.inc()
+        self._bump(self._rejected, "reason", reason, REJECT_REASONS, 1)
+
+    def _bump(self, counts: dict[str, int], name: str, label: str, allowed: tuple[str, ...],
+              count: int) -> None:
+        check_count("count", count)
+        if label not in counts:
+            check_label(name, label, allowed)
+        with self._lock:
+            counts[label] += count
 
     # ---- exposition ------------------------------------------------------------------------
     def set_snapshot(self, snapshot: Callable[[], dict] | None) -> None:
@@ -283,3 +254,43 @@ class CacheMetrics:
         snapshot callable returns a document that breaks the schema."""
         return generate_latest(self.registry)
 
+    def collect(self) -> Iterator:
+        """The counter and histogram families (the registry calls this at each scrape)."""
+        with self._lock:
+            out = self._families()
+        return iter(out)
+
+    def _families(self) -> list:
+        models = dict(self._models)
+        models[OTHER] = self._other
+        out = [_counter(name, doc, "model", {m: getattr(s, field) for m, s in models.items()})
+               for field, (name, doc) in MODEL_COUNTERS.items()]
+        hits = CounterMetricFamily("gpukv_lookup_hit_tokens", "Prefix tokens found by lookups, "
+                                   "by the tier that held them", labels=["model", "tier"])
+        for model, series in models.items():
+            for tier, n in series.hits.items():
+                hits.add_metric([model, tier], n)
+        out += [hits,
+                self._lookup_seconds.family("gpukv_lookup_seconds", "Server-side LOOKUP time"),
+                self._store_seconds.family("gpukv_store_seconds", "STORE time (reserve to commit)"),
+                self._retrieve_seconds.family("gpukv_retrieve_seconds",
+                                              "RETRIEVE time (pin to release)"),
+                _counter("gpukv_retrieve_failures", "Retrieves that wrote nothing, by reason",
+                         "reason", self._failures),
+                _counter("gpukv_evictions", "L1 objects evicted to make room", "device",
+                         self._evictions),
+                _counter("gpukv_lease_expiries", "Leases that expired (read shares released, "
+                         "unfinished writes discarded)", "kind", self._expiries),
+                CounterMetricFamily("gpukv_pin_deferred_frees", "Objects that had to be freed "
+                                    "while a copy pinned them, freed at the last unpin",
+                                    value=self._pin_deferred),
+                CounterMetricFamily("gpukv_reaped_clients", "Clients reaped after they stopped "
+                                    "pinging", value=self._reaped),
+                _counter("gpukv_tier_errors", "Failed tier operations", "tier", self._tier_errors),
+                _counter("gpukv_rejected_requests", "Requests answered busy or over a limit",
+                         "reason", self._rejected)]
+        if self.version is not None:
+            info = GaugeMetricFamily("gpukv_build_info", "gpukv build", labels=["version"])
+            info.add_metric([self.version], 1)
+            out.append(info)
+        return out
