@@ -3,7 +3,7 @@
 never mix their counts (the client's round trips: :mod:`gpukv.ops.client_metrics`).
 
 Hot-path cost: a call checks its arguments, takes the instance's one lock and adds to plain ints
-(~0.5 us for a LOOKUP; see :mod:`gpukv.ops.series` for why not prometheus-client's children).
+(~1 us for a LOOKUP with its checks, perf/sweep_metrics.py; see :mod:`gpukv.ops.series` for why not prometheus-client's children).
 The numbers become metric families only when Prometheus scrapes. Gauges (L1 occupancy, queue
 depths, clients, tier health) are read at scrape time from a snapshot callable
 (:mod:`gpukv.ops.snapshot`), so nothing is paid for them per request.
