@@ -3,8 +3,8 @@
 never mix their counts (the client's round trips: :mod:`gpukv.ops.client_metrics`).
 
 Hot-path cost: a call checks its arguments, takes the instance's one lock and adds to plain ints
-(~1 us for a LOOKUP with its checks, perf/sweep_metrics.py; see :mod:`gpukv.ops.series` for why not prometheus-client's children).
-The numbers become metric families only when Prometheus scrapes. Gauges (L1 occupancy, queue
+(~1 us for a LOOKUP, checks included: perf/sweep_metrics.py; :mod:`gpukv.ops.series` says why
+not prometheus-client's own children). The numbers become metric families only when Prometheus scrapes. Gauges (L1 occupancy, queue
 depths, clients, tier health) are read at scrape time from a snapshot callable
 (:mod:`gpukv.ops.snapshot`), so nothing is paid for them per request.
 
