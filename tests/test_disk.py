@@ -1,7 +1,12 @@
 """The safetensors disk tier: atomic files, warm restart, LRU budget, bad files are misses."""
 
+import threading
+import time
+
+import pytest
 import torch
 
+from gpukv.tiers import codec as chunk_codec
 from gpukv.tiers.disk import DiskTier
 
 
@@ -68,10 +73,80 @@ def test_corrupted_truncated_and_foreign_files_are_misses_and_removed(tmp_path):
     tier.close()
 
 
-def test_queue_full_drops_and_counts(tmp_path):
-    tier = DiskTier(tmp_path, queue_size=1)
-    tier._queue.put(("__flush__", __import__("threading").Event(), None))  # occupy the writer's queue
-    accepted = [tier.submit(f"m/0/{i}", "fp", _payload(16, i)) for i in range(50)]
-    assert not all(accepted)
-    assert tier.stats()["dropped"] == accepted.count(False)
+def test_queue_full_drops_and_counts_and_flush_honours_its_timeout(tmp_path):
+    tier = DiskTier(tmp_path, queue_size=2)
+    entered, release = threading.Event(), threading.Event()
+    real_write = tier._write_one
+
+    def held_write(*args):
+        entered.set()
+        assert release.wait(10)
+        real_write(*args)
+
+    tier._write_one = held_write  # the writer thread holds the first chunk
+    assert tier.submit("m/0/0", "fp", _payload(16, 0)) and entered.wait(10)
+    accepted = [tier.submit(f"m/0/{i}", "fp", _payload(16, i)) for i in range(1, 6)]
+    assert accepted == [True, True, False, False, False]
+    assert tier.stats()["dropped"] == 3 and tier.stats()["queue_depth"] == 2
+    start = time.monotonic()
+    assert tier.flush(0.2) is False  # a full queue never blocks flush past its timeout
+    assert time.monotonic() - start < 2.2
+    release.set()
+    assert tier.flush(10)
+    assert tier.contains_many([f"m/0/{i}" for i in range(6)]) == [True] * 3 + [False] * 3
+    assert tier.stats()["stored"] == 3
+    assert tier.close()
+
+
+def test_queue_bytes_bound_drops_and_counts(tmp_path):
+    tier = DiskTier(tmp_path, queue_bytes=1000)
+    entered, release = threading.Event(), threading.Event()
+    real_write = tier._write_one
+
+    def held_write(*args):
+        entered.set()
+        assert release.wait(10)
+        real_write(*args)
+
+    tier._write_one = held_write
+    assert tier.submit("m/0/hold", "fp", _payload(1000, 0)) and entered.wait(10)
+    assert tier.submit("m/0/a", "fp", _payload(600, 1))
+    assert not tier.submit("m/0/b", "fp", _payload(600, 2))  # 1200 B > 1000 B queued
+    assert tier.submit("m/0/c", "fp", _payload(400, 3))
+    assert not tier.submit("m/0/big", "fp", _payload(1001, 4))
+    assert tier.stats()["queued_bytes"] == 1000 and tier.stats()["dropped"] == 2
+    release.set()
+    assert tier.flush(10)
+    assert tier.contains_many(["m/0/hold", "m/0/a", "m/0/b", "m/0/c", "m/0/big"]) == \
+        [True, True, False, True, False]
     tier.close()
+
+
+def test_an_unexpected_writer_failure_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
+    tier = DiskTier(tmp_path)
+    real_encode = chunk_codec.encode
+
+    def encode(key, fingerprint, payload):
+        if key == "m/0/bad":
+            raise RuntimeError("encoder bug")
+        return real_encode(key, fingerprint, payload)
+
+    monkeypatch.setattr(chunk_codec, "encode", encode)
+    for key in ("m/0/a", "m/0/bad", "m/0/b"):
+        assert tier.submit(key, "fp", _payload(64, 0))
+    assert tier.flush(10)
+    assert tier.contains_many(["m/0/a", "m/0/bad", "m/0/b"]) == [True, False, True]
+    assert tier.stats()["errors"] == 1 and tier.stats()["stored"] == 2
+    tier.close()
+
+
+def test_close_writes_what_is_queued_then_refuses(tmp_path):
+    tier = DiskTier(tmp_path)
+    for i in range(5):
+        assert tier.submit(f"m/0/{i}", "fp", _payload(64, i))
+    assert tier.close(10)
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == 5
+    assert tier.submit("m/0/late", "fp", _payload(64, 9)) is False
+    assert tier.stats()["dropped"] == 1
+    with pytest.raises(ValueError, match="uint8"):
+        tier.submit("m/0/x", "fp", torch.zeros(4))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -20,19 +19,26 @@ from pathlib import Path
 import torch
 
 from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.ratelimit import RateLimitedLog
+from gpukv.tiers.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
+DEFAULT_QUEUE_BYTES = 512 << 20
 
 
 class DiskTier:
-    """Chunk files under ``root`` with an LRU byte budget and a background writer thread."""
+    """Chunk files under ``root`` with an LRU byte budget and a background writer thread.
+
+    ``queue_size`` / ``queue_bytes`` bound the chunks waiting for the writer (count and payload
+    bytes); a chunk past either bound is dropped and counted, never waited for.
+    """
 
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, capacity_bytes: int | None = None,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES) -> None:
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive or None, got {capacity_bytes!r}")
         self.root = Path(root)
@@ -42,22 +48,23 @@ class DiskTier:
         self._index: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, LRU first
         self._used = 0
         self._counters = dict(stored=0, dropped=0, hits=0, misses=0, corrupt=0, evicted=0, errors=0)
+        self._warn = RateLimitedLog(log, f"disk tier {self.root}: ")
         self._scan()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._writer = threading.Thread(target=self._write_loop, name="gpukv-disk-writer", daemon=True)
-        self._writer.start()
+        # One chunk per batch: a failure of one file never drops its neighbours.
+        self._writer = BackgroundWriter(self._write_batch, name="gpukv-disk-writer",
+                                        max_items=queue_size, max_bytes=queue_bytes,
+                                        batch_size=1, on_drop=self._on_drop)
 
     # ---- tier interface -------------------------------------------------------------------
     def submit(self, key: str, fingerprint: str, payload: torch.Tensor) -> bool:
-        """Queue one chunk (CPU uint8 1-D; the tier owns it now). False if dropped (queue full)."""
-        try:
-            self._queue.put_nowait((key, fingerprint, payload))
-        except queue.Full:
-            with self._lock:
-                self._counters["dropped"] += 1
-            log.warning("disk tier queue full: dropped %s", key)
-            return False
-        return True
+        """Queue one chunk (CPU uint8 1-D; the tier owns it now); never blocks.
+
+        False when dropped (queue full by count or bytes, or the tier closed; counted).
+        """
+        if payload.dtype != torch.uint8 or payload.device.type != "cpu" or payload.dim() != 1:
+            raise ValueError(f"payload must be a 1-D CPU uint8 tensor, got {tuple(payload.shape)} "
+                             f"{payload.dtype} on {payload.device}")
+        return self._writer.submit((key, fingerprint, payload), payload.numel())
 
     def contains_many(self, keys: list[str]) -> list[bool]:
         with self._lock:
@@ -97,23 +104,26 @@ class DiskTier:
         return [self.load(k, fingerprint, nbytes) for k in keys]
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued chunk is on disk."""
-        done = threading.Event()
-        try:
-            self._queue.put(("__flush__", done, None), timeout=timeout_s)
-        except queue.Full:
-            return False
-        return done.wait(timeout_s)
+        """Wait until every chunk submitted before the call is written or dropped; False on
+        timeout (also when the queue is full)."""
+        return self._writer.flush(timeout_s)
 
     def stats(self) -> dict:
+        """Counters (stored, dropped, hits, misses, corrupt, evicted, errors), ``files``,
+        ``used_bytes``, ``capacity_bytes``, ``queue_depth``, ``queued_bytes``."""
+        writer = self._writer.stats()
         with self._lock:
-            return dict(self._counters, files=len(self._index), used_bytes=self._used,
-                        capacity_bytes=self.capacity_bytes, queue_depth=self._queue.qsize())
+            out = dict(self._counters, files=len(self._index), used_bytes=self._used,
+                       capacity_bytes=self.capacity_bytes)
+        out["errors"] += writer["errors"]
+        out.update(queue_depth=writer["queued"], queued_bytes=writer["queued_bytes"])
+        return out
 
-    def close(self) -> None:
-        if self._writer.is_alive():
-            self._queue.put(None)
-            self._writer.join(timeout=30)
+    def close(self, timeout_s: float | None = 10.0) -> bool:
+        """Write what is queued for up to ``timeout_s``, drop (and count) the rest, stop the
+        writer. True when everything was written and the writer stopped in time. Idempotent."""
+        flushed = self._writer.flush(timeout_s)
+        return self._writer.close(timeout_s) and flushed
 
     # ---- internals ------------------------------------------------------------------------
     @staticmethod
@@ -144,21 +154,21 @@ class DiskTier:
         if size is not None:
             self._used -= size
 
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            key, fingerprint, payload = item
-            if key == "__flush__":
-                fingerprint.set()
-                continue
+    def _on_drop(self, item: tuple, reason: str) -> None:
+        if reason == "error":
+            return  # counted by the writer, logged there with its traceback
+        with self._lock:
+            self._counters["dropped"] += 1
+        self._warn.warning(reason, f"dropped a chunk ({reason}): {item[0]}")
+
+    def _write_batch(self, batch: list[tuple]) -> None:
+        for key, fingerprint, payload in batch:
             try:
                 self._write_one(key, fingerprint, payload)
             except OSError as exc:
                 with self._lock:
                     self._counters["errors"] += 1
-                log.warning("disk tier: failed to write %s: %s", key, exc)
+                self._warn.warning("write", f"failed to write {key}: {exc}")
 
     def _write_one(self, key: str, fingerprint: str, payload: torch.Tensor) -> None:
         name = self._file_name(key)
@@ -170,7 +180,7 @@ class DiskTier:
         if self.capacity_bytes is not None and len(blob) > self.capacity_bytes:
             with self._lock:
                 self._counters["dropped"] += 1
-            log.warning("disk tier: chunk %s (%d B) exceeds the disk budget", key, len(blob))
+            self._warn.warning("budget", f"chunk {key} ({len(blob)} B) exceeds the disk budget")
             return
         path = self._path(name)
         path.parent.mkdir(exist_ok=True)

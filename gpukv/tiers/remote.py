@@ -1,7 +1,8 @@
 """The shared tier: chunks in Redis / Valkey, so gpukv instances on several machines share them.
 
-``RemoteTier`` sits after L1 and disk. One background thread writes queued stores in batched
-``SET`` pipelines; a lookup is one pipelined ``EXISTS`` round trip, a load one of ``GET``.
+``RemoteTier`` sits after L1 and disk. One background writer (``gpukv.tiers.writer``) writes
+queued stores in batched ``SET`` pipelines; a lookup is one pipelined ``EXISTS`` round trip, a
+load one of ``GET``.
 Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, layout
 fingerprint, size, blake2b checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
@@ -14,10 +15,12 @@ server raise ``ValueError`` naming the masked URL (a misconfigured shared tier f
 Afterwards nothing raises to callers. Connect and every socket read/write are bounded by
 ``timeout_s`` (redis-py retries off). The first ``ConnectionError``/``TimeoutError`` marks the tier
 down: lookups then answer "miss" at once and ``submit`` drops (counted; warnings rate-limited), so
-a dead or stopped server costs a caller at most one ``timeout_s`` stall. Only the writer thread
-talks to a down server: it drops what was queued and PINGs with back-off (50 ms doubling to 2 s)
-until one succeeds, e.g. after a restart. ``timeout_s`` bounds lack of progress, not a transfer:
-64 chunks of 18 MB take as long as their bytes take.
+a dead or stopped server costs a caller at most one ``timeout_s`` stall. The writer drops what is
+queued while the server is down; only the probe thread (``gpukv.tiers.remote_health``) talks to
+it, PINGing with back-off (50 ms doubling to 2 s) until one succeeds, e.g. after a restart.
+``timeout_s`` bounds lack of progress, not a transfer: 64 chunks of 18 MB take as long as their
+bytes take. The write queue is bounded by count (``queue_size``) and by payload bytes
+(``queue_bytes``); a pipeline carries at most ``batch_size`` writes and ``batch_bytes`` bytes.
 
 Recommended server settings (capacity is the server's business; gpukv counts no bytes there)::
 
@@ -38,22 +41,22 @@ fail-over may stall longer than ``timeout_s``. Sentinel is not supported.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import redis.exceptions as rexc
 import torch
 
 from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.ratelimit import RateLimitedLog
 from gpukv.tiers.redis_url import DOWN_ERRORS, connect, mask_url
+from gpukv.tiers.remote_health import RemoteHealth
+from gpukv.tiers.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 2.0
-WARN_INTERVAL_S = 5.0
+DEFAULT_QUEUE_BYTES = 512 << 20
+DEFAULT_BATCH_BYTES = 256 << 20  # well under Redis's default client-query-buffer-limit (1 GiB)
 _COUNTERS = ("stored", "dropped", "hits", "misses", "corrupt", "deleted", "errors", "skipped",
              "bytes_stored", "bytes_loaded")
 
@@ -77,12 +80,15 @@ class RemoteTier:
     name = "remote"
 
     def __init__(self, url: str, *, namespace: str = "gpukv", timeout_s: float = 0.5,
-                 queue_size: int = 256, batch_size: int = 16, ttl_s: float | None = None) -> None:
+                 queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
+                 batch_size: int = 16, batch_bytes: int | None = DEFAULT_BATCH_BYTES,
+                 ttl_s: float | None = None) -> None:
         """Connect to ``url`` and PING it; raises ``ValueError`` (URL masked) if that fails.
 
-        ``timeout_s`` bounds connect and every socket read/write; ``queue_size`` bounds queued
-        stores (memory: up to ``queue_size`` chunk payloads); ``batch_size`` is the number of
-        writes per pipeline; ``ttl_s`` (optional) expires values, on top of the server's LRU.
+        ``timeout_s`` bounds connect and every socket read/write; ``queue_size`` and
+        ``queue_bytes`` bound queued writes (count, payload bytes); ``batch_size`` and
+        ``batch_bytes`` bound one write pipeline; ``ttl_s`` (optional) expires values, on top of
+        the server's LRU.
         """
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
@@ -100,42 +106,32 @@ class RemoteTier:
         self.batch_size = batch_size
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self._client = connect(url, self.timeout_s)
-        self._queue: queue.Queue[_Op] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._pending = 0  # queued or being written
-        self._connected = True
-        self._last_warn: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._warn = RateLimitedLog(log, f"remote tier {self.url}: ")
         self._closing = threading.Event()
-        self._writer = threading.Thread(target=self._write_loop, name="gpukv-remote-writer",
-                                        daemon=True)
-        self._writer.start()
+        self._health = RemoteHealth(self._client.ping, self.url, down_errors=DOWN_ERRORS)
+        self._writer = BackgroundWriter(self._write, name="gpukv-remote-writer",
+                                        max_items=queue_size, max_bytes=queue_bytes,
+                                        batch_size=batch_size, max_batch_bytes=batch_bytes,
+                                        on_drop=self._on_drop)
 
     # ------------------------------------------------------------------ public API
     def submit(self, key: str, fingerprint: str, payload: torch.Tensor) -> bool:
         """Queue one chunk for writing; never blocks. The tier owns ``payload`` from now on.
 
         ``payload``: 1-D contiguous CPU uint8 tensor. Returns False (counted in ``dropped``,
-        rate-limited warning) when the queue is full or the remote is down.
+        rate-limited warning) when the queue is full (by count or bytes) or the remote is down.
         """
         self._check_open()
         if payload.dtype != torch.uint8 or payload.device.type != "cpu" or payload.dim() != 1:
             raise ValueError(f"payload must be a 1-D CPU uint8 tensor, got {tuple(payload.shape)} "
                              f"{payload.dtype} on {payload.device}")
-        if not self._connected:
+        name = self._name(key)
+        if not self._health.connected:
             self._drop(1, "remote down")
             return False
-        with self._lock:
-            self._pending += 1
-        try:
-            self._queue.put_nowait(_Op(self._name(key), key, fingerprint, payload))
-        except queue.Full:
-            self._finish(1)
-            self._drop(1, "queue full")
-            return False
-        return True
+        return self._writer.submit(_Op(name, key, fingerprint, payload), payload.numel())
 
     def contains_many(self, keys: list[str]) -> list[bool]:
         """Which keys the server holds: one pipelined ``EXISTS`` round trip; all False if down."""
@@ -172,11 +168,11 @@ class RemoteTier:
                 payload, reason = chunk_codec.decode(blob, key, fingerprint, nbytes)
                 if payload is None:
                     self._count(corrupt=1)
-                    self._warn("corrupt", f"bad value for {key!r}: {reason}; deleting it")
+                    self._warn.warning("corrupt", f"bad value for {key!r}: {reason}; deleting it")
                     self._queue_delete(key)
             elif blob is not None:
                 self._count(errors=1)
-                self._warn("error", f"GET {key!r} failed: {blob}")
+                self._warn.warning("error", f"GET {key!r} failed: {blob}")
             out.append(payload)
             if payload is None:
                 self._count(misses=1)
@@ -185,31 +181,35 @@ class RemoteTier:
         return out
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued write has been written or dropped; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+        """Wait until every write queued before the call has been written or dropped; False on
+        timeout (honoured whatever the queue holds)."""
+        return self._writer.flush(timeout_s)
 
     def stats(self) -> dict:
         """Counters (stored, dropped, hits, misses, corrupt, deleted, errors, skipped, bytes_*),
-        ``queue_depth``, ``pending`` and ``connected``."""
+        ``queue_depth``/``queued_bytes`` (waiting writes), ``pending`` (waiting or being
+        written) and ``connected``."""
+        writer = self._writer.stats()
         with self._lock:
             out: dict = dict(self._counts)
-            out["pending"] = self._pending
-        out["queue_depth"] = self._queue.qsize()
-        out["connected"] = self._connected
+        out["errors"] += writer["errors"]
+        out["queue_depth"] = writer["queued"]
+        out["queued_bytes"] = writer["queued_bytes"]
+        out["pending"] = writer["queued"] + writer["in_flight"]
+        out["connected"] = self._health.connected
         return out
 
-    def close(self) -> None:
-        """Stop the writer (queued writes not yet sent are dropped and counted) and disconnect.
-
-        Call ``flush()`` first to keep them. Idempotent.
-        """
+    def close(self, timeout_s: float | None = 10.0) -> bool:
+        """Write what is queued for up to ``timeout_s``, drop (and count) the rest, stop the
+        threads and disconnect. True when everything was written in time. Idempotent."""
         if self._closing.is_set():
-            return
+            return True
+        flushed = self._writer.flush(timeout_s)
         self._closing.set()
-        self._writer.join()
-        self._drop_queued("closing")
+        stopped = self._writer.close(timeout_s)
+        self._health.close(timeout_s)
         self._client.close()
+        return flushed and stopped
 
     def __enter__(self) -> "RemoteTier":
         return self
@@ -229,7 +229,7 @@ class RemoteTier:
 
     def _round_trip(self, commands: list[tuple[str, str]]) -> list | None:
         """Run single-key commands in one pipeline; None (counted) if the remote is down."""
-        if not self._connected:
+        if not self._health.connected:
             self._count(skipped=1)
             return None
         pipe = self._client.pipeline(transaction=False)
@@ -242,113 +242,51 @@ class RemoteTier:
             return None
 
     def _queue_delete(self, key: str) -> None:
-        with self._lock:
-            self._pending += 1
-        try:
-            self._queue.put_nowait(_Op(self._name(key), key, "", None))
-        except queue.Full:
-            self._finish(1)  # the bad value is found (and queued) again on its next load
+        # When the queue is full the bad value is found (and queued) again on its next load.
+        self._writer.submit(_Op(self._name(key), key, "", None), 0)
 
-    def _write_loop(self) -> None:
-        backoff = BACKOFF_MIN_S
-        while not self._closing.is_set():
-            if not self._connected:
-                self._drop_queued("remote down")
-                if self._closing.wait(backoff):
-                    break
-                backoff = BACKOFF_MIN_S if self._probe() else min(2 * backoff, BACKOFF_MAX_S)
-                continue
-            try:
-                batch = [self._queue.get(timeout=0.05)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._write(batch)
+    def _on_drop(self, op: _Op, reason: str) -> None:
+        """A queued write the writer refused, failed (``"error"``: counted there) or closed."""
+        if op.payload is not None and reason != "error":
+            self._drop(1, reason.replace("_", " "))
 
     def _write(self, batch: list[_Op]) -> None:
+        """The writer's handler: one pipeline of SETs (and DELs of bad values)."""
+        if not self._health.connected:
+            self._drop(sum(op.payload is not None for op in batch), "remote down")
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for op in batch:
+            if op.payload is None:
+                pipe.delete(op.name)
+            else:
+                blob = chunk_codec.encode(op.key, op.fingerprint, op.payload)
+                pipe.set(op.name, blob, px=self._ttl_ms)
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for op in batch:
-                if op.payload is None:
-                    pipe.delete(op.name)
-                else:
-                    blob = chunk_codec.encode(op.key, op.fingerprint, op.payload)
-                    pipe.set(op.name, blob, px=self._ttl_ms)
-            try:
-                replies = pipe.execute(raise_on_error=False)
-            except DOWN_ERRORS as exc:
-                self._mark_down(exc)
-                self._drop(sum(op.payload is not None for op in batch), "remote down")
-                return
-            for op, reply in zip(batch, replies):
-                if isinstance(reply, rexc.ResponseError):  # e.g. OOM on a noeviction server
-                    self._count(errors=1)
-                    self._drop(int(op.payload is not None), "refused", f" ({reply})")
-                elif op.payload is None:
-                    self._count(deleted=int(reply))
-                else:
-                    self._count(stored=1, bytes_stored=op.payload.numel())
-        finally:
-            self._finish(len(batch))
-
-    def _probe(self) -> bool:
-        try:
-            self._client.ping()
-        except DOWN_ERRORS:
-            return False
-        self._connected = True
-        log.warning("remote tier %s reconnected", self.url)
-        return True
+            replies = pipe.execute(raise_on_error=False)
+        except DOWN_ERRORS as exc:
+            self._mark_down(exc)
+            self._drop(sum(op.payload is not None for op in batch), "remote down")
+            return
+        for op, reply in zip(batch, replies):
+            if isinstance(reply, rexc.ResponseError):  # e.g. OOM on a noeviction server
+                self._count(errors=1)
+                self._drop(int(op.payload is not None), "refused", f" ({reply})")
+            elif op.payload is None:
+                self._count(deleted=int(reply))
+            else:
+                self._count(stored=1, bytes_stored=op.payload.numel())
 
     def _mark_down(self, exc: Exception) -> None:
         self._count(errors=1)
-        if self._connected:
-            self._connected = False
-            log.warning("remote tier %s unavailable (%s: %s); lookups miss and stores drop "
-                        "until it answers again", self.url, type(exc).__name__, exc)
-
-    def _drop_queued(self, reason: str) -> None:
-        num_ops = num_stores = 0
-        while True:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            num_ops += 1
-            num_stores += op.payload is not None
-        if num_ops:
-            self._drop(num_stores, reason)
-            self._finish(num_ops)
+        self._health.mark_down(exc)
 
     def _drop(self, num_stores: int, reason: str, detail: str = "") -> None:
         if num_stores:
             self._count(dropped=num_stores)
-            self._warn(reason, f"dropped {num_stores} store(s): {reason}{detail}")
-
-    def _finish(self, num_ops: int) -> None:
-        with self._idle:
-            self._pending -= num_ops
-            if self._pending == 0:
-                self._idle.notify_all()
+            self._warn.warning(reason, f"dropped {num_stores} store(s): {reason}{detail}")
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
-
-    def _warn(self, kind: str, message: str) -> None:
-        """At most one warning per kind every WARN_INTERVAL_S, with the number suppressed."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_warn.get(kind, -WARN_INTERVAL_S) < WARN_INTERVAL_S:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._last_warn[kind] = now
-            suppressed = self._suppressed.pop(kind, 0)
-        more = f" (+{suppressed} similar suppressed)" if suppressed else ""
-        log.warning("remote tier %s: %s%s", self.url, message, more)
-
