@@ -3,8 +3,14 @@
 Files live at ``<disk_dir>/<aa>/<blake2b(key)>.safetensors`` and carry the self-describing header
 of :mod:`gpukv.tiers.codec` (format version, key, layout fingerprint, size, checksum). A new tier
 on the same folder indexes the files it finds (warm restart; recency = file mtime). Writes go to a
-temporary file in the same folder, then ``os.replace`` (atomic). A truncated, corrupted or foreign
-file is a miss: it is logged, removed, and never reaches a worker's pages.
+temporary file in the same folder, then ``os.replace`` (atomic). Files are 0600 in 0700 folders
+(policy for an existing root: :mod:`gpukv.tiers.private_files`).
+
+Fail safe: a load never raises. A truncated, corrupted or foreign file is a miss (``corrupt``);
+any ``OSError`` reading a file (EIO, a directory in its place, permission denied, ...) is a miss
+(``errors``; a vanished file is a plain miss). Either way the entry leaves the index and the bad
+path is removed when it is a file, so the next lookup of that prefix misses at once. Renames and
+removals of chunk files happen under the tier's lock, so a drop never deletes a newer file.
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.private_files import (DIR_MODE, FILE_MODE, private_dir, private_root, tighten,
+                                       write_private)
 from gpukv.tiers.ratelimit import RateLimitedLog
 from gpukv.tiers.writer import BackgroundWriter
 
@@ -26,6 +36,12 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
 DEFAULT_QUEUE_BYTES = 512 << 20
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    generation: int  # tells a re-written file from the one a load read
 
 
 class DiskTier:
@@ -39,14 +55,15 @@ class DiskTier:
 
     def __init__(self, root: str | os.PathLike, *, capacity_bytes: int | None = None,
                  queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES) -> None:
-        if capacity_bytes is not None and capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be positive or None, got {capacity_bytes!r}")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if capacity_bytes is not None and (not isinstance(capacity_bytes, int)
+                                           or capacity_bytes <= 0):
+            raise ValueError(f"capacity_bytes must be a positive int or None, got {capacity_bytes!r}")
+        self.root = private_root(root)
         self.capacity_bytes = capacity_bytes
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, int] = OrderedDict()  # file name -> bytes, LRU first
+        self._index: OrderedDict[str, _Entry] = OrderedDict()  # file name -> entry, LRU first
         self._used = 0
+        self._generation = 0
         self._counters = dict(stored=0, dropped=0, hits=0, misses=0, corrupt=0, evicted=0, errors=0)
         self._warn = RateLimitedLog(log, f"disk tier {self.root}: ")
         self._scan()
@@ -71,36 +88,39 @@ class DiskTier:
             return [self._file_name(k) in self._index for k in keys]
 
     def load(self, key: str, fingerprint: str, nbytes: int) -> torch.Tensor | None:
-        """The verified payload of ``key`` (CPU uint8), or None on a miss or a bad file."""
+        """The verified payload of ``key`` (CPU uint8, ``nbytes`` long), or None on a miss, a bad
+        file or any OSError reading it. Never raises for what is on disk."""
         name = self._file_name(key)
         path = self._path(name)
         with self._lock:
-            if name not in self._index:
+            entry = self._index.get(name)
+            if entry is None:
                 self._counters["misses"] += 1
                 return None
+            generation = entry.generation
         try:
             blob = path.read_bytes()
-        except FileNotFoundError:
-            with self._lock:
-                self._forget(name)
-                self._counters["misses"] += 1
+        except FileNotFoundError:  # removed behind our back: a plain miss
+            self._drop_bad(name, generation, None, "")
+            return None
+        except OSError as exc:
+            self._drop_bad(name, generation, "errors",
+                           f"cannot read {path} for {key} ({type(exc).__name__}: {exc})")
             return None
         payload, reason = chunk_codec.decode(blob, key, fingerprint, nbytes)
-        with self._lock:
-            if payload is None:
-                self._counters["corrupt"] += 1
-                self._forget(name)
-            else:
-                self._counters["hits"] += 1
-                if name in self._index:
-                    self._index.move_to_end(name)
         if payload is None:
-            log.warning("disk tier: dropping bad file %s for %s: %s", path, key, reason)
-            path.unlink(missing_ok=True)
+            self._drop_bad(name, generation, "corrupt", f"bad file {path} for {key}: {reason}")
             return None
+        with self._lock:
+            self._counters["hits"] += 1
+            if name in self._index:
+                self._index.move_to_end(name)
         return payload.clone()  # own the memory, not the blob
 
-    def load_many(self, keys: list[str], fingerprint: str, nbytes: int) -> list[torch.Tensor | None]:
+    def load_many(self, keys: list[str], fingerprint: str, nbytes: int, *,
+                  budget_s: float | None = None) -> list[torch.Tensor | None]:
+        """``load`` of each key, in order. ``budget_s`` is accepted for the tier interface; local
+        reads are not bounded by it."""
         return [self.load(k, fingerprint, nbytes) for k in keys]
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -135,24 +155,67 @@ class DiskTier:
 
     def _scan(self) -> None:
         found = []
-        for path in self.root.glob(f"*/*{_SUFFIX}"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
+        for folder in self.root.iterdir():
+            if len(folder.name) != 2 or not folder.is_dir() or folder.is_symlink():
                 continue
-            found.append((st.st_mtime, path.name, st.st_size))
-        for path in self.root.glob("*/*.tmp"):
-            path.unlink(missing_ok=True)  # an interrupted write
+            tighten(folder, folder.stat(), DIR_MODE)
+            for path in folder.iterdir():
+                if path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)  # an interrupted write
+                    continue
+                if not path.name.endswith(_SUFFIX):
+                    continue
+                try:
+                    st = path.lstat()
+                    if not stat.S_ISREG(st.st_mode):
+                        log.warning("disk tier: ignoring %s (not a regular file)", path)
+                        continue
+                    tighten(path, st, FILE_MODE)
+                except OSError as exc:
+                    log.warning("disk tier: ignoring %s (%s)", path, exc)
+                    continue
+                found.append((st.st_mtime, path.name, st.st_size))
         for _, name, size in sorted(found):
-            self._index[name] = size
+            self._index[name] = _Entry(size, self._next_generation())
             self._used += size
         if found:
             log.info("disk tier %s: found %d chunk files (%d bytes)", self.root, len(found), self._used)
 
-    def _forget(self, name: str) -> None:
-        size = self._index.pop(name, None)
-        if size is not None:
-            self._used -= size
+    def _next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def _forget(self, name: str) -> _Entry | None:
+        entry = self._index.pop(name, None)
+        if entry is not None:
+            self._used -= entry.size
+        return entry
+
+    def _unlink_locked(self, path: Path) -> None:
+        """Remove ``path`` if it is a file or a link (never a folder); the lock is held."""
+        try:
+            if stat.S_ISDIR(path.lstat().st_mode):
+                self._warn.warning("dir", f"{path} is a directory: left in place")
+                return
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._warn.warning("unlink", f"cannot remove {path}: {exc}")
+
+    def _drop_bad(self, name: str, generation: int, counter: str | None, message: str) -> None:
+        """A load failed: the entry read (``generation``) leaves the index, its path goes."""
+        with self._lock:
+            self._counters["misses"] += 1
+            if counter is not None:
+                self._counters[counter] += 1
+            entry = self._index.get(name)
+            if entry is None or entry.generation != generation:
+                return  # evicted or re-written since: not ours to remove
+            self._forget(name)
+            self._unlink_locked(self._path(name))
+        if message:
+            self._warn.warning(counter or "miss", f"{message}; dropped it")
 
     def _on_drop(self, item: tuple, reason: str) -> None:
         if reason == "error":
@@ -183,20 +246,19 @@ class DiskTier:
             self._warn.warning("budget", f"chunk {key} ({len(blob)} B) exceeds the disk budget")
             return
         path = self._path(name)
-        path.parent.mkdir(exist_ok=True)
+        private_dir(path.parent)
         tmp = path.with_name(f"{name}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-        victims = []
-        with self._lock:
-            self._index[name] = len(blob)
-            self._used += len(blob)
-            self._counters["stored"] += 1
-            while self.capacity_bytes is not None and self._used > self.capacity_bytes:
-                victim, _ = next(iter(self._index.items()))
-                self._forget(victim)
-                self._counters["evicted"] += 1
-                victims.append(victim)
-        for victim in victims:
-            self._path(victim).unlink(missing_ok=True)
+        write_private(tmp, blob)
+        try:
+            with self._lock:
+                os.replace(tmp, path)
+                self._index[name] = _Entry(len(blob), self._next_generation())
+                self._used += len(blob)
+                self._counters["stored"] += 1
+                while self.capacity_bytes is not None and self._used > self.capacity_bytes:
+                    victim = next(iter(self._index))
+                    self._forget(victim)
+                    self._counters["evicted"] += 1
+                    self._unlink_locked(self._path(victim))
+        finally:
+            tmp.unlink(missing_ok=True)  # only still there when the rename failed
