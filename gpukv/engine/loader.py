@@ -6,16 +6,20 @@ object that is born read-locked with the request's shares (``finish_write_and_re
 eviction cannot slip in), and freed by the retrieve that releases its last share. A chunk counts
 only when every rank's object of it was found; the walk stops at the first miss.
 
-Each tier is asked once per rank which of the remaining keys it holds (one round trip for a
-remote tier), then only the chunks of that prefix are loaded.
+The tier bytes of the whole remaining run come from ``gpukv.tiers.fetch.fetch_run``: the disk
+answers from its index, a remote tier gets one pipelined round trip under one time budget for
+everything of the run not in L1 or on disk (not one per chunk or per rank).
 """
 
 from __future__ import annotations
 
 from typing import Hashable
 
+import torch
+
 from gpukv.engine.keys import ObjectKey
 from gpukv.l1 import L1Manager, Status
+from gpukv.tiers.fetch import fetch_run
 
 
 class TierLoader:
@@ -36,16 +40,16 @@ class TierLoader:
         num_chunks = len(keys[0])
         if start >= num_chunks:
             return start, 0, {}
-        held = [[t.contains_many([k.to_str() for k in rank_keys[start:]]) for t in self.tiers]
-                for rank_keys in keys]
+        needed = [[k.to_str() for k in dict.fromkeys(rank_keys[n] for rank_keys in keys)
+                   if k not in self.l1] for n in range(start, num_chunks)]
+        _, found = fetch_run(self.tiers, needed, fingerprint, nbytes)
         per_source: dict[str, int] = {}
         n = start
         while n < num_chunks:
             got: list[ObjectKey] = []
             source = "L1"
-            for rank, rank_keys in enumerate(keys):
-                where = self._take_or_load(rank_keys[n], [h[n - start] for h in held[rank]], extra,
-                                           owner, fingerprint, nbytes)
+            for rank_keys in keys:
+                where = self._take_or_load(rank_keys[n], found, extra, owner, nbytes)
                 if where is None:
                     break
                 got.append(rank_keys[n])
@@ -60,23 +64,19 @@ class TierLoader:
         l1_chunks = per_source.pop("L1", 0)
         return n, l1_chunks, per_source
 
-    def _take_or_load(self, key: ObjectKey, in_tier: list[bool], extra: int, owner: Hashable,
-                      fingerprint: str, nbytes: int) -> str | None:
-        """Shares on ``key`` in L1, or a load from the first tier holding it; None on a miss."""
+    def _take_or_load(self, key: ObjectKey, found: dict[str, tuple[str, torch.Tensor]],
+                      extra: int, owner: Hashable, nbytes: int) -> str | None:
+        """Shares on ``key`` in L1, or the tier bytes fetched for it; None on a miss."""
         if self.l1.reserve_read([key], extra, owner=owner)[0] is Status.OK:
             return "L1"
-        key_str = key.to_str()
-        for tier, present in zip(self.tiers, in_tier):
-            if not present:
-                continue
-            payload = tier.load(key_str, fingerprint, nbytes)
-            if payload is None:  # vanished since, or failed its checks (the tier dropped it)
-                continue
-            if self.l1.reserve_write([key], nbytes, temporary=True, owner=owner)[0] is not Status.OK:
-                return None  # no room, or another request is loading it right now
-            self.l1.buffer(key).copy_(payload)
-            status = self.l1.finish_write_and_reserve_read([key], extra, owner=owner)[0]
-            if status is not Status.OK:  # the write lease expired in between: it was discarded
-                return None
-            return tier.name
-        return None
+        hit = found.get(key.to_str())
+        if hit is None:  # no tier had it (or it left L1 since the fetch)
+            return None
+        tier_name, payload = hit
+        if self.l1.reserve_write([key], nbytes, temporary=True, owner=owner)[0] is not Status.OK:
+            return None  # no room, or another request is loading it right now
+        self.l1.buffer(key).copy_(payload)
+        status = self.l1.finish_write_and_reserve_read([key], extra, owner=owner)[0]
+        if status is not Status.OK:  # the write lease expired in between: it was discarded
+            return None
+        return tier_name

@@ -52,6 +52,7 @@ class DiskTier:
     """
 
     name = "disk"
+    local_index = True  # contains_many answers from memory (see gpukv.tiers.fetch)
 
     def __init__(self, root: str | os.PathLike, *, capacity_bytes: int | None = None,
                  queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES) -> None:

@@ -1,8 +1,9 @@
 """The shared tier: chunks in Redis / Valkey, so gpukv instances on several machines share them.
 
 ``RemoteTier`` sits after L1 and disk. One background writer (``gpukv.tiers.writer``) writes
-queued stores in batched ``SET`` pipelines; a lookup is one pipelined ``EXISTS`` round trip, a
-load one of ``GET``.
+queued stores in batched ``SET`` pipelines. ``load_many`` fetches a whole run of chunks in one
+pipelined ``GET`` round trip (no ``EXISTS`` first) under one time budget; ``contains_many`` (used
+by the spill path to skip chunks the server holds) is one pipelined ``EXISTS`` round trip.
 Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, layout
 fingerprint, size, blake2b checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
@@ -13,8 +14,11 @@ the password is masked in every message and log line.
 Faults. At construction a bad URL, a wrong password, a server wanting AUTH or an unreachable
 server raise ``ValueError`` naming the masked URL (a misconfigured shared tier fails fast).
 Afterwards nothing raises to callers. Connect and every socket read/write are bounded by
-``timeout_s`` (redis-py retries off). The first ``ConnectionError``/``TimeoutError`` marks the tier
-down: lookups then answer "miss" at once and ``submit`` drops (counted; warnings rate-limited), so
+``timeout_s`` (redis-py retries off), and each ``load_many``/``contains_many`` call as a whole
+by its budget (``budget_s``, default ``timeout_s``): the round trip runs on a small pool of caller
+threads and an answer past the budget is abandoned (its bytes are dropped when they arrive). Decode
+and checksum of what arrived in time come on top (CPU work at GB/s, no waiting). The first
+``ConnectionError``/``TimeoutError`` or budget overrun marks the tier down: lookups then answer "miss" at once and ``submit`` drops (counted; warnings rate-limited), so
 a dead or stopped server costs a caller at most one ``timeout_s`` stall. The writer drops what is
 queued while the server is down; only the probe thread (``gpukv.tiers.remote_health``) talks to
 it, PINGing with back-off (50 ms doubling to 2 s) until one succeeds, e.g. after a restart.
@@ -42,6 +46,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import redis.exceptions as rexc
@@ -57,8 +63,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_BYTES = 512 << 20
 DEFAULT_BATCH_BYTES = 256 << 20  # well under Redis's default client-query-buffer-limit (1 GiB)
+CALL_THREADS = 4  # concurrent budgeted round trips (abandoned ones included)
 _COUNTERS = ("stored", "dropped", "hits", "misses", "corrupt", "deleted", "errors", "skipped",
-             "bytes_stored", "bytes_loaded")
+             "timeouts", "bytes_stored", "bytes_loaded")
 
 
 @dataclass(slots=True)
@@ -78,6 +85,7 @@ class RemoteTier:
     """
 
     name = "remote"
+    local_index = False  # contains_many is a round trip (see gpukv.tiers.fetch)
 
     def __init__(self, url: str, *, namespace: str = "gpukv", timeout_s: float = 0.5,
                  queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
@@ -111,6 +119,7 @@ class RemoteTier:
         self._warn = RateLimitedLog(log, f"remote tier {self.url}: ")
         self._closing = threading.Event()
         self._health = RemoteHealth(self._client.ping, self.url, down_errors=DOWN_ERRORS)
+        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="gpukv-remote-call")
         self._writer = BackgroundWriter(self._write, name="gpukv-remote-writer",
                                         max_items=queue_size, max_bytes=queue_bytes,
                                         batch_size=batch_size, max_batch_bytes=batch_bytes,
@@ -133,12 +142,14 @@ class RemoteTier:
             return False
         return self._writer.submit(_Op(name, key, fingerprint, payload), payload.numel())
 
-    def contains_many(self, keys: list[str]) -> list[bool]:
-        """Which keys the server holds: one pipelined ``EXISTS`` round trip; all False if down."""
+    def contains_many(self, keys: list[str], *, budget_s: float | None = None) -> list[bool]:
+        """Which keys the server holds: one pipelined ``EXISTS`` round trip within ``budget_s``
+        (default ``timeout_s``); all False if down or past the budget."""
         self._check_open()
+        budget_s = self._budget(budget_s)
         if not keys:
             return []
-        replies = self._round_trip([("exists", self._name(k)) for k in keys])
+        replies = self._round_trip([("exists", self._name(k)) for k in keys], budget_s)
         if replies is None:
             return [False] * len(keys)
         return [reply == 1 for reply in replies]
@@ -147,17 +158,22 @@ class RemoteTier:
         """One chunk (1-D CPU uint8, ``nbytes`` long), or None on a miss, a bad value or a fault."""
         return self.load_many([key], fingerprint, nbytes)[0]
 
-    def load_many(self, keys: list[str], fingerprint: str,
-                  nbytes: int) -> list[torch.Tensor | None]:
-        """Pipelined ``GET`` + ``chunk_codec.decode``; per key a payload or None (miss).
+    def load_many(self, keys: list[str], fingerprint: str, nbytes: int, *,
+                  budget_s: float | None = None) -> list[torch.Tensor | None]:
+        """One pipelined ``GET`` round trip for all ``keys`` + ``chunk_codec.decode``; per key a
+        payload (1-D CPU uint8, ``nbytes`` long) or None (miss).
 
-        A value that fails its checks (corrupted, truncated, foreign fingerprint, other key) is a
-        miss, counted in ``corrupt`` and queued for deletion.
+        The wait on the server is bounded by ``budget_s`` (default ``timeout_s``) for the whole
+        call: past it every key is a miss (counted in ``timeouts``) and the tier is marked down,
+        so later calls answer at once while the probe thread waits for the server. A value that
+        fails its checks (corrupted, truncated, foreign fingerprint, other key) is a miss, counted
+        in ``corrupt`` and queued for deletion.
         """
         self._check_open()
+        budget_s = self._budget(budget_s)
         if not keys:
             return []
-        replies = self._round_trip([("get", self._name(k)) for k in keys])
+        replies = self._round_trip([("get", self._name(k)) for k in keys], budget_s)
         if replies is None:
             self._count(misses=len(keys))
             return [None] * len(keys)
@@ -208,6 +224,7 @@ class RemoteTier:
         self._closing.set()
         stopped = self._writer.close(timeout_s)
         self._health.close(timeout_s)
+        self._calls.shutdown(wait=False, cancel_futures=True)
         self._client.close()
         return flushed and stopped
 
@@ -227,19 +244,36 @@ class RemoteTier:
         if self._closing.is_set():
             raise RuntimeError(f"RemoteTier({self.url}) is closed")
 
-    def _round_trip(self, commands: list[tuple[str, str]]) -> list | None:
-        """Run single-key commands in one pipeline; None (counted) if the remote is down."""
+    def _budget(self, budget_s: float | None) -> float:
+        if budget_s is None:
+            return self.timeout_s
+        if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+            raise ValueError(f"budget_s must be a positive number or None, got {budget_s!r}")
+        return float(budget_s)
+
+    def _round_trip(self, commands: list[tuple[str, str]], budget_s: float) -> list | None:
+        """Single-key commands in one pipeline, answered within ``budget_s``; None (counted) if
+        the remote is down or too slow."""
         if not self._health.connected:
             self._count(skipped=1)
             return None
-        pipe = self._client.pipeline(transaction=False)
-        for command, name in commands:
-            getattr(pipe, command)(name)
+        future = self._calls.submit(self._execute, commands)
         try:
-            return pipe.execute(raise_on_error=False)
+            return future.result(timeout=budget_s)
+        except FutureTimeout:
+            future.cancel()   # not started yet: never sent; else its answer is dropped
+            self._count(timeouts=1)
+            self._mark_down(TimeoutError(f"no answer within the {budget_s:g} s budget"))
+            return None
         except DOWN_ERRORS as exc:
             self._mark_down(exc)
             return None
+
+    def _execute(self, commands: list[tuple[str, str]]) -> list:
+        pipe = self._client.pipeline(transaction=False)
+        for command, name in commands:
+            getattr(pipe, command)(name)
+        return pipe.execute(raise_on_error=False)
 
     def _queue_delete(self, key: str) -> None:
         # When the queue is full the bad value is found (and queued) again on its next load.
