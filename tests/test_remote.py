@@ -355,6 +355,45 @@ def test_write_queue_is_bounded_by_bytes(redis_server):
         assert tier.flush(timeout_s=20) and tier.stats()["stored"] == 3
 
 
+# --------------------------------------------------------------------------- events
+def _replay(events):
+    held = set()
+    for event, key, _ in events:
+        (held.add if event == "stored" else held.discard)(key)
+    return held
+
+
+def test_events_replay_to_the_keys_this_instance_wrote_and_did_not_delete(redis_server):
+    events: list[tuple] = []
+    raw = redis_server.client()
+    with RemoteTier(redis_server.url, on_event=lambda *e: events.append(e)) as tier:
+        keys = [f"m/0/{i}" for i in range(4)]
+        for i, key in enumerate(keys):
+            assert tier.submit(key, FP, payload(i))
+        assert tier.flush(10)
+        raw.set(f"gpukv:{keys[1]}", b"junk")           # one of ours goes bad
+        raw.set("gpukv:m/0/stranger", b"junk")          # a bad value we never wrote
+        assert tier.load_many([keys[1], "m/0/stranger", keys[2]], FP, 4096)[2] is not None
+        assert tier.flush(10)
+    assert events == [("stored", k, "written") for k in keys] + [
+        ("removed", keys[1], "corrupt"), ("removed", "m/0/stranger", "corrupt")]
+    on_server = {name.decode().removeprefix("gpukv:") for name in raw.keys("gpukv:*")}
+    assert _replay(events) == on_server == {keys[0], keys[2], keys[3]}
+
+
+def test_refused_writes_are_not_announced(redis_factory):
+    server = redis_factory(extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+    events: list[tuple] = []
+    with RemoteTier(server.url, timeout_s=TIMEOUT_S, on_event=lambda *e: events.append(e)) as tier:
+        for i in range(16):
+            assert tier.submit(f"m/0/{i}", FP, payload(i, 512 << 10))
+        assert tier.flush(10)
+        stats = tier.stats()
+    assert stats["dropped"] >= 8 and len(events) == stats["stored"]
+    on_server = {name.decode().removeprefix("gpukv:") for name in server.client().keys("gpukv:*")}
+    assert _replay(events) == on_server
+
+
 # --------------------------------------------------------------------------- start-up errors
 def test_auth_correct_password_works(redis_factory):
     server = redis_factory(password="s3cret")

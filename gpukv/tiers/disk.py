@@ -11,6 +11,13 @@ any ``OSError`` reading a file (EIO, a directory in its place, permission denied
 (``errors``; a vanished file is a plain miss). Either way the entry leaves the index and the bad
 path is removed when it is a file, so the next lookup of that prefix misses at once. Renames and
 removals of chunk files happen under the tier's lock, so a drop never deletes a newer file.
+
+Events (``on_event``, contract in :mod:`gpukv.tiers.events`): "stored"/"written" after the atomic
+rename; "removed" with "evicted" (LRU budget), "corrupt" (a file failing its checks) or
+"tier_error" (an OSError reading it, or a file gone behind the tier's back); at start-up
+"stored"/"restart" for every chunk file found, oldest first. To know those keys the start-up scan
+reads each file's header (only when ``on_event`` is given); a file whose header is unreadable or
+names another key is removed there, unannounced.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 import torch
 
 from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.events import REMOVED, STORED, EventCallback, TierEvents
 from gpukv.tiers.private_files import (DIR_MODE, FILE_MODE, private_dir, private_root, tighten,
                                        write_private)
 from gpukv.tiers.ratelimit import RateLimitedLog
@@ -42,6 +50,7 @@ DEFAULT_QUEUE_BYTES = 512 << 20
 class _Entry:
     size: int
     generation: int  # tells a re-written file from the one a load read
+    key: str | None  # None only for files found at start-up without an on_event callback
 
 
 class DiskTier:
@@ -55,10 +64,14 @@ class DiskTier:
     local_index = True  # contains_many answers from memory (see gpukv.tiers.fetch)
 
     def __init__(self, root: str | os.PathLike, *, capacity_bytes: int | None = None,
-                 queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES) -> None:
+                 queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
+                 on_event: EventCallback | None = None) -> None:
         if capacity_bytes is not None and (not isinstance(capacity_bytes, int)
+                                           or isinstance(capacity_bytes, bool)
                                            or capacity_bytes <= 0):
-            raise ValueError(f"capacity_bytes must be a positive int or None, got {capacity_bytes!r}")
+            raise ValueError("capacity_bytes must be a positive int or None, "
+                             f"got {capacity_bytes!r}")
+        self._events = TierEvents(on_event, self.name)
         self.root = private_root(root)
         self.capacity_bytes = capacity_bytes
         self._lock = threading.Lock()
@@ -67,7 +80,9 @@ class DiskTier:
         self._generation = 0
         self._counters = dict(stored=0, dropped=0, hits=0, misses=0, corrupt=0, evicted=0, errors=0)
         self._warn = RateLimitedLog(log, f"disk tier {self.root}: ")
-        self._scan()
+        with self._lock:
+            self._scan()
+        self._events.deliver()
         # One chunk per batch: a failure of one file never drops its neighbours.
         self._writer = BackgroundWriter(self._write_batch, name="gpukv-disk-writer",
                                         max_items=queue_size, max_bytes=queue_bytes,
@@ -131,13 +146,15 @@ class DiskTier:
 
     def stats(self) -> dict:
         """Counters (stored, dropped, hits, misses, corrupt, evicted, errors), ``files``,
-        ``used_bytes``, ``capacity_bytes``, ``queue_depth``, ``queued_bytes``."""
+        ``used_bytes``, ``capacity_bytes``, ``queue_depth``, ``queued_bytes``,
+        ``event_errors`` (on_event calls that raised)."""
         writer = self._writer.stats()
         with self._lock:
             out = dict(self._counters, files=len(self._index), used_bytes=self._used,
                        capacity_bytes=self.capacity_bytes)
         out["errors"] += writer["errors"]
-        out.update(queue_depth=writer["queued"], queued_bytes=writer["queued_bytes"])
+        out.update(queue_depth=writer["queued"], queued_bytes=writer["queued_bytes"],
+                   event_errors=self._events.errors)
         return out
 
     def close(self, timeout_s: float | None = 10.0) -> bool:
@@ -175,21 +192,42 @@ class DiskTier:
                 except OSError as exc:
                     log.warning("disk tier: ignoring %s (%s)", path, exc)
                     continue
-                found.append((st.st_mtime, path.name, st.st_size))
-        for _, name, size in sorted(found):
-            self._index[name] = _Entry(size, self._next_generation())
+                key = self._key_of(path) if self._events.enabled else None
+                if key is not None or not self._events.enabled:
+                    found.append((st.st_mtime, path.name, st.st_size, key))
+        for _, name, size, key in sorted(found, key=lambda f: f[:2]):
+            self._index[name] = _Entry(size, self._next_generation(), key)
             self._used += size
+            if key is not None:
+                self._events.record(STORED, key, "restart")
         if found:
             log.info("disk tier %s: found %d chunk files (%d bytes)", self.root, len(found), self._used)
+
+    def _key_of(self, path: Path) -> str | None:
+        """The key in ``path``'s header if it names this file; else the file is removed."""
+        try:
+            with open(path, "rb") as f:
+                key = chunk_codec.read_metadata(f).get("key")
+            if isinstance(key, str) and self._file_name(key) == path.name:
+                return key
+            problem = "its header names another key"
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable header ({type(exc).__name__}: {exc})"
+        log.warning("disk tier: removing %s: %s", path, problem)
+        self._unlink_locked(path)
+        return None
 
     def _next_generation(self) -> int:
         self._generation += 1
         return self._generation
 
-    def _forget(self, name: str) -> _Entry | None:
+    def _forget(self, name: str, reason: str) -> _Entry | None:
+        """Drop ``name`` from the index (the lock is held) and record its removal."""
         entry = self._index.pop(name, None)
         if entry is not None:
             self._used -= entry.size
+            if entry.key is not None:
+                self._events.record(REMOVED, entry.key, reason)
         return entry
 
     def _unlink_locked(self, path: Path) -> None:
@@ -213,8 +251,9 @@ class DiskTier:
             entry = self._index.get(name)
             if entry is None or entry.generation != generation:
                 return  # evicted or re-written since: not ours to remove
-            self._forget(name)
+            self._forget(name, "corrupt" if counter == "corrupt" else "tier_error")
             self._unlink_locked(self._path(name))
+        self._events.deliver()
         if message:
             self._warn.warning(counter or "miss", f"{message}; dropped it")
 
@@ -253,13 +292,15 @@ class DiskTier:
         try:
             with self._lock:
                 os.replace(tmp, path)
-                self._index[name] = _Entry(len(blob), self._next_generation())
+                self._index[name] = _Entry(len(blob), self._next_generation(), key)
                 self._used += len(blob)
                 self._counters["stored"] += 1
+                self._events.record(STORED, key, "written")
                 while self.capacity_bytes is not None and self._used > self.capacity_bytes:
                     victim = next(iter(self._index))
-                    self._forget(victim)
+                    self._forget(victim, "evicted")
                     self._counters["evicted"] += 1
                     self._unlink_locked(self._path(victim))
         finally:
             tmp.unlink(missing_ok=True)  # only still there when the rename failed
+        self._events.deliver()

@@ -5,7 +5,7 @@ queued stores in batched ``SET`` pipelines. ``load_many`` fetches a whole run of
 pipelined ``GET`` round trip (no ``EXISTS`` first) under one time budget; ``contains_many`` (used
 by the spill path to skip chunks the server holds) is one pipelined ``EXISTS`` round trip.
 Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, layout
-fingerprint, size, blake2b checksum) under ``f"{namespace}:{key}"``; a value failing its checks
+fingerprint, size, checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
 
 URLs: redis://, rediss://, unix://, redis+cluster://, valkey[s]:// ... (see ``gpukv.tiers.redis_url``);
@@ -15,16 +15,25 @@ Faults. At construction a bad URL, a wrong password, a server wanting AUTH or an
 server raise ``ValueError`` naming the masked URL (a misconfigured shared tier fails fast).
 Afterwards nothing raises to callers. Connect and every socket read/write are bounded by
 ``timeout_s`` (redis-py retries off), and each ``load_many``/``contains_many`` call as a whole
-by its budget (``budget_s``, default ``timeout_s``): the round trip runs on a small pool of caller
-threads and an answer past the budget is abandoned (its bytes are dropped when they arrive). Decode
+by its budget (``budget_s``, default ``timeout_s``; see ``gpukv.tiers.remote_link``). Decode
 and checksum of what arrived in time come on top (CPU work at GB/s, no waiting). The first
-``ConnectionError``/``TimeoutError`` or budget overrun marks the tier down: lookups then answer "miss" at once and ``submit`` drops (counted; warnings rate-limited), so
-a dead or stopped server costs a caller at most one ``timeout_s`` stall. The writer drops what is
-queued while the server is down; only the probe thread (``gpukv.tiers.remote_health``) talks to
-it, PINGing with back-off (50 ms doubling to 2 s) until one succeeds, e.g. after a restart.
-``timeout_s`` bounds lack of progress, not a transfer: 64 chunks of 18 MB take as long as their
-bytes take. The write queue is bounded by count (``queue_size``) and by payload bytes
-(``queue_bytes``); a pipeline carries at most ``batch_size`` writes and ``batch_bytes`` bytes.
+``ConnectionError``/``TimeoutError`` or budget overrun marks the tier down: lookups then answer
+"miss" at once and ``submit`` drops (counted; warnings rate-limited), so a dead or slow server
+costs a lookup at most one budget. The writer drops what is queued while the server is down;
+only the probe thread (``gpukv.tiers.remote_link``) talks to it, PINGing with back-off (50 ms
+doubling to 2 s) until one succeeds, e.g. after a restart. For writes ``timeout_s`` bounds lack
+of progress, not a transfer (64 chunks of 18 MB take as long as their bytes take); a load's
+budget bounds its whole transfer, so the budget must exceed the time the largest run a lookup
+fetches takes to arrive, or such lookups miss and mark the tier down. The write queue is
+bounded by count (``queue_size``) and by payload bytes (``queue_bytes``); a pipeline carries at
+most ``batch_size`` writes and ``batch_bytes`` bytes.
+
+Events (``on_event``, contract in :mod:`gpukv.tiers.events`), all from the writer thread:
+"stored"/"written" after a ``SET`` the server acknowledged; "removed"/"corrupt" after a ``DEL`` of
+a bad value that deleted it. Not observable here, so never reported: the server's own LRU
+evictions, ``ttl_s`` expiries, and writes or deletes by other gpukv instances sharing the server.
+A replay thus gives the keys this instance wrote and did not delete, a superset of what the
+server still holds; a lookup of an evicted key is a plain miss.
 
 Recommended server settings (capacity is the server's business; gpukv counts no bytes there)::
 
@@ -46,26 +55,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import redis.exceptions as rexc
 import torch
 
 from gpukv.tiers import codec as chunk_codec
+from gpukv.tiers.events import REMOVED, STORED, EventCallback, TierEvents
 from gpukv.tiers.ratelimit import RateLimitedLog
 from gpukv.tiers.redis_url import DOWN_ERRORS, connect, mask_url
-from gpukv.tiers.remote_health import RemoteHealth
+from gpukv.tiers.remote_link import RemoteLink
 from gpukv.tiers.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_BYTES = 512 << 20
 DEFAULT_BATCH_BYTES = 256 << 20  # well under Redis's default client-query-buffer-limit (1 GiB)
-CALL_THREADS = 4  # concurrent budgeted round trips (abandoned ones included)
-_COUNTERS = ("stored", "dropped", "hits", "misses", "corrupt", "deleted", "errors", "skipped",
-             "timeouts", "bytes_stored", "bytes_loaded")
+_COUNTERS = ("stored", "dropped", "hits", "misses", "corrupt", "deleted", "errors",
+             "bytes_stored", "bytes_loaded")
 
 
 @dataclass(slots=True)
@@ -90,7 +97,7 @@ class RemoteTier:
     def __init__(self, url: str, *, namespace: str = "gpukv", timeout_s: float = 0.5,
                  queue_size: int = 256, queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
                  batch_size: int = 16, batch_bytes: int | None = DEFAULT_BATCH_BYTES,
-                 ttl_s: float | None = None) -> None:
+                 ttl_s: float | None = None, on_event: EventCallback | None = None) -> None:
         """Connect to ``url`` and PING it; raises ``ValueError`` (URL masked) if that fails.
 
         ``timeout_s`` bounds connect and every socket read/write; ``queue_size`` and
@@ -113,13 +120,12 @@ class RemoteTier:
         self.timeout_s = float(timeout_s)
         self.batch_size = batch_size
         self._ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        self._client = connect(url, self.timeout_s)
+        self._events = TierEvents(on_event, self.name)
+        self._link = RemoteLink(connect(url, self.timeout_s), self.url, down_errors=DOWN_ERRORS)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._warn = RateLimitedLog(log, f"remote tier {self.url}: ")
         self._closing = threading.Event()
-        self._health = RemoteHealth(self._client.ping, self.url, down_errors=DOWN_ERRORS)
-        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="gpukv-remote-call")
         self._writer = BackgroundWriter(self._write, name="gpukv-remote-writer",
                                         max_items=queue_size, max_bytes=queue_bytes,
                                         batch_size=batch_size, max_batch_bytes=batch_bytes,
@@ -137,7 +143,7 @@ class RemoteTier:
             raise ValueError(f"payload must be a 1-D CPU uint8 tensor, got {tuple(payload.shape)} "
                              f"{payload.dtype} on {payload.device}")
         name = self._name(key)
-        if not self._health.connected:
+        if not self._link.connected:
             self._drop(1, "remote down")
             return False
         return self._writer.submit(_Op(name, key, fingerprint, payload), payload.numel())
@@ -149,7 +155,7 @@ class RemoteTier:
         budget_s = self._budget(budget_s)
         if not keys:
             return []
-        replies = self._round_trip([("exists", self._name(k)) for k in keys], budget_s)
+        replies = self._link.round_trip([("exists", self._name(k)) for k in keys], budget_s)
         if replies is None:
             return [False] * len(keys)
         return [reply == 1 for reply in replies]
@@ -173,7 +179,7 @@ class RemoteTier:
         budget_s = self._budget(budget_s)
         if not keys:
             return []
-        replies = self._round_trip([("get", self._name(k)) for k in keys], budget_s)
+        replies = self._link.round_trip([("get", self._name(k)) for k in keys], budget_s)
         if replies is None:
             self._count(misses=len(keys))
             return [None] * len(keys)
@@ -202,17 +208,21 @@ class RemoteTier:
         return self._writer.flush(timeout_s)
 
     def stats(self) -> dict:
-        """Counters (stored, dropped, hits, misses, corrupt, deleted, errors, skipped, bytes_*),
-        ``queue_depth``/``queued_bytes`` (waiting writes), ``pending`` (waiting or being
-        written) and ``connected``."""
+        """Counters (stored, dropped, hits, misses, corrupt, deleted, errors, skipped, timeouts,
+        bytes_stored, bytes_loaded), ``queue_depth``/``queued_bytes`` (waiting writes),
+        ``pending`` (waiting or being written), ``connected`` and ``event_errors``."""
         writer = self._writer.stats()
+        link = self._link.stats()
         with self._lock:
             out: dict = dict(self._counts)
-        out["errors"] += writer["errors"]
+        out["errors"] += writer["errors"] + link["faults"]
+        out["skipped"] = link["skipped"]
+        out["timeouts"] = link["timeouts"]
         out["queue_depth"] = writer["queued"]
         out["queued_bytes"] = writer["queued_bytes"]
         out["pending"] = writer["queued"] + writer["in_flight"]
-        out["connected"] = self._health.connected
+        out["connected"] = self._link.connected
+        out["event_errors"] = self._events.errors
         return out
 
     def close(self, timeout_s: float | None = 10.0) -> bool:
@@ -223,9 +233,7 @@ class RemoteTier:
         flushed = self._writer.flush(timeout_s)
         self._closing.set()
         stopped = self._writer.close(timeout_s)
-        self._health.close(timeout_s)
-        self._calls.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self._link.close(timeout_s)
         return flushed and stopped
 
     def __enter__(self) -> "RemoteTier":
@@ -251,30 +259,6 @@ class RemoteTier:
             raise ValueError(f"budget_s must be a positive number or None, got {budget_s!r}")
         return float(budget_s)
 
-    def _round_trip(self, commands: list[tuple[str, str]], budget_s: float) -> list | None:
-        """Single-key commands in one pipeline, answered within ``budget_s``; None (counted) if
-        the remote is down or too slow."""
-        if not self._health.connected:
-            self._count(skipped=1)
-            return None
-        future = self._calls.submit(self._execute, commands)
-        try:
-            return future.result(timeout=budget_s)
-        except FutureTimeout:
-            future.cancel()   # not started yet: never sent; else its answer is dropped
-            self._count(timeouts=1)
-            self._mark_down(TimeoutError(f"no answer within the {budget_s:g} s budget"))
-            return None
-        except DOWN_ERRORS as exc:
-            self._mark_down(exc)
-            return None
-
-    def _execute(self, commands: list[tuple[str, str]]) -> list:
-        pipe = self._client.pipeline(transaction=False)
-        for command, name in commands:
-            getattr(pipe, command)(name)
-        return pipe.execute(raise_on_error=False)
-
     def _queue_delete(self, key: str) -> None:
         # When the queue is full the bad value is found (and queued) again on its next load.
         self._writer.submit(_Op(self._name(key), key, "", None), 0)
@@ -286,10 +270,10 @@ class RemoteTier:
 
     def _write(self, batch: list[_Op]) -> None:
         """The writer's handler: one pipeline of SETs (and DELs of bad values)."""
-        if not self._health.connected:
+        if not self._link.connected:
             self._drop(sum(op.payload is not None for op in batch), "remote down")
             return
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._link.client.pipeline(transaction=False)
         for op in batch:
             if op.payload is None:
                 pipe.delete(op.name)
@@ -299,7 +283,7 @@ class RemoteTier:
         try:
             replies = pipe.execute(raise_on_error=False)
         except DOWN_ERRORS as exc:
-            self._mark_down(exc)
+            self._link.mark_down(exc)  # counted there, reported in errors
             self._drop(sum(op.payload is not None for op in batch), "remote down")
             return
         for op, reply in zip(batch, replies):
@@ -308,12 +292,12 @@ class RemoteTier:
                 self._drop(int(op.payload is not None), "refused", f" ({reply})")
             elif op.payload is None:
                 self._count(deleted=int(reply))
+                if reply == 1:
+                    self._events.record(REMOVED, op.key, "corrupt")
             else:
                 self._count(stored=1, bytes_stored=op.payload.numel())
-
-    def _mark_down(self, exc: Exception) -> None:
-        self._count(errors=1)
-        self._health.mark_down(exc)
+                self._events.record(STORED, op.key, "written")
+        self._events.deliver()
 
     def _drop(self, num_stores: int, reason: str, detail: str = "") -> None:
         if num_stores:
