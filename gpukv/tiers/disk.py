@@ -58,6 +58,8 @@ class DiskTier:
 
     ``queue_size`` / ``queue_bytes`` bound the chunks waiting for the writer (count and payload
     bytes); a chunk past either bound is dropped and counted, never waited for.
+    ``on_event(event, key, reason)`` (optional) hears every file stored and removed.
+    Thread-safe: any number of threads may call ``submit``/``contains_many``/``load_many``.
     """
 
     name = "disk"

@@ -103,7 +103,7 @@ class RemoteTier:
         ``timeout_s`` bounds connect and every socket read/write; ``queue_size`` and
         ``queue_bytes`` bound queued writes (count, payload bytes); ``batch_size`` and
         ``batch_bytes`` bound one write pipeline; ``ttl_s`` (optional) expires values, on top of
-        the server's LRU.
+        the server's LRU; ``on_event(event, key, reason)`` (optional) hears stores and deletes.
         """
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")

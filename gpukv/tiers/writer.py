@@ -151,9 +151,10 @@ class BackgroundWriter(Generic[T]):
             self._work.notify_all()
         for _, item, _ in dropped:
             self._call(self._on_drop, item, "closed")
-        with self._lock:
-            self._releasing = None
-            self._progress.notify_all()
+        if dropped:
+            with self._lock:
+                self._releasing = None
+                self._progress.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         return not self._thread.is_alive()
