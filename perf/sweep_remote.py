@@ -35,7 +35,8 @@ from common import MODELS, bench, progress, results_dir, write_csv  # noqa: E402
 
 import redis  # noqa: E402
 
-from gpukv import CacheEngine, EngineConfig, chunk_codec  # noqa: E402
+from gpukv import CacheEngine, EngineConfig  # noqa: E402
+from gpukv.tiers import codec as chunk_codec  # noqa: E402
 from gpukv.tiers.remote import RemoteTier  # noqa: E402
 
 PRESETS = {

@@ -205,3 +205,14 @@ def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture
+def delay_proxy(redis_server: RedisServer):
+    """A ``DelayProxy`` (tests/tcp_proxy.py) in front of ``redis_server``: set ``delay_s`` to
+    make the server slow; ``turns`` counts round trips independently of the client."""
+    from tcp_proxy import DelayProxy
+
+    proxy = DelayProxy(redis_server.port)
+    yield proxy
+    proxy.close()

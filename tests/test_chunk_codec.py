@@ -25,3 +25,22 @@ def test_every_mismatch_is_a_miss_with_a_reason():
     flipped = bytearray(blob)
     flipped[-1] ^= 0xFF
     assert chunk_codec.decode(bytes(flipped), "m/0/ab", "fp1", p.numel())[1] == "checksum mismatch (corrupted value)"
+
+
+def test_read_metadata_reads_only_the_header_and_refuses_malformed_ones():
+    import io
+    import struct
+
+    import pytest
+
+    p = _payload()
+    blob = chunk_codec.encode("m/0/ab", "fp1", p)
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    meta = chunk_codec.read_metadata(io.BytesIO(blob[: 8 + header_len]))  # no payload needed
+    assert meta == chunk_codec.make_header("m/0/ab", "fp1", p)
+    for bad, match in [(blob[:5], "truncated"), (blob[: 8 + header_len - 1], "truncated"),
+                       (struct.pack("<Q", 1 << 40), "header of"),
+                       (struct.pack("<Q", 2) + b"[]", "no metadata"),
+                       (struct.pack("<Q", 3) + b"{x}", None)]:
+        with pytest.raises(ValueError, match=match):
+            chunk_codec.read_metadata(io.BytesIO(bad))

@@ -290,6 +290,110 @@ def test_close_drops_unsent_writes_and_refuses_further_use(redis_server):
         tier.load("m/0/x", FP, 4096)
 
 
+# --------------------------------------------------------------------------- one round trip, one budget
+def test_load_many_of_a_run_is_one_round_trip_on_a_slow_server(delay_proxy):
+    keys = [f"m/0/{i:02x}" for i in range(16)]
+    with RemoteTier(delay_proxy.url(), timeout_s=3.0) as tier:
+        for i, key in enumerate(keys):
+            assert tier.submit(key, FP, payload(i))
+        assert tier.flush(10)
+        delay_proxy.delay_s = 0.3  # every round trip now costs 0.3 s
+        delay_proxy.reset()
+        got, elapsed = timed(tier.load_many, keys + ["m/0/absent"], FP, 4096)
+        assert delay_proxy.turns == 1
+        assert all(torch.equal(g, payload(i)) for i, g in enumerate(got[:16])) and got[16] is None
+        assert elapsed < 5.0  # sanity only: 16 round trips would be 4.8 s plus transfers
+        stats = tier.stats()
+        assert (stats["hits"], stats["misses"], stats["timeouts"]) == (16, 1, 0)
+        delay_proxy.reset()
+        assert tier.contains_many(keys) == [True] * 16 and delay_proxy.turns == 1
+
+
+def test_an_answer_past_the_budget_misses_all_marks_down_and_recovers(delay_proxy):
+    keys = [f"m/0/{i}" for i in range(8)]
+    with RemoteTier(delay_proxy.url(), timeout_s=5.0) as tier:  # sockets alone would wait 5 s
+        for i, key in enumerate(keys):
+            assert tier.submit(key, FP, payload(i))
+        assert tier.flush(10)
+        delay_proxy.delay_s = 1.5
+        got, elapsed = timed(lambda: tier.load_many(keys, FP, 4096, budget_s=0.2))
+        assert got == [None] * 8 and elapsed < 0.2 + MARGIN_S
+        stats = tier.stats()
+        assert (stats["timeouts"], stats["misses"], stats["connected"]) == (1, 8, False)
+        # Marked down: the next lookup answers at once, without waiting on the server.
+        got, elapsed = timed(tier.load_many, keys, FP, 4096)
+        assert got == [None] * 8 and elapsed < 0.2 and tier.stats()["skipped"] == 1
+        delay_proxy.delay_s = 0.0
+        assert wait_until(lambda: tier.stats()["connected"], timeout_s=15)
+        got = tier.load_many(keys, FP, 4096)
+        assert all(torch.equal(g, payload(i)) for i, g in enumerate(got))
+
+
+def test_bad_budget_raises_and_touches_nothing(tier):
+    for budget in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="budget_s"):
+            tier.load_many(["m/0/x"], FP, 4096, budget_s=budget)
+        with pytest.raises(ValueError, match="budget_s"):
+            tier.contains_many(["m/0/x"], budget_s=budget)
+    assert tier.stats()["misses"] == 0
+
+
+def test_write_queue_is_bounded_by_bytes(redis_server):
+    # A paused server holds the writer inside its first pipeline; then only bytes limit the queue.
+    with RemoteTier(redis_server.url, timeout_s=20, queue_size=100, queue_bytes=10_000,
+                    batch_size=1) as tier:
+        redis_server.pause()
+        try:
+            assert tier.submit("m/0/hold", FP, payload(0))
+            assert wait_until(lambda: tier.stats()["queue_depth"] == 0)
+            accepted = [tier.submit(f"m/0/{i}", FP, payload(i)) for i in range(1, 5)]
+            assert accepted == [True, True, False, False]  # 2 x 4096 B fit in 10_000 B
+            stats = tier.stats()
+            assert (stats["queued_bytes"], stats["queue_depth"], stats["dropped"]) == (8192, 2, 2)
+        finally:
+            redis_server.resume()
+        assert tier.flush(timeout_s=20) and tier.stats()["stored"] == 3
+
+
+# --------------------------------------------------------------------------- events
+def _replay(events):
+    held = set()
+    for event, key, _ in events:
+        (held.add if event == "stored" else held.discard)(key)
+    return held
+
+
+def test_events_replay_to_the_keys_this_instance_wrote_and_did_not_delete(redis_server):
+    events: list[tuple] = []
+    raw = redis_server.client()
+    with RemoteTier(redis_server.url, on_event=lambda *e: events.append(e)) as tier:
+        keys = [f"m/0/{i}" for i in range(4)]
+        for i, key in enumerate(keys):
+            assert tier.submit(key, FP, payload(i))
+        assert tier.flush(10)
+        raw.set(f"gpukv:{keys[1]}", b"junk")           # one of ours goes bad
+        raw.set("gpukv:m/0/stranger", b"junk")          # a bad value we never wrote
+        assert tier.load_many([keys[1], "m/0/stranger", keys[2]], FP, 4096)[2] is not None
+        assert tier.flush(10)
+    assert events == [("stored", k, "written") for k in keys] + [
+        ("removed", keys[1], "corrupt"), ("removed", "m/0/stranger", "corrupt")]
+    on_server = {name.decode().removeprefix("gpukv:") for name in raw.keys("gpukv:*")}
+    assert _replay(events) == on_server == {keys[0], keys[2], keys[3]}
+
+
+def test_refused_writes_are_not_announced(redis_factory):
+    server = redis_factory(extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+    events: list[tuple] = []
+    with RemoteTier(server.url, timeout_s=TIMEOUT_S, on_event=lambda *e: events.append(e)) as tier:
+        for i in range(16):
+            assert tier.submit(f"m/0/{i}", FP, payload(i, 512 << 10))
+        assert tier.flush(10)
+        stats = tier.stats()
+    assert stats["dropped"] >= 8 and len(events) == stats["stored"]
+    on_server = {name.decode().removeprefix("gpukv:") for name in server.client().keys("gpukv:*")}
+    assert _replay(events) == on_server
+
+
 # --------------------------------------------------------------------------- start-up errors
 def test_auth_correct_password_works(redis_factory):
     server = redis_factory(password="s3cret")

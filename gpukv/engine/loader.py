@@ -3,9 +3,10 @@
 After the leading chunks found in L1, a lookup goes on from the first chunk some rank misses:
 
 1. Which (rank, chunk) objects must come from a tier: those not ready in L1 now.
-2. Local tiers (disk) say which of those they hold (an index lookup, no I/O); a remote tier is
-   asked once for all the rest: one pipelined GET under one time budget
-   (``remote_timeout_s`` per lookup, not per chunk).
+2. :func:`gpukv.tiers.fetch.fetch_run`: local tiers (disk) say which of those they hold (an
+   index lookup, no I/O); a remote tier is asked once for all the rest: one pipelined GET under
+   one time budget (``remote_timeout_s`` per lookup, not per chunk); disk files are read only for
+   the chunks before the first gap.
 3. The run of chunks where every rank's object is in L1 or was found in a tier is taken: an L1
    object gets the request's shares there; a tier hit is written into L1 as a *temporary* object
    (its write pinned, so nothing can reuse the slot under the copy) and finished with the
@@ -24,6 +25,7 @@ import torch
 from gpukv.engine.keys import KeySpace
 from gpukv.engine.registry import InternalOwner
 from gpukv.l1 import L1Manager, Status
+from gpukv.tiers.fetch import fetch_run
 
 log = logging.getLogger(__name__)
 LOADER = InternalOwner("loader")
@@ -67,32 +69,24 @@ class TierLoader:
         return n, per_source.pop("L1", 0), per_source
 
     def _find(self, spaces, keys, start, fingerprint, nbytes) -> dict:
-        """(rank, chunk) -> (tier, payload or None for a local tier) for objects not in L1,
-        up to the first chunk that no tier holds for some rank."""
-        need = [(r, c) for c in range(start, len(keys[0])) for r in range(len(spaces))
-                if keys[r][c] not in self.l1]
-        found: dict = {}
-        for tier in self.tiers:
-            if not need:
-                break
-            names = [spaces[r].tier_key(keys[r][c]) for r, c in need]
-            try:
-                if getattr(tier, "local", tier.name == "disk"):
-                    hits = [(tier, None) if h else None for h in tier.contains_many(names)]
-                else:
-                    hits = [(tier, p) if p is not None else None for p in
-                            tier.load_many(names, fingerprint, nbytes, budget_s=self.budget_s)]
-            except Exception:  # noqa: BLE001 - a failing tier is a miss, never a failed lookup
-                log.warning("lookup: tier %s failed; treated as a miss", tier.name, exc_info=True)
-                continue
-            rest = []
-            for item, hit in zip(need, hits):
-                if hit is None:
-                    rest.append(item)
-                else:
-                    found[item] = hit
-            need = rest
-        return found
+        """(rank, chunk) -> (tier name, payload) for the objects of the leading chunks from
+        ``start`` that are not in L1 now, up to the first chunk no tier holds for some rank
+        (:func:`gpukv.tiers.fetch.fetch_run`: one round trip per remote tier)."""
+        num_chunks = len(keys[0])
+        names = [[spaces[r].tier_key(keys[r][c]) for r in range(len(spaces))
+                  if keys[r][c] not in self.l1] for c in range(start, num_chunks)]
+        try:
+            _, found = fetch_run(self.tiers, names, fingerprint, nbytes, budget_s=self.budget_s)
+        except Exception:  # noqa: BLE001 - a failing tier is a miss, never a failed lookup
+            log.warning("lookup: the tiers failed; treated as a miss", exc_info=True)
+            return {}
+        out = {}
+        for c in range(start, num_chunks):
+            for r, space in enumerate(spaces):
+                hit = found.get(space.tier_key(keys[r][c]))
+                if hit is not None:
+                    out[(r, c)] = hit
+        return out
 
     def _take(self, space: KeySpace, key: bytes, hit, extra: int, owner: Hashable,
               fingerprint: str, nbytes: int) -> str | None:
@@ -101,11 +95,7 @@ class TierLoader:
             return "L1"
         if hit is None:
             return None
-        tier, payload = hit
-        if payload is None:
-            payload = tier.load_many([space.tier_key(key)], fingerprint, nbytes)[0]
-            if payload is None:  # vanished since, or failed its checks (the tier dropped it)
-                return None
+        tier_name, payload = hit
         statuses, (handle,) = self.l1.reserve_write_slots([key], nbytes, temporary=True,
                                                           owner=LOADER, device=self.device_of(space))
         if statuses[0] is not Status.OK:
@@ -117,4 +107,4 @@ class TierLoader:
             self.l1.abort_write([handle])
             raise
         status = self.l1.finish_write([handle], extra_count=extra, reader=owner)[0]
-        return tier.name if status is Status.OK else None  # NOT_FOUND: expired meanwhile
+        return tier_name if status is Status.OK else None  # NOT_FOUND: expired meanwhile

@@ -16,12 +16,18 @@ drop such values, they never reach a worker's pages.
 
 from __future__ import annotations
 
+import io
+import json
+import struct
+from typing import BinaryIO
+
 import torch
 import xxhash
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 1 << 20  # a gpukv header is a few hundred bytes
 
 
 def checksum(payload: torch.Tensor) -> str:
@@ -80,10 +86,26 @@ def check(
     return payload, ""
 
 
-def _read_metadata(blob: bytes) -> dict[str, str]:
-    import json
-    import struct
+def read_metadata(f: BinaryIO) -> dict[str, str]:
+    """The string metadata of the blob ``f`` reads from, reading only its header.
 
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + header_len])
-    return header.get("__metadata__", {}) or {}
+    Raises ``ValueError`` for a truncated or malformed header (``OSError`` from ``f`` passes).
+    """
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError("truncated header")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {header_len} bytes (> {MAX_HEADER_BYTES})")
+    raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise ValueError("truncated header")
+    header = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata in the header")
+    return meta
+
+
+def _read_metadata(blob: bytes) -> dict[str, str]:
+    return read_metadata(io.BytesIO(blob))
