@@ -261,13 +261,15 @@ class CacheCore:
         return ok
 
     def close(self, flush_timeout_s: float = 10.0) -> None:
-        """Flush what is queued for the lower tiers (up to ``flush_timeout_s``), then stop."""
+        """Flush what is queued for the lower tiers, then stop: ``flush_timeout_s`` bounds the
+        whole (what is still queued after it is dropped, counted)."""
+        deadline = time.monotonic() + flush_timeout_s
         if self.tiers:
             self.flush(flush_timeout_s)
         if self.spiller is not None:
-            self.spiller.close()
+            self.spiller.close(max(0.1, deadline - time.monotonic()))
         for tier in self.tiers:
-            tier.close()
+            tier.close(max(0.1, deadline - time.monotonic()))
 
     def _check_work(self, num_keys: int) -> None:
         if num_keys > self.config.max_keys_per_request:
