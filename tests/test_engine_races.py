@@ -211,8 +211,8 @@ class _FailingTier:
     def stats(self):
         return {}
 
-    def close(self):
-        pass
+    def close(self, timeout_s=None):
+        return True
 
 
 def test_a_tier_that_raises_never_kills_the_spill_or_fails_a_lookup():
