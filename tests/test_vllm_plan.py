@@ -367,3 +367,20 @@ def test_views_share_vllm_memory():
     views, dims, kind = kv_views(mla, "CPU_MLA")
     assert (dims, kind) == ("NB,BS,D", "mla") and views["l"].shape == (NB, BS, 12)
     assert views["l"].data_ptr() == mla["l"].data_ptr()
+
+
+def test_row_copies_of_part_of_a_cpu_block_lose_k_which_is_why_chunks_are_whole_blocks():
+    """The registered ``NB,H,2,BS,D`` view's K "rows" are not tokens (K is column-major inside a
+    block): copying half a block's rows carries V right and K wrong. Whole blocks are exact."""
+    half = FakeClient(chunk_size=BS // 2)
+    src, dst = mha_pages(1), mha_pages(1)
+    for name, pages in (("src", src), ("dst", dst)):
+        half.register(name, MODEL, kv_views(pages, "CPU_ATTN")[0], "NB,H,2,BS,D")
+    (key, value), = fill(src, [3], BS // 2, seed=11)
+    prompt = tokens(BS // 2, 14)
+    half.store("src", prompt, torch.tensor(slots_of([3], BS // 2)))
+    half.lookup(MODEL, prompt, request_id="r")
+    assert half.retrieve("dst", prompt, torch.tensor(slots_of([5], BS // 2)), request_id="r") == BS // 2
+    k, v = cpu_read(next(iter(dst.values())), slots_of([5], BS // 2))
+    assert torch.equal(v, value)
+    assert k.isnan().any()  # K of these tokens sits in rows the copy did not cover
