@@ -26,7 +26,7 @@ def require_vllm() -> None:
     reason = "vllm not installed (scripts/install_vllm_cpu.sh)"
     if os.environ.get("GPUKV_REQUIRE_VLLM") == "1":
         pytest.fail(f"GPUKV_REQUIRE_VLLM=1 but {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def engine_env() -> dict[str, str]:
