@@ -78,6 +78,31 @@ def test_llama_runs_the_scheduler_side_and_the_worker_side_in_separate_processes
     assert reqs[2]["token_ids"] == reqs[0]["token_ids"] != reqs[1]["token_ids"]
 
 
+def test_translations_of_real_vllm_objects_match_what_vllm_scheduled(llama_run, deepseek_run):
+    """translate.py on the real Request / SchedulerOutput / VllmConfig: the planner's views
+    agree with the recorded fields, and every process of an engine derives the same model key."""
+    for _, records in (llama_run, deepseek_run):
+        keys = {r["model_key"] for r in records if r["hook"] == "__init__"}
+        assert len(keys) == 1 and next(iter(keys)).startswith("vllm-tiny-")
+        for r in records:
+            if r["hook"] == "get_num_new_matched_tokens":
+                info, req = r["info"], r["request"]
+                assert info["num_tokens"] == req["num_tokens"] and info["lookup"] and info["store"]
+                assert (info["seed"] == "") == (req["cache_salt"] is None)
+            if r["hook"] == "build_connector_meta":
+                so = r["scheduler_output"]
+                expected = [[n["req_id"], n["block_ids"][0], True, n["num_computed_tokens"],
+                             so["num_scheduled_tokens"][n["req_id"]]] for n in so["new"]]
+                expected += [[c["req_id"], None if c["new_block_ids"] is None else c["new_block_ids"][0],
+                              c["resumed"], c["num_computed_tokens"], so["num_scheduled_tokens"][c["req_id"]]]
+                             for c in so["cached"]]
+                assert r["view"] == expected
+                assert r["view_finished"] == so["finished_req_ids"]
+    (llama_key,) = {r["model_key"] for r in llama_run[1] if r["hook"] == "__init__"}
+    (mla_key,) = {r["model_key"] for r in deepseek_run[1] if r["hook"] == "__init__"}
+    assert llama_key != mla_key
+
+
 def test_llama_kv_caches_are_views_of_one_buffer_in_the_cpu_layout(llama_run):
     _, records = llama_run
     (reg,) = [r for r in records if r["hook"] == "register_kv_caches"]

@@ -83,3 +83,72 @@ def test_the_chunk_size_must_be_whole_blocks_and_match_the_configured_one():
         check_chunking(256, 16, 512)
     with pytest.raises(ValueError, match="chunk size 64 is not a multiple of vLLM's block size 128"):
         check_chunking(64, 128, None)
+
+
+def _request(**kw):
+    from types import SimpleNamespace
+
+    base = dict(request_id="0-abc", all_token_ids=[1, 2, 3], cache_salt=None, lora_request=None,
+                mm_features=[], prompt_embeds=None, skip_reading_prefix_cache=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_request_info_takes_salt_lora_and_multimodal_items_from_vllm_field_names():
+    from types import SimpleNamespace
+
+    from gpukv.integrations.vllm.translate import request_info
+
+    tokens = [1, 2, 3]
+    plain = request_info(_request(all_token_ids=tokens))
+    assert plain.seed == b"" and plain.mm_items == () and plain.lookup and plain.store
+    tokens.append(4)
+    assert list(plain.token_ids) == [1, 2, 3, 4]  # a live view: outputs show up
+    lora = SimpleNamespace(lora_name="ad", lora_path="/a")
+    feature = SimpleNamespace(identifier="h1", mm_position=SimpleNamespace(offset=2, length=5))
+    info = request_info(_request(cache_salt="s", lora_request=lora, mm_features=[feature]))
+    assert info.seed == request_seed(cache_salt="s", lora_name="ad", lora_path="/a")
+    assert info.mm_items == (MMItem("h1", 2, 5),)
+    embeds = request_info(_request(prompt_embeds=object()))
+    assert (embeds.lookup, embeds.store) == (False, False)
+    skip = request_info(_request(skip_reading_prefix_cache=True))
+    assert (skip.lookup, skip.store) == (False, True)
+
+
+def test_step_view_reads_new_cached_resumed_preempted_and_finished_requests():
+    from types import SimpleNamespace
+
+    from gpukv.integrations.vllm.translate import step_view
+
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=([1, 2],), num_computed_tokens=16)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=["b", "c"], resumed_req_ids={"c"},
+                                              new_block_ids=[None, ([7, 8, 9],)], num_computed_tokens=[40, 32]),
+        num_scheduled_tokens={"a": 20, "b": 1, "c": 9}, preempted_req_ids={"d"}, finished_req_ids={"e"})
+    view = step_view(out)
+    assert [(r.request_id, r.block_ids, r.replace_blocks, r.num_computed_tokens, r.num_scheduled_tokens)
+            for r in view.requests] == [("a", [1, 2], True, 16, 20), ("b", None, False, 40, 1),
+                                        ("c", [7, 8, 9], True, 32, 9)]
+    assert view.preempted == {"d"} and view.finished == {"e"}
+    out.scheduled_new_reqs[0].block_ids = ([1], [2])
+    with pytest.raises(ValueError, match="one KV cache group, got 2 groups"):
+        step_view(out)
+
+
+def test_engine_model_key_is_the_same_from_any_process_and_names_the_attention_layout():
+    from types import SimpleNamespace
+
+    from gpukv.integrations.vllm.translate import engine_model_key
+
+    def config(use_mla: bool, tp: int = 1):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(model="/m/tiny", revision=None, dtype="torch.bfloat16", use_mla=use_mla),
+            cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp))
+
+    asked = []
+    isa = lambda: asked.append(1) or "vec"  # noqa: E731
+    assert engine_model_key(config(False), attention=isa) == engine_model_key(config(False), attention=isa)
+    assert engine_model_key(config(False), attention=lambda: "amx") != engine_model_key(config(False), attention=isa)
+    assert len(asked) == 3
+    mla = engine_model_key(config(True, 2), attention=isa)
+    assert len(asked) == 3 and mla != engine_model_key(config(True, 1), attention=isa)

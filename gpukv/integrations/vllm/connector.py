@@ -35,6 +35,7 @@ from gpukv.integrations.vllm.records import (
     describe_tensor,
     digest_written,
 )
+from gpukv.integrations.vllm.translate import engine_model_key, request_info, step_view
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -68,6 +69,7 @@ class GpukvConnector(KVConnectorBase_V1):
         self._step = 0
         cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
         self._record("__init__", engine_id=self._kv_transfer_config.engine_id,
+                     model_key=engine_model_key(vllm_config, attention=lambda: cpu_attention_isa(vllm_config)),
                      kv_role=self._kv_transfer_config.kv_role,
                      extra_config={k: str(v) for k, v in extra.items()},
                      block_size=cache.block_size, enable_prefix_caching=cache.enable_prefix_caching,
@@ -147,8 +149,11 @@ class GpukvConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
+        info = request_info(request)
         self._record("get_num_new_matched_tokens", num_computed_tokens=num_computed_tokens,
-                     request=describe_request(request))
+                     request=describe_request(request),
+                     info={"num_tokens": len(info.token_ids), "seed": info.seed.hex(),
+                           "lookup": info.lookup, "store": info.store})
         return 0, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
@@ -160,7 +165,11 @@ class GpukvConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         self._step += 1
         summary = describe_scheduler_output(scheduler_output)
-        self._record("build_connector_meta", step=self._step, scheduler_output=summary)
+        view = step_view(scheduler_output)
+        self._record("build_connector_meta", step=self._step, scheduler_output=summary,
+                     view=[[r.request_id, r.block_ids, r.replace_blocks, r.num_computed_tokens,
+                            r.num_scheduled_tokens] for r in view.requests],
+                     view_preempted=sorted(view.preempted), view_finished=sorted(view.finished))
         meta = RecordingMetadata(step=self._step)
         for new in scheduler_output.scheduled_new_reqs:
             meta.block_ids[new.req_id] = [list(g) for g in new.block_ids]
@@ -189,3 +198,18 @@ def _describe_metadata(meta: KVConnectorMetadata | None) -> dict[str, Any] | Non
     if isinstance(meta, RecordingMetadata):
         return {"type": "RecordingMetadata", "step": meta.step, "block_ids": meta.block_ids}
     return {"type": type(meta).__name__}
+
+
+def cpu_attention_isa(vllm_config: "VllmConfig") -> str:
+    """The vLLM-CPU attention ISA of this engine's MHA layers ("vec", "vec16", "amx", "neon"...):
+    it fixes the byte order inside a KV block (see worker.py), so it is part of the model key.
+    Uses vLLM-CPU's own choice function; on another platform, the platform's name."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return str(current_platform.device_type)
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    model = vllm_config.model_config
+    return _get_attn_isa(model.dtype, vllm_config.cache_config.block_size, model.get_head_size(),
+                         str(vllm_config.cache_config.cache_dtype))
