@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers", minversion="5.0")
 
 from gpukv.integrations.transformers import (  # noqa: E402
+    _cache_argument,
     alloc_pages,
     cache_tokens,
     cache_to_pages,
@@ -165,3 +166,21 @@ def test_errors_name_the_bad_value():
         pages_to_cache(model, pages, torch.arange(0), 0)
     with pytest.raises(ValueError, match="token_ids"):
         forward(model, torch.arange(0))
+
+
+def test_the_cache_argument_is_found_by_name_on_either_transformers_version():
+    """5.19 takes ``past_key_values``, 5.24 ``cache``, and returns the cache in the output field of
+    the same name; a model with neither is refused by name."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    expected = "cache" if "cache" in fields else "past_key_values"
+    assert expected in fields
+    assert _cache_argument(type(tiny_llama())) == _cache_argument(type(tiny_deepseek())) == expected
+
+    class NoCache:
+        def forward(self, input_ids, kv=None):
+            return None
+
+    with pytest.raises(TypeError, match=r"NoCache.forward takes neither .*\['self', 'input_ids', 'kv'\]"):
+        _cache_argument(NoCache)

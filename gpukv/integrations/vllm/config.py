@@ -1,0 +1,91 @@
+"""The connector's settings: ``kv_connector_extra_config`` keys, validated once.
+
+=====================  =======  ==============================================================
+key                    default  meaning
+=====================  =======  ==============================================================
+``gpukv.address``      None     the ``gpukv serve`` address (``ipc://PATH`` or ``tcp://HOST:PORT``);
+                                None: the per-user default ipc address
+``gpukv.autostart``    *        start a ``gpukv serve`` at the address when none answers
+                                (* default: True when no address is given, else False)
+``gpukv.chunk_size``   None     if set, the server's chunk size must equal it (else start fails)
+``gpukv.group``        None     the group secret shared by the engine's processes; None: derived
+                                from vLLM's ``engine_id`` and the data-parallel rank
+``gpukv.timeout_s``    30.0     per-request client timeout
+``gpukv.relookup_s``   5.0      a request still waiting for blocks after this many seconds is
+                                looked up again (its shares are topped up, not added)
+``gpukv.record_dir``   None     test aid: write hook records there (see ``records``)
+``gpukv.record_digests`` False test aid: digests of the bytes each step wrote, per layer
+=====================  =======  ==============================================================
+
+vLLM's ``kv_role`` decides the direction: ``kv_both`` loads and stores, ``kv_producer`` only
+stores, ``kv_consumer`` only loads. No module-level state; nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.chunk_size", "gpukv.group", "gpukv.timeout_s",
+         "gpukv.relookup_s", "gpukv.record_dir", "gpukv.record_digests")
+ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """Validated connector settings (see the module table)."""
+
+    address: str | None = None
+    autostart: bool = True
+    chunk_size: int | None = None
+    group: str | None = None
+    timeout_s: float = 30.0
+    relookup_s: float = 5.0
+    record_dir: str | None = None
+    load: bool = True
+    store: bool = True
+
+    def __post_init__(self) -> None:
+        if self.address is not None and not (isinstance(self.address, str)
+                                             and self.address.startswith(("ipc://", "tcp://"))):
+            raise ValueError(f"gpukv.address must be an ipc:// or tcp:// address, got {self.address!r}")
+        if not isinstance(self.autostart, bool):
+            raise TypeError(f"gpukv.autostart must be a bool, got {self.autostart!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int)
+                                            or isinstance(self.chunk_size, bool) or self.chunk_size <= 0):
+            raise ValueError(f"gpukv.chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ValueError(f"gpukv.group must be a non-empty str, got {self.group!r}")
+        for name, value in (("gpukv.timeout_s", self.timeout_s), ("gpukv.relookup_s", self.relookup_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None, *, kv_role: str | None) -> "ConnectorConfig":
+        """Parse vLLM's ``kv_connector_extra_config``; unknown ``gpukv.*`` keys are refused (a
+        typo must not silently fall back to a default). Keys of other connectors are ignored."""
+        extra = dict(extra or {})
+        unknown = sorted(k for k in extra if k.startswith("gpukv.") and k not in _KEYS)
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config keys {unknown}; known: {list(_KEYS)}")
+        if kv_role not in ROLES:
+            raise ValueError(f"kv_role must be one of {sorted(ROLES)}, got {kv_role!r}")
+        load, store = ROLES[kv_role]
+        address = extra.get("gpukv.address")
+        return cls(address=address, autostart=extra.get("gpukv.autostart", address is None),
+                   chunk_size=extra.get("gpukv.chunk_size"), group=extra.get("gpukv.group"),
+                   timeout_s=extra.get("gpukv.timeout_s", 30.0),
+                   relookup_s=extra.get("gpukv.relookup_s", 5.0),
+                   record_dir=extra.get("gpukv.record_dir"), load=load, store=store)
+
+
+def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:
+    """The server's ``chunk_size`` must be a whole number of vLLM blocks (loads and stores then
+    cover whole blocks, which the CPU attention layout needs: inside a block its K rows are
+    column-major, so a partial block is not a set of token rows), and match the configured one."""
+    if expected_chunk_size is not None and expected_chunk_size != chunk_size:
+        raise ValueError(f"gpukv.chunk_size={expected_chunk_size} but the server's chunk size is {chunk_size}")
+    if chunk_size % block_size:
+        raise ValueError(f"the server's chunk size {chunk_size} is not a multiple of vLLM's block size "
+                         f"{block_size}; start gpukv serve with --chunk-size {max(block_size, chunk_size // block_size * block_size)}"
+                         " or another multiple")

@@ -1,0 +1,116 @@
+"""One offline vLLM engine run in this process, results as JSON: what the vLLM tests, the demo and
+the sweeps start in a fresh process (engine state and crashes stay out of the caller).
+
+    python -m gpukv.integrations.vllm.offline --model DIR --prompts PROMPTS.json --out OUT.json \
+        [--tp 2] [--dtype float32] [--connector] [--extra-config '{"gpukv.record_dir": "..."}'] \
+        [--max-tokens 8] [--logprobs 5] [--batch] [--kv-cache-bytes N] [--max-model-len N]
+
+``PROMPTS.json``: a list of ``{"prompt_token_ids": [...], "cache_salt": "..."?}``. Prompts run one
+after another (each finishes before the next starts, so a later one can reuse an earlier one's
+prefix), or all in one ``generate`` call with ``--batch``. Greedy sampling. ``OUT.json``::
+
+    {"import_s", "start_s", "shutdown_s", "requests": [{"token_ids", "num_cached_tokens",
+     "logprobs": [[[token, logprob], ...] per step], "generate_s"}], "vllm_version"}
+
+TP > 1 uses the ``mp`` executor and, unless already set, ``VLLM_CPU_OMP_THREADS_BIND`` = one core
+per rank (``"0|1"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+CONNECTOR = {"kv_connector": "GpukvConnector", "kv_connector_module_path": "gpukv.integrations.vllm",
+             "kv_role": "kv_both"}
+
+
+def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_config: dict[str, Any],
+                  kv_cache_bytes: int, max_model_len: int, block_size: int | None) -> dict[str, Any]:
+    """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids)."""
+    kwargs: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, enforce_eager=True,
+                                  tensor_parallel_size=tp, dtype=dtype, seed=0,
+                                  kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len)
+    if tp > 1:
+        kwargs["distributed_executor_backend"] = "mp"
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if connector:
+        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": extra_config}
+    return kwargs
+
+
+def _request_result(out: Any, generate_s: float) -> dict[str, Any]:
+    completion = out.outputs[0]
+    steps = []
+    for step in completion.logprobs or []:
+        ranked = sorted(step.items(), key=lambda kv: kv[1].rank)
+        steps.append([[int(token), float(lp.logprob)] for token, lp in ranked])
+    return {"request_id": out.request_id, "token_ids": list(completion.token_ids),
+            "num_cached_tokens": out.num_cached_tokens, "logprobs": steps, "generate_s": generate_s}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
+    t0 = time.perf_counter()
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    t1 = time.perf_counter()
+    llm = LLM(**engine_kwargs(args.model, tp=args.tp, dtype=args.dtype, connector=args.connector,
+                              extra_config=json.loads(args.extra_config),
+                              kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
+                              block_size=args.block_size))
+    t2 = time.perf_counter()
+    with open(args.prompts, encoding="utf-8") as f:
+        prompts = json.load(f)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=args.logprobs,
+                            ignore_eos=True)
+    results = []
+    if args.batch:
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results = [_request_result(o, time.perf_counter() - t) for o in outs]
+    else:
+        for prompt in prompts:
+            t = time.perf_counter()
+            (out,) = llm.generate([prompt], params, use_tqdm=False)
+            results.append(_request_result(out, time.perf_counter() - t))
+    t3 = time.perf_counter()
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    return {"vllm_version": vllm.__version__, "import_s": t1 - t0, "start_s": t2 - t1,
+            "shutdown_s": time.perf_counter() - t3, "requests": results}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--connector", action="store_true", help="load GpukvConnector")
+    p.add_argument("--extra-config", default="{}", help="kv_connector_extra_config as JSON")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--logprobs", type=int, default=None)
+    p.add_argument("--batch", action="store_true", help="all prompts in one generate call")
+    p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""JSON-lines records of vLLM connector hook calls (phase 1 of the connector; a test aid).
+
+One file per process, ``<dir>/<role>-<pid>.jsonl``; each line is one call::
+
+    {"hook": str, "role": "scheduler"|"worker", "pid": int, "process": str, "tp_rank": int|None,
+     "seq": int (per process), "t_ns": int (CLOCK_MONOTONIC, comparable across processes), ...}
+
+plus the hook's own fields (see ``GpukvConnector``). Objects are described by duck typing, so
+this module does not import vLLM. JSON only: nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any, IO
+
+import torch
+
+
+class HookRecorder:
+    """Appends hook records to ``<record_dir>/<role>-<pid>.jsonl``; a no-op when ``record_dir``
+    is ``None``. Each record is flushed at once, so a crashed process leaves its records."""
+
+    def __init__(self, record_dir: str | os.PathLike | None, role: str) -> None:
+        self._file: IO[str] | None = None
+        self._role, self._seq = role, 0
+        if record_dir is not None:
+            path = Path(record_dir)
+            if not path.is_dir():
+                raise ValueError(f"gpukv.record_dir {str(path)!r} is not a directory")
+            self._file = open(path / f"{role}-{os.getpid()}.jsonl", "a", encoding="utf-8")
+
+    def write(self, hook: str, tp_rank: int | None, fields: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._seq += 1
+        record = {"hook": hook, "role": self._role, "pid": os.getpid(),
+                  "process": multiprocessing.current_process().name, "tp_rank": tp_rank,
+                  "seq": self._seq, "t_ns": time.monotonic_ns(), **fields}
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_records(record_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run, ordered by time (``t_ns``, then process and ``seq``)."""
+    records = []
+    for path in sorted(Path(record_dir).glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return sorted(records, key=lambda r: (r["t_ns"], r["pid"], r["seq"]))
+
+
+def describe_tensor(t: Any) -> dict[str, Any] | None:
+    """Shape, strides (elements), dtype, device, data pointer and the storage it views."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    storage = t.untyped_storage()
+    return {"shape": list(t.shape), "stride": list(t.stride()), "dtype": str(t.dtype).removeprefix("torch."),
+            "device": str(t.device), "contiguous": t.is_contiguous(), "data_ptr": t.data_ptr(),
+            "storage_ptr": storage.data_ptr(), "storage_nbytes": storage.nbytes(),
+            "storage_offset": t.storage_offset(), "nbytes": t.numel() * t.element_size()}
+
+
+def describe_kv_caches(kv_caches: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per layer tensor descriptions, and whether all layers view one buffer (one storage)."""
+    layers = {name: describe_tensor(t) for name, t in kv_caches.items()}
+    storages = {d["storage_ptr"] for d in layers.values() if d is not None}
+    offsets = sorted(d["data_ptr"] - d["storage_ptr"] for d in layers.values() if d is not None)
+    return {"num_layers": len(layers), "layers": layers, "num_storages": len(storages),
+            "byte_offsets": offsets}
+
+
+def describe_request(request: Any) -> dict[str, Any]:
+    """The fields of a vLLM ``Request`` a connector keys or plans on."""
+    lora = getattr(request, "lora_request", None)
+    status = getattr(request, "status", None)
+    prompt = getattr(request, "prompt_token_ids", None)
+    return {"request_id": request.request_id,
+            "num_prompt_tokens": getattr(request, "num_prompt_tokens", None),
+            "prompt_head": list(prompt[:8]) if prompt is not None else None,
+            "num_tokens": getattr(request, "num_tokens", None),
+            "num_computed_tokens": getattr(request, "num_computed_tokens", None),
+            "num_cached_tokens": getattr(request, "num_cached_tokens", None),
+            "num_output_tokens": getattr(request, "num_output_tokens", None),
+            "status": getattr(status, "name", str(status)),
+            "num_preemptions": getattr(request, "num_preemptions", None),
+            "cache_salt": getattr(request, "cache_salt", None),
+            "lora_name": getattr(lora, "lora_name", None),
+            "num_mm_features": len(getattr(request, "mm_features", None) or []),
+            "has_prompt_embeds": getattr(request, "prompt_embeds", None) is not None,
+            "kv_transfer_params": getattr(request, "kv_transfer_params", None)}
+
+
+def describe_scheduler_output(out: Any) -> dict[str, Any]:
+    """What ``SchedulerOutput`` carries per request this step (no token lists, only lengths)."""
+    cached = out.scheduled_cached_reqs
+    return {
+        "new": [{"req_id": r.req_id, "prompt_len": len(r.prompt_token_ids or []),
+                 "block_ids": [list(g) for g in r.block_ids],
+                 "num_computed_tokens": r.num_computed_tokens,
+                 "lora": getattr(r.lora_request, "lora_name", None),
+                 "num_mm_features": len(r.mm_features or [])}
+                for r in out.scheduled_new_reqs],
+        "cached": [{"req_id": rid, "resumed": rid in cached.resumed_req_ids,
+                    "new_block_ids": None if ids is None else [list(g) for g in ids],
+                    "num_computed_tokens": n, "num_output_tokens": o,
+                    "all_token_ids_len": len(cached.all_token_ids.get(rid, []))}
+                   for rid, ids, n, o in zip(cached.req_ids, cached.new_block_ids,
+                                             cached.num_computed_tokens, cached.num_output_tokens)],
+        "num_scheduled_tokens": dict(out.num_scheduled_tokens),
+        "finished_req_ids": sorted(out.finished_req_ids),
+        "preempted_req_ids": sorted(out.preempted_req_ids or []),
+        "has_sync_kv_loads": bool(getattr(out, "has_sync_kv_loads", False)),
+        "num_new_block_ids_to_zero": len(getattr(out, "new_block_ids_to_zero", None) or []),
+    }
+
+
+def describe_output(out: Any) -> dict[str, Any]:
+    """A ``KVConnectorOutput``'s fields as plain lists."""
+    def ids(value: Any) -> list | None:
+        return None if value is None else sorted(value)
+
+    return {"finished_sending": ids(out.finished_sending), "finished_recving": ids(out.finished_recving),
+            "failed_recving": ids(getattr(out, "failed_recving", None)),
+            "invalid_block_ids": ids(out.invalid_block_ids),
+            "has_worker_meta": out.kv_connector_worker_meta is not None}
+
+
+def digest_written(kv_layer: torch.Tensor, slot_mapping: Any) -> dict[str, Any] | None:
+    """A digest of the bytes of the slots a step wrote into one layer's paged cache.
+
+    ``kv_layer``: vLLM-CPU MLA ``[NB, BS, row]`` (the token's row), or the CPU attention layout
+    ``[NB, H, BS, 2*D]`` (the whole blocks the slots touch: inside a block the K rows are
+    column-major, so a token's bytes are not contiguous). ``slot_mapping``: int64 ``[num_tokens]``.
+    """
+    if not isinstance(slot_mapping, torch.Tensor) or not isinstance(kv_layer, torch.Tensor):
+        return None
+    slots = slot_mapping[slot_mapping >= 0].to(torch.int64)
+    if kv_layer.dim() == 3:
+        rows = kv_layer.reshape(-1, kv_layer.shape[-1])[slots]
+        unit = "rows"
+    else:
+        block_size = kv_layer.shape[2]
+        slots = torch.unique(slots // block_size)
+        rows = kv_layer[slots]
+        unit = "blocks"
+    data = rows.contiguous().view(torch.uint8).numpy().tobytes()
+    return {"unit": unit, "count": int(slots.numel()), "first": int(slots[0]) if slots.numel() else None,
+            "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}

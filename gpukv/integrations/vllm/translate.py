@@ -1,0 +1,67 @@
+"""vLLM objects -> the planner's plain values (duck-typed on vLLM 0.32's field names, so it is
+testable without vLLM; the field sources are listed in /work/notes/vllm_facts.md, sections 6, 9).
+
+- :func:`request_info`: a ``vllm.v1.request.Request`` -> :class:`RequestInfo` (live token view,
+  seed from ``cache_salt`` and ``lora_request``, multimodal items from ``mm_features``).
+- :func:`step_view`: a ``SchedulerOutput`` -> :class:`StepView` (block tables of KV group 0; the
+  connector refuses configurations with more than one KV cache group).
+- :func:`engine_model_key`: a ``VllmConfig`` -> the gpukv model name, identical in EngineCore and
+  in every worker of the engine (all of them hold the same config).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gpukv.integrations.vllm.keys import MMItem, model_key, request_seed
+from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
+
+
+def request_info(request: Any) -> RequestInfo:
+    """The planner's view of a vLLM ``Request``. Prompt embeddings are never looked up nor
+    stored (their KV does not follow from token ids); ``skip_reading_prefix_cache`` requests
+    are stored but not looked up."""
+    lora = getattr(request, "lora_request", None)
+    seed = request_seed(cache_salt=getattr(request, "cache_salt", None),
+                        lora_name=getattr(lora, "lora_name", None) if lora else None,
+                        lora_path=getattr(lora, "lora_path", None) if lora else None)
+    items = tuple(MMItem(str(f.identifier), int(f.mm_position.offset), int(f.mm_position.length))
+                  for f in (getattr(request, "mm_features", None) or ()))
+    embeds = getattr(request, "prompt_embeds", None) is not None
+    skip_read = bool(getattr(request, "skip_reading_prefix_cache", False))
+    return RequestInfo(request.request_id, request.all_token_ids, seed=seed, mm_items=items,
+                       lookup=not (embeds or skip_read), store=not embeds)
+
+
+def _group0(block_ids: Any) -> list[int] | None:
+    if block_ids is None:
+        return None
+    if len(block_ids) != 1:
+        raise ValueError(f"expected block ids of one KV cache group, got {len(block_ids)} groups")
+    return list(block_ids[0])
+
+
+def step_view(scheduler_output: Any) -> StepView:
+    """The planner's view of one ``SchedulerOutput``."""
+    scheduled = scheduler_output.num_scheduled_tokens
+    requests = [ScheduledRequest(r.req_id, _group0(r.block_ids), True, r.num_computed_tokens,
+                                 scheduled.get(r.req_id, 0))
+                for r in scheduler_output.scheduled_new_reqs]
+    cached = scheduler_output.scheduled_cached_reqs
+    for rid, new_ids, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+        requests.append(ScheduledRequest(rid, _group0(new_ids), rid in cached.resumed_req_ids,
+                                         computed, scheduled.get(rid, 0)))
+    return StepView(requests, preempted=frozenset(scheduler_output.preempted_req_ids or ()),
+                    finished=frozenset(scheduler_output.finished_req_ids))
+
+
+def engine_model_key(vllm_config: Any, *, attention: Callable[[], str]) -> str:
+    """The gpukv model name of an engine. ``attention()`` names what fixes the in-block byte
+    order (on vLLM-CPU: the attention ISA for MHA); it is not called for MLA models."""
+    model, cache, parallel = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    kind = "mla" if getattr(model, "use_mla", False) else "mha"
+    return model_key(model=str(model.model), revision=getattr(model, "revision", None),
+                     dtype=str(model.dtype).removeprefix("torch."), cache_dtype=str(cache.cache_dtype),
+                     kind=kind, block_size=int(cache.block_size),
+                     tp_size=int(parallel.tensor_parallel_size),
+                     attention="mla-rows" if kind == "mla" else attention())

@@ -1,0 +1,144 @@
+"""A fake ``CacheClient`` for the vLLM connector's planning unit tests ONLY.
+
+It follows the API the connector is written against (register / store / lookup / retrieve /
+free_lookup_locks / end_session / read_count) with the semantics it relies on, in one process:
+
+- keys: ``chunk_hashes(tokens, chunk_size, seed)`` with each chunk's extra bytes mixed in;
+  ``(model, kv_rank, hash)``, kv_rank = tp_rank for MHA, 0 for MLA;
+- lookup: leading chunks present (MHA: on every rank ``0..tp_size-1``), shares topped up to the
+  target (MLA ``tp_size`` per object, MHA 1 per rank shard) -- repeated lookups add nothing;
+- retrieve: all or nothing; chunks whose slots are all ``-1`` are skipped and need no share; each
+  used chunk needs one share of the request and gives it back; returns ``len(token_ids)`` or 0;
+- free_lookup_locks(start, end): the shares of chunks lying entirely inside ``[start, end)``;
+- store copies the token rows of full chunks not yet present; the rows are the registered views'
+  ``[block, ..., offset, ...]`` slices, as gpukv's generic descriptor reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpukv.engine.keys import chunk_hashes
+
+
+class FakeClient:
+    def __init__(self, chunk_size: int = 32) -> None:
+        self.chunk_size = chunk_size
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.objects: dict[tuple[str, int, bytes], list[torch.Tensor]] = {}  # per layer [chunk, row...]
+        self.shares: Counter = Counter()  # (request_id, key) -> shares
+        self.chunk_index: dict[tuple, int] = {}  # (request_id, key) -> chunk index in its lookup
+        self.calls: Counter = Counter()
+        self.fail_next_retrieves = 0
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _hashes(self, token_ids, seed: bytes, extras) -> list[bytes]:
+        hashes = chunk_hashes(np.asarray(token_ids, dtype=np.int64), self.chunk_size, seed=seed)
+        if extras is not None:
+            hashes = [hashlib.blake2b(h + (extras[i] if i < len(extras) else b""), digest_size=16).digest()
+                      for i, h in enumerate(hashes)]
+        return hashes
+
+    def _kind(self, model: str) -> str:
+        kinds = {i["kind"] for i in self.instances.values() if i["model"] == model}
+        assert len(kinds) == 1, f"model {model!r} registered with kinds {kinds}"
+        return kinds.pop()
+
+    @staticmethod
+    def _rows(view: torch.Tensor, dims: str, slot: int, block_size: int) -> torch.Tensor:
+        b, off = divmod(slot, block_size)
+        return view[b, off] if dims == "NB,BS,D" else view[b, :, :, off]  # "NB,H,2,BS,D"
+
+    # -- API ----------------------------------------------------------------------------------
+    def register(self, instance_id, model, kv_caches, dims, *, kind="mha", tp_rank=0, tp_size=1) -> None:
+        self.calls["register"] += 1
+        views = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
+        block_size = views[0].shape[1] if dims == "NB,BS,D" else views[0].shape[3]
+        self.instances[instance_id] = dict(model=model, views=views, dims=dims, kind=kind,
+                                           kv_rank=tp_rank if kind == "mha" else 0, block_size=block_size)
+
+    def unregister(self, instance_id) -> None:
+        del self.instances[instance_id]
+
+    def store(self, instance_id, token_ids, slot_mapping, *, seed=b"", extras=None) -> int:
+        self.calls["store"] += 1
+        inst, cs = self.instances[instance_id], self.chunk_size
+        slots = slot_mapping.tolist()
+        stored = 0
+        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
+            key = (inst["model"], inst["kv_rank"], h)
+            if key in self.objects:
+                continue
+            self.objects[key] = [torch.stack([self._rows(v, inst["dims"], s, inst["block_size"]).clone()
+                                              for s in slots[i * cs:(i + 1) * cs]]) for v in inst["views"]]
+            stored += cs
+        return stored
+
+    def lookup(self, model, token_ids, *, request_id, tp_size=1, num_readers=None, seed=b"", extras=None) -> int:
+        self.calls["lookup"] += 1
+        kind = self._kind(model)
+        hit = 0
+        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
+            keys = [(model, 0, h)] if kind == "mla" else [(model, r, h) for r in range(tp_size)]
+            if not all(k in self.objects for k in keys):
+                break
+            target = (num_readers or tp_size) if kind == "mla" else 1
+            for k in keys:
+                self.shares[(request_id, k)] = max(self.shares[(request_id, k)], target)
+                self.chunk_index[(request_id, k)] = i
+            hit += self.chunk_size
+        return hit
+
+    def retrieve(self, instance_id, token_ids, slot_mapping, *, request_id, seed=b"", extras=None) -> int:
+        self.calls["retrieve"] += 1
+        inst, cs = self.instances[instance_id], self.chunk_size
+        slots = slot_mapping.tolist()
+        used = []
+        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
+            if all(s < 0 for s in slots[i * cs:(i + 1) * cs]):
+                continue
+            key = (inst["model"], inst["kv_rank"], h)
+            if key not in self.objects or self.shares[(request_id, key)] < 1:
+                return 0
+            used.append((i, key))
+        if self.fail_next_retrieves:
+            self.fail_next_retrieves -= 1
+            return 0
+        for i, key in used:
+            for view, obj in zip(inst["views"], self.objects[key]):
+                for j, s in enumerate(slots[i * cs:(i + 1) * cs]):
+                    if s >= 0:
+                        self._rows(view, inst["dims"], s, inst["block_size"]).copy_(obj[j])
+            self.shares[(request_id, key)] -= 1
+        return len(token_ids)
+
+    def free_lookup_locks(self, request_id, *, start_token=0, end_token=None) -> int:
+        self.calls["free_lookup_locks"] += 1
+        freed = 0
+        for (rid, key), n in list(self.shares.items()):
+            if rid != request_id or n == 0:
+                continue
+            idx = self.chunk_index[(rid, key)]
+            lo, hi = idx * self.chunk_size, (idx + 1) * self.chunk_size
+            if lo >= start_token and (end_token is None or hi <= end_token):
+                freed += n
+                self.shares[(rid, key)] = 0
+        return freed
+
+    def end_session(self, request_id) -> None:
+        self.calls["end_session"] += 1
+        for k in [k for k in self.shares if k[0] == request_id]:
+            self.shares[k] = 0
+
+    def read_count(self, model, token_ids, *, kv_rank=0, seed=b"") -> list[int]:
+        return [sum(n for (_, k), n in self.shares.items() if k == (model, kv_rank, h))
+                for h in self._hashes(token_ids, seed, None)]
+
+    # -- test helpers -------------------------------------------------------------------------
+    def total_shares(self) -> int:
+        return sum(self.shares.values())
