@@ -15,6 +15,7 @@ import gpukv.engine.engine as engine_mod
 from gpukv import CacheEngine, EngineConfig
 from gpukv.demo import make_pages, token_rows
 from gpukv.errors import Busy
+from gpukv.l1 import Status
 
 CS = 64
 LAYERS = 2
@@ -234,3 +235,20 @@ def test_a_tier_that_raises_never_kills_the_spill_or_fails_a_lookup():
     assert engine.lookup("dsv3", list(range(CS)), request_id="R") == 0  # a miss, not an error
     assert engine.stats()["open_requests"] == 1 and engine.read_count("dsv3", list(range(CS))) == [0]
     engine.close()
+
+
+def test_retrieve_skips_chunks_whose_slots_are_all_padding():
+    engine = _engine(4)
+    src = _mla(engine, "r0", tp_size=1)
+    tokens = list(range(2 * CS))
+    engine.store("r0", tokens, _slots([0, 1], 2 * CS))
+    assert engine.lookup("dsv3", tokens, request_id="R") == 2 * CS
+    assert engine.free_lookup_locks("R", end_token=CS) == 1  # the engine has chunk 0 itself
+    assert engine.l1.delete([engine.object_keys("dsv3", tokens)[0][0]]) == [Status.OK]
+    slots = _slots([7, 6], 2 * CS)
+    slots[:CS] = -1  # chunk 0: not needed; chunk 1 goes to block 6
+    assert engine.retrieve("r0", tokens, slots, request_id="R") == 2 * CS
+    assert all(torch.equal(a, b) for a, b in
+               zip(_rows(src, slots[CS:]), _rows(src, _slots([1], CS))))
+    assert engine.read_count("dsv3", tokens) == [0, 0]
+    assert engine.retrieve("r0", tokens, torch.full((2 * CS,), -1), request_id="R") == 2 * CS

@@ -49,6 +49,15 @@ def full_chunks(slots: torch.Tensor, num_chunks: int, chunk_size: int) -> list[i
     return valid.nonzero().flatten().tolist()
 
 
+def chunks_to_read(slots: torch.Tensor, num_chunks: int, chunk_size: int) -> list[int]:
+    """Indices of the chunks with at least one valid slot (a chunk whose slots are all -1 is
+    not read: the caller has it already)."""
+    if not num_chunks:
+        return []
+    wanted = (slots[: num_chunks * chunk_size].view(num_chunks, chunk_size) >= 0).any(1)
+    return wanted.nonzero().flatten().tolist()
+
+
 def chunk_slots(slots: torch.Tensor, chunks: Sequence[int], chunk_size: int) -> torch.Tensor:
     """The slot mapping of ``chunks`` (indices), concatenated in that order."""
     index = (torch.as_tensor(chunks, dtype=torch.int64)[:, None] * chunk_size
@@ -162,29 +171,32 @@ class CacheEngine:
                  request_id: Hashable, seed: bytes = b"", extras=None) -> int:
         """Unpack the full chunks of ``token_ids`` (the prefix a lookup found) into the pages.
 
-        All-or-nothing: if any chunk is missing it returns 0 and writes nothing. The objects are
-        pinned for the whole copy; afterwards one of ``request_id``'s shares per object is
-        released (where it still holds one: a ``free_lookup_locks`` in the middle of the copy
-        cannot make it read another prompt's bytes). ValueError for a request that never
-        looked up.
+        Returns the tokens of that prefix (``len(token_ids) // chunk_size * chunk_size``) once
+        they are in the pages, or 0 (nothing written) if any chunk it had to read is missing:
+        all or nothing. A chunk whose slots are all ``-1`` is not read (the caller has it:
+        vLLM's own prefix cache hit); other ``-1`` slots are skipped. The objects are pinned for
+        the whole copy; afterwards one of ``request_id``'s shares per object read is released
+        (where it still holds one: a ``free_lookup_locks`` in the middle of the copy cannot make
+        it read another prompt's bytes). ValueError for a request that never looked up.
         """
         _hashable(request_id, "request_id")
         paged = self._paged(instance_id)
         hashes = self._hashes(token_ids, seed, extras)
         check_slot_mapping(paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        if not hashes:
-            return 0
-        plan = self.core.begin_retrieve(instance_id, hashes, request=request_id)
+        cs = self.config.chunk_size
+        chunks = chunks_to_read(slot_mapping, len(hashes), cs)
+        if not chunks:
+            return len(hashes) * cs
+        plan = self.core.begin_retrieve(instance_id, [hashes[i] for i in chunks], request=request_id)
         if plan is None:
             log.debug("Retrieve %r: a chunk is missing, nothing written", request_id)
             return 0
         t0 = time.perf_counter()
         try:
-            self._copy(unpack, paged, slot_mapping, plan, range(len(hashes)))
+            self._copy(unpack, paged, slot_mapping, plan, chunks)
         finally:
             self.core.end_retrieve(plan)
-        cs = self.config.chunk_size
-        _log_rate("Retrieved", len(hashes) * cs, len(hashes) * plan.instance.chunk_bytes, t0)
+        _log_rate("Retrieved", len(chunks) * cs, len(chunks) * plan.instance.chunk_bytes, t0)
         return len(hashes) * cs
 
     # ---- request lifecycle ----------------------------------------------------------------

@@ -43,7 +43,7 @@ import msgspec
 import torch
 import zmq
 
-from gpukv.engine.engine import chunk_slots, full_chunks, token_range  # noqa: F401 (re-export)
+from gpukv.engine.engine import chunk_slots, chunks_to_read, full_chunks, token_range
 from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
@@ -184,17 +184,19 @@ class CacheClient:
 
     def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
                  request_id: Hashable, seed: bytes = b"", extras=None) -> int:
-        """Tokens written into this worker's pages: all the full chunks, or 0 (nothing written)."""
+        """The tokens of the full-chunk prefix once they are in this worker's pages, or 0
+        (nothing written): all or nothing; chunks whose slots are all ``-1`` are not read."""
         local = self._local(instance_id)
         hashes = self._hashes(token_ids, seed, extras)
         check_slot_mapping(local.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        if not hashes:
-            return 0
-        plan = self._call(p.RetrieveBegin(instance_id, request_id, hashes))
+        chunks = chunks_to_read(slot_mapping, len(hashes), self.chunk_size)
+        if not chunks:
+            return len(hashes) * self.chunk_size
+        plan = self._call(p.RetrieveBegin(instance_id, request_id, [hashes[i] for i in chunks]))
         if not plan["plan"]:
             return 0
         try:
-            self._unpack(local, slot_mapping, plan["devices"], plan["offsets"])
+            self._unpack(local, slot_mapping, chunks, plan["devices"], plan["offsets"])
         finally:
             self._call(p.RetrieveEnd(plan["plan"]))
         return len(hashes) * self.chunk_size
@@ -251,7 +253,7 @@ class CacheClient:
         self.close()
 
     # ---- copies ----------------------------------------------------------------------------
-    def _unpack(self, local: _Local, slots: torch.Tensor, devices: list[int],
+    def _unpack(self, local: _Local, slots: torch.Tensor, chunks: list[int], devices: list[int],
                 offsets: list[int]) -> None:
         cs, here = self.chunk_size, local.paged.device
         groups: dict[int, list[int]] = {}
@@ -266,7 +268,7 @@ class CacheClient:
                     staging[j * local.chunk_bytes:(j + 1) * local.chunk_bytes].copy_(
                         arena[off:off + local.chunk_bytes], non_blocking=True)
                 arena, offs = staging, [j * local.chunk_bytes for j in range(len(offs))]
-            unpack(local.paged, chunk_slots(slots, where, cs), arena,
+            unpack(local.paged, chunk_slots(slots, [chunks[i] for i in where], cs), arena,
                    torch.tensor(offs, dtype=torch.int64), chunk_size=cs, backend=self.backend)
         _wait_for_copy(local.paged)
 
