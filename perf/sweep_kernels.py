@@ -27,6 +27,7 @@ from common import MODELS, device_name, progress, results_dir, write_csv  # noqa
 
 from gpukv.paged.copy import pack, resolve_backend, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
+from gpukv.paged.planes import plane_views  # noqa: E402
 
 CHUNK = 256
 PRESETS = {
@@ -73,20 +74,18 @@ def torch_loop(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, num_chu
     """The per-layer baseline: one gather (scatter) per layer and K/V, through a temporary."""
     view = arena.view(num_chunks, paged.num_layers, paged.num_kv, CHUNK, paged.row_bytes)
     block, pos = slots // paged.block_size, slots % paged.block_size
-    for layer in range(paged.num_layers):
-        for kv in range(paged.num_kv):
-            v = paged.views[layer][kv]
-            if v.is_contiguous():
-                rows = v.reshape(paged.num_slots, -1).view(torch.uint8)
-                if op == "pack":
-                    view[:, layer, kv] = rows.index_select(0, slots).view(num_chunks, CHUNK, -1)
-                else:
-                    rows.index_copy_(0, slots, view[:, layer, kv].reshape(num_chunks * CHUNK, -1))
-            elif op == "pack":  # strided (HND) pages: through the 4-D view
-                view[:, layer, kv] = v.view(torch.uint8)[block, pos].reshape(num_chunks, CHUNK, -1)
+    for plane, v in enumerate(plane_views(paged)):  # [NB, BS, H, head_bytes] bytes
+        layer, kv = divmod(plane, paged.num_kv)
+        if v.is_contiguous():
+            rows = v.reshape(paged.num_slots, -1)
+            if op == "pack":
+                view[:, layer, kv] = rows.index_select(0, slots).view(num_chunks, CHUNK, -1)
             else:
-                v.view(torch.uint8)[block, pos] = view[:, layer, kv].reshape(
-                    num_chunks * CHUNK, paged.num_heads, -1)
+                rows.index_copy_(0, slots, view[:, layer, kv].reshape(num_chunks * CHUNK, -1))
+        elif op == "pack":  # strided (HND) pages: through the 4-D view
+            view[:, layer, kv] = v[block, pos].reshape(num_chunks, CHUNK, -1)
+        else:
+            v[block, pos] = view[:, layer, kv].reshape(num_chunks * CHUNK, paged.num_heads, -1)
 
 
 def bench_together(fns: dict[str, Callable[[], object]], device: str, repeats: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gpukv.paged.layout import PagedKV
+from gpukv.paged.planes import plane_views
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp8": torch.float8_e4m3fn, "u8": torch.uint8}
@@ -82,11 +83,6 @@ def flat_bytes(layers) -> list[torch.Tensor]:
 
 def token_rows(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
     """``[num_layers, num_kv, len(slots), row_bytes]`` bytes of the given slots (a copy)."""
-    out = []
-    for kv_views in paged.views:
-        per = []
-        for v in kv_views:
-            rows = v[slots // paged.block_size, slots % paged.block_size]  # [n, H, D]
-            per.append(rows.contiguous().view(torch.uint8).reshape(len(slots), -1))
-        out.append(torch.stack(per))
-    return torch.stack(out)
+    planes = plane_views(paged)
+    rows = [p[slots // paged.block_size, slots % paged.block_size].reshape(len(slots), -1) for p in planes]
+    return torch.stack(rows).view(paged.num_layers, paged.num_kv, len(slots), -1)

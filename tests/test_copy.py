@@ -8,6 +8,7 @@ import torch
 
 from gpukv.paged.copy import pack, resolve_backend, unpack
 from gpukv.paged.layout import PagedKV
+from gpukv.paged.planes import plane_views
 from paged_cases import DTYPES, LAYOUTS, clone_layers, flat_bytes, make_cache, storages, token_rows
 
 POISON = 0xA5
@@ -54,9 +55,8 @@ def _round_trip(layout, backend, *, dtype=torch.bfloat16, num_chunks=3, chunk_si
     unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend=backend)
     valid_slots = slots[slots >= 0].long()
     assert torch.equal(token_rows(dst, valid_slots), token_rows(paged, valid_slots))
-    for kv_views in dst.views:  # put the poison back where rows landed: nothing else may differ
-        for v in kv_views:
-            v.view(torch.uint8)[valid_slots // dst.block_size, valid_slots % dst.block_size] = POISON
+    for v in plane_views(dst):  # put the poison back where rows landed: nothing else may differ
+        v[valid_slots // dst.block_size, valid_slots % dst.block_size] = POISON
     assert all(bool((t == POISON).all()) for t in storages(dst_layers))
 
 

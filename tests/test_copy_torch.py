@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gpukv.paged.copy import pack, unpack
-from gpukv.paged.copy_torch import unit_index
+from gpukv.paged.units import unit_index, unit_plan
 from gpukv.paged.layout import PagedKV
+from gpukv.paged.planes import plane_views
 from paged_cases import (LAYOUTS, clone_layers, flat_bytes, make_cache, random_bits, storages,
                          token_rows)
 
@@ -47,9 +48,8 @@ def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
     unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="torch")
     valid = slots[slots >= 0].long()
     assert torch.equal(token_rows(dst, valid), token_rows(paged, valid))
-    for kv_views in dst.views:
-        for v in kv_views:
-            v.view(torch.uint8)[valid // dst.block_size, valid % dst.block_size] = POISON
+    for v in plane_views(dst):
+        v[valid // dst.block_size, valid % dst.block_size] = POISON
     assert all(bool((t == POISON).all()) for t in storages(dst_layers))
     return paged
 
@@ -61,14 +61,15 @@ def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
 def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
     layers, dims, kind = make_cache(layout, num_blocks=5, block_size=16, heads=2, head_dim=8)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    assert paged.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
-    assert len(paged.unit_offsets) == per_row
+    plan = unit_plan(paged)
+    assert plan.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
+    assert plan.units_per_row == per_row
     # unit_index names exactly the bytes token_rows reads, for every slot
     slots = torch.arange(paged.num_slots)
-    idx = unit_index(paged, slots)
-    for plane, kv_views in zip(paged.units, [v for row in paged.views for v in row]):
+    idx = unit_index(paged, plan, slots)
+    for plane, view in zip(plan.planes, plane_views(paged)):
         got = plane.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
-        want = kv_views.view(torch.uint8)[slots // paged.block_size, slots % paged.block_size]
+        want = view[slots // paged.block_size, slots % paged.block_size]
         assert torch.equal(got, want.reshape(paged.num_slots, -1))
 
 
@@ -77,7 +78,8 @@ def test_padded_heads_fall_back_to_word_units():
     gen = torch.Generator().manual_seed(1)
     layers = [random_bits((2, 6, 16, 2, 12), torch.bfloat16, gen)[..., :8] for _ in range(3)]
     paged = _check(layers, "2,NB,BS,H,D", "mha", _slots(96, 48, holes=True), chunk_size=16)
-    assert paged.unit_bytes == paged.word_bytes == 8 and len(paged.unit_offsets) == 4
+    plan = unit_plan(paged)
+    assert plan.unit_bytes == paged.word_bytes == 8 and plan.units_per_row == 4
 
 
 @pytest.mark.parametrize("layout, block_size, chunk_size", [

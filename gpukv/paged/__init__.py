@@ -1,3 +1,10 @@
 """The bytes: paged KV layouts described from the worker's tensors, and pack/unpack between those
-pages and contiguous chunks (Triton kernels in ``gpukv_kernels``, a fast torch path on CPU, and a
-per-token reference)."""
+pages and contiguous chunks.
+
+layout.py       PagedKV, the descriptor (dims table, sizes, byte strides, base addresses)
+copy.py         pack / unpack / validate: the public copy entry points and backend choice
+copy_triton.py  PagedKV -> raw arguments of the Triton kernel ``gpukv_kernels.paged_copy``
+copy_torch.py   the fast CPU path (numpy gathers of contiguous units)
+units.py        the CPU path's unit plan of a layout
+planes.py       each (layer, K/V) plane as a strided byte view of the pages
+"""

@@ -1,13 +1,12 @@
 """The fast CPU path of pack/unpack: unit gathers straight into / out of the arena.
 
-Every layout is moved in *units*, the largest piece of a token row that is contiguous in the
-pages (the whole row for NHD, MLA and SGLang pools; one head for HND and packed K|V; see
-:class:`gpukv.paged.layout.PagedKV`). Each (layer, K/V) plane is a 2-D ``[num_units, unit_words]`` view in
-the widest integer word, and a chunk moves with one gather (pack) or scatter (unpack) of unit
-rows per plane: one memcpy per unit, no temporary. Index tensors are built once per call. Where
-a plane's token rows are evenly packed (NHD kv-first, MLA) and a chunk's slots are whole blocks
-in order (what a vLLM block table gives), the chunk moves in whole blocks instead: ``chunk_size /
-block_size`` copies of ``block_size`` rows each: fewer, larger memmoves (unpack gains most).
+Every layout is moved in *units* (:mod:`gpukv.paged.units`): each plane is a 2-D
+``[num_units, unit_words]`` view in the widest integer word, and a chunk moves with one gather
+(pack) or scatter (unpack) of unit rows per plane: one memcpy per unit, no temporary. Index
+tensors are built once per call. Where a plane's token rows are evenly packed (NHD kv-first, MLA)
+and a chunk's slots are whole blocks in order (what a vLLM block table gives), the chunk moves in
+whole blocks instead: ``chunk_size / block_size`` copies of ``block_size`` rows each: fewer,
+larger memmoves (unpack gains most).
 
 On CPU the copies run through numpy views of the same memory (zero-copy): ``ndarray.take(out=)``
 and fancy assignment copy each unit with one memmove, with little per-call overhead, where
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
+from gpukv.paged.units import UnitPlan, like, unit_index, unit_plan
 
 _NP_INT_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # a CPU call uses one thread per 32 MiB it moves, up to torch's thread count (starting a thread
@@ -36,48 +36,45 @@ BYTES_PER_THREAD = 32 << 20
 
 
 def pack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
-               chunk_size: int) -> None:
-    """Pages -> arena. ``slots`` int64 on the cache's device; ``offsets`` CPU int64 (validated)."""
-    _copy(paged, slots, arena, offsets, chunk_size, to_arena=True)
+               chunk_size: int, layers: tuple[int, int] | None = None) -> None:
+    """Pages -> arena. ``slots`` int64 on the cache's device; ``offsets`` CPU int64; ``layers`` a
+    validated ``(start, stop)`` or None for all (see :func:`gpukv.paged.copy.pack`)."""
+    _copy(paged, slots, arena, offsets, chunk_size, layers, to_arena=True)
 
 
 def unpack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
-                 chunk_size: int) -> None:
+                 chunk_size: int, layers: tuple[int, int] | None = None) -> None:
     """Arena -> pages; the arguments mean what they do in :func:`pack_torch`."""
-    _copy(paged, slots, arena, offsets, chunk_size, to_arena=False)
-
-
-def unit_index(paged: PagedKV, slots):
-    """``[..., len(slots) * units_per_row]`` unit rows of valid ``slots`` (a tensor or a numpy
-    array), in chunk order."""
-    block, pos = slots // paged.block_size, slots % paged.block_size
-    first = block * paged.unit_strides[0] + pos * paged.unit_strides[1]
-    return (first[..., None] + _like(paged.unit_offsets, slots)).reshape(*slots.shape[:-1], -1)
+    _copy(paged, slots, arena, offsets, chunk_size, layers, to_arena=False)
 
 
 def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
-          chunk_size: int, *, to_arena: bool) -> None:
+          chunk_size: int, layers: tuple[int, int] | None, *, to_arena: bool) -> None:
     on_cpu = arena.device.type == "cpu"
-    word = word_bytes(paged.word_bytes, arena.data_ptr())
-    planes = _planes(paged, word, on_cpu)
-    per_row = len(paged.unit_offsets)
-    shape = (len(planes), chunk_size * per_row, paged.unit_bytes // word)
+    start, stop = layers or (0, paged.num_layers)
+    plan = unit_plan(paged, word_bytes(paged.word_bytes, arena.data_ptr()))
+    word = plan.word_bytes
+    kv = paged.num_kv
+    planes = (plan.host_planes if on_cpu else plan.planes)[start * kv:stop * kv]
+    per_row = plan.units_per_row
+    shape = (len(planes), chunk_size * per_row, plan.unit_bytes // word)
     # index math on a few thousand ints: numpy on CPU (a microsecond an op, torch takes ten)
     slots = slots.view(-1, chunk_size).numpy() if on_cpu else slots.view(-1, chunk_size)
     memory = arena.numpy() if on_cpu else arena
     valid = slots >= 0
     full = valid.all(1).tolist()
     bs = paged.block_size
-    blocked = _whole_blocks(paged, slots)  # per chunk: move it block by block
+    blocked = _whole_blocks(paged, plan, slots)  # per chunk: move it block by block
     if any(blocked):
         block_planes = [p.view(paged.num_blocks, -1) if isinstance(p, torch.Tensor)
                         else p.reshape(paged.num_blocks, -1) for p in planes]  # contiguous: views
         block_index = slots[:, ::bs] // bs
-    index = None if all(blocked) else unit_index(paged, slots * valid)  # [chunks, units]
-    nbytes = paged.chunk_bytes(chunk_size)
+    index = None if all(blocked) else unit_index(paged, plan, slots * valid)  # [chunks, units]
+    layer_bytes = paged.layer_bytes(chunk_size)
     steps = []  # per chunk: (planes, its rows per plane, index into the planes, kept rows or None)
     for c, off in enumerate(offsets.tolist()):
-        chunk = _as_words(memory[off:off + nbytes], word).reshape(shape)
+        lo = off + start * layer_bytes
+        chunk = _as_words(memory[lo:lo + (stop - start) * layer_bytes], word).reshape(shape)
         if blocked[c]:
             steps.append((block_planes, chunk.reshape(len(planes), chunk_size // bs, -1),
                           block_index[c], None))
@@ -88,7 +85,8 @@ def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: tor
             keep = keep.nonzero()[0] if on_cpu else keep.nonzero().flatten()
             steps.append((planes, chunk, index[c][keep], keep))
     move = functools.partial(_move, steps, to_arena, on_cpu)
-    threads = min(torch.get_num_threads(), len(planes), len(steps) * nbytes // BYTES_PER_THREAD)
+    moved = len(steps) * (stop - start) * layer_bytes
+    threads = min(torch.get_num_threads(), len(planes), moved // BYTES_PER_THREAD)
     if not on_cpu or threads <= 1:
         move(0, len(planes))
         return
@@ -119,31 +117,14 @@ def _move(steps: list, to_arena: bool, on_cpu: bool, lo: int, hi: int) -> None:
                 torch.index_select(plane, 0, idx, out=rows)
 
 
-def _whole_blocks(paged: PagedKV, slots) -> list[bool]:
+def _whole_blocks(paged: PagedKV, plan: UnitPlan, slots) -> list[bool]:
     """Per chunk: are its slots whole blocks in order, in planes whose blocks are contiguous?"""
     bs, num_chunks = paged.block_size, slots.shape[0]
-    if not (bs > 1 and slots.shape[1] % bs == 0 and paged.unit_offsets == (0,)
-            and paged.unit_strides == (bs, 1)):
+    if not (slots.shape[1] % bs == 0 and plan.contiguous_blocks(bs)):
         return [False] * num_chunks
     grid = slots.reshape(num_chunks, -1, bs)
-    whole = ((grid - grid[..., :1]) == _like(range(bs), slots)).all(-1) & (grid[..., 0] % bs == 0)
+    whole = ((grid - grid[..., :1]) == like(range(bs), slots)).all(-1) & (grid[..., 0] % bs == 0)
     return whole.all(-1).tolist()
-
-
-def _like(values, like):
-    """``values`` as int64 where ``like`` lives (a numpy array, or a tensor on its device)."""
-    if isinstance(like, np.ndarray):
-        return np.asarray(values, dtype=np.int64)
-    return torch.tensor(values, dtype=torch.int64, device=like.device)
-
-
-def _planes(paged: PagedKV, word: int, on_cpu: bool) -> tuple:
-    """The unit views in ``word``-byte integers (numpy on CPU); rebuilt only for an arena that is
-    less aligned than the pages."""
-    if word == paged.word_bytes:
-        return paged.host_units if on_cpu else paged.units
-    views = tuple(u.view(torch.uint8).view(INT_BY_SIZE[word]) for u in paged.units)
-    return tuple(v.numpy() for v in views) if on_cpu else views
 
 
 def _as_words(raw, word: int):
