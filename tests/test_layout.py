@@ -92,6 +92,19 @@ def test_fingerprint_is_layout_not_memory():
     ([], "NB,BS,D", "mla", "layers is empty"),
     (torch.zeros(4, 16, 64), "NB,BS,D", "mla", "a stacked cache needs 4 dims"),
     (["not a tensor"], "NB,BS,D", "mla", "layer 0 is a str"),
+    ([torch.zeros(0, 16, 64)], "NB,BS,D", "mla", "dim 'NB' of 'NB,BS,D' has size 0 (no blocks)"),
+    ([torch.zeros(0, 2, 8)], "S,H,D", "mla", "dim 'S' of 'S,H,D' has size 0 (no slots)"),
+    (([torch.zeros(0, 2, 8)], [torch.zeros(0, 2, 8)]), "S,H,D", "mha", "dim 'S' of 'S,H,D' has size 0"),
+    ([torch.zeros(2, 0, 16, 2, 8)], "2,NB,BS,H,D", "mha", "dim 'NB' of '2,NB,BS,H,D' has size 0"),
+    ([torch.zeros(4, 0, 64)], "NB,BS,D", "mla", "dim 'BS' of 'NB,BS,D' has size 0 (no tokens per block)"),
+    ([torch.zeros(4, 0, 2, 16, 8)], "NB,H,2,BS,D", "mha", "dim 'H' of 'NB,H,2,BS,D' has size 0 (no heads)"),
+    ([torch.zeros(4, 16, 0)], "NB,BS,D", "mla", "dim 'D' of 'NB,BS,D' has size 0"),
+    ([torch.zeros(16, 64).expand(4, 16, 64)], "NB,BS,D", "mla", "dim 'NB' of 'NB,BS,D' has stride 0"),
+    ([torch.zeros(4, 16, 64).to_sparse()], "NB,BS,D", "mla", "layer 0 is a torch.sparse_coo tensor"),
+    ([torch.zeros(4, 16, 64)], None, "mla", "unknown dims None"),
+    ([torch.zeros(4, 16, 64)], "NB,BS,D", None, "kind must be 'mha' or 'mla', got None"),
+    (iter([torch.zeros(4, 16, 64)]), "NB,BS,D", "mla", "layers must be a list, tuple or dict"),
+    ({}, "NB,BS,D", "mla", "layers is empty"),
 ])
 def test_bad_layouts_name_the_problem(layers, dims, kind, message):
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
@@ -145,3 +158,22 @@ def test_kernels_package_does_not_import_the_control_plane():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "dict", "stacked"])
+def test_layers_as_list_tuple_dict_or_stacked(form):
+    buf = torch.zeros(4, 6, 16, 576, dtype=torch.bfloat16)  # 4 MLA layers, views of one buffer
+    order = [2, 0, 3, 1]
+    given = {"list": [buf[i] for i in order], "tuple": tuple(buf[i] for i in order),
+             "dict": {f"model.layers.{i}.attn": buf[i] for i in order}, "stacked": buf[order]}[form]
+    paged = PagedKV.from_tensors(given, "NB,BS,D", kind="mla")
+    assert paged.num_layers == 4 and paged.num_blocks == 6
+    if form != "stacked":  # layer order is the given order (a dict's insertion order)
+        assert [row[0] for row in paged.base_ptrs] == [buf[i].data_ptr() for i in order]
+
+
+def test_sglang_pools_accept_dicts_for_k_and_v():
+    k = {f"k{i}": torch.zeros(32, 2, 8) for i in range(3)}
+    v = {f"v{i}": torch.zeros(32, 2, 8) for i in range(3)}
+    paged = PagedKV.from_tensors((k, v), "S,H,D", kind="mha")
+    assert [row[1] for row in paged.base_ptrs] == [t.data_ptr() for t in v.values()]
