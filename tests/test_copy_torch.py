@@ -1,19 +1,18 @@
-"""The torch (CPU) path's own mechanisms, each checked bit-exact against the reference.
+"""The torch (CPU) path's own mechanisms, each checked bit-exact against the oracle.
 
 test_copy.py covers every layout and dtype through the public API; here: the unit plans (rows,
-heads, words), whole-block chunks, arenas less aligned than the pages, stacked caches, and that
-pack never writes into the pages nor unpack outside its slots.
+heads, words), whole-block chunks, arenas less aligned than the pages, stacked caches, thread
+splits, and that pack never writes into the pages nor unpack outside its slots.
 """
 
 import pytest
 import torch
 
-from gpukv.paged.copy import pack, unpack
-from gpukv.paged.units import unit_index, unit_plan
+from gpukv.paged.copy import unpack
 from gpukv.paged.layout import PagedKV
-from gpukv.paged.planes import plane_views
-from paged_cases import (LAYOUTS, clone_layers, flat_bytes, make_cache, random_bits, storages,
-                         token_rows)
+from gpukv.paged.units import unit_index, unit_plan
+from paged_cases import flat_bytes, make_cache, random_bits
+from paged_oracle import check_pack_unpack, token_rows
 
 POISON = 0x5A
 
@@ -26,37 +25,16 @@ def _whole_block_slots(num_blocks, block_size, num_chunks, chunk_size, seed=0):
 
 
 def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
-    """pack and unpack through 'torch' equal 'ref' byte for byte, and touch nothing else."""
-    paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    num_chunks = slots.numel() // chunk_size
-    cb = paged.chunk_bytes(chunk_size)
-    offsets = [(num_chunks - 1 - c) * (cb + 32) for c in range(num_chunks)]  # reversed, with gaps
-    size = num_chunks * (cb + 32)
-    ref = torch.full((size,), POISON, dtype=torch.uint8)
-    backing = torch.full((size + arena_shift,), POISON, dtype=torch.uint8)
-    got = backing[arena_shift:]
-    pages_before = flat_bytes(layers)
-    pack(paged, slots, ref, offsets, chunk_size=chunk_size, backend="ref")
-    pack(paged, slots, got, offsets, chunk_size=chunk_size, backend="torch")
-    assert torch.equal(got, ref)
-    assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), pages_before))
-    # unpack into poisoned pages: the slots get their rows back, every other byte keeps the poison
-    dst_layers = clone_layers(layers)
-    for t in storages(dst_layers):
-        t.fill_(POISON)
-    dst = PagedKV.from_tensors(dst_layers, dims, kind=kind)
-    unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="torch")
-    valid = slots[slots >= 0].long()
-    assert torch.equal(token_rows(dst, valid), token_rows(paged, valid))
-    for v in plane_views(dst):
-        v[valid // dst.block_size, valid % dst.block_size] = POISON
-    assert all(bool((t == POISON).all()) for t in storages(dst_layers))
-    return paged
+    """pack and unpack through 'torch' equal the oracle byte for byte, and touch nothing else."""
+    check_pack_unpack(layers, dims, kind, slots, backend="torch", chunk_size=chunk_size,
+                      arena_shift=arena_shift)
+    return PagedKV.from_tensors(layers, dims, kind=kind)
 
 
 @pytest.mark.parametrize("layout, unit, per_row", [
     ("kv_first", "row", 1), ("blocks_first", "row", 1), ("mla", "row", 1), ("sglang_mha", "row", 1),
     ("kv_first_hnd", "head", 2), ("flashinfer_hnd", "head", 2), ("packed", "head", 2),
+    ("cpu_split", "head", 2), ("mla_cpu", "row", 1), ("cross_blocks_outer", "row", 1),
 ])
 def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
     layers, dims, kind = make_cache(layout, num_blocks=5, block_size=16, heads=2, head_dim=8)
@@ -64,13 +42,13 @@ def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
     plan = unit_plan(paged)
     assert plan.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
     assert plan.units_per_row == per_row
-    # unit_index names exactly the bytes token_rows reads, for every slot
+    # unit_index names exactly the bytes of each token's row, for every slot (per the oracle)
     slots = torch.arange(paged.num_slots)
     idx = unit_index(paged, plan, slots)
-    for plane, view in zip(plan.planes, plane_views(paged)):
-        got = plane.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
-        want = view[slots // paged.block_size, slots % paged.block_size]
-        assert torch.equal(got, want.reshape(paged.num_slots, -1))
+    want = token_rows(layers, dims, kind, slots)
+    for plane, units in enumerate(plan.planes):
+        got = units.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
+        assert torch.equal(got, want[plane // paged.num_kv, plane % paged.num_kv])
 
 
 def test_padded_heads_fall_back_to_word_units():
@@ -139,32 +117,6 @@ def test_unpack_of_a_chunk_of_holes_writes_nothing():
     unpack(paged, torch.full((16,), -1, dtype=torch.int64), arena, [0], chunk_size=16,
            backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_torch_backend_on_cuda_tensors(layout):
-    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16)
-    cpu = PagedKV.from_tensors(layers, dims, kind=kind)
-    paged = PagedKV.from_tensors(_to_cuda(layers), dims, kind=kind)
-    slots = torch.cat([_whole_block_slots(6, 16, 2, 16), _slots(96, 16, holes=True, seed=4)])
-    cb = cpu.chunk_bytes(16)
-    ref = torch.full((3 * cb,), POISON, dtype=torch.uint8)
-    got = ref.cuda()
-    pack(cpu, slots, ref, [0, 2 * cb, cb], chunk_size=16, backend="ref")
-    pack(paged, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
-    assert torch.equal(got.cpu(), ref)
-    dst = PagedKV.from_tensors(_to_cuda(make_cache(layout, num_blocks=6, seed=8)[0]), dims, kind=kind)
-    unpack(dst, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
-    valid = slots[slots >= 0].cuda()
-    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(cpu, valid.cpu()))
-
-
-def _to_cuda(layers):
-    if isinstance(layers, tuple):
-        return tuple(_to_cuda(x) for x in layers)
-    return [torch.as_strided(storages([t])[0].cuda().view(t.dtype), t.shape, t.stride(),
-                             t.storage_offset()) for t in layers]
 
 
 def _slots(num_slots, n, *, holes, seed=3):

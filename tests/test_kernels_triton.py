@@ -1,9 +1,12 @@
-"""The Triton pack/unpack kernels against the torch reference, bit-exact.
+"""The Triton kernel module on its own: raw arguments (no PagedKV), its launcher's checks, and
+the kernel against its plain-torch reference ``paged_copy_ref``, bit-exact.
 
-Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors, so shapes stay tiny. The
-interpreter is chosen when the kernels are first imported, so it is set here before anything
-imports triton (importing torch does not). With a CUDA device (or ``GPUKV_TRITON_COMPILED=1``, as
-perf/gpu_check.sh sets) the same tests run compiled on the GPU.
+Every layout, dtype, block size and layer range through the public API (all backends, against an
+oracle independent of PagedKV) is in test_copy.py and test_copy_layers.py. Without a GPU the
+kernel runs under TRITON_INTERPRET=1 on CPU tensors, so shapes stay tiny. The interpreter is
+chosen when the kernels are first imported, so it is set here before anything imports triton
+(importing torch does not). With ``GPUKV_TRITON_COMPILED=1`` (perf/gpu_check.sh sets it) the
+same tests run compiled on the GPU.
 """
 
 import os
@@ -19,8 +22,7 @@ import pytest  # noqa: E402
 
 from gpukv.paged.copy import pack, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
-from gpukv.paged.planes import plane_views  # noqa: E402
-from paged_cases import DTYPES, LAYOUTS, clone_layers, make_cache, storages, token_rows  # noqa: E402
+from paged_cases import make_cache  # noqa: E402
 
 DEVICE = "cuda" if COMPILED else "cpu"
 POISON = 0x3C
@@ -29,98 +31,9 @@ if COMPILED and not torch.cuda.is_available():
     pytest.skip("GPUKV_TRITON_COMPILED=1 needs a CUDA device", allow_module_level=True)
 
 
-def _to_device(layers):
-    if isinstance(layers, tuple):
-        return tuple(_to_device(x) for x in layers)
-    out = []
-    for t in layers:
-        d = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE)
-        storages([d])[0].copy_(storages([t])[0])
-        out.append(d)
-    return out
-
-
-def _check(layout, *, dtype=torch.bfloat16, num_chunks=2, chunk_size=16, block_size=16, num_layers=2,
-           slot_dtype=torch.int64, holes=True, heads=2, head_dim=8):
-    num_blocks = -(-num_chunks * chunk_size // block_size) + 2
-    layers, dims, kind = make_cache(layout, dtype=dtype, num_layers=num_layers, num_blocks=num_blocks,
-                                    block_size=block_size, heads=heads, head_dim=head_dim)
-    layers = _to_device(layers)
-    paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    gen = torch.Generator().manual_seed(7)
-    slots = torch.randperm(paged.num_slots, generator=gen)[: num_chunks * chunk_size].to(slot_dtype)
-    if holes:
-        slots[[0, 3]] = -1
-    cb = paged.chunk_bytes(chunk_size)
-    step = -(-(cb + 32) // 16) * 16
-    offsets = torch.tensor([(num_chunks - 1 - i) * step for i in range(num_chunks)], dtype=torch.int64)
-    size = num_chunks * step
-    ref = torch.full((size,), POISON, dtype=torch.uint8, device=DEVICE)
-    got = ref.clone()
-    pack(paged, slots, ref, offsets, chunk_size=chunk_size, backend="ref")
-    pack(paged, slots.to(DEVICE), got, offsets.to(DEVICE), chunk_size=chunk_size, backend="triton")
-    assert torch.equal(ref.cpu(), got.cpu())
-    dst_layers = clone_layers(layers) if DEVICE == "cpu" else _to_device(layers)
-    for t in storages(dst_layers):
-        t.fill_(POISON)
-    dst = PagedKV.from_tensors(dst_layers, dims, kind=kind)
-    unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="triton")
-    valid = slots[slots >= 0].long().to(DEVICE)
-    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(paged, valid).cpu())
-    for v in plane_views(dst):
-        v[valid // dst.block_size, valid % dst.block_size] = POISON
-    assert all(bool((t == POISON).all()) for t in storages(dst_layers))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_layout(layout):
-    _check(layout)
-
-
-@pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp8", "u8"])
-def test_dtypes(dtype):
-    _check("kv_first_hnd", dtype=DTYPES[dtype])
-
-
-def test_block_size_64_odd_counts_int32_slots():
-    _check("mla", block_size=64, num_chunks=3, num_layers=3, slot_dtype=torch.int32, chunk_size=32)
-
-
-def test_fp8_ds_mla_record_rows():
-    _check("mla", dtype=torch.uint8, heads=1, head_dim=656, num_chunks=1)
-
-
-@pytest.mark.parametrize("shift", [1, 2, 4])
-def test_arena_less_aligned_than_the_pages_uses_narrower_words(shift):
-    layers, dims, kind = make_cache("kv_first", num_blocks=4)
-    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
-    cb = paged.chunk_bytes(16)
-    slots = torch.randperm(paged.num_slots, generator=torch.Generator().manual_seed(3))[:32]
-    ref = torch.full((2 * cb,), POISON, dtype=torch.uint8, device=DEVICE)
-    backing = torch.full((2 * cb + shift,), POISON, dtype=torch.uint8, device=DEVICE)
-    got = backing[shift:]
-    pack(paged, slots, ref, [cb, 0], chunk_size=16, backend="ref")
-    pack(paged, slots, got, [cb, 0], chunk_size=16, backend="triton")
-    assert torch.equal(got.cpu(), ref.cpu()) and bool((backing[:shift] == POISON).all())
-    dst = PagedKV.from_tensors(_to_device(make_cache("kv_first", num_blocks=4, seed=9)[0]), dims,
-                               kind=kind)
-    unpack(dst, slots, got, [cb, 0], chunk_size=16, backend="triton")
-    valid = slots.to(DEVICE)
-    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(paged, valid).cpu())
-
-
-def test_all_holes_and_empty_call():
-    layers, dims, kind = make_cache("mla")
-    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
-    arena = torch.full((paged.chunk_bytes(16),), POISON, dtype=torch.uint8, device=DEVICE)
-    pack(paged, torch.full((16,), -1, device=DEVICE), arena, [0], chunk_size=16, backend="triton")
-    pack(paged, torch.empty(0, dtype=torch.int64, device=DEVICE), arena, [], chunk_size=16, backend="triton")
-    assert bool((arena == POISON).all())
-
-
 def test_bad_input_raises_before_launch():
-    layers, dims, kind = make_cache("kv_first")
-    paged = PagedKV.from_tensors(_to_device(layers), dims, kind=kind)
+    layers, dims, kind = make_cache("kv_first", device=DEVICE)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
     arena = torch.full((4 * paged.chunk_bytes(16),), POISON, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="is past the cache"):
         pack(paged, torch.arange(16, device=DEVICE) + paged.num_slots, arena, [0], chunk_size=16,
