@@ -177,3 +177,24 @@ def test_sglang_pools_accept_dicts_for_k_and_v():
     v = {f"v{i}": torch.zeros(32, 2, 8) for i in range(3)}
     paged = PagedKV.from_tensors((k, v), "S,H,D", kind="mha")
     assert [row[1] for row in paged.base_ptrs] == [t.data_ptr() for t in v.values()]
+
+
+def test_vllm_cpu_split_layout_strides():
+    """vLLM CPU (0.32): [NB, H, BS, 2D] whose head block is all K rows, then all V rows."""
+    nb, h, bs, d = 5, 2, 16, 8
+    t = torch.zeros(nb, h, bs, 2 * d, dtype=torch.bfloat16)
+    paged = PagedKV.from_tensors([t.view(nb, h, 2, bs, d)], "NB,H,2,BS,D", kind="mha")
+    assert (paged.stride_block_bytes, paged.stride_head_bytes, paged.stride_token_bytes) == (
+        h * 2 * bs * d * 2, 2 * bs * d * 2, d * 2)
+    assert paged.base_ptrs[0] == (t.data_ptr(), t.data_ptr() + bs * d * 2)  # V: half a head block on
+    assert (paged.num_heads, paged.head_bytes, paged.row_bytes, paged.block_size) == (h, 16, 32, bs)
+    assert "dims=NB,H,2,BS,D" in paged.fingerprint()
+    packed = PagedKV.from_tensors([t], "NB,H,BS,2D", kind="mha")  # same shape, other meaning
+    assert packed.fingerprint() != paged.fingerprint() and packed.describe()["row_bytes"] == 32
+
+
+def test_vllm_cpu_mla_squeezed_view():
+    t = torch.zeros(7, 1, 16, 576, dtype=torch.bfloat16)
+    paged = PagedKV.from_tensors([t.squeeze(1)] * 2, "NB,BS,D", kind="mla")
+    assert (paged.num_blocks, paged.block_size, paged.row_bytes) == (7, 16, 1152)
+    assert paged.stride_block_bytes == 16 * 1152 and paged.base_ptrs[1] == (t.data_ptr(),)
