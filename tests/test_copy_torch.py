@@ -24,10 +24,10 @@ def _whole_block_slots(num_blocks, block_size, num_chunks, chunk_size, seed=0):
     return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
 
 
-def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
+def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0, layer_range=None):
     """pack and unpack through 'torch' equal the oracle byte for byte, and touch nothing else."""
     check_pack_unpack(layers, dims, kind, slots, backend="torch", chunk_size=chunk_size,
-                      arena_shift=arena_shift)
+                      arena_shift=arena_shift, layer_range=layer_range)
     return PagedKV.from_tensors(layers, dims, kind=kind)
 
 
@@ -91,22 +91,98 @@ def test_stacked_cache_and_int32_slots():
     _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
 
 
-@pytest.mark.parametrize("layout", ["kv_first", "flashinfer_hnd", "mla"])
-def test_planes_split_over_threads(monkeypatch, layout):
+@pytest.mark.parametrize("layout, num_groups", [
+    ("kv_first", 5), ("flashinfer_hnd", 5), ("mla", 5), ("cross_kv_first", 1)])
+def test_work_splits_over_threads(monkeypatch, layout, num_groups):
+    import threading
+
     import gpukv.paged.copy_torch as copy_torch
 
     monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    split = []
-    real_move = copy_torch._move
-    monkeypatch.setattr(copy_torch, "_move", lambda *a: split.append(a[-2:]) or real_move(*a))
+    calls = []
+    real_move = copy_torch._move_host
+    monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: calls.append(
+        (to_arena, len(work), threading.current_thread().name)) or real_move(work, to_arena))
     layers, dims, kind = make_cache(layout, num_blocks=8, block_size=16, num_layers=5)
-    whole = _whole_block_slots(8, 16, 2, 32)
+    whole = _whole_block_slots(8, 16, 1, 32)
     holed = _slots(128, 32, holes=True)
     _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
-    planes = 5 if kind == "mla" else 10
-    thirds = [(0, planes // 3), (planes // 3, 2 * planes // 3), (2 * planes // 3, planes)]
-    assert sorted(split) == sorted(thirds * 2)  # pack, then unpack, each on three threads
+    work = 2 * num_groups  # (chunk, plane group) pairs
+    threads = min(3, work)
+    for to_arena in (True, False):  # pack, then unpack: cut in even pieces, each done once
+        sizes = [n for op, n, _ in calls if op == to_arena]
+        assert len(sizes) == min(work, 4 * threads) and sum(sizes) == work
+        assert max(sizes) - min(sizes) <= 1
+        names = {name for op, _, name in calls if op == to_arena}
+        assert all(n == threading.current_thread().name or n.startswith("gpukv-copy") for n in names)
+
+
+def test_a_stalled_thread_leaves_its_pieces_to_the_others():
+    """One thread stalls on its piece (its core taken): the other takes every remaining piece."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpukv.paged.copy_torch import run_shared
+
+    release, ran = threading.Event(), {}
+
+    def piece(i):
+        def run():
+            if i == 0:
+                assert release.wait(10), "the other thread never finished the rest"
+            ran[i] = threading.current_thread().name
+            if len(ran) == 5 and 0 not in ran:
+                release.set()
+        return run
+
+    with ThreadPoolExecutor(1) as pool:
+        run_shared([piece(i) for i in range(6)], pool, 2)
+    assert sorted(ran) == list(range(6))
+    assert len({ran[i] for i in range(1, 6)}) == 1 and ran[1] != ran[0]
+
+
+@pytest.mark.parametrize("layout, unit_groups, block_groups", [
+    ("kv_first", [(2, (0, 6 * 16))] * 3, [(2, (0, 6))] * 3),        # K and V of a layer tensor
+    ("blocks_first", [(2, (0, 16))] * 3, [(2, (0, 1))] * 3),         # blocks interleave K and V
+    ("cross_kv_first", [(6, tuple(range(0, 6 * 96, 96)))], [(6, tuple(range(0, 36, 6)))]),
+    ("mla", [(1, (0,))] * 3, [(1, (0,))] * 3),                       # separate layer tensors
+    ("cross_mla_dict", [(3, (0, 96, 192))], [(3, (0, 6, 12))]),      # one buffer: one group
+    ("sglang_mha", [(1, (0,))] * 6, None),                           # K, V: separate pools
+    ("flashinfer_hnd", [(2, (0, 32))] * 3, None),                    # head units, no whole blocks
+    ("cpu_split", [(2, (0, 16))] * 3, None),
+])
+def test_planes_sharing_a_buffer_form_one_group(layout, unit_groups, block_groups):
+    from gpukv.paged.groups import group_plan
+
+    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16, num_layers=3)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    units = group_plan(paged, "units")
+    assert [(g.stop - g.first, g.plane_offsets) for g in units.groups] == unit_groups
+    blocks = group_plan(paged, "blocks")
+    if block_groups is None:
+        assert blocks is None
+    else:
+        assert [(g.stop - g.first, g.plane_offsets) for g in blocks.groups] == block_groups
+        assert blocks.item_bytes == 16 * paged.row_bytes
+    slots = torch.cat([_whole_block_slots(6, 16, 1, 32), _slots(96, 32, holes=True)])
+    _check(layers, dims, kind, slots, chunk_size=32)
+    _check(layers, dims, kind, slots, chunk_size=32, layer_range=(1, 3))
+
+
+def test_whole_block_chunks_move_whole_blocks(monkeypatch):
+    import gpukv.paged.copy_torch as copy_torch
+
+    seen = []
+    real_move = copy_torch._move_host
+    monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: seen.extend(
+        (w[0].dtype.itemsize, len(w[2])) for w in work) or real_move(work, to_arena))
+    layers, dims, kind = make_cache("kv_first", num_blocks=6, block_size=16, num_layers=2)
+    row = 2 * 8 * 2
+    slots = torch.cat([_whole_block_slots(6, 16, 1, 32), torch.arange(8, 40)])  # 2nd: mid-block
+    _check(layers, dims, kind, slots, chunk_size=32)
+    # per op, per layer group (K+V): chunk 0 as 2 planes x 2 blocks, chunk 1 as 2 planes x 32 rows
+    assert seen == ([(16 * row, 4)] * 2 + [(row, 64)] * 2) * 2
 
 
 def test_unpack_of_a_chunk_of_holes_writes_nothing():

@@ -2,10 +2,11 @@
 
 A *unit* is the largest piece of a token row that is contiguous in the pages: the whole row for
 NHD, MLA and SGLang pools; one head for HND, packed K|V and the vLLM CPU layout; one word where
-heads are padded so that not even a head divides the strides. Each plane is then a 2-D
-``[num_units, unit_bytes / word]`` view in the widest integer word, and token ``(block, pos)``'s
-row is the units ``block * unit_strides[0] + pos * unit_strides[1] + unit_offsets`` (chunk order,
-head-major). A plan is built once per cache and word (:meth:`PagedKV.cached`).
+heads are padded so that not even a head divides the strides. Token ``(block, pos)``'s row is
+the units ``block * unit_strides[0] + pos * unit_strides[1] + unit_offsets`` of its plane (chunk
+order, head-major). The plan also views each plane as a 2-D ``[num_units, unit_bytes / word]``
+tensor in the widest integer word, for torch ops; the CPU path's numpy views are in
+:mod:`gpukv.paged.groups`. A plan is built once per cache and word (:meth:`PagedKV.cached`).
 """
 
 from __future__ import annotations
@@ -21,23 +22,18 @@ from gpukv.paged.planes import plane_views
 
 @dataclass(frozen=True, slots=True)
 class UnitPlan:
-    """``planes``: per plane (layer-major) a ``[num_units, unit_bytes // word_bytes]`` view in the
-    ``word_bytes`` integer dtype; ``host_planes`` the same as numpy arrays on a CPU cache (else
-    empty). ``contiguous_blocks``: a block's rows are one contiguous run of ``block_size`` units."""
+    """How one cache's rows split into units; ``planes`` are its planes (layer-major) as
+    ``[num_units, unit_bytes // word_bytes]`` views in the ``word_bytes`` integer dtype."""
 
     word_bytes: int
     unit_bytes: int
     unit_strides: tuple[int, int]
     unit_offsets: tuple[int, ...]
     planes: tuple[torch.Tensor, ...]
-    host_planes: tuple[np.ndarray, ...]
 
     @property
     def units_per_row(self) -> int:
         return len(self.unit_offsets)
-
-    def contiguous_blocks(self, block_size: int) -> bool:
-        return block_size > 1 and self.unit_offsets == (0,) and self.unit_strides == (block_size, 1)
 
 
 def unit_plan(paged: PagedKV, word: int | None = None) -> UnitPlan:
@@ -68,9 +64,14 @@ def _build(paged: PagedKV, word: int) -> UnitPlan:
     unit, strides, offsets = _cut(paged)
     num_units = ((paged.num_blocks - 1) * strides[0] + (paged.block_size - 1) * strides[1]
                  + max(offsets) + 1)
-    planes = tuple(_unit_view(v, num_units, unit, word) for v in plane_views(paged))
-    host = tuple(p.numpy() for p in planes) if paged.device.type == "cpu" else ()
-    return UnitPlan(word, unit, strides, offsets, planes, host)
+    planes = tuple(torch.as_strided(v, (num_units, unit), (unit, 1), v.storage_offset()).view(INT_BY_SIZE[word])
+                   for v in plane_views(paged))
+    return UnitPlan(word, unit, strides, offsets, planes)
+
+
+def void_items(raw: np.ndarray, item_bytes: int) -> np.ndarray:
+    """A contiguous uint8 array as a 1-D array of ``item_bytes``-byte opaque items (a view)."""
+    return raw.reshape(-1).view(np.dtype((np.void, item_bytes)))
 
 
 def _cut(paged: PagedKV) -> tuple[int, tuple[int, int], tuple[int, ...]]:
@@ -86,9 +87,3 @@ def _cut(paged: PagedKV) -> tuple[int, tuple[int, int], tuple[int, ...]]:
     offsets = tuple((h * s_head + w) // unit
                     for h in range(paged.num_heads) for w in range(0, head, unit))
     return unit, (s_block // unit, s_token // unit), offsets
-
-
-def _unit_view(plane: torch.Tensor, num_units: int, unit: int, word: int) -> torch.Tensor:
-    """``[num_units, unit // word]`` word view of the memory that starts at ``plane``'s first byte."""
-    units = torch.as_strided(plane, (num_units, unit), (unit, 1), plane.storage_offset())
-    return units.view(INT_BY_SIZE[word])
