@@ -31,6 +31,7 @@ for _k, _v in THREAD_ENV.items():
     os.environ.setdefault(_k, _v)
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -50,7 +51,7 @@ GOALS = {"blocks": 0.9, "tokens": 0.6}
 PRESETS = {
     "quick": dict(models=["llama3.1-8b", "llama-70b-tp8", "deepseek-v3-mla", "deepseek-v3-fp8ds"],
                   chunks=[1, 4], layouts=["nhd"], slots=["blocks", "tokens"], threads=[1, 2],
-                  repeats=7),
+                  repeats=9),
     "full": dict(models=list(MODELS), chunks=[1, 2, 4, 8, 16], layouts=["nhd", "hnd"],
                  slots=["blocks", "tokens"], threads=[1, 2], repeats=11),
 }
@@ -132,7 +133,8 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
         }, device, repeats)
         s, c, lp = spread(t["gpukv"]), spread(t["copy"]), spread(t["loop"])
         # each repeat times copy then gpukv back to back: their ratio pairs out slow phases
-        paired = spread([a / b for a, b in zip(t["copy"], t["gpukv"])])
+        ratios = [a / b for a, b in zip(t["copy"], t["gpukv"])]
+        paired, (q1, _, q3) = spread(ratios), statistics.quantiles(ratios, n=4)
         rows.append(dict(
             model=model, layout=paged.dims if layout == "nhd" else f"{paged.dims} HND", slots=slots_kind,
             op=op, threads=threads, num_chunks=num_chunks, row_bytes=paged.row_bytes,
@@ -142,6 +144,7 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
             gbps=nbytes / s["median"] / 1e9, copy_gbps=nbytes / c["median"] / 1e9,
             loop_gbps=nbytes / lp["median"] / 1e9, ratio_vs_copy=paired["median"],
             ratio_vs_copy_min=paired["min"], ratio_vs_copy_max=paired["max"],
+            ratio_vs_copy_q1=q1, ratio_vs_copy_q3=q3,
             ratio_vs_loop=lp["median"] / s["median"], goal=GOALS[slots_kind], backend=chosen,
             device=device_name(device), repeats=repeats, loadavg_1m=load_average()[0]))
     cpu_copy.close()
@@ -163,14 +166,16 @@ def plot(rows: list[dict], path: Path) -> None:
                 line = [r for r in sub if (r["model"], r["layout"], r["threads"]) == key]
                 ratio = [r["ratio_vs_copy"] for r in line]
                 ax.errorbar([r["num_chunks"] for r in line], ratio, fmt="o-" if key[2] == 1 else "s--",
-                            yerr=[[m - r["ratio_vs_copy_min"] for m, r in zip(ratio, line)],
-                                  [r["ratio_vs_copy_max"] - m for m, r in zip(ratio, line)]], capsize=2,
+                            yerr=[[m - r["ratio_vs_copy_q1"] for m, r in zip(ratio, line)],
+                                  [r["ratio_vs_copy_q3"] - m for m, r in zip(ratio, line)]], capsize=2,
                             label=f"{key[0]} [{key[1]}] {line[0]['row_bytes']} B rows, {key[2]} thr")
             ax.axhline(GOALS[kind], color="gray", ls=":", lw=1)
+            ax.set_ylim(0, 1.4)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{op}, slots={kind} ({rows[0]['device']}, {rows[0]['backend']})")
+            ax.set_title(f"{op}, slots={kind} ({rows[0]['device']}, {rows[0]['backend']}, "
+                         f"load {min(r['loadavg_1m'] for r in sub):.1f}..{max(r['loadavg_1m'] for r in sub):.1f})")
             ax.set_xlabel("chunks of 256 tokens per call")
-        axes[i][0].set_ylabel("memcpy time / gpukv time, same repeat (median, min..max)")
+        axes[i][0].set_ylabel("memcpy time / gpukv time, same repeat (median, quartiles)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

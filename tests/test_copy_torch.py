@@ -185,6 +185,23 @@ def test_whole_block_chunks_move_whole_blocks(monkeypatch):
     assert seen == ([(16 * row, 4)] * 2 + [(row, 64)] * 2) * 2
 
 
+def test_a_busy_pool_does_not_hold_up_a_copy():
+    """The pool's only thread is busy (another call's work): the caller takes every piece."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpukv.paged.copy_torch import run_shared
+
+    busy, ran = threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(busy.wait, 10)
+        run_shared([lambda i=i: ran.append((i, threading.current_thread().name)) for i in range(5)],
+                   pool, 2)
+        assert ran == [(i, threading.current_thread().name) for i in range(5)]
+        busy.set()
+        assert blocker.result() is True
+
+
 def test_unpack_of_a_chunk_of_holes_writes_nothing():
     layers, dims, kind = make_cache("blocks_first", num_blocks=4)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)

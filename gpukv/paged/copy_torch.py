@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -94,7 +95,8 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     # numpy releases the GIL while it copies: the work splits over this thread and the pool's
     num_pieces = min(len(work), PIECES_PER_THREAD * threads)
     cuts = [len(work) * k // num_pieces for k in range(num_pieces + 1)]
-    pool = paged.cached(("copy_pool", threads), lambda: ThreadPoolExecutor(
+    # one pool per process: a forked child must not wait on its parent's threads
+    pool = paged.cached(("copy_pool", threads, os.getpid()), lambda: ThreadPoolExecutor(
         threads - 1, thread_name_prefix="gpukv-copy"))
     run_shared([functools.partial(_move_host, work[a:b], to_arena) for a, b in zip(cuts, cuts[1:])],
                pool, threads)
@@ -103,7 +105,8 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
 def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor, threads: int) -> None:
     """Run ``pieces`` on the calling thread and ``threads - 1`` of ``pool``'s, each thread taking
     the next piece when it finishes one: a thread whose core another process took delays the call
-    by one piece at most, not by its whole share."""
+    by one piece at most, not by its whole share, and a busy pool delays it not at all (the
+    caller takes every piece left)."""
     counter = itertools.count()  # next() on it is atomic under the GIL
 
     def drain() -> None:
@@ -114,8 +117,9 @@ def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor,
 
     futures = [pool.submit(drain) for _ in range(threads - 1)]
     drain()
-    for future in futures:
-        future.result()
+    for future in futures:  # all pieces are taken: a helper that never started is not waited for
+        if not future.cancel():
+            future.result()
 
 
 def _move_host(work: list, to_arena: bool) -> None:
