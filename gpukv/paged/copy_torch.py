@@ -11,8 +11,9 @@ units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`): ``ndarray.ta
 ``ndarray.put`` copy each item with one memmove, and planes sharing a buffer (K and V of a layer,
 all layers of a vLLM cross-layer buffer) move in one call. numpy releases the GIL while copying,
 so a large call splits its work over ``torch.get_num_threads()`` threads: the caller's and a pool
-kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`). On other devices (``backend="torch"`` forced on
-CUDA) a plane loop uses ``index_select(out=)`` / indexed assignment on integer-word views.
+kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
+On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
+indexed copies on integer-word views (:func:`gpukv.paged.units.unit_plan`).
 Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
 """
 
