@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 # Realistic per-rank shapes: (name, kind, num_layers, num_kv_heads, head_dim, dtype, row_bytes)
@@ -57,6 +60,68 @@ def bench(fn: Callable[[], object], *, device: torch.device | str = "cpu", repea
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of every call of each function, timed in turn within every repeat (A B C A B C
+    ...), so load on a shared machine slows them alike. CUDA events on a GPU."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """min / median / max of a list of timings."""
+    return dict(min=min(times), median=statistics.median(times), max=max(times))
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (printed with results: the machine is shared)."""
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+class ParallelCopy:
+    """memcpy of a CPU tensor into another on ``threads`` threads by the mechanism gpukv's CPU
+    copy path uses (:func:`gpukv.paged.copy_torch.run_shared`): numpy copies (which release the
+    GIL) of a few slices per thread, taken in turn by the calling thread and a pool kept for the
+    object's life. A baseline and the subject then share threads, pieces and scheduling."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
+
+    def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        from gpukv.paged.copy_torch import PIECES_PER_THREAD, run_shared
+
+        d, s = dst.numpy().reshape(-1), src.numpy().reshape(-1)
+        if self.pool is None:
+            np.copyto(d, s)
+            return
+        n = PIECES_PER_THREAD * self.threads
+        cuts = [len(d) * k // n for k in range(n + 1)]
+        run_shared([functools.partial(np.copyto, d[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:])],
+                   self.pool, self.threads)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def write_csv(path: Path, rows: Iterable[dict]) -> Path:

@@ -1,44 +1,64 @@
-"""pack / unpack throughput over a model table, against two baselines measured in the same run.
+"""pack / unpack throughput over a model table, against baselines timed in the same repeats.
 
-For each model shape and 1..64 chunks of 256 tokens (slots: whole blocks in random order, as a
-vLLM block table gives them):
-  gpukv        pack / unpack through gpukv.paged.copy (auto backend: Triton on CUDA, torch on CPU)
-  copy         a plain copy of the same number of bytes (``dst.copy_(src)``, memcpy)
-  torch loop   per layer and K/V: index_select the rows of all chunks, then copy them into the
-               chunk views (unpack: index_copy_ back) -- the straightforward per-layer torch path
-The three are timed in turn within each repeat, so a busy machine slows them alike, and the
-ratios are of medians. Reports GB/s and ratio_vs_copy / ratio_vs_loop. Goals: CPU torch path
->= 0.8x copy for rows of 512 B and more; GPU Triton >= 0.8x copy and >= 2x the loop.
+For each model shape, slot pattern, thread count and 1..N chunks of 256 tokens:
+  gpukv   pack / unpack through gpukv.paged.copy (auto backend: Triton on CUDA, torch on CPU)
+  copy    memcpy of the same number of bytes between two buffers from the same allocator, on
+          the same threads by the same mechanism as the CPU path (numpy copies split over a
+          Python thread pool; one thread: one copy); CUDA: ``dst.copy_(src)``
+  loop    per layer and K/V: index_select the rows of all chunks, then copy them into the chunk
+          views (unpack: index_copy_ back) -- the straightforward per-layer torch path
+Slot patterns: ``blocks`` = whole blocks in random order (a vLLM block table: a random
+permutation of a pool twice the size needed, each chunk = 256 / block_size whole blocks);
+``tokens`` = random token slots from the same pool.
+
+Method: the three are timed in turn within every repeat (A B C A B C ...), so a busy machine slows
+them alike; thread settings are fixed before torch is imported and printed; min / median / max
+of each are kept; ``ratio_vs_copy`` is the median over repeats of copy time / gpukv time of the
+same repeat (min and max of that ratio beside it); the load average is printed with the results
+and kept per point. Goals
+(1 thread, CPU): ratio_vs_copy >= 0.9 for ``blocks``, >= 0.6 for ``tokens``. CSV and PNG go to
+perf/results/<device>/sweep_kernels_<preset>.csv / .png.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Callable
+import os
 
-import torch
+# fixed before torch / numpy start their thread pools: idle OpenMP threads sleep instead of
+# spinning on the cores the next measurement needs, and numpy's BLAS threads stay out of the way
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+for _k, _v in THREAD_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, device_name, progress, results_dir, write_csv  # noqa: E402
+from common import (MODELS, ParallelCopy, device_name, load_average, progress, results_dir,  # noqa: E402
+                    spread, time_interleaved, write_csv)
 
 from gpukv.paged.copy import pack, resolve_backend, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
+from gpukv.paged.planes import plane_views  # noqa: E402
 
 CHUNK = 256
+POOL = 2  # the cache holds POOL x the blocks a call touches
+GOALS = {"blocks": 0.9, "tokens": 0.6}
 PRESETS = {
     "quick": dict(models=["llama3.1-8b", "llama-70b-tp8", "deepseek-v3-mla", "deepseek-v3-fp8ds"],
-                  chunks=[1, 4, 16], layouts=["nhd"], repeats=7),
-    "full": dict(models=list(MODELS), chunks=[1, 2, 4, 8, 16, 32, 64], layouts=["nhd", "hnd"],
-                 repeats=15),
+                  chunks=[1, 4], layouts=["nhd"], slots=["blocks", "tokens"], threads=[1, 2],
+                  repeats=9),
+    "full": dict(models=list(MODELS), chunks=[1, 2, 4, 8, 16], layouts=["nhd", "hnd"],
+                 slots=["blocks", "tokens"], threads=[1, 2], repeats=11),
 }
 
 
-def build(model: str, layout: str, num_chunks: int, device: str):
-    """A cache with room for the chunks plus spare blocks, slots of whole blocks in random order.
+def build(model: str, layout: str, slots_kind: str, num_chunks: int, device: str, seed: int = 0):
+    """A cache of POOL x the blocks needed, its slots, an arena and the chunk offsets.
 
     ``layout`` "nhd": vLLM kv-first ``2,NB,BS,H,D`` (MHA) / ``NB,BS,D`` (MLA); "hnd": FlashInfer
     ``NB,2,BS,H,D`` stored HND (MHA only).
@@ -46,7 +66,7 @@ def build(model: str, layout: str, num_chunks: int, device: str):
     spec = MODELS[model]
     block = 64 if spec["kind"] == "mla" else 16
     num_tokens = num_chunks * CHUNK
-    num_blocks = num_tokens // block + 8
+    num_blocks = POOL * num_tokens // block
     h, d = spec["num_heads"], spec["head_dim"]
     if spec["kind"] == "mla":
         physical, perm, dims = (num_blocks, block, d), None, "NB,BS,D"
@@ -60,79 +80,74 @@ def build(model: str, layout: str, num_chunks: int, device: str):
         t.view(torch.uint8).random_(0, 256)
         layers.append(t.permute(*perm) if perm else t)
     paged = PagedKV.from_tensors(layers, dims, kind=spec["kind"])
-    gen = torch.Generator().manual_seed(0)
-    blocks = torch.randperm(num_blocks, generator=gen)[: num_tokens // block]
-    slots = ((blocks[:, None] * block + torch.arange(block)).flatten()).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    if slots_kind == "blocks":
+        blocks = torch.randperm(num_blocks, generator=gen)[: num_tokens // block]
+        slots = (blocks[:, None] * block + torch.arange(block)).flatten()
+    else:
+        slots = torch.randperm(num_blocks * block, generator=gen)[:num_tokens]
     cb = paged.chunk_bytes(CHUNK)
-    arena = torch.empty(num_chunks * cb, dtype=torch.uint8, device=device)
+    arena = torch.empty(num_chunks * cb, dtype=torch.uint8, device=device).random_(0, 256)
     offsets = torch.arange(num_chunks, dtype=torch.int64) * cb
-    return paged, slots, arena, offsets
+    return paged, slots.to(device), arena, offsets
 
 
 def torch_loop(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, num_chunks: int, op: str) -> None:
     """The per-layer baseline: one gather (scatter) per layer and K/V, through a temporary."""
     view = arena.view(num_chunks, paged.num_layers, paged.num_kv, CHUNK, paged.row_bytes)
     block, pos = slots // paged.block_size, slots % paged.block_size
-    for layer in range(paged.num_layers):
-        for kv in range(paged.num_kv):
-            v = paged.views[layer][kv]
-            if v.is_contiguous():
-                rows = v.reshape(paged.num_slots, -1).view(torch.uint8)
-                if op == "pack":
-                    view[:, layer, kv] = rows.index_select(0, slots).view(num_chunks, CHUNK, -1)
-                else:
-                    rows.index_copy_(0, slots, view[:, layer, kv].reshape(num_chunks * CHUNK, -1))
-            elif op == "pack":  # strided (HND) pages: through the 4-D view
-                view[:, layer, kv] = v.view(torch.uint8)[block, pos].reshape(num_chunks, CHUNK, -1)
+    for plane, v in enumerate(plane_views(paged)):  # [NB, BS, H, head_bytes] bytes
+        layer, kv = divmod(plane, paged.num_kv)
+        if v.is_contiguous():
+            rows = v.reshape(paged.num_slots, -1)
+            if op == "pack":
+                view[:, layer, kv] = rows.index_select(0, slots).view(num_chunks, CHUNK, -1)
             else:
-                v.view(torch.uint8)[block, pos] = view[:, layer, kv].reshape(
-                    num_chunks * CHUNK, paged.num_heads, -1)
+                rows.index_copy_(0, slots, view[:, layer, kv].reshape(num_chunks * CHUNK, -1))
+        elif op == "pack":  # strided (HND) pages: through the 4-D view
+            view[:, layer, kv] = v[block, pos].reshape(num_chunks, CHUNK, -1)
+        else:
+            v[block, pos] = view[:, layer, kv].reshape(num_chunks * CHUNK, paged.num_heads, -1)
 
 
-def bench_together(fns: dict[str, Callable[[], object]], device: str, repeats: int,
-                   warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, timed in turn within every repeat (CUDA events on a GPU)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def run_point(model: str, layout: str, num_chunks: int, device: str, repeats: int,
-              backend: str | None) -> list[dict]:
-    paged, slots, arena, offsets = build(model, layout, num_chunks, device)
+def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads: int, device: str,
+              repeats: int, backend: str | None) -> list[dict]:
+    torch.set_num_threads(threads)
+    paged, slots, arena, offsets = build(model, layout, slots_kind, num_chunks, device)
     nbytes = arena.numel()
-    src = torch.empty_like(arena).random_(0, 256)
+    src, dst = torch.empty_like(arena).random_(0, 256), torch.empty_like(arena)
+    cpu_copy = ParallelCopy(threads)
+
+    def memcpy() -> None:
+        if dst.device.type == "cuda":
+            dst.copy_(src)
+        else:
+            cpu_copy(dst, src)
     chosen = resolve_backend(backend, torch.device(device))
     rows = []
     for op, fn in (("pack", pack), ("unpack", unpack)):
-        t = bench_together({
-            "copy": lambda: arena.copy_(src),
+        t = time_interleaved({
+            "copy": memcpy,
             "gpukv": lambda: fn(paged, slots, arena, offsets, chunk_size=CHUNK, backend=backend),
             "loop": lambda: torch_loop(paged, slots, arena, num_chunks, op),
         }, device, repeats)
-        rows.append(dict(model=model, layout=paged.dims if layout == "nhd" else f"{paged.dims} HND",
-                         op=op, num_chunks=num_chunks, row_bytes=paged.row_bytes,
-                         layers=paged.num_layers, bytes=nbytes, seconds=t["gpukv"],
-                         gbps=nbytes / t["gpukv"] / 1e9, copy_gbps=nbytes / t["copy"] / 1e9,
-                         loop_gbps=nbytes / t["loop"] / 1e9, ratio_vs_copy=t["copy"] / t["gpukv"],
-                         ratio_vs_loop=t["loop"] / t["gpukv"], backend=chosen,
-                         device=device_name(device), threads=torch.get_num_threads()))
+        s, c, lp = spread(t["gpukv"]), spread(t["copy"]), spread(t["loop"])
+        # each repeat times copy then gpukv back to back: their ratio pairs out slow phases
+        ratios = [a / b for a, b in zip(t["copy"], t["gpukv"])]
+        paired, (q1, _, q3) = spread(ratios), statistics.quantiles(ratios, n=4)
+        rows.append(dict(
+            model=model, layout=paged.dims if layout == "nhd" else f"{paged.dims} HND", slots=slots_kind,
+            op=op, threads=threads, num_chunks=num_chunks, row_bytes=paged.row_bytes,
+            block_bytes=paged.block_size * paged.row_bytes, layers=paged.num_layers, bytes=nbytes,
+            seconds=s["median"], seconds_min=s["min"], seconds_max=s["max"],
+            copy_seconds=c["median"], copy_min=c["min"], copy_max=c["max"], loop_seconds=lp["median"],
+            gbps=nbytes / s["median"] / 1e9, copy_gbps=nbytes / c["median"] / 1e9,
+            loop_gbps=nbytes / lp["median"] / 1e9, ratio_vs_copy=paired["median"],
+            ratio_vs_copy_min=paired["min"], ratio_vs_copy_max=paired["max"],
+            ratio_vs_copy_q1=q1, ratio_vs_copy_q3=q3,
+            ratio_vs_loop=lp["median"] / s["median"], goal=GOALS[slots_kind], backend=chosen,
+            device=device_name(device), repeats=repeats, loadavg_1m=load_average()[0]))
+    cpu_copy.close()
     return rows
 
 
@@ -142,20 +157,28 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for ax, op in zip(axes, ("pack", "unpack")):
-        for key in dict.fromkeys((r["model"], r["layout"]) for r in rows):
-            sub = [r for r in rows if (r["model"], r["layout"]) == key and r["op"] == op]
-            ax.plot([r["num_chunks"] for r in sub], [r["ratio_vs_copy"] for r in sub], "o-",
-                    label=f"{key[0]} [{key[1]}] {sub[0]['row_bytes']} B rows")
-        ax.axhline(0.8, color="gray", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{op} ({rows[0]['device']}, {rows[0]['backend']})")
-        ax.set_xlabel("chunks of 256 tokens per call")
-    axes[0].set_ylabel("gpukv GB/s / plain copy GB/s (same run)")
-    axes[0].legend(fontsize=7)
+    kinds = list(dict.fromkeys(r["slots"] for r in rows))
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(13, 4.4 * len(kinds)), sharey=True, squeeze=False)
+    for i, kind in enumerate(kinds):
+        for ax, op in zip(axes[i], ("pack", "unpack")):
+            sub = [r for r in rows if r["slots"] == kind and r["op"] == op]
+            for key in dict.fromkeys((r["model"], r["layout"], r["threads"]) for r in sub):
+                line = [r for r in sub if (r["model"], r["layout"], r["threads"]) == key]
+                ratio = [r["ratio_vs_copy"] for r in line]
+                ax.errorbar([r["num_chunks"] for r in line], ratio, fmt="o-" if key[2] == 1 else "s--",
+                            yerr=[[m - r["ratio_vs_copy_q1"] for m, r in zip(ratio, line)],
+                                  [r["ratio_vs_copy_q3"] - m for m, r in zip(ratio, line)]], capsize=2,
+                            label=f"{key[0]} [{key[1]}] {line[0]['row_bytes']} B rows, {key[2]} thr")
+            ax.axhline(GOALS[kind], color="gray", ls=":", lw=1)
+            ax.set_ylim(0, 1.4)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op}, slots={kind} ({rows[0]['device']}, {rows[0]['backend']}, "
+                         f"load {min(r['loadavg_1m'] for r in sub):.1f}..{max(r['loadavg_1m'] for r in sub):.1f})")
+            ax.set_xlabel("chunks of 256 tokens per call")
+        axes[i][0].set_ylabel("memcpy time / gpukv time, same repeat (median, quartiles)")
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -164,28 +187,46 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", choices=["triton", "torch", "ref"], default=None,
                         help="force a backend (default: auto for the device)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for all three (default: torch's choice)")
+    parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="comma-separated thread counts (default: the preset's, e.g. 1,2)")
+    parser.add_argument("--models", type=lambda s: s.split(","), default=None)
     args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
     if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    points = [(m, lay, n) for m in preset["models"] for lay in preset["layouts"]
-              for n in preset["chunks"] if lay == "nhd" or MODELS[m]["kind"] == "mha"]
+        preset["threads"] = args.threads
+    if args.models:
+        preset["models"] = args.models
+    if torch.device(args.device).type == "cuda":
+        preset["threads"] = [preset["threads"][0]]  # the GPU path does not use CPU threads
+    settings = {k: os.environ.get(k) for k in THREAD_ENV} | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    print(f"thread settings: {settings}; torch threads per point: {preset['threads']}; "
+          f"load average before: {load_average()}")
+    points = [(m, lay, kind, n, thr) for thr in preset["threads"] for m in preset["models"]
+              for lay in preset["layouts"] for kind in preset["slots"] for n in preset["chunks"]
+              if lay == "nhd" or MODELS[m]["kind"] == "mha"]
     rows = []
-    for model, layout, n in progress(points, desc="kernel sweep"):
-        rows += run_point(model, layout, n, args.device, preset["repeats"], args.backend)
+    for model, layout, kind, n, thr in progress(points, desc="kernel sweep"):
+        rows += run_point(model, layout, kind, n, thr, args.device, preset["repeats"], args.backend)
     out = results_dir(args.device)
     csv_path = write_csv(out / f"sweep_kernels_{args.preset}.csv", rows)
     plot(rows, out / f"sweep_kernels_{args.preset}.png")
-    print(f"{'model':18} {'layout':16} {'op':6} {'chunks':>6} {'row B':>5} {'MB':>6} {'GB/s':>6} "
-          f"{'copy':>6} {'loop':>6} {'x copy':>6} {'x loop':>6}")
+    print(f"{'model':18} {'layout':14} {'slots':6} {'op':6} {'thr':>3} {'chunks':>6} {'row B':>5} "
+          f"{'MB':>6} {'GB/s':>6} {'copy':>6} {'x copy':>6} {'(min..max)':>11} {'ms min..max':>15} "
+          f"{'x loop':>6} {'load':>5}")
     for r in rows:
-        print(f"{r['model']:18} {r['layout']:16} {r['op']:6} {r['num_chunks']:6d} {r['row_bytes']:5d} "
-              f"{r['bytes'] / 1e6:6.1f} {r['gbps']:6.2f} {r['copy_gbps']:6.2f} {r['loop_gbps']:6.2f} "
-              f"{r['ratio_vs_copy']:6.2f} {r['ratio_vs_loop']:6.2f}")
-    print(f"backend {rows[0]['backend']} on {rows[0]['device']}, {rows[0]['threads']} torch threads; "
-          f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+        print(f"{r['model']:18} {r['layout']:14} {r['slots']:6} {r['op']:6} {r['threads']:3d} "
+              f"{r['num_chunks']:6d} {r['row_bytes']:5d} {r['bytes'] / 1e6:6.1f} {r['gbps']:6.2f} "
+              f"{r['copy_gbps']:6.2f} {r['ratio_vs_copy']:6.2f} "
+              f"({r['ratio_vs_copy_min']:4.2f}..{r['ratio_vs_copy_max']:4.2f}) "
+              f"{r['seconds_min'] * 1e3:7.2f}..{r['seconds_max'] * 1e3:<7.2f} {r['ratio_vs_loop']:6.2f} "
+              f"{r['loadavg_1m']:5.2f}")
+    for kind in dict.fromkeys(r["slots"] for r in rows):
+        for thr in dict.fromkeys(r["threads"] for r in rows):
+            sub = [r["ratio_vs_copy"] for r in rows if r["slots"] == kind and r["threads"] == thr]
+            print(f"slots={kind} threads={thr}: x copy min {min(sub):.2f} median "
+                  f"{sorted(sub)[len(sub) // 2]:.2f} max {max(sub):.2f} (goal {GOALS[kind]} at 1 thread)")
+    print(f"backend {rows[0]['backend']} on {rows[0]['device']}; thread settings {settings}; "
+          f"load average after: {load_average()}; wrote {csv_path} and {csv_path.with_suffix('.png')}")
     return 0
 
 

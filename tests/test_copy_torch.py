@@ -1,18 +1,18 @@
-"""The torch (CPU) path's own mechanisms, each checked bit-exact against the reference.
+"""The torch (CPU) path's own mechanisms, each checked bit-exact against the oracle.
 
 test_copy.py covers every layout and dtype through the public API; here: the unit plans (rows,
-heads, words), whole-block chunks, arenas less aligned than the pages, stacked caches, and that
-pack never writes into the pages nor unpack outside its slots.
+heads, words), whole-block chunks, arenas less aligned than the pages, stacked caches, thread
+splits, and that pack never writes into the pages nor unpack outside its slots.
 """
 
 import pytest
 import torch
 
-from gpukv.paged.copy import pack, unpack
-from gpukv.paged.copy_torch import unit_index
+from gpukv.paged.copy import unpack
 from gpukv.paged.layout import PagedKV
-from paged_cases import (LAYOUTS, clone_layers, flat_bytes, make_cache, random_bits, storages,
-                         token_rows)
+from gpukv.paged.units import unit_index, unit_plan
+from paged_cases import flat_bytes, make_cache, random_bits
+from paged_oracle import check_pack_unpack, token_rows
 
 POISON = 0x5A
 
@@ -24,52 +24,31 @@ def _whole_block_slots(num_blocks, block_size, num_chunks, chunk_size, seed=0):
     return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
 
 
-def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0):
-    """pack and unpack through 'torch' equal 'ref' byte for byte, and touch nothing else."""
-    paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    num_chunks = slots.numel() // chunk_size
-    cb = paged.chunk_bytes(chunk_size)
-    offsets = [(num_chunks - 1 - c) * (cb + 32) for c in range(num_chunks)]  # reversed, with gaps
-    size = num_chunks * (cb + 32)
-    ref = torch.full((size,), POISON, dtype=torch.uint8)
-    backing = torch.full((size + arena_shift,), POISON, dtype=torch.uint8)
-    got = backing[arena_shift:]
-    pages_before = flat_bytes(layers)
-    pack(paged, slots, ref, offsets, chunk_size=chunk_size, backend="ref")
-    pack(paged, slots, got, offsets, chunk_size=chunk_size, backend="torch")
-    assert torch.equal(got, ref)
-    assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), pages_before))
-    # unpack into poisoned pages: the slots get their rows back, every other byte keeps the poison
-    dst_layers = clone_layers(layers)
-    for t in storages(dst_layers):
-        t.fill_(POISON)
-    dst = PagedKV.from_tensors(dst_layers, dims, kind=kind)
-    unpack(dst, slots, got, offsets, chunk_size=chunk_size, backend="torch")
-    valid = slots[slots >= 0].long()
-    assert torch.equal(token_rows(dst, valid), token_rows(paged, valid))
-    for kv_views in dst.views:
-        for v in kv_views:
-            v.view(torch.uint8)[valid // dst.block_size, valid % dst.block_size] = POISON
-    assert all(bool((t == POISON).all()) for t in storages(dst_layers))
-    return paged
+def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0, layer_range=None):
+    """pack and unpack through 'torch' equal the oracle byte for byte, and touch nothing else."""
+    check_pack_unpack(layers, dims, kind, slots, backend="torch", chunk_size=chunk_size,
+                      arena_shift=arena_shift, layer_range=layer_range)
+    return PagedKV.from_tensors(layers, dims, kind=kind)
 
 
 @pytest.mark.parametrize("layout, unit, per_row", [
     ("kv_first", "row", 1), ("blocks_first", "row", 1), ("mla", "row", 1), ("sglang_mha", "row", 1),
     ("kv_first_hnd", "head", 2), ("flashinfer_hnd", "head", 2), ("packed", "head", 2),
+    ("cpu_split", "head", 2), ("mla_cpu", "row", 1), ("cross_blocks_outer", "row", 1),
 ])
 def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
     layers, dims, kind = make_cache(layout, num_blocks=5, block_size=16, heads=2, head_dim=8)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    assert paged.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
-    assert len(paged.unit_offsets) == per_row
-    # unit_index names exactly the bytes token_rows reads, for every slot
+    plan = unit_plan(paged)
+    assert plan.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
+    assert plan.units_per_row == per_row
+    # unit_index names exactly the bytes of each token's row, for every slot (per the oracle)
     slots = torch.arange(paged.num_slots)
-    idx = unit_index(paged, slots)
-    for plane, kv_views in zip(paged.units, [v for row in paged.views for v in row]):
-        got = plane.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
-        want = kv_views.view(torch.uint8)[slots // paged.block_size, slots % paged.block_size]
-        assert torch.equal(got, want.reshape(paged.num_slots, -1))
+    idx = unit_index(paged, plan, slots)
+    want = token_rows(layers, dims, kind, slots)
+    for plane, units in enumerate(plan.planes):
+        got = units.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
+        assert torch.equal(got, want[plane // paged.num_kv, plane % paged.num_kv])
 
 
 def test_padded_heads_fall_back_to_word_units():
@@ -77,7 +56,8 @@ def test_padded_heads_fall_back_to_word_units():
     gen = torch.Generator().manual_seed(1)
     layers = [random_bits((2, 6, 16, 2, 12), torch.bfloat16, gen)[..., :8] for _ in range(3)]
     paged = _check(layers, "2,NB,BS,H,D", "mha", _slots(96, 48, holes=True), chunk_size=16)
-    assert paged.unit_bytes == paged.word_bytes == 8 and len(paged.unit_offsets) == 4
+    plan = unit_plan(paged)
+    assert plan.unit_bytes == paged.word_bytes == 8 and plan.units_per_row == 4
 
 
 @pytest.mark.parametrize("layout, block_size, chunk_size", [
@@ -111,22 +91,115 @@ def test_stacked_cache_and_int32_slots():
     _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
 
 
-@pytest.mark.parametrize("layout", ["kv_first", "flashinfer_hnd", "mla"])
-def test_planes_split_over_threads(monkeypatch, layout):
+@pytest.mark.parametrize("layout, num_groups", [
+    ("kv_first", 5), ("flashinfer_hnd", 5), ("mla", 5), ("cross_kv_first", 1)])
+def test_work_splits_over_threads(monkeypatch, layout, num_groups):
+    import threading
+
     import gpukv.paged.copy_torch as copy_torch
 
     monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    split = []
-    real_move = copy_torch._move
-    monkeypatch.setattr(copy_torch, "_move", lambda *a: split.append(a[-2:]) or real_move(*a))
+    calls = []
+    real_move = copy_torch._move_host
+    monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: calls.append(
+        (to_arena, len(work), threading.current_thread().name)) or real_move(work, to_arena))
     layers, dims, kind = make_cache(layout, num_blocks=8, block_size=16, num_layers=5)
-    whole = _whole_block_slots(8, 16, 2, 32)
+    whole = _whole_block_slots(8, 16, 1, 32)
     holed = _slots(128, 32, holes=True)
     _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
-    planes = 5 if kind == "mla" else 10
-    thirds = [(0, planes // 3), (planes // 3, 2 * planes // 3), (2 * planes // 3, planes)]
-    assert sorted(split) == sorted(thirds * 2)  # pack, then unpack, each on three threads
+    work = 2 * num_groups  # (chunk, plane group) pairs
+    threads = min(3, work)
+    for to_arena in (True, False):  # pack, then unpack: cut in even pieces, each done once
+        sizes = [n for op, n, _ in calls if op == to_arena]
+        assert len(sizes) == min(work, 4 * threads) and sum(sizes) == work
+        assert max(sizes) - min(sizes) <= 1
+        names = {name for op, _, name in calls if op == to_arena}
+        assert all(n == threading.current_thread().name or n.startswith("gpukv-copy") for n in names)
+
+
+def test_a_stalled_thread_leaves_its_pieces_to_the_others():
+    """One thread stalls on its piece (its core taken): the other takes every remaining piece."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpukv.paged.copy_torch import run_shared
+
+    release, ran = threading.Event(), {}
+
+    def piece(i):
+        def run():
+            if i == 0:
+                assert release.wait(10), "the other thread never finished the rest"
+            ran[i] = threading.current_thread().name
+            if len(ran) == 5 and 0 not in ran:
+                release.set()
+        return run
+
+    with ThreadPoolExecutor(1) as pool:
+        run_shared([piece(i) for i in range(6)], pool, 2)
+    assert sorted(ran) == list(range(6))
+    assert len({ran[i] for i in range(1, 6)}) == 1 and ran[1] != ran[0]
+
+
+@pytest.mark.parametrize("layout, unit_groups, block_groups", [
+    ("kv_first", [(2, (0, 6 * 16))] * 3, [(2, (0, 6))] * 3),        # K and V of a layer tensor
+    ("blocks_first", [(2, (0, 16))] * 3, [(2, (0, 1))] * 3),         # blocks interleave K and V
+    ("cross_kv_first", [(6, tuple(range(0, 6 * 96, 96)))], [(6, tuple(range(0, 36, 6)))]),
+    ("mla", [(1, (0,))] * 3, [(1, (0,))] * 3),                       # separate layer tensors
+    ("cross_mla_dict", [(3, (0, 96, 192))], [(3, (0, 6, 12))]),      # one buffer: one group
+    ("sglang_mha", [(1, (0,))] * 6, None),                           # K, V: separate pools
+    ("flashinfer_hnd", [(2, (0, 32))] * 3, None),                    # head units, no whole blocks
+    ("cpu_split", [(2, (0, 16))] * 3, None),
+])
+def test_planes_sharing_a_buffer_form_one_group(layout, unit_groups, block_groups):
+    from gpukv.paged.groups import group_plan
+
+    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16, num_layers=3)
+    paged = PagedKV.from_tensors(layers, dims, kind=kind)
+    units = group_plan(paged, "units")
+    assert [(g.stop - g.first, g.plane_offsets) for g in units.groups] == unit_groups
+    blocks = group_plan(paged, "blocks")
+    if block_groups is None:
+        assert blocks is None
+    else:
+        assert [(g.stop - g.first, g.plane_offsets) for g in blocks.groups] == block_groups
+        assert blocks.item_bytes == 16 * paged.row_bytes
+    slots = torch.cat([_whole_block_slots(6, 16, 1, 32), _slots(96, 32, holes=True)])
+    _check(layers, dims, kind, slots, chunk_size=32)
+    _check(layers, dims, kind, slots, chunk_size=32, layer_range=(1, 3))
+
+
+def test_whole_block_chunks_move_whole_blocks(monkeypatch):
+    import gpukv.paged.copy_torch as copy_torch
+
+    seen = []
+    real_move = copy_torch._move_host
+    monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: seen.extend(
+        (w[0].dtype.itemsize, len(w[2])) for w in work) or real_move(work, to_arena))
+    layers, dims, kind = make_cache("kv_first", num_blocks=6, block_size=16, num_layers=2)
+    row = 2 * 8 * 2
+    slots = torch.cat([_whole_block_slots(6, 16, 1, 32), torch.arange(8, 40)])  # 2nd: mid-block
+    _check(layers, dims, kind, slots, chunk_size=32)
+    # per op, per layer group (K+V): chunk 0 as 2 planes x 2 blocks, chunk 1 as 2 planes x 32 rows
+    assert seen == ([(16 * row, 4)] * 2 + [(row, 64)] * 2) * 2
+
+
+def test_a_busy_pool_does_not_hold_up_a_copy():
+    """The pool's only thread is busy (another call's work): the caller takes every piece."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpukv.paged.copy_torch import run_shared
+
+    busy, ran = threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(busy.wait, 10)
+        run_shared([lambda i=i: ran.append((i, threading.current_thread().name)) for i in range(5)],
+                   pool, 2)
+        assert ran == [(i, threading.current_thread().name) for i in range(5)]
+        busy.set()
+        assert blocker.result() is True
 
 
 def test_unpack_of_a_chunk_of_holes_writes_nothing():
@@ -137,32 +210,6 @@ def test_unpack_of_a_chunk_of_holes_writes_nothing():
     unpack(paged, torch.full((16,), -1, dtype=torch.int64), arena, [0], chunk_size=16,
            backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(flat_bytes(layers), before))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_torch_backend_on_cuda_tensors(layout):
-    layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16)
-    cpu = PagedKV.from_tensors(layers, dims, kind=kind)
-    paged = PagedKV.from_tensors(_to_cuda(layers), dims, kind=kind)
-    slots = torch.cat([_whole_block_slots(6, 16, 2, 16), _slots(96, 16, holes=True, seed=4)])
-    cb = cpu.chunk_bytes(16)
-    ref = torch.full((3 * cb,), POISON, dtype=torch.uint8)
-    got = ref.cuda()
-    pack(cpu, slots, ref, [0, 2 * cb, cb], chunk_size=16, backend="ref")
-    pack(paged, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
-    assert torch.equal(got.cpu(), ref)
-    dst = PagedKV.from_tensors(_to_cuda(make_cache(layout, num_blocks=6, seed=8)[0]), dims, kind=kind)
-    unpack(dst, slots, got, [0, 2 * cb, cb], chunk_size=16, backend="torch")
-    valid = slots[slots >= 0].cuda()
-    assert torch.equal(token_rows(dst, valid).cpu(), token_rows(cpu, valid.cpu()))
-
-
-def _to_cuda(layers):
-    if isinstance(layers, tuple):
-        return tuple(_to_cuda(x) for x in layers)
-    return [torch.as_strided(storages([t])[0].cuda().view(t.dtype), t.shape, t.stride(),
-                             t.storage_offset()) for t in layers]
 
 
 def _slots(num_slots, n, *, holes, seed=3):

@@ -1,12 +1,13 @@
 """pack / unpack: move full token chunks between a paged KV cache and the L1 arena.
 
-One call covers every layer, K/V and chunk. Three backends behind one call:
+One call covers every layer (or a contiguous range of layers), K/V and chunk. Three backends
+behind one call:
 
-* ``"triton"``: the kernels in ``gpukv_kernels`` (compiled on CUDA; on CPU tensors only under
-  ``TRITON_INTERPRET=1``, which tests use);
-* ``"torch"``: a fast CPU path (one unit-row gather/scatter per layer and K/V, straight into the
-  arena; see :mod:`gpukv.paged.copy_torch`);
-* ``"ref"``: the pure-torch reference the tests check both against.
+* ``"triton"``: the kernel in ``gpukv_kernels.paged_copy`` (compiled on CUDA; on CPU tensors only
+  under ``TRITON_INTERPRET=1``, which tests use), through :mod:`gpukv.paged.copy_triton`;
+* ``"torch"``: a fast CPU path (one unit-row gather/scatter per plane, straight into the arena;
+  see :mod:`gpukv.paged.copy_torch`);
+* ``"ref"``: the kernel's plain-torch reference ``paged_copy_ref``, which tests check both against.
 
 Auto choice: ``triton`` for CUDA tensors, ``torch`` otherwise; ``GPUKV_BACKEND`` or the
 ``backend`` argument forces one. Every argument is validated before any byte is written.
@@ -25,10 +26,11 @@ OFFSET_ALIGN = 16
 BACKENDS = ("triton", "torch", "ref")
 
 Offsets = Union[torch.Tensor, Sequence[int]]
+LayerRange = Union[None, tuple, range]
 
 
 def pack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
-         chunk_size: int = 256, backend: str | None = None) -> None:
+         chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None) -> None:
     """Copy ``len(offsets)`` chunks out of the pages into ``arena``.
 
     slot_mapping: 1-D int64/int32, ``len(offsets) * chunk_size`` page slots
@@ -37,17 +39,21 @@ def pack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offset
     offsets:      byte offsets of the chunks in ``arena``: multiples of 16, non-overlapping, each
                   chunk ``paged.chunk_bytes(chunk_size)`` long, in the chunk format
                   ``[num_layers, num_kv, chunk_size, row_bytes]``.
+    layers:       None (all), ``(start, stop)`` or ``range(start, stop)``: only those layers of
+                  each chunk move (bytes ``start * layer_bytes .. stop * layer_bytes`` of each
+                  chunk); ``offsets`` still point at chunk starts, every other byte is untouched.
     """
-    _run("pack", paged, slot_mapping, arena, offsets, chunk_size, backend)
+    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, pack=True)
 
 
 def unpack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
-           chunk_size: int = 256, backend: str | None = None) -> None:
+           chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None) -> None:
     """Copy chunks from ``arena`` back into the pages; the arguments mean what they do in :func:`pack`."""
-    _run("unpack", paged, slot_mapping, arena, offsets, chunk_size, backend)
+    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, pack=False)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend a call uses: ``backend``, else ``$GPUKV_BACKEND``, else by device."""
     choice = backend or os.environ.get("GPUKV_BACKEND") or None
     if choice is None:
         return "triton" if device.type == "cuda" else "torch"
@@ -59,25 +65,43 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return choice
 
 
-def _run(op: str, paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend) -> None:
+def layer_range(paged: PagedKV, layers: LayerRange) -> tuple[int, int] | None:
+    """``layers`` as a validated ``(start, stop)`` with ``0 <= start < stop <= num_layers``, or
+    None for all layers."""
+    if layers is None:
+        return None
+    if isinstance(layers, range):
+        if layers.step != 1:
+            raise ValueError(f"layers must be a contiguous range (step 1), got {layers!r}")
+        start, stop = layers.start, layers.stop
+    elif isinstance(layers, tuple) and len(layers) == 2:
+        start, stop = layers
+    else:
+        raise ValueError(f"layers must be None, (start, stop) or a range, got {layers!r:.80}")
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in (start, stop)):
+        raise ValueError(f"layers must hold ints, got {layers!r:.80}")
+    if not 0 <= start < stop <= paged.num_layers:
+        raise ValueError(f"layers {layers!r} is not a non-empty range inside [0, {paged.num_layers}) "
+                         f"(the cache has {paged.num_layers} layers)")
+    return None if (start, stop) == (0, paged.num_layers) else (start, stop)
+
+
+def _run(paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend, layers, *, pack: bool) -> None:
     slots, offs = validate(paged, slot_mapping, arena, offsets, chunk_size)
+    span = layer_range(paged, layers)
     choice = resolve_backend(backend, paged.device)
     if offs.numel() == 0:
         return
     if choice == "torch":
         from gpukv.paged import copy_torch
 
-        getattr(copy_torch, f"{op}_torch")(paged, slots, arena, offs, chunk_size=chunk_size)
-    elif choice == "ref":
-        from gpukv_kernels import pack as pack_mod, unpack as unpack_mod
-
-        fn = pack_mod.pack_ref if op == "pack" else unpack_mod.unpack_ref
-        fn(paged, slots, arena, offs, chunk_size=chunk_size)
+        fn = copy_torch.pack_torch if pack else copy_torch.unpack_torch
+        fn(paged, slots, arena, offs, chunk_size=chunk_size, layers=span)
     else:
-        from gpukv_kernels import pack as pack_mod, unpack as unpack_mod
+        from gpukv.paged.copy_triton import copy_kernel
 
-        fn = pack_mod.pack_triton if op == "pack" else unpack_mod.unpack_triton
-        fn(paged, slots, arena, offs, chunk_size=chunk_size)
+        copy_kernel(paged, slots, arena, offs, chunk_size=chunk_size, layers=span, pack=pack,
+                    ref=choice == "ref")
 
 
 def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +135,7 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
                 raise ValueError(f"offsets {a} and {b} overlap (chunks are {chunk_bytes} bytes)")
     check_slot_mapping(paged, slot_mapping, n * chunk_size,
                        f"len(offsets) * chunk_size = {n} * {chunk_size} = {n * chunk_size}")
-    slots = slot_mapping.to(device=paged.device, dtype=torch.int64)
+    slots = slot_mapping.to(device=paged.device, dtype=torch.int64).contiguous()
     return slots, torch.tensor(offs, dtype=torch.int64)
 
 
@@ -145,9 +169,10 @@ def _offsets_list(offsets: Offsets, device: torch.device) -> list[int]:
             raise ValueError(f"offsets is on {offsets.device}, the paged cache on {device}")
         return offsets.tolist()
     try:
-        values = [int(o) for o in offsets]
+        items = list(offsets)
+        values = [int(o) for o in items]
     except (TypeError, ValueError):
         raise ValueError(f"offsets must be a 1-D tensor or a sequence of ints, got {offsets!r:.80}") from None
-    if any(isinstance(o, bool) or int(o) != o for o in offsets):
-        raise ValueError(f"offsets must be integers, got {list(offsets)!r:.80}")
+    if any(isinstance(o, bool) or v != o for o, v in zip(items, values)):
+        raise ValueError(f"offsets must be integers, got {items!r:.80}")
     return values

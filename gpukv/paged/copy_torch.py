@@ -1,152 +1,170 @@
 """The fast CPU path of pack/unpack: unit gathers straight into / out of the arena.
 
-Every layout is moved in *units*, the largest piece of a token row that is contiguous in the
-pages (the whole row for NHD, MLA and SGLang pools; one head for HND and packed K|V; see
-:class:`gpukv.paged.layout.PagedKV`). Each (layer, K/V) plane is a 2-D ``[num_units, unit_words]`` view in
-the widest integer word, and a chunk moves with one gather (pack) or scatter (unpack) of unit
-rows per plane: one memcpy per unit, no temporary. Index tensors are built once per call. Where
-a plane's token rows are evenly packed (NHD kv-first, MLA) and a chunk's slots are whole blocks
-in order (what a vLLM block table gives), the chunk moves in whole blocks instead: ``chunk_size /
-block_size`` copies of ``block_size`` rows each: fewer, larger memmoves (unpack gains most).
+Every layout is moved in *units* (:mod:`gpukv.paged.units`), the largest piece of a token row
+that is contiguous in the pages: a chunk moves with one gather (pack) or scatter (unpack) per
+plane group, straight between the pages and the arena, no temporary. Where a block's rows are
+contiguous (NHD, MLA) and a chunk's slots are whole blocks in order (what a vLLM block table
+gives), the chunk moves in whole blocks instead: one memmove per block.
 
-On CPU the copies run through numpy views of the same memory (zero-copy): ``ndarray.take(out=)``
-and fancy assignment copy each unit with one memmove, with little per-call overhead, where
-torch's ``index_copy_``/``index_put_`` copy word by word and its OpenMP ``index_select`` stalls on
-a busy machine. numpy releases the GIL while copying, so a large call splits its planes over
-``torch.get_num_threads()`` Python threads, as many as the plain copy it is measured against
-uses. On other devices (``backend="torch"`` forced on CUDA) the same loop uses
-``index_select(out=)`` / indexed assignment.
+On CPU the copies run through numpy views of the same memory (zero-copy) whose items are whole
+units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`): ``ndarray.take(out=)`` and
+``ndarray.put`` copy each item with one memmove, and planes sharing a buffer (K and V of a layer,
+all layers of a vLLM cross-layer buffer) move in one call. numpy releases the GIL while copying,
+so a large call splits its work over ``torch.get_num_threads()`` threads: the caller's and a pool
+kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
+On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
+indexed copies on integer-word views (:func:`gpukv.paged.units.unit_plan`).
 Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from gpukv.paged.groups import GroupPlan, group_plan
 from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
+from gpukv.paged.units import like, unit_index, unit_plan, void_items
 
-_NP_INT_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-# a CPU call uses one thread per 32 MiB it moves, up to torch's thread count (starting a thread
-# pool costs ~0.5 ms, which smaller calls would not win back)
-BYTES_PER_THREAD = 32 << 20
+# a CPU call uses one more thread per 8 MiB it moves, up to torch's thread count, and cuts its
+# work into a few pieces per thread that the threads take in turn
+BYTES_PER_THREAD = 8 << 20
+PIECES_PER_THREAD = 4
 
 
 def pack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
-               chunk_size: int) -> None:
-    """Pages -> arena. ``slots`` int64 on the cache's device; ``offsets`` CPU int64 (validated)."""
-    _copy(paged, slots, arena, offsets, chunk_size, to_arena=True)
+               chunk_size: int, layers: tuple[int, int] | None = None) -> None:
+    """Pages -> arena. ``slots`` int64 on the cache's device; ``offsets`` CPU int64; ``layers`` a
+    validated ``(start, stop)`` or None for all (see :func:`gpukv.paged.copy.pack`)."""
+    copy = _copy_host if arena.device.type == "cpu" else _copy_device
+    copy(paged, slots, arena, offsets, chunk_size, layers or (0, paged.num_layers), to_arena=True)
 
 
 def unpack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
-                 chunk_size: int) -> None:
+                 chunk_size: int, layers: tuple[int, int] | None = None) -> None:
     """Arena -> pages; the arguments mean what they do in :func:`pack_torch`."""
-    _copy(paged, slots, arena, offsets, chunk_size, to_arena=False)
+    copy = _copy_host if arena.device.type == "cpu" else _copy_device
+    copy(paged, slots, arena, offsets, chunk_size, layers or (0, paged.num_layers), to_arena=False)
 
 
-def unit_index(paged: PagedKV, slots):
-    """``[..., len(slots) * units_per_row]`` unit rows of valid ``slots`` (a tensor or a numpy
-    array), in chunk order."""
-    block, pos = slots // paged.block_size, slots % paged.block_size
-    first = block * paged.unit_strides[0] + pos * paged.unit_strides[1]
-    return (first[..., None] + _like(paged.unit_offsets, slots)).reshape(*slots.shape[:-1], -1)
-
-
-def _copy(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
-          chunk_size: int, *, to_arena: bool) -> None:
-    on_cpu = arena.device.type == "cpu"
-    word = word_bytes(paged.word_bytes, arena.data_ptr())
-    planes = _planes(paged, word, on_cpu)
-    per_row = len(paged.unit_offsets)
-    shape = (len(planes), chunk_size * per_row, paged.unit_bytes // word)
-    # index math on a few thousand ints: numpy on CPU (a microsecond an op, torch takes ten)
-    slots = slots.view(-1, chunk_size).numpy() if on_cpu else slots.view(-1, chunk_size)
-    memory = arena.numpy() if on_cpu else arena
+def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
+               chunk_size: int, layers: tuple[int, int], *, to_arena: bool) -> None:
+    lo, hi = layers[0] * paged.num_kv, layers[1] * paged.num_kv
+    slots = slots.view(-1, chunk_size).numpy()  # index math on a few thousand ints: numpy
     valid = slots >= 0
-    full = valid.all(1).tolist()
-    bs = paged.block_size
-    blocked = _whole_blocks(paged, slots)  # per chunk: move it block by block
-    if any(blocked):
-        block_planes = [p.view(paged.num_blocks, -1) if isinstance(p, torch.Tensor)
-                        else p.reshape(paged.num_blocks, -1) for p in planes]  # contiguous: views
-        block_index = slots[:, ::bs] // bs
-    index = None if all(blocked) else unit_index(paged, slots * valid)  # [chunks, units]
-    nbytes = paged.chunk_bytes(chunk_size)
-    steps = []  # per chunk: (planes, its rows per plane, index into the planes, kept rows or None)
+    full = valid.all(1)
+    blocks = group_plan(paged, "blocks")
+    blocked = _whole_blocks(paged.block_size, slots) & full if blocks is not None else np.zeros_like(full)
+    units = group_plan(paged, "units")
+    per_row = unit_plan(paged).units_per_row
+    local = {}  # per plan: [chunks, items per plane] item indices inside one plane
+    if blocked.any():
+        local["blocks"] = slots[:, ::paged.block_size] // paged.block_size * blocks.block_step
+    if not blocked.all():
+        local["units"] = unit_index(paged, unit_plan(paged), slots * valid)
+    memory, layer_bytes = arena.numpy(), paged.layer_bytes(chunk_size)
+    start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
+    work = []  # (group items, its rows of the chunk, item index, kept rows or None)
+    index_cache: dict = {}
     for c, off in enumerate(offsets.tolist()):
-        chunk = _as_words(memory[off:off + nbytes], word).reshape(shape)
-        if blocked[c]:
-            steps.append((block_planes, chunk.reshape(len(planes), chunk_size // bs, -1),
-                          block_index[c], None))
-        elif full[c]:
-            steps.append((planes, chunk, index[c], None))
-        else:
-            keep = valid[c].repeat(per_row) if on_cpu else valid[c].repeat_interleave(per_row)
-            keep = keep.nonzero()[0] if on_cpu else keep.nonzero().flatten()
-            steps.append((planes, chunk, index[c][keep], keep))
-    move = functools.partial(_move, steps, to_arena, on_cpu)
-    threads = min(torch.get_num_threads(), len(planes), len(steps) * nbytes // BYTES_PER_THREAD)
-    if not on_cpu or threads <= 1:
-        move(0, len(planes))
+        kind = "blocks" if blocked[c] else "units"
+        plan: GroupPlan = blocks if blocked[c] else units
+        chunk = void_items(memory[off + start:off + start + span], plan.item_bytes)
+        per_plane = len(chunk) // (hi - lo)
+        keep = None if full[c] else valid[c].repeat(per_row).nonzero()[0]
+        for g in plan.in_range(lo, hi):
+            rows = chunk[(g.first - lo) * per_plane:(g.stop - lo) * per_plane]
+            key = (kind, c, g.plane_offsets)
+            idx = index_cache.get(key)
+            if idx is None:
+                idx = index_cache[key] = (np.asarray(g.plane_offsets)[:, None] + local[kind][c]).reshape(-1)
+            if keep is None:
+                work.append((g.items, rows, idx, None))
+            else:
+                kept = (np.arange(g.stop - g.first)[:, None] * per_plane + keep).reshape(-1)
+                work.append((g.items, rows, idx[kept], kept))
+    threads = min(torch.get_num_threads(), len(work), len(offsets) * span // BYTES_PER_THREAD)
+    if threads <= 1:
+        _move_host(work, to_arena)
         return
-    # numpy releases the GIL while it copies: split the planes over torch's CPU thread count
-    cuts = [len(planes) * k // threads for k in range(threads + 1)]
-    with ThreadPoolExecutor(threads - 1) as pool:
-        futures = [pool.submit(move, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
-        move(cuts[0], cuts[1])
-        for future in futures:
+    # numpy releases the GIL while it copies: the work splits over this thread and the pool's
+    num_pieces = min(len(work), PIECES_PER_THREAD * threads)
+    cuts = [len(work) * k // num_pieces for k in range(num_pieces + 1)]
+    # one pool per process: a forked child must not wait on its parent's threads
+    pool = paged.cached(("copy_pool", threads, os.getpid()), lambda: ThreadPoolExecutor(
+        threads - 1, thread_name_prefix="gpukv-copy"))
+    run_shared([functools.partial(_move_host, work[a:b], to_arena) for a, b in zip(cuts, cuts[1:])],
+               pool, threads)
+
+
+def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor, threads: int) -> None:
+    """Run ``pieces`` on the calling thread and ``threads - 1`` of ``pool``'s, each thread taking
+    the next piece when it finishes one: a thread whose core another process took delays the call
+    by one piece at most, not by its whole share, and a busy pool delays it not at all (the
+    caller takes every piece left)."""
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        for i in counter:
+            if i >= len(pieces):
+                return
+            pieces[i]()
+
+    futures = [pool.submit(drain) for _ in range(threads - 1)]
+    drain()
+    for future in futures:  # all pieces are taken: a helper that never started is not waited for
+        if not future.cancel():
             future.result()
 
 
-def _move(steps: list, to_arena: bool, on_cpu: bool, lo: int, hi: int) -> None:
-    """Planes ``lo:hi`` of every chunk: one gather (pack) or scatter (unpack) of rows each."""
-    for planes, chunk, idx, keep in steps:
-        for i in range(lo, hi):
-            plane, rows = planes[i], chunk[i]
-            if keep is not None:  # a chunk with -1 slots: only its kept rows
-                if to_arena:
-                    rows[keep] = plane[idx]
-                else:
-                    plane[idx] = rows[keep]
-            elif not to_arena:
-                plane[idx] = rows
-            elif on_cpu:
-                plane.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
+def _move_host(work: list, to_arena: bool) -> None:
+    """One gather (pack) or scatter (unpack) of items per entry."""
+    for items, rows, idx, kept in work:
+        if kept is not None:  # a chunk with -1 slots: only its kept rows
+            if to_arena:
+                rows[kept] = items[idx]
             else:
-                torch.index_select(plane, 0, idx, out=rows)
+                items[idx] = rows[kept]
+        elif to_arena:
+            items.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
+        else:
+            items.put(idx, rows, "clip")
 
 
-def _whole_blocks(paged: PagedKV, slots) -> list[bool]:
-    """Per chunk: are its slots whole blocks in order, in planes whose blocks are contiguous?"""
-    bs, num_chunks = paged.block_size, slots.shape[0]
-    if not (bs > 1 and slots.shape[1] % bs == 0 and paged.unit_offsets == (0,)
-            and paged.unit_strides == (bs, 1)):
-        return [False] * num_chunks
-    grid = slots.reshape(num_chunks, -1, bs)
-    whole = ((grid - grid[..., :1]) == _like(range(bs), slots)).all(-1) & (grid[..., 0] % bs == 0)
-    return whole.all(-1).tolist()
+def _copy_device(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
+                 chunk_size: int, layers: tuple[int, int], *, to_arena: bool) -> None:
+    """The same copy with torch ops on any device: a loop over planes and chunks."""
+    plan = unit_plan(paged, word_bytes(paged.word_bytes, arena.data_ptr()))
+    lo, hi = layers[0] * paged.num_kv, layers[1] * paged.num_kv
+    slots = slots.view(-1, chunk_size)
+    valid = slots >= 0
+    index = unit_index(paged, plan, slots * valid)  # [chunks, units]
+    words = plan.unit_bytes // plan.word_bytes
+    layer_bytes = paged.layer_bytes(chunk_size)
+    start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
+    for c, off in enumerate(offsets.tolist()):
+        chunk = arena[off + start:off + start + span].view(INT_BY_SIZE[plan.word_bytes])
+        chunk = chunk.view(hi - lo, -1, words)
+        keep = valid[c].repeat_interleave(plan.units_per_row).nonzero().flatten()
+        idx = index[c][keep]
+        for i, plane in enumerate(plan.planes[lo:hi]):
+            if to_arena:
+                chunk[i][keep] = plane[idx]
+            else:
+                plane[idx] = chunk[i][keep]
 
 
-def _like(values, like):
-    """``values`` as int64 where ``like`` lives (a numpy array, or a tensor on its device)."""
-    if isinstance(like, np.ndarray):
-        return np.asarray(values, dtype=np.int64)
-    return torch.tensor(values, dtype=torch.int64, device=like.device)
-
-
-def _planes(paged: PagedKV, word: int, on_cpu: bool) -> tuple:
-    """The unit views in ``word``-byte integers (numpy on CPU); rebuilt only for an arena that is
-    less aligned than the pages."""
-    if word == paged.word_bytes:
-        return paged.host_units if on_cpu else paged.units
-    views = tuple(u.view(torch.uint8).view(INT_BY_SIZE[word]) for u in paged.units)
-    return tuple(v.numpy() for v in views) if on_cpu else views
-
-
-def _as_words(raw, word: int):
-    if isinstance(raw, np.ndarray):
-        return raw.view(_NP_INT_BY_SIZE[word])
-    return raw.view(INT_BY_SIZE[word])
+def _whole_blocks(block_size: int, slots: np.ndarray) -> np.ndarray:
+    """Per chunk: are its slots whole blocks, each in order?"""
+    num_chunks = slots.shape[0]
+    if block_size == 1 or slots.shape[1] % block_size:
+        return np.zeros(num_chunks, dtype=bool)
+    grid = slots.reshape(num_chunks, -1, block_size)
+    whole = ((grid - grid[..., :1]) == like(range(block_size), slots)).all(-1) & (grid[..., 0] % block_size == 0)
+    return whole.all(-1)
