@@ -82,16 +82,16 @@ def test_mla_tp2_both_ranks_retrieve_the_latent_and_match_a_full_prefill(deepsee
 
 
 def test_mla_tp2_through_a_gpukv_server(deepseek, tmp_path):
-    """The same scenario through ``gpukv serve``: pages in shared memory, the server copies."""
+    """The same scenario through ``gpukv serve``: plain torch pages; the server keeps the books
+    and owns the arena, the ranks copy in and out of it themselves."""
     from gpukv.frontend.client import CacheClient
-    from gpukv.frontend.server import ServerProcess
-    from gpukv.frontend.shm import ShmAllocator
+    from gpukv.frontend.process import ServerProcess
 
     address = f"ipc://{tmp_path}/gpukv.sock"
     prompt_a, prompt_b = make_prompts(192, 128)
-    with ShmAllocator() as shm, ServerProcess(address, chunk_size=CS), CacheClient(address) as client:
+    with ServerProcess(address, chunk_size=CS), CacheClient(address) as client:
         result = run_prefix_reuse(client, deepseek, prompt_a, prompt_b, model_name="dsv3-tiny",
-                                  tp_size=2, alloc=shm.empty)
+                                  tp_size=2)
         stats = client.stats()
     assert result.hit_tokens == 128 and [r.retrieved_tokens for r in result.ranks] == [128, 128]
     assert all(r.cache_exact for r in result.ranks) and result.logits_identical

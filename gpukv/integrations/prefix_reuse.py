@@ -300,14 +300,13 @@ def run_demo(model_name: str, *, tokens: int = 256, chunk_size: int = 32, shared
                                                   chunk_size=chunk_size)))
     else:
         from gpukv.frontend.client import CacheClient
-        from gpukv.frontend.server import ServerProcess
-        from gpukv.frontend.shm import ShmAllocator
+        from gpukv.frontend.process import ServerProcess
 
-        with tempfile.TemporaryDirectory(prefix="gpukv-model-demo-") as tmp, ShmAllocator() as shm:
+        with tempfile.TemporaryDirectory(prefix="gpukv-model-demo-") as tmp:
             address = f"ipc://{tmp}/gpukv.sock"
             with ServerProcess(address, capacity_bytes=256 << 20, device=device, chunk_size=chunk_size), \
                     CacheClient(address, timeout_s=120) as client:
-                results = serves(client, shm.empty if device == "cpu" else None)
+                results = serves(client)
     result = results[-1]
     identical = all(r.logits_identical for r in results)
     ttft_full = statistics.median(r.ttft_full_s for r in results)

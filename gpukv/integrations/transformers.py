@@ -131,7 +131,7 @@ def alloc_pages(model: PreTrainedModel, num_blocks: int, block_size: int, *, fil
 
     Shapes: MLA ``[num_blocks, block_size, kv_lora_rank + rope_dim]``; MHA
     ``[num_blocks, 2, block_size, kv_heads, head_dim]``. ``alloc(shape, dtype)`` replaces
-    ``torch.empty`` (e.g. ``gpukv.frontend.shm.ShmAllocator().empty`` to share CPU pages with a server).
+    ``torch.empty`` (e.g. to place the pages on a given device or in pinned memory).
     """
     if not isinstance(num_blocks, int) or num_blocks <= 0:
         raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
