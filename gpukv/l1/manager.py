@@ -152,20 +152,20 @@ class L1Manager(L1Queries):
         """The unfinished writes named by ``writes`` whose pin is still held, one at a time (an
         item is resolved after the previous one was handled); appends a status per item to
         ``out``: OK, NOT_FOUND for a write discarded meanwhile (its pin is released all the
-        same), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
+        same; by key: ``owner``'s latest discarded write of it, even where the key is live
+        again), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
         for item in writes:
             if type(item) is Entry:
                 entry = item if not item.ready and item.pins == 1 else None
                 status = WRONG_STATE if entry is None else NOT_FOUND if entry.doomed else OK
             else:
                 entry = self._objects.get(item)
-                status = (WRONG_STATE if entry is not None and (entry.ready or entry.writer != owner)
-                          else OK if entry is not None else NOT_FOUND)
-                if entry is None:
+                if entry is not None and not entry.ready and entry.writer == owner:
+                    status = OK
+                else:  # owner's discarded write of that key, even if the key was stored again
                     doomed = self._doomed_writes.get((owner, item))
+                    status = NOT_FOUND if doomed or entry is None else WRONG_STATE
                     entry = doomed[-1] if doomed else None
-                elif status is not OK:
-                    entry = None
             out.append(status)
             if entry is not None:
                 yield entry
@@ -341,7 +341,7 @@ class L1Manager(L1Queries):
         with self._lock:
             released = 0
             owned = self._owner_leases.get(owner, {})
-            for key in list(owned) if keys is None else [k for k in keys if k in owned]:
+            for key in list(owned) if keys is None else [k for k in dict.fromkeys(keys) if k in owned]:
                 released += self._drop_shares(self._objects[key], owner)
             if keys is None:
                 for entry in list(self._owner_writes.get(owner, ())):
