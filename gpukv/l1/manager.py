@@ -61,6 +61,7 @@ class L1Manager(L1Queries):
             raise ValueError("give either capacity_bytes or a non-empty list of arenas")
         self.arenas: list[SlabArena] = list(arenas)
         self._lrus: list[SizeClassLRU[Entry]] = [SizeClassLRU(a) for a in self.arenas]
+        self._stamp = 0  # LRU recency, one counter for all devices
         self.read_lease_s, self.write_lease_s, self._clock = read_lease_s, write_lease_s, clock
         self._lock = threading.Lock()
         self._objects: dict[Hashable, Entry] = {}  # live (not doomed) objects by key
@@ -95,7 +96,7 @@ class L1Manager(L1Queries):
         statuses: list[Status] = []
         handles: list[Entry | None] = []
         with self._lock:
-            lru.add_class(slot_bytes)
+            class_lru = lru.add_class(slot_bytes)
             deadline = self._clock() + self.write_lease_s
             objects, full = self._objects, slot_bytes > slab.capacity_bytes
             for key in keys:
@@ -106,7 +107,7 @@ class L1Manager(L1Queries):
                     handles.append(None)
                     continue
                 entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, owner, deadline,
-                              pins=1)
+                              pins=1, lru=class_lru)
                 objects[key] = entry
                 self._writing[entry] = None
                 self._owner_writes.setdefault(owner, {})[entry] = None
@@ -130,7 +131,7 @@ class L1Manager(L1Queries):
                     entry.ready = True
                     self._end_write(entry)
                     if count is not None:
-                        self._add_shares(entry, reader, count, now, top_up=False)
+                        self._add_shares(entry, reader, count, now)
                 self._release_write_pin(entry)
         return out
 
@@ -191,53 +192,85 @@ class L1Manager(L1Queries):
         """Give ``owner`` ``1 + extra_count`` shares per ready key (and refresh its lease); with
         ``top_up`` only what brings ``owner`` up to that many. NOT_FOUND if absent, NOT_READY
         while written, WRONG_STATE past MAX_READERS for the owner (nothing taken for that key)."""
-        count = share_count(extra_count)
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)
         out: list[Status] = []
-        with self._lock:
-            now, get = self._clock(), self._objects.get
+        with self._lock:  # the lookup hot path: _add_shares inlined, no call per key
+            get, leases = self._objects.get, self._owner_leases
+            deadline = self._clock() + self.read_lease_s
+            owned = leases.get(owner)
+            if owned is None:
+                owned = leases[owner] = {}
             for key in keys:
                 entry = get(key)
                 if entry is None:
                     out.append(NOT_FOUND)
-                elif not entry.ready:
+                    continue
+                if not entry.ready:
                     out.append(NOT_READY)
+                    continue
+                shares = entry.shares
+                held = shares.get(owner)
+                if held is None:  # the common case: first shares (count <= MAX_READERS)
+                    shares[owner] = count
                 else:
-                    out.append(self._add_shares(entry, owner, count, now, top_up))
-            self._owner_leases.forget_if_idle(owner)
+                    new = (held if held >= count else count) if top_up else held + count
+                    if new > MAX_READERS:
+                        out.append(WRONG_STATE)
+                        continue
+                    shares[owner] = new
+                    del owned[entry]  # its lease exists while shares are held: to the end
+                owned[entry] = deadline
+                out.append(OK)
+            if not owned:
+                del leases[owner]
         return out
 
     def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
                     owner: Hashable = None) -> list[Status]:
         """Release ``1 + extra_count`` of ``owner``'s shares per key; WRONG_STATE (no change) if
         the owner holds fewer. A temporary object whose count reaches zero is freed."""
-        count = share_count(extra_count)
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)
         out: list[Status] = []
-        with self._lock:
-            get = self._objects.get
+        with self._lock:  # the retrieve hot path: _drop_shares and _settle inlined
+            get, owned, stamp = self._objects.get, self._owner_leases.get(owner), self._stamp
             for key in keys:
                 entry = get(key)
                 if entry is None:
                     out.append(NOT_FOUND)
-                elif entry.shares.get(owner, 0) < count:
-                    out.append(WRONG_STATE)
+                    continue
+                shares = entry.shares
+                held = shares.pop(owner, 0)
+                if held == count:
+                    del owned[entry]
+                elif held > count:
+                    shares[owner] = held - count
                 else:
-                    self._drop_shares(entry, owner, count)
-                    out.append(OK)
+                    if held:
+                        shares[owner] = held
+                    out.append(WRONG_STATE)
+                    continue
+                if not shares and not entry.pins:  # a live object with shares is ready
+                    if entry.temporary:
+                        self._doom(entry)
+                    else:  # SizeClassLRU.touch inlined
+                        stamp += 1
+                        entry.stamp = stamp
+                        try:
+                            entry.lru.move_to_end(entry)
+                        except KeyError:  # the LRU dropped it while it was busy
+                            entry.lru[entry] = entry
+                out.append(OK)
+            self._stamp = stamp
+            if owned is not None and not owned:
+                del self._owner_leases[owner]
         return out
 
-    def _add_shares(self, entry: Entry, owner: Hashable, count: int, now: float,
-                    top_up: bool) -> Status:
-        held = entry.shares.get(owner, 0)
-        add = max(0, count - held) if top_up else count
-        if held + add > MAX_READERS:
-            return WRONG_STATE
-        if entry.idle:
-            self._lrus[entry.device].remove(entry)
-        if add:
-            entry.shares[owner] = held + add
-            entry.readers += add
-        self._owner_leases.refresh(owner, entry.key, now + self.read_lease_s)
-        return OK
+    def _add_shares(self, entry: Entry, owner: Hashable, count: int, now: float) -> None:
+        """The first ``count`` (<= MAX_READERS) shares of an object just made ready."""
+        entry.shares[owner] = count
+        self._owner_leases.refresh(owner, entry, now + self.read_lease_s)
 
     def _drop_shares(self, entry: Entry, owner: Hashable, count: int | None = None, *,
                      lease_gone: bool = False) -> int:
@@ -248,9 +281,8 @@ class L1Manager(L1Queries):
         if count < held:
             entry.shares[owner] = held - count
         elif not lease_gone:
-            self._owner_leases.drop(owner, entry.key)
-        entry.readers -= count
-        if not entry.readers:
+            self._owner_leases.drop(owner, entry)
+        if not entry.shares:
             self._settle(entry)
         return count
 
@@ -259,12 +291,17 @@ class L1Manager(L1Queries):
         """Pin ready objects for a copy out of them; NOT_FOUND / NOT_READY as ``reserve_read``."""
         statuses: list[Status] = []
         handles: list[Entry | None] = []
-        with self._lock:
+        with self._lock:  # _pin inlined
+            get = self._objects.get
             for key in keys:
-                entry = self._objects.get(key)
-                status = NOT_FOUND if entry is None else OK if entry.ready else NOT_READY
-                statuses.append(status)
-                handles.append(self._pin(entry) if status is OK else None)
+                entry = get(key)
+                if entry is None or not entry.ready:
+                    statuses.append(NOT_FOUND if entry is None else NOT_READY)
+                    handles.append(None)
+                    continue
+                entry.pins += 1  # an idle object stays in the LRU, which skips busy ones
+                statuses.append(OK)
+                handles.append(entry)
         return statuses, handles
 
     def pin_handles(self, handles: Iterable[Entry]) -> list[Status]:
@@ -288,16 +325,35 @@ class L1Manager(L1Queries):
         """After a copy out of pinned objects: release one of ``owner``'s shares of each (where
         it still holds one), then unpin. Returns the shares released."""
         released = 0
-        with self._lock:
+        with self._lock:  # the retrieve hot path: _drop_shares, _unpin and _settle inlined
+            owned, stamp = self._owner_leases.get(owner), self._stamp
             for entry in handles:
-                if not entry.doomed and entry.shares.get(owner, 0):
-                    released += self._drop_shares(entry, owner, 1)
-                self._unpin(entry)
+                shares = entry.shares
+                held = shares.pop(owner, 0)  # (a discarded object holds no shares)
+                if held:
+                    released += 1
+                    if held == 1:
+                        del owned[entry]
+                    else:
+                        shares[owner] = held - 1
+                assert entry.pins > 0, entry.key
+                pins = entry.pins = entry.pins - 1
+                if not pins and not shares:
+                    if entry.doomed or entry.temporary:
+                        self._settle(entry)
+                    else:  # SizeClassLRU.touch inlined
+                        stamp += 1
+                        entry.stamp = stamp
+                        try:
+                            entry.lru.move_to_end(entry)
+                        except KeyError:  # the LRU dropped it while it was busy
+                            entry.lru[entry] = entry
+            self._stamp = stamp
+            if owned is not None and not owned:
+                del self._owner_leases[owner]
         return released
 
     def _pin(self, entry: Entry) -> Entry:
-        if entry.idle:
-            self._lrus[entry.device].remove(entry)
         entry.pins += 1
         return entry
 
@@ -309,14 +365,15 @@ class L1Manager(L1Queries):
 
     def _settle(self, entry: Entry) -> None:
         """An object just lost its last reader or pin: free it, or make it evictable."""
-        if entry.pins or entry.readers:
+        if entry.pins or entry.shares:
             return
         if entry.doomed:
             self.arenas[entry.device].free(entry.offset)
         elif entry.ready and entry.temporary:
             self._doom(entry)
         elif entry.ready:
-            self._lrus[entry.device].push(entry)
+            self._stamp += 1
+            self._lrus[entry.device].touch(entry, self._stamp)
 
     # -- leases, owners, delete ----------------------------------------------------------------
     def expire(self) -> int:
@@ -324,8 +381,8 @@ class L1Manager(L1Queries):
         passed (pinned slots are freed by their last unpin). Returns the shares released."""
         with self._lock:
             now, released = self._clock(), 0
-            for owner, key in self._owner_leases.pop_expired(now):
-                released += self._drop_shares(self._objects[key], owner, lease_gone=True)
+            for owner, entry in self._owner_leases.pop_expired(now):
+                released += self._drop_shares(entry, owner, lease_gone=True)
             while self._writing:
                 entry = next(iter(self._writing))
                 if entry.write_deadline > now:
@@ -341,8 +398,12 @@ class L1Manager(L1Queries):
         with self._lock:
             released = 0
             owned = self._owner_leases.get(owner, {})
-            for key in list(owned) if keys is None else [k for k in dict.fromkeys(keys) if k in owned]:
-                released += self._drop_shares(self._objects[key], owner)
+            if keys is None:
+                entries = list(owned)
+            else:
+                entries = [e for e in map(self._objects.get, dict.fromkeys(keys)) if e in owned]
+            for entry in entries:
+                released += self._drop_shares(entry, owner)
             if keys is None:
                 for entry in list(self._owner_writes.get(owner, ())):
                     self._doom(entry)
@@ -360,7 +421,7 @@ class L1Manager(L1Queries):
                 elif not (entry.idle or force):
                     out.append(Status.LOCKED)
                 else:
-                    self._doom(entry, queued=entry.idle)
+                    self._doom(entry)
                     out.append(OK)
         return out
 
@@ -372,21 +433,20 @@ class L1Manager(L1Queries):
                 self._doom(entry)
             return len(victims)
 
-    def _doom(self, entry: Entry, *, queued: bool = False) -> None:
-        """Discard ``entry`` (``queued``: it is in the LRU): unreachable by key, shares dropped;
-        its slot freed now unless a copy pins it."""
+    def _doom(self, entry: Entry) -> None:
+        """Discard ``entry``: unreachable by key, out of the LRU, shares dropped; its slot freed
+        now unless a copy pins it."""
         if entry.doomed:
             return
-        if queued:
-            self._lrus[entry.device].remove(entry)
-        if not entry.ready:
+        if entry.ready:
+            entry.lru.pop(entry, None)
+        else:
             self._end_write(entry)
             self._doomed_writes.setdefault((entry.writer, entry.key), []).append(entry)
         del self._objects[entry.key]
         for owner in entry.shares:
-            self._owner_leases.drop(owner, entry.key)
+            self._owner_leases.drop(owner, entry)
         entry.shares.clear()
-        entry.readers = 0
         entry.doomed = True
         if entry.pins:
             self._counts["deferred_frees"] += 1
