@@ -1,46 +1,72 @@
-"""Sweep the L1 manager's host-side bookkeeping: shares with extra_count vs a loop of single shares.
+"""Sweep the L1 manager's host-side bookkeeping per key, against baselines measured in the same run.
 
-Per batch of keys (1..4096), measured with ``time.perf_counter`` medians (the L1 calls are host
-work whatever the arena's device):
+Per batch of keys (1..4096) and share count S (1, 8, 128 shares per key; ``extra_count = S - 1``):
 
-- ``read``: ``reserve_read(keys, e)`` + ``finish_read(keys, e)`` for e = 0, 7, 127.
-- ``loop`` (the baseline, same run): the reference system's way of taking ``1 + e`` shares, one
-  lock call per share: ``1 + e`` calls of ``reserve_read(keys, 0)`` then ``1 + e`` calls of
-  ``finish_read(keys, 0)``. (Batched over the keys, so it is a *faster* baseline than one call
-  per key per share.)
-- ``write``: ``reserve_write(keys)`` + ``finish_write(keys)`` of fresh keys, with eviction off (room
-  for every write) and on (the arena is full, every write evicts one LRU object).
+- ``read``: ``reserve_read(keys, S-1)`` + ``finish_read(keys, S-1)`` (the lookup/retrieve hot path).
+- ``read_top_up``: the same with ``top_up=True`` (an idempotent lookup taking its first shares).
+- ``pin_end_read`` (S-independent, shown at S=1): ``pin(keys)`` + ``end_read(handles)``, the
+  retrieve's copy pin, releasing one share each (the owner's shares are refilled untimed).
+- ``write``: ``reserve_write`` + ``finish_write`` of fresh keys, eviction off (the keys are deleted
+  untimed after each sample) and on (the arena is full: every write evicts one LRU object).
 
-Goals: per-key time at e=127 within 1.2x of e=0, and >= 5x faster than the loop at e=127.
+Baselines, same run, same keys (tuples ``(model, rank, 16-byte hash)``, whose hash Python
+recomputes at every dict operation, as it does for the subject):
 
-    python perf/sweep_l1.py --preset quick     # < ~60 s on a small CPU
+- ``loop``: one call per share, the reference system's way: S ``reserve_read(keys, 0)`` then S
+  ``finish_read(keys, 0)`` (batched over the keys, so kinder than one call per key and share).
+- ``floor``: what any per-key bookkeeping costs at least: one locked pass doing one dict get and
+  one set per key to take S shares, and one such pass to release them.
+
+Method: every case of one (batch, S) cell is sampled once per repeat, in an order rotated each
+repeat (subject and baselines alternate: ABAB...); a sample times ``inner`` back-to-back calls
+(about 1 ms) with ``time.perf_counter`` and is divided by ``inner * batch``. Reported: min /
+median / max over the repeats; ratios are of medians. The garbage collector runs before each
+sample, not inside it. torch's thread count is fixed (``--threads``, default 1) and printed with
+the load average before and after. Goal (issue 15): ``read`` and ``read_top_up`` <= 0.25 µs per
+key at every S and batch.
+
+    python perf/sweep_l1.py --preset quick     # ~1 min on a small CPU
+    python perf/sweep_l1.py --profile          # where the read path's time goes (knock-outs)
+
+``--profile`` times the real ``reserve_read`` + ``finish_read`` against copies compiled from
+their own source with some statements replaced by ``pass`` (lease dict ops, the LRU touch, the
+status appends; the results are then wrong, only the time matters), and against the two key
+lookups every by-key call pays, in the same ABAB rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import platform
 import statistics
 import sys
+import threading
+import time
 from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, progress, results_dir, write_csv  # noqa: E402
+from common import progress, results_dir, write_csv  # noqa: E402
 
-from gpukv.l1 import L1Manager, Status  # noqa: E402
+from gpukv.l1 import MAX_READERS, L1Manager, Status  # noqa: E402
 from gpukv.l1.slab import aligned_bytes  # noqa: E402
 
 PRESETS = {
-    "quick": dict(batches=[1, 16, 256, 4096], rounds=7, repeats=3),
-    "full": dict(batches=[1, 4, 16, 64, 256, 1024, 4096], rounds=15, repeats=5),
+    "quick": dict(batches=[1, 16, 256, 4096], shares=[1, 8, 128], repeats=7),
+    "full": dict(batches=[1, 4, 16, 64, 256, 1024, 4096], shares=[1, 8, 128], repeats=15),
 }
-EXTRAS = [0, 7, 127]
 OBJECT_BYTES = 4 << 10
+SAMPLE_KEYS = 2048  # keys touched per sample (inner calls x batch), about 1 ms of work
+GOAL_US = 0.25
+OK = Status.OK
+Sample = Callable[[], float]  # seconds per key of one sample
 
 
 def make_keys(start: int, count: int) -> list[tuple]:
@@ -48,89 +74,228 @@ def make_keys(start: int, count: int) -> list[tuple]:
     return [("deepseek-v3", 0, i.to_bytes(16, "little")) for i in range(start, start + count)]
 
 
-def read_case(batch: int, extra: int, loop: bool, device: str) -> Callable[[], None]:
-    l1 = L1Manager(batch * aligned_bytes(OBJECT_BYTES), device=device)
+def filled(batch: int, *, spare: int = 0, device: str = "cpu") -> tuple[L1Manager, list[tuple]]:
+    """A manager holding ``batch`` ready objects, with room for ``spare`` more."""
+    l1 = L1Manager((batch + spare) * aligned_bytes(OBJECT_BYTES), device=device)
     keys = make_keys(0, batch)
-    assert l1.reserve_write(keys, OBJECT_BYTES) == [Status.OK] * batch
-    l1.finish_write(keys)
-    shares = 1 + extra
+    assert l1.reserve_write(keys, OBJECT_BYTES) == [OK] * batch
+    assert l1.finish_write(keys) == [OK] * batch
+    return l1, keys
 
-    def extra_count() -> None:
-        l1.reserve_read(keys, extra, owner="req")
-        assert l1.finish_read(keys, extra, owner="req")[-1] is Status.OK
 
-    def one_share_per_call() -> None:
+def timed(fn: Callable[[], object], inner: int, batch: int) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / (inner * batch)
+
+
+def read_cases(batch: int, shares: int, device: str) -> dict[str, Sample]:
+    l1, keys = filled(batch, device=device)
+    extra, inner = shares - 1, max(1, SAMPLE_KEYS // batch)
+    reserve, finish = l1.reserve_read, l1.finish_read
+    floor_lock, floor = threading.Lock(), {key: 0 for key in keys}
+
+    def read() -> None:
+        reserve(keys, extra, owner="req")
+        finish(keys, extra, owner="req")
+
+    def read_top_up() -> None:
+        reserve(keys, extra, owner="req", top_up=True)
+        finish(keys, extra, owner="req")
+
+    def loop() -> None:
         for _ in range(shares):
-            l1.reserve_read(keys, 0, owner="req")
+            reserve(keys, 0, owner="req")
         for _ in range(shares):
-            assert l1.finish_read(keys, 0, owner="req")[-1] is Status.OK
+            finish(keys, 0, owner="req")
 
-    return one_share_per_call if loop else extra_count
+    def floor_pass() -> None:
+        get = floor.get
+        with floor_lock:
+            for key in keys:
+                floor[key] = get(key, 0) + shares
+        with floor_lock:
+            for key in keys:
+                floor[key] = get(key, 0) - shares
+
+    def checked(fn: Callable[[], None]) -> Sample:
+        def sample() -> float:
+            seconds = timed(fn, inner, batch)
+            assert l1.stats()["shares"] == 0 and l1.stats()["leases"] == 0, fn.__name__
+            return seconds
+        return sample
+
+    # the subject's statuses are checked once; the timed calls are the same calls
+    assert reserve(keys, extra, owner="req", top_up=True) == [OK] * batch
+    assert finish(keys, extra, owner="req") == [OK] * batch
+    return {"read": checked(read), "read_top_up": checked(read_top_up), "loop": checked(loop),
+            "floor": lambda: timed(floor_pass, inner, batch)}
 
 
-def write_case(batch: int, evict: bool, device: str, num_calls: int) -> Callable[[], None]:
-    slot = aligned_bytes(OBJECT_BYTES)
-    l1 = L1Manager(batch * slot * (1 if evict else num_calls), device=device)
-    if evict:  # fill the arena so that each timed write evicts as many objects as it writes
-        first = make_keys(1 << 40, batch)
-        l1.reserve_write(first, OBJECT_BYTES)
-        l1.finish_write(first)
-    batches = iter([make_keys(i * batch, batch) for i in range(num_calls)])
+def pin_case(batch: int, device: str) -> Sample:
+    l1, keys = filled(batch, device=device)
+    inner = max(1, min(MAX_READERS, SAMPLE_KEYS // batch))
+    pin, end_read = l1.pin, l1.end_read
 
-    def write() -> None:
-        keys = next(batches)
-        assert l1.reserve_write(keys, OBJECT_BYTES)[-1] is Status.OK
+    def retrieve() -> None:
+        end_read(pin(keys)[1], owner="req")
+
+    def sample() -> float:
+        assert l1.reserve_read(keys, inner - 1, owner="req") == [OK] * batch  # untimed refill
+        seconds = timed(retrieve, inner, batch)
+        assert l1.stats()["shares"] == 0 and l1.stats()["pinned"] == 0
+        return seconds
+
+    return sample
+
+
+def write_case(batch: int, evict: bool, device: str) -> Sample:
+    l1, _ = filled(batch, spare=0 if evict else batch, device=device)
+    if not evict:
+        l1.clear()
+    fresh = iter(range(1, 1 << 30))
+
+    def sample() -> float:
+        keys = make_keys(next(fresh) * batch, batch)
+        gc.collect()
+        t0 = time.perf_counter()
+        l1.reserve_write(keys, OBJECT_BYTES)
         l1.finish_write(keys)
+        seconds = time.perf_counter() - t0
+        assert keys[-1] in l1 and l1.stats()["objects"] == batch
+        if not evict:
+            assert l1.delete(keys) == [OK] * batch
+        return seconds / batch
 
-    return write
+    return sample
+
+
+def sample_cell(cases: dict[str, Sample], repeats: int) -> dict[str, list[float]]:
+    """ABAB...: each repeat samples every case once, the order rotated by one each repeat."""
+    names = list(cases)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for case in cases.values():
+        case()  # warm-up
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(cases[name]())
+    return times
 
 
 def run(preset: str, device: str) -> list[dict]:
-    """Per batch size, every case is timed in interleaved rounds (so load drift from other
-    processes hits all cases alike); a case's time is the median over rounds of bench()'s median."""
     cfg = PRESETS[preset]
-    rounds, repeats = cfg["rounds"], cfg["repeats"]
     rows = []
+
+    def add(op: str, shares: int, batch: int, eviction: str, us: list[float]) -> None:
+        rows.append(dict(op=op, eviction=eviction, extra_count=max(0, shares - 1), shares_per_key=shares,
+                         batch=batch, us_per_key=statistics.median(us), us_min=min(us), us_max=max(us)))
+
     for batch in progress(cfg["batches"], desc="batch sizes"):
-        cases = {("read", e, "off"): read_case(batch, e, False, device) for e in EXTRAS}
-        cases |= {("loop", e, "off"): read_case(batch, e, True, device) for e in EXTRAS}
-        num_calls = rounds * (repeats + 1)
-        cases |= {("write", 0, ev): write_case(batch, ev == "on", device, num_calls) for ev in ("off", "on")}
-        samples: dict[tuple, list[float]] = {case: [] for case in cases}
-        for _ in range(rounds):
-            for case, fn in cases.items():
-                samples[case].append(bench(fn, repeats=repeats, warmup=1))
-        for (op, extra, evict), times in samples.items():
-            seconds = statistics.median(times)
-            rows.append(dict(op=op, eviction=evict, extra_count=extra,
-                             shares_per_key=1 + extra if op != "write" else 0, batch=batch,
-                             seconds=seconds, us_per_key=seconds / batch * 1e6))
-    by = {(r["op"], r["extra_count"], r["eviction"], r["batch"]): r for r in rows}
+        for shares in cfg["shares"]:
+            cases = read_cases(batch, shares, device)
+            if shares == 1:
+                cases["pin_end_read"] = pin_case(batch, device)
+                cases["write"] = write_case(batch, False, device)
+                cases["write_evict"] = write_case(batch, True, device)
+            times = sample_cell(cases, cfg["repeats"])
+            for name, seconds in times.items():
+                op, evict = ("write", "on") if name == "write_evict" else (name, "off")
+                add(op, shares if op not in ("write", "pin_end_read") else 1, batch, evict,
+                    [s * 1e6 for s in seconds])
+    by = {(r["op"], r["shares_per_key"], r["batch"], r["eviction"]): r for r in rows}
     for r in rows:
-        if r["op"] == "read":
-            r["vs_extra0"] = r["us_per_key"] / by["read", 0, "off", r["batch"]]["us_per_key"]
-            r["speedup_vs_loop"] = by["loop", r["extra_count"], "off", r["batch"]]["us_per_key"] / r["us_per_key"]
+        base = (r["shares_per_key"], r["batch"], "off")
+        r["vs_floor"] = r["us_per_key"] / by[("floor",) + base]["us_per_key"]
+        if r["op"] in ("read", "read_top_up"):
+            r["vs_extra0"] = r["us_per_key"] / by[(r["op"], 1, r["batch"], "off")]["us_per_key"]
+            r["speedup_vs_loop"] = by[("loop",) + base]["us_per_key"] / r["us_per_key"]
+    for r in rows:
+        r.setdefault("vs_extra0", "")
+        r.setdefault("speedup_vs_loop", "")
     return rows
 
 
+# -- profile: what the hot path costs, by knocking statements out of its real source -------------
+KNOCK_OUTS = {  # statements (exact text) of reserve_read / finish_read replaced by ``pass``
+    "lease dict ops": ["owned[entry] = deadline", "del owned[entry]"],
+    "LRU touch": ["stamp += 1", "entry.stamp = stamp", "entry.lru.move_to_end(entry)"],
+    "status appends": ["out.append(OK)"],
+}
+
+
+def _knocked_out(statements: list[str]) -> tuple[Callable, Callable]:
+    """reserve_read and finish_read compiled from their source without ``statements``."""
+    import inspect
+    import textwrap
+
+    fns, found = [], set()
+    for fn in (L1Manager.reserve_read, L1Manager.finish_read):
+        lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() in statements:
+                found.add(line.strip())
+                lines[i] = line[:len(line) - len(line.lstrip())] + "pass"
+        namespace = dict(vars(sys.modules[fn.__module__]))
+        exec("\n".join(lines), namespace)
+        fns.append(namespace[fn.__name__])
+    assert found == set(statements), f"not in the source any more: {set(statements) - found}"
+    return fns[0], fns[1]
+
+
+def profile(batch: int, repeats: int) -> list[dict]:
+    """ABAB over the real read path, the knocked-out variants and the baselines (one share)."""
+    variants = {"real": (L1Manager.reserve_read, L1Manager.finish_read)}
+    variants |= {f"without {name}": _knocked_out(stmts) for name, stmts in KNOCK_OUTS.items()}
+    variants["without all three"] = _knocked_out([s for ss in KNOCK_OUTS.values() for s in ss])
+    cases: dict[str, Sample] = {}
+    for name, (reserve, finish) in variants.items():
+        l1, keys = filled(batch)
+
+        def run(l1=l1, keys=keys, reserve=reserve, finish=finish) -> None:
+            reserve(l1, keys, 0, owner="req")
+            finish(l1, keys, 0, owner="req")
+
+        cases[name] = (lambda run=run: timed(run, max(1, SAMPLE_KEYS // batch), batch))
+    base = read_cases(batch, 1, "cpu")
+    l1, keys = filled(batch)
+    get, lock, inner = l1._objects.get, l1._lock, max(1, SAMPLE_KEYS // batch)
+
+    def lookups() -> None:  # what any by-key call pays: the key lookups, under the lock
+        for _ in range(2):
+            with lock:
+                for key in keys:
+                    get(key)
+
+    cases |= {"floor": base["floor"], "two key lookups": lambda: timed(lookups, inner, batch)}
+    times = sample_cell(cases, repeats)
+    real = statistics.median(times["real"])
+    return [dict(batch=batch, variant=name, ns_per_key=statistics.median(t) * 1e9,
+                 ns_min=min(t) * 1e9, ns_max=max(t) * 1e9,
+                 saves_ns=(real - statistics.median(t)) * 1e9) for name, t in times.items()]
+
+
 def plot(rows: list[dict], path) -> None:
-    fig, (ax_r, ax_w) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for op, extra, style in [("read", e, "-o") for e in EXTRAS] + [("loop", e, "--x") for e in EXTRAS[1:]]:
-        pts = [(r["batch"], r["us_per_key"]) for r in rows if r["op"] == op and r["extra_count"] == extra]
-        label = f"extra_count={extra}" if op == "read" else f"loop of {1 + extra} single shares"
-        ax_r.plot(*zip(*pts), style, label=label)
-    for evict in ("off", "on"):
-        pts = [(r["batch"], r["us_per_key"]) for r in rows if r["op"] == "write" and r["eviction"] == evict]
-        ax_w.plot(*zip(*pts), "-o", label=f"eviction {evict}")
-    ax_r.set_title("reserve_read + finish_read")
-    ax_w.set_title("reserve_write + finish_write")
-    for ax in (ax_r, ax_w):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    shares = sorted({r["shares_per_key"] for r in rows if r["op"] == "read"})
+    for ax, s in zip(axes, shares):
+        for op, style in (("read", "-o"), ("read_top_up", "-s"), ("loop", "--x"), ("floor", ":.")) + (
+                (("pin_end_read", "-^"), ("write", "-v")) if s == 1 else ()):
+            pts = sorted((r["batch"], r["us_per_key"], r["us_min"], r["us_max"]) for r in rows
+                         if r["op"] == op and r["shares_per_key"] == s and r["eviction"] == "off")
+            if pts:
+                x, med, lo, hi = zip(*pts)
+                ax.errorbar(x, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                            fmt=style, capsize=2, label=op)
+        ax.axhline(GOAL_US, color="red", lw=0.8, label=f"goal {GOAL_US} µs")
+        ax.set_title(f"{s} share(s) per key (min / median / max)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("keys per call")
-        ax.set_ylabel("µs per key")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("µs per key")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -140,22 +305,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--device", default="cpu", help="arena device: cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for the run)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the knock-out profile of reserve_read + finish_read (CSV)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    print(f"python {platform.python_version()}, torch {torch.__version__}, torch threads "
+          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"cpus {os.cpu_count()}, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    if args.profile:
+        rows = [r for batch in (256, 4096) for r in profile(batch, PRESETS[args.preset]["repeats"])]
+        csv_path = write_csv(results_dir("cpu") / f"sweep_l1_profile_{args.preset}.csv", rows)
+        for r in rows:
+            print(f"batch {r['batch']:>5} {r['variant']:>24}: {r['ns_min']:6.1f} {r['ns_per_key']:6.1f} "
+                  f"{r['ns_max']:6.1f} ns/key (min median max); {r['saves_ns']:+6.1f} vs real")
+        load = os.getloadavg()
+        print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\ncsv: {csv_path}")
+        return
     rows = run(args.preset, args.device)
+    load_after = os.getloadavg()
     out = results_dir(args.device)
     csv_path = write_csv(out / f"sweep_l1_{args.preset}.csv", rows)
     png_path = out / f"sweep_l1_{args.preset}.png"
     plot(rows, png_path)
-    by = {(r["op"], r["extra_count"], r["eviction"], r["batch"]): r for r in rows}
-    print(f"{'batch':>6} | µs/key read e=0 e=7 e=127 | loop e=7 e=127 | e127/e0 | loop/e127 "
-          f"| write evict off on")
-    for batch in sorted({r["batch"] for r in rows}):
-        us = {k[:3]: r["us_per_key"] for k, r in by.items() if k[3] == batch}
-        print(f"{batch:>6} | {us['read', 0, 'off']:>13.2f} {us['read', 7, 'off']:>5.2f} "
-              f"{us['read', 127, 'off']:>5.2f} | {us['loop', 7, 'off']:>8.2f} {us['loop', 127, 'off']:>6.1f} "
-              f"| {by['read', 127, 'off', batch]['vs_extra0']:>7.2f} "
-              f"| {by['read', 127, 'off', batch]['speedup_vs_loop']:>9.1f} "
-              f"| {us['write', 0, 'off']:>16.2f} {us['write', 0, 'on']:>5.2f}")
+    print(f"{'op':>12} {'S':>4} {'batch':>6} | µs/key min median max | x floor | x faster than loop")
+    for r in rows:
+        loop = r["speedup_vs_loop"]
+        print(f"{r['op'] + ('+evict' if r['eviction'] == 'on' else ''):>12} {r['shares_per_key']:>4} "
+              f"{r['batch']:>6} | {r['us_min']:7.3f} {r['us_per_key']:7.3f} {r['us_max']:7.3f} | "
+              f"{r['vs_floor']:7.2f} | {'' if loop == '' else format(loop, '.1f')}")
+    worst = {op: max(r["us_per_key"] for r in rows if r["op"] == op) for op in ("read", "read_top_up")}
+    print("goal read+release <= %.2f µs/key at every S and batch: worst median read %.3f, top_up %.3f -> %s"
+          % (GOAL_US, worst["read"], worst["read_top_up"],
+             "met" if max(worst.values()) <= GOAL_US else "NOT met"))
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} "
+          f"{load_after[2]:.2f}")
     print(f"csv: {csv_path}\npng: {png_path}")
 
 

@@ -58,7 +58,7 @@ def test_many_shares_are_one_record_per_key_and_owner():
     assert l1.reserve_read(["k"], 0, owner="a") == [OK]
     assert l1.reserve_read(["k"], MAX_READERS - 2, owner="a") == [OK]  # 127 more shares
     assert l1._objects["k"].shares == {"a": MAX_READERS}  # one int, not 128 records
-    assert list(l1._owner_leases["a"]) == ["k"] and l1.read_count("k") == 128
+    assert [e.key for e in l1._owner_leases["a"]] == ["k"] and l1.read_count("k") == 128
     assert l1.stats()["leases"] == 1
     assert l1.finish_read(["k"], MAX_READERS - 1, owner="a") == [OK]
     assert l1._objects["k"].shares == {} and l1._owner_leases == {} and l1.is_evictable("k")
@@ -236,6 +236,22 @@ def test_eviction_is_lru_and_reads_refresh_recency():
     assert l1.finish_read(["c"], owner="r") == [OK]  # c now most recent: e f g c
     assert l1.reserve_write(["h", "i"], SIZE) == [OK, OK]
     assert [k for k in "cefg" if k in l1] == ["c", "g"]
+
+
+def test_lru_skips_objects_that_became_busy_and_takes_them_back_once_idle():
+    # Taking a share or a pin leaves an object where it is in the LRU (no work per key on the
+    # lookup path); eviction skips and drops busy ones, and the last release queues them again.
+    l1 = make(3)
+    put(l1, ["a", "b", "c"])  # LRU order a b c
+    assert l1.reserve_read(["a"], owner="r") == [OK]
+    _, (pin,) = l1.pin(["b"])
+    assert l1.reserve_write(["d"], SIZE) == [OK]  # a (shared) and b (pinned) skipped: c goes
+    assert [k for k in "abc" if k in l1] == ["a", "b"] and l1.clear() == 0
+    assert l1.finish_read(["a"], owner="r") == [OK]
+    l1.unpin([pin])
+    assert l1.finish_write(["d"]) == [OK]  # LRU order a b d
+    assert l1.reserve_write(["e"], SIZE) == [OK]
+    assert [k for k in "abd" if k in l1] == ["b", "d"] and l1.stats()["evictions"] == 2
 
 
 def test_prefix_hits_and_contains_do_not_touch_recency():

@@ -44,15 +44,20 @@ class Entry:
     write_deadline: float
     ready: bool = False
     doomed: bool = False  # discarded: invisible, freed when the last pin goes
-    readers: int = 0  # sum of the counts in ``shares``
     pins: int = 0  # copies in progress (a write holds one from reserve to finish/abort)
     stamp: int = 0  # LRU recency (larger = more recent)
     shares: dict[Hashable, int] = field(default_factory=dict)  # owner -> count
+    lru: dict | None = field(default=None, repr=False)  # its device's LRU of its size class
+
+    @property
+    def readers(self) -> int:
+        """Shares held by all owners (a sum: the hot paths test ``shares`` itself)."""
+        return sum(self.shares.values())
 
     @property
     def idle(self) -> bool:
-        """Ready, unlocked and unpinned: what the LRU holds."""
-        return self.ready and not self.readers and not self.pins and not self.doomed
+        """Ready, unlocked and unpinned: evictable."""
+        return self.ready and not self.shares and not self.pins and not self.doomed
 
 
 def share_count(extra_count: int) -> int:

@@ -1,75 +1,86 @@
 """L1 eviction: the ready, unlocked objects in one LRU per size class, and the choice of victims.
 
-An object is here exactly while it is ready and unlocked: the L1 manager ``push``es it when it
-becomes so (``finish_write``, or the ``finish_read``/``expire``/``release_owner`` that drops its read
-count to zero) and takes it out when it is read-locked, deleted or evicted. ``push`` stamps it with
-a counter (larger = more recent), so a read refreshes its recency.
+Every *idle* object (ready, no shares, no pins, not discarded) is in the LRU of its size class,
+ordered by the moment it last became idle (least recent first): the L1 manager ``touch``es it then
+(``finish_write``, or the ``finish_read``/``unpin``/``expire``/``release_owner`` that lets go of it
+last), which stamps it from the manager's counter (larger = more recent) and moves it to the end.
+So a read refreshes its recency. Taking a share or a pin does *not* take an object out (that would
+cost a dictionary operation per key on the lookup path): the LRU may also hold objects that are
+busy again, which the victim choice skips and drops, and which their next ``touch`` puts back.
+Each class's OrderedDict is keyed by the object itself (identity hash: no key hashing).
 
 ``victims(slot_bytes)`` is the policy, asked only when the slab arena has no free slot of that size:
 
-1. the LRU object of the *same* class (frees a slot there);
-2. else a whole slab of another class: among slabs whose objects are all evictable, the one whose
-   most recently used object is oldest (ties: lowest start), so its bytes return to the arena;
+1. the LRU idle object of the *same* class (frees a slot there);
+2. else a whole slab of another class: among slabs whose objects are all idle, the one whose most
+   recently used object is oldest (ties: lowest start), so its bytes return to the arena;
 3. else nothing. The caller frees the victims and asks again until the write fits or nothing is
    evictable (then OUT_OF_MEMORY; evictions done stay done).
 
-The L1 hot loops read and write ``by_class`` and ``stamp`` directly (an attribute lookup per call,
-not a method call per key), keeping the rules above. Not thread-safe: the L1 manager's lock
-guards it.
+The L1 hot loops keep each object's class OrderedDict (``add_class`` returns it) and touch objects
+there directly (no method call per key), keeping the rules above. Not thread-safe: the L1
+manager's lock guards it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Generic, Hashable, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from gpukv.l1.slab import Slab, SlabArena
 
 
 class Evictable(Protocol):
-    """What the LRU needs of an object: its key, slot, place in the arena and recency stamp."""
+    """What the LRU needs of an object (hashed by identity): slot, place in the arena, recency
+    stamp, and whether it is idle now."""
 
-    key: Hashable
     slot_bytes: int
     offset: int
     stamp: int
+
+    @property
+    def idle(self) -> bool: ...
 
 
 _T = TypeVar("_T", bound=Evictable)
 
 
 class SizeClassLRU(Generic[_T]):
-    """Evictable objects by size class: ``by_class[slot_bytes]`` is an OrderedDict ``key ->
-    object``, least recently used first; ``stamp`` is the latest recency stamp handed out."""
+    """Objects by size class: ``by_class[slot_bytes]`` is an OrderedDict ``object -> object``,
+    least recently idle first; every idle object is there, busy ones may be."""
 
-    __slots__ = ("by_class", "stamp", "_slab")
+    __slots__ = ("by_class", "_slab")
 
     def __init__(self, slab: SlabArena) -> None:
         """Choose victims among the objects of ``slab`` (it tells which slab holds an offset)."""
-        self.by_class: dict[int, OrderedDict[Hashable, _T]] = {}
-        self.stamp = 0
+        self.by_class: dict[int, OrderedDict[_T, _T]] = {}
         self._slab = slab
 
-    def add_class(self, slot_bytes: int) -> None:
-        """Make room for objects of ``slot_bytes`` (idempotent)."""
-        if slot_bytes not in self.by_class:
-            self.by_class[slot_bytes] = OrderedDict()
+    def add_class(self, slot_bytes: int) -> OrderedDict[_T, _T]:
+        """Make room for objects of ``slot_bytes`` (idempotent); returns that class's LRU."""
+        lru = self.by_class.get(slot_bytes)
+        if lru is None:
+            lru = self.by_class[slot_bytes] = OrderedDict()
+        return lru
 
-    def push(self, obj: _T) -> None:
-        """Add ``obj`` as the most recently used of its class (its class was added)."""
-        self.stamp += 1
-        obj.stamp = self.stamp
-        self.by_class[obj.slot_bytes][obj.key] = obj
+    def touch(self, obj: _T, stamp: int) -> None:
+        """``obj`` just became idle: stamp it and make it the most recent of its (added) class."""
+        obj.stamp = stamp
+        lru = self.by_class[obj.slot_bytes]
+        try:
+            lru.move_to_end(obj)
+        except KeyError:
+            lru[obj] = obj
 
-    def remove(self, obj: _T) -> None:
-        """Take ``obj`` out; KeyError if it is not here."""
-        del self.by_class[obj.slot_bytes][obj.key]
+    def discard(self, obj: _T) -> None:
+        """Take ``obj`` out if it is here (it is being discarded)."""
+        self.by_class[obj.slot_bytes].pop(obj, None)
 
     def pop_all(self) -> list[_T]:
-        """Remove and return every object, class by class, least recently used first."""
+        """Empty the LRUs; returns the idle objects, class by class, least recently used first."""
         out: list[_T] = []
         for lru in self.by_class.values():
-            out.extend(lru.values())
+            out.extend(obj for obj in lru.values() if obj.idle)
             lru.clear()
         return out
 
@@ -77,17 +88,20 @@ class SizeClassLRU(Generic[_T]):
         """Remove and return the objects to evict for one ``slot_bytes`` slot (see the module
         docstring); [] when nothing useful is evictable. The caller frees them."""
         same = self.by_class.get(slot_bytes)
-        if same:
-            return [same.popitem(last=False)[1]]
-        by_slab: dict[Slab, list[_T]] = {}  # slab of another class -> its evictable objects
+        while same:
+            obj = same.popitem(last=False)[1]
+            if obj.idle:
+                return [obj]
+        by_slab: dict[Slab, list[_T]] = {}  # slab of another class -> its idle objects
         for lru in self.by_class.values():
             for obj in lru.values():
-                by_slab.setdefault(self._slab.slab_of(obj.offset), []).append(obj)
+                if obj.idle:
+                    by_slab.setdefault(self._slab.slab_of(obj.offset), []).append(obj)
         whole = [(max(o.stamp for o in objs), slab.start, objs)
                  for slab, objs in by_slab.items() if len(objs) == slab.num_used]
         if not whole:
             return []
         victims = min(whole, key=lambda t: t[:2])[2]
         for obj in victims:
-            self.remove(obj)
+            del self.by_class[obj.slot_bytes][obj]
         return victims

@@ -22,6 +22,10 @@ unpin).
 - Devices: one slab arena per device; an object lives in the arena its write named. Keys are
   global: one key is in at most one arena. Capacity and eviction are per device.
 - Thread safety: one lock around all state, taken once per call.
+
+The read side (shares and pins, the hot paths) lives in :mod:`gpukv.l1.reads`, the read-only
+views in :mod:`gpukv.l1.queries`; this module holds the state, the writes and the lifetime of
+objects (leases, owners, discarding, freeing, eviction).
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from gpukv.l1.entry import Entry, Status, share_count
 from gpukv.l1.eviction import SizeClassLRU
 from gpukv.l1.leases import LeaseIndex
 from gpukv.l1.queries import L1Queries
+from gpukv.l1.reads import L1Reads
 from gpukv.l1.slab import SlabArena
 
-OK, NOT_FOUND, NOT_READY, WRONG_STATE = Status.OK, Status.NOT_FOUND, Status.NOT_READY, Status.WRONG_STATE
+OK, NOT_FOUND, WRONG_STATE = Status.OK, Status.NOT_FOUND, Status.WRONG_STATE
 __all__ = ["Entry", "L1Manager", "MAX_READERS", "Status"]
 
 
-class L1Manager(L1Queries):
+class L1Manager(L1Reads, L1Queries):
     """Device-resident chunk cache with owned, leased reader shares and copy pins."""
 
     def __init__(self, capacity_bytes: int | None = None, *, device: torch.device | str = "cpu",
@@ -61,6 +66,7 @@ class L1Manager(L1Queries):
             raise ValueError("give either capacity_bytes or a non-empty list of arenas")
         self.arenas: list[SlabArena] = list(arenas)
         self._lrus: list[SizeClassLRU[Entry]] = [SizeClassLRU(a) for a in self.arenas]
+        self._stamp = 0  # LRU recency, one counter for all devices
         self.read_lease_s, self.write_lease_s, self._clock = read_lease_s, write_lease_s, clock
         self._lock = threading.Lock()
         self._objects: dict[Hashable, Entry] = {}  # live (not doomed) objects by key
@@ -95,7 +101,7 @@ class L1Manager(L1Queries):
         statuses: list[Status] = []
         handles: list[Entry | None] = []
         with self._lock:
-            lru.add_class(slot_bytes)
+            class_lru = lru.add_class(slot_bytes)
             deadline = self._clock() + self.write_lease_s
             objects, full = self._objects, slot_bytes > slab.capacity_bytes
             for key in keys:
@@ -106,7 +112,7 @@ class L1Manager(L1Queries):
                     handles.append(None)
                     continue
                 entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, owner, deadline,
-                              pins=1)
+                              pins=1, lru=class_lru)
                 objects[key] = entry
                 self._writing[entry] = None
                 self._owner_writes.setdefault(owner, {})[entry] = None
@@ -130,7 +136,7 @@ class L1Manager(L1Queries):
                     entry.ready = True
                     self._end_write(entry)
                     if count is not None:
-                        self._add_shares(entry, reader, count, now, top_up=False)
+                        self._add_shares(entry, reader, count, now)
                 self._release_write_pin(entry)
         return out
 
@@ -152,20 +158,20 @@ class L1Manager(L1Queries):
         """The unfinished writes named by ``writes`` whose pin is still held, one at a time (an
         item is resolved after the previous one was handled); appends a status per item to
         ``out``: OK, NOT_FOUND for a write discarded meanwhile (its pin is released all the
-        same), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
+        same; by key: ``owner``'s latest discarded write of it, even where the key is live
+        again), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
         for item in writes:
             if type(item) is Entry:
                 entry = item if not item.ready and item.pins == 1 else None
                 status = WRONG_STATE if entry is None else NOT_FOUND if entry.doomed else OK
             else:
                 entry = self._objects.get(item)
-                status = (WRONG_STATE if entry is not None and (entry.ready or entry.writer != owner)
-                          else OK if entry is not None else NOT_FOUND)
-                if entry is None:
+                if entry is not None and not entry.ready and entry.writer == owner:
+                    status = OK
+                else:  # owner's discarded write of that key, even if the key was stored again
                     doomed = self._doomed_writes.get((owner, item))
+                    status = NOT_FOUND if doomed or entry is None else WRONG_STATE
                     entry = doomed[-1] if doomed else None
-                elif status is not OK:
-                    entry = None
             out.append(status)
             if entry is not None:
                 yield entry
@@ -185,138 +191,17 @@ class L1Manager(L1Queries):
         if not writes:
             del self._owner_writes[entry.writer]
 
-    # -- reads ---------------------------------------------------------------------------------
-    def reserve_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
-                     owner: Hashable = None, top_up: bool = False) -> list[Status]:
-        """Give ``owner`` ``1 + extra_count`` shares per ready key (and refresh its lease); with
-        ``top_up`` only what brings ``owner`` up to that many. NOT_FOUND if absent, NOT_READY
-        while written, WRONG_STATE past MAX_READERS for the owner (nothing taken for that key)."""
-        count = share_count(extra_count)
-        out: list[Status] = []
-        with self._lock:
-            now, get = self._clock(), self._objects.get
-            for key in keys:
-                entry = get(key)
-                if entry is None:
-                    out.append(NOT_FOUND)
-                elif not entry.ready:
-                    out.append(NOT_READY)
-                else:
-                    out.append(self._add_shares(entry, owner, count, now, top_up))
-            self._owner_leases.forget_if_idle(owner)
-        return out
-
-    def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
-                    owner: Hashable = None) -> list[Status]:
-        """Release ``1 + extra_count`` of ``owner``'s shares per key; WRONG_STATE (no change) if
-        the owner holds fewer. A temporary object whose count reaches zero is freed."""
-        count = share_count(extra_count)
-        out: list[Status] = []
-        with self._lock:
-            get = self._objects.get
-            for key in keys:
-                entry = get(key)
-                if entry is None:
-                    out.append(NOT_FOUND)
-                elif entry.shares.get(owner, 0) < count:
-                    out.append(WRONG_STATE)
-                else:
-                    self._drop_shares(entry, owner, count)
-                    out.append(OK)
-        return out
-
-    def _add_shares(self, entry: Entry, owner: Hashable, count: int, now: float,
-                    top_up: bool) -> Status:
-        held = entry.shares.get(owner, 0)
-        add = max(0, count - held) if top_up else count
-        if held + add > MAX_READERS:
-            return WRONG_STATE
-        if entry.idle:
-            self._lrus[entry.device].remove(entry)
-        if add:
-            entry.shares[owner] = held + add
-            entry.readers += add
-        self._owner_leases.refresh(owner, entry.key, now + self.read_lease_s)
-        return OK
-
-    def _drop_shares(self, entry: Entry, owner: Hashable, count: int | None = None, *,
-                     lease_gone: bool = False) -> int:
-        """Release ``count`` (None: all) of ``owner``'s shares of ``entry``; returns how many.
-        ``lease_gone``: the caller already took the lease out of the index."""
-        held = entry.shares.pop(owner)
-        count = held if count is None else count
-        if count < held:
-            entry.shares[owner] = held - count
-        elif not lease_gone:
-            self._owner_leases.drop(owner, entry.key)
-        entry.readers -= count
-        if not entry.readers:
-            self._settle(entry)
-        return count
-
-    # -- pins ----------------------------------------------------------------------------------
-    def pin(self, keys: Iterable[Hashable]) -> tuple[list[Status], list[Entry | None]]:
-        """Pin ready objects for a copy out of them; NOT_FOUND / NOT_READY as ``reserve_read``."""
-        statuses: list[Status] = []
-        handles: list[Entry | None] = []
-        with self._lock:
-            for key in keys:
-                entry = self._objects.get(key)
-                status = NOT_FOUND if entry is None else OK if entry.ready else NOT_READY
-                statuses.append(status)
-                handles.append(self._pin(entry) if status is OK else None)
-        return statuses, handles
-
-    def pin_handles(self, handles: Iterable[Entry]) -> list[Status]:
-        """Pin objects already named by handles (NOT_FOUND once discarded, NOT_READY if writing)."""
-        out: list[Status] = []
-        with self._lock:
-            for entry in handles:
-                status = NOT_FOUND if entry.doomed else OK if entry.ready else NOT_READY
-                if status is OK:
-                    self._pin(entry)
-                out.append(status)
-        return out
-
-    def unpin(self, handles: Iterable[Entry]) -> None:
-        """Release pins taken by ``pin``/``pin_handles`` (the last one frees a discarded object)."""
-        with self._lock:
-            for entry in handles:
-                self._unpin(entry)
-
-    def end_read(self, handles: Iterable[Entry], *, owner: Hashable = None) -> int:
-        """After a copy out of pinned objects: release one of ``owner``'s shares of each (where
-        it still holds one), then unpin. Returns the shares released."""
-        released = 0
-        with self._lock:
-            for entry in handles:
-                if not entry.doomed and entry.shares.get(owner, 0):
-                    released += self._drop_shares(entry, owner, 1)
-                self._unpin(entry)
-        return released
-
-    def _pin(self, entry: Entry) -> Entry:
-        if entry.idle:
-            self._lrus[entry.device].remove(entry)
-        entry.pins += 1
-        return entry
-
-    def _unpin(self, entry: Entry) -> None:
-        assert entry.pins > 0, entry.key
-        entry.pins -= 1
-        if not entry.pins:
-            self._settle(entry)
-
     def _settle(self, entry: Entry) -> None:
         """An object just lost its last reader or pin: free it, or make it evictable."""
-        if entry.pins or entry.readers:
+        if entry.pins or entry.shares:
             return
         if entry.doomed:
             self.arenas[entry.device].free(entry.offset)
         elif entry.ready and entry.temporary:
             self._doom(entry)
         elif entry.ready:
-            self._lrus[entry.device].push(entry)
+            self._stamp += 1
+            self._lrus[entry.device].touch(entry, self._stamp)
 
     # -- leases, owners, delete ----------------------------------------------------------------
     def expire(self) -> int:
@@ -324,8 +209,8 @@ class L1Manager(L1Queries):
         passed (pinned slots are freed by their last unpin). Returns the shares released."""
         with self._lock:
             now, released = self._clock(), 0
-            for owner, key in self._owner_leases.pop_expired(now):
-                released += self._drop_shares(self._objects[key], owner, lease_gone=True)
+            for owner, entry in self._owner_leases.pop_expired(now):
+                released += self._drop_shares(entry, owner, lease_gone=True)
             while self._writing:
                 entry = next(iter(self._writing))
                 if entry.write_deadline > now:
@@ -341,8 +226,12 @@ class L1Manager(L1Queries):
         with self._lock:
             released = 0
             owned = self._owner_leases.get(owner, {})
-            for key in list(owned) if keys is None else [k for k in keys if k in owned]:
-                released += self._drop_shares(self._objects[key], owner)
+            if keys is None:
+                entries = list(owned)
+            else:
+                entries = [e for e in map(self._objects.get, dict.fromkeys(keys)) if e in owned]
+            for entry in entries:
+                released += self._drop_shares(entry, owner)
             if keys is None:
                 for entry in list(self._owner_writes.get(owner, ())):
                     self._doom(entry)
@@ -360,7 +249,7 @@ class L1Manager(L1Queries):
                 elif not (entry.idle or force):
                     out.append(Status.LOCKED)
                 else:
-                    self._doom(entry, queued=entry.idle)
+                    self._doom(entry)
                     out.append(OK)
         return out
 
@@ -372,21 +261,20 @@ class L1Manager(L1Queries):
                 self._doom(entry)
             return len(victims)
 
-    def _doom(self, entry: Entry, *, queued: bool = False) -> None:
-        """Discard ``entry`` (``queued``: it is in the LRU): unreachable by key, shares dropped;
-        its slot freed now unless a copy pins it."""
+    def _doom(self, entry: Entry) -> None:
+        """Discard ``entry``: unreachable by key, out of the LRU, shares dropped; its slot freed
+        now unless a copy pins it."""
         if entry.doomed:
             return
-        if queued:
-            self._lrus[entry.device].remove(entry)
-        if not entry.ready:
+        if entry.ready:
+            entry.lru.pop(entry, None)
+        else:
             self._end_write(entry)
             self._doomed_writes.setdefault((entry.writer, entry.key), []).append(entry)
         del self._objects[entry.key]
         for owner in entry.shares:
-            self._owner_leases.drop(owner, entry.key)
+            self._owner_leases.drop(owner, entry)
         entry.shares.clear()
-        entry.readers = 0
         entry.doomed = True
         if entry.pins:
             self._counts["deferred_frees"] += 1

@@ -123,7 +123,7 @@ class L1Queries:
                 "objects": len(entries),
                 "ready": len(entries) - writing,
                 "writing": writing,
-                "read_locked": sum(1 for e in entries if e.readers),
+                "read_locked": sum(1 for e in entries if e.shares),
                 "pinned": sum(1 for e in entries if e.pins and e.ready),
                 "shares": sum(e.readers for e in entries),
                 "used_bytes": self.used_bytes,
