@@ -365,7 +365,7 @@ def test_keys_are_any_hashable_and_stats_add_up():
     assert l1.reserve_write(["w"], 300) == [OK]
     stats = l1.stats()
     assert stats.pop("devices") == [dict(used_bytes=3 * 1024 + 512, capacity_bytes=8 * 1024,
-                                         objects=4, evictions=0)]
+                                         objects=4, read_locked=1, shares=2, evictions=0)]
     assert stats == {"objects": 4, "ready": 3, "writing": 1, "read_locked": 1, "pinned": 0,
                      "shares": 2, "used_bytes": 3 * 1024 + 512, "capacity_bytes": 8 * 1024,
                      "evictions": 0, "expired_shares": 0, "expired_writes": 0,

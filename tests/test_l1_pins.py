@@ -293,3 +293,21 @@ def test_release_expire_and_eviction_under_copies_never_touch_a_pinned_slot():
         if key in l1:
             assert torch.equal(l1.arena(handle.device)[handle.offset:handle.offset + SIZE],
                                _pattern(serial)), key
+
+
+def test_events_name_each_object_that_becomes_readable_or_stops_being_so():
+    events = []
+    l1 = L1Manager(2 * 1024, on_event=lambda ev, entry, reason: events.append((ev, entry.key, reason)))
+    put(l1, ["a", "b"])
+    assert l1.reserve_write(["c"], SIZE) == [OK]  # evicts a (the LRU)
+    assert l1.abort_write(["c"]) == [OK]  # never readable: no event
+    assert l1.reserve_write(["t"], SIZE, temporary=True, owner="loader") == [OK]
+    assert l1.finish_write(["t"], owner="loader", extra_count=0, reader="req") == [OK]
+    assert l1.finish_read(["t"], owner="req") == [OK]  # the temporary object's last reader
+    assert l1.delete(["b"]) == [OK]
+    put(l1, ["d"])
+    assert l1.clear() == 1
+    assert events == [("stored", "a", "new"), ("stored", "b", "new"), ("removed", "a", "evicted"),
+                      ("stored", "t", "loaded"), ("removed", "t", "released"),
+                      ("removed", "b", "deleted"), ("stored", "d", "new"),
+                      ("removed", "d", "cleared")]

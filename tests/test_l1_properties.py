@@ -409,6 +409,8 @@ class L1Machine(RuleBasedStateMachine):
             assert devices[device] == dict(
                 used_bytes=sum(o.slot for o in held), capacity_bytes=capacity,
                 objects=sum(o.device == device for o in live.values()),
+                read_locked=sum(o.device == device and bool(o.shares) for o in live.values()),
+                shares=sum(o.readers for o in live.values() if o.device == device),
                 evictions=self.counts["evictions"][device])
             # held slots: exactly the allocator's used slots, disjoint, and never moved
             used = {off for slab in l1.arenas[device].slabs() for off in slab.used_offsets()}

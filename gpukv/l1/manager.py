@@ -55,8 +55,14 @@ class L1Manager(L1Reads, L1Queries):
     def __init__(self, capacity_bytes: int | None = None, *, device: torch.device | str = "cpu",
                  arenas: Sequence[SlabArena] | None = None, read_lease_s: float = 300.0,
                  write_lease_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
-                 slab_bytes: int | None = None) -> None:
-        """One ``capacity_bytes`` arena on ``device``, or the given ``arenas`` (one per device)."""
+                 slab_bytes: int | None = None,
+                 on_event: Callable[[str, Entry, str], None] | None = None) -> None:
+        """One ``capacity_bytes`` arena on ``device``, or the given ``arenas`` (one per device).
+
+        ``on_event(event, entry, reason)``: "stored" when an object becomes readable (reason
+        "new", or "loaded" for a temporary tier hit), "removed" when a readable one goes
+        ("evicted", "cleared", "deleted", "released": a temporary object's last reader left).
+        It runs under the manager's lock: it must be quick and must not call the manager."""
         for name, value in (("read_lease_s", read_lease_s), ("write_lease_s", write_lease_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -77,6 +83,7 @@ class L1Manager(L1Reads, L1Queries):
         self._owner_leases = LeaseIndex()
         self._counts = dict(evictions=[0] * len(self.arenas), expired_shares=0, expired_writes=0,
                             deferred_frees=0)
+        self._on_event = on_event
 
     # -- writes --------------------------------------------------------------------------------
     def reserve_write(self, keys: Iterable[Hashable], nbytes: int, *, device: int = 0,
@@ -135,6 +142,8 @@ class L1Manager(L1Reads, L1Queries):
                 if not entry.doomed:
                     entry.ready = True
                     self._end_write(entry)
+                    if self._on_event is not None:
+                        self._on_event("stored", entry, "loaded" if entry.temporary else "new")
                     if count is not None:
                         self._add_shares(entry, reader, count, now)
                 self._release_write_pin(entry)
@@ -198,7 +207,7 @@ class L1Manager(L1Reads, L1Queries):
         if entry.doomed:
             self.arenas[entry.device].free(entry.offset)
         elif entry.ready and entry.temporary:
-            self._doom(entry)
+            self._doom(entry, "released")
         elif entry.ready:
             self._stamp += 1
             self._lrus[entry.device].touch(entry, self._stamp)
@@ -258,15 +267,17 @@ class L1Manager(L1Reads, L1Queries):
         with self._lock:
             victims = [e for lru in self._lrus for e in lru.pop_all()]
             for entry in victims:
-                self._doom(entry)
+                self._doom(entry, "cleared")
             return len(victims)
 
-    def _doom(self, entry: Entry) -> None:
+    def _doom(self, entry: Entry, reason: str = "deleted") -> None:
         """Discard ``entry``: unreachable by key, out of the LRU, shares dropped; its slot freed
-        now unless a copy pins it."""
+        now unless a copy pins it. A readable object's removal is an event (``reason``)."""
         if entry.doomed:
             return
         if entry.ready:
+            if self._on_event is not None:
+                self._on_event("removed", entry, reason)
             entry.lru.pop(entry, None)
         else:
             self._end_write(entry)
@@ -290,6 +301,6 @@ class L1Manager(L1Reads, L1Queries):
                 break
             self._counts["evictions"][device] += len(victims)
             for entry in victims:
-                self._doom(entry)
+                self._doom(entry, "evicted")
             offset = slab.alloc(slot_bytes)
         return offset

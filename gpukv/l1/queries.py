@@ -110,15 +110,21 @@ class L1Queries:
     def stats(self) -> dict:
         """Counters: objects, ready, writing, read_locked, pinned, shares, used_bytes,
         capacity_bytes, evictions, expired_shares, expired_writes, deferred_frees, slabs_in_use,
-        leases, owners, and ``devices``: per arena used/capacity bytes, objects and evictions."""
+        leases, owners, and ``devices``: per arena used/capacity bytes, objects, read_locked,
+        shares and evictions."""
         with self._lock:
             entries = list(self._objects.values())
             writing = len(self._writing)
             per_device = [dict(used_bytes=a.used_bytes, capacity_bytes=a.capacity_bytes,
-                               objects=0, evictions=self._counts["evictions"][i])
+                               objects=0, read_locked=0, shares=0,
+                               evictions=self._counts["evictions"][i])
                           for i, a in enumerate(self.arenas)]
             for entry in entries:
-                per_device[entry.device]["objects"] += 1
+                dev = per_device[entry.device]
+                dev["objects"] += 1
+                if entry.shares:
+                    dev["read_locked"] += 1
+                    dev["shares"] += entry.readers
             return {
                 "objects": len(entries),
                 "ready": len(entries) - writing,

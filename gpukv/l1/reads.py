@@ -90,7 +90,7 @@ class L1Reads:
                     continue
                 if not shares and not entry.pins:  # a live object with shares is ready
                     if entry.temporary:
-                        self._doom(entry)
+                        self._doom(entry, "released")
                     else:  # SizeClassLRU.touch inlined
                         stamp += 1
                         entry.stamp = stamp
