@@ -38,6 +38,9 @@ class EngineConfig:
     max_keys_per_request chunk hashes x ranks one call may name (bounds one call's work).
     prefault             touch the arenas' pages when they are created, so the first stores do
                          not pay a page fault per 4 KiB (costs a zero fill of the capacity).
+    metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; ~1 us a lookup).
+    events_address       publish KV events on a ZMQ PUB socket there (ipc:// or loopback tcp://).
+    events_buffer        keep up to this many KV events in process for ``take_events`` (0 = off).
     """
 
     capacity_bytes: int = 1 << 30
@@ -55,6 +58,9 @@ class EngineConfig:
     max_requests: int = 1 << 16
     max_keys_per_request: int = 1 << 17
     prefault: bool = True
+    metrics: bool = True
+    events_address: str | None = None
+    events_buffer: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) \
@@ -75,6 +81,9 @@ class EngineConfig:
                 raise ValueError(f"device {name!r} is not a torch device: {exc}") from None
         if not self.devices or len(set(self.devices)) != len(self.devices):
             raise ValueError(f"devices must be distinct and non-empty, got {self.devices!r}")
+        if isinstance(self.events_buffer, bool) or not isinstance(self.events_buffer, int) \
+                or self.events_buffer < 0:
+            raise ValueError(f"events_buffer must be an int >= 0, got {self.events_buffer!r}")
         for name in ("max_requests", "max_keys_per_request"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

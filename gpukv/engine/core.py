@@ -22,6 +22,7 @@ from typing import Hashable
 
 from gpukv.config import EngineConfig
 from gpukv.engine.loader import TierLoader
+from gpukv.engine.observe import Observer
 from gpukv.engine.readers import resolve_extra_count
 from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
@@ -48,6 +49,7 @@ class StorePlan:
     handles: list[Entry]
     cached: int
     full: int  # chunks refused for lack of room
+    t0: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class RetrievePlan:
     request: Hashable
     handles: list[Entry]
     released: int = field(default=0)
+    t0: float = field(default_factory=time.perf_counter)
 
 
 class CacheCore:
@@ -66,15 +69,22 @@ class CacheCore:
     def __init__(self, config: EngineConfig | None = None, *, shared: bool = False) -> None:
         """``shared``: create the arenas so another process can map them (the server)."""
         self.config = config = config or EngineConfig()
+        self.registry = Registry(config.chunk_size)
+        self.observer = Observer(config, self.registry.space_of_key)
         self.memories: list[ArenaMemory] = [
             create(d, config.capacity_bytes, shared=shared, prefault=config.prefault)
             for d in config.devices]
+        on_event = self.observer.l1_event if self.observer.events is not None else None
         self.l1 = L1Manager(arenas=[SlabArena(config.capacity_bytes, memory=m.tensor)
                                     for m in self.memories],
-                            read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s)
-        self.registry = Registry(config.chunk_size)
+                            read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s,
+                            on_event=on_event)
         self.requests = RequestTable(config.max_requests)
-        self.tiers = _make_tiers(config)
+        self.tiers = _make_tiers(config, self.observer)
+        if self.observer.metrics is not None:
+            self.observer.metrics.set_snapshot(self.metrics_snapshot)
+            self.observer.metrics.set_before_scrape(
+                lambda: self.observer.sync(self.l1.stats(), {t.name: t.stats() for t in self.tiers}))
         self.spiller = Spiller(self.l1, self.tiers) if self.tiers else None
         self.loader = TierLoader(self.l1, self.tiers, budget_s=config.remote_timeout_s,
                                  device_of=self.registry.device_of_space)
@@ -95,6 +105,7 @@ class CacheCore:
             raise ValueError(f"device must be an arena index in [0, {len(self.devices)}), got {device!r}")
         inst = self.registry.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
                                       tp_size=tp_size, device=device)
+        self.observer.add_model(model)
         log.info("Registered %r: model=%s kind=%s tp=%d/%d layers=%d chunk=%d B device=%s",
                  instance_id, model, kind, tp_rank, tp_size, inst.num_layers, inst.chunk_bytes,
                  self.devices[device])
@@ -128,6 +139,9 @@ class CacheCore:
                                self.registry.model(plan.instance.model).fingerprint)
         with self._lock:
             self.counts["stored_chunks"] += len(ready)
+        inst = plan.instance
+        self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,
+                            time.perf_counter() - plan.t0)
         return len(ready)
 
     def abort_store(self, plan: StorePlan) -> None:
@@ -138,6 +152,7 @@ class CacheCore:
                num_readers: int | None = None, creator: Hashable = None) -> int:
         """Leading chunks held for every rank; the request's shares topped up to ``readers``
         per object (MLA: ``num_readers or tp_size``; MHA: 1 per rank's object)."""
+        t0 = time.perf_counter()
         info = self.registry.model(model)
         extra = resolve_extra_count(info.kind, tp_size, num_readers)
         spaces = self.registry.spaces(model, tp_size)
@@ -164,6 +179,10 @@ class CacheCore:
             self.counts["hit_chunks_l1"] += n_l1
             for name, n in per_tier.items():
                 self.tier_hits[name] = self.tier_hits.get(name, 0) + n
+        cs = self.config.chunk_size
+        self.observer.lookup(model, len(hashes) * cs,
+                             {"L1": n_l1 * cs, **{t: n * cs for t, n in per_tier.items()}},
+                             time.perf_counter() - t0)
         log.debug("Lookup %r: %d/%d prefix chunks (%d L1, %s)", request, hits, len(hashes), n_l1,
                   per_tier)
         return hits
@@ -185,12 +204,15 @@ class CacheCore:
         inst = self.registry.instance(instance_id)
         self._check_work(len(hashes))
         if request not in self.requests:
+            self.observer.retrieve_failed("unknown_request")
             raise UnknownRequest(f"unknown request {request!r}: look it up first")
         statuses, handles = self.l1.pin(inst.space.keys(hashes))
         if any(s is not Status.OK for s in statuses):
             self.l1.unpin([h for h in handles if h is not None])
             with self._lock:
                 self.counts["failed_retrieves"] += 1
+            missing = next(s for s in statuses if s is not Status.OK)
+            self.observer.retrieve_failed("not_ready" if missing is Status.NOT_READY else "not_found")
             return None
         return RetrievePlan(inst, request, handles)
 
@@ -200,6 +222,9 @@ class CacheCore:
         plan.released = self.l1.end_read(plan.handles, owner=plan.request)
         with self._lock:
             self.counts["retrieved_chunks"] += len(plan.handles)
+        inst = plan.instance
+        self.observer.retrieve(inst.model, len(plan.handles), len(plan.handles) * inst.chunk_bytes,
+                               time.perf_counter() - plan.t0)
         return plan.released
 
     # ---- request lifecycle ----------------------------------------------------------------
@@ -242,6 +267,13 @@ class CacheCore:
             out["spill"] = dict(self.spiller.counts, queue_depth=self.spiller.queue_depth)
         return out
 
+    def metrics_snapshot(self, clients: int | None = None) -> dict:
+        """The metrics' scrape-time gauges (:mod:`gpukv.ops.snapshot`)."""
+        spill = self.spiller.queue_depth if self.spiller is not None else None
+        return self.observer.snapshot(self.l1.stats(), {t.name: t.stats() for t in self.tiers},
+                                      spill_depth=spill, open_requests=len(self.requests),
+                                      clients=clients)
+
     def object_states(self, model: str, hashes: list[bytes], *, kv_rank: int = 0) -> dict:
         """Per chunk object of one rank: ``read_counts`` (shares held by requests),
         ``present`` (ready) and ``evictable`` (ready, unlocked, unpinned)."""
@@ -270,6 +302,7 @@ class CacheCore:
             self.spiller.close(max(0.1, deadline - time.monotonic()))
         for tier in self.tiers:
             tier.close(max(0.1, deadline - time.monotonic()))
+        self.observer.close()
 
     def _check_work(self, num_keys: int) -> None:
         if num_keys > self.config.max_keys_per_request:
@@ -277,14 +310,17 @@ class CacheCore:
                        f"objects (chunks x ranks), got {num_keys}")
 
 
-def _make_tiers(config: EngineConfig) -> list:
+def _make_tiers(config: EngineConfig, observer: Observer) -> list:
     tiers = []
+    events = observer.events is not None
     if config.disk_dir is not None:
         from gpukv.tiers.disk import DiskTier
 
-        tiers.append(DiskTier(config.disk_dir, capacity_bytes=config.disk_capacity_bytes))
+        tiers.append(DiskTier(config.disk_dir, capacity_bytes=config.disk_capacity_bytes,
+                              on_event=observer.tier_event("disk") if events else None))
     if config.remote_url is not None:
         from gpukv.tiers.remote import RemoteTier
 
-        tiers.append(RemoteTier(config.remote_url, timeout_s=config.remote_timeout_s))
+        tiers.append(RemoteTier(config.remote_url, timeout_s=config.remote_timeout_s,
+                                on_event=observer.tier_event("remote") if events else None))
     return tiers

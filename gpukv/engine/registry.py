@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from gpukv.constants import MAX_READERS
+from gpukv.constants import HASH_BYTES, MAX_READERS
 from gpukv.engine.keys import KeySpace, layout_digest
 
 MAX_CHUNK_BYTES = 1 << 31  # one chunk of one model shard: 2 GiB is far past any real model
@@ -80,6 +80,7 @@ class Registry:
         self._instances: dict[Hashable, Instance] = {}
         self._models: dict[str, Model] = {}
         self._num_spaces = 0
+        self._by_ident: dict[int, KeySpace] = {}
 
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
                  tp_rank: int, tp_size: int, device: int) -> Instance:
@@ -155,6 +156,10 @@ class Registry:
             return {name: dict(kind=m.kind, layout=m.layout, chunk_bytes=m.chunk_bytes,
                                instances=len(m.instances)) for name, m in self._models.items()}
 
+    def space_of_key(self, key: bytes) -> KeySpace | None:
+        """The key space of an L1 key (None for a key of no space of this registry)."""
+        return self._by_ident.get(int.from_bytes(key[HASH_BYTES:HASH_BYTES + 4], "little"))
+
     @property
     def num_instances(self) -> int:
         return len(self._instances)
@@ -170,4 +175,5 @@ class Registry:
         if space is None:
             self._num_spaces += 1
             space = info.spaces[kv_rank] = KeySpace(info.name, info.layout, kv_rank, self._num_spaces)
+            self._by_ident[space.ident] = space
         return space

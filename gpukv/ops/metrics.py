@@ -249,6 +249,11 @@ class CacheMetrics(Collector):
         :mod:`gpukv.ops.snapshot`); ``None`` exports no gauges."""
         self._snapshot.set_source(snapshot)
 
+    def set_before_scrape(self, hook: Callable[[], None] | None) -> None:
+        """Register a callable run at the start of every scrape, before the counters are read
+        (the owner moves slow counters kept elsewhere, e.g. evictions, into this instance)."""
+        self._before_scrape = hook
+
     def render(self) -> bytes:
         """Prometheus text exposition (format 0.0.4) of every metric; ``ValueError`` when the
         snapshot callable returns a document that breaks the schema."""
@@ -256,6 +261,9 @@ class CacheMetrics(Collector):
 
     def collect(self) -> Iterator:
         """The counter and histogram families (the registry calls this at each scrape)."""
+        hook = getattr(self, "_before_scrape", None)
+        if hook is not None:
+            hook()
         with self._lock:
             out = self._families()
         return iter(out)
