@@ -11,7 +11,8 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_layouts.ipynb", "02_mla_tp_lifecycle.ipynb", "03_perf.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_layouts.ipynb", "02_mla_tp_lifecycle.ipynb", "03_perf.ipynb",
+                                          "04_metrics.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
