@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow an abstract ipc://@name socket (no file permissions!)")
     serve.add_argument("--flush-timeout", type=float, default=5.0,
                        help="seconds to flush queued spills at shutdown (default 5)")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="serve /metrics, /healthcheck, /status and POST /clear on this port")
+    serve.add_argument("--http-host", default="127.0.0.1",
+                       help="host of the HTTP admin endpoint (loopback unless --allow-remote)")
+    serve.add_argument("--events", default=None, metavar="ADDRESS",
+                       help="publish KV events (typed msgpack) on a ZMQ PUB socket there "
+                            "(ipc:// or loopback tcp://)")
     return parser
 
 

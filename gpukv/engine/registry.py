@@ -151,6 +151,11 @@ class Registry:
                     return inst.device
         return default
 
+    def instances(self) -> list[tuple[str, str, list[Instance]]]:
+        """``(model, kind, instances)`` of every registered model (a copy, for status pages)."""
+        with self._lock:
+            return [(m.name, m.kind, list(m.instances.values())) for m in self._models.values()]
+
     def snapshot(self) -> dict:
         with self._lock:
             return {name: dict(kind=m.kind, layout=m.layout, chunk_bytes=m.chunk_bytes,
