@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the kernel tests compiled on the GPU (no interpreter), then the full kernel
-# sweep. Logs and results go to perf/results/<gpu-name>/. Exits non-zero if a step fails.
+# On a CUDA machine: the kernel tests compiled on the GPU (no interpreter), the CUDA IPC arena
+# tests (the server's arena mapped by worker processes, a second GPU's arena read where present),
+# the engine on CUDA pages, then the full kernel sweep. Logs and results go to
+# perf/results/<gpu-name>/. Exits non-zero if a step fails.
 #   bash perf/gpu_check.sh            (PYTHON=... to use another interpreter than .venv's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,11 @@ status=0
 unset TRITON_INTERPRET
 echo "== kernel tests, compiled on $gpu"
 GPUKV_TRITON_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
-    tests/test_copy_torch.py tests/test_copy.py tests/test_layout.py 2>&1 | tee "$out/tests.log" \
-    || status=1
+    tests/test_copy_torch.py tests/test_copy.py tests/test_copy_layers.py tests/test_copy_vllm_cpu.py \
+    tests/test_layout.py tests/test_l1.py 2>&1 | tee "$out/tests.log" || status=1
+echo "== CUDA IPC arena and multi-GPU tests on $gpu"
+GPUKV_TRITON_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_frontend_cuda.py 2>&1 | tee "$out/tests_ipc.log" || status=1
 echo "== full kernel sweep on $gpu"
 "$PY" perf/sweep_kernels.py --preset full --device cuda 2>&1 | tee "$out/sweep_kernels_full.log" \
     || status=1
