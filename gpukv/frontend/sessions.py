@@ -12,7 +12,10 @@ the worker timeout is reaped: its requests end, its instances are unregistered; 
 *orphaned*, not released: the slots stay out of circulation until the worker's process is gone
 (its pid, told at PING, no longer runs), because a stalled worker that wakes up would otherwise
 copy into slots handed to someone else. A client that never told its pid gets its orphaned plans
-released one more worker timeout later.
+released one more worker timeout later. A late STORE_COMMIT / RETRIEVE_END of an orphaned plan
+(the worker woke up and finished its copy) releases that plan at once and fails: nothing of it is
+committed. Plan ids are unique server-wide, so such a late call never names a plan of the
+client's new session.
 
 Bounds per session (:class:`Limits`): instances, open requests, plans in flight and bytes
 reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing.
@@ -20,6 +23,7 @@ reserved for stores; past one, a request gets a ``Busy`` error reply and changes
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -65,15 +69,15 @@ class _Session:
     instances: dict[Hashable, Scoped] = field(default_factory=dict)
     requests: set[Scoped] = field(default_factory=set)  # requests this session opened
     plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
-    next_plan: int = 1
     reserved_bytes: int = 0
 
 
 @dataclass(slots=True)
 class _Orphans:
+    sid: str
     pid: int | None
     release_after: float
-    plans: list
+    plans: dict[int, StorePlan | RetrievePlan]
 
 
 class Sessions:
@@ -89,6 +93,7 @@ class Sessions:
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._orphans: list[_Orphans] = []
+        self._plan_ids = itertools.count(1)  # server-wide: a reaped client's ids never recur
         self.reaped = 0
         self._handlers = {
             p.Ping: self._ping, p.Register: self._register, p.Unregister: self._unregister,
@@ -151,16 +156,23 @@ class Sessions:
         key = self._instance(s, body.instance_id)
         self._check_plans(s)
         plan = self.core.begin_store(key, body.hashes)
-        nbytes = len(plan.handles) * plan.instance.chunk_bytes
+        chunk_bytes, bound = plan.instance.chunk_bytes, self.limits.max_reserved_bytes
+        plan_id, over = 0, []
         with self._lock:
-            if s.reserved_bytes + nbytes > self.limits.max_reserved_bytes:
-                busy = True
-            else:
-                busy, plan_id = False, self._add_plan(s, plan)
-                s.reserved_bytes += nbytes
+            # a store larger than the bound alone stores what fits (like a full arena); one that
+            # finds the bound taken by this client's other stores in flight is Busy
+            keep = min(len(plan.handles), max(0, (bound - s.reserved_bytes) // chunk_bytes))
+            busy, in_flight = bool(plan.handles) and not keep, s.reserved_bytes
+            over, plan.handles, plan.chunks = plan.handles[keep:], plan.handles[:keep], plan.chunks[:keep]
+            plan.full += len(over)
+            if plan.handles:
+                plan_id = self._add_plan(s, plan)
+                s.reserved_bytes += keep * chunk_bytes
+        if over:
+            self.core.l1.abort_write(over)
         if busy:
-            self.core.abort_store(plan)
-            raise Busy(f"busy: this client has {s.reserved_bytes} bytes of stores in flight")
+            raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
+                       f"{bound}); commit them first")
         return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
                     device=plan.instance.device, cached=plan.cached, full=plan.full)
 
@@ -258,7 +270,7 @@ class Sessions:
         if s.plans:
             grace = 0.0 if s.pid is not None else self.worker_timeout_s
             with self._lock:
-                self._orphans.append(_Orphans(s.pid, time.monotonic() + grace, list(s.plans.values())))
+                self._orphans.append(_Orphans(sid, s.pid, time.monotonic() + grace, dict(s.plans)))
         log.info("reaped a client: %d shares of %d requests released, %d instances dropped, "
                  "%d plans orphaned", released, len(s.requests), len(s.instances), len(s.plans))
         self._release_orphans()
@@ -272,7 +284,7 @@ class Sessions:
         with self._lock:
             orphans, self._orphans = self._orphans, []
         for orphan in orphans:
-            self._release(orphan.plans)
+            self._release(orphan.plans.values())
 
     def _release_orphans(self) -> None:
         now = time.monotonic()
@@ -280,9 +292,9 @@ class Sessions:
             done = [o for o in self._orphans if now >= o.release_after and not _alive(o.pid)]
             self._orphans = [o for o in self._orphans if o not in done]
         for orphan in done:
-            self._release(orphan.plans)
+            self._release(orphan.plans.values())
 
-    def _release(self, plans: list) -> None:
+    def _release(self, plans) -> None:
         for plan in plans:
             if isinstance(plan, StorePlan):
                 self.core.abort_store(plan)
@@ -315,17 +327,28 @@ class Sessions:
             raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
 
     def _add_plan(self, s: _Session, plan) -> int:
-        plan_id = s.next_plan
-        s.next_plan += 1
+        plan_id = next(self._plan_ids)
         s.plans[plan_id] = plan
         return plan_id
 
     def _take_plan(self, s: _Session, plan_id: int, kind: type):
+        """The session's open plan ``plan_id``. A plan orphaned when this client's session was
+        reaped is released now (its copy is over: the client sends a commit or end only then)
+        and the call fails, so a late commit never makes anything readable."""
         with self._lock:
             plan = s.plans.get(plan_id)
-            if not isinstance(plan, kind):
-                raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
-            return s.plans.pop(plan_id)
+            if isinstance(plan, kind):
+                return s.plans.pop(plan_id)
+            orphan = next((o for o in self._orphans if o.sid == s.sid and
+                           isinstance(o.plans.get(plan_id), kind)), None)
+            late = orphan.plans.pop(plan_id) if orphan is not None else None
+            if orphan is not None and not orphan.plans:
+                self._orphans.remove(orphan)
+        if late is None:
+            raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
+        self._release([late])
+        raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
+                         f"(no ping for {self.worker_timeout_s} s); nothing was committed")
 
     def _device_index(self, name: str | None) -> int:
         """The arena for a worker on ``name``: an arena's exact name, "cpu" (the first CPU
