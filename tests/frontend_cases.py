@@ -86,6 +86,21 @@ def secret(tag: str) -> str:
     return f"{tag}-{os.urandom(8).hex()}"
 
 
+def one_shot(monkeypatch, op: str, action) -> None:
+    """The next ``op`` ("pack"/"unpack") of a client in this process runs ``action()`` first, then
+    the real copy (later calls, e.g. other clients' inside ``action``, are plain)."""
+    import gpukv.frontend.client as client_module
+
+    real = getattr(client_module, op)
+
+    def hooked(*args, **kwargs):
+        monkeypatch.setattr(client_module, op, real)
+        action()
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, op, hooked)
+
+
 # ---- an in-process server -----------------------------------------------------------------------
 @contextlib.contextmanager
 def serving(tmp_path: Path, *, worker_timeout_s: float = 30.0, limits=None, max_pending: int = 64,

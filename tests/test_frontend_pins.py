@@ -16,22 +16,10 @@ import pytest
 import gpukv.frontend.client as client_module
 from gpukv.frontend.sessions import Limits
 from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, chunk_bytes, client, kv_cache,
-                            mismatched_tokens, prompt, rows, secret, serving, slots_of)
+                            mismatched_tokens, one_shot, prompt, rows, secret, serving, slots_of)
 
 SLOTS = 8
 N = 5 * CHUNK  # the prompt's full chunks: 80 tokens
-
-
-def one_shot(monkeypatch, op: str, action) -> None:
-    """The next call of ``op`` in this process runs ``action()`` first, then the real copy."""
-    real = getattr(client_module, op)
-
-    def hooked(*args, **kwargs):
-        monkeypatch.setattr(client_module, op, real)  # later calls (other clients') are plain
-        action()
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(client_module, op, hooked)
 
 
 def arena_of_8(tmp_path, slots: int = SLOTS):
