@@ -138,7 +138,8 @@ class CacheClient:
 
         reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
                                       tp_size, device))
-        self._handles = reply["arenas"]
+        if reply["arenas"] != self._handles:  # another server (e.g. restarted): map its arenas
+            self._handles, self._arenas = reply["arenas"], {}
         self._locals[instance_id] = _Local(paged, reply["device"], reply["chunk_bytes"])
         self._arena(reply["device"])  # map it now: a bad handle fails the registration
 
