@@ -3,6 +3,8 @@ frames no decoder error escapes from (deep nesting, random bytes, oversize)."""
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from gpukv.errors import Busy
 from gpukv.frontend.protocol import (MAX_FRAME_BYTES, MAX_HASHES, PROTOCOL_VERSION, EndSession,
                                      Flush, FreeLookupLocks, Layout, Lookup, Ping, ProtocolError,
                                      ReadCounts, Register, RetrieveBegin, RetrieveEnd, Stats,
+                                     decode_envelope,
                                      StoreBegin, StoreCommit, Unregister, decode_reply,
                                      decode_request, encode_reply, encode_request, error_reply,
                                      ok_reply)
@@ -191,3 +194,17 @@ def test_replies_round_trip_and_carry_the_error_kind():
     for frame in (b"\xc1", nested(1024)):
         with pytest.raises(ProtocolError, match="malformed reply"):
             decode_reply(frame)
+
+
+def test_the_envelope_is_read_without_the_body():
+    frame = raw(dict(type="store_begin", instance_id="i", hashes=[b"short"] * 5000), seq=9)
+    envelope = decode_envelope(frame)
+    assert (envelope.v, envelope.seq, envelope.session, envelope.group) == (
+        PROTOCOL_VERSION, 9, SESSION, None)
+    with pytest.raises(ProtocolError, match=r"\$.body.hashes\[0\]"):  # the body, decoded later
+        decode_request(frame)
+    for bad, word in [(raw(dict(type="ping"), session="short"), "$.session"),
+                      (raw(dict(type="ping"), v=1), "version 1"),
+                      (raw(dict(type="ping"), group=7), "$.group"), (b"\xc1", "malformed")]:
+        with pytest.raises(ProtocolError, match=re.escape(word)):
+            decode_envelope(bad)

@@ -23,6 +23,7 @@ reserved for stores; past one, a request gets a ``Busy`` error reply and changes
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -70,6 +71,7 @@ class _Session:
     requests: set[Scoped] = field(default_factory=set)  # requests this session opened
     plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
     reserved_bytes: int = 0
+    closed: bool = False  # reaped: a handler still running adds nothing to it
 
 
 @dataclass(slots=True)
@@ -143,6 +145,10 @@ class Sessions:
             with self._lock:
                 s.instances.pop(body.instance_id, None)
             raise
+        if s.closed:  # reaped meanwhile (the reaper may not have seen it registered yet)
+            with contextlib.suppress(ValueError):
+                self.core.unregister(key)
+            raise self._reaped_error()
         return dict(device=device, arenas=[m.handle for m in self.core.memories],
                     chunk_bytes=inst.chunk_bytes, kv_rank=inst.space.kv_rank)
 
@@ -167,9 +173,13 @@ class Sessions:
             plan.full += len(over)
             if plan.handles:
                 plan_id = self._add_plan(s, plan)
-                s.reserved_bytes += keep * chunk_bytes
+                s.reserved_bytes += keep * chunk_bytes if plan_id else 0
+        if plan.handles and not plan_id:  # reaped meanwhile
+            over += plan.handles
         if over:
             self.core.l1.abort_write(over)
+        if plan.handles and not plan_id:
+            raise self._reaped_error()
         if busy:
             raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
                        f"{bound}); commit them first")
@@ -194,7 +204,11 @@ class Sessions:
         hits = self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
                                 num_readers=body.num_readers, creator=s.sid)
         with self._lock:
-            s.requests.add(owner)
+            if not s.closed:
+                s.requests.add(owner)
+        if s.closed:  # reaped meanwhile: its requests end
+            self.core.end_request(owner)
+            raise self._reaped_error()
         return hits * self.core.config.chunk_size
 
     def _retrieve_begin(self, s: _Session, body: p.RetrieveBegin) -> dict:
@@ -209,6 +223,9 @@ class Sessions:
             return dict(plan=0, devices=[], offsets=[])
         with self._lock:
             plan_id = self._add_plan(s, plan)
+        if not plan_id:  # reaped meanwhile
+            self.core.l1.unpin(plan.handles)
+            raise self._reaped_error()
         return dict(plan=plan_id, devices=[h.device for h in plan.handles],
                     offsets=[h.offset for h in plan.handles])
 
@@ -259,20 +276,23 @@ class Sessions:
     def reap(self, sid: str) -> int:
         """End a session: its requests end, its instances are unregistered, its plans are
         orphaned (see the module docstring). Returns the shares released."""
-        with self._lock:
+        with self._lock:  # one step: a handler still running sees it closed, adds nothing
             s = self._sessions.pop(sid, None)
             if s is None:
                 return 0
             self.reaped += 1
-        released = sum(self.core.end_request(owner) for owner in s.requests)
-        for key in s.instances.values():
-            self.core.unregister(key)
-        if s.plans:
-            grace = 0.0 if s.pid is not None else self.worker_timeout_s
-            with self._lock:
-                self._orphans.append(_Orphans(sid, s.pid, time.monotonic() + grace, dict(s.plans)))
+            s.closed = True
+            requests, instances = list(s.requests), list(s.instances.values())
+            plans, s.plans = s.plans, {}
+            if plans:
+                grace = 0.0 if s.pid is not None else self.worker_timeout_s
+                self._orphans.append(_Orphans(sid, s.pid, time.monotonic() + grace, plans))
+        released = sum(self.core.end_request(owner) for owner in requests)
+        for key in instances:
+            with contextlib.suppress(ValueError):  # a register in flight undoes itself
+                self.core.unregister(key)
         log.info("reaped a client: %d shares of %d requests released, %d instances dropped, "
-                 "%d plans orphaned", released, len(s.requests), len(s.instances), len(s.plans))
+                 "%d plans orphaned", released, len(requests), len(instances), len(plans))
         self._release_orphans()
         return released
 
@@ -311,9 +331,12 @@ class Sessions:
         with self._lock:
             entry = self._sessions.get(sid)
         if entry is None:
-            raise ValueError(f"this client's session was reaped (no ping for "
-                             f"{self.worker_timeout_s} s): register again")
+            raise self._reaped_error()
         return entry
+
+    def _reaped_error(self) -> ValueError:
+        return ValueError(f"this client's session was reaped (no ping for "
+                          f"{self.worker_timeout_s} s): register again")
 
     def _instance(self, s: _Session, instance_id: Hashable) -> Scoped:
         with self._lock:
@@ -327,6 +350,9 @@ class Sessions:
             raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
 
     def _add_plan(self, s: _Session, plan) -> int:
+        """Keep ``plan`` in the session (lock held); 0 when the session was reaped."""
+        if s.closed:
+            return 0
         plan_id = next(self._plan_ids)
         s.plans[plan_id] = plan
         return plan_id
