@@ -161,28 +161,36 @@ class Sessions:
     def _store_begin(self, s: _Session, body: p.StoreBegin) -> dict:
         key = self._instance(s, body.instance_id)
         self._check_plans(s)
-        plan = self.core.begin_store(key, body.hashes)
-        chunk_bytes, bound = plan.instance.chunk_bytes, self.limits.max_reserved_bytes
-        plan_id, over = 0, []
+        inst, bound = self.core.registry.instance(key), self.limits.max_reserved_bytes
         with self._lock:
-            # a store larger than the bound alone stores what fits (like a full arena); one that
-            # finds the bound taken by this client's other stores in flight is Busy
-            keep = min(len(plan.handles), max(0, (bound - s.reserved_bytes) // chunk_bytes))
-            busy, in_flight = bool(plan.handles) and not keep, s.reserved_bytes
+            room = max(0, (bound - s.reserved_bytes) // inst.chunk_bytes)
+            in_flight = s.reserved_bytes
+        # reserve (and evict for) at most ``room`` chunks of those not held yet: a store larger
+        # than the bound alone stores what fits (like a full arena); one that finds the bound
+        # taken by this client's other stores in flight is Busy and changes nothing
+        absent = [i for i, k in enumerate(inst.space.keys(body.hashes)) if k not in self.core.l1]
+        if absent and not room:
+            raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
+                       f"{bound}); commit them first")
+        take = absent[:room]
+        plan = self.core.begin_store(key, [body.hashes[i] for i in take])
+        plan.chunks = [take[i] for i in plan.chunks]
+        plan.cached += len(body.hashes) - len(absent)
+        plan.full += len(absent) - len(take)
+        plan_id, over = 0, []
+        with self._lock:  # other stores of this client may have reserved meanwhile
+            keep = min(len(plan.handles), max(0, (bound - s.reserved_bytes) // inst.chunk_bytes))
             over, plan.handles, plan.chunks = plan.handles[keep:], plan.handles[:keep], plan.chunks[:keep]
             plan.full += len(over)
             if plan.handles:
                 plan_id = self._add_plan(s, plan)
-                s.reserved_bytes += keep * chunk_bytes if plan_id else 0
+                s.reserved_bytes += keep * inst.chunk_bytes if plan_id else 0
         if plan.handles and not plan_id:  # reaped meanwhile
             over += plan.handles
         if over:
             self.core.l1.abort_write(over)
         if plan.handles and not plan_id:
             raise self._reaped_error()
-        if busy:
-            raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
-                       f"{bound}); commit them first")
         return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
                     device=plan.instance.device, cached=plan.cached, full=plan.full)
 
