@@ -147,8 +147,8 @@ class _WorkerState:
         self.client = client(address, **options)
         return dict(pid=os.getpid(), session=self.client.session)
 
-    def alloc(self, name: str, kind: str, seed: int) -> None:
-        self.pages[name] = kv_cache(kind, seed)
+    def alloc(self, name: str, kind: str, seed: int, device: str = "cpu") -> None:
+        self.pages[name] = kv_cache(kind, seed, device=device)
 
     def register(self, instance_id, name: str, model: str, kind: str, tp_rank: int,
                  tp_size: int, device: str | None = None) -> None:
