@@ -18,7 +18,6 @@ import time
 
 import msgspec
 import pytest
-import torch
 import zmq
 
 from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, Worker, chunk_bytes, client,

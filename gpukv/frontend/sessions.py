@@ -9,16 +9,16 @@ Error messages show only the caller's own ids (:class:`Scoped` prints just the i
 Plans. STORE_BEGIN and RETRIEVE_BEGIN hand the worker arena slots and keep the plan (its write
 reservation, or its pins) in the session until STORE_COMMIT / RETRIEVE_END. A session silent for
 the worker timeout is reaped: its requests end, its instances are unregistered; its open plans are
-*orphaned*, not released: the slots stay out of circulation until the worker's process is gone
-(its pid, told at PING, no longer runs), because a stalled worker that wakes up would otherwise
-copy into slots handed to someone else. A client that never told its pid gets its orphaned plans
-released one more worker timeout later. A late STORE_COMMIT / RETRIEVE_END of an orphaned plan
-(the worker woke up and finished its copy) releases that plan at once and fails: nothing of it is
-committed. Plan ids are unique server-wide, so such a late call never names a plan of the
-client's new session.
+*orphaned*, not released (:mod:`gpukv.frontend.orphans`): the slots stay out of circulation until
+the worker's process is gone, because a stalled worker that wakes up would otherwise copy into
+slots handed to someone else. Plan ids are unique server-wide, so a late call of a reaped client
+never names a plan of its new session. A reap may land in the middle of a request: the handler
+then finds its session closed and undoes what it did.
 
 Bounds per session (:class:`Limits`): instances, open requests, plans in flight and bytes
-reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing.
+reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing (a
+single store larger than the reserved-bytes bound is not refused: it stores what fits, as in a
+full arena).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
 from gpukv.engine.engine import token_range
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.frontend.orphans import Orphans, release
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,6 @@ class _Session:
     closed: bool = False  # reaped: a handler still running adds nothing to it
 
 
-@dataclass(slots=True)
-class _Orphans:
-    sid: str
-    pid: int | None
-    release_after: float
-    plans: dict[int, StorePlan | RetrievePlan]
-
-
 class Sessions:
     """Client sessions and the core calls of every request type (thread-safe)."""
 
@@ -94,7 +87,7 @@ class Sessions:
             self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self._orphans: list[_Orphans] = []
+        self.orphans = Orphans()
         self._plan_ids = itertools.count(1)  # server-wide: a reaped client's ids never recur
         self.reaped = 0
         self._handlers = {
@@ -258,7 +251,7 @@ class Sessions:
         out = self.core.stats()
         with self._lock:
             out["server"] = dict(sessions=len(self._sessions), reaped=self.reaped,
-                                 orphaned_plans=sum(len(o.plans) for o in self._orphans),
+                                 orphaned_plans=len(self.orphans),
                                  requests=sum(len(x.requests) for x in self._sessions.values()),
                                  plans=sum(len(x.plans) for x in self._sessions.values()))
         if body.query is not None:
@@ -292,9 +285,7 @@ class Sessions:
             s.closed = True
             requests, instances = list(s.requests), list(s.instances.values())
             plans, s.plans = s.plans, {}
-            if plans:
-                grace = 0.0 if s.pid is not None else self.worker_timeout_s
-                self._orphans.append(_Orphans(sid, s.pid, time.monotonic() + grace, plans))
+            self.orphans.add(sid, s.pid, 0.0 if s.pid is not None else self.worker_timeout_s, plans)
         released = sum(self.core.end_request(owner) for owner in requests)
         for key in instances:
             with contextlib.suppress(ValueError):  # a register in flight undoes itself
@@ -309,25 +300,10 @@ class Sessions:
             sids = list(self._sessions)
         for sid in sids:
             self.reap(sid)
-        with self._lock:
-            orphans, self._orphans = self._orphans, []
-        for orphan in orphans:
-            self._release(orphan.plans.values())
+        release(self.core, self.orphans.take_all())
 
     def _release_orphans(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            done = [o for o in self._orphans if now >= o.release_after and not _alive(o.pid)]
-            self._orphans = [o for o in self._orphans if o not in done]
-        for orphan in done:
-            self._release(orphan.plans.values())
-
-    def _release(self, plans) -> None:
-        for plan in plans:
-            if isinstance(plan, StorePlan):
-                self.core.abort_store(plan)
-            else:
-                self.core.l1.unpin(plan.handles)
+        release(self.core, self.orphans.due())
 
     def _prune_requests(self) -> None:
         with self._lock:
@@ -370,17 +346,12 @@ class Sessions:
         reaped is released now (its copy is over: the client sends a commit or end only then)
         and the call fails, so a late commit never makes anything readable."""
         with self._lock:
-            plan = s.plans.get(plan_id)
-            if isinstance(plan, kind):
+            if isinstance(s.plans.get(plan_id), kind):
                 return s.plans.pop(plan_id)
-            orphan = next((o for o in self._orphans if o.sid == s.sid and
-                           isinstance(o.plans.get(plan_id), kind)), None)
-            late = orphan.plans.pop(plan_id) if orphan is not None else None
-            if orphan is not None and not orphan.plans:
-                self._orphans.remove(orphan)
+        late = self.orphans.take(s.sid, plan_id, kind)
         if late is None:
             raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
-        self._release([late])
+        release(self.core, [late])
         raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
                          f"(no ping for {self.worker_timeout_s} s); nothing was committed")
 
@@ -401,14 +372,3 @@ class Sessions:
 
 def _gpu_uuid(device: str) -> str:
     return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether process ``pid`` still runs (a zombie, dead but not yet waited for, does not)."""
-    if pid is None:
-        return False
-    try:
-        stat = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
