@@ -3,7 +3,8 @@ refused naming the bound, live clients are not reaped while the server is loaded
 client's pipelined STOREs past its bounds get Busy replies while the server's memory stays
 bounded and other clients are answered.
 
-One ``gpukv serve`` process for the module (1 s worker timeout). A tiny MLA layout (one layer,
+One ``gpukv serve`` process for the module (2 s worker timeout: short, with room for a loaded
+machine's scheduling delays). A tiny MLA layout (one layer,
 8 bf16 per token: 256-byte chunks) lets the arena hold every object of a maximal request.
 """
 
@@ -23,7 +24,7 @@ from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.process import ServerProcess
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0
 MAX = p.MAX_HASHES  # 131072: hashes per request, and objects (hashes x ranks) per call
 TINY_CHUNK = CHUNK * 8 * 2  # bytes of one tiny chunk
 
@@ -71,38 +72,39 @@ def rss_mib(pid: int) -> float:
 
 
 def test_ping_is_answered_while_a_maximal_lookup_runs(server, stored):
-    ctx, sock = raw_socket(server.address)
-    session = os.urandom(16).hex()
-    maximal = p.encode_request(1, session, p.Lookup("tiny", "max", stored, tp_size=128))
-    try:
-        with client(server.address) as other:
-            worst, overlapped = [], []
-            for _ in range(3):
-                sock.send(maximal)
-                rtts = []
-                while not sock.poll(0):
-                    t0 = time.perf_counter()
-                    other.ping()
-                    rtts.append(time.perf_counter() - t0)
-                reply = p.decode_reply(sock.recv())
-                assert reply.ok and reply.value == MAX * CHUNK, reply
-                worst.append(max(rtts))
-                overlapped.append(len(rtts))
-            # The concurrency property: PING does not wait for the lookup (~0.1 s of share
-            # bookkeeping for 131072 objects x 128 readers, in a pool thread). Measured here
-            # (2 shared cores): worst ping ~8 ms. A ping that waited for the lookup would take
-            # ~100 ms; 50 ms is the issue's bound, 6x the measured worst case.
-            assert min(overlapped) >= 3, overlapped  # the pings really ran during the lookups
-            assert max(worst) < 0.050, worst
-            counts = other.read_counts("tiny", torch.arange(10 * CHUNK))["read_counts"]
-            assert counts == [128] * 10  # repeated maximal lookups: topped up, not added
-        sock.send(p.encode_request(2, session, p.FreeLookupLocks("max")))
-        assert sock.poll(30_000) and p.decode_reply(sock.recv()).value == MAX * 128
-        sock.send(p.encode_request(3, session, p.EndSession("max")))
-        assert sock.poll(30_000) and p.decode_reply(sock.recv()).ok
-    finally:
-        sock.close()
-        ctx.term()
+    with client(server.address, timeout_s=120) as big, client(server.address) as other:
+        worst, overlapped = [], []
+        for _ in range(3):
+            done, result = threading.Event(), {}
+
+            def maximal() -> None:  # a client thread; its pinger keeps its session alive
+                try:
+                    result["hits"] = big.lookup_hashes("tiny", stored, request_id="max",
+                                                       tp_size=128)
+                finally:
+                    done.set()
+
+            thread = threading.Thread(target=maximal)
+            thread.start()
+            rtts = []
+            while not done.is_set():
+                t0 = time.perf_counter()
+                other.ping()
+                rtts.append(time.perf_counter() - t0)
+            thread.join()
+            assert result.get("hits") == MAX * CHUNK, result
+            worst.append(max(rtts))
+            overlapped.append(len(rtts))
+        # The concurrency property: PING does not wait for the lookup (~0.1 s of share
+        # bookkeeping for 131072 objects x 128 readers, in a pool thread). Measured here
+        # (2 shared cores): worst ping 4-10 ms, ~23 ms with two CPU hogs on the two cores. A ping
+        # that waited for the lookup would take ~100 ms; 50 ms is the issue's bound.
+        assert min(overlapped) >= 3, overlapped  # the pings really ran during the lookups
+        assert max(worst) < 0.050, worst
+        counts = other.read_counts("tiny", torch.arange(10 * CHUNK))["read_counts"]
+        assert counts == [128] * 10  # repeated maximal lookups: topped up, not added
+        assert big.free_lookup_locks("max") == MAX * 128
+        big.end_session("max")
 
 
 def test_over_limit_lookups_are_refused_naming_the_bound(server, stored):
@@ -130,7 +132,9 @@ def test_live_clients_are_not_reaped_while_the_server_is_loaded(server, stored):
         def load(k: int) -> None:  # maximal lookups back to back, four clients at once
             ctx, sock = raw_socket(server.address)
             try:
-                for i in range(6):  # a new session each time: a raw socket does not ping
+                i = 0
+                while time.monotonic() < t0 + 2.5 * TIMEOUT_S:  # the scenario: 2.5 timeouts
+                    i += 1  # a new session each time: a raw socket does not ping
                     session = os.urandom(16).hex()
                     sock.send(p.encode_request(i + 1, session, p.Lookup("tiny", f"load{k}",
                                                                         stored, tp_size=128)))
@@ -154,7 +158,7 @@ def test_live_clients_are_not_reaped_while_the_server_is_loaded(server, stored):
             th.join(120)
         loaded_s = time.monotonic() - t0
         assert not errors, errors[:3]
-        assert loaded_s > 2 * TIMEOUT_S, loaded_s  # the load outlasted the worker timeout
+        assert loaded_s > 2.5 * TIMEOUT_S, loaded_s  # the load outlasted the worker timeout
         # the live client kept its session: its request's shares and its instance are there
         assert live.read_count("tiny", tokens) == before
         assert live.free_lookup_locks("live") == 10
@@ -176,7 +180,7 @@ def test_pipelined_stores_past_the_bounds_get_busy_and_memory_stays_bounded(serv
             rss0 = peak = rss_mib(server.pid)
             for f in frames:  # 40 maximal STORE_BEGINs (~90 MiB), never committed
                 sock.send(f, copy=False)
-            replies, latencies = [], []
+            replies, latencies, meanwhile = [], [], 0
             while len(replies) < k:
                 t0 = time.perf_counter()
                 assert other.ping()["chunk_size"] == CHUNK  # answered meanwhile
@@ -184,6 +188,7 @@ def test_pipelined_stores_past_the_bounds_get_busy_and_memory_stays_bounded(serv
                 assert len(other.read_count("tiny", torch.arange(2 * CHUNK))) == 2  # pooled
                 latencies.append(time.perf_counter() - t0)
                 peak = max(peak, rss_mib(server.pid))
+                meanwhile += not sock.poll(0)  # the flood was not over yet
                 while sock.poll(0):
                     replies.append(p.decode_reply(sock.recv()))
             other.end_session("o")
@@ -197,10 +202,12 @@ def test_pipelined_stores_past_the_bounds_get_busy_and_memory_stays_bounded(serv
                 {r.error[:90] for r in replies}
             reserved = sum(len(r.value["offsets"]) for r in replies if r.ok) * 256
             assert reserved <= (MAX * TINY_CHUNK + (8 << 20)) // 2  # the reserved-bytes bound
-            # Generous bounds (measured here: peak +230-270 MiB, worst call ~0.2 s; before the
-            # bounds: +3.1 GiB and 18 s stalls)
+            # Generous bounds (measured here: peak +230-270 MiB; the other client's calls take
+            # ~0.2 s at worst, ~3 s with two CPU hogs on the two cores; before the bounds:
+            # +3.1 GiB and 18 s stalls). The other client is served while the flood lasts.
             assert peak - rss0 < 768, (rss0, peak)
-            assert max(latencies) < 3.0, (max(latencies), statistics.median(latencies))
+            assert meanwhile >= 1, (meanwhile, latencies)
+            assert max(latencies) < 10.0, (max(latencies), statistics.median(latencies))
             # the silent raw session is reaped and its never-committed plans released
             deadline = time.monotonic() + 30
             while other.stats()["server"]["orphaned_plans"] or other.stats()["l1"]["writing"]:
