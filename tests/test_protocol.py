@@ -14,10 +14,9 @@ from gpukv.errors import Busy
 from gpukv.frontend.protocol import (MAX_FRAME_BYTES, MAX_HASHES, PROTOCOL_VERSION, EndSession,
                                      Flush, FreeLookupLocks, Layout, Lookup, Ping, ProtocolError,
                                      ReadCounts, Register, RetrieveBegin, RetrieveEnd, Stats,
-                                     decode_envelope,
-                                     StoreBegin, StoreCommit, Unregister, decode_reply,
-                                     decode_request, encode_reply, encode_request, error_reply,
-                                     ok_reply)
+                                     StoreBegin, StoreCommit, Unregister, decode_envelope,
+                                     decode_reply, decode_request, encode_reply, encode_request,
+                                     error_reply, ok_reply)
 
 H = b"\x01" * 16
 SESSION = "s" * 32
