@@ -158,6 +158,11 @@ class _WorkerState:
     def rows(self, name: str, kind: str, slots: torch.Tensor) -> list[torch.Tensor]:
         return rows(self.pages[name], kind, slots)
 
+    def mapped_arenas(self) -> int:
+        """How many server arena mappings this process holds (memfd maps in /proc/self/maps)."""
+        with open("/proc/self/maps") as f:
+            return sum("memfd:gpukv-arena" in line for line in f)
+
     def call(self, method: str, *args, **kwargs):
         return getattr(self.client, method)(*args, **kwargs)
 

@@ -213,6 +213,7 @@ def test_disk_hits_after_a_server_restart(env):
     with pytest.raises(ServerUnavailable, match=env["address"]):
         sched.ping(timeout_s=0.5)
     assert time.monotonic() - t0 < 5
+    maps_before = [w("mapped_arenas") for w in (w0, w1)]
     env["server"] = env["restart"]()
     for kind in ("mla", "mha"):  # the new server knows no instance: every worker registers again
         for rank, w in enumerate((w0, w1)):
@@ -229,6 +230,9 @@ def test_disk_hits_after_a_server_restart(env):
         for rank in range(1 if kind == "mla" else 2):
             assert sched.read_count(models[kind], tokens[kind], kv_rank=rank) == [0] * 5
         assert sched.free_lookup_locks(f"r-{kind}") == 0
+    # the dead server's arenas are unmapped: each worker maps the new server's device 0 alone
+    assert maps_before == [1, 2]  # rank 1 (device 1) read device 0 too
+    assert [w("mapped_arenas") for w in (w0, w1)] == [1, 1]
     # the workers copy into the NEW server's arena: a client that maps it afresh reads what
     # rank 0 stores now
     fresh = prompt(9)
