@@ -73,38 +73,48 @@ def rss_mib(pid: int) -> float:
 
 def test_ping_is_answered_while_a_maximal_lookup_runs(server, stored):
     with client(server.address, timeout_s=120) as big, client(server.address) as other:
-        worst, overlapped = [], []
-        for _ in range(3):
-            done, result = threading.Event(), {}
+        try:
+            # warm-up, not measured: the first maximal requests after the big stores also pay
+            # the server's garbage collector walking ~10^6 fresh objects (one pause was 115 ms)
+            assert big.lookup_hashes("tiny", stored, request_id="max", tp_size=128) == MAX * CHUNK
+            worst, overlapped = [], []
+            for _ in range(3):
+                worst_ping, pings = _pings_during(big, other, stored)
+                worst.append(worst_ping)
+                overlapped.append(pings)
+            # The concurrency property: PING does not wait for the lookup (~0.15 s of share
+            # bookkeeping for 131072 objects x 128 readers, in a pool thread). Measured here (2
+            # shared cores): worst ping 4-14 ms, ~23 ms with two CPU hogs on the two cores. A
+            # ping that waited for the lookup would take ~150 ms; 50 ms is the issue's bound.
+            assert min(overlapped) >= 3, overlapped  # the pings really ran during the lookups
+            assert max(worst) < 0.050, worst
+            counts = other.read_counts("tiny", torch.arange(10 * CHUNK))["read_counts"]
+            assert counts == [128] * 10  # repeated maximal lookups: topped up, not added
+            assert big.free_lookup_locks("max") == MAX * 128
+        finally:
+            big.end_session("max")
 
-            def maximal() -> None:  # a client thread; its pinger keeps its session alive
-                try:
-                    result["hits"] = big.lookup_hashes("tiny", stored, request_id="max",
-                                                       tp_size=128)
-                finally:
-                    done.set()
 
-            thread = threading.Thread(target=maximal)
-            thread.start()
-            rtts = []
-            while not done.is_set():
-                t0 = time.perf_counter()
-                other.ping()
-                rtts.append(time.perf_counter() - t0)
-            thread.join()
-            assert result.get("hits") == MAX * CHUNK, result
-            worst.append(max(rtts))
-            overlapped.append(len(rtts))
-        # The concurrency property: PING does not wait for the lookup (~0.1 s of share
-        # bookkeeping for 131072 objects x 128 readers, in a pool thread). Measured here
-        # (2 shared cores): worst ping 4-10 ms, ~23 ms with two CPU hogs on the two cores. A ping
-        # that waited for the lookup would take ~100 ms; 50 ms is the issue's bound.
-        assert min(overlapped) >= 3, overlapped  # the pings really ran during the lookups
-        assert max(worst) < 0.050, worst
-        counts = other.read_counts("tiny", torch.arange(10 * CHUNK))["read_counts"]
-        assert counts == [128] * 10  # repeated maximal lookups: topped up, not added
-        assert big.free_lookup_locks("max") == MAX * 128
-        big.end_session("max")
+def _pings_during(big, other, hashes) -> tuple[float, int]:
+    """Ping from ``other`` while ``big`` runs one maximal lookup in a thread; (worst, count)."""
+    done, result = threading.Event(), {}
+
+    def maximal() -> None:  # a client thread; its pinger keeps its session alive
+        try:
+            result["hits"] = big.lookup_hashes("tiny", hashes, request_id="max", tp_size=128)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=maximal)
+    thread.start()
+    rtts = []
+    while not done.is_set():
+        t0 = time.perf_counter()
+        other.ping()
+        rtts.append(time.perf_counter() - t0)
+    thread.join()
+    assert result.get("hits") == MAX * CHUNK, result
+    return max(rtts), len(rtts)
 
 
 def test_over_limit_lookups_are_refused_naming_the_bound(server, stored):
