@@ -35,21 +35,21 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")
     address, group = f"ipc://{tmp}/gpukv.sock", secret("engine")
     workers = [Worker() for _ in range(2)]  # they start while the server starts
-    server = sched = None
+    state = dict(address=address, tmp=tmp, workers=workers, server=None, sched=None,
+                 restart=lambda: start_server(address, tmp / "disk"))
     try:
-        server = start_server(address, tmp / "disk")
+        state["server"] = start_server(address, tmp / "disk")
         for w in workers:
             w("connect", address, group=group)
-        sched = client(address, group=group)
-        yield dict(address=address, tmp=tmp, server=server, workers=workers, sched=sched,
-                   restart=lambda: start_server(address, tmp / "disk"))
+        state["sched"] = client(address, group=group)
+        yield state
     finally:
-        if sched is not None:
-            sched.close()
+        if state["sched"] is not None:
+            state["sched"].close()
         for w in workers:
             w.close()
-        if server is not None:
-            server.stop()
+        if state["server"] is not None:  # the restarted one, after the restart test
+            state["server"].stop()
 
 
 def test_ping_reports_the_server(env):
