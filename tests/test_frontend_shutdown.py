@@ -40,8 +40,7 @@ def test_sigterm_flushes_queued_spills_and_exits_promptly(tmp_path):
     finally:
         server.stop()
     assert rc == 0
-    assert elapsed < 5.0, elapsed
+    assert elapsed < 10.0, elapsed  # measured 0.5-1 s; 5.6 s with three CPU hogs on two cores
     files = list(Path(disk).rglob("*.safetensors"))
-    print(f"spills queued at SIGTERM: {queued}, exit after {elapsed:.2f} s")
     assert len(files) == CHUNKS, (len(files), queued)
     assert not list(Path(disk).rglob("*.tmp"))  # no half-written file left behind
