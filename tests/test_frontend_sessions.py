@@ -1,5 +1,6 @@
-"""Sessions and the reaper: a reap that lands in the middle of a request leaks nothing, and a
-session is reaped only after a whole worker timeout of silence before the loop last caught up.
+"""Sessions and the reaper: a reap that lands in the middle of a request leaks nothing, a
+session is reaped only after a whole worker timeout of silence before the loop last caught up,
+and a store refused as Busy changes nothing.
 
 In-process server; the reap is injected between a handler's phases by wrapping the core call it
 makes (deterministic: no timing involved).
@@ -89,3 +90,39 @@ def test_reaping_counts_silence_up_to_the_loops_last_drain(tmp_path):
         server._reap()
         assert "live" * 8 in sessions._sessions
         assert "dead" * 8 not in sessions._sessions
+
+
+def test_a_busy_store_changes_nothing(tmp_path, monkeypatch):
+    """A store refused because this client's other stores in flight hold its reserved-bytes
+    bound evicts nothing first; one larger than the bound alone stores what fits."""
+    from frontend_cases import chunk_bytes, mismatched_tokens, one_shot, rows
+    from gpukv.errors import Busy
+    from gpukv.frontend.sessions import Limits
+
+    slot = chunk_bytes("mla")
+    with serving(tmp_path, capacity_bytes=8 * slot, limits=Limits(max_reserved_bytes=4 * slot)) \
+            as server, client(server.address) as owner, client(server.address) as busy:
+        pages, other_pages = kv_cache("mla", 1), kv_cache("mla", 2)
+        owner.register("o", "m", pages, DIMS["mla"], kind="mla")
+        busy.register("b", "m", other_pages, DIMS["mla"], kind="mla")
+        kept = prompt(1, 3 * CHUNK)
+        assert owner.store("o", kept, slots_of(STORE_BLOCKS, len(kept))) == 3 * CHUNK
+        first, second = prompt(2, 4 * CHUNK), prompt(3, 4 * CHUNK)
+        seen = {}
+
+        def store_again_while_the_first_is_in_flight():
+            with pytest.raises(Busy, match="at most"):
+                busy.store("b", second, slots_of(RANK_BLOCKS[1], len(second)))
+            seen["objects"] = owner.stats()["l1"]["objects"]
+
+        one_shot(monkeypatch, "pack", store_again_while_the_first_is_in_flight)
+        assert busy.store("b", first, slots_of(RANK_BLOCKS[0], len(first))) == 4 * CHUNK
+        assert seen["objects"] == 3 + 4  # the owner's 3 chunks and the first store's 4
+        assert owner.lookup("m", kept, request_id="kept") == 3 * CHUNK  # nothing was evicted
+        dst = slots_of(RANK_BLOCKS[0], 3 * CHUNK)
+        assert owner.retrieve("o", kept, dst, request_id="kept") == 3 * CHUNK
+        assert mismatched_tokens(rows(pages, "mla", dst),
+                                 rows(pages, "mla", slots_of(STORE_BLOCKS, 3 * CHUNK))) == 0
+        # one store of 6 chunks, more than the bound (4): it stores 4, reports the rest full
+        big = prompt(4, 6 * CHUNK)
+        assert busy.store("b", big, slots_of(list(range(12, 18)), len(big))) == 4 * CHUNK
