@@ -1,277 +1,211 @@
-"""The server end to end: a ``gpukv serve`` process, worker processes with pages in shared memory.
+"""The server end to end: a ``gpukv serve`` process, worker processes whose KV caches are their
+own plain tensors (all layers views of one ``torch.zeros`` buffer, as vLLM allocates them).
 
-Narrated TP=2 scenarios (MLA: rank 0 stores, the scheduler looks up with tp_size=2, both ranks
-retrieve; MHA: every rank stores and retrieves its own shard), four TP=2 engines on one server,
-disk hits after a server restart, the demo through a server, and (in-process) that a slow
-transfer does not stall PING or LOOKUP. Shapes are tiny (chunk 16, 3 layers) to stay fast.
+The server owns the arenas (sealed memfds; two of them stand for two devices) and keeps the
+books; each worker maps them and packs/unpacks its own pages. Narrated TP=2 scenarios (MLA: rank 0
+stores, the scheduler looks up with tp_size=2, both ranks retrieve; MHA: every rank its own
+shard), four TP=2 engines on one server, ranks on two devices reading one MLA object, disk hits
+after a server restart. The scheduler (this process) and the workers share one group secret, as
+the processes of one engine do.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
-import signal
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from gpukv.frontend.client import CacheClient, ServerUnavailable
-from gpukv.frontend.server import ServerProcess
+from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, Worker, chunk_bytes, client,
+                            kv_cache, mismatched_tokens, prompt, rows, secret, serving, slots_of)
+from gpukv.frontend.client import ServerUnavailable
+from gpukv.frontend.process import ServerProcess
 
-CHUNK = 16
-BLOCK = 16
-LAYERS = 3
-NUM_BLOCKS = 24
-DIMS = {"mla": "NB,BS,D", "mha": "NB,2,BS,H,D"}
-SHAPES = {"mla": (NUM_BLOCKS, BLOCK, 64), "mha": (NUM_BLOCKS, 2, BLOCK, 2, 32)}
+N = 5 * CHUNK  # full chunks of a prompt() of 87 tokens
+DEVICES = "cpu:0,cpu:1"
 
 
-# ---- a worker process: pages in shared memory, a CacheClient, commands over a pipe -------------
-class _WorkerState:
-    def __init__(self, address: str) -> None:
-        from gpukv.frontend.shm import ShmAllocator
-
-        self.client = CacheClient(address, timeout_s=60, connect_timeout_s=120)
-        self.shm = ShmAllocator()
-        self.pages: dict[str, list[torch.Tensor]] = {}
-
-    def alloc(self, name: str, kind: str, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        pages = [self.shm.empty(SHAPES[kind], torch.bfloat16) for _ in range(LAYERS)]
-        for layer in pages:  # arbitrary bit patterns, NaNs included
-            layer.view(torch.int16).copy_(torch.randint(-(1 << 15), 1 << 15, layer.shape,
-                                                        generator=gen, dtype=torch.int16))
-        self.pages[name] = pages
-
-    def register(self, instance_id, name: str, model: str, kind: str, tp_rank: int,
-                 tp_size: int) -> None:
-        self.client.register(instance_id, model, self.pages[name], DIMS[kind], kind=kind,
-                             tp_rank=tp_rank, tp_size=tp_size)
-
-    def rows(self, name: str, kind: str, slots: torch.Tensor) -> list[torch.Tensor]:
-        return [token_rows(layer, kind, slots).clone() for layer in self.pages[name]]
-
-    def call(self, method: str, *args, **kwargs):
-        return getattr(self.client, method)(*args, **kwargs)
-
-    def info(self) -> dict:
-        return dict(pid=os.getpid(), session=self.client.session, shm=self.shm.paths)
-
-    def close(self) -> None:
-        self.client.close()
-        self.shm.close()
+def start_server(address: str, disk_dir) -> ServerProcess:
+    return ServerProcess(address, capacity_bytes=16 << 20, devices=DEVICES, chunk_size=CHUNK,
+                         disk_dir=disk_dir)
 
 
-def _worker_main(conn, address: str) -> None:
-    state = _WorkerState(address)
-    while True:
-        method, args, kwargs = conn.recv()
-        if method == "exit":
-            state.close()
-            conn.send((True, None))
-            return
-        try:
-            conn.send((True, getattr(state, method)(*args, **kwargs)))
-        except Exception as exc:  # noqa: BLE001 - shipped back to the test and re-raised there
-            conn.send((False, exc))
-
-
-class Worker:
-    """Handle on a spawned worker process; ``worker("method", ...)`` runs a command there."""
-
-    def __init__(self, address: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, address), daemon=True)
-        self.proc.start()
-
-    def __call__(self, method: str, *args, **kwargs):
-        self.conn.send((method, args, kwargs))
-        if not self.conn.poll(120):
-            raise TimeoutError(f"worker {self.proc.pid}: {method} took over 120 s")
-        ok, value = self.conn.recv()
-        if not ok:
-            raise value
-        return value
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup at all (no unregister, no unlink, pings just stop)."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(10)
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self("exit")
-            except (OSError, EOFError, TimeoutError):
-                pass
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
-
-
-def token_rows(layer: torch.Tensor, kind: str, slots: torch.Tensor) -> torch.Tensor:
-    """Raw int16 KV rows of ``slots``: ``[tokens, D]`` (MLA) or ``[2, tokens, H, D]`` (MHA)."""
-    bits = layer.view(torch.int16)
-    if kind == "mla":
-        return bits.reshape(-1, bits.shape[-1])[slots]
-    nb, _, bs, h, d = bits.shape
-    return bits.permute(1, 0, 2, 3, 4).reshape(2, nb * bs, h, d)[:, slots]
-
-
-def slots_of(blocks: list[int], num_tokens: int) -> torch.Tensor:
-    offs = torch.arange(num_tokens)
-    return torch.tensor(blocks)[offs // BLOCK] * BLOCK + offs % BLOCK
-
-
-def prompt(seed: int, num_tokens: int = 5 * CHUNK + 7) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50_000, (num_tokens,), generator=gen).tolist()
-
-
-def start_server(address: str, disk_dir: Path, **options) -> ServerProcess:
-    return ServerProcess(address, capacity_bytes=64 << 20, device="cpu", chunk_size=CHUNK,
-                         disk_dir=disk_dir, **options)
-
-
-# ---- fixtures: one server and two worker processes for the module ----------------------------
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")
-    address = f"ipc://{tmp}/gpukv.sock"
-    workers = [Worker(address) for _ in range(2)]  # they connect once the server is up
-    server = None
+    address, group = f"ipc://{tmp}/gpukv.sock", secret("engine")
+    workers = [Worker() for _ in range(2)]  # they start while the server starts
+    state = dict(address=address, tmp=tmp, workers=workers, server=None, sched=None,
+                 restart=lambda: start_server(address, tmp / "disk"))
     try:
-        server = start_server(address, tmp / "disk")
-        scheduler = CacheClient(address, timeout_s=60)
-        yield dict(address=address, tmp=tmp, server=server, workers=workers, sched=scheduler,
-                   restart=lambda: start_server(address, tmp / "disk"))
-        scheduler.close()
+        state["server"] = start_server(address, tmp / "disk")
+        for w in workers:
+            w("connect", address, group=group)
+        state["sched"] = client(address, group=group)
+        yield state
     finally:
+        if state["sched"] is not None:
+            state["sched"].close()
         for w in workers:
             w.close()
-        if server is not None:
-            server.stop()
+        if state["server"] is not None:  # the restarted one, after the restart test
+            state["server"].stop()
 
 
-STORE_BLOCKS, RANK_BLOCKS = [3, 11, 7, 0, 20, 5], [[9, 2, 17, 14, 1, 22], [8, 12, 4, 19, 23, 6]]
-
-
-def test_ping_reports_the_servers_chunk_size(env):
+def test_ping_reports_the_server(env):
     info = env["sched"].ping()
     assert info["chunk_size"] == env["sched"].chunk_size == CHUNK
-    assert info["device"] == "cpu" and info["pid"] == env["server"].pid
+    assert info["pid"] == env["server"].pid and info["devices"] == DEVICES.split(",")
+    assert info["version"] == 2
 
 
 def test_mla_tp2_one_store_every_rank_retrieves(env):
     w0, w1 = env["workers"]
     sched, model, tokens = env["sched"], "ds-mla", prompt(1)
-    n = len(tokens) // CHUNK * CHUNK  # 80 tokens: 5 full chunks
     for rank, w in enumerate((w0, w1)):
         w("alloc", "mla", "mla", seed=10 + rank)
         w("register", "mla", "mla", model, "mla", rank, 2)
     store_slots = slots_of(STORE_BLOCKS, len(tokens))
-    source = w0("rows", "mla", "mla", store_slots[:n])
+    source = w0("rows", "mla", "mla", store_slots[:N])
     # rank 0 stores; rank 1's store of the same MLA chunks is a no-op (one object per TP group)
-    assert w0("call", "store", "mla", tokens, store_slots) == n
+    assert w0("call", "store", "mla", tokens, store_slots) == N
     assert w1("call", "store", "mla", tokens, store_slots) == 0
     # the scheduler looks up for the whole TP group: 2 shares per object
-    assert sched.lookup(model, tokens, request_id="mla-req", tp_size=2) == n
+    assert sched.lookup(model, tokens, request_id="mla-req", tp_size=2) == N
     assert sched.read_count(model, tokens) == [2] * 5
     for rank, w in enumerate((w0, w1)):
-        slots = slots_of(RANK_BLOCKS[rank], n)
-        assert w("call", "retrieve", "mla", tokens[:n], slots, request_id="mla-req") == n
-        got = w("rows", "mla", "mla", slots)
-        assert all(torch.equal(g, s) for g, s in zip(got, source))
+        slots = slots_of(RANK_BLOCKS[rank], N)
+        assert w("call", "retrieve", "mla", tokens[:N], slots, request_id="mla-req") == N
+        assert mismatched_tokens(w("rows", "mla", "mla", slots), source) == 0
         # the object survives the first rank's retrieve, with one share left for rank 1
         counts = sched.read_counts(model, tokens)
         assert counts["read_counts"] == [1 - rank] * 5 and counts["present"] == [True] * 5
     assert sched.free_lookup_locks("mla-req") == 0
     sched.end_session("mla-req")
     assert sched.read_counts(model, tokens)["evictable"] == [True] * 5
-    # legacy (tp_size=2, world_size=2): every rank looks up for itself, one share each, and
-    # its retrieve releases its own
-    for w in (w0, w1):
-        assert w("call", "lookup", model, tokens, request_id="self", tp_size=2, num_readers=1) == n
+    # every rank looks up for itself (its own request, one reader): its retrieve releases it
+    for rank, w in enumerate((w0, w1)):
+        assert w("call", "lookup", model, tokens, request_id=f"self{rank}", tp_size=2,
+                 num_readers=1) == N
     assert sched.read_count(model, tokens) == [2] * 5
-    assert sched.free_lookup_locks("self") == 0  # the scheduler holds none of them
-    assert w1("call", "retrieve", "mla", tokens[:n], slots_of(RANK_BLOCKS[1], n),
-              request_id="self") == n
+    assert w1("call", "retrieve", "mla", tokens[:N], slots_of(RANK_BLOCKS[1], N),
+              request_id="self1") == N
     assert sched.read_count(model, tokens) == [1] * 5
-    assert w0("call", "free_lookup_locks", "self") == 5  # rank 0 aborts: frees its own share
+    assert w0("call", "free_lookup_locks", "self0") == 5  # rank 0 aborts: frees its own share
     assert sched.read_count(model, tokens) == [0] * 5
 
 
 def test_mha_tp2_every_rank_its_own_shard(env):
     w0, w1 = env["workers"]
     sched, model, tokens = env["sched"], "llama-mha", prompt(2)
-    n = len(tokens) // CHUNK * CHUNK
     store_slots = slots_of(STORE_BLOCKS, len(tokens))
     sources = []
     for rank, w in enumerate((w0, w1)):
         w("alloc", "mha", "mha", seed=20 + rank)
         w("register", "mha", "mha", model, "mha", rank, 2)
-        sources.append(w("rows", "mha", "mha", store_slots[:n]))
-    assert w0("call", "store", "mha", tokens, store_slots) == n
+        sources.append(w("rows", "mha", "mha", store_slots[:N]))
+    assert w0("call", "store", "mha", tokens, store_slots) == N
     # rank 1 has not stored yet: a TP=2 lookup needs both shards, so it misses
     assert sched.lookup(model, tokens, request_id="mha-miss", tp_size=2) == 0
-    assert w1("call", "store", "mha", tokens, store_slots) == n
-    assert sched.lookup(model, tokens, request_id="mha-req", tp_size=2) == n
+    assert w1("call", "store", "mha", tokens, store_slots) == N
+    assert sched.lookup(model, tokens, request_id="mha-req", tp_size=2) == N
     for rank in range(2):  # MHA: one share on each rank's own object (extra_count 0)
         assert sched.read_count(model, tokens, kv_rank=rank) == [1] * 5
     for rank, w in enumerate((w0, w1)):
-        slots = slots_of(RANK_BLOCKS[rank], n)
-        assert w("call", "retrieve", "mha", tokens[:n], slots, request_id="mha-req") == n
-        got = w("rows", "mha", "mha", slots)
-        assert all(torch.equal(g, s) for g, s in zip(got, sources[rank]))
+        slots = slots_of(RANK_BLOCKS[rank], N)
+        assert w("call", "retrieve", "mha", tokens[:N], slots, request_id="mha-req") == N
+        assert mismatched_tokens(w("rows", "mha", "mha", slots), sources[rank]) == 0
         assert sched.read_count(model, tokens, kv_rank=rank) == [0] * 5
     assert sched.free_lookup_locks("mha-req") == 0
+    sched.end_session("mha-req")
 
 
 def test_four_tp2_engines_on_one_server_take_two_shares_not_eight(env):
     w0, w1 = env["workers"]
     sched, model, tokens = env["sched"], "ds-4x", prompt(3)
-    n = len(tokens) // CHUNK * CHUNK
     for rank, w in enumerate((w0, w1)):  # engine e's rank r lives in worker process r
         w("alloc", "4x", "mla", seed=30 + rank)
         for e in range(4):
             w("register", f"engine{e}-rank{rank}", "4x", model, "mla", rank, 2)
-    assert sched.stats()["instances"] >= 8
-    assert w0("call", "store", "engine0-rank0", tokens, slots_of(STORE_BLOCKS, len(tokens))) == n
-    assert sched.lookup(model, tokens, request_id="4x-req", tp_size=2) == n
+    assert sched.stats()["models"][model]["instances"] == 8
+    source = w0("rows", "4x", "mla", slots_of(STORE_BLOCKS, N))
+    assert w0("call", "store", "engine0-rank0", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
+    assert sched.lookup(model, tokens, request_id="4x-req", tp_size=2) == N
     assert sched.read_count(model, tokens) == [2] * 5
     for rank, w in enumerate((w0, w1)):  # engine 2 retrieves: its two ranks release both shares
-        assert w("call", "retrieve", f"engine2-rank{rank}", tokens[:n],
-                 slots_of(RANK_BLOCKS[rank], n), request_id="4x-req") == n
+        assert w("call", "retrieve", f"engine2-rank{rank}", tokens[:N],
+                 slots_of(RANK_BLOCKS[rank], N), request_id="4x-req") == N
+        got = w("rows", "4x", "mla", slots_of(RANK_BLOCKS[rank], N))
+        assert mismatched_tokens(got, source) == 0
     assert sched.read_count(model, tokens) == [0] * 5
     # num_readers overrides tp_size (e.g. only 3 ranks read): 3 shares, freed by the scheduler
-    assert sched.lookup(model, tokens, request_id="4x-dcp", tp_size=8, num_readers=3) == n
+    assert sched.lookup(model, tokens, request_id="4x-dcp", tp_size=8, num_readers=3) == N
     assert sched.read_count(model, tokens) == [3] * 5
     assert sched.free_lookup_locks("4x-dcp") == 15
     for rank, w in enumerate((w0, w1)):
         for e in range(4):
             w("call", "unregister", f"engine{e}-rank{rank}")
+    assert sched.stats()["models"][model]["instances"] == 0
+
+
+def test_ranks_on_two_devices_read_one_mla_object(env):
+    w0, w1 = env["workers"]
+    sched, model, tokens = env["sched"], "ds-2dev", prompt(4)
+    before = sched.stats()["l1"]["devices"]
+    for rank, w in enumerate((w0, w1)):
+        w("alloc", "2dev", "mla", seed=40 + rank)
+        w("register", "2dev", "2dev", model, "mla", rank, 2, device=f"cpu:{rank}")
+    source = w0("rows", "2dev", "mla", slots_of(STORE_BLOCKS, N))
+    assert w0("call", "store", "2dev", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
+    assert w1("call", "store", "2dev", tokens, slots_of(STORE_BLOCKS, len(tokens))) == 0
+    after = sched.stats()["l1"]["devices"]
+    # stored once, on the storing rank's device; never duplicated on the other
+    assert after[0]["objects"] - before[0]["objects"] == 5
+    assert after[1]["objects"] == before[1]["objects"]
+    assert sched.lookup(model, tokens, request_id="2dev", tp_size=2) == N
+    for rank, w in enumerate((w0, w1)):  # rank 1 (device 1) reads the object on device 0
+        slots = slots_of(RANK_BLOCKS[rank], N)
+        assert w("call", "retrieve", "2dev", tokens[:N], slots, request_id="2dev") == N
+        assert mismatched_tokens(w("rows", "2dev", "mla", slots), source) == 0
+    assert sched.read_count(model, tokens) == [0] * 5
+
+
+def test_a_parked_copy_stalls_neither_ping_nor_other_workers(env):
+    w0, w1 = env["workers"]
+    sched, model, tokens, other = env["sched"], "ds-park", prompt(5), prompt(6)
+    for rank, w in enumerate((w0, w1)):
+        w("alloc", "park", "mla", seed=50 + rank)
+        w("register", "park", "park", model, "mla", rank, 2)
+    w0("arm", "pack", "before")
+    w0.start("call", "store", "park", tokens, slots_of(STORE_BLOCKS, len(tokens)))
+    assert w0.wait_hook() == "pack"
+    try:  # rank 0 holds its write plan, its pack not run: everything else goes on
+        assert sched.ping()["chunk_size"] == CHUNK
+        assert sched.lookup(model, tokens, request_id="park", tp_size=2) == 0  # not readable yet
+        assert w1("call", "store", "park", other, slots_of(STORE_BLOCKS, len(other))) == N
+        assert sched.lookup(model, other, request_id="park-other", tp_size=1) == N
+        assert w1("call", "retrieve", "park", other[:N], slots_of(RANK_BLOCKS[1], N),
+                  request_id="park-other") == N
+    finally:
+        w0.go()
+    assert w0.result() == N
+    assert sched.lookup(model, tokens, request_id="park2", tp_size=1) == N
+    assert sched.free_lookup_locks("park2") == 5
 
 
 def test_disk_hits_after_a_server_restart(env):
     w0, w1 = env["workers"]
-    sched, tokens = env["sched"], {"mla": prompt(4), "mha": prompt(5)}
-    n = len(tokens["mla"]) // CHUNK * CHUNK
+    sched, tokens = env["sched"], {"mla": prompt(7), "mha": prompt(8)}
     models = {"mla": "ds-restart", "mha": "llama-restart"}
     store_slots = slots_of(STORE_BLOCKS, len(tokens["mla"]))
     sources = {}
     for kind in ("mla", "mha"):
         for rank, w in enumerate((w0, w1)):
-            w("alloc", f"r-{kind}", kind, seed=40 + rank)
+            w("alloc", f"r-{kind}", kind, seed=60 + rank)
             w("register", f"r-{kind}", f"r-{kind}", models[kind], kind, rank, 2)
-            sources[kind, rank] = w("rows", f"r-{kind}", kind, store_slots[:n])
+            sources[kind, rank] = w("rows", f"r-{kind}", kind, store_slots[:N])
         for w in ((w0,) if kind == "mla" else (w0, w1)):
-            assert w("call", "store", f"r-{kind}", tokens[kind], store_slots) == n
+            assert w("call", "store", f"r-{kind}", tokens[kind], store_slots) == N
     assert sched.flush(30)
     env["server"].stop()
     # a dead server is an exception naming its address, not a hang
@@ -279,23 +213,37 @@ def test_disk_hits_after_a_server_restart(env):
     with pytest.raises(ServerUnavailable, match=env["address"]):
         sched.ping(timeout_s=0.5)
     assert time.monotonic() - t0 < 5
+    maps_before = [w("mapped_arenas") for w in (w0, w1)]
     env["server"] = env["restart"]()
     for kind in ("mla", "mha"):  # the new server knows no instance: every worker registers again
         for rank, w in enumerate((w0, w1)):
             w("register", f"r-{kind}", f"r-{kind}", models[kind], kind, rank, 2)
         before = sched.stats()["hit_chunks_tier"].get("disk", 0)
-        assert sched.lookup(models[kind], tokens[kind], request_id=f"r-{kind}", tp_size=2) == n
+        assert sched.lookup(models[kind], tokens[kind], request_id=f"r-{kind}", tp_size=2) == N
         assert sched.stats()["hit_chunks_tier"]["disk"] - before == 5  # every chunk from disk
         for rank, w in enumerate((w0, w1)):
-            slots = slots_of(RANK_BLOCKS[rank], n)
-            assert w("call", "retrieve", f"r-{kind}", tokens[kind][:n], slots,
-                     request_id=f"r-{kind}") == n
-            got = w("rows", f"r-{kind}", kind, slots)
+            slots = slots_of(RANK_BLOCKS[rank], N)
+            assert w("call", "retrieve", f"r-{kind}", tokens[kind][:N], slots,
+                     request_id=f"r-{kind}") == N
             src = sources[kind, 0 if kind == "mla" else rank]
-            assert all(torch.equal(g, s) for g, s in zip(got, src))
+            assert mismatched_tokens(w("rows", f"r-{kind}", kind, slots), src) == 0
         for rank in range(1 if kind == "mla" else 2):
             assert sched.read_count(models[kind], tokens[kind], kv_rank=rank) == [0] * 5
         assert sched.free_lookup_locks(f"r-{kind}") == 0
+    # the dead server's arenas are unmapped: each worker maps the new server's device 0 alone
+    assert min(maps_before) >= 1 and [w("mapped_arenas") for w in (w0, w1)] == [1, 1]
+    # the workers copy into the NEW server's arena: a client that maps it afresh reads what
+    # rank 0 stores now
+    fresh = prompt(9)
+    assert w0("call", "store", "r-mla", fresh, store_slots) == N
+    reader_pages = kv_cache("mla", 99)
+    sched.register("reader", models["mla"], reader_pages, DIMS["mla"], kind="mla", tp_rank=1,
+                   tp_size=2)
+    assert sched.lookup(models["mla"], fresh, request_id="fresh") == N
+    dst = slots_of(RANK_BLOCKS[1], N)
+    assert sched.retrieve("reader", fresh[:N], dst, request_id="fresh") == N
+    assert mismatched_tokens(rows(reader_pages, "mla", dst), sources["mla", 0]) == 0
+    sched.unregister("reader")
 
 
 def test_demo_through_a_server(capsys):
@@ -307,91 +255,46 @@ def test_demo_through_a_server(capsys):
     assert "after restart" in out and "NO" not in out
 
 
-class _SlowStoreEngine:
-    """A real engine whose STORE waits on a gate: a transfer that takes as long as we like."""
+# ---- in-process server ------------------------------------------------------------------------
+def test_capacity_and_eviction_are_per_device(tmp_path):
+    from gpukv.frontend.sessions import Limits
 
-    def __init__(self, engine, gate: threading.Event) -> None:
-        self._engine, self._gate, self.entered = engine, gate, threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def store(self, *args, **kwargs):
-        self.entered.set()
-        assert self._gate.wait(30)
-        return self._engine.store(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def serving(engine, address: str):
-    """A CacheServer on ``engine`` in a thread of this process (for cheap in-process checks)."""
-    from gpukv.frontend.server import CacheServer, ServerConfig
-
-    server = CacheServer(engine, ServerConfig(address=address))
-    loop = threading.Thread(target=server.serve_forever)
-    loop.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        loop.join(10)
-
-
-def engine(capacity_bytes: int = 8 << 20):
-    from gpukv.config import EngineConfig
-    from gpukv.engine import CacheEngine
-
-    return CacheEngine(EngineConfig(capacity_bytes=capacity_bytes, device="cpu", chunk_size=CHUNK))
+    slots = 6
+    nbytes = slots * chunk_bytes("mla")
+    with serving(tmp_path, capacity_bytes=nbytes, devices=("cpu:0", "cpu:1"),
+                 limits=Limits(max_reserved_bytes=nbytes)) as server, \
+            client(server.address) as c0, client(server.address) as c1:
+        p0, p1 = kv_cache("mla", 1), kv_cache("mla", 2)
+        c0.register("d0", "m", p0, DIMS["mla"], kind="mla", device="cpu:0")
+        c1.register("d1", "m", p1, DIMS["mla"], kind="mla", device="cpu:1")
+        kept = prompt(1)
+        assert c0.store("d0", kept, slots_of(STORE_BLOCKS, len(kept))) == N
+        for seed in range(2, 6):  # device 1 churns through many prompts: it evicts its own
+            other = prompt(seed, 3 * CHUNK)
+            assert c1.store("d1", other, slots_of(STORE_BLOCKS, len(other))) == 3 * CHUNK
+        devices = c0.stats()["l1"]["devices"]
+        assert devices[0]["objects"] == 5 and devices[0]["evictions"] == 0
+        assert devices[1]["objects"] == slots and devices[1]["evictions"] == 4 * 3 - slots
+        assert devices[0]["capacity_bytes"] == devices[1]["capacity_bytes"] == slots * chunk_bytes("mla")
+        # device 0 kept every chunk of its prompt, bit-exact
+        assert c0.lookup("m", kept, request_id="kept") == N
+        dst = slots_of(RANK_BLOCKS[0], N)
+        assert c0.retrieve("d0", kept[:N], dst, request_id="kept") == N
+        assert mismatched_tokens(rows(p0, "mla", dst), rows(p0, "mla", slots_of(STORE_BLOCKS, N))) == 0
 
 
 def test_sglang_kv_pools_register_as_a_pair(tmp_path):
-    from gpukv.frontend.shm import ShmAllocator
-
-    with serving(engine(), f"ipc://{tmp_path}/s.sock") as server, ShmAllocator() as shm, \
-            CacheClient(server.address, timeout_s=10) as client:
-        k_layers = [shm.empty((NUM_BLOCKS * BLOCK, 2, 32), torch.float16) for _ in range(2)]
-        v_layers = [shm.empty((NUM_BLOCKS * BLOCK, 2, 32), torch.float16) for _ in range(2)]
-        for t in k_layers + v_layers:
-            t.view(torch.int16).random_(-(1 << 15), 1 << 15)
-        client.register("sg", "sglang", (k_layers, v_layers), "S,H,D", kind="mha")
+    with serving(tmp_path) as server, client(server.address) as c:
+        buf = torch.zeros(2, 2, 24 * 16, 2, 32, dtype=torch.float16)  # [k|v, layer, slot, H, D]
+        buf.view(torch.int16).random_(-(1 << 15), 1 << 15)
+        k_layers, v_layers = list(buf[0]), list(buf[1])
+        c.register("sg", "sglang", (k_layers, v_layers), "S,H,D", kind="mha")
         tokens = prompt(7)
-        n = len(tokens) // CHUNK * CHUNK
-        assert client.store("sg", tokens, torch.arange(len(tokens))) == n
-        assert client.lookup("sglang", tokens, request_id="q") == n
-        dst = torch.arange(n) + 200
-        assert client.retrieve("sg", tokens[:n], dst, request_id="q") == n
+        assert c.store("sg", tokens, torch.arange(len(tokens))) == N
+        assert c.lookup("sglang", tokens, request_id="q") == N
+        dst = torch.arange(N) + 200
+        assert c.retrieve("sg", tokens[:N], dst, request_id="q") == N
         for t in k_layers + v_layers:
-            assert torch.equal(t[dst].view(torch.int16), t[:n].view(torch.int16))
-        with pytest.raises(ValueError, match="differ in length"):
-            client.register("sg2", "sglang", (k_layers, v_layers[:1]), "S,H,D", kind="mha")
-
-
-def test_a_long_store_stalls_neither_ping_nor_lookup(tmp_path):
-    from gpukv.frontend.shm import ShmAllocator
-
-    gate = threading.Event()
-    slow = _SlowStoreEngine(engine(), gate)
-    with serving(slow, f"ipc://{tmp_path}/s.sock") as server:
-        try:
-            with ShmAllocator() as shm, CacheClient(server.address, timeout_s=10) as worker, \
-                    CacheClient(server.address, timeout_s=10) as other:
-                pages = [shm.zeros(SHAPES["mla"], torch.bfloat16) for _ in range(LAYERS)]
-                worker.register("w", "m", pages, DIMS["mla"], kind="mla")
-                tokens = prompt(6)
-                result = {}
-                store = threading.Thread(target=lambda: result.update(
-                    n=worker.store("w", tokens, slots_of(STORE_BLOCKS, len(tokens)))))
-                store.start()
-                assert slow.entered.wait(10)
-                # the STORE is parked in a transfer thread: PING and LOOKUP still answer, from
-                # another client and from another thread of the same client
-                assert other.ping()["chunk_size"] == CHUNK
-                assert other.lookup("m", tokens, request_id="q", tp_size=2) == 0
-                assert worker.ping()["chunk_size"] == CHUNK
-                assert store.is_alive()
-                gate.set()
-                store.join(10)
-                assert result["n"] == 5 * CHUNK
-                assert other.lookup("m", tokens, request_id="q2", tp_size=2) == 5 * CHUNK
-        finally:
-            gate.set()  # never leave a transfer thread parked
+            assert torch.equal(t[dst].view(torch.int16), t[:N].view(torch.int16))
+        with pytest.raises(ValueError, match="equal in length, got 2 and 1"):
+            c.register("sg2", "sglang", (k_layers, v_layers[:1]), "S,H,D", kind="mha")

@@ -138,7 +138,9 @@ class CacheClient:
 
         reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
                                       tp_size, device))
-        self._handles = reply["arenas"]
+        if reply["arenas"] != self._handles:  # another server (e.g. restarted): map its arenas
+            # (the old maps go with the last copy still using them: a tensor holds its map)
+            self._handles, self._arenas, self._maps = reply["arenas"], {}, []
         self._locals[instance_id] = _Local(paged, reply["device"], reply["chunk_bytes"])
         self._arena(reply["device"])  # map it now: a bad handle fails the registration
 

@@ -173,6 +173,15 @@ class _Header(msgspec.Struct):
     seq: int = 0
 
 
+class Envelope(msgspec.Struct, frozen=True):
+    """Who sent a request and its ``seq``, read without decoding its body."""
+
+    v: int
+    seq: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+    session: Secret
+    group: Secret | None = None
+
+
 class ProtocolError(ValueError):
     """A frame that is not a valid request; ``seq`` is the request's, when it could be read."""
 
@@ -185,6 +194,7 @@ class ProtocolError(ValueError):
 _ENCODER = msgspec.msgpack.Encoder()
 _REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
 _HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 _REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
 
 
@@ -195,16 +205,7 @@ def encode_request(seq: int, session: str, body: Body, group: str | None = None)
 def decode_request(frame: bytes) -> Request:
     """Decode and validate one request frame; raises :class:`ProtocolError` naming the problem
     (a frame too deeply nested for the decoder included)."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
-    try:
-        header = _HEADER_DECODER.decode(frame)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise ProtocolError(f"malformed request: {_reason(exc)}") from None
-    seq = header.seq if 0 <= header.seq < (1 << 63) else 0
-    if header.v != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.v!r} (server speaks "
-                            f"{PROTOCOL_VERSION})", seq)
+    seq = _check_version(frame)
     try:
         request = _REQUEST_DECODER.decode(frame)
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -218,6 +219,31 @@ def decode_request(frame: bytes) -> Request:
         raise ProtocolError(f"invalid free_lookup_locks request: end_token {body.end_token} is "
                             f"before start_token {body.start_token}", seq)
     return request
+
+
+def decode_envelope(frame: bytes) -> Envelope:
+    """The envelope of a request frame, its body skipped, not decoded (cheap for a large frame:
+    no objects are built for it); :func:`decode_request` validates the rest later."""
+    seq = _check_version(frame)
+    try:
+        return _ENVELOPE_DECODER.decode(frame)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed request: {_reason(exc)}", seq) from None
+
+
+def _check_version(frame: bytes) -> int:
+    """The frame's ``seq`` (0 when unreadable) after checking its size and protocol version."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        header = _HEADER_DECODER.decode(frame)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed request: {_reason(exc)}") from None
+    seq = header.seq if 0 <= header.seq < (1 << 63) else 0
+    if header.v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.v!r} (server speaks "
+                            f"{PROTOCOL_VERSION})", seq)
+    return seq
 
 
 def _reason(exc: BaseException) -> str:

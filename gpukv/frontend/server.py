@@ -5,14 +5,19 @@ workers run the copies themselves. One ROUTER socket (clients use DEALER; see
 :mod:`gpukv.frontend.protocol`), and one thread, the loop, touches it. Every request is
 bookkeeping (no bytes of KV cross the socket), so the loop answers most of them itself in
 microseconds; a lookup that may read the disk or remote tier, a large request (more than
-``INLINE_KEYS`` objects), STATS and FLUSH go to a small pool, so a long one never stalls a ping
-or another worker. Pool threads put their replies on a queue and wake the loop through a pipe.
+``INLINE_KEYS`` objects, or a frame over ``INLINE_FRAME_BYTES``, which the loop does not even
+decode: it reads the envelope and the pool decodes the rest), STATS and FLUSH go to a small
+pool, so a long one never stalls a ping or another worker. Pool threads put their replies on a
+queue and wake the loop through a pipe. Reaping and lease expiry run in a thread of their own
+(they take the books' locks, which a maximal request may hold for a while).
 
 Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
 past a bound); nothing a client sends can end the loop. Per session, requests waiting in the
-pool are bounded (``max_pending``). Liveness is judged from frames *received*: a session is
-reaped only when it has been silent for the worker timeout while the loop kept up with its
-socket (a backlog on the loop never reaps live clients).
+pool are bounded in number and bytes (``max_pending``, ``max_pending_bytes``), and per client
+connection at most ``RCVHWM`` frames wait in the socket (a client pipelining more waits in its
+own send). Liveness is judged from frames *received*: a session is reaped only when it was
+silent for the worker timeout before the last moment the loop found its socket empty (a backlog
+on the loop never reaps live clients; a loop that never catches up reaps nobody).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from gpukv.frontend.sessions import Limits, Sessions
 log = logging.getLogger(__name__)
 
 INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
+RCVHWM = 16  # a client pipelining more waits in its own send (each call has one in flight)
+INLINE_FRAME_BYTES = 96 << 10  # larger frames are decoded in the pool (> INLINE_KEYS hashes)
 _POOLED = (p.Stats, p.Flush)
 
 
@@ -51,6 +58,7 @@ class ServerConfig:
     allow_remote: bool = False
     allow_abstract: bool = False
     max_pending: int = 64  # requests of one session waiting in the pool
+    max_pending_bytes: int = 32 << 20  # and their frames' bytes (one request always fits)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -75,6 +83,7 @@ class CacheServer:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._router.setsockopt(zmq.RCVHWM, RCVHWM)  # frames queued per client connection
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._bind()
         self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -83,7 +92,7 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="gpukv-pool")
-        self._pending: dict[str, int] = {}  # session -> requests in the pool
+        self._pending: dict[str, tuple[int, int]] = {}  # session -> requests, bytes in the pool
         self._pending_lock = threading.Lock()
         self.last_drained = time.monotonic()  # the loop last found its socket empty
 
@@ -105,15 +114,15 @@ class CacheServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        reap_every = min(1.0, self.config.worker_timeout_s / 4)
-        next_reap = time.monotonic() + reap_every
+        idle_ms = min(1.0, self.config.worker_timeout_s / 4) * 1000
+        reaper = threading.Thread(target=self._reap_loop, name="gpukv-reaper", daemon=True)
+        reaper.start()
         log.info("gpukv server listening on %s (devices %s, chunk_size=%d, worker timeout %.1f s)",
                  self.address, ",".join(self.core.devices), self.core.config.chunk_size,
                  self.config.worker_timeout_s)
         try:
             while not self._stopping.is_set():
-                timeout_ms = max(0.0, next_reap - time.monotonic()) * 1000
-                events = dict(poller.poll(timeout_ms))
+                events = dict(poller.poll(idle_ms))
                 if self._wake_r in events:
                     os.read(self._wake_r, 65536)
                 self._send_replies()
@@ -121,10 +130,9 @@ class CacheServer:
                     self._drain(64)
                 else:
                     self.last_drained = time.monotonic()  # nothing waiting on the socket
-                if time.monotonic() >= next_reap:
-                    next_reap = time.monotonic() + reap_every
-                    self._reap()
         finally:
+            self._stopping.set()
+            reaper.join()
             self._shutdown()
 
     def _drain(self, budget: int) -> None:
@@ -139,12 +147,21 @@ class CacheServer:
             except Exception:  # noqa: BLE001 - nothing a client sends may end the loop
                 log.warning("dropped a request that failed outside its handler", exc_info=True)
 
+    def _reap_loop(self) -> None:
+        """The reaper's own thread: reaping and lease expiry take the books' locks, which a pool
+        thread may hold for a maximal request; the loop never waits for them."""
+        every = min(1.0, self.config.worker_timeout_s / 4)
+        while not self._stopping.wait(every):
+            self._reap()
+
     def _reap(self) -> None:
-        cutoff = min(time.monotonic(), self.last_drained + 1.0) - self.config.worker_timeout_s
+        # silent for the whole worker timeout before the loop last caught up with its socket:
+        # every frame sent before ``last_drained`` was received, later ones may wait in a backlog
+        cutoff = self.last_drained - self.config.worker_timeout_s
         try:
             self.sessions.reap_idle(cutoff)
             self.core.maybe_expire()
-        except Exception:  # noqa: BLE001 - the reaper must not end the loop either
+        except Exception:  # noqa: BLE001 - the reaper must live on
             log.warning("reaping failed", exc_info=True)
 
     def _on_frames(self, frames: list[bytes]) -> None:
@@ -153,27 +170,31 @@ class CacheServer:
             self._send(identity, p.error_reply(0, p.ProtocolError(
                 f"a request is one frame, got {len(frames) - 1}")))
             return
-        try:
-            request = p.decode_request(frames[1])
-            self.sessions.touch(request.session, request.group)
+        frame = frames[1]
+        try:  # a large frame is decoded in the pool: the loop only reads its envelope
+            request = p.decode_request(frame) if len(frame) <= INLINE_FRAME_BYTES else None
+            envelope = request or p.decode_envelope(frame)
+            self.sessions.touch(envelope.session, envelope.group)
         except ValueError as exc:
             log.debug("bad request: %s", exc)
             self._send(identity, p.error_reply(getattr(exc, "seq", 0), exc))
             return
-        if not self._pooled(request.body):
+        if request is not None and not self._pooled(request.body):
             self._send(identity, self._run(request))
             return
+        limit, limit_bytes = self.config.max_pending, self.config.max_pending_bytes
         with self._pending_lock:
-            pending = self._pending.get(request.session, 0)
-            if pending >= self.config.max_pending:
-                busy = True
-            else:
-                busy, self._pending[request.session] = False, pending + 1
+            count, nbytes = self._pending.get(envelope.session, (0, 0))
+            busy = count >= limit or (count and nbytes + len(frame) > limit_bytes)
+            if not busy:
+                self._pending[envelope.session] = (count + 1, nbytes + len(frame))
         if busy:
-            self._send(identity, p.error_reply(request.seq, Busy(
-                f"busy: {pending} requests of this client are waiting; retry later")))
+            self._send(identity, p.error_reply(envelope.seq, Busy(
+                f"busy: {count} requests ({nbytes} bytes) of this client are waiting (at most "
+                f"{limit}, {limit_bytes} bytes); retry later")))
             return
-        self._pool.submit(self._run_and_queue, identity, request)
+        self._pool.submit(self._run_and_queue, identity, request or frame, envelope.session,
+                          len(frame))
 
     def _pooled(self, body) -> bool:
         if isinstance(body, _POOLED):
@@ -197,16 +218,21 @@ class CacheServer:
                 log.warning("request %s failed", type(request.body).__name__, exc_info=True)
             return p.error_reply(request.seq, exc)
 
-    def _run_and_queue(self, identity: bytes, request: p.Request) -> None:
+    def _run_and_queue(self, identity: bytes, request: p.Request | bytes, session: str,
+                       nbytes: int) -> None:
         try:
+            if isinstance(request, bytes):
+                request = p.decode_request(request)
             reply = self._run(request)
+        except p.ProtocolError as exc:
+            reply = p.error_reply(exc.seq, exc)
         finally:
             with self._pending_lock:
-                left = self._pending.get(request.session, 1) - 1
-                if left > 0:
-                    self._pending[request.session] = left
+                count, held = self._pending.get(session, (1, nbytes))
+                if count > 1:
+                    self._pending[session] = (count - 1, held - nbytes)
                 else:
-                    self._pending.pop(request.session, None)
+                    self._pending.pop(session, None)
         self._replies.put((identity, reply))
         try:
             os.write(self._wake_w, b"x")

@@ -9,17 +9,22 @@ Error messages show only the caller's own ids (:class:`Scoped` prints just the i
 Plans. STORE_BEGIN and RETRIEVE_BEGIN hand the worker arena slots and keep the plan (its write
 reservation, or its pins) in the session until STORE_COMMIT / RETRIEVE_END. A session silent for
 the worker timeout is reaped: its requests end, its instances are unregistered; its open plans are
-*orphaned*, not released: the slots stay out of circulation until the worker's process is gone
-(its pid, told at PING, no longer runs), because a stalled worker that wakes up would otherwise
-copy into slots handed to someone else. A client that never told its pid gets its orphaned plans
-released one more worker timeout later.
+*orphaned*, not released (:mod:`gpukv.frontend.orphans`): the slots stay out of circulation until
+the worker's process is gone, because a stalled worker that wakes up would otherwise copy into
+slots handed to someone else. Plan ids are unique server-wide, so a late call of a reaped client
+never names a plan of its new session. A reap may land in the middle of a request: the handler
+then finds its session closed and undoes what it did.
 
 Bounds per session (:class:`Limits`): instances, open requests, plans in flight and bytes
-reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing.
+reserved for stores; past one, a request gets a ``Busy`` error reply and changes nothing (a
+single store larger than the reserved-bytes bound is not refused: it stores what fits, as in a
+full arena).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -33,6 +38,7 @@ from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
 from gpukv.engine.engine import token_range
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.frontend.orphans import Orphans, release
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,8 @@ class _Session:
     instances: dict[Hashable, Scoped] = field(default_factory=dict)
     requests: set[Scoped] = field(default_factory=set)  # requests this session opened
     plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
-    next_plan: int = 1
     reserved_bytes: int = 0
-
-
-@dataclass(slots=True)
-class _Orphans:
-    pid: int | None
-    release_after: float
-    plans: list
+    closed: bool = False  # reaped: a handler still running adds nothing to it
 
 
 class Sessions:
@@ -88,7 +87,8 @@ class Sessions:
             self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self._orphans: list[_Orphans] = []
+        self.orphans = Orphans()
+        self._plan_ids = itertools.count(1)  # server-wide: a reaped client's ids never recur
         self.reaped = 0
         self._handlers = {
             p.Ping: self._ping, p.Register: self._register, p.Unregister: self._unregister,
@@ -138,6 +138,10 @@ class Sessions:
             with self._lock:
                 s.instances.pop(body.instance_id, None)
             raise
+        if s.closed:  # reaped meanwhile (the reaper may not have seen it registered yet)
+            with contextlib.suppress(ValueError):
+                self.core.unregister(key)
+            raise self._reaped_error()
         return dict(device=device, arenas=[m.handle for m in self.core.memories],
                     chunk_bytes=inst.chunk_bytes, kv_rank=inst.space.kv_rank)
 
@@ -150,17 +154,36 @@ class Sessions:
     def _store_begin(self, s: _Session, body: p.StoreBegin) -> dict:
         key = self._instance(s, body.instance_id)
         self._check_plans(s)
-        plan = self.core.begin_store(key, body.hashes)
-        nbytes = len(plan.handles) * plan.instance.chunk_bytes
+        inst, bound = self.core.registry.instance(key), self.limits.max_reserved_bytes
         with self._lock:
-            if s.reserved_bytes + nbytes > self.limits.max_reserved_bytes:
-                busy = True
-            else:
-                busy, plan_id = False, self._add_plan(s, plan)
-                s.reserved_bytes += nbytes
-        if busy:
-            self.core.abort_store(plan)
-            raise Busy(f"busy: this client has {s.reserved_bytes} bytes of stores in flight")
+            room = max(0, (bound - s.reserved_bytes) // inst.chunk_bytes)
+            in_flight = s.reserved_bytes
+        # reserve (and evict for) at most ``room`` chunks of those not held yet: a store larger
+        # than the bound alone stores what fits (like a full arena); one that finds the bound
+        # taken by this client's other stores in flight is Busy and changes nothing
+        absent = [i for i, k in enumerate(inst.space.keys(body.hashes)) if k not in self.core.l1]
+        if absent and not room:
+            raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
+                       f"{bound}); commit them first")
+        take = absent[:room]
+        plan = self.core.begin_store(key, [body.hashes[i] for i in take])
+        plan.chunks = [take[i] for i in plan.chunks]
+        plan.cached += len(body.hashes) - len(absent)
+        plan.full += len(absent) - len(take)
+        plan_id, over = 0, []
+        with self._lock:  # other stores of this client may have reserved meanwhile
+            keep = min(len(plan.handles), max(0, (bound - s.reserved_bytes) // inst.chunk_bytes))
+            over, plan.handles, plan.chunks = plan.handles[keep:], plan.handles[:keep], plan.chunks[:keep]
+            plan.full += len(over)
+            if plan.handles:
+                plan_id = self._add_plan(s, plan)
+                s.reserved_bytes += keep * inst.chunk_bytes if plan_id else 0
+        if plan.handles and not plan_id:  # reaped meanwhile
+            over += plan.handles
+        if over:
+            self.core.l1.abort_write(over)
+        if plan.handles and not plan_id:
+            raise self._reaped_error()
         return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
                     device=plan.instance.device, cached=plan.cached, full=plan.full)
 
@@ -182,7 +205,11 @@ class Sessions:
         hits = self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
                                 num_readers=body.num_readers, creator=s.sid)
         with self._lock:
-            s.requests.add(owner)
+            if not s.closed:
+                s.requests.add(owner)
+        if s.closed:  # reaped meanwhile: its requests end
+            self.core.end_request(owner)
+            raise self._reaped_error()
         return hits * self.core.config.chunk_size
 
     def _retrieve_begin(self, s: _Session, body: p.RetrieveBegin) -> dict:
@@ -197,6 +224,9 @@ class Sessions:
             return dict(plan=0, devices=[], offsets=[])
         with self._lock:
             plan_id = self._add_plan(s, plan)
+        if not plan_id:  # reaped meanwhile
+            self.core.l1.unpin(plan.handles)
+            raise self._reaped_error()
         return dict(plan=plan_id, devices=[h.device for h in plan.handles],
                     offsets=[h.offset for h in plan.handles])
 
@@ -221,7 +251,7 @@ class Sessions:
         out = self.core.stats()
         with self._lock:
             out["server"] = dict(sessions=len(self._sessions), reaped=self.reaped,
-                                 orphaned_plans=sum(len(o.plans) for o in self._orphans),
+                                 orphaned_plans=len(self.orphans),
                                  requests=sum(len(x.requests) for x in self._sessions.values()),
                                  plans=sum(len(x.plans) for x in self._sessions.values()))
         if body.query is not None:
@@ -247,20 +277,21 @@ class Sessions:
     def reap(self, sid: str) -> int:
         """End a session: its requests end, its instances are unregistered, its plans are
         orphaned (see the module docstring). Returns the shares released."""
-        with self._lock:
+        with self._lock:  # one step: a handler still running sees it closed, adds nothing
             s = self._sessions.pop(sid, None)
             if s is None:
                 return 0
             self.reaped += 1
-        released = sum(self.core.end_request(owner) for owner in s.requests)
-        for key in s.instances.values():
-            self.core.unregister(key)
-        if s.plans:
-            grace = 0.0 if s.pid is not None else self.worker_timeout_s
-            with self._lock:
-                self._orphans.append(_Orphans(s.pid, time.monotonic() + grace, list(s.plans.values())))
+            s.closed = True
+            requests, instances = list(s.requests), list(s.instances.values())
+            plans, s.plans = s.plans, {}
+            self.orphans.add(sid, s.pid, 0.0 if s.pid is not None else self.worker_timeout_s, plans)
+        released = sum(self.core.end_request(owner) for owner in requests)
+        for key in instances:
+            with contextlib.suppress(ValueError):  # a register in flight undoes itself
+                self.core.unregister(key)
         log.info("reaped a client: %d shares of %d requests released, %d instances dropped, "
-                 "%d plans orphaned", released, len(s.requests), len(s.instances), len(s.plans))
+                 "%d plans orphaned", released, len(requests), len(instances), len(plans))
         self._release_orphans()
         return released
 
@@ -269,25 +300,10 @@ class Sessions:
             sids = list(self._sessions)
         for sid in sids:
             self.reap(sid)
-        with self._lock:
-            orphans, self._orphans = self._orphans, []
-        for orphan in orphans:
-            self._release(orphan.plans)
+        release(self.core, self.orphans.take_all())
 
     def _release_orphans(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            done = [o for o in self._orphans if now >= o.release_after and not _alive(o.pid)]
-            self._orphans = [o for o in self._orphans if o not in done]
-        for orphan in done:
-            self._release(orphan.plans)
-
-    def _release(self, plans: list) -> None:
-        for plan in plans:
-            if isinstance(plan, StorePlan):
-                self.core.abort_store(plan)
-            else:
-                self.core.l1.unpin(plan.handles)
+        release(self.core, self.orphans.due())
 
     def _prune_requests(self) -> None:
         with self._lock:
@@ -299,9 +315,12 @@ class Sessions:
         with self._lock:
             entry = self._sessions.get(sid)
         if entry is None:
-            raise ValueError(f"this client's session was reaped (no ping for "
-                             f"{self.worker_timeout_s} s): register again")
+            raise self._reaped_error()
         return entry
+
+    def _reaped_error(self) -> ValueError:
+        return ValueError(f"this client's session was reaped (no ping for "
+                          f"{self.worker_timeout_s} s): register again")
 
     def _instance(self, s: _Session, instance_id: Hashable) -> Scoped:
         with self._lock:
@@ -315,17 +334,26 @@ class Sessions:
             raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
 
     def _add_plan(self, s: _Session, plan) -> int:
-        plan_id = s.next_plan
-        s.next_plan += 1
+        """Keep ``plan`` in the session (lock held); 0 when the session was reaped."""
+        if s.closed:
+            return 0
+        plan_id = next(self._plan_ids)
         s.plans[plan_id] = plan
         return plan_id
 
     def _take_plan(self, s: _Session, plan_id: int, kind: type):
+        """The session's open plan ``plan_id``. A plan orphaned when this client's session was
+        reaped is released now (its copy is over: the client sends a commit or end only then)
+        and the call fails, so a late commit never makes anything readable."""
         with self._lock:
-            plan = s.plans.get(plan_id)
-            if not isinstance(plan, kind):
-                raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
-            return s.plans.pop(plan_id)
+            if isinstance(s.plans.get(plan_id), kind):
+                return s.plans.pop(plan_id)
+        late = self.orphans.take(s.sid, plan_id, kind)
+        if late is None:
+            raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
+        release(self.core, [late])
+        raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
+                         f"(no ping for {self.worker_timeout_s} s); nothing was committed")
 
     def _device_index(self, name: str | None) -> int:
         """The arena for a worker on ``name``: an arena's exact name, "cpu" (the first CPU
@@ -344,14 +372,3 @@ class Sessions:
 
 def _gpu_uuid(device: str) -> str:
     return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether process ``pid`` still runs (a zombie, dead but not yet waited for, does not)."""
-    if pid is None:
-        return False
-    try:
-        stat = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
