@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -49,6 +50,7 @@ from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.peer import server_uid
 from gpukv.l1.memory import open_cpu, open_cuda
+from gpukv.ops.client_metrics import ClientMetrics
 from gpukv.paged.copy import check_slot_mapping, pack, unpack
 from gpukv.paged.layout import PagedKV
 
@@ -101,6 +103,7 @@ class CacheClient:
         self._arenas: dict[int, torch.Tensor] = {}
         self._maps: list = []
         self._pinger: threading.Thread | None = None
+        self.metrics = ClientMetrics()  # round trips as this client sees them (own registry)
         try:
             uid = server_uid(address)
             if uid is None:
@@ -158,6 +161,7 @@ class CacheClient:
         chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
         if not chunks:
             return 0
+        t0 = time.perf_counter()
         plan = self._call(p.StoreBegin(instance_id, [hashes[i] for i in chunks]))
         if not plan["plan"]:
             return 0
@@ -170,7 +174,9 @@ class CacheClient:
         except BaseException:
             self._call(p.StoreCommit(plan["plan"], ok=False))
             raise
-        return self._call(p.StoreCommit(plan["plan"])) * self.chunk_size
+        stored = self._call(p.StoreCommit(plan["plan"])) * self.chunk_size
+        self.metrics.store(time.perf_counter() - t0)
+        return stored
 
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
                num_readers: int | None = None, seed: bytes = b"", extras=None) -> int:
@@ -182,7 +188,10 @@ class CacheClient:
 
     def lookup_hashes(self, model: str, hashes: list[bytes], *, request_id: Hashable,
                       tp_size: int = 1, num_readers: int | None = None) -> int:
-        return self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers))
+        t0 = time.perf_counter()
+        hit = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers))
+        self.metrics.lookup(time.perf_counter() - t0)
+        return hit
 
     def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
                  request_id: Hashable, seed: bytes = b"", extras=None) -> int:
@@ -194,6 +203,7 @@ class CacheClient:
         chunks = chunks_to_read(slot_mapping, len(hashes), self.chunk_size)
         if not chunks:
             return len(hashes) * self.chunk_size
+        t0 = time.perf_counter()
         plan = self._call(p.RetrieveBegin(instance_id, request_id, [hashes[i] for i in chunks]))
         if not plan["plan"]:
             return 0
@@ -201,6 +211,7 @@ class CacheClient:
             self._unpack(local, slot_mapping, chunks, plan["devices"], plan["offsets"])
         finally:
             self._call(p.RetrieveEnd(plan["plan"]))
+        self.metrics.retrieve(time.perf_counter() - t0)
         return len(hashes) * self.chunk_size
 
     def free_lookup_locks(self, request_id: Hashable, *, start_token: int = 0,
@@ -314,6 +325,7 @@ class CacheClient:
                 try:
                     reply = p.decode_reply(sock.recv())
                 except zmq.Again:
+                    self.metrics.server_unavailable()
                     raise ServerUnavailable(
                         f"gpukv server at {self.address} did not answer "
                         f"{body.__struct_config__.tag} within {timeout_s:.1f} s") from None

@@ -189,6 +189,7 @@ class CacheServer:
             if not busy:
                 self._pending[envelope.session] = (count + 1, nbytes + len(frame))
         if busy:
+            self._rejected()
             self._send(identity, p.error_reply(envelope.seq, Busy(
                 f"busy: {count} requests ({nbytes} bytes) of this client are waiting (at most "
                 f"{limit}, {limit_bytes} bytes); retry later")))
@@ -216,7 +217,13 @@ class CacheServer:
                 log.debug("request %s failed: %s", type(request.body).__name__, exc)
             else:
                 log.warning("request %s failed", type(request.body).__name__, exc_info=True)
+            if isinstance(exc, Busy):
+                self._rejected()
             return p.error_reply(request.seq, exc)
+
+    def _rejected(self) -> None:
+        if self.core.observer.metrics is not None:
+            self.core.observer.metrics.rejected("busy")
 
     def _run_and_queue(self, identity: bytes, request: p.Request | bytes, session: str,
                        nbytes: int) -> None:
@@ -290,13 +297,26 @@ def serve_main(args: argparse.Namespace) -> int:
     core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,
                                   disk_capacity_bytes=args.disk_capacity,
-                                  remote_url=args.remote_url), shared=True)
+                                  remote_url=args.remote_url, events_address=args.events),
+                     shared=True)
     server = CacheServer(core, config)
+    admin = None
+    if args.http_port is not None:
+        from gpukv.frontend.admin import start_admin
+
+        admin = start_admin(core, port=args.http_port, host=args.http_host,
+                            allow_remote=args.allow_remote,
+                            clients=lambda: server.sessions.num_sessions)
+        log.info("gpukv admin endpoint on %s (/metrics /healthcheck /status POST /clear)", admin.url)
     sys.setswitchinterval(0.001)  # the loop waits less for the GIL behind a pool thread
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     try:
+        if admin is not None:
+            admin.set_ready()  # the socket is bound; the loop starts now
         server.serve_forever()
     finally:
+        if admin is not None:
+            admin.stop()
         core.close(flush_timeout_s=args.flush_timeout)
     return 0

@@ -263,6 +263,11 @@ class Sessions:
         return self.core.flush(body.timeout_s)
 
     # ---- reaping -----------------------------------------------------------------------------
+    @property
+    def num_sessions(self) -> int:
+        """Client sessions alive now (the ``gpukv_connected_clients`` gauge)."""
+        return len(self._sessions)
+
     def reap_idle(self, cutoff: float) -> list[str]:
         """Reap every session last seen before ``cutoff``; returns their ids. Also releases
         orphaned plans whose worker is gone, and forgets requests whose lease passed."""
@@ -270,6 +275,8 @@ class Sessions:
             idle = [sid for sid, s in self._sessions.items() if s.last_seen < cutoff]
         for sid in idle:
             self.reap(sid)
+        if idle and self.core.observer.metrics is not None:
+            self.core.observer.metrics.client_reaped(len(idle))
         self._release_orphans()
         self._prune_requests()
         return idle
