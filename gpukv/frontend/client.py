@@ -44,7 +44,7 @@ import msgspec
 import torch
 import zmq
 
-from gpukv.engine.engine import chunk_slots, chunks_to_read, full_chunks, token_range
+from gpukv.engine.chunks import chunk_slots, chunks_to_read, describe, full_chunks, token_range
 from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
@@ -137,8 +137,6 @@ class CacheClient:
         if device is None:
             device = "cpu" if paged.device.type == "cpu" else \
                 f"cuda-uuid:{torch.cuda.get_device_properties(paged.device).uuid}"
-        from gpukv.engine.engine import describe
-
         reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
                                       tp_size, device))
         if reply["arenas"] != self._handles:  # another server (e.g. restarted): map its arenas

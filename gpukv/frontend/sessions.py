@@ -35,7 +35,7 @@ from typing import Any, Hashable
 import torch
 
 from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
-from gpukv.engine.engine import token_range
+from gpukv.engine.chunks import token_range
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.orphans import Orphans, release
