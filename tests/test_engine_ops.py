@@ -122,8 +122,8 @@ def test_kv_events_replay_to_exactly_what_each_tier_holds_across_a_restart(tmp_p
     tier_keys = [t for prompt in prompts for _, t in engine.object_keys("dsv3", prompt)]
     events = []
     for i, prompt in enumerate(prompts[:3]):  # 6 chunks into 4 slots: 2 evicted
-        engine.store("r0", prompt, _slots([2 * i, 2 * i + 1], 2 * CS))
-    assert engine.flush(10)
+        assert engine.store("r0", prompt, _slots([2 * i, 2 * i + 1], 2 * CS)) == 2 * CS
+        assert engine.flush(10)  # a chunk being spilled is pinned: not evictable until then
     engine.lookup("dsv3", prompts[0], request_id="a")  # evicted in L1: loaded from disk
     engine.end_session("a")  # the temporary copies are released
     engine.clear_l1()
