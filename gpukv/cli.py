@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--remote-url", default=None, help="redis:// or rediss:// URL of a shared tier")
     serve.add_argument("--worker-timeout", type=float, default=30.0,
                        help="seconds without a ping before a worker is reaped (default 30)")
-    serve.add_argument("--threads", type=int, default=4, help="worker threads for transfers")
+    serve.add_argument("--threads", type=int, default=4,
+                       help="pool threads for long requests (tier lookups, large ones, stats, flush)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a tcp:// bind on a non-loopback address (no authentication!)")
     serve.add_argument("--allow-abstract", action="store_true",
