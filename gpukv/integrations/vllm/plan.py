@@ -137,10 +137,16 @@ class SchedulerPlanner:
         self.load, self.store, self.relookup_s, self._clock = load, store, relookup_s, clock
         self._requests: dict[str, _Request] = {}
         self._step = 0
+        self.num_lookups = 0  # lookup RPCs sent
 
     @property
     def num_tracked(self) -> int:
         return len(self._requests)
+
+    def hit_of(self, request_id: str) -> int | None:
+        """The tokens gpukv holds for a tracked request (shares taken), None if not looked up."""
+        req = self._requests.get(request_id)
+        return None if req is None else req.hit
 
     def _extras(self, info: RequestInfo, num_tokens: int) -> list[bytes] | None:
         return chunk_extras(info.mm_items, num_tokens // self.chunk_size, self.chunk_size)
@@ -164,6 +170,7 @@ class SchedulerPlanner:
                                              tp_size=self.tp_size, seed=info.seed,
                                              extras=self._extras(info, len(tokens))))
             req.looked_up_at = now
+            self.num_lookups += 1
         usable = min(req.hit, len(info.token_ids) - 1)
         return max(0, usable - num_computed_tokens)
 

@@ -22,6 +22,8 @@ it fails the request. Retrieve is all or nothing, so a failed load writes no byt
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -65,9 +67,21 @@ def kv_views(kv_caches: Mapping[str, torch.Tensor], backend: str) -> tuple[dict[
     return views, dims, kind
 
 
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One load or store of a step, as the worker side ran it: ``asked`` tokens (a load: all or
+    nothing; a store: the full chunks offered, from token 0), ``done`` tokens (a load: ``asked``
+    or 0; a store: the tokens newly stored), ``seconds`` of wall time (RPCs and the copy)."""
+
+    request_id: str
+    asked: int
+    done: int
+    seconds: float
+
+
 class WorkerSide:
     """One TP rank's connector work. ``client`` has the ``CacheClient`` API (register,
-    unregister, retrieve, store)."""
+    unregister, retrieve, store), e.g. a :class:`.guard.GuardedClient`."""
 
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
                  load: bool = True, store: bool = True) -> None:
@@ -80,6 +94,7 @@ class WorkerSide:
         self._failed: set[int] = set()
         self.num_loaded_tokens = 0
         self.num_stored_tokens = 0
+        self.num_failed_loads = 0
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> None:
         """Register vLLM's own tensors (views of them) with the server, once."""
@@ -90,29 +105,42 @@ class WorkerSide:
                              tp_rank=self.tp_rank, tp_size=self.tp_size)
         self.kind = kind
 
-    def load(self, plan: StepPlan) -> None:
-        """Run the step's loads into this rank's pages (before the forward reads them)."""
-        if self.kind is None or not self.load_enabled:
-            return
+    def load(self, plan: StepPlan) -> list[Transfer]:
+        """Run the step's loads into this rank's pages (before the forward reads them). A load
+        that does not complete -- the server refused or lost it, the plan could not be made, or
+        this rank is not registered -- writes nothing and its blocks are reported (see
+        :meth:`take_failed_blocks`)."""
+        done = []
         for spec in plan.loads:
-            asked = len(spec.token_ids)
-            got = self.client.retrieve(self.instance_id, spec.token_ids, torch.from_numpy(spec.slot_mapping),
-                                       request_id=spec.request_id, seed=spec.seed,
-                                       extras=spec.extras) if asked else 0
+            asked, got, t0 = len(spec.token_ids), 0, time.perf_counter()
+            if asked and self.kind is not None and self.load_enabled:
+                got = self.client.retrieve(self.instance_id, spec.token_ids,
+                                           torch.from_numpy(spec.slot_mapping),
+                                           request_id=spec.request_id, seed=spec.seed,
+                                           extras=spec.extras)
             if asked and got == asked:
                 self.num_loaded_tokens += asked
             else:  # all or nothing: no byte was written
                 self._failed.update(spec.block_ids)
+                self.num_failed_loads += 1
+                got = 0
+            done.append(Transfer(spec.request_id, asked, got, time.perf_counter() - t0))
+        return done
 
-    def store(self, plan: StepPlan) -> None:
+    def store(self, plan: StepPlan) -> list[Transfer]:
         """Run the step's stores from this rank's pages (after the forward wrote them). MLA: rank 0
         only, the other ranks hold the same bytes."""
         if self.kind is None or not self.store_enabled or (self.kind == "mla" and self.tp_rank != 0):
-            return
+            return []
+        done = []
         for spec in plan.stores:
-            self.num_stored_tokens += self.client.store(self.instance_id, spec.token_ids,
-                                                        torch.from_numpy(spec.slot_mapping),
-                                                        seed=spec.seed, extras=spec.extras)
+            t0 = time.perf_counter()
+            stored = self.client.store(self.instance_id, spec.token_ids,
+                                       torch.from_numpy(spec.slot_mapping),
+                                       seed=spec.seed, extras=spec.extras)
+            self.num_stored_tokens += stored
+            done.append(Transfer(spec.request_id, len(spec.token_ids), stored, time.perf_counter() - t0))
+        return done
 
     def take_failed_blocks(self) -> set[int]:
         """Block ids whose load failed since the last call (vLLM asks once per step)."""
