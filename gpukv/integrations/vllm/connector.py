@@ -48,7 +48,8 @@ from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
 from gpukv.integrations.vllm.plan import SchedulerPlanner, StepPlan
-from gpukv.integrations.vllm.records import HookRecorder, describe_kv_caches, digest_written
+from gpukv.integrations.vllm.records import (HookRecorder, chunk_digests, describe_kv_caches,
+                                             digest_written)
 from gpukv.integrations.vllm.translate import engine_model_key, request_info, step_view
 from gpukv.integrations.vllm.worker import WorkerSide
 
@@ -108,6 +109,7 @@ class GpukvConnector(KVConnectorBase_V1):
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
         self._step = 0
+        self._kv_caches: dict[str, torch.Tensor] | None = None
         tp_size = int(parallel.tensor_parallel_size)
         if role is KVConnectorRole.SCHEDULER:
             if cfg.load and ktc.kv_load_failure_policy != "recompute":
@@ -124,6 +126,7 @@ class GpukvConnector(KVConnectorBase_V1):
                                       model=self.model_key, tp_rank=rank, tp_size=tp_size,
                                       load=cfg.load, store=cfg.store)
         self._record("__init__", model_key=self.model_key, address=address, started_server=started,
+                     server_pid=raw.server_info.get("pid"),
                      chunk_size=raw.chunk_size, block_size=block_size, tp_size=tp_size,
                      kv_role=ktc.kv_role, engine_id=ktc.engine_id,
                      tp_rank=None if self._worker is None else self._worker.tp_rank,
@@ -145,6 +148,7 @@ class GpukvConnector(KVConnectorBase_V1):
             raise ValueError(f"GpukvConnector needs one attention backend, the model uses {sorted(backends)}")
         (backend,) = backends
         self._worker.register(kv_caches, backend)
+        self._kv_caches = kv_caches if self.config.record_digests else None
         self._record("register_kv_caches", backend=backend, **describe_kv_caches(kv_caches))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -156,7 +160,17 @@ class GpukvConnector(KVConnectorBase_V1):
         done = self._worker.load(plan)
         if done or self._recorder.active:
             self._record("start_load_kv", step=plan.step, loads=[_transfer(t) for t in done],
-                         forward=getattr(forward_context, "attn_metadata", None) is not None)
+                         forward=getattr(forward_context, "attn_metadata", None) is not None,
+                         digests=self._digests([s.slot_mapping for s in plan.loads]))
+
+    def _digests(self, slot_mappings: list) -> list[dict[str, list]] | None:
+        """Test aid (``gpukv.record_digests``): per planned transfer, per layer, the digests of
+        its chunks' bytes in vLLM's pages (:func:`.records.chunk_digests`)."""
+        if not (self.config.record_digests and self._kv_caches and slot_mappings):
+            return None
+        mla = self._worker.kind == "mla"
+        return [{name: chunk_digests(kv.flatten(1, 2) if mla else kv, slots, self.client.chunk_size)
+                 for name, kv in self._kv_caches.items()} for slots in slot_mappings]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._recorder.active:  # the loads are done in start_load_kv
@@ -174,7 +188,8 @@ class GpukvConnector(KVConnectorBase_V1):
         plan = _plan(self._connector_metadata)
         done = self._worker.store(plan)
         if done or self._recorder.active:
-            self._record("wait_for_save", step=plan.step, stores=[_transfer(t) for t in done])
+            self._record("wait_for_save", step=plan.step, stores=[_transfer(t) for t in done],
+                         digests=self._digests([s.slot_mapping for s in plan.stores]))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None  # loads and stores are synchronous

@@ -4,7 +4,7 @@ the sweep start in a fresh process (engine state and crashes stay out of the cal
     python -m gpukv.integrations.vllm.offline --model DIR --prompts PROMPTS.json --out OUT.json \\
         [--tp 2] [--dtype float32] [--connector] [--extra-config '{"gpukv.address": "..."}'] \\
         [--max-tokens 8] [--logprobs 5] [--kv-cache-bytes N] [--max-model-len N] \\
-        [--no-prefix-caching] [--stats-address ADDR]
+        [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer]
 
 ``PROMPTS.json``: a list of ``{"prompt_token_ids": [...], "cache_salt"?: str, "max_tokens"?: int,
 "batch"?: int}``. Prompts run one after another (each finishes before the next starts, so a
@@ -39,7 +39,7 @@ CONNECTOR = {"kv_connector": "GpukvConnector", "kv_connector_module_path": "gpuk
 
 def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_config: dict[str, Any],
                   kv_cache_bytes: int, max_model_len: int, block_size: int | None = None,
-                  prefix_caching: bool = True) -> dict[str, Any]:
+                  prefix_caching: bool = True, kv_role: str = "kv_both") -> dict[str, Any]:
     """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids)."""
     kwargs: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, enforce_eager=True,
                                   tensor_parallel_size=tp, dtype=dtype, seed=0,
@@ -50,7 +50,8 @@ def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_con
     if block_size is not None:
         kwargs["block_size"] = block_size
     if connector:
-        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": extra_config}
+        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_role": kv_role,
+                                        "kv_connector_extra_config": extra_config}
     return kwargs
 
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(**engine_kwargs(args.model, tp=args.tp, dtype=args.dtype, connector=args.connector,
                               extra_config=json.loads(args.extra_config),
                               kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
-                              block_size=args.block_size, prefix_caching=not args.no_prefix_caching))
+                              block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+                              kv_role=args.kv_role))
     t2 = time.perf_counter()
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)
@@ -124,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--connector", action="store_true", help="load GpukvConnector")
+    p.add_argument("--kv-role", default="kv_both", choices=["kv_both", "kv_producer", "kv_consumer"])
     p.add_argument("--extra-config", default="{}", help="kv_connector_extra_config as JSON")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--logprobs", type=int, default=None)

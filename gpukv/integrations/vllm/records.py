@@ -106,3 +106,27 @@ def digest_written(kv_layer: torch.Tensor, slot_mapping: Any) -> dict[str, Any] 
     data = rows.contiguous().view(torch.uint8).numpy().tobytes()
     return {"unit": unit, "count": int(slots.numel()), "first": int(slots[0]) if slots.numel() else None,
             "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+
+
+def chunk_digests(kv_layer: torch.Tensor, slot_mapping: Any, chunk_size: int) -> list[str | None]:
+    """Per full chunk of ``slot_mapping``, a digest of the chunk's bytes in one layer, in token
+    order (``None`` for a chunk with ``-1`` slots): MLA ``[NB, BS, row]`` its rows, the CPU
+    attention layout ``[NB, H, BS, 2*D]`` its whole blocks. Equal digests in two engines mean
+    byte-identical KV, whatever blocks each one used."""
+    import numpy as np
+
+    slots = np.asarray(slot_mapping, dtype=np.int64)
+    out: list[str | None] = []
+    for start in range(0, len(slots) - len(slots) % chunk_size, chunk_size):
+        chunk = slots[start:start + chunk_size]
+        if (chunk < 0).any():
+            out.append(None)
+            continue
+        index = torch.from_numpy(chunk)
+        if kv_layer.dim() == 3:
+            rows = kv_layer.reshape(-1, kv_layer.shape[-1])[index]
+        else:
+            rows = kv_layer[torch.unique_consecutive(index // kv_layer.shape[2])]
+        data = rows.contiguous().view(torch.uint8).numpy().tobytes()
+        out.append(hashlib.blake2b(data, digest_size=8).hexdigest())
+    return out
