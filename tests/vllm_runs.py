@@ -49,17 +49,13 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
                dtype: str = "bfloat16", extra_config: dict[str, Any] | None = None,
                connector: bool = True, args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One engine process over ``prompts``; returns its JSON result (see ``offline``)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    prompts_path, out_path = tmp / "prompts.json", tmp / "out.json"
-    prompts_path.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--model", str(model),
-           "--prompts", str(prompts_path), "--out", str(out_path), "--tp", str(tp), "--dtype", dtype,
-           "--extra-config", json.dumps(extra_config or {}), *args]
-    if connector:
-        cmd.append("--connector")
-    proc = subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    _check(proc, cmd)
-    return json.loads(out_path.read_text())
+    from gpukv.integrations.vllm.offline import spawn
+
+    try:
+        return spawn(tmp, model, prompts, args=("--tp", str(tp), "--dtype", dtype, *args),
+                     extra_config=extra_config, connector=connector, timeout_s=RUN_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ the sweep start in a fresh process (engine state and crashes stay out of the cal
     python -m gpukv.integrations.vllm.offline --model DIR --prompts PROMPTS.json --out OUT.json \\
         [--tp 2] [--dtype float32] [--connector] [--extra-config '{"gpukv.address": "..."}'] \\
         [--max-tokens 8] [--logprobs 5] [--kv-cache-bytes N] [--max-model-len N] \\
-        [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer]
+        [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer] [--serve-stdin]
 
 ``PROMPTS.json``: a list of ``{"prompt_token_ids": [...], "cache_salt"?: str, "max_tokens"?: int,
 "batch"?: int}``. Prompts run one after another (each finishes before the next starts, so a
@@ -15,8 +15,9 @@ into one ``generate`` call. Greedy sampling, ``ignore_eos``. ``OUT.json``::
      "token_ids", "num_cached_tokens", "logprobs": [[[token, logprob], ...] per step],
      "generate_s", "server"?}]}
 
-``generate_s`` is the wall time of the request's ``generate`` call (with ``max_tokens`` 1: the
-time to first token as the caller sees it). ``--stats-address``: after each call, the gpukv
+``generate_s`` is the wall time of the request's ``generate`` call; ``ttft_s`` vLLM's own time to
+first token (``RequestOutput.metrics.first_token_latency``: from the request's arrival in the
+front end to its first token there). ``--stats-address``: after each call, the gpukv
 server's counters (:func:`server_counts`), read through a client of its own.
 
 TP > 1 uses the ``mp`` executor and, unless already set, ``VLLM_CPU_OMP_THREADS_BIND`` = one core
@@ -31,7 +32,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 CONNECTOR = {"kv_connector": "GpukvConnector", "kv_connector_module_path": "gpukv.integrations.vllm",
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
@@ -70,8 +71,11 @@ def _request_result(out: Any, generate_s: float) -> dict[str, Any]:
     for step in completion.logprobs or []:
         ranked = sorted(step.items(), key=lambda kv: kv[1].rank)
         steps.append([[int(token), float(lp.logprob)] for token, lp in ranked])
+    metrics = getattr(out, "metrics", None)
+    ttft = getattr(metrics, "first_token_latency", None) if metrics is not None else None
     return {"request_id": out.request_id, "token_ids": list(completion.token_ids),
-            "num_cached_tokens": out.num_cached_tokens, "logprobs": steps, "generate_s": generate_s}
+            "num_cached_tokens": out.num_cached_tokens, "logprobs": steps, "generate_s": generate_s,
+            "ttft_s": ttft or None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,10 +90,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               extra_config=json.loads(args.extra_config),
                               kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
                               block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-                              kv_role=args.kv_role))
+                              kv_role=args.kv_role), disable_log_stats=False)
     t2 = time.perf_counter()
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = json.load(f)
+    if args.serve_stdin:
+        _serve_stdin(llm, SamplingParams, args)
+        prompts = []
+    else:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = json.load(f)
     stats = None
     if args.stats_address:
         from gpukv.frontend.client import CacheClient
@@ -118,10 +126,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "shutdown_s": time.perf_counter() - t3, "requests": results}
 
 
+RESULT_MARK = "GPUKV-RESULT "
+
+
+def _serve_stdin(llm: Any, sampling_params: Any, args: argparse.Namespace) -> None:
+    """``--serve-stdin``: one prompt item (JSON) per input line, run alone; its result is printed
+    as one line ``RESULT_MARK + JSON`` (vLLM's own log lines share stdout); ``"quit"`` ends it. A
+    line ``RESULT_MARK + "ready"`` says the engine is up."""
+    import sys
+
+    print(RESULT_MARK + json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        if line.strip() in ("", '"quit"'):
+            break
+        item = json.loads(line)
+        params = sampling_params(max_tokens=item.get("max_tokens", args.max_tokens), temperature=0.0,
+                                 logprobs=args.logprobs, ignore_eos=True)
+        prompt = {k: v for k, v in item.items() if k in ("prompt_token_ids", "cache_salt")}
+        t = time.perf_counter()
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        print(RESULT_MARK + json.dumps(_request_result(out, time.perf_counter() - t)), flush=True)
+
+
+def spawn(workdir: str | os.PathLike, model: str | os.PathLike, prompts: list[dict[str, Any]], *,
+          args: Sequence[str] = (), extra_config: dict[str, Any] | None = None, connector: bool = True,
+          timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run this module in a fresh process over ``prompts`` (written to ``workdir``); returns its
+    JSON result. ``args``: more command-line options (``--tp 2`` ...). ``RuntimeError`` with the
+    engine's output tail if it fails."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts_path, out_path = workdir / "prompts.json", workdir / "out.json"
+    prompts_path.write_text(json.dumps(prompts))
+    cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--model", str(model),
+           "--prompts", str(prompts_path), "--out", str(out_path),
+           "--extra-config", json.dumps(extra_config or {}), *args]
+    if connector:
+        cmd.append("--connector")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # vLLM-CPU: no Triton
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--prompts", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
@@ -135,11 +193,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's own prefix cache off")
     p.add_argument("--stats-address", default=None, help="record this gpukv server's counters")
+    p.add_argument("--serve-stdin", action="store_true",
+                   help="read prompt items from stdin, one JSON per line (--prompts is ignored)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.prompts is None and not args.serve_stdin:
+        raise SystemExit("--prompts is required (or --serve-stdin)")
     result = run(args)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f)
