@@ -12,16 +12,16 @@ fourth full chunk, so B stores nothing of its own).
 
 Against ``base`` (full prefills) only closeness can be asked: vLLM computes a prefill over a
 cached context on another path (attention over the new tokens, attention over the gathered
-context latents, merged by log-sum-exp). Measured here (fp32, the latents byte-identical: see the
-digests test), the top-5 logprobs of the first 4 steps move by at most 0.037 (A) and 0.11 (B,
-step 1); the first step by at most 0.22 over 10 prompts with a 16-token suffix -- with a
-100-token suffix by up to 0.65, and the first token then differs for 4 of 10 prompts
-(/work/notes/vllm_facts.md: vLLM-CPU's MLA context path, which vLLM itself never takes on CPU,
-is far less exact than a rounding error; vLLM alone moves a prompt's first token just by
-batching it with another one). So: the first token exactly, and the top-5 logprobs of the first
-``STEPS`` steps within ``LOGPROB_TOL`` = 0.25: above everything measured with a 16-token suffix,
-below what wrong bytes do (corrupted latents change the first token and move the logprobs by
-0.4 to 1.3).
+context latents, merged by log-sum-exp). Measured here (fp32, the latents byte-identical: see
+the digests test), the top-5 logprobs of the first 4 steps move by at most 0.037 (A) and 0.11
+(B, step 1); the first step by at most 0.22 over 10 prompts with a 16-token suffix; with a
+100-token suffix by up to 0.65, and the first token then differs for 4 of 10 prompts. vLLM-CPU's
+MLA context path, which vLLM itself never takes on CPU (it turns prefix caching and chunked
+prefill off for MLA), is far less exact than a rounding error; and vLLM alone moves a prompt's
+first token just by batching it with another one. So: the first token exactly, and the top-5
+logprobs of the first ``STEPS`` steps within ``LOGPROB_TOL`` = 0.25: above everything measured
+with a 16-token suffix, below what wrong bytes do (corrupted latents change the first token and
+move the logprobs by 0.4 to 1.3).
 """
 
 from __future__ import annotations
