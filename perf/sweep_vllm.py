@@ -100,7 +100,7 @@ def _prompts(lengths, fractions, repeats):
         for n in lengths:
             for frac in fractions:
                 key = (n, frac, r)
-                seed = 1000 * n + int(frac * 100) * 10 + r
+                seed = ((n * 1000 + int(frac * 100)) * 100 + r) * 3  # E, Q: seed + 1, seed + 2
                 prefix = prompt_token_ids(int(n * frac), seed=seed)
                 out.append((key, prompt_token_ids(n, seed=seed + 1, prefix=prefix),
                             prompt_token_ids(n, seed=seed + 2, prefix=prefix)))
