@@ -84,8 +84,10 @@ def test_a_fresh_engine_reuses_the_stored_prefix_and_generates_the_tokens_of_a_r
     assert [(t["asked"], t["done"]) for t in loads] == [(128, 128), (384, 384)]
     assert all(r["server"]["shares"] == 0 and r["server"]["open_requests"] == 0 for r in reqs)
     assert reqs[-1]["server"]["retrieved_chunks"] == 1 + 2
-    (shutdown,) = _hooks(records, "shutdown", "worker")
-    assert shutdown["failures"] == {} and shutdown["failed_loads"] == 0
+    # no gpukv call of the worker failed (the last step's record; vLLM may kill a worker at
+    # shutdown before its shutdown hook is recorded)
+    assert _hooks(records, "wait_for_save", "worker")[-1]["failures"] == {}
+    assert not _hooks(records, "load_errors")
 
 
 def test_vllm_keeps_its_own_blocks_and_gpukv_frees_their_shares_and_loads_the_rest(load):

@@ -161,6 +161,7 @@ class GpukvConnector(KVConnectorBase_V1):
         if done or self._recorder.active:
             self._record("start_load_kv", step=plan.step, loads=[_transfer(t) for t in done],
                          forward=getattr(forward_context, "attn_metadata", None) is not None,
+                         failures=dict(self.client.failures),
                          digests=self._digests([s.slot_mapping for s in plan.loads]))
 
     def _digests(self, slot_mappings: list) -> list[dict[str, list]] | None:
@@ -189,6 +190,7 @@ class GpukvConnector(KVConnectorBase_V1):
         done = self._worker.store(plan)
         if done or self._recorder.active:
             self._record("wait_for_save", step=plan.step, stores=[_transfer(t) for t in done],
+                         failures=dict(self.client.failures),
                          digests=self._digests([s.slot_mapping for s in plan.stores]))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
