@@ -50,7 +50,8 @@ from gpukv.integrations.vllm.keys import engine_group
 from gpukv.integrations.vllm.plan import SchedulerPlanner, StepPlan
 from gpukv.integrations.vllm.records import (HookRecorder, chunk_digests, describe_kv_caches,
                                              digest_written)
-from gpukv.integrations.vllm.translate import engine_model_key, request_info, step_view
+from gpukv.integrations.vllm.translate import (cpu_attention_isa, engine_model_key, request_info,
+                                               step_view, tp_rank)
 from gpukv.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -104,11 +105,14 @@ class GpukvConnector(KVConnectorBase_V1):
         except ServerUnavailable as exc:
             raise ServerUnavailable(f"{exc}: start `gpukv serve --address {address}` first, or set "
                                     '"gpukv.autostart": true in kv_connector_extra_config') from None
-        check_chunking(raw.chunk_size, block_size, cfg.chunk_size)
+        try:
+            check_chunking(raw.chunk_size, block_size, cfg.chunk_size)
+        except ValueError:
+            raw.close()
+            raise
         self.client = GuardedClient(raw)
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
-        self._step = 0
         self._kv_caches: dict[str, torch.Tensor] | None = None
         tp_size = int(parallel.tensor_parallel_size)
         if role is KVConnectorRole.SCHEDULER:
@@ -121,7 +125,7 @@ class GpukvConnector(KVConnectorBase_V1):
                                              chunk_size=raw.chunk_size, block_size=block_size,
                                              load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s)
         else:
-            rank = _tp_rank(parallel)
+            rank = tp_rank(parallel)
             self._worker = WorkerSide(self.client, instance_id=f"{group}-tp{rank}-{os.getpid()}",
                                       model=self.model_key, tp_rank=rank, tp_size=tp_size,
                                       load=cfg.load, store=cfg.store)
@@ -242,7 +246,6 @@ class GpukvConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         view = step_view(scheduler_output)
         plan = self._planner.build(view)
-        self._step = plan.step
         if self._recorder.active:
             self._record("build_connector_meta", step=plan.step,
                          has_sync_kv_loads=bool(getattr(scheduler_output, "has_sync_kv_loads", False)),
@@ -278,26 +281,3 @@ def _plan(meta: KVConnectorMetadata | None) -> StepPlan:
 
 def _transfer(t: Any) -> dict[str, Any]:
     return dict(request_id=t.request_id, asked=t.asked, done=t.done, seconds=t.seconds)
-
-
-def _tp_rank(parallel: Any) -> int:
-    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
-
-    if model_parallel_is_initialized():
-        return int(get_tensor_model_parallel_rank())
-    return int(parallel.rank) % int(parallel.tensor_parallel_size)
-
-
-def cpu_attention_isa(vllm_config: "VllmConfig") -> str:
-    """The vLLM-CPU attention ISA of this engine's MHA layers ("vec", "vec16", "amx", "neon"...):
-    it fixes the byte order inside a KV block (see worker.py), so it is part of the model key.
-    Uses vLLM-CPU's own choice function; on another platform, the platform's name."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return str(current_platform.device_type)
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    model = vllm_config.model_config
-    return _get_attn_isa(model.dtype, vllm_config.cache_config.block_size, model.get_head_size(),
-                         str(vllm_config.cache_config.cache_dtype))
