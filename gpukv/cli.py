@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the store/lookup/retrieve lifecycle end to end")
     demo.add_argument("--kind", choices=["mla", "mha", "both"], default="both")
-    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    demo.add_argument("--tp", type=int, default=None,
+                      help="tensor-parallel size (default 2; with --vllm 1)")
     demo.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
     demo.add_argument("--layers", type=int, default=8, help="layers (default 8, scaled down)")
     demo.add_argument("--chunk-size", type=int, default=256)
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--server", action="store_true", help="run through a spawned gpukv server")
     demo.add_argument("--model", choices=["tiny-deepseek", "tiny-llama"], default=None,
                       help="run the real-model prefix-reuse scenario instead (needs transformers)")
+    demo.add_argument("--vllm", action="store_true",
+                      help="a tiny model served by vLLM with gpukv's connector: a fresh engine reuses "
+                           "a prefix from gpukv (needs vLLM; --tokens sets the prompt length)")
 
     serve = sub.add_parser("serve", help="run the cache server for the workers of this machine")
     serve.add_argument("--address", default=None,
@@ -75,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
+        if args.vllm:
+            from gpukv.integrations.vllm.demo import run_vllm_demo
+
+            return run_vllm_demo(num_tokens=args.tokens, tp=args.tp or 1)
         if args.model is not None:
             from gpukv.integrations.prefix_reuse import run_demo as run_model_demo
 
             return run_model_demo(args.model, server=args.server)
         from gpukv.demo import run_demo
 
-        return run_demo(kinds=["mla", "mha"] if args.kind == "both" else [args.kind], tp_size=args.tp,
+        return run_demo(kinds=["mla", "mha"] if args.kind == "both" else [args.kind], tp_size=args.tp or 2,
                         num_tokens=args.tokens, num_layers=args.layers, chunk_size=args.chunk_size,
                         device=args.device, server=args.server)
     if args.command == "serve":

@@ -74,6 +74,17 @@ def test_extra_config_is_validated_and_roles_pick_the_directions():
         ConnectorConfig.from_extra_config({"gpukv.relookup_s": 0}, kv_role="kv_both")
     with pytest.raises(TypeError, match="gpukv.autostart must be a bool"):
         ConnectorConfig.from_extra_config({"gpukv.autostart": "yes"}, kv_role="kv_both")
+    cfg = ConnectorConfig.from_extra_config({"gpukv.autostart_args": ["--capacity", "1GiB"],
+                                             "gpukv.record_shares": True}, kv_role="kv_both")
+    assert cfg.autostart_args == ("--capacity", "1GiB") and cfg.record_shares and cfg.timeout_s == 10.0
+    with pytest.raises(TypeError, match="gpukv.autostart_args must be a list of str"):
+        ConnectorConfig.from_extra_config({"gpukv.autostart_args": "--capacity 1GiB"}, kv_role="kv_both")
+    with pytest.raises(TypeError, match="gpukv.autostart_args must be a list of str"):
+        ConnectorConfig.from_extra_config({"gpukv.autostart_args": ["--capacity", 1]}, kv_role="kv_both")
+    with pytest.raises(TypeError, match="gpukv.record_shares must be a bool"):
+        ConnectorConfig.from_extra_config({"gpukv.record_shares": 1}, kv_role="kv_both")
+    with pytest.raises(ValueError, match="gpukv.group must be 16 to 128 characters, got 5"):
+        ConnectorConfig.from_extra_config({"gpukv.group": "short"}, kv_role="kv_both")
 
 
 def test_the_chunk_size_must_be_whole_blocks_and_match_the_configured_one():

@@ -207,3 +207,17 @@ def test_salt_lora_and_multimodal_items_key_disjoint_chains(client):
     assert plan_b.num_new_matched_tokens(other_image, 0) == 0
     same = RequestInfo("r4", prompt + [1], seed=b"tenant-a", mm_items=(MMItem("img0", 10, 30),))
     assert plan_b.num_new_matched_tokens(same, 0) == 64
+
+
+def test_a_prompt_shorter_than_a_chunk_costs_no_round_trip(client):
+    plan, _, _ = engine(client, "a")
+    info = RequestInfo("short", tokens(CS - 1, 14))
+    assert plan.num_new_matched_tokens(info, 0) == 0 and plan.hit_of("short") == 0
+    plan.after_alloc("short", 0)
+    assert plan.finished("short") is False
+    assert client.calls["lookup"] == 0 and client.calls["end_session"] == 0
+    # one token more is a full chunk: looked up, and its request ended
+    info = RequestInfo("long", tokens(CS, 15))
+    plan.num_new_matched_tokens(info, 0)
+    plan.finished("long")
+    assert client.calls["lookup"] == 1 and client.calls["end_session"] == 1 and plan.num_lookups == 1

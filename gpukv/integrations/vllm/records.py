@@ -1,4 +1,4 @@
-"""JSON-lines records of vLLM connector hook calls (phase 1 of the connector; a test aid).
+"""JSON-lines records of the vLLM connector's hook calls and gpukv transfers (a test aid).
 
 One file per process, ``<dir>/<role>-<pid>.jsonl``; each line is one call::
 
@@ -6,7 +6,8 @@ One file per process, ``<dir>/<role>-<pid>.jsonl``; each line is one call::
      "seq": int (per process), "t_ns": int (CLOCK_MONOTONIC, comparable across processes), ...}
 
 plus the hook's own fields (see ``GpukvConnector``). Objects are described by duck typing, so
-this module does not import vLLM. JSON only: nothing here is ever unpickled.
+this module does not import vLLM. JSON only: nothing here is ever unpickled. Written only with
+``gpukv.record_dir`` (tests, the benchmark); a connector without it records nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class HookRecorder:
             if not path.is_dir():
                 raise ValueError(f"gpukv.record_dir {str(path)!r} is not a directory")
             self._file = open(path / f"{role}-{os.getpid()}.jsonl", "a", encoding="utf-8")
+
+    @property
+    def active(self) -> bool:
+        return self._file is not None
 
     def write(self, hook: str, tp_rank: int | None, fields: dict[str, Any]) -> None:
         if self._file is None:
@@ -80,62 +85,6 @@ def describe_kv_caches(kv_caches: dict[str, torch.Tensor]) -> dict[str, Any]:
             "byte_offsets": offsets}
 
 
-def describe_request(request: Any) -> dict[str, Any]:
-    """The fields of a vLLM ``Request`` a connector keys or plans on."""
-    lora = getattr(request, "lora_request", None)
-    status = getattr(request, "status", None)
-    prompt = getattr(request, "prompt_token_ids", None)
-    return {"request_id": request.request_id,
-            "num_prompt_tokens": getattr(request, "num_prompt_tokens", None),
-            "prompt_head": list(prompt[:8]) if prompt is not None else None,
-            "num_tokens": getattr(request, "num_tokens", None),
-            "num_computed_tokens": getattr(request, "num_computed_tokens", None),
-            "num_cached_tokens": getattr(request, "num_cached_tokens", None),
-            "num_output_tokens": getattr(request, "num_output_tokens", None),
-            "status": getattr(status, "name", str(status)),
-            "num_preemptions": getattr(request, "num_preemptions", None),
-            "cache_salt": getattr(request, "cache_salt", None),
-            "lora_name": getattr(lora, "lora_name", None),
-            "num_mm_features": len(getattr(request, "mm_features", None) or []),
-            "has_prompt_embeds": getattr(request, "prompt_embeds", None) is not None,
-            "kv_transfer_params": getattr(request, "kv_transfer_params", None)}
-
-
-def describe_scheduler_output(out: Any) -> dict[str, Any]:
-    """What ``SchedulerOutput`` carries per request this step (no token lists, only lengths)."""
-    cached = out.scheduled_cached_reqs
-    return {
-        "new": [{"req_id": r.req_id, "prompt_len": len(r.prompt_token_ids or []),
-                 "block_ids": [list(g) for g in r.block_ids],
-                 "num_computed_tokens": r.num_computed_tokens,
-                 "lora": getattr(r.lora_request, "lora_name", None),
-                 "num_mm_features": len(r.mm_features or [])}
-                for r in out.scheduled_new_reqs],
-        "cached": [{"req_id": rid, "resumed": rid in cached.resumed_req_ids,
-                    "new_block_ids": None if ids is None else [list(g) for g in ids],
-                    "num_computed_tokens": n, "num_output_tokens": o,
-                    "all_token_ids_len": len(cached.all_token_ids.get(rid, []))}
-                   for rid, ids, n, o in zip(cached.req_ids, cached.new_block_ids,
-                                             cached.num_computed_tokens, cached.num_output_tokens)],
-        "num_scheduled_tokens": dict(out.num_scheduled_tokens),
-        "finished_req_ids": sorted(out.finished_req_ids),
-        "preempted_req_ids": sorted(out.preempted_req_ids or []),
-        "has_sync_kv_loads": bool(getattr(out, "has_sync_kv_loads", False)),
-        "num_new_block_ids_to_zero": len(getattr(out, "new_block_ids_to_zero", None) or []),
-    }
-
-
-def describe_output(out: Any) -> dict[str, Any]:
-    """A ``KVConnectorOutput``'s fields as plain lists."""
-    def ids(value: Any) -> list | None:
-        return None if value is None else sorted(value)
-
-    return {"finished_sending": ids(out.finished_sending), "finished_recving": ids(out.finished_recving),
-            "failed_recving": ids(getattr(out, "failed_recving", None)),
-            "invalid_block_ids": ids(out.invalid_block_ids),
-            "has_worker_meta": out.kv_connector_worker_meta is not None}
-
-
 def digest_written(kv_layer: torch.Tensor, slot_mapping: Any) -> dict[str, Any] | None:
     """A digest of the bytes of the slots a step wrote into one layer's paged cache.
 
@@ -157,3 +106,27 @@ def digest_written(kv_layer: torch.Tensor, slot_mapping: Any) -> dict[str, Any] 
     data = rows.contiguous().view(torch.uint8).numpy().tobytes()
     return {"unit": unit, "count": int(slots.numel()), "first": int(slots[0]) if slots.numel() else None,
             "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+
+
+def chunk_digests(kv_layer: torch.Tensor, slot_mapping: Any, chunk_size: int) -> list[str | None]:
+    """Per full chunk of ``slot_mapping``, a digest of the chunk's bytes in one layer, in token
+    order (``None`` for a chunk with ``-1`` slots): MLA ``[NB, BS, row]`` its rows, the CPU
+    attention layout ``[NB, H, BS, 2*D]`` its whole blocks. Equal digests in two engines mean
+    byte-identical KV, whatever blocks each one used."""
+    import numpy as np
+
+    slots = np.asarray(slot_mapping, dtype=np.int64)
+    out: list[str | None] = []
+    for start in range(0, len(slots) - len(slots) % chunk_size, chunk_size):
+        chunk = slots[start:start + chunk_size]
+        if (chunk < 0).any():
+            out.append(None)
+            continue
+        index = torch.from_numpy(chunk)
+        if kv_layer.dim() == 3:
+            rows = kv_layer.reshape(-1, kv_layer.shape[-1])[index]
+        else:
+            rows = kv_layer[torch.unique_consecutive(index // kv_layer.shape[2])]
+        data = rows.contiguous().view(torch.uint8).numpy().tobytes()
+        out.append(hashlib.blake2b(data, digest_size=8).hexdigest())
+    return out

@@ -6,7 +6,8 @@ testable without vLLM; the field sources are listed in /work/notes/vllm_facts.md
 - :func:`step_view`: a ``SchedulerOutput`` -> :class:`StepView` (block tables of KV group 0; the
   connector refuses configurations with more than one KV cache group).
 - :func:`engine_model_key`: a ``VllmConfig`` -> the gpukv model name, identical in EngineCore and
-  in every worker of the engine (all of them hold the same config).
+  in every worker of the engine (all of them hold the same config); :func:`cpu_attention_isa`
+  and :func:`tp_rank` ask vLLM itself (imported when called).
 """
 
 from __future__ import annotations
@@ -65,3 +66,27 @@ def engine_model_key(vllm_config: Any, *, attention: Callable[[], str]) -> str:
                      kind=kind, block_size=int(cache.block_size),
                      tp_size=int(parallel.tensor_parallel_size),
                      attention="mla-rows" if kind == "mla" else attention())
+
+
+def tp_rank(parallel: Any) -> int:
+    """This worker's tensor-parallel rank (vLLM's process group once it is set up)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+    if model_parallel_is_initialized():
+        return int(get_tensor_model_parallel_rank())
+    return int(parallel.rank) % int(parallel.tensor_parallel_size)
+
+
+def cpu_attention_isa(vllm_config: Any) -> str:
+    """The vLLM-CPU attention ISA of this engine's MHA layers ("vec", "vec16", "amx", "neon"...):
+    it fixes the byte order inside a KV block (see worker.py), so it is part of the model key.
+    Uses vLLM-CPU's own choice function; on another platform, the platform's name."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return str(current_platform.device_type)
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    model = vllm_config.model_config
+    return _get_attn_isa(model.dtype, vllm_config.cache_config.block_size, model.get_head_size(),
+                         str(vllm_config.cache_config.cache_dtype))

@@ -1,0 +1,123 @@
+"""One ``gpukv serve`` per address, started by whichever engine process finds none.
+
+vLLM starts the worker connectors before the scheduler's, and the TP workers of an engine start
+together; several engines may start at once too. Each of them calls :func:`ensure_server`: the
+first one to find no server at the address starts it, under an exclusive ``flock`` on a lock file
+beside the socket (``<socket>.lock``; for tcp:// addresses in ``/tmp/gpukv-<uid>/``), and holds
+the lock until the server answers; the others wait for the lock, then find the server answering.
+``flock`` is released by the kernel when its holder dies, so a crashed starter never leaves a
+stale lock.
+
+The server must outlive the engine that started it (the next engine finds it again by its
+address): it runs in a session of its own (``start_new_session``: a Ctrl-C or a process-group
+kill of the engine does not reach it), with its output in ``<lock>.log``, on every CPU (a vLLM-CPU
+worker is bound to its cores; the server must not inherit that). It runs until it is stopped
+(SIGTERM); ``gpukv serve`` has no idle exit yet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from gpukv.frontend.client import CacheClient, ServerUnavailable
+from gpukv.frontend.peer import check_address, ipc_path
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0
+
+
+def lock_path(address: str) -> Path:
+    """The lock file of ``address`` (its folder is created 0700 when it is the per-user one)."""
+    check_address(address)
+    if address.startswith("ipc://") and not ipc_path(address).startswith("@"):
+        path = Path(ipc_path(address) + ".lock")
+    else:
+        name = address.replace("://", "-").replace("/", "_").replace(":", "-").replace("@", "")
+        path = Path(f"/tmp/gpukv-{os.getuid()}") / f"{name}.lock"
+    folder = path.parent
+    if folder.name == f"gpukv-{os.getuid()}" and not folder.exists():
+        folder.mkdir(mode=0o700, exist_ok=True)
+    if not folder.is_dir():
+        raise ValueError(f"cannot autostart a server at {address}: folder {str(folder)!r} does not exist")
+    return path
+
+
+def answers(address: str, timeout_s: float = 1.0) -> dict | None:
+    """The server's PING reply (it has ``pid``, ``chunk_size``...), or None if nobody answers."""
+    try:
+        with CacheClient(address, connect_timeout_s=timeout_s, ping_interval_s=0) as client:
+            return client.server_info
+    except ServerUnavailable:
+        return None
+
+
+def ensure_server(address: str, *, serve_args: Sequence[str] = (),
+                  ready_timeout_s: float = READY_TIMEOUT_S) -> tuple[dict, bool]:
+    """Make sure a ``gpukv serve`` answers at ``address``; returns ``(ping reply, started)``,
+    ``started`` True when this call started it. ``serve_args`` go to ``gpukv serve`` (after
+    ``--address``). Raises ``RuntimeError`` if the started server exits or stays silent."""
+    info = answers(address)
+    if info is not None:
+        return info, False
+    lock = lock_path(address)
+    with open(lock, "a+b") as held:
+        os.chmod(lock, 0o600)
+        _lock(held, ready_timeout_s, address)
+        info = answers(address)  # another process may have started it while we waited
+        if info is not None:
+            return info, False
+        return _start(address, list(serve_args), lock, ready_timeout_s), True
+
+
+def _lock(held, timeout_s: float, address: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another process holds the autostart lock of {address} for "
+                                   f"more than {timeout_s} s") from None
+            time.sleep(0.05)
+
+
+def _start(address: str, serve_args: list[str], lock: Path, timeout_s: float) -> dict:
+    argv = [sys.executable, "-m", "gpukv.cli", "serve", "--address", address, *serve_args]
+    log_path = lock.with_suffix(".log")
+    with open(log_path, "ab") as out:
+        os.chmod(log_path, 0o600)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, env=_server_env())
+    try:
+        os.sched_setaffinity(proc.pid, range(os.cpu_count() or 1))
+    except OSError as exc:  # some CPUs may be outside this cgroup: keep what it inherited
+        log.debug("could not widen the autostarted server's CPU affinity: %s", exc)
+    log.warning("gpukv: started `gpukv serve` at %s (pid %d, log %s); it keeps running after "
+                "this engine exits", address, proc.pid, log_path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the autostarted gpukv serve exited with {proc.returncode}; see {log_path}")
+        info = answers(address, timeout_s=0.5)
+        if info is not None:
+            return info
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the autostarted gpukv serve (pid {proc.pid}) did not answer at "
+                               f"{address} in {timeout_s} s; see {log_path}")
+        time.sleep(0.05)
+
+
+def _server_env() -> dict[str, str]:
+    """The engine's environment minus what binds a vLLM worker to its cores or GPUs."""
+    drop = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KMP_AFFINITY",
+            "GOMP_CPU_AFFINITY")
+    return {k: v for k, v in os.environ.items() if k not in drop}

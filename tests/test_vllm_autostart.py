@@ -1,0 +1,82 @@
+"""Autostart of ``gpukv serve`` by the connector (:mod:`gpukv.integrations.vllm.autostart`),
+without vLLM: three processes that find no server at once start exactly one, it outlives them,
+and the next caller finds it by its address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpukv.integrations.vllm.autostart import answers, ensure_server, lock_path
+
+STARTER = """
+import json, sys
+from gpukv.integrations.vllm.autostart import ensure_server
+info, started = ensure_server(sys.argv[1], serve_args=["--capacity", "8MiB", "--chunk-size", "64"])
+print(json.dumps({"pid": info["pid"], "started": started, "chunk_size": info["chunk_size"]}))
+"""
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_racing_starters_start_one_server_that_outlives_them(tmp_path: Path):
+    address = f"ipc://{tmp_path}/gpukv.sock"
+    assert answers(address) is None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-c", STARTER, address], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    pids = {o["pid"] for o in outs}
+    try:
+        assert len(pids) == 1 and sorted(o["started"] for o in outs) == [False, False, True]
+        assert {o["chunk_size"] for o in outs} == {64}
+        (pid,) = pids
+        assert all(p.pid != pid for p in procs)
+        # every starter has exited; the server still answers, and the next caller finds it
+        info, started = ensure_server(address)
+        assert (info["pid"], started) == (pid, False)
+        lock = lock_path(address)
+        assert lock == tmp_path / "gpukv.sock.lock" and lock.with_suffix(".log").is_file()
+        assert oct(lock.stat().st_mode & 0o777) == "0o600"
+    finally:
+        for pid in pids:
+            _stop(pid)
+    assert answers(address) is None
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path):
+    address = f"ipc://{tmp_path}/gpukv.sock"
+    with pytest.raises(RuntimeError, match=r"exited with 2; see .*gpukv.sock.log"):
+        ensure_server(address, serve_args=["--no-such-flag"], ready_timeout_s=60)
+    assert "--no-such-flag" in (tmp_path / "gpukv.sock.log").read_text()
+
+
+def test_lock_paths_live_beside_the_socket_or_in_the_users_folder(tmp_path: Path):
+    assert lock_path(f"ipc://{tmp_path}/s.sock") == tmp_path / "s.sock.lock"
+    tcp = lock_path("tcp://127.0.0.1:5555")
+    assert tcp.parent == Path(f"/tmp/gpukv-{os.getuid()}") and tcp.name == "tcp-127.0.0.1-5555.lock"
+    with pytest.raises(ValueError, match="does not exist"):
+        lock_path(f"ipc://{tmp_path}/missing/s.sock")
+    with pytest.raises(ValueError, match="not a loopback address"):
+        lock_path("tcp://10.0.0.1:5555")

