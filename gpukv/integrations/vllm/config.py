@@ -20,6 +20,8 @@ key                         default  meaning
                                      lookups, loads or stores meanwhile: the engine runs uncached)
 ``gpukv.relookup_s``        5.0      a request still waiting for blocks after this many seconds
                                      is looked up again (its shares are topped up, not added)
+``gpukv.events_address``    None     the server's ``--events`` address: ``take_events`` then hands
+                                     gpukv's KV events of this model to vLLM (see :mod:`.events`)
 ``gpukv.record_dir``        None     test aid: JSON-lines records of every hook and gpukv call
                                      (see :mod:`.records`)
 ``gpukv.record_digests``    False    test aid: digests of the bytes each step wrote, per layer
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 _KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
-         "gpukv.group", "gpukv.timeout_s", "gpukv.relookup_s", "gpukv.record_dir",
+         "gpukv.group", "gpukv.timeout_s", "gpukv.relookup_s", "gpukv.events_address",
+         "gpukv.record_dir",
          "gpukv.record_digests", "gpukv.record_shares")
 ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
 
@@ -52,6 +55,7 @@ class ConnectorConfig:
     group: str | None = None
     timeout_s: float = 10.0
     relookup_s: float = 5.0
+    events_address: str | None = None
     record_dir: str | None = None
     record_digests: bool = False
     record_shares: bool = False
@@ -59,9 +63,11 @@ class ConnectorConfig:
     store: bool = True
 
     def __post_init__(self) -> None:
-        if self.address is not None and not (isinstance(self.address, str)
-                                             and self.address.startswith(("ipc://", "tcp://"))):
-            raise ValueError(f"gpukv.address must be an ipc:// or tcp:// address, got {self.address!r}")
+        for name, address in (("gpukv.address", self.address),
+                              ("gpukv.events_address", self.events_address)):
+            if address is not None and not (isinstance(address, str)
+                                            and address.startswith(("ipc://", "tcp://"))):
+                raise ValueError(f"{name} must be an ipc:// or tcp:// address, got {address!r}")
         if not isinstance(self.autostart, bool):
             raise TypeError(f"gpukv.autostart must be a bool, got {self.autostart!r}")
         if not isinstance(self.autostart_args, tuple) or not all(isinstance(a, str) for a in self.autostart_args):
@@ -99,6 +105,7 @@ class ConnectorConfig:
                    chunk_size=extra.get("gpukv.chunk_size"), group=extra.get("gpukv.group"),
                    timeout_s=extra.get("gpukv.timeout_s", 10.0),
                    relookup_s=extra.get("gpukv.relookup_s", 5.0),
+                   events_address=extra.get("gpukv.events_address"),
                    record_dir=extra.get("gpukv.record_dir"),
                    record_digests=extra.get("gpukv.record_digests", False),
                    record_shares=extra.get("gpukv.record_shares", False), load=load, store=store)

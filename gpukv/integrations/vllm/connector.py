@@ -44,6 +44,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.protocol import default_address
 from gpukv.integrations.vllm.autostart import ensure_server
+from gpukv.integrations.vllm.events import EventsBridge
 from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
@@ -114,6 +115,7 @@ class GpukvConnector(KVConnectorBase_V1):
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
         self._kv_caches: dict[str, torch.Tensor] | None = None
+        self._events: EventsBridge | None = None
         tp_size = int(parallel.tensor_parallel_size)
         if role is KVConnectorRole.SCHEDULER:
             if cfg.load and ktc.kv_load_failure_policy != "recompute":
@@ -124,6 +126,8 @@ class GpukvConnector(KVConnectorBase_V1):
             self._planner = SchedulerPlanner(self.client, self.model_key, tp_size=tp_size,
                                              chunk_size=raw.chunk_size, block_size=block_size,
                                              load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s)
+            if cfg.events_address is not None:
+                self._events = EventsBridge(cfg.events_address, self.model_key, raw.chunk_size)
         else:
             rank = tp_rank(parallel)
             self._worker = WorkerSide(self.client, instance_id=f"{group}-tp{rank}-{os.getpid()}",
@@ -209,6 +213,8 @@ class GpukvConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._events is not None:
+            self._events.close()
         self._record("shutdown", failures=dict(self.client.failures), skipped=dict(self.client.skipped),
                      loaded_tokens=getattr(self._worker, "num_loaded_tokens", None),
                      stored_tokens=getattr(self._worker, "num_stored_tokens", None),
@@ -268,9 +274,9 @@ class GpukvConnector(KVConnectorBase_V1):
         return delay, None
 
     def take_events(self) -> Iterable[Any]:
-        # TODO(issue 14): the server's KV events (stored / evicted chunks) go here once the ops
-        # layer publishes them; until then the connector reports none.
-        return []
+        """gpukv's KV events of this model since the last call, as vLLM's BlockStored /
+        BlockRemoved (see :mod:`.events`); none without ``"gpukv.events_address"``."""
+        return self._events.take() if self._events is not None else []
 
 
 def _plan(meta: KVConnectorMetadata | None) -> StepPlan:
