@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow an abstract ipc://@name socket (no file permissions!)")
     serve.add_argument("--flush-timeout", type=float, default=5.0,
                        help="seconds to flush queued spills at shutdown (default 5)")
+    serve.add_argument("--prefault", choices=["background", "sync", "off"], default="background",
+                       help="fault the arenas' pages in at start: in a thread while serving "
+                            "(default), before serving, or not at all")
     serve.add_argument("--http-port", type=int, default=None,
                        help="serve /metrics, /healthcheck, /status and POST /clear on this port")
     serve.add_argument("--http-host", default="127.0.0.1",

@@ -37,7 +37,8 @@ class EngineConfig:
     max_requests         open requests (looked up, not ended) the engine keeps at most.
     max_keys_per_request chunk hashes x ranks one call may name (bounds one call's work).
     prefault             touch the arenas' pages when they are created, so the first stores do
-                         not pay a page fault per 4 KiB (costs a zero fill of the capacity).
+                         not pay a page fault per 4 KiB (costs a zero fill of the capacity):
+                         True (before the engine returns), "background" (a thread), False.
     metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; ~1 us a lookup).
     events_address       publish KV events on a ZMQ PUB socket there (ipc:// or loopback tcp://).
     events_buffer        keep up to this many KV events in process for ``take_events`` (0 = off).
@@ -57,7 +58,7 @@ class EngineConfig:
     devices: tuple[str, ...] | None = None
     max_requests: int = 1 << 16
     max_keys_per_request: int = 1 << 17
-    prefault: bool = True
+    prefault: bool | str = True
     metrics: bool = True
     events_address: str | None = None
     events_buffer: int = 0
@@ -81,6 +82,8 @@ class EngineConfig:
                 raise ValueError(f"device {name!r} is not a torch device: {exc}") from None
         if not self.devices or len(set(self.devices)) != len(self.devices):
             raise ValueError(f"devices must be distinct and non-empty, got {self.devices!r}")
+        if self.prefault not in (True, False, "background"):
+            raise ValueError(f"prefault must be True, False or 'background', got {self.prefault!r}")
         if isinstance(self.events_buffer, bool) or not isinstance(self.events_buffer, int) \
                 or self.events_buffer < 0:
             raise ValueError(f"events_buffer must be an int >= 0, got {self.events_buffer!r}")

@@ -297,7 +297,9 @@ def serve_main(args: argparse.Namespace) -> int:
     core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,
                                   disk_capacity_bytes=args.disk_capacity,
-                                  remote_url=args.remote_url, events_address=args.events),
+                                  remote_url=args.remote_url, events_address=args.events,
+                                  prefault={"background": "background", "sync": True,
+                                            "off": False}[args.prefault]),
                      shared=True)
     server = CacheServer(core, config)
     admin = None

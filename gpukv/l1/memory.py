@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -46,8 +47,12 @@ class ArenaMemory:
         self._keep.clear()
 
 
-def create(device: str, nbytes: int, *, shared: bool, prefault: bool = True) -> ArenaMemory:
-    """A new arena of ``nbytes`` on ``device`` ("cpu", "cpu:N" or "cuda[:N]")."""
+def create(device: str, nbytes: int, *, shared: bool, prefault: bool | str = True) -> ArenaMemory:
+    """A new arena of ``nbytes`` on ``device`` ("cpu", "cpu:N" or "cuda[:N]"). ``prefault``:
+    True faults every page in before returning, ``"background"`` in a daemon thread (a server
+    answers at once; stores before it finished fault the rest themselves), False not at all."""
+    if prefault not in (True, False, "background"):
+        raise ValueError(f"prefault must be True, False or 'background', got {prefault!r}")
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
         raise ValueError(f"arena size must be a positive int, got {nbytes!r}")
     dev = torch.device(device)
@@ -72,13 +77,17 @@ def create(device: str, nbytes: int, *, shared: bool, prefault: bool = True) -> 
         handle = None
     keep.append(mapped)
     tensor = torch.frombuffer(mapped, dtype=torch.uint8)[:nbytes]
-    if prefault:
+    if prefault == "background":  # madvise only: the write-per-page fallback would race stores
+        threading.Thread(target=_advise, args=(mapped, MADV_POPULATE_WRITE),
+                         name=f"gpukv-prefault-{device}", daemon=True).start()
+    elif prefault:
         populate(mapped, tensor)
     return ArenaMemory(device, tensor, handle, keep)
 
 
 def populate(mapped: mmap.mmap, tensor: torch.Tensor) -> None:
-    """Fault in every page of a mapping (writing), without changing its bytes."""
+    """Fault in every page of a mapping (writing), without changing its bytes. The fallback
+    (one read-modify-write per page) is safe only while nothing else writes the arena."""
     if not _advise(mapped, MADV_POPULATE_WRITE):
         tensor.view(-1)[::PAGE].add_(0)  # one write per page where the kernel lacks the advice
 
