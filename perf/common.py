@@ -142,7 +142,8 @@ def run_info() -> dict[str, str]:
     return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 machine=f"{os.cpu_count()} CPUs ({cpu})",
                 nproc=str(os.cpu_count()), loadavg=" ".join(f"{x:.2f}" for x in load_average()),
-                commit=git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)" if dirty not in ("", "unknown") else ""),
+                commit=git("rev-parse", "--short", "HEAD")
+                + (" (+ uncommitted changes)" if dirty not in ("", "unknown") else ""),
                 python=platform.python_version(), torch=torch.__version__,
                 threads=thread_settings())
 

@@ -9,8 +9,9 @@ microseconds; a lookup that may read the disk or remote tier, a large request (m
 decode: it reads the envelope and the pool decodes the rest), STATS and FLUSH go to a small
 pool, so a long one never stalls a ping or another worker. Pool threads put their replies on a
 queue and wake the loop through a pipe; while no pool work is in flight the loop blocks on its
-socket alone (polling the socket and the pipe costs ~6 us a request), waking every ``BLOCK_MS``. Reaping and lease expiry run in a thread of their own
-(they take the books' locks, which a maximal request may hold for a while).
+socket alone (polling the socket and the pipe costs ~6 us a request), waking every
+``BLOCK_MS``. Reaping and lease expiry run in a thread of their own (they take the books' locks,
+which a maximal request may hold for a while).
 
 Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
 past a bound); nothing a client sends can end the loop. Per session, requests waiting in the
@@ -157,6 +158,10 @@ class CacheServer:
     def _drain(self, budget: int) -> None:
         router = self._router
         for _ in range(budget):
+            # asking is cheaper than a failed recv (1.2 vs 2.9 us), paid after each reply is out
+            if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                self.last_drained = time.monotonic()
+                return
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
