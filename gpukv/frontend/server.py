@@ -148,7 +148,7 @@ class CacheServer:
         and the wake-up pipe costs ~6 us a request, which the loop pays only while pool work
         is in flight (its replies come through the pipe)."""
         try:
-            frames = self._router.recv_multipart()
+            frames = self._recv(0)
         except zmq.Again:
             self.last_drained = time.monotonic()  # nothing arrived in BLOCK_MS
             return
@@ -163,11 +163,21 @@ class CacheServer:
                 self.last_drained = time.monotonic()
                 return
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 self.last_drained = time.monotonic()
                 return
             self._handle(frames)
+
+    def _recv(self, flags: int) -> list[bytes]:
+        """One message off the socket: the sender's identity, then its frames (a ROUTER message
+        has at least one after the identity). What ``recv_multipart`` does, without its
+        per-frame option read for the identity and its loop (~2 us a request)."""
+        router = self._router
+        frames = [router.recv(flags), router.recv(zmq.NOBLOCK)]  # the rest came with the first
+        while router.get(zmq.RCVMORE):
+            frames.append(router.recv(zmq.NOBLOCK))
+        return frames
 
     def _handle(self, frames: list[bytes]) -> None:
         try:
@@ -284,7 +294,9 @@ class CacheServer:
 
     def _send(self, identity: bytes, reply: p.Reply) -> None:
         try:
-            self._router.send_multipart([identity, p.encode_reply(reply)], zmq.NOBLOCK)
+            frame = p.encode_reply(reply)
+            self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)  # send_multipart costs ~1 us more
+            self._router.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the client is gone or not reading: drop its reply
             log.debug("reply dropped: %s", exc)
 
