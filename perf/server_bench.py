@@ -123,14 +123,41 @@ def lookup_call(cache, tokens, ids: Callable[[], str], *, hashes: bool = False) 
     return call
 
 
-def alternate(calls: dict[str, Callable[[], None]], count: int) -> dict[str, list[float]]:
-    """``count`` timed calls of each, alternating call by call (A B C, C B A, ...); a call's
-    ``end`` (if any) runs untimed right after it."""
+def handler_call(core, hashes: list[bytes], ids: Callable[[], str]) -> Callable[[], None]:
+    """The server's work for one LOOKUP, in this process: decode the request frame, run the
+    handler on ``core`` (a CacheCore holding the prompt, with a session of its own), encode the
+    reply. The frame is built untimed (``setup``), the request ended untimed (``end``)."""
+    from gpukv.frontend.sessions import Sessions
+
+    sessions, sid = Sessions(core), "s" * 32
+    sessions.touch(sid, None)
+    state: dict = {}
+
+    def setup() -> None:
+        state["rid"] = ids()
+        state["frame"] = p.encode_request(1, sid, p.Lookup(LOOKUP_MODEL, state["rid"], hashes, 1, None))
+
+    def call() -> None:
+        request = p.decode_request(state["frame"])
+        p.encode_reply(p.ok_reply(request.seq, sessions.handle(sid, request.body)))
+
+    call.setup, call.end = setup, lambda: sessions.handle(sid, p.EndSession(state["rid"]))  # type: ignore[attr-defined]
+    return call
+
+
+def alternate(calls: dict[str, Callable[[], None]], count: int, *,
+              reverse: bool = True) -> dict[str, list[float]]:
+    """``count`` timed calls of each, alternating call by call (A B C, C B A, ...; with
+    ``reverse`` False A B C, A B C: every call then follows the same others); a call's ``setup``
+    / ``end`` (if any) run untimed right before / after it."""
     names, clock = list(calls), time.perf_counter
     out: dict[str, list[float]] = {n: [] for n in names}
     for i in range(count):
-        for name in names if i % 2 == 0 else reversed(names):
+        for name in names if i % 2 == 0 or not reverse else reversed(names):
             fn = calls[name]
+            setup = getattr(fn, "setup", None)
+            if setup is not None:
+                setup()
             t0 = clock()
             fn()
             out[name].append(clock() - t0)
@@ -209,7 +236,7 @@ class Worker:
             self.echo.recv()
 
         return alternate({"echo": echo, "gpukv": lookup_call(
-            self.client, self.lookup_prompt[:chunks * CHUNK], self._ids)}, count)
+            self.client, self.lookup_prompt[:chunks * CHUNK], self._ids)}, count, reverse=False)
 
     def first_store(self, where: str) -> tuple[float, float]:
         """Seconds of the first store into a new L1 and of a warm one (the third, into the first

@@ -106,6 +106,18 @@ def _server(out: Path) -> list[str]:
                      "token ids in (the client hashes them); echo = a bare pyzmq ROUTER echoing a frame as "
                      "large as the LOOKUP request; calls alternate; p50 = median over repeats of each "
                      "repeat's p50" + _load(lk) + ".")
+    prof = [r for r in lk if r.get("handler_p50_us", "") != ""]
+    lines += _section("where a LOOKUP goes (`sweep_server_lookup.csv`, ipc://, one client, p50 µs)",
+                      ["chunks", "echo", "PING", "LOOKUP, hashes given", "client: tokens -> int64",
+                       "client: all hashing", "server: decode + handler + encode", "embedded lookup",
+                       "LOOKUP, token ids"],
+                      [(r["chunks"], _f(r["echo_ctx_p50_us"], 1), _f(r["ping_p50_us"], 1),
+                        _f(r["hashes_p50_us"], 1), _f(r["convert_p50_us"], 1), _f(r["hash_p50_us"], 1),
+                        _f(r["handler_p50_us"], 1), _f(r["embedded_p50_us"], 1), _f(r["gpukv_p50_us"], 1))
+                       for r in prof],
+                      "the first four are round trips timed in turn; the client's and the server's parts "
+                      "are timed in process on the same state (the LOOKUP ~ hashing + the round trip "
+                      "with hashes given)")
     met = _rows(out / "sweep_server_metrics.csv")
     lines += _section("metrics cost end to end (`sweep_server_metrics.csv`, goal on / off <= 1.05)",
                       ["chunks", "metrics off p50 µs", "metrics on p50 µs", "on / off (min..max)"],

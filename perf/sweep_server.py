@@ -3,8 +3,10 @@
 * LOOKUP latency, one client, ipc:// and tcp://, 1..128 chunks hit (token ids in, hashing
   included): ``CacheClient.lookup`` through ``gpukv serve`` vs a bare pyzmq ROUTER echo of a frame
   as large as the LOOKUP request (the transport's floor) vs ``CacheEngine.lookup`` in-process;
-  ``lookup_hashes`` (hashes precomputed) beside them shows what the client's hashing costs.
   Goals: p50 <= 2.5x the echo at 32 chunks, <= 6x at 128; p99 <= 3x p50 on an idle machine.
+  Where a LOOKUP goes, beside it: round trips of an echo, a PING and a LOOKUP with the hashes
+  given (``lookup_hashes``), in turn; in process, on the same state: the client's token list ->
+  int64 and all its hashing, the server's decode + handler + encode, the embedded lookup.
 * LOOKUP with 1, 2, 4 client processes at once (each alternating echo and gpukv calls).
 * Metrics cost end to end: LOOKUP through two servers alike but for ``EngineConfig(metrics=...)``,
   calls alternating; goal on / off <= 1.05.
@@ -15,7 +17,9 @@
   slots), through a new server and embedded (prefault on, and off to show what it fixes);
   goal fresh / warm >= 0.8.
 
-Method: subjects alternate call by call (latency) or phase by phase (transfers: ABAB, BABA);
+Method: subjects alternate call by call (latency; the echo and gpukv strictly ABAB, so each
+peer idles as long between its calls: an idle peer's wake-up costs tens of µs on a VM) or phase
+by phase (transfers: ABAB, BABA);
 thread settings fixed (1 torch thread per worker) and printed; min / median / max over repeats;
 the load average printed and kept per row. CSVs + PNG under perf/results/cpu/.
 """
@@ -46,7 +50,7 @@ from common import load_average, progress, quantile, results_dir, spread, thread
 from sweep_server_report import plot, print_tables  # noqa: E402
 
 from gpukv import CacheClient, CacheEngine, EngineConfig  # noqa: E402
-from gpukv.engine.keys import chunk_hashes, request_seed  # noqa: E402
+from gpukv.engine.keys import as_token_array, chunk_hashes, request_seed  # noqa: E402
 from gpukv.frontend.process import ServerProcess  # noqa: E402
 
 PRESETS = {
@@ -59,6 +63,9 @@ PRESETS = {
                  first_repeats=5),
 }
 GOALS_VS_ECHO = {32: 2.5, 128: 6.0}
+# the profile's parts: an echo and a PING round trip beside the LOOKUP with hashes given; the
+# client's token list -> int64 and all its hashing; the server's decode + handler + encode
+PROFILE = ("echo_ctx", "ping", "convert", "hash", "handler")
 LOOKUP_CAPACITY = 256 << 20
 
 
@@ -86,6 +93,7 @@ def _lookup_row(transport: str, clients: int, chunks: int, samples: dict, repeat
                hashes_p50_us=st["hashes"]["p50"]["median"] if "hashes" in st else "",
                embedded_p50_us=st["embedded"]["p50"]["median"] if "embedded" in st else "",
                embedded_p99_us=st["embedded"]["p99"] if "embedded" in st else "",
+               **{f"{k}_p50_us": st[k]["p50"]["median"] if k in st else "" for k in PROFILE},
                ratio_vs_echo=ratios["median"], ratio_vs_echo_min=ratios["min"],
                ratio_vs_echo_max=ratios["max"], goal_vs_echo=GOALS_VS_ECHO.get(chunks, ""),
                p99_over_p50=g["p99"] / g["p50"]["median"],
@@ -96,7 +104,8 @@ def _lookup_row(transport: str, clients: int, chunks: int, samples: dict, repeat
 
 
 def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
-    """One client in this process: echo, gpukv (tokens), gpukv (hashes), embedded, in turn."""
+    """One client in this process: the echo and gpukv LOOKUP (token ids in) in turn, then the
+    profile's parts (see ``blocks``)."""
     if transport == "ipc":
         address, echo_address = f"ipc://{tmp}/lk.sock", f"ipc://{tmp}/lk-echo.sock"
     else:
@@ -112,7 +121,7 @@ def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(echo_address)
         ids = map(str, itertools.count()).__next__
-        for chunks in preset["chunks"]:
+        for chunks in progress(preset["chunks"], desc=f"lookup {transport}"):
             tokens = prompt[:chunks * sb.CHUNK]
             hashes = chunk_hashes(tokens, sb.CHUNK, seed=request_seed(client.salt, b""))
             frame = b"x" * sb.lookup_frame_bytes(chunks)
@@ -121,14 +130,24 @@ def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
                 sock.send(frame)
                 sock.recv()
 
-            calls = {"echo": echo, "gpukv": sb.lookup_call(client, tokens, ids),
-                     "hashes": sb.lookup_call(client, hashes, ids, hashes=True),
-                     "embedded": sb.lookup_call(engine, tokens, ids)}
-            sb.alternate(calls, 20)  # warm-up
-            samples = {name: [] for name in calls}
-            for _ in range(preset["repeats"]):
-                for name, times in sb.alternate(calls, preset["lookups"]).items():
-                    samples[name].append(times)
+            seed = request_seed(client.salt, b"")
+            blocks = [  # the goal's pair strictly ABAB (an idle peer wakes slower: equal gaps),
+                # then where a LOOKUP's time goes: the round trips beside the echo, then the
+                # client's and the server's work in process, each block alternating
+                ({"echo": echo, "gpukv": sb.lookup_call(client, tokens, ids)}, False),
+                ({"echo_ctx": echo, "ping": client.ping,
+                  "hashes": sb.lookup_call(client, hashes, ids, hashes=True)}, True),
+                ({"embedded": sb.lookup_call(engine, tokens, ids),
+                  "convert": lambda: as_token_array(tokens),
+                  "hash": lambda: chunk_hashes(tokens, sb.CHUNK, seed=seed),
+                  "handler": sb.handler_call(engine.core, hashes, ids)}, True)]
+            samples: dict[str, list] = {name: [] for calls, _ in blocks for name in calls}
+            for r in range(1 + preset["repeats"]):  # the first round warms up
+                for calls, reverse in blocks:
+                    for name, times in sb.alternate(calls, preset["lookups"] if r else 20,
+                                                    reverse=reverse).items():
+                        if r:
+                            samples[name].append(times)
             rows.append(_lookup_row(transport, 1, chunks, samples, preset["repeats"],
                                     preset["lookups"]))
         sock.close(linger=0)
