@@ -24,7 +24,13 @@ BLOCK = 16
 LOOKUP_MODEL, LOOKUP_CHUNKS = "lookup-model", 128
 LOOKUP_PAGES = (LOOKUP_CHUNKS * CHUNK // BLOCK, BLOCK, 64)  # tiny MLA rows: lookups touch no bytes
 KV_HEADS, KV_HEAD_DIM = 8, 128  # Llama-3.1-8B per rank (layers scaled by the preset)
-CAPACITY_PROMPTS = 2.2  # L1 of a worker's prompts: the third store evicts the first, into its slots
+CAPACITY_PROMPTS = 2.2  # L1 of a worker's prompts in the transfer runs: new stores evict the oldest
+
+
+def first_store_capacity(prompt_bytes: int) -> int:
+    """An L1 of two prompts and less than a chunk: a third store goes wholly into the slots of
+    the first, which it evicts (nothing of it lands in memory never written)."""
+    return 2 * prompt_bytes + (4 << 20)
 
 ECHO = """
 import sys, zmq
@@ -197,8 +203,8 @@ class Worker:
         self.round, self.current = 0, {}
         self._ids = map(f"w{index}-lk{{}}".format, itertools.count()).__next__
 
-    def _engine(self, *, prefault: bool) -> CacheEngine:
-        capacity = int(CAPACITY_PROMPTS * self.nbytes) + (16 << 20)
+    def _engine(self, *, prefault: bool, capacity: int | None = None) -> CacheEngine:
+        capacity = capacity or int(CAPACITY_PROMPTS * self.nbytes) + (16 << 20)
         return CacheEngine(EngineConfig(capacity_bytes=capacity, device="cpu", chunk_size=CHUNK,
                                         prefault=prefault))
 
@@ -209,24 +215,34 @@ class Worker:
         self.round += 1
         return list(range(self._base(self.round), self._base(self.round) + self.tokens))
 
+    def prepare(self, op: str, mode: str) -> None:
+        """What ``op`` needs first, untimed: a new prompt for a store; the lookup of the last
+        stored prompt for a retrieve (``mode``: "server" or "embedded")."""
+        if op == "store":
+            self.current[mode] = self._prompt()
+        else:
+            cache = self.client if mode == "server" else self.engine
+            self.rid = f"w{self.index}-r{self.round}-{mode}"
+            assert cache.lookup("kv-model", self.current[mode], request_id=self.rid) == self.tokens
+
     def store(self, mode: str) -> float:
-        """Seconds of one STORE of a new prompt (``mode``: "server" or "embedded")."""
+        """Seconds of one STORE of the prepared prompt."""
         cache = self.client if mode == "server" else self.engine
-        tokens = self.current[mode] = self._prompt()
         t0 = time.perf_counter()
-        assert cache.store("kv", tokens, self.slots) == self.tokens
+        assert cache.store("kv", self.current[mode], self.slots) == self.tokens
         return time.perf_counter() - t0
 
     def retrieve(self, mode: str) -> float:
-        """Seconds of one RETRIEVE of the last stored prompt (its lookup untimed)."""
+        """Seconds of one RETRIEVE of the last stored prompt (looked up by ``prepare``)."""
         cache = self.client if mode == "server" else self.engine
-        tokens, rid = self.current[mode], f"w{self.index}-r{self.round}-{mode}"
-        assert cache.lookup("kv-model", tokens, request_id=rid) == self.tokens
         t0 = time.perf_counter()
-        assert cache.retrieve("kv", tokens, self.slots, request_id=rid) == self.tokens
-        elapsed = time.perf_counter() - t0
-        cache.end_session(rid)
-        return elapsed
+        assert cache.retrieve("kv", self.current[mode], self.slots, request_id=self.rid) == self.tokens
+        return time.perf_counter() - t0
+
+    def cleanup(self, op: str, mode: str) -> None:
+        """After a retrieve, untimed: end its request."""
+        if op == "retrieve":
+            (self.client if mode == "server" else self.engine).end_session(self.rid)
 
     def lookups(self, chunks: int, count: int) -> dict[str, list[float]]:
         frame = b"x" * lookup_frame_bytes(chunks)
@@ -245,7 +261,8 @@ class Worker:
             cache = CacheClient(where, timeout_s=300, ping_interval_s=0)
             cache.register("kv", "kv-model", self.pages, "2,NB,BS,H,D", kind="mha")
         else:
-            cache = self._engine(prefault=where == "embedded")
+            cache = self._engine(prefault=where == "embedded",
+                                 capacity=first_store_capacity(self.nbytes))
             cache.register("kv", "kv-model", self.pages, "2,NB,BS,H,D", kind="mha")
         times = []
         for _ in range(3):  # fresh, fresh (the rest of the arena), warm (evicts the first)

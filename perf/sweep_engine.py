@@ -22,7 +22,6 @@ for _k, _v in THREAD_ENV.items():
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -35,7 +35,6 @@ for _k, _v in THREAD_ENV.items():
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
-import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,6 +46,7 @@ import zmq  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import server_bench as sb  # noqa: E402
 from common import load_average, progress, quantile, results_dir, spread, thread_settings, write_csv  # noqa: E402
+from server_transfers import LOOKUP_CAPACITY, workers_part  # noqa: E402
 from sweep_server_report import plot, print_tables  # noqa: E402
 
 from gpukv import CacheClient, CacheEngine, EngineConfig  # noqa: E402
@@ -66,7 +66,6 @@ GOALS_VS_ECHO = {32: 2.5, 128: 6.0}
 # the profile's parts: an echo and a PING round trip beside the LOOKUP with hashes given; the
 # client's token list -> int64 and all its hashing; the server's decode + handler + encode
 PROFILE = ("echo_ctx", "ping", "convert", "hash", "handler")
-LOOKUP_CAPACITY = 256 << 20
 
 
 def _p50s(samples: dict[str, list[list[float]]]) -> dict[str, dict]:
@@ -185,120 +184,6 @@ def metrics_cost(preset: dict, tmp: str) -> list[dict]:
     return rows
 
 
-class Workers:
-    """``n`` worker processes (see :mod:`server_bench`) and their pipes."""
-
-    def __init__(self, n: int, address: str, echo_address: str, preset: dict) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes, self.procs = [], []
-        for i in range(n):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=sb.worker_main, args=(theirs, i, address, echo_address, preset),
-                               daemon=True)
-            proc.start()
-            self.pipes.append(mine)
-            self.procs.append(proc)
-        self.nbytes = [pipe.recv() for pipe in self.pipes][0]
-
-    def all(self, n: int, *cmd) -> list:
-        """Run ``cmd`` on the first ``n`` workers at once; their results."""
-        for pipe in self.pipes[:n]:
-            pipe.send(cmd)
-        return [pipe.recv() for pipe in self.pipes[:n]]
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            pipe.send(None)
-        for proc in self.procs:
-            proc.join(60)
-
-
-def workers_part(preset: dict, tmp: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """Multi-client lookups, STORE / RETRIEVE server vs embedded, and the first store."""
-    most = max(preset["workers"])
-    address, echo_address = f"ipc://{tmp}/kv.sock", f"ipc://{tmp}/kv-echo.sock"
-    echo_proc = sb.start_echo(echo_address)
-    prompt_bytes = preset["layers"] * 2 * preset["tokens"] * sb.KV_HEADS * sb.KV_HEAD_DIM * 2
-    capacity = int(most * sb.CAPACITY_PROMPTS * prompt_bytes) + most * LOOKUP_CAPACITY // 16 + (64 << 20)
-    lookup_rows, xfer_rows, first_rows = [], [], []
-    with ServerProcess(address, capacity_bytes=capacity, chunk_size=sb.CHUNK, threads=most):
-        workers = Workers(most, address, echo_address, preset)
-        try:
-            for n in progress(preset["workers"], desc="workers"):
-                for chunks in preset["multi_chunks"]:
-                    workers.all(n, "lookups", chunks, 20)
-                    samples = {"echo": [], "gpukv": []}
-                    for _ in range(preset["repeats"]):
-                        got = workers.all(n, "lookups", chunks, preset["multi_lookups"])
-                        for name in samples:  # one repeat = every worker's calls
-                            samples[name].append([x for g in got for x in g[name]])
-                    lookup_rows.append(_lookup_row("ipc", n, chunks, samples, preset["repeats"],
-                                                   n * preset["multi_lookups"]))
-                xfer_rows += transfers(workers, n, preset)
-            first_rows = first_stores(workers, preset, tmp, prompt_bytes)
-        finally:
-            workers.close()
-    sb.stop(echo_proc)
-    return lookup_rows, xfer_rows, first_rows
-
-
-def transfers(workers: Workers, n: int, preset: dict) -> list[dict]:
-    """STORE then RETRIEVE by ``n`` workers at once, server and embedded phases alternating."""
-    times = {(op, mode): [] for op in ("store", "retrieve") for mode in ("server", "embedded")}
-    for r in range(2 + preset["xfer_repeats"]):  # 2 warm-up rounds fill every slot once
-        for mode in ("server", "embedded") if r % 2 == 0 else ("embedded", "server"):
-            for op in ("store", "retrieve"):
-                slowest = max(workers.all(n, op, mode))
-                if r >= 2:
-                    times[op, mode].append(slowest)
-    gb = n * workers.nbytes / 1e9
-    rows = []
-    for op in ("store", "retrieve"):
-        s, e = times[op, "server"], times[op, "embedded"]
-        ratio = spread([b / a for a, b in zip(s, e)])
-        ss, es = spread(s), spread(e)
-        rows.append(dict(op=op, workers=n, tokens=preset["tokens"], layers=preset["layers"],
-                         mbytes_per_worker=workers.nbytes / 1e6, server_gbps=gb / ss["median"],
-                         server_gbps_min=gb / ss["max"], server_gbps_max=gb / ss["min"],
-                         embedded_gbps=gb / es["median"], embedded_gbps_min=gb / es["max"],
-                         embedded_gbps_max=gb / es["min"], ratio=ratio["median"],
-                         ratio_min=ratio["min"], ratio_max=ratio["max"], goal=0.95,
-                         repeats=preset["xfer_repeats"], worker_threads=preset["worker_threads"],
-                         loadavg_1m=load_average()[0]))
-    return rows
-
-
-def first_stores(workers: Workers, preset: dict, tmp: str, prompt_bytes: int) -> list[dict]:
-    """Worker 0's first store into a new L1 vs its warm third store, per repeat and path."""
-    capacity = int(sb.CAPACITY_PROMPTS * prompt_bytes) + (16 << 20)
-    times: dict[str, list[tuple[float, float]]] = {"server": [], "embedded": [],
-                                                   "embedded-noprefault": []}
-    for r in range(preset["first_repeats"]):
-        for path in list(times) if r % 2 == 0 else reversed(list(times)):
-            if path == "server":
-                with ServerProcess(f"ipc://{tmp}/first-{r}.sock", capacity_bytes=capacity,
-                                   chunk_size=sb.CHUNK) as server:
-                    times[path].append(workers.all(1, "first_store", server.address)[0])
-            else:
-                times[path].append(workers.all(1, "first_store", path)[0])
-    gb = workers.nbytes / 1e9
-    mechanism = {"server": "memfd, MADV_POPULATE_WRITE at creation; worker maps it MAP_POPULATE",
-                 "embedded": "anonymous map, MADV_HUGEPAGE + MADV_POPULATE_WRITE at creation",
-                 "embedded-noprefault": "anonymous map, MADV_HUGEPAGE only (prefault=False)"}
-    rows = []
-    for path, pairs in times.items():
-        fresh, warm = spread([f for f, _ in pairs]), spread([w for _, w in pairs])
-        ratio = spread([w / f for f, w in pairs])
-        rows.append(dict(path=path, mechanism=mechanism[path], tokens=preset["tokens"],
-                         mbytes=workers.nbytes / 1e6, fresh_gbps=gb / fresh["median"],
-                         fresh_gbps_min=gb / fresh["max"], fresh_gbps_max=gb / fresh["min"],
-                         warm_gbps=gb / warm["median"], warm_gbps_min=gb / warm["max"],
-                         warm_gbps_max=gb / warm["min"], ratio=ratio["median"],
-                         ratio_min=ratio["min"], ratio_max=ratio["max"], goal=0.8,
-                         repeats=preset["first_repeats"], loadavg_1m=load_average()[0]))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -320,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if "metrics" in parts:
             metric_rows = metrics_cost(preset, tmp)
         if "workers" in parts:
-            multi, xfer_rows, first_rows = workers_part(preset, tmp)
+            multi, xfer_rows, first_rows = workers_part(preset, tmp, _lookup_row)
             lookup_rows += multi
     for name, rows in (("lookup", lookup_rows), ("metrics", metric_rows),
                        ("transfer", xfer_rows), ("first_store", first_rows)):
