@@ -65,9 +65,8 @@ def run_step(name: str, preset: str, device: str, out: Path) -> str:
 
 def remove_stale(out: Path, since: float) -> list[str]:
     """Delete the sweep results in ``out`` that this run did not write; returns their names."""
-    stale = [p for p in out.iterdir() if p.is_file() and (p.name.startswith("sweep_") or
-                                                          p.name == "summary.md")
-             and p.stat().st_mtime < since]
+    stale = [p for p in out.iterdir() if p.is_file() and p.name.startswith("sweep_")
+             and p.stat().st_mtime < since]  # (summary.md is rewritten)
     for path in stale:
         path.unlink()
     return sorted(p.name for p in stale)
@@ -93,12 +92,12 @@ def main(argv=None) -> int:
             continue
         status[name] = run_step(name, args.preset, args.device, out)
     info = dict(info_before, loadavg_after=" ".join(f"{x:.2f}" for x in load_average()))
+    gone = [] if args.only else remove_stale(out, started)
     text = summarize(out, args.device, args.preset, status, info)
     if args.only:
         print(text)
         print("(--only: a partial summary, not written; nothing deleted)")
     else:
-        gone = remove_stale(out, started)
         summary = out / "summary.md"
         summary.write_text(text)
         print(text)

@@ -107,11 +107,11 @@ def _server(out: Path) -> list[str]:
                      "large as the LOOKUP request; calls alternate; p50 = median over repeats of each "
                      "repeat's p50" + _load(lk) + ".")
     prof = [r for r in lk if r.get("handler_p50_us", "") != ""]
-    lines += _section("where a LOOKUP goes (`sweep_server_lookup.csv`, ipc://, one client, p50 µs)",
-                      ["chunks", "echo", "PING", "LOOKUP, hashes given", "client: tokens -> int64",
+    lines += _section("where a LOOKUP goes (`sweep_server_lookup.csv`, one client, p50 µs)",
+                      ["transport", "chunks", "echo", "PING", "LOOKUP, hashes given", "client: tokens -> int64",
                        "client: all hashing", "server: decode + handler + encode", "embedded lookup",
                        "LOOKUP, token ids"],
-                      [(r["chunks"], _f(r["echo_ctx_p50_us"], 1), _f(r["ping_p50_us"], 1),
+                      [(r["transport"], r["chunks"], _f(r["echo_ctx_p50_us"], 1), _f(r["ping_p50_us"], 1),
                         _f(r["hashes_p50_us"], 1), _f(r["convert_p50_us"], 1), _f(r["hash_p50_us"], 1),
                         _f(r["handler_p50_us"], 1), _f(r["embedded_p50_us"], 1), _f(r["gpukv_p50_us"], 1))
                        for r in prof],

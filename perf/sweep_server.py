@@ -56,7 +56,7 @@ from gpukv.frontend.process import ServerProcess  # noqa: E402
 PRESETS = {
     "quick": dict(chunks=[1, 8, 32, 128], lookups=300, repeats=5, multi_chunks=[32, 128],
                   multi_lookups=200, metrics_chunks=[1, 32, 128], workers=[1, 2, 4], tokens=8192,
-                  layers=8, worker_threads=1, xfer_repeats=5, first_repeats=3),
+                  layers=8, worker_threads=1, xfer_repeats=9, first_repeats=3),
     "full": dict(chunks=[1, 2, 4, 8, 16, 32, 64, 128], lookups=1000, repeats=7,
                  multi_chunks=[1, 32, 128], multi_lookups=500, metrics_chunks=[1, 32, 128],
                  workers=[1, 2, 4], tokens=8192, layers=16, worker_threads=1, xfer_repeats=7,

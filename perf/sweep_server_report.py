@@ -21,13 +21,13 @@ def print_tables(lookup: list[dict], metrics: list[dict], xfer: list[dict], firs
                   f"{r['goal_vs_echo']!s:>4} {r['p99_over_p50']:7.2f} {r['loadavg_1m']:5.2f}")
     prof = [r for r in lookup if r.get("handler_p50_us", "") != ""]
     if prof:
-        print("\nwhere a LOOKUP goes (ipc, 1 client; p50 µs): round trips of an echo, a PING and a LOOKUP "
+        print("\nwhere a LOOKUP goes (1 client; p50 µs): round trips of an echo, a PING and a LOOKUP "
               "with hashes given, in turn;\nin process: the client's token list -> int64 and all its "
               "hashing, the server's decode + handler + encode, the embedded lookup")
-        print(f"{'chunks':>6} {'echo':>7} {'ping':>7} {'lk hashes':>9} {'convert':>8} {'hash':>7} "
+        print(f"{'tr':3} {'chunks':>6} {'echo':>7} {'ping':>7} {'lk hashes':>9} {'convert':>8} {'hash':>7} "
               f"{'handler':>8} {'embedded':>8} | {'LOOKUP':>7} {'echo':>7}")
         for r in prof:
-            print(f"{r['chunks']:6d} {r['echo_ctx_p50_us']:7.1f} {r['ping_p50_us']:7.1f} "
+            print(f"{r['transport']:3} {r['chunks']:6d} {r['echo_ctx_p50_us']:7.1f} {r['ping_p50_us']:7.1f} "
                   f"{r['hashes_p50_us']:9.1f} {r['convert_p50_us']:8.1f} {r['hash_p50_us']:7.1f} "
                   f"{r['handler_p50_us']:8.1f} {r['embedded_p50_us']:8.1f} | {r['gpukv_p50_us']:7.1f} "
                   f"{r['echo_p50_us']:7.1f}")
