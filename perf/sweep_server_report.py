@@ -63,7 +63,7 @@ def plot(lookup: list[dict], metrics: list[dict], xfer: list[dict], first: list[
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
     for transport, marker in (("ipc", "o"), ("tcp", "s")):
-        rows = [r for r in lookup if r["transport"] == transport and r["clients"] == 1]
+        rows = [r for r in lookup if r["transport"] == transport and r["hashes_p50_us"] != ""]
         if not rows:
             continue
         x = [r["chunks"] for r in rows]
@@ -77,12 +77,17 @@ def plot(lookup: list[dict], metrics: list[dict], xfer: list[dict], first: list[
            title="LOOKUP, one client")
     ax.legend(fontsize=7)
     ax = axes[0][1]
-    for clients in sorted({r["clients"] for r in lookup}):
-        rows = [r for r in lookup if r["clients"] == clients and r["transport"] == "ipc"]
+    single = [r for r in lookup if r["hashes_p50_us"] != ""]
+    series = [(f"1 client (this process), {t}", [r for r in single if r["transport"] == t])
+              for t in dict.fromkeys(r["transport"] for r in single)]
+    series += [(f"{n} client process(es), ipc", [r for r in lookup if r["hashes_p50_us"] == ""
+                                                 and r["clients"] == n])
+               for n in sorted({r["clients"] for r in lookup if r["hashes_p50_us"] == ""})]
+    for label, rows in series:
         ax.errorbar([r["chunks"] for r in rows], [r["ratio_vs_echo"] for r in rows],
                     yerr=[[r["ratio_vs_echo"] - r["ratio_vs_echo_min"] for r in rows],
                           [r["ratio_vs_echo_max"] - r["ratio_vs_echo"] for r in rows]],
-                    fmt="o-", capsize=3, label=f"{clients} client(s), ipc")
+                    fmt="o-", capsize=3, label=label)
     for chunks, goal in ((32, 2.5), (128, 6.0)):
         ax.plot([chunks], [goal], "r_", ms=20, mew=2)
     ax.set(xscale="log", xlabel="chunks hit", ylabel="gpukv p50 / echo p50 (same repeat)",
