@@ -78,7 +78,8 @@ def _p50s(samples: dict[str, list[list[float]]]) -> dict[str, dict]:
 
 
 def _lookup_row(transport: str, clients: int, chunks: int, samples: dict, repeats: int,
-                calls: int) -> dict:
+                calls: int, peer_cpu: int | str = "") -> dict:
+    """One CSV row; ``peer_cpu``: the CPU the echo and the server were pinned to ("" if not)."""
     st = _p50s(samples)
     e, g = st["echo"], st["gpukv"]
     ratios = spread([statistics.median(a) / statistics.median(b)
@@ -98,7 +99,7 @@ def _lookup_row(transport: str, clients: int, chunks: int, samples: dict, repeat
                p99_over_p50=g["p99"] / g["p50"]["median"],
                ratio_vs_embedded=(g["p50"]["median"] / st["embedded"]["p50"]["median"]
                                   if "embedded" in st else ""),
-               repeats=repeats, calls=calls, loadavg_1m=load_average()[0])
+               repeats=repeats, calls=calls, peer_cpu=peer_cpu, loadavg_1m=load_average()[0])
     return row
 
 
@@ -115,6 +116,9 @@ def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
             CacheClient(server.address) as client, \
             CacheEngine(EngineConfig(capacity_bytes=LOOKUP_CAPACITY, device="cpu",
                                      chunk_size=sb.CHUNK)) as engine:
+        cpu = sb.peer_cpu()  # the echo and the server side by side (see peer_cpu)
+        sb.pin(echo_proc.pid, cpu)
+        sb.pin(server.pid, cpu)
         prompt = sb.prepare_lookups(client, "c", 10_000_000)
         assert sb.prepare_lookups(engine, "e", 10_000_000) == prompt
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -148,16 +152,20 @@ def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
                         if r:
                             samples[name].append(times)
             rows.append(_lookup_row(transport, 1, chunks, samples, preset["repeats"],
-                                    preset["lookups"]))
+                                    preset["lookups"], cpu))
         sock.close(linger=0)
     sb.stop(echo_proc)
     return rows
 
 
 def metrics_cost(preset: dict, tmp: str) -> list[dict]:
-    """LOOKUP through a server with metrics on vs one with metrics off, calls alternating."""
+    """LOOKUP through a server with metrics on vs one with metrics off, calls alternating. Both
+    servers are pinned to the same CPU (:func:`server_bench.peer_cpu`)."""
     procs = {m: sb.start_server(f"ipc://{tmp}/metrics-{m}.sock", LOOKUP_CAPACITY, metrics=m == "on")
              for m in ("off", "on")}
+    cpu = sb.peer_cpu()
+    for proc in procs.values():
+        sb.pin(proc.pid, cpu)
     rows = []
     try:
         clients = {m: CacheClient(f"ipc://{tmp}/metrics-{m}.sock") for m in procs}
@@ -175,6 +183,7 @@ def metrics_cost(preset: dict, tmp: str) -> list[dict]:
                              on_p50_min_us=on["min"], on_p50_max_us=on["max"],
                              ratio=ratio["median"], ratio_min=ratio["min"], ratio_max=ratio["max"],
                              goal=1.05, repeats=preset["repeats"], calls=preset["lookups"],
+                             peer_cpu=cpu,
                              loadavg_1m=load_average()[0]))
         for c in clients.values():
             c.close()
