@@ -87,6 +87,74 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device 
     return times
 
 
+def time_alternating(calls: dict[str, Callable[[], object]], repeats: int, *,
+                     setup: dict[str, Callable[[], object]] | None = None, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds of every call of each function, in turn within every repeat and in reverse order
+    on odd repeats (A B C, C B A, ...), so a busy phase of a shared machine slows them alike.
+    ``setup[name]()`` runs untimed before each call of ``name`` (e.g. clear the cache before a
+    store). CUDA: the device is synchronized around each timed call."""
+    setup = setup or {}
+    cuda = torch.device(device).type == "cuda"
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            if name in setup:
+                setup[name]()
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            calls[name]()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank (p99 of 200 samples: the 2nd largest)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_info() -> dict[str, str]:
+    """What a result needs beside it: date, machine, load average, commit, versions, threads."""
+    import datetime
+    import platform
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=f"{os.cpu_count()} CPUs ({cpu})",
+                nproc=str(os.cpu_count()), loadavg=" ".join(f"{x:.2f}" for x in load_average()),
+                commit=git("rev-parse", "--short", "HEAD")
+                + (" (+ uncommitted changes)" if dirty not in ("", "unknown") else ""),
+                python=platform.python_version(), torch=torch.__version__,
+                threads=thread_settings())
+
+
+def thread_settings() -> str:
+    """torch's thread count and the OpenMP / BLAS environment, as one printable line."""
+    env = {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                     "OPENBLAS_NUM_THREADS")}
+    return f"torch threads {torch.get_num_threads()}, " + ", ".join(f"{k}={v}" for k, v in env.items())
+
+
 def spread(times: list[float]) -> dict[str, float]:
     """min / median / max of a list of timings."""
     return dict(min=min(times), median=statistics.median(times), max=max(times))

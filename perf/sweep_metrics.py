@@ -1,21 +1,20 @@
-"""What the metrics cost a LOOKUP: an in-process lookup handler with and without the
-:class:`gpukv.ops.metrics.CacheMetrics` calls the server will make, measured in the same run.
+"""What the metrics cost a LOOKUP: an in-process lookup handler on an engine with
+``EngineConfig(metrics=True)`` (its books call :class:`gpukv.ops.metrics.CacheMetrics`) against
+the same on one with ``metrics=False``, measured in the same run.
 
-* ``off`` (the baseline), two handlers: ``server`` = ``CacheEngine.lookup_hashes`` on
-  precomputed chunk hashes (what the server's LOOKUP handler runs after decoding a request) and
-  ``embedded`` = ``CacheEngine.lookup`` on token ids (hashes the prompt too: what an in-process
-  connector calls). A tiny MLA model whose 128-chunk prompt is in L1, so every lookup hits
+* two handlers: ``server`` = ``CacheEngine.lookup_hashes`` on precomputed chunk hashes (what the
+  server's LOOKUP handler runs after decoding a request) and ``embedded`` =
+  ``CacheEngine.lookup`` on token ids (hashes the prompt too: what an in-process connector
+  calls). A tiny MLA model whose 128-chunk prompt is in L1 of both engines, so every lookup hits
   ``chunks`` chunks and takes their shares.
-* ``on`` (the subject): the same call, timed with ``perf_counter`` and followed by
-  ``metrics.lookup(model, tokens, {"L1": hits}, seconds)`` (what the wiring adds).
+* ``off`` (the baseline): the engine with metrics off; ``on`` (the subject): metrics on.
 
 Each call is timed alone (shares released after it, untimed); a block is ``lookups`` calls and
 its median is one sample; ``off`` and ``on`` blocks alternate ABAB / BABA within every repeat.
 Reports min / median / max per-lookup microseconds, the ratio on / off of the medians (goal:
 <= 1.05) and the absolute nanoseconds of each metrics call on its own. Thread settings and the
 load average are printed: on a shared 2-core machine the spread matters more than one number.
-The server's end-to-end number (decode + handler + encode, with metrics wired) is for the lead
-to rerun once the server calls CacheMetrics.
+The end-to-end cost (a LOOKUP through a server with metrics on vs off) is in sweep_server.
 
     python perf/sweep_metrics.py --preset quick    # ~20 s
 """
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import progress, results_dir, write_csv  # noqa: E402
 
 from gpukv import CacheEngine, EngineConfig  # noqa: E402
-from gpukv.engine.keys import chunk_hashes  # noqa: E402
+from gpukv.engine.keys import chunk_hashes, request_seed  # noqa: E402
 from gpukv.ops.metrics import CacheMetrics  # noqa: E402
 
 PRESETS = {
@@ -50,37 +49,30 @@ BLOCK = 16
 MODEL = "lookup-model"
 
 
-def make_engine() -> tuple[CacheEngine, list[int], list[bytes]]:
+def make_engine(metrics: bool) -> tuple[CacheEngine, list[int], list[bytes]]:
     """An engine holding one 128-chunk prompt of a tiny MLA model (lookups touch no bytes)."""
     num_tokens = 128 * CHUNK
     pages = [torch.zeros(num_tokens // BLOCK, BLOCK, 64, dtype=torch.bfloat16)]
-    engine = CacheEngine(EngineConfig(capacity_bytes=64 << 20, device="cpu", chunk_size=CHUNK))
+    engine = CacheEngine(EngineConfig(capacity_bytes=64 << 20, device="cpu", chunk_size=CHUNK,
+                                      metrics=metrics))
     engine.register("w0", MODEL, pages, "NB,BS,D", kind="mla")
     tokens = list(range(num_tokens))
     assert engine.store("w0", tokens, torch.arange(num_tokens)) == num_tokens
-    return engine, tokens, chunk_hashes(tokens, CHUNK)
+    return engine, tokens, chunk_hashes(tokens, CHUNK, seed=request_seed(engine.config.salt, b""))
 
 
-def lookup_block(engine: CacheEngine, prompt: list, metrics: CacheMetrics | None, lookups: int,
-                 handler: str) -> float:
-    """Median seconds of one lookup over ``lookups`` calls (``metrics`` None: the baseline).
-    ``handler``: ``"server"`` looks up precomputed hashes, ``"embedded"`` hashes token ids."""
+def lookup_block(engine: CacheEngine, prompt: list, lookups: int, handler: str) -> float:
+    """Median seconds of one lookup over ``lookups`` calls. ``handler``: ``"server"`` looks up
+    precomputed hashes, ``"embedded"`` hashes token ids."""
     times = []
     tokens = len(prompt) * CHUNK if handler == "server" else len(prompt)
     lookup = engine.lookup_hashes if handler == "server" else engine.lookup
     clock = time.perf_counter
     for i in range(lookups):
         rid = f"r{i}"
-        if metrics is None:
-            t0 = clock()
-            hits = lookup(MODEL, prompt, request_id=rid)
-            t = clock() - t0
-        else:
-            t0 = clock()
-            hits = lookup(MODEL, prompt, request_id=rid)
-            metrics.lookup(MODEL, tokens, {"L1": hits}, clock() - t0)
-            t = clock() - t0
-        times.append(t)
+        t0 = clock()
+        hits = lookup(MODEL, prompt, request_id=rid)
+        times.append(clock() - t0)
         assert hits == tokens
         engine.end_session(rid)
     return statistics.median(times)
@@ -102,27 +94,28 @@ def summary(values: list[float]) -> tuple[float, float, float]:
 
 
 def run(preset: dict) -> tuple[list[dict], list[dict]]:
-    engine, tokens, hashes = make_engine()
-    metrics = CacheMetrics()
-    metrics.add_model(MODEL)
+    (off, tokens, hashes), (on, _, _) = make_engine(False), make_engine(True)
+    assert off.core.observer.metrics is None and on.core.observer.metrics is not None
+    engines = {"off": off, "on": on}
     rows = []
     points = [(handler, chunks) for handler in ("server", "embedded") for chunks in preset["chunks"]]
     for handler, chunks in progress(points, desc="lookup with/without metrics"):
         prompt = hashes[:chunks] if handler == "server" else tokens[:chunks * CHUNK]
         samples = {"off": [], "on": []}
-        lookup_block(engine, prompt, metrics, 20, handler)  # warm-up, both paths
-        lookup_block(engine, prompt, None, 20, handler)
+        for engine in engines.values():  # warm-up, both
+            lookup_block(engine, prompt, 20, handler)
         for r in range(preset["repeats"]):
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for name in order:
-                m = metrics if name == "on" else None
-                samples[name].append(lookup_block(engine, prompt, m, preset["lookups"],
+                samples[name].append(lookup_block(engines[name], prompt, preset["lookups"],
                                                   handler) * 1e6)
         off, on = summary(samples["off"]), summary(samples["on"])
         rows.append(dict(handler=handler, chunks=chunks, off_min_us=off[0], off_median_us=off[1],
                          off_max_us=off[2], on_min_us=on[0], on_median_us=on[1],
-                         on_max_us=on[2], ratio=on[1] / off[1], overhead_us=on[1] - off[1]))
-    engine.close()
+                         on_max_us=on[2], ratio=on[1] / off[1], overhead_us=on[1] - off[1],
+                         loadavg_1m=round(os.getloadavg()[0], 2)))
+    for engine in engines.values():
+        engine.close()
     m = CacheMetrics()
     m.add_model(MODEL)
     calls = {

@@ -1,297 +1,232 @@
-"""The server front end against the embedded engine, measured in the same run.
+"""The server front end against its floors, measured in the same run (issues 12 and 15).
 
-* LOOKUP round trip (p50, p99) for 1..128 chunks hit: ``CacheClient.lookup`` through a spawned
-  ``gpukv serve`` on ipc:// versus ``CacheEngine.lookup`` in-process (both hash the prompt).
-* STORE and RETRIEVE GB/s of an 8k-token prompt (Llama-3.1-8B-like pages, layers scaled down in
-  the quick preset): the server packs straight out of the client's shared-memory pages, versus
-  the embedded engine on the same kind of pages.
+* LOOKUP latency, one client, ipc:// and tcp://, 1..128 chunks hit (token ids in, hashing
+  included): ``CacheClient.lookup`` through ``gpukv serve`` vs a bare pyzmq ROUTER echo of a frame
+  as large as the LOOKUP request (the transport's floor) vs ``CacheEngine.lookup`` in-process;
+  Goals: p50 <= 2.5x the echo at 32 chunks, <= 6x at 128; p99 <= 3x p50 on an idle machine.
+  Where a LOOKUP goes, beside it: round trips of an echo, a PING and a LOOKUP with the hashes
+  given (``lookup_hashes``), in turn; in process, on the same state: the client's token list ->
+  int64 and all its hashing, the server's decode + handler + encode, the embedded lookup.
+* LOOKUP with 1, 2, 4 client processes at once (each alternating echo and gpukv calls).
+* Metrics cost end to end: LOOKUP through two servers alike but for ``EngineConfig(metrics=...)``,
+  calls alternating; goal on / off <= 1.05.
+* STORE and RETRIEVE of 8k tokens (Llama-3.1-8B-like pages, layers scaled by the preset) by 1, 2,
+  4 worker processes at once, through the server (the worker packs into the server's shared
+  arena) vs each worker's own embedded engine (packs into a private arena); goal >= 0.95x.
+* First store into a fresh L1 vs a warm one (the third store of the same L1, into the first's
+  slots), through a new server and embedded (prefault on, and off to show what it fixes);
+  goal fresh / warm >= 0.8.
 
-Each point runs with 1, 2 and 4 concurrent clients: client *processes* for the server, threads
-on one engine for the embedded case. Ratios are server / embedded (latency: lower is better;
-GB/s: higher is better). The transport floor is measured too: a bare pyzmq ROUTER echo process
-answered by the same client processes (``echo p50``), so the server's own overhead is visible.
-CSV + PNG under perf/results/cpu/.
+Method: subjects alternate call by call (latency; the echo and gpukv strictly ABAB, so each
+peer idles as long between its calls: an idle peer's wake-up costs tens of µs on a VM) or phase
+by phase (transfers: ABAB, BABA);
+thread settings fixed (1 torch thread per worker) and printed; min / median / max over repeats;
+the load average printed and kept per row. CSVs + PNG under perf/results/cpu/.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import multiprocessing
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
+import os
 
-import torch
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}  # see sweep_kernels
+for _k, _v in THREAD_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, progress, results_dir, write_csv  # noqa: E402
+import server_bench as sb  # noqa: E402
+from common import load_average, progress, quantile, results_dir, spread, thread_settings, write_csv  # noqa: E402
+from server_transfers import LOOKUP_CAPACITY, workers_part  # noqa: E402
+from sweep_server_report import plot, print_tables  # noqa: E402
 
 from gpukv import CacheClient, CacheEngine, EngineConfig  # noqa: E402
-from gpukv.frontend.server import ServerProcess  # noqa: E402
-from gpukv.frontend.shm import ShmAllocator  # noqa: E402
+from gpukv.engine.keys import as_token_array, chunk_hashes, request_seed  # noqa: E402
+from gpukv.frontend.process import ServerProcess  # noqa: E402
 
 PRESETS = {
-    "quick": dict(chunks=[1, 2, 4, 8, 16, 32, 64, 128], lookups=150, tokens=8192, layers=4,
-                  repeats=3, clients=[1, 2, 4]),
-    "full": dict(chunks=[1, 2, 4, 8, 16, 32, 64, 128], lookups=1000, tokens=8192, layers=32,
-                 repeats=5, clients=[1, 2, 4]),
+    "quick": dict(chunks=[1, 8, 32, 128], lookups=300, repeats=5, multi_chunks=[32, 128],
+                  multi_lookups=200, metrics_chunks=[1, 32, 128], workers=[1, 2, 4], tokens=8192,
+                  layers=8, worker_threads=1, xfer_repeats=9, first_repeats=3),
+    "full": dict(chunks=[1, 2, 4, 8, 16, 32, 64, 128], lookups=1000, repeats=7,
+                 multi_chunks=[1, 32, 128], multi_lookups=500, metrics_chunks=[1, 32, 128],
+                 workers=[1, 2, 4], tokens=8192, layers=16, worker_threads=1, xfer_repeats=7,
+                 first_repeats=5),
 }
-CHUNK = 256
-BLOCK = 16
-LOOKUP_SHAPE = (128 * CHUNK // BLOCK, BLOCK, 64)  # tiny MLA pages: lookups never touch bytes
+GOALS_VS_ECHO = {32: 2.5, 128: 6.0}
+# the profile's parts: an echo and a PING round trip beside the LOOKUP with hashes given; the
+# client's token list -> int64 and all its hashing; the server's decode + handler + encode
+PROFILE = ("echo_ctx", "ping", "convert", "hash", "handler")
 
 
-def mha_shape(num_tokens: int) -> tuple[int, ...]:
-    m = MODELS["llama3.1-8b"]
-    return (num_tokens // BLOCK, 2, BLOCK, m["num_heads"], m["head_dim"])
-
-
-class Bench:
-    """One client (a CacheClient or the embedded engine) with its own pages and prompts."""
-
-    def __init__(self, cache, name: str, preset: dict, alloc) -> None:
-        """``name``: a letter and a client number (``c0``, ``e3``)."""
-        self.cache, self.name, self.p = cache, name, preset
-        self.tokens = preset["tokens"]
-        lk = [alloc(LOOKUP_SHAPE, torch.bfloat16)]
-        self.pages = [alloc(mha_shape(self.tokens), torch.bfloat16)
-                      for _ in range(preset["layers"])]
-        for t in self.pages:
-            t.view(torch.int16).random_(-1000, 1000)
-        cache.register(f"{name}-lk", "lookup-model", lk, "NB,BS,D", kind="mla")
-        cache.register(f"{name}-kv", "kv-model", self.pages, "NB,2,BS,H,D", kind="mha")
-        self.slots = torch.arange(self.tokens)
-        self.prompt = self._prompt(10_000, 128 * CHUNK)
-        cache.store(f"{name}-lk", self.prompt, torch.arange(len(self.prompt)))
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.pages)
-        self.round = 0
-
-    def _prompt(self, salt: int, n: int) -> list[int]:
-        base = int(self.name[1:]) * 1_000_000_000 + salt * 100_000  # disjoint per client
-        return list(range(base, base + n))
-
-    def lookups(self, chunks: int) -> list[float]:
-        tokens, out = self.prompt[: chunks * CHUNK], []
-        for i in range(self.p["lookups"]):
-            req = f"{self.name}-{chunks}-{i}"
-            t0 = time.perf_counter()
-            hit = self.cache.lookup("lookup-model", tokens, request_id=req, tp_size=1)
-            out.append(time.perf_counter() - t0)
-            assert hit == len(tokens), (hit, len(tokens))
-            self.cache.end_session(req)
-        return out
-
-    def transfer(self) -> tuple[float, float]:
-        """Seconds of one STORE of a new 8k prompt and one RETRIEVE of it."""
-        self.round += 1
-        tokens = self._prompt(self.round, self.tokens)
-        t0 = time.perf_counter()
-        assert self.cache.store(f"{self.name}-kv", tokens, self.slots) == self.tokens
-        t_store = time.perf_counter() - t0
-        req = f"{self.name}-r{self.round}"
-        assert self.cache.lookup("kv-model", tokens, request_id=req) == self.tokens
-        t0 = time.perf_counter()
-        got = self.cache.retrieve(f"{self.name}-kv", tokens, self.slots, request_id=req)
-        assert got == self.tokens, got
-        t_retrieve = time.perf_counter() - t0
-        self.cache.end_session(req)
-        return t_store, t_retrieve
-
-
-ECHO = """
-import sys, zmq
-sock = zmq.Context().socket(zmq.ROUTER)
-sock.bind(sys.argv[1])
-while True:
-    sock.send_multipart(sock.recv_multipart())
-"""
-
-
-def _echo_latencies(sock, count: int) -> list[float]:
-    out = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        sock.send(b"x" * 64)
-        sock.recv()
-        out.append(time.perf_counter() - t0)
+def _p50s(samples: dict[str, list[list[float]]]) -> dict[str, dict]:
+    """Per subject: p50 of each repeat (µs) -> min / median / max, and p99 over all calls."""
+    out = {}
+    for name, reps in samples.items():
+        p50 = spread([1e6 * statistics.median(r) for r in reps])
+        out[name] = dict(p50=p50, p99=1e6 * quantile([x for r in reps for x in r], 0.99))
     return out
 
 
-def _client_main(conn, address: str, echo_address: str, name: str, preset: dict) -> None:
-    import zmq
-
-    logging.disable(logging.INFO)
-    echo = zmq.Context.instance().socket(zmq.DEALER)
-    echo.connect(echo_address)
-    with ShmAllocator() as shm, CacheClient(address, timeout_s=300) as client:
-        bench = Bench(client, name, preset, shm.empty)
-        conn.send("ready")
-        while (cmd := conn.recv()) is not None:
-            if cmd[0] == "echo":
-                conn.send(_echo_latencies(echo, cmd[1]))
-            else:
-                conn.send(bench.lookups(cmd[1]) if cmd[0] == "lookup" else bench.transfer())
-    echo.close(linger=0)
-
-
-def run_all(targets, cmd) -> list:
-    """Run ``cmd`` on every target at once (pipes of client processes, or Bench objects)."""
-    if isinstance(targets[0], Bench):
-        out = [None] * len(targets)
-
-        def go(i: int) -> None:
-            b = targets[i]
-            out[i] = b.lookups(cmd[1]) if cmd[0] == "lookup" else b.transfer()
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(targets))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
-    for conn in targets:
-        conn.send(cmd)
-    return [conn.recv() for conn in targets]
+def _lookup_row(transport: str, clients: int, chunks: int, samples: dict, repeats: int,
+                calls: int, peer_cpu: int | str = "") -> dict:
+    """One CSV row; ``peer_cpu``: the CPU the echo and the server were pinned to ("" if not)."""
+    st = _p50s(samples)
+    e, g = st["echo"], st["gpukv"]
+    ratios = spread([statistics.median(a) / statistics.median(b)
+                     for a, b in zip(samples["gpukv"], samples["echo"])])
+    row = dict(transport=transport, clients=clients, chunks=chunks,
+               frame_bytes=sb.lookup_frame_bytes(chunks),
+               echo_p50_us=e["p50"]["median"], echo_p50_min_us=e["p50"]["min"],
+               echo_p50_max_us=e["p50"]["max"], echo_p99_us=e["p99"],
+               gpukv_p50_us=g["p50"]["median"], gpukv_p50_min_us=g["p50"]["min"],
+               gpukv_p50_max_us=g["p50"]["max"], gpukv_p99_us=g["p99"],
+               hashes_p50_us=st["hashes"]["p50"]["median"] if "hashes" in st else "",
+               embedded_p50_us=st["embedded"]["p50"]["median"] if "embedded" in st else "",
+               embedded_p99_us=st["embedded"]["p99"] if "embedded" in st else "",
+               **{f"{k}_p50_us": st[k]["p50"]["median"] if k in st else "" for k in PROFILE},
+               ratio_vs_echo=ratios["median"], ratio_vs_echo_min=ratios["min"],
+               ratio_vs_echo_max=ratios["max"], goal_vs_echo=GOALS_VS_ECHO.get(chunks, ""),
+               p99_over_p50=g["p99"] / g["p50"]["median"],
+               ratio_vs_embedded=(g["p50"]["median"] / st["embedded"]["p50"]["median"]
+                                  if "embedded" in st else ""),
+               repeats=repeats, calls=calls, peer_cpu=peer_cpu, loadavg_1m=load_average()[0])
+    return row
 
 
-def measure(targets, preset: dict, clients: int, nbytes: int) -> tuple[list, list]:
-    lookup_rows, xfer_rows = [], []
-    if not isinstance(targets[0], Bench):
-        lat = sorted(x for xs in run_all(targets[:clients], ("echo", preset["lookups"]))
-                     for x in xs)
-        lookup_rows.append(dict(chunks=0, p50_us=1e6 * statistics.median(lat),
-                                p99_us=1e6 * lat[int(0.99 * (len(lat) - 1))]))
-    for chunks in preset["chunks"]:
-        lat = sorted(x for xs in run_all(targets[:clients], ("lookup", chunks)) for x in xs)
-        lookup_rows.append(dict(chunks=chunks, p50_us=1e6 * statistics.median(lat),
-                                p99_us=1e6 * lat[int(0.99 * (len(lat) - 1))]))
-    run_all(targets[:clients], ("transfer",))  # warm-up
-    walls, per = [], []
-    for _ in range(preset["repeats"]):
-        t0 = time.perf_counter()
-        res = run_all(targets[:clients], ("transfer",))
-        walls.append(time.perf_counter() - t0)
-        per.append(res)
-    store = statistics.median([max(r[0] for r in res) for res in per])
-    retrieve = statistics.median([max(r[1] for r in res) for res in per])
-    xfer_rows.append(dict(store_gbps=clients * nbytes / store / 1e9,
-                          retrieve_gbps=clients * nbytes / retrieve / 1e9))
-    return lookup_rows, xfer_rows
+def lookup_single(preset: dict, tmp: str, transport: str) -> list[dict]:
+    """One client in this process: the echo and gpukv LOOKUP (token ids in) in turn, then the
+    profile's parts (see ``blocks``)."""
+    if transport == "ipc":
+        address, echo_address = f"ipc://{tmp}/lk.sock", f"ipc://{tmp}/lk-echo.sock"
+    else:
+        address, echo_address = sb.free_tcp_address(), sb.free_tcp_address()
+    echo_proc = sb.start_echo(echo_address)
+    rows = []
+    with ServerProcess(address, capacity_bytes=LOOKUP_CAPACITY, chunk_size=sb.CHUNK) as server, \
+            CacheClient(server.address) as client, \
+            CacheEngine(EngineConfig(capacity_bytes=LOOKUP_CAPACITY, device="cpu",
+                                     chunk_size=sb.CHUNK)) as engine:
+        cpu = sb.peer_cpu()  # the echo and the server side by side (see peer_cpu)
+        sb.pin(echo_proc.pid, cpu)
+        sb.pin(server.pid, cpu)
+        prompt = sb.prepare_lookups(client, "c", 10_000_000)
+        assert sb.prepare_lookups(engine, "e", 10_000_000) == prompt
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(echo_address)
+        ids = map(str, itertools.count()).__next__
+        for chunks in progress(preset["chunks"], desc=f"lookup {transport}"):
+            tokens = prompt[:chunks * sb.CHUNK]
+            hashes = chunk_hashes(tokens, sb.CHUNK, seed=request_seed(client.salt, b""))
+            frame = b"x" * sb.lookup_frame_bytes(chunks)
+
+            def echo() -> None:
+                sock.send(frame)
+                sock.recv()
+
+            seed = request_seed(client.salt, b"")
+            blocks = [  # the goal's pair strictly ABAB (an idle peer wakes slower: equal gaps),
+                # then where a LOOKUP's time goes: the round trips beside the echo, then the
+                # client's and the server's work in process, each block alternating
+                ({"echo": echo, "gpukv": sb.lookup_call(client, tokens, ids)}, False),
+                ({"echo_ctx": echo, "ping": client.ping,
+                  "hashes": sb.lookup_call(client, hashes, ids, hashes=True)}, True),
+                ({"embedded": sb.lookup_call(engine, tokens, ids),
+                  "convert": lambda: as_token_array(tokens),
+                  "hash": lambda: chunk_hashes(tokens, sb.CHUNK, seed=seed),
+                  "handler": sb.handler_call(engine.core, hashes, ids)}, True)]
+            samples: dict[str, list] = {name: [] for calls, _ in blocks for name in calls}
+            for r in range(1 + preset["repeats"]):  # the first round warms up
+                for calls, reverse in blocks:
+                    for name, times in sb.alternate(calls, preset["lookups"] if r else 20,
+                                                    reverse=reverse).items():
+                        if r:
+                            samples[name].append(times)
+            rows.append(_lookup_row(transport, 1, chunks, samples, preset["repeats"],
+                                    preset["lookups"], cpu))
+        sock.close(linger=0)
+    sb.stop(echo_proc)
+    return rows
+
+
+def metrics_cost(preset: dict, tmp: str) -> list[dict]:
+    """LOOKUP through a server with metrics on vs one with metrics off, calls alternating. Both
+    servers are pinned to the same CPU (:func:`server_bench.peer_cpu`)."""
+    procs = {m: sb.start_server(f"ipc://{tmp}/metrics-{m}.sock", LOOKUP_CAPACITY, metrics=m == "on")
+             for m in ("off", "on")}
+    cpu = sb.peer_cpu()
+    for proc in procs.values():
+        sb.pin(proc.pid, cpu)
+    rows = []
+    try:
+        clients = {m: CacheClient(f"ipc://{tmp}/metrics-{m}.sock") for m in procs}
+        prompts = {m: sb.prepare_lookups(c, m, 20_000_000) for m, c in clients.items()}
+        ids = map(str, itertools.count()).__next__
+        for chunks in preset["metrics_chunks"]:
+            calls = {m: sb.lookup_call(clients[m], prompts[m][:chunks * sb.CHUNK], ids) for m in procs}
+            sb.alternate(calls, 20)
+            reps = [sb.alternate(calls, preset["lookups"]) for _ in range(preset["repeats"])]
+            off = spread([1e6 * statistics.median(r["off"]) for r in reps])
+            on = spread([1e6 * statistics.median(r["on"]) for r in reps])
+            ratio = spread([statistics.median(r["on"]) / statistics.median(r["off"]) for r in reps])
+            rows.append(dict(chunks=chunks, off_p50_us=off["median"], off_p50_min_us=off["min"],
+                             off_p50_max_us=off["max"], on_p50_us=on["median"],
+                             on_p50_min_us=on["min"], on_p50_max_us=on["max"],
+                             ratio=ratio["median"], ratio_min=ratio["min"], ratio_max=ratio["max"],
+                             goal=1.05, repeats=preset["repeats"], calls=preset["lookups"],
+                             peer_cpu=cpu,
+                             loadavg_1m=load_average()[0]))
+        for c in clients.values():
+            c.close()
+    finally:
+        for proc in procs.values():
+            sb.stop(proc)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--only", choices=["lookup", "metrics", "workers"], nargs="*", default=None)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    parts = args.only or ["lookup", "metrics", "workers"]
     logging.disable(logging.INFO)
-    max_clients = max(preset["clients"])
-    tokens_bytes = preset["layers"] * 2 * preset["tokens"] * MODELS["llama3.1-8b"]["num_heads"] * \
-        MODELS["llama3.1-8b"]["head_dim"] * 2
-    capacity = 2 * max_clients * (tokens_bytes + 128 * CHUNK * 128) + (64 << 20)
-    lookup_csv, xfer_csv = [], []
-    with tempfile.TemporaryDirectory(prefix="gpukv-sweep-") as tmp, ShmAllocator() as shm:
-        address, echo_address = f"ipc://{tmp}/gpukv.sock", f"ipc://{tmp}/echo.sock"
-        echo = subprocess.Popen([sys.executable, "-c", ECHO, echo_address])
-        ctx = multiprocessing.get_context("spawn")
-        pipes, procs = [], []
-        for i in range(max_clients):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_client_main,
-                               args=(theirs, address, echo_address, f"c{i}", preset), daemon=True)
-            proc.start()
-            pipes.append(mine)
-            procs.append(proc)
-        server = ServerProcess(address, capacity_bytes=capacity, device="cpu", chunk_size=CHUNK,
-                               threads=max_clients)
-        engine = CacheEngine(EngineConfig(capacity_bytes=capacity, device="cpu", chunk_size=CHUNK))
-        try:
-            assert all(p.recv() == "ready" for p in pipes)
-            benches = [Bench(engine, f"e{i}", preset, shm.empty) for i in range(max_clients)]
-            nbytes = benches[0].nbytes
-            for clients in progress(preset["clients"], desc="clients"):
-                (floor, *s_lk), s_x = measure(pipes, preset, clients, nbytes)
-                e_lk, e_x = measure(benches, preset, clients, nbytes)
-                for s, e in zip(s_lk, e_lk):
-                    lookup_csv.append(dict(clients=clients, chunks=s["chunks"],
-                                           echo_p50_us=round(floor["p50_us"], 1),
-                                           echo_p99_us=round(floor["p99_us"], 1),
-                                           server_p50_us=round(s["p50_us"], 1),
-                                           server_p99_us=round(s["p99_us"], 1),
-                                           embedded_p50_us=round(e["p50_us"], 1),
-                                           embedded_p99_us=round(e["p99_us"], 1),
-                                           ratio_p50=round(s["p50_us"] / e["p50_us"], 2)))
-                for op in ("store", "retrieve"):
-                    s, e = s_x[0][f"{op}_gbps"], e_x[0][f"{op}_gbps"]
-                    xfer_csv.append(dict(op=op, clients=clients, tokens=preset["tokens"],
-                                         mbytes_per_client=round(nbytes / 1e6, 1),
-                                         server_gbps=round(s, 2), embedded_gbps=round(e, 2),
-                                         ratio=round(s / e, 2)))
-        finally:
-            for p in pipes:
-                p.send(None)
-            for proc in procs:
-                proc.join(30)
-            server.stop()
-            engine.close()
-            echo.kill()
-            echo.wait()
+    torch.set_num_threads(1)
+    print(f"thread settings: {thread_settings()} (this process and each worker); "
+          f"load average before: {load_average()}", flush=True)
     out = results_dir("cpu")
-    paths = [write_csv(out / "sweep_server_lookup.csv", lookup_csv),
-             write_csv(out / "sweep_server_transfer.csv", xfer_csv), out / "sweep_server.png"]
-    _plot(lookup_csv, xfer_csv, paths[2])
-    _print(lookup_csv, xfer_csv)
-    for path in paths:
-        print(path)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="gpukv-sweep-") as tmp:
+        lookup_rows, xfer_rows, first_rows, metric_rows = [], [], [], []
+        if "lookup" in parts:
+            for transport in progress(["ipc", "tcp"], desc="lookup"):
+                lookup_rows += lookup_single(preset, tmp, transport)
+        if "metrics" in parts:
+            metric_rows = metrics_cost(preset, tmp)
+        if "workers" in parts:
+            multi, xfer_rows, first_rows = workers_part(preset, tmp, _lookup_row)
+            lookup_rows += multi
+    for name, rows in (("lookup", lookup_rows), ("metrics", metric_rows),
+                       ("transfer", xfer_rows), ("first_store", first_rows)):
+        if rows:
+            written.append(write_csv(out / f"sweep_server_{name}.csv", rows))
+    if len(parts) == 3:
+        written.append(plot(lookup_rows, metric_rows, xfer_rows, first_rows, out / "sweep_server.png"))
+    print_tables(lookup_rows, metric_rows, xfer_rows, first_rows)
+    print(f"thread settings: {thread_settings()}; load average after: {load_average()}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
-
-
-def _plot(lookup_csv: list[dict], xfer_csv: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for clients in sorted({r["clients"] for r in lookup_csv}):
-        rows = [r for r in lookup_csv if r["clients"] == clients]
-        x = [r["chunks"] for r in rows]
-        ax1.plot(x, [r["server_p50_us"] for r in rows], "o-", label=f"server p50, {clients} cl")
-        ax1.plot(x, [r["embedded_p50_us"] for r in rows], "x--", label=f"embedded, {clients} cl")
-        ax1.plot(x, [r["echo_p50_us"] for r in rows], ":", label=f"zmq echo, {clients} cl")
-    ax1.axhline(200, color="gray", lw=0.8, ls=":")
-    ax1.set(xscale="log", yscale="log", xlabel="chunks hit", ylabel="LOOKUP latency (us)",
-            title="LOOKUP round trip (ipc://)")
-    ax1.legend(fontsize=7)
-    labels = [f"{r['op']}\n{r['clients']} cl" for r in xfer_csv]
-    pos = range(len(xfer_csv))
-    ax2.bar([p - 0.2 for p in pos], [r["server_gbps"] for r in xfer_csv], 0.4, label="server")
-    ax2.bar([p + 0.2 for p in pos], [r["embedded_gbps"] for r in xfer_csv], 0.4, label="embedded")
-    ax2.set_xticks(list(pos), labels, fontsize=7)
-    ax2.set(ylabel="GB/s (all clients)", title=f"STORE / RETRIEVE, {xfer_csv[0]['tokens']} tokens")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _print(lookup_csv: list[dict], xfer_csv: list[dict]) -> None:
-    print(f"{'clients':>7} {'chunks':>6} {'echo p50':>9} {'srv p50':>9} {'srv p99':>9} "
-          f"{'emb p50':>9} {'emb p99':>9} {'ratio':>6}   (us)")
-    for r in lookup_csv:
-        print(f"{r['clients']:7d} {r['chunks']:6d} {r['echo_p50_us']:9.1f} "
-              f"{r['server_p50_us']:9.1f} {r['server_p99_us']:9.1f} {r['embedded_p50_us']:9.1f} "
-              f"{r['embedded_p99_us']:9.1f} {r['ratio_p50']:6.2f}")
-    print(f"\n{'op':9} {'clients':>7} {'tokens':>6} {'MB/cl':>7} {'server GB/s':>11} "
-          f"{'embedded GB/s':>13} {'ratio':>6}")
-    for r in xfer_csv:
-        print(f"{r['op']:9} {r['clients']:7d} {r['tokens']:6d} {r['mbytes_per_client']:7.1f} "
-              f"{r['server_gbps']:11.2f} {r['embedded_gbps']:13.2f} {r['ratio']:6.2f}")
 
 
 if __name__ == "__main__":

@@ -7,23 +7,33 @@ prefill of the hit prefix alone (the ideal saving). Reported: speedup = full / c
 fraction of that ideal the cache round trip costs (gpukv = lookup + retrieve; total adds the
 adapter's pages -> DynamicCache rebuild, which a paged-attention engine would not need).
 
-    python perf/sweep_ttft.py --preset quick            # < ~90 s on a 2-core CPU
+Method: each serve times B's full prefill and then B through gpukv (the pair alternates, serve
+after serve), the ideal (the hit prefix's prefill) right after each serve; torch threads fixed
+(1 by default) and printed with the load average; min / median / max over the repeats kept.
+
+    python perf/sweep_ttft.py --preset quick            # ~1 min on a 2-core CPU
     python perf/sweep_ttft.py --preset full --model tiny-deepseek
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}  # see sweep_kernels
+for _k, _v in THREAD_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import progress, results_dir, write_csv  # noqa: E402
+from common import load_average, progress, results_dir, thread_settings, write_csv  # noqa: E402
 
 from gpukv import CacheEngine, EngineConfig  # noqa: E402
 from gpukv.integrations import transformers as adapter  # noqa: E402
@@ -49,8 +59,8 @@ MODELS = {
     }),
 }
 PRESETS = {
-    "quick": dict(lengths=[512, 1024, 2048], shares=[0.5, 0.9], repeats=1),
-    "full": dict(lengths=[1024, 2048, 4096, 8192], shares=[0.5, 0.9], repeats=1),
+    "quick": dict(lengths=[512, 1024, 2048], shares=[0.5, 0.9], repeats=3),
+    "full": dict(lengths=[1024, 2048, 4096, 8192], shares=[0.5, 0.9], repeats=3),
 }
 CHUNK_SIZE = 128
 BLOCK_SIZE = 16
@@ -81,9 +91,13 @@ def sweep(model_name: str, preset: str, repeats: int | None = None) -> list[dict
             if stored_for != num_tokens:
                 scenario.store(prompt_a)
                 stored_for = num_tokens
-            results = [scenario.serve(prompt_b, decode_tokens=0) for _ in range(repeats)]
+            results, ideals = [], []
+            for _ in range(repeats):
+                results.append(scenario.serve(prompt_b, decode_tokens=0))
+                ideals.append(_prefill_s(model, prompt_b[:results[0].hit_tokens]))
             hit = results[0].hit_tokens
-            ideal = statistics.median(_prefill_s(model, prompt_b[:hit]) for _ in range(repeats))
+            ideal = statistics.median(ideals)
+            speedups = [r.ttft_full_s / r.ttft_cached_s for r in results]
 
             def med(fn):
                 return statistics.median(fn(r) for r in results)
@@ -97,7 +111,13 @@ def sweep(model_name: str, preset: str, repeats: int | None = None) -> list[dict
                 model=model_name, kind=spec.kind, layers=spec.num_layers, tp_size=tp_size,
                 prompt_tokens=num_tokens, shared_frac=share, shared_tokens=shared, hit_tokens=hit,
                 ttft_full_ms=round(full * 1e3, 2), ttft_cached_ms=round(cached * 1e3, 2),
-                speedup=round(full / cached, 3), prefix_prefill_ms=round(ideal * 1e3, 2),
+                speedup=round(full / cached, 3), speedup_min=round(min(speedups), 3),
+                speedup_max=round(max(speedups), 3),
+                ttft_full_min_ms=round(min(r.ttft_full_s for r in results) * 1e3, 2),
+                ttft_full_max_ms=round(max(r.ttft_full_s for r in results) * 1e3, 2),
+                ttft_cached_min_ms=round(min(r.ttft_cached_s for r in results) * 1e3, 2),
+                ttft_cached_max_ms=round(max(r.ttft_cached_s for r in results) * 1e3, 2),
+                prefix_prefill_ms=round(ideal * 1e3, 2),
                 lookup_ms=round(lookup * 1e3, 3), retrieve_ms=round(retrieve * 1e3, 3),
                 rebuild_ms=round(rebuild * 1e3, 3),
                 suffix_ms=round(statistics.median(s.suffix_s for s in slowest) * 1e3, 2),
@@ -105,7 +125,7 @@ def sweep(model_name: str, preset: str, repeats: int | None = None) -> list[dict
                 roundtrip_frac_of_ideal=round((lookup + retrieve + rebuild) / ideal, 5),
                 logits_identical=all(r.logits_identical for r in results),
                 max_abs_diff=max(r.max_abs_diff for r in results), repeats=repeats,
-                threads=torch.get_num_threads(),
+                threads=torch.get_num_threads(), loadavg_1m=load_average()[0],
             ))
     return rows
 
@@ -148,21 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--model", choices=sorted(MODELS) + ["all"], default="tiny-llama")
     parser.add_argument("--repeats", type=int, default=None, help="serves per point (median)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice). On a CPU shared with other "
-                             "busy processes, 1 avoids OpenMP stalls that inflate small copies 100x")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (fixed for the run). On a CPU shared with other busy "
+                             "processes, 1 avoids OpenMP stalls that inflate small copies 100x")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
+    torch.set_num_threads(args.threads)
+    print(f"thread settings: {thread_settings()}; load average before: {load_average()}")
     names = sorted(MODELS) if args.model == "all" else [args.model]
     rows = [row for name in names for row in sweep(name, args.preset, args.repeats)]
     cols = ["model", "prompt_tokens", "shared_tokens", "hit_tokens", "ttft_full_ms", "ttft_cached_ms",
-            "speedup", "prefix_prefill_ms", "lookup_ms", "retrieve_ms", "rebuild_ms",
+            "speedup", "speedup_min", "speedup_max", "prefix_prefill_ms", "lookup_ms", "retrieve_ms", "rebuild_ms",
             "gpukv_frac_of_ideal", "roundtrip_frac_of_ideal", "logits_identical"]
     print(" ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>14}" for c in cols))
+    print(f"thread settings: {thread_settings()}; load average after: {load_average()}")
     out = results_dir("cpu")
     stem = f"sweep_ttft_{args.model}_{args.preset}"
     print(f"csv: {write_csv(out / f'{stem}.csv', rows)}")

@@ -37,6 +37,26 @@ def test_same_hashes_for_list_numpy_tensor_and_other_process():
     assert out.stdout.strip() == ref[3].hex()
 
 
+def test_any_sequence_of_ints_hashes_like_a_list_and_others_are_refused():
+    from collections.abc import Sequence
+
+    class Constant(Sequence):  # like vLLM's ConstantList: a read-only view of a list
+        def __init__(self, items):
+            self._items = items
+
+        def __getitem__(self, i):
+            return self._items[i]
+
+        def __len__(self):
+            return len(self._items)
+
+    tokens = list(range(1000, 1064))
+    assert chunk_hashes(Constant(tokens), 16) == chunk_hashes(tokens, 16) == chunk_hashes(tuple(tokens), 16)
+    for bad in ("abcd", b"abcd", {1, 2, 3, 4}, Constant([1, 2.0, 3, 4])):
+        with pytest.raises(ValueError, match="token_ids"):
+            chunk_hashes(bad, 1)
+
+
 def test_seed_isolates_tenants():
     tokens = list(range(64))
     assert chunk_hashes(tokens, 16, seed=b"tenant-a") != chunk_hashes(tokens, 16, seed=b"tenant-b")

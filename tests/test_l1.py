@@ -51,6 +51,30 @@ def test_reserve_read_absent_writing_ready():
     assert l1.stats()["read_locked"] == 1 and l1.stats()["writing"] == 1
 
 
+def test_reserve_prefix_takes_the_prefix_ready_in_every_list_and_tops_up():
+    l1 = make(8)
+    put(l1, ["a0", "a1", "a2", "b0", "b1"])
+    assert l1.reserve_write(["a3"], SIZE) == [OK]  # being written: ends rank a's prefix
+    # two ranks' key lists: rank b holds 2 chunks, so 2 of each are taken, nothing past them
+    assert l1.reserve_prefix([["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]], 1, owner="req") == 2
+    assert [l1.held(k, "req") for k in ("a0", "a1", "a2", "a3", "b0", "b1")] == [2, 2, 0, 0, 2, 2]
+    # a repeat tops up (takes nothing more), a larger count tops up to it
+    assert l1.reserve_prefix([["a0", "a1"], ["b0", "b1"]], 1, owner="req") == 2
+    assert l1.read_count("a0") == 2
+    assert l1.reserve_prefix([["a0", "a1", "a2"]], 2, owner="req") == 3
+    assert [l1.held(k, "req") for k in ("a0", "a1", "a2", "b0")] == [3, 3, 3, 2]
+    # a miss at the head of any list takes nothing at all
+    assert l1.reserve_prefix([["a0"], ["x"]], 0, owner="other") == 0
+    assert l1.reserve_prefix([["a3", "a0"]], 0, owner="other") == 0
+    assert l1.held("a0", "other") == 0 and "other" not in l1._owner_leases
+    assert l1.finish_read(["a0", "a1", "a2"], 2, owner="req") == [OK] * 3
+    assert l1.finish_read(["b0", "b1"], 1, owner="req") == [OK] * 2
+    assert l1._owner_leases == {} and l1.stats()["shares"] == 0
+    with pytest.raises(ValueError, match="extra_count"):
+        l1.reserve_prefix([["a0"]], MAX_READERS, owner="req")
+    assert l1.read_count("a0") == 0
+
+
 # -- 2. O(1) in the share count --------------------------------------------------------------------
 def test_many_shares_are_one_record_per_key_and_owner():
     l1 = make()

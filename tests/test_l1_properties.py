@@ -262,6 +262,23 @@ class L1Machine(RuleBasedStateMachine):
                 want.append(OK)
         assert self.l1.reserve_read(keys, extra, owner=owner, top_up=top_up) == want
 
+    @rule(data=st.data(), extra=extra_st, owner=owner_st)
+    def reserve_prefix(self, data, extra, owner):
+        """The lookup's step: the prefix ready in every list, topped up to extra + 1 shares.
+        Each list is mostly ready keys then any keys (one list per rank's key space)."""
+        def ready(key):
+            return key in self.live and self.live[key].ready
+
+        heads = st.lists(st.sampled_from([k for k in KEYS if ready(k)] or KEYS), max_size=3)
+        lists = [data.draw(heads) + data.draw(keys_st) for _ in range(data.draw(st.integers(1, 3)))]
+        n = min(next((i for i, k in enumerate(keys) if not ready(k)), len(keys)) for keys in lists)
+        for keys in lists:
+            for key in keys[:n]:
+                obj = self.live[key]
+                obj.shares[owner] = [max(obj.shares.get(owner, [0])[0], extra + 1),
+                                     self.now + READ_LEASE]
+        assert self.l1.reserve_prefix(lists, extra, owner=owner) == n
+
     @rule(keys=keys_st, extra=st.sampled_from([0, 0, 1, 3, MAX_READERS - 1]), owner=owner_st)
     def finish_read(self, keys, extra, owner):
         want = []

@@ -161,30 +161,26 @@ class CacheCore:
         self.requests.open(request, model, spaces, hashes, creator=creator,
                            deadline=time.monotonic() + self.config.read_lease_s)
         keys = [space.keys(hashes) for space in spaces]
-        n_l1 = min(self.l1.prefix_hits(k) for k in keys) if hashes else 0
-        if n_l1:
-            taken = [k[i] for k in keys for i in range(n_l1)]
-            statuses = self.l1.reserve_read(taken, extra, owner=request, top_up=True)
-            failed = [j % n_l1 for j, s in enumerate(statuses) if s is not Status.OK]
-            if failed:  # evicted between prefix_hits and reserve_read: keep the shorter prefix
-                n_l1 = min(failed)
-                self.l1.release_owner(request, [k[i] for k in keys for i in range(n_l1, len(k))])
-        hits, per_tier = n_l1, {}
+        n_l1 = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
+        hits, per_tier = n_l1, None
         if self.tiers and n_l1 < len(hashes):
             hits, later_l1, per_tier = self.loader.extend(spaces, hashes, n_l1, extra, request,
                                                           info.fingerprint, info.chunk_bytes)
             n_l1 += later_l1
         with self._lock:
-            self.counts["lookups"] += 1
-            self.counts["hit_chunks_l1"] += n_l1
-            for name, n in per_tier.items():
+            counts = self.counts
+            counts["lookups"] += 1
+            counts["hit_chunks_l1"] += n_l1
+            for name, n in (per_tier or {}).items():
                 self.tier_hits[name] = self.tier_hits.get(name, 0) + n
         cs = self.config.chunk_size
-        self.observer.lookup(model, len(hashes) * cs,
-                             {"L1": n_l1 * cs, **{t: n * cs for t, n in per_tier.items()}},
-                             time.perf_counter() - t0)
+        if self.observer.metrics is not None:
+            tokens = {"L1": n_l1 * cs}
+            for name, n in (per_tier or {}).items():
+                tokens[name] = n * cs
+            self.observer.lookup(model, len(hashes) * cs, tokens, time.perf_counter() - t0)
         log.debug("Lookup %r: %d/%d prefix chunks (%d L1, %s)", request, hits, len(hashes), n_l1,
-                  per_tier)
+                  per_tier or {})
         return hits
 
     def covered_by_l1(self, model: str, hashes: list[bytes], tp_size: int = 1) -> bool:

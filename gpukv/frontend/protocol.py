@@ -205,12 +205,16 @@ def encode_request(seq: int, session: str, body: Body, group: str | None = None)
 def decode_request(frame: bytes) -> Request:
     """Decode and validate one request frame; raises :class:`ProtocolError` naming the problem
     (a frame too deeply nested for the decoder included)."""
-    seq = _check_version(frame)
-    try:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise _too_large(frame)
+    try:  # one decode for a good frame; the header is read apart only to explain a bad one
         request = _REQUEST_DECODER.decode(frame)
     except (msgspec.DecodeError, RecursionError) as exc:
+        seq = _check_version(frame)  # a bad version or header is reported first, as it was
         raise ProtocolError(f"malformed request: {_reason(exc)}", seq) from None
-    body = request.body
+    if request.v != PROTOCOL_VERSION:
+        raise _bad_version(request.v, request.seq)
+    seq, body = request.seq, request.body
     if isinstance(body, Register) and body.tp_rank >= body.tp_size:
         raise ProtocolError(f"invalid register request: tp_rank must be in [0, tp_size="
                             f"{body.tp_size}), got {body.tp_rank}", seq)
@@ -234,16 +238,24 @@ def decode_envelope(frame: bytes) -> Envelope:
 def _check_version(frame: bytes) -> int:
     """The frame's ``seq`` (0 when unreadable) after checking its size and protocol version."""
     if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+        raise _too_large(frame)
     try:
         header = _HEADER_DECODER.decode(frame)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ProtocolError(f"malformed request: {_reason(exc)}") from None
     seq = header.seq if 0 <= header.seq < (1 << 63) else 0
     if header.v != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.v!r} (server speaks "
-                            f"{PROTOCOL_VERSION})", seq)
+        raise _bad_version(header.v, seq)
     return seq
+
+
+def _too_large(frame: bytes) -> ProtocolError:
+    return ProtocolError(f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+
+
+def _bad_version(version: int, seq: int) -> ProtocolError:
+    return ProtocolError(f"unsupported protocol version {version!r} (server speaks "
+                         f"{PROTOCOL_VERSION})", seq)
 
 
 def _reason(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Hashable, NamedTuple
 
 import torch
 
@@ -43,9 +43,13 @@ from gpukv.frontend.orphans import Orphans, release
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Scoped:
-    """A client's id inside its session or group; prints as the client's id alone."""
+class Scoped(NamedTuple):
+    """A client's id inside its session or group; prints as the client's id alone.
+
+    A tuple, so that hashing and comparing it (per key in the L1's share loops: it is the owner
+    of a request's shares) run in C, not in a dataclass's Python ``__hash__``/``__eq__``. Every
+    owner a server's books hold is a Scoped or a
+    :class:`gpukv.engine.registry.InternalOwner`, never a bare tuple."""
 
     scope: str
     ident: Hashable

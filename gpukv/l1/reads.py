@@ -12,7 +12,7 @@ be; every share count stays in ``[1, MAX_READERS]``.
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Sequence
 
 from gpukv.constants import MAX_READERS
 from gpukv.l1.entry import Entry, Status, share_count
@@ -62,6 +62,50 @@ class L1Reads:
             if not owned:
                 del leases[owner]
         return out
+
+    def reserve_prefix(self, key_lists: Sequence[Sequence[Hashable]], extra_count: int = 0, *,
+                       owner: Hashable = None) -> int:
+        """The lookup's L1 step under one lock: ``n``, the number of leading keys ready in every
+        list of ``key_lists`` (one list per rank's key space), then ``owner``'s shares on the
+        first ``n`` keys of each list topped up to ``1 + extra_count`` (as ``reserve_read(...,
+        top_up=True)``, which cannot fail for them) and its leases refreshed. Returns ``n``;
+        nothing is taken when it is 0. Nothing can be evicted between the count and the shares."""
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)
+        with self._lock:  # the lookup hot path: prefix_hits and reserve_read in one pass each
+            get = self._objects.get
+            rows: list[list[Entry]] = []
+            n = None
+            for keys in key_lists:
+                row: list[Entry] = []
+                for key in keys if n is None else keys[:n]:
+                    entry = get(key)
+                    if entry is None or not entry.ready:
+                        break
+                    row.append(entry)
+                n = len(row)
+                rows.append(row)
+                if not n:
+                    return 0
+            if not n:
+                return 0
+            leases = self._owner_leases
+            deadline = self._clock() + self.read_lease_s
+            owned = leases.get(owner)
+            if owned is None:
+                owned = leases[owner] = {}
+            for row in rows:
+                for entry in row if len(row) == n else row[:n]:
+                    shares = entry.shares
+                    held = shares.get(owner)
+                    if held is None:
+                        shares[owner] = count
+                    else:
+                        if held < count:
+                            shares[owner] = count
+                        del owned[entry]  # its lease exists while shares are held: to the end
+                    owned[entry] = deadline
+        return n
 
     def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
                     owner: Hashable = None) -> list[Status]:
