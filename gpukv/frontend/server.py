@@ -32,13 +32,13 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
 
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.frontend.fairpool import FairPool
 from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
 from gpukv.frontend.sessions import Limits, Sessions
 
@@ -94,7 +94,7 @@ class CacheServer:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
-        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="gpukv-pool")
+        self._pool = FairPool(config.threads)  # sessions in turn: no client waits behind a flood
         self._pending: dict[str, tuple[int, int]] = {}  # session -> requests, bytes in the pool
         self._pending_lock = threading.Lock()
         self._in_pool = 0  # pooled requests whose reply the loop has not taken yet (loop only)
@@ -232,7 +232,8 @@ class CacheServer:
                 f"busy: {count} requests ({nbytes} bytes) of this client are waiting (at most "
                 f"{limit}, {limit_bytes} bytes); retry later")))
             return
-        self._pool.submit(self._run_and_queue, identity, request or frame, envelope.session,
+        self._pool.submit(envelope.session, self._run_and_queue, identity, request or frame,
+                          envelope.session,
                           len(frame))
         self._in_pool += 1  # each pooled request queues exactly one reply
 
@@ -310,7 +311,7 @@ class CacheServer:
             pass
 
     def _shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
         self._send_replies()
         self.sessions.close()
         self._router.close(linger=0)

@@ -1,0 +1,75 @@
+"""A thread pool that serves its clients in turn: one queue per session, taken round robin.
+
+A plain FIFO pool lets one client that pipelines many long requests (up to its per-session bound)
+put every other client's request behind all of them. Here each thread takes the oldest request of
+the next session in turn, so another client waits for at most one request per busy session
+already running, whatever their backlogs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, deque
+from typing import Callable, Hashable
+
+log = logging.getLogger(__name__)
+
+
+class FairPool:
+    """``threads`` daemon threads running submitted calls, sessions in turn."""
+
+    def __init__(self, threads: int, *, name: str = "gpukv-pool") -> None:
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[Hashable, deque] = OrderedDict()  # sessions with work, in turn
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, session: Hashable, fn: Callable, *args) -> None:
+        """Queue ``fn(*args)`` for ``session`` (after that session's earlier calls)."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the pool is shut down")
+            queue = self._queues.get(session)
+            if queue is None:
+                queue = self._queues[session] = deque()
+            queue.append((fn, args))
+            self._cond.notify()
+
+    def shutdown(self, timeout_s: float | None = None) -> int:
+        """Drop the calls not started, wait for the running ones; returns how many were dropped."""
+        with self._cond:
+            self._stopping = True
+            dropped = sum(len(q) for q in self._queues.values())
+            self._queues.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout_s)
+        return dropped
+
+    def _take(self):
+        with self._cond:
+            while not self._queues and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            session, queue = next(iter(self._queues.items()))
+            call = queue.popleft()
+            del self._queues[session]
+            if queue:  # its next call waits for every other session's turn
+                self._queues[session] = queue
+            return call
+
+    def _run(self) -> None:
+        while True:
+            call = self._take()
+            if call is None:
+                return
+            fn, args = call
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a call's own handler answers; this must not die
+                log.warning("a pooled call failed outside its handler", exc_info=True)
