@@ -8,27 +8,11 @@ import pytest
 import torch
 
 from gpukv.l1 import MAX_READERS, L1Manager, Status
-
-OK, NF, NR, NW, WS, LK, OOM = (Status.OK, Status.NOT_FOUND, Status.NOT_READY, Status.NOT_WRITABLE,
-                               Status.WRONG_STATE, Status.LOCKED, Status.OUT_OF_MEMORY)
-SIZE = 1000  # one 1024-byte slot
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from l1_cases import LK, NF, NR, NW, OK, OOM, SIZE, WS, Clock, put
 
 
 def make(num_slots: int = 4, **kwargs) -> L1Manager:
     return L1Manager(num_slots * 1024, **kwargs)
-
-
-def put(l1: L1Manager, keys, **kwargs) -> None:
-    assert l1.reserve_write(keys, SIZE, **kwargs) == [OK] * len(keys)
-    assert l1.finish_write(keys, owner=kwargs.get("owner")) == [OK] * len(keys)
 
 
 def test_status_and_max_readers():

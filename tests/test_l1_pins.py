@@ -13,23 +13,7 @@ import torch
 
 from gpukv.l1 import MAX_READERS, L1Manager, Status
 from gpukv.l1.slab import SlabArena
-
-OK, NF, NR, WS, LK, OOM = (Status.OK, Status.NOT_FOUND, Status.NOT_READY, Status.WRONG_STATE,
-                           Status.LOCKED, Status.OUT_OF_MEMORY)
-SIZE = 1000  # one 1024-byte slot
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def put(l1: L1Manager, keys, **kwargs) -> None:
-    assert l1.reserve_write(keys, SIZE, **kwargs) == [OK] * len(keys)
-    assert l1.finish_write(keys, owner=kwargs.get("owner")) == [OK] * len(keys)
+from l1_cases import LK, NF, NR, OK, OOM, SIZE, WS, Clock, put
 
 
 def test_a_pinned_object_survives_its_owner_release_and_write_pressure():
