@@ -78,8 +78,9 @@ def test_corrupted_truncated_and_foreign_files_are_misses_and_removed(tmp_path):
     tier.close()
 
 
-def test_queue_full_drops_and_counts_and_flush_honours_its_timeout(tmp_path):
-    tier = DiskTier(tmp_path, queue_size=2)
+def hold_writes(tier: DiskTier) -> tuple[threading.Event, threading.Event]:
+    """Make the writer thread stop at its next chunk: ``entered`` is set when it is there, and it
+    writes once ``release`` is set."""
     entered, release = threading.Event(), threading.Event()
     real_write = tier._write_one
 
@@ -88,7 +89,13 @@ def test_queue_full_drops_and_counts_and_flush_honours_its_timeout(tmp_path):
         assert release.wait(10)
         real_write(*args)
 
-    tier._write_one = held_write  # the writer thread holds the first chunk
+    tier._write_one = held_write
+    return entered, release
+
+
+def test_queue_full_drops_and_counts_and_flush_honours_its_timeout(tmp_path):
+    tier = DiskTier(tmp_path, queue_size=2)
+    entered, release = hold_writes(tier)  # the writer thread holds the first chunk
     assert tier.submit("m/0/0", "fp", _payload(16, 0)) and entered.wait(10)
     accepted = [tier.submit(f"m/0/{i}", "fp", _payload(16, i)) for i in range(1, 6)]
     assert accepted == [True, True, False, False, False]
@@ -105,15 +112,7 @@ def test_queue_full_drops_and_counts_and_flush_honours_its_timeout(tmp_path):
 
 def test_queue_bytes_bound_drops_and_counts(tmp_path):
     tier = DiskTier(tmp_path, queue_bytes=1000)
-    entered, release = threading.Event(), threading.Event()
-    real_write = tier._write_one
-
-    def held_write(*args):
-        entered.set()
-        assert release.wait(10)
-        real_write(*args)
-
-    tier._write_one = held_write
+    entered, release = hold_writes(tier)
     assert tier.submit("m/0/hold", "fp", _payload(1000, 0)) and entered.wait(10)
     assert tier.submit("m/0/a", "fp", _payload(600, 1))
     assert not tier.submit("m/0/b", "fp", _payload(600, 2))  # 1200 B > 1000 B queued
