@@ -32,6 +32,7 @@ LAYER_SHAPES = {"mla": (NUM_BLOCKS, BLOCK, 576), "mha": (NUM_BLOCKS, 2, BLOCK, 2
 ROW_BYTES = {"mla": 576 * 2, "mha": 2 * 32 * 2}
 STORE_BLOCKS = [3, 11, 7, 0, 20, 5]
 RANK_BLOCKS = [[9, 2, 17, 14, 1, 22], [8, 12, 4, 19, 23, 6]]
+N = 5 * CHUNK  # the full chunks of a prompt() of 5 * CHUNK + 7 tokens
 
 
 def chunk_bytes(kind: str) -> int:
@@ -79,6 +80,18 @@ def slots_of(blocks: list[int], num_tokens: int) -> torch.Tensor:
 def prompt(seed: int, num_tokens: int = 5 * CHUNK + 7) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 50_000, (num_tokens,), generator=gen).tolist()
+
+
+def round_trip_is_exact(c, instance: str, model: str, kind: str, seed: int) -> bool:
+    """Register fresh pages as ``instance``, store a prompt, look it up and retrieve it into other
+    blocks: True when every stored token came back bit-exact."""
+    pages, tokens = kv_cache(kind, seed), prompt(100 + seed)
+    c.register(instance, model, pages, DIMS[kind], kind=kind)
+    assert c.store(instance, tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
+    assert c.lookup(model, tokens, request_id="q") == N
+    dst = slots_of(RANK_BLOCKS[0], N)
+    assert c.retrieve(instance, tokens[:N], dst, request_id="q") == N
+    return mismatched_tokens(rows(pages, kind, dst), rows(pages, kind, slots_of(STORE_BLOCKS, N))) == 0
 
 
 def secret(tag: str) -> str:

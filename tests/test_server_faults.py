@@ -20,14 +20,14 @@ import msgspec
 import pytest
 import zmq
 
-from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, Worker, chunk_bytes, client,
-                            kv_cache, mismatched_tokens, prompt, rows, secret, serving, slots_of)
+from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, N, Worker, chunk_bytes, client,
+                            kv_cache, mismatched_tokens, prompt, round_trip_is_exact, rows, secret,
+                            serving, slots_of)
 from gpukv.frontend.process import ServerProcess
 from gpukv.frontend.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, decode_reply
 from gpukv.frontend.sessions import Limits
 
 TIMEOUT_S = 1.0
-N = 5 * CHUNK
 SLOTS = 8
 SESSION = "raw-client-session-0001"
 LAYOUT = dict(kind="mla", dims="NB,BS,D", dtype="bfloat16", num_layers=3, num_kv=1, num_heads=1,
@@ -203,13 +203,7 @@ def test_the_arena_cannot_be_shrunk_grown_or_unsealed(server, raw):
         os.close(fd)
     assert pings(raw)
     with client(server.address) as c:  # and it still stores and retrieves, bit-exact
-        pages, tokens = kv_cache("mla", 5), prompt(105)
-        c.register("seal2", "m-seal", pages, DIMS["mla"], kind="mla")
-        assert c.store("seal2", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
-        assert c.lookup("m-seal", tokens, request_id="q") == N
-        dst = slots_of(RANK_BLOCKS[0], N)
-        assert c.retrieve("seal2", tokens[:N], dst, request_id="q") == N
-        assert mismatched_tokens(rows(pages, "mla", dst), rows(pages, "mla", slots_of(STORE_BLOCKS, N))) == 0
+        assert round_trip_is_exact(c, "seal2", "m-seal", "mla", 5)
 
 
 def test_one_client_from_many_threads(server):
@@ -362,10 +356,4 @@ def test_tcp_loopback_server_answers(tmp_path):
         port = s.getsockname()[1]
     with serving(tmp_path, address=f"tcp://127.0.0.1:{port}") as srv, client(srv.address) as c:
         assert c.ping()["chunk_size"] == CHUNK
-        pages, tokens = kv_cache("mha", 2), prompt(107)
-        c.register("t", "m-tcp", pages, DIMS["mha"], kind="mha")
-        assert c.store("t", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
-        assert c.lookup("m-tcp", tokens, request_id="q") == N
-        dst = slots_of(RANK_BLOCKS[0], N)
-        assert c.retrieve("t", tokens[:N], dst, request_id="q") == N
-        assert mismatched_tokens(rows(pages, "mha", dst), rows(pages, "mha", slots_of(STORE_BLOCKS, N))) == 0
+        assert round_trip_is_exact(c, "t", "m-tcp", "mha", 7)
