@@ -24,45 +24,33 @@ Groups: requests are visible to the sessions of one group. The processes of one 
 scheduler and its workers) pass the same ``group`` secret; by default each client is a group of
 its own.
 
-Threads: any thread may call any method; each call borrows a DEALER socket from a pool. Every
-call has a timeout: a dead server raises :class:`ServerUnavailable`, never hangs. A daemon thread
-PINGs every ``worker_timeout / 4`` s so the server sees this process alive while it idles.
+Threads: any thread may call any method (the transport is :class:`gpukv.frontend.channel.Channel`:
+pooled sockets, a timeout on every call, a dead server raises :class:`ServerUnavailable`, never
+hangs). A daemon thread PINGs every ``worker_timeout / 4`` s so the server sees this process alive
+while it idles.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-import msgspec
 import torch
-import zmq
 
 from gpukv.engine.chunks import chunk_slots, chunks_to_read, describe, full_chunks, token_range
 from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
-from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.frontend.channel import Channel, ServerError, ServerUnavailable
 from gpukv.frontend.peer import server_uid
 from gpukv.l1.memory import open_cpu, open_cuda
 from gpukv.ops.client_metrics import ClientMetrics
 from gpukv.paged.copy import check_slot_mapping, pack, unpack
 from gpukv.paged.layout import PagedKV
 
-log = logging.getLogger(__name__)
-
-
-class ServerUnavailable(ConnectionError):
-    """The server did not answer in time (dead, stopped or overloaded), or nobody listens."""
-
-
-class ServerError(RuntimeError):
-    """The server failed a request for a reason other than bad input."""
+__all__ = ["CacheClient", "ServerError", "ServerUnavailable"]
 
 
 @dataclass(slots=True)
@@ -93,18 +81,13 @@ class CacheClient:
         self.address, self.timeout_s, self.backend = address, float(timeout_s), backend
         self.session = uuid.uuid4().hex
         self.group = group
-        self._ctx = zmq.Context()
-        self._pool: list[zmq.Socket] = []
-        self._rcvtimeo: dict[zmq.Socket, int] = {}  # the timeout each pooled socket has set
-        self._pool_lock = threading.Lock()
-        self._seq = itertools.count(1)
-        self._closed = threading.Event()
         self._locals: dict[Hashable, _Local] = {}
         self._handles: list[dict] = []
         self._arenas: dict[int, torch.Tensor] = {}
         self._maps: list = []
-        self._pinger: threading.Thread | None = None
         self.metrics = ClientMetrics()  # round trips as this client sees them (own registry)
+        self._channel = Channel(address, self.session, group, self.timeout_s,
+                                self.metrics.server_unavailable)
         try:
             uid = server_uid(address)
             if uid is None:
@@ -121,9 +104,7 @@ class CacheClient:
         self.server_info: dict = info
         interval = info["worker_timeout_s"] / 4 if ping_interval_s is None else ping_interval_s
         if interval > 0:
-            self._pinger = threading.Thread(target=self._ping_loop, args=(interval,),
-                                            name="gpukv-client-ping", daemon=True)
-            self._pinger.start()
+            self._channel.keep_alive(interval)
 
     # ---- the engine API --------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, kv_caches, dims: str, *,
@@ -247,17 +228,7 @@ class CacheClient:
 
     def close(self) -> None:
         """Stop pinging and close the sockets (the server reaps the session after its timeout)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        if self._pinger is not None and self._pinger is not threading.current_thread():
-            self._pinger.join(timeout=5)
-        with self._pool_lock:
-            for sock in self._pool:
-                sock.close(linger=0)
-            self._pool.clear()
-            self._rcvtimeo.clear()
-        self._ctx.term()
+        self._channel.close()
 
     def __enter__(self) -> "CacheClient":
         return self
@@ -309,65 +280,7 @@ class CacheClient:
 
     # ---- transport -------------------------------------------------------------------------
     def _call(self, body, *, timeout_s: float | None = None) -> Any:
-        if self._closed.is_set():
-            raise ValueError(f"client of {self.address} is closed")
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        seq = next(self._seq)
-        try:
-            frame = p.encode_request(seq, self.session, body, self.group)
-        except (msgspec.EncodeError, TypeError) as exc:  # e.g. an id that is neither str nor int
-            raise TypeError(f"cannot send {body.__struct_config__.tag}: {exc}") from None
-        sock = self._borrow()
-        try:
-            timeout_ms = max(1, int(timeout_s * 1000))
-            if self._rcvtimeo.get(sock) != timeout_ms:  # a setsockopt costs ~0.5 us a call
-                sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                self._rcvtimeo[sock] = timeout_ms
-            sock.send(frame, copy=len(frame) < 65536)
-            while True:
-                try:
-                    reply = p.decode_reply(sock.recv())
-                except zmq.Again:
-                    self.metrics.server_unavailable()
-                    raise ServerUnavailable(
-                        f"gpukv server at {self.address} did not answer "
-                        f"{body.__struct_config__.tag} within {timeout_s:.1f} s") from None
-                if reply.seq in (seq, 0):
-                    break
-        except BaseException:
-            sock.close(linger=0)  # a late reply must never reach another call
-            self._rcvtimeo.pop(sock, None)
-            raise
-        self._give_back(sock)
-        if not reply.ok:
-            error = {"ValueError": ValueError, "TypeError": TypeError, "Busy": Busy}.get(
-                reply.error_type, ServerError)
-            raise error(f"{reply.error} (server {self.address})")
-        return reply.value
-
-    def _borrow(self) -> zmq.Socket:
-        with self._pool_lock:
-            if self._pool:
-                return self._pool.pop()
-            sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
-        return sock
-
-    def _give_back(self, sock: zmq.Socket) -> None:
-        with self._pool_lock:
-            if self._closed.is_set():
-                sock.close(linger=0)
-                self._rcvtimeo.pop(sock, None)
-            else:
-                self._pool.append(sock)
-
-    def _ping_loop(self, interval_s: float) -> None:
-        while not self._closed.wait(interval_s):
-            try:
-                self._call(p.Ping(os.getpid()), timeout_s=max(interval_s, 1.0))
-            except (ServerUnavailable, ServerError, ValueError) as exc:  # the server may restart
-                log.debug("ping of %s failed: %s", self.address, exc)
+        return self._channel.call(body, timeout_s)
 
 
 def _wait_for_copy(paged: PagedKV) -> None:
