@@ -45,7 +45,7 @@ from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
 from gpukv.frontend import protocol as p
 from gpukv.frontend.channel import Channel, ServerError, ServerUnavailable
 from gpukv.frontend.peer import server_uid
-from gpukv.l1.memory import open_cpu, open_cuda
+from gpukv.l1.memory import device_name, open_cpu, open_cuda
 from gpukv.ops.client_metrics import ClientMetrics
 from gpukv.paged.copy import check_slot_mapping, pack, unpack
 from gpukv.paged.layout import PagedKV
@@ -117,8 +117,7 @@ class CacheClient:
             kv_caches = list(kv_caches.values())
         paged = PagedKV.from_tensors(kv_caches, dims, kind=kind)
         if device is None:
-            device = "cpu" if paged.device.type == "cpu" else \
-                f"cuda-uuid:{torch.cuda.get_device_properties(paged.device).uuid}"
+            device = device_name(paged.device)
         reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
                                       tp_size, device))
         if reply["arenas"] != self._handles:  # another server (e.g. restarted): map its arenas

@@ -29,54 +29,17 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Hashable, NamedTuple
-
-import torch
+from typing import Any, Hashable
 
 from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
 from gpukv.engine.chunks import token_range
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.orphans import Orphans, release
+from gpukv.frontend.session import Limits, Scoped, Session
+from gpukv.l1.memory import arena_index
 
 log = logging.getLogger(__name__)
-
-
-class Scoped(NamedTuple):
-    """A client's id inside its session or group; prints as the client's id alone.
-
-    A tuple, so that hashing and comparing it (per key in the L1's share loops: it is the owner
-    of a request's shares) run in C, not in a dataclass's Python ``__hash__``/``__eq__``. Every
-    owner a server's books hold is a Scoped or a
-    :class:`gpukv.engine.registry.InternalOwner`, never a bare tuple."""
-
-    scope: str
-    ident: Hashable
-
-    def __repr__(self) -> str:
-        return repr(self.ident)
-
-
-@dataclass(slots=True)
-class Limits:
-    max_instances: int = 256
-    max_open_requests: int = 1 << 14
-    max_plans: int = 1024
-    max_reserved_bytes: int | None = None  # default: half of one device's arena
-
-
-@dataclass(slots=True)
-class _Session:
-    sid: str
-    group: str
-    last_seen: float
-    pid: int | None = None
-    instances: dict[Hashable, Scoped] = field(default_factory=dict)
-    requests: set[Scoped] = field(default_factory=set)  # requests this session opened
-    plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
-    reserved_bytes: int = 0
-    closed: bool = False  # reaped: a handler still running adds nothing to it
 
 
 class Sessions:
@@ -90,7 +53,7 @@ class Sessions:
         if self.limits.max_reserved_bytes is None:
             self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
         self._lock = threading.Lock()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}
         self.orphans = Orphans()
         self._plan_ids = itertools.count(1)  # server-wide: a reaped client's ids never recur
         self.reaped = 0
@@ -107,7 +70,7 @@ class Sessions:
         with self._lock:
             entry = self._sessions.get(sid)
             if entry is None:
-                self._sessions[sid] = _Session(sid, group or sid, time.monotonic())
+                self._sessions[sid] = Session(sid, group or sid, time.monotonic())
             elif entry.group != (group or sid):
                 raise ValueError("this session belongs to another group: use a new client")
             else:
@@ -118,7 +81,7 @@ class Sessions:
         return self._handlers[type(body)](self._session(sid), body)
 
     # ---- handlers ----------------------------------------------------------------------------
-    def _ping(self, s: _Session, body: p.Ping) -> dict:
+    def _ping(self, s: Session, body: p.Ping) -> dict:
         if body.pid is not None:
             s.pid = body.pid
         cfg = self.core.config
@@ -126,7 +89,7 @@ class Sessions:
                     devices=list(cfg.devices), worker_timeout_s=self.worker_timeout_s,
                     pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request))
 
-    def _register(self, s: _Session, body: p.Register) -> dict:
+    def _register(self, s: Session, body: p.Register) -> dict:
         with self._lock:
             if body.instance_id in s.instances:
                 raise ValueError(f"instance {body.instance_id!r} is already registered")
@@ -134,7 +97,7 @@ class Sessions:
                 raise Busy(f"busy: this client registered {len(s.instances)} instances")
             key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
-            device = self._device_index(body.device)
+            device = arena_index(self.core.config.devices, body.device)
             layout = {f: getattr(body.layout, f) for f in body.layout.__struct_fields__}
             inst = self.core.register(key, body.model, layout, kind=body.layout.kind,
                                       tp_rank=body.tp_rank, tp_size=body.tp_size, device=device)
@@ -149,13 +112,13 @@ class Sessions:
         return dict(device=device, arenas=[m.handle for m in self.core.memories],
                     chunk_bytes=inst.chunk_bytes, kv_rank=inst.space.kv_rank)
 
-    def _unregister(self, s: _Session, body: p.Unregister) -> None:
+    def _unregister(self, s: Session, body: p.Unregister) -> None:
         key = self._instance(s, body.instance_id)
         self.core.unregister(key)
         with self._lock:
             s.instances.pop(body.instance_id, None)
 
-    def _store_begin(self, s: _Session, body: p.StoreBegin) -> dict:
+    def _store_begin(self, s: Session, body: p.StoreBegin) -> dict:
         key = self._instance(s, body.instance_id)
         self._check_plans(s)
         inst, bound = self.core.registry.instance(key), self.limits.max_reserved_bytes
@@ -191,7 +154,7 @@ class Sessions:
         return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
                     device=plan.instance.device, cached=plan.cached, full=plan.full)
 
-    def _store_commit(self, s: _Session, body: p.StoreCommit) -> int:
+    def _store_commit(self, s: Session, body: p.StoreCommit) -> int:
         plan = self._take_plan(s, body.plan, StorePlan)
         with self._lock:
             s.reserved_bytes -= len(plan.handles) * plan.instance.chunk_bytes
@@ -200,7 +163,7 @@ class Sessions:
             return 0
         return self.core.commit_store(plan)
 
-    def _lookup(self, s: _Session, body: p.Lookup) -> int:
+    def _lookup(self, s: Session, body: p.Lookup) -> int:
         owner = Scoped(s.group, body.request_id)
         with self._lock:
             new = owner not in s.requests
@@ -216,7 +179,7 @@ class Sessions:
             raise self._reaped_error()
         return hits * self.core.config.chunk_size
 
-    def _retrieve_begin(self, s: _Session, body: p.RetrieveBegin) -> dict:
+    def _retrieve_begin(self, s: Session, body: p.RetrieveBegin) -> dict:
         key = self._instance(s, body.instance_id)
         self._check_plans(s)
         owner = Scoped(s.group, body.request_id)
@@ -234,14 +197,14 @@ class Sessions:
         return dict(plan=plan_id, devices=[h.device for h in plan.handles],
                     offsets=[h.offset for h in plan.handles])
 
-    def _retrieve_end(self, s: _Session, body: p.RetrieveEnd) -> int:
+    def _retrieve_end(self, s: Session, body: p.RetrieveEnd) -> int:
         return self.core.end_retrieve(self._take_plan(s, body.plan, RetrievePlan))
 
-    def _free(self, s: _Session, body: p.FreeLookupLocks) -> int:
+    def _free(self, s: Session, body: p.FreeLookupLocks) -> int:
         start, end = token_range(body.start_token, body.end_token, self.core.config.chunk_size)
         return self.core.free(Scoped(s.group, body.request_id), start_chunk=start, end_chunk=end)
 
-    def _end(self, s: _Session, body: p.EndSession) -> None:
+    def _end(self, s: Session, body: p.EndSession) -> None:
         owner = Scoped(s.group, body.request_id)
         req = self.core.requests.get(owner)
         self.core.end_request(owner)
@@ -251,7 +214,7 @@ class Sessions:
                 if entry is not None:
                     entry.requests.discard(owner)
 
-    def _stats(self, s: _Session, body: p.Stats) -> dict:
+    def _stats(self, s: Session, body: p.Stats) -> dict:
         out = self.core.stats()
         with self._lock:
             out["server"] = dict(sessions=len(self._sessions), reaped=self.reaped,
@@ -263,7 +226,7 @@ class Sessions:
             out["query"] = self.core.object_states(q.model, q.hashes, kv_rank=q.kv_rank)
         return out
 
-    def _flush(self, s: _Session, body: p.Flush) -> bool:
+    def _flush(self, s: Session, body: p.Flush) -> bool:
         return self.core.flush(body.timeout_s)
 
     # ---- reaping -----------------------------------------------------------------------------
@@ -322,7 +285,7 @@ class Sessions:
                 s.requests = {owner for owner in s.requests if owner in self.core.requests}
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _session(self, sid: str) -> _Session:
+    def _session(self, sid: str) -> Session:
         with self._lock:
             entry = self._sessions.get(sid)
         if entry is None:
@@ -333,18 +296,18 @@ class Sessions:
         return ValueError(f"this client's session was reaped (no ping for "
                           f"{self.worker_timeout_s} s): register again")
 
-    def _instance(self, s: _Session, instance_id: Hashable) -> Scoped:
+    def _instance(self, s: Session, instance_id: Hashable) -> Scoped:
         with self._lock:
             key = s.instances.get(instance_id)
         if key is None:
             raise ValueError(f"unknown instance {instance_id!r} for this client: REGISTER it first")
         return key
 
-    def _check_plans(self, s: _Session) -> None:
+    def _check_plans(self, s: Session) -> None:
         if len(s.plans) >= self.limits.max_plans:
             raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
 
-    def _add_plan(self, s: _Session, plan) -> int:
+    def _add_plan(self, s: Session, plan) -> int:
         """Keep ``plan`` in the session (lock held); 0 when the session was reaped."""
         if s.closed:
             return 0
@@ -352,7 +315,7 @@ class Sessions:
         s.plans[plan_id] = plan
         return plan_id
 
-    def _take_plan(self, s: _Session, plan_id: int, kind: type):
+    def _take_plan(self, s: Session, plan_id: int, kind: type):
         """The session's open plan ``plan_id``. A plan orphaned when this client's session was
         reaped is released now (its copy is over: the client sends a commit or end only then)
         and the call fails, so a late commit never makes anything readable."""
@@ -365,21 +328,3 @@ class Sessions:
         release(self.core, [late])
         raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
                          f"(no ping for {self.worker_timeout_s} s); nothing was committed")
-
-    def _device_index(self, name: str | None) -> int:
-        """The arena for a worker on ``name``: an arena's exact name, "cpu" (the first CPU
-        arena) or "cuda-uuid:<uuid>" (the arena on that GPU)."""
-        devices = self.core.config.devices
-        if name in devices:
-            return devices.index(name)
-        for i, dev in enumerate(devices):
-            if name in (None, "cpu") and torch.device(dev).type == "cpu":
-                return i
-            if name and name.startswith("cuda-uuid:") and torch.device(dev).type == "cuda" \
-                    and _gpu_uuid(dev) == name.removeprefix("cuda-uuid:"):
-                return i
-        raise ValueError(f"this server has no arena for device {name!r} (it has {list(devices)})")
-
-
-def _gpu_uuid(device: str) -> str:
-    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)

@@ -128,6 +128,31 @@ def _advise(mapped: mmap.mmap, advice: int) -> bool:
     return True
 
 
+# ---- naming an arena's device across processes ---------------------------------------------------
+def device_name(device: torch.device) -> str:
+    """How a worker names its pages' device to the server: "cpu", or "cuda-uuid:<uuid>" (CUDA
+    indices differ between processes with other CUDA_VISIBLE_DEVICES; a GPU's UUID does not)."""
+    return "cpu" if device.type == "cpu" else f"cuda-uuid:{gpu_uuid(device)}"
+
+
+def arena_index(devices: list[str], name: str | None) -> int:
+    """The arena (index into ``devices``) for a worker on ``name``: an arena's exact name, "cpu"
+    or None (the first CPU arena), or "cuda-uuid:<uuid>" (the arena on that GPU)."""
+    if name in devices:
+        return devices.index(name)
+    for i, dev in enumerate(devices):
+        if name in (None, "cpu") and torch.device(dev).type == "cpu":
+            return i
+        if name and name.startswith("cuda-uuid:") and torch.device(dev).type == "cuda" \
+                and gpu_uuid(torch.device(dev)) == name.removeprefix("cuda-uuid:"):
+            return i
+    raise ValueError(f"this server has no arena for device {name!r} (it has {list(devices)})")
+
+
+def gpu_uuid(device: torch.device | int) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 # ---- CUDA (UNTESTED: no GPU in CI) --------------------------------------------------------------
 def cuda_handle(tensor: torch.Tensor) -> dict:
     """The CUDA IPC description of a device tensor, as plain data."""
@@ -137,7 +162,7 @@ def cuda_handle(tensor: torch.Tensor) -> dict:
     (_, size, stride, offset, _, dtype, device, handle, storage_size_bytes, storage_offset_bytes,
      _, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = args
     return dict(kind="cuda_ipc", device_index=int(device),
-                device_uuid=str(torch.cuda.get_device_properties(device).uuid),
+                device_uuid=gpu_uuid(device),
                 ipc_handle=bytes(handle), storage_size_bytes=int(storage_size_bytes),
                 storage_offset_bytes=int(storage_offset_bytes),
                 ref_counter_handle=bytes(ref_counter_handle),
@@ -152,7 +177,7 @@ def open_cuda(handle: dict) -> torch.Tensor:
 
     if not torch.cuda.is_available():
         raise ValueError("the server's arena is on a GPU but this process sees none")
-    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    uuids = [gpu_uuid(i) for i in range(torch.cuda.device_count())]
     if handle["device_uuid"] not in uuids:
         raise ValueError(f"GPU {handle['device_uuid']} of the server's arena is not visible here "
                          f"(visible: {uuids})")
