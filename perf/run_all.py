@@ -63,9 +63,11 @@ def run_step(name: str, preset: str, device: str, out: Path) -> str:
     return f"ok ({took:.0f} s)" if code == 0 else f"FAILED (exit {code}, see {log_path.name})"
 
 
-def remove_stale(out: Path, since: float) -> list[str]:
-    """Delete the sweep results in ``out`` that this run did not write; returns their names."""
-    stale = [p for p in out.iterdir() if p.is_file() and p.name.startswith("sweep_")
+def remove_stale(out: Path, since: float, steps: list[str]) -> list[str]:
+    """Delete the results of ``steps`` in ``out`` that this run did not write (a file a sweep no
+    longer produces); returns their names. Files of sweeps run apart from run_all (sweep_vllm)
+    are kept."""
+    stale = [p for p in out.iterdir() if p.is_file() and p.name.startswith(tuple(steps))
              and p.stat().st_mtime < since]  # (summary.md is rewritten)
     for path in stale:
         path.unlink()
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
             continue
         status[name] = run_step(name, args.preset, args.device, out)
     info = dict(info_before, loadavg_after=" ".join(f"{x:.2f}" for x in load_average()))
-    gone = [] if args.only else remove_stale(out, started)
+    gone = [] if args.only else remove_stale(out, started, steps)
     text = summarize(out, args.device, args.preset, status, info)
     if args.only:
         print(text)
