@@ -7,9 +7,10 @@ contiguous (NHD, MLA) and a chunk's slots are whole blocks in order (what a vLLM
 gives), the chunk moves in whole blocks instead: one memmove per block.
 
 On CPU the copies run through numpy views of the same memory (zero-copy) whose items are whole
-units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`): ``ndarray.take(out=)`` and
-``ndarray.put`` copy each item with one memmove, and planes sharing a buffer (K and V of a layer,
-all layers of a vLLM cross-layer buffer) move in one call. numpy releases the GIL while copying,
+units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`), moved by a compiled gather /
+scatter that prefetches the items ahead (:mod:`gpukv.paged.native`; numpy's ``take(out=)`` /
+``put``, one memmove per item, where it cannot be built), and planes sharing a buffer (K and V of
+a layer, all layers of a vLLM cross-layer buffer) move in one call. Both release the GIL while copying,
 so a large call splits its work over ``torch.get_num_threads()`` threads: the caller's and a pool
 kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
 On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
@@ -30,6 +31,7 @@ import torch
 
 from gpukv.paged.groups import GroupPlan, group_plan
 from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
+from gpukv.paged.native import native_copy
 from gpukv.paged.units import like, unit_index, unit_plan, void_items
 
 # a CPU call uses one more thread per 8 MiB it moves, up to torch's thread count, and cuts its
@@ -68,10 +70,13 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
         local["blocks"] = slots[:, ::paged.block_size] // paged.block_size * blocks.block_step
     if not blocked.all():
         local["units"] = unit_index(paged, unit_plan(paged), slots * valid)
-    memory, layer_bytes = arena.numpy(), paged.layer_bytes(chunk_size)
+    memory, layer_bytes, base = arena.numpy(), paged.layer_bytes(chunk_size), arena.data_ptr()
     start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
-    work = []  # (group items, its rows of the chunk, item index, kept rows or None)
+    # (group items, its rows of the chunk, item index, kept rows or None, the items' and the
+    # rows' addresses)
+    work = []
     index_cache: dict = {}
+    addresses: dict = {}  # id(group items) -> address
     for c, off in enumerate(offsets.tolist()):
         kind = "blocks" if blocked[c] else "units"
         plan: GroupPlan = blocks if blocked[c] else units
@@ -80,15 +85,19 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
         keep = None if full[c] else valid[c].repeat(per_row).nonzero()[0]
         for g in plan.in_range(lo, hi):
             rows = chunk[(g.first - lo) * per_plane:(g.stop - lo) * per_plane]
+            rows_addr = base + off + start + (g.first - lo) * per_plane * plan.item_bytes
+            items_addr = addresses.get(id(g.items))
+            if items_addr is None:
+                items_addr = addresses[id(g.items)] = g.items.ctypes.data
             key = (kind, c, g.plane_offsets)
             idx = index_cache.get(key)
             if idx is None:
                 idx = index_cache[key] = (np.asarray(g.plane_offsets)[:, None] + local[kind][c]).reshape(-1)
             if keep is None:
-                work.append((g.items, rows, idx, None))
+                work.append((g.items, rows, idx, None, items_addr, rows_addr))
             else:
                 kept = (np.arange(g.stop - g.first)[:, None] * per_plane + keep).reshape(-1)
-                work.append((g.items, rows, idx[kept], kept))
+                work.append((g.items, rows, idx[kept], kept, items_addr, rows_addr))
     threads = min(torch.get_num_threads(), len(work), len(offsets) * span // BYTES_PER_THREAD)
     if threads <= 1:
         _move_host(work, to_arena)
@@ -124,17 +133,25 @@ def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor,
 
 
 def _move_host(work: list, to_arena: bool) -> None:
-    """One gather (pack) or scatter (unpack) of items per entry."""
-    for items, rows, idx, kept in work:
+    """One gather (pack) or scatter (unpack) of items per entry: all in one call of the compiled
+    loop, with prefetch, where :func:`gpukv.paged.native.native_copy` is built (one call per item
+    size), else numpy's take / put per entry."""
+    native = native_copy()
+    batched: dict[int, list] = {}  # item bytes -> entries for the compiled loop
+    for items, rows, idx, kept, items_addr, rows_addr in work:
         if kept is not None:  # a chunk with -1 slots: only its kept rows
             if to_arena:
                 rows[kept] = items[idx]
             else:
                 items[idx] = rows[kept]
+        elif native is not None:
+            batched.setdefault(items.itemsize, []).append((items_addr, len(items), rows_addr, idx))
         elif to_arena:
             items.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
         else:
             items.put(idx, rows, "clip")
+    for item, entries in batched.items():
+        native.run(native.batch(entries, item), to_rows=to_arena)
 
 
 def _copy_device(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,

@@ -22,8 +22,9 @@ _OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 
                | getattr(os, "O_CLOEXEC", 0))
 
 
-def private_root(path: str | os.PathLike) -> Path:
-    """``path`` as a 0700 directory owned by this user (see the module's policy)."""
+def private_root(path: str | os.PathLike, what: str = "disk tier folder") -> Path:
+    """``path`` as a 0700 directory owned by this user (see the module's policy); ``what`` names
+    it in errors."""
     root = Path(path)
     try:
         root.mkdir(mode=DIR_MODE, parents=True)
@@ -34,12 +35,12 @@ def private_root(path: str | os.PathLike) -> Path:
         return root
     st = os.stat(root)
     if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"disk tier folder {str(root)!r} exists and is not a directory")
+        raise ValueError(f"{what} {str(root)!r} exists and is not a directory")
     if st.st_uid != os.getuid():
-        raise ValueError(f"disk tier folder {str(root)!r} is owned by uid {st.st_uid}, not by "
-                         f"this user (uid {os.getuid()}): refusing to serve KV from it")
+        raise ValueError(f"{what} {str(root)!r} is owned by uid {st.st_uid}, not by "
+                         f"this user (uid {os.getuid()}): refusing to use it")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        log.warning("disk tier folder %s had mode %o; tightening it to %o", root,
+        log.warning("%s %s had mode %o; tightening it to %o", what, root,
                     stat.S_IMODE(st.st_mode), DIR_MODE)
         os.chmod(root, DIR_MODE)
     return root

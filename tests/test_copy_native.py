@@ -1,0 +1,110 @@
+"""The compiled CPU gather / scatter (gpukv.paged.native): equal to numpy's take / put byte for
+byte, bounds checked before any byte moves, and the torch CPU path bit-exact with it and without
+it (numpy fallback).
+
+Without a C compiler the native tests skip, unless GPUKV_REQUIRE_NATIVE=1 (then they fail).
+"""
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gpukv.paged import native
+from gpukv.paged.native import native_copy
+from paged_cases import make_cache
+from paged_oracle import check_pack_unpack
+
+NEEDS_NATIVE = pytest.mark.skipif(native_copy() is None and os.environ.get("GPUKV_REQUIRE_NATIVE") != "1",
+                                  reason="no C compiler: the numpy fallback is used")
+
+
+def _items(count: int, item: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, count * item, dtype=np.uint8).view(np.dtype((np.void, item)))
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize("item", [1, 7, 64, 256, 656, 4096])
+@pytest.mark.parametrize("ahead", [0, 8])
+def test_gather_and_scatter_equal_numpy_take_and_put(item, ahead):
+    nc = native_copy()
+    items = _items(100, item, item)
+    idx = np.random.default_rng(1).permutation(100)[:37]
+    out, want = _items(37, item, 2), _items(37, item, 3)
+    items.take(idx, 0, want)
+    nc.gather(out, items, idx, ahead)
+    assert out.tobytes() == want.tobytes()
+    got, expected = items.copy(), items.copy()
+    rows = _items(37, item, 4)
+    expected.put(idx, rows)
+    nc.scatter(got, idx, rows, ahead)
+    assert got.tobytes() == expected.tobytes()
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize("bad, message", [([0, 100, 1], "outside its 100 items"),
+                                          ([-1, 3, 1], "outside its 100 items"),
+                                          ([5, 5, 5, 5], "4 indices for 3 rows")])
+def test_an_index_out_of_range_or_a_count_mismatch_is_refused_before_any_byte_moves(bad, message):
+    nc = native_copy()
+    items, rows = _items(100, 16, 0), _items(3, 16, 1)
+    before_items, before_rows = items.tobytes(), rows.tobytes()
+    with pytest.raises(ValueError, match=message):
+        nc.gather(rows, items, np.array(bad))
+    with pytest.raises(ValueError, match=message):
+        nc.scatter(items, np.array(bad), rows)
+    assert items.tobytes() == before_items and rows.tobytes() == before_rows
+    with pytest.raises(ValueError, match="item sizes differ"):
+        nc.gather(_items(3, 8, 0), items, np.arange(3))
+    with pytest.raises(ValueError, match="1-D contiguous"):
+        nc.gather(rows, items.reshape(10, 10), np.arange(3))
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("layout", ["kv_first", "cpu_split", "mla", "cross_kv_first", "flashinfer_hnd"])
+@pytest.mark.parametrize("slots_kind", ["tokens", "blocks"])
+def test_the_cpu_path_is_bit_exact_with_and_without_the_compiled_copy(use_native, layout, slots_kind):
+    if use_native and native_copy() is None:
+        pytest.skip("no C compiler")
+    layers, dims, kind = make_cache(layout, num_blocks=12, block_size=16, heads=2, head_dim=8)
+    gen = torch.Generator().manual_seed(5)
+    if slots_kind == "blocks":
+        blocks = torch.randperm(12, generator=gen)[:4]
+        slots = (blocks[:, None] * 16 + torch.arange(16)).flatten()
+    else:
+        slots = torch.randperm(12 * 16, generator=gen)[:64]
+        slots[[3, 40]] = -1  # chunks with skipped tokens take the masked path
+    with contextlib.nullcontext() if use_native else native.disabled():
+        check_pack_unpack(layers, dims, kind, slots, backend="torch", chunk_size=32)
+
+
+def test_disabled_turns_it_off_for_the_block_only():
+    before = native_copy()
+    with native.disabled():
+        assert native_copy() is None
+    assert native_copy() is before
+
+
+def test_native_copy_is_off_with_gpukv_native_0(monkeypatch):
+    monkeypatch.setenv("GPUKV_NATIVE", "0")
+    native._load.cache_clear()
+    try:
+        assert native_copy() is None
+    finally:
+        monkeypatch.delenv("GPUKV_NATIVE")
+        native._load.cache_clear()
+
+
+def test_without_a_compiler_the_build_fails_cleanly(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native._load.cache_clear()
+    try:
+        assert native_copy() is None  # logged, never raised
+        assert not list((tmp_path / "gpukv").glob("native-*.so"))
+    finally:
+        native._load.cache_clear()
+    assert native.AHEAD > 0
