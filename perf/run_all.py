@@ -32,6 +32,7 @@ from summary import summarize  # noqa: E402
 HERE = Path(__file__).parent
 STEPS = {  # step name -> (script, extra arguments)
     "sweep_kernels": ("sweep_kernels", []),
+    "sweep_copy_floor": ("sweep_copy_floor", []),
     "sweep_l1": ("sweep_l1", []),
     "sweep_l1_profile": ("sweep_l1", ["--profile"]),
     "sweep_engine": ("sweep_engine", []),

@@ -54,11 +54,25 @@ def _kernels(out: Path, preset: str) -> list[str]:
         sub = [r for r in rows if (r["model"], r["layout"], r["slots"], r["threads"], r["op"]) == key]
         table.append((*key[:4], key[4], sub[0]["row_bytes"], _f(_med(r["gbps"] for r in sub)),
                       _span(r["ratio_vs_copy"] for r in sub), sub[0]["goal"] if key[3] == "1" else "",
-                      _f(_med(r["ratio_vs_loop"] for r in sub))))
+                      _f(_med(r["ratio_vs_loop"] for r in sub)),
+                      _f(_med(r.get("ratio_vs_numpy_path", "") for r in sub))))
     return _section(f"pack / unpack (`sweep_kernels_{preset}.csv`)",
                     ["model", "layout", "slots", "threads", "op", "row B", "GB/s", "x memcpy, median (min..max) over chunk counts",
-                     "goal (1 thread)", "x per-layer torch loop"], table,
+                     "goal (1 thread)", "x per-layer torch loop", "x numpy path (compiled gather off)"], table,
                     "memcpy of the same bytes on the same threads, timed in the same repeats" + _load(rows) + ".")
+
+
+def _copy_floor(out: Path, preset: str) -> list[str]:
+    rows = _rows(out / f"sweep_copy_floor_{preset}.csv")
+    return _section(f"what a gather in vLLM's order costs without gpukv (`sweep_copy_floor_{preset}.csv`)",
+                    ["items", "row B", "item B", "layers", "memcpy GB/s", "gpukv", "numpy.take", "C memcpy loop",
+                     "C + prefetch 8 ahead"],
+                    [(r["items"], r["row_bytes"], r["item_bytes"], r["layers"], r["memcpy_gbs"],
+                      *(f"{r[n]} ({r[n + '_span']})" if r[n] else "" for n in ("gpukv", "numpy", "c", "c_prefetch")))
+                     for r in rows],
+                    "x memcpy of the same bytes, same repeats, 1 thread, `NB,BS,D` pages of uint8 rows, 4 chunks of "
+                    "256 tokens; the C loops are gpukv's compiled gather on one prepared batch (no planning)" +
+                    _load([dict(loadavg_1m=r["load_avg"].split("..")[0]) for r in rows]) + ".")
 
 
 def _l1(out: Path, preset: str) -> list[str]:
@@ -188,7 +202,7 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str], info:
              "alternating; absolute numbers on a shared machine are noise.", "",
              "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
-    for part in (_kernels(out, preset), _l1(out, preset), _engine(out), _server(out), _metrics(out),
+    for part in (_kernels(out, preset), _copy_floor(out, preset), _l1(out, preset), _engine(out), _server(out), _metrics(out),
                  _remote(out), _ttft(out)):
         lines += part
     return "\n".join(lines) + "\n"

@@ -7,6 +7,9 @@ For each model shape, slot pattern, thread count and 1..N chunks of 256 tokens:
           Python thread pool; one thread: one copy); CUDA: ``dst.copy_(src)``
   loop    per layer and K/V: index_select the rows of all chunks, then copy them into the chunk
           views (unpack: index_copy_ back) -- the straightforward per-layer torch path
+  numpy   (CPU, where gpukv's compiled gather is built) the same call with it off: numpy's take /
+          put, what the CPU path runs without a C compiler; ``ratio_vs_numpy_path`` = its time /
+          gpukv's time of the same repeat
 Slot patterns: ``blocks`` = whole blocks in random order (a vLLM block table: a random
 permutation of a pool twice the size needed, each chunk = 256 / block_size whole blocks);
 ``tokens`` = random token slots from the same pool.
@@ -43,6 +46,7 @@ from common import (MODELS, ParallelCopy, device_name, load_average, progress, r
 
 from gpukv.paged.copy import pack, resolve_backend, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
+from gpukv.paged.native import disabled as native_disabled, native_copy  # noqa: E402
 from gpukv.paged.planes import plane_views  # noqa: E402
 
 CHUNK = 256
@@ -126,11 +130,18 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
     chosen = resolve_backend(backend, torch.device(device))
     rows = []
     for op, fn in (("pack", pack), ("unpack", unpack)):
-        t = time_interleaved({
+        subjects = {
             "copy": memcpy,
             "gpukv": lambda: fn(paged, slots, arena, offsets, chunk_size=CHUNK, backend=backend),
             "loop": lambda: torch_loop(paged, slots, arena, num_chunks, op),
-        }, device, repeats)
+        }
+        if chosen == "torch" and device == "cpu" and native_copy() is not None:
+            def numpy_path(fn=fn) -> None:  # the same CPU path with the compiled loop off
+                with native_disabled():
+                    fn(paged, slots, arena, offsets, chunk_size=CHUNK, backend=backend)
+            subjects["numpy"] = numpy_path
+        t = time_interleaved(subjects, device, repeats)
+        vs_numpy = statistics.median(a / b for a, b in zip(t["numpy"], t["gpukv"])) if "numpy" in t else ""
         s, c, lp = spread(t["gpukv"]), spread(t["copy"]), spread(t["loop"])
         # each repeat times copy then gpukv back to back: their ratio pairs out slow phases
         ratios = [a / b for a, b in zip(t["copy"], t["gpukv"])]
@@ -145,10 +156,15 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
             loop_gbps=nbytes / lp["median"] / 1e9, ratio_vs_copy=paired["median"],
             ratio_vs_copy_min=paired["min"], ratio_vs_copy_max=paired["max"],
             ratio_vs_copy_q1=q1, ratio_vs_copy_q3=q3,
-            ratio_vs_loop=lp["median"] / s["median"], goal=GOALS[slots_kind], backend=chosen,
+            ratio_vs_loop=lp["median"] / s["median"], ratio_vs_numpy_path=vs_numpy,
+            goal=GOALS[slots_kind], backend=chosen,
             device=device_name(device), repeats=repeats, loadavg_1m=load_average()[0]))
     cpu_copy.close()
     return rows
+
+
+def _f2(x) -> str:
+    return f"{x:.2f}" if x != "" else "-"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -212,14 +228,14 @@ def main(argv=None) -> int:
     plot(rows, out / f"sweep_kernels_{args.preset}.png")
     print(f"{'model':18} {'layout':14} {'slots':6} {'op':6} {'thr':>3} {'chunks':>6} {'row B':>5} "
           f"{'MB':>6} {'GB/s':>6} {'copy':>6} {'x copy':>6} {'(min..max)':>11} {'ms min..max':>15} "
-          f"{'x loop':>6} {'load':>5}")
+          f"{'x loop':>6} {'x numpy':>7} {'load':>5}")
     for r in rows:
         print(f"{r['model']:18} {r['layout']:14} {r['slots']:6} {r['op']:6} {r['threads']:3d} "
               f"{r['num_chunks']:6d} {r['row_bytes']:5d} {r['bytes'] / 1e6:6.1f} {r['gbps']:6.2f} "
               f"{r['copy_gbps']:6.2f} {r['ratio_vs_copy']:6.2f} "
               f"({r['ratio_vs_copy_min']:4.2f}..{r['ratio_vs_copy_max']:4.2f}) "
               f"{r['seconds_min'] * 1e3:7.2f}..{r['seconds_max'] * 1e3:<7.2f} {r['ratio_vs_loop']:6.2f} "
-              f"{r['loadavg_1m']:5.2f}")
+              f"{_f2(r['ratio_vs_numpy_path']):>7} {r['loadavg_1m']:5.2f}")
     for kind in dict.fromkeys(r["slots"] for r in rows):
         for thr in dict.fromkeys(r["threads"] for r in rows):
             sub = [r["ratio_vs_copy"] for r in rows if r["slots"] == kind and r["threads"] == thr]
