@@ -91,27 +91,45 @@ def test_stacked_cache_and_int32_slots():
     _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
 
 
+@pytest.mark.parametrize("use_native", [False, True])
 @pytest.mark.parametrize("layout, num_groups", [
     ("kv_first", 5), ("flashinfer_hnd", 5), ("mla", 5), ("cross_kv_first", 1)])
-def test_work_splits_over_threads(monkeypatch, layout, num_groups):
+def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native):
+    import contextlib
     import threading
 
     import gpukv.paged.copy_torch as copy_torch
+    from gpukv.paged import native
 
+    compiled = native.native_copy()
+    if use_native and compiled is None:
+        pytest.skip("no C compiler")
     monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    calls = []
+    calls = []  # (pack?, entries, thread) of every numpy piece and every compiled piece
     real_move = copy_torch._move_host
     monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: calls.append(
         (to_arena, len(work), threading.current_thread().name)) or real_move(work, to_arena))
+
+    class Spy:
+        batch = staticmethod(native.NativeCopy.batch)
+
+        def run(self, batch, *, to_rows):
+            if len(batch.counts):
+                calls.append((to_rows, len(batch.counts), threading.current_thread().name))
+            compiled.run(batch, to_rows=to_rows)
+
+    if use_native:
+        monkeypatch.setattr(copy_torch, "native_copy", Spy)
     layers, dims, kind = make_cache(layout, num_blocks=8, block_size=16, num_layers=5)
     whole = _whole_block_slots(8, 16, 1, 32)
-    holed = _slots(128, 32, holes=True)
-    _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
+    holed = _slots(128, 32, holes=True)  # (a chunk with -1 slots: always numpy's masked copy)
+    with contextlib.nullcontext() if use_native else native.disabled():
+        _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
     work = 2 * num_groups  # (chunk, plane group) pairs
     threads = min(3, work)
     for to_arena in (True, False):  # pack, then unpack: cut in even pieces, each done once
-        sizes = [n for op, n, _ in calls if op == to_arena]
+        sizes = [n for op, n, _ in calls if op == to_arena and n]
         assert len(sizes) == min(work, 4 * threads) and sum(sizes) == work
         assert max(sizes) - min(sizes) <= 1
         names = {name for op, _, name in calls if op == to_arena}
@@ -170,19 +188,35 @@ def test_planes_sharing_a_buffer_form_one_group(layout, unit_groups, block_group
     _check(layers, dims, kind, slots, chunk_size=32, layer_range=(1, 3))
 
 
-def test_whole_block_chunks_move_whole_blocks(monkeypatch):
-    import gpukv.paged.copy_torch as copy_torch
+@pytest.mark.parametrize("use_native", [False, True])
+def test_whole_block_chunks_move_whole_blocks(monkeypatch, use_native):
+    import contextlib
 
-    seen = []
+    import gpukv.paged.copy_torch as copy_torch
+    from gpukv.paged import native
+
+    compiled = native.native_copy()
+    if use_native and compiled is None:
+        pytest.skip("no C compiler")
+    seen = []  # (item bytes, items moved) of every entry, numpy's or the compiled loop's
     real_move = copy_torch._move_host
     monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: seen.extend(
         (w[0].dtype.itemsize, len(w[2])) for w in work) or real_move(work, to_arena))
+
+    class Spy:
+        def run(self, batch, *, to_rows):
+            seen.extend((batch.item, int(n)) for n in batch.counts)
+            compiled.run(batch, to_rows=to_rows)
+
+    if use_native:
+        monkeypatch.setattr(copy_torch, "native_copy", Spy)
     layers, dims, kind = make_cache("kv_first", num_blocks=6, block_size=16, num_layers=2)
     row = 2 * 8 * 2
     slots = torch.cat([_whole_block_slots(6, 16, 1, 32), torch.arange(8, 40)])  # 2nd: mid-block
-    _check(layers, dims, kind, slots, chunk_size=32)
+    with contextlib.nullcontext() if use_native else native.disabled():
+        _check(layers, dims, kind, slots, chunk_size=32)
     # per op, per layer group (K+V): chunk 0 as 2 planes x 2 blocks, chunk 1 as 2 planes x 32 rows
-    assert seen == ([(16 * row, 4)] * 2 + [(row, 64)] * 2) * 2
+    assert sorted(seen) == sorted(([(16 * row, 4)] * 2 + [(row, 64)] * 2) * 2)
 
 
 def test_a_busy_pool_does_not_hold_up_a_copy():

@@ -24,14 +24,14 @@ import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from gpukv.paged.groups import GroupPlan, group_plan
 from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
-from gpukv.paged.native import native_copy
+from gpukv.paged.native import Batch, native_copy
 from gpukv.paged.units import like, unit_index, unit_plan, void_items
 
 # a CPU call uses one more thread per 8 MiB it moves, up to torch's thread count, and cuts its
@@ -72,44 +72,107 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
         local["units"] = unit_index(paged, unit_plan(paged), slots * valid)
     memory, layer_bytes, base = arena.numpy(), paged.layer_bytes(chunk_size), arena.data_ptr()
     start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
-    # (group items, its rows of the chunk, item index, kept rows or None, the items' and the
-    # rows' addresses)
-    work = []
+    native = native_copy()
+    work = []  # numpy's: (group items, its rows of the chunk, item index, kept rows or None)
+    batches: dict[int, _BatchParts] = {}  # the compiled loop's, per item size
     index_cache: dict = {}
-    addresses: dict = {}  # id(group items) -> address
     for c, off in enumerate(offsets.tolist()):
         kind = "blocks" if blocked[c] else "units"
         plan: GroupPlan = blocks if blocked[c] else units
+        per_plane = span // plan.item_bytes // (hi - lo)
+        if native is not None and full[c]:  # one vectorised step for all of the chunk's groups
+            parts = batches.get(plan.item_bytes)
+            if parts is None:
+                parts = batches[plan.item_bytes] = _BatchParts(plan.item_bytes)
+            parts.add(_native_layout(paged, plan, kind, lo, hi, per_plane), local[kind][c],
+                      base + off + start)
+            continue
         chunk = void_items(memory[off + start:off + start + span], plan.item_bytes)
-        per_plane = len(chunk) // (hi - lo)
         keep = None if full[c] else valid[c].repeat(per_row).nonzero()[0]
         for g in plan.in_range(lo, hi):
             rows = chunk[(g.first - lo) * per_plane:(g.stop - lo) * per_plane]
-            rows_addr = base + off + start + (g.first - lo) * per_plane * plan.item_bytes
-            items_addr = addresses.get(id(g.items))
-            if items_addr is None:
-                items_addr = addresses[id(g.items)] = g.items.ctypes.data
             key = (kind, c, g.plane_offsets)
             idx = index_cache.get(key)
             if idx is None:
                 idx = index_cache[key] = (np.asarray(g.plane_offsets)[:, None] + local[kind][c]).reshape(-1)
             if keep is None:
-                work.append((g.items, rows, idx, None, items_addr, rows_addr))
+                work.append((g.items, rows, idx, None))
             else:
                 kept = (np.arange(g.stop - g.first)[:, None] * per_plane + keep).reshape(-1)
-                work.append((g.items, rows, idx[kept], kept, items_addr, rows_addr))
-    threads = min(torch.get_num_threads(), len(work), len(offsets) * span // BYTES_PER_THREAD)
+                work.append((g.items, rows, idx[kept], kept))
+    compiled = [parts.batch() for parts in batches.values()]
+    entries = len(work) + sum(len(b.counts) for b in compiled)
+    threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
     if threads <= 1:
+        for batch in compiled:
+            native.run(batch, to_rows=to_arena)
         _move_host(work, to_arena)
         return
-    # numpy releases the GIL while it copies: the work splits over this thread and the pool's
-    num_pieces = min(len(work), PIECES_PER_THREAD * threads)
-    cuts = [len(work) * k // num_pieces for k in range(num_pieces + 1)]
+    # both movers release the GIL while they copy: the work splits over this thread and the pool's
+    num_pieces = min(entries, PIECES_PER_THREAD * threads)
+    pieces = [functools.partial(native.run, piece, to_rows=to_arena) for batch in compiled
+              for piece in batch.split(max(1, num_pieces * len(batch.counts) // entries))]
+    if work:
+        share = max(1, num_pieces * len(work) // entries)
+        cuts = [len(work) * k // share for k in range(share + 1)]
+        pieces += [functools.partial(_move_host, work[a:b], to_arena) for a, b in zip(cuts, cuts[1:])]
     # one pool per process: a forked child must not wait on its parent's threads
     pool = paged.cached(("copy_pool", threads, os.getpid()), lambda: ThreadPoolExecutor(
         threads - 1, thread_name_prefix="gpukv-copy"))
-    run_shared([functools.partial(_move_host, work[a:b], to_arena) for a, b in zip(cuts, cuts[1:])],
-               pool, threads)
+    run_shared(pieces, pool, threads)
+
+
+class _NativeLayout(NamedTuple):
+    """A plan's groups over planes ``lo .. hi - 1`` as arrays for the compiled loop."""
+
+    items_addr: np.ndarray  # [groups] int64
+    num_items: np.ndarray
+    rows_offset: np.ndarray  # bytes from the chunk's first row of these planes to the group's
+    key_of: np.ndarray  # [groups]: which of ``plane_offsets`` the group's index uses
+    plane_offsets: tuple[np.ndarray, ...]  # distinct [planes, 1] item offsets
+
+
+def _native_layout(paged: PagedKV, plan: GroupPlan, kind: str, lo: int, hi: int,
+                   per_plane: int) -> _NativeLayout:
+    def build() -> _NativeLayout:
+        groups = plan.in_range(lo, hi)
+        keys: dict[tuple[int, ...], int] = {}
+        key_of = [keys.setdefault(g.plane_offsets, len(keys)) for g in groups]
+        return _NativeLayout(
+            np.array([g.items.ctypes.data for g in groups], dtype=np.int64),
+            np.array([len(g.items) for g in groups], dtype=np.int64),
+            np.array([(g.first - lo) * per_plane * plan.item_bytes for g in groups], dtype=np.int64),
+            np.array(key_of, dtype=np.int64),
+            tuple(np.asarray(k, dtype=np.int64)[:, None] for k in keys))
+    return paged.cached(("native_layout", kind, lo, hi, per_plane), build)
+
+
+class _BatchParts:
+    """The compiled loop's entries of one item size, gathered chunk by chunk."""
+
+    def __init__(self, item: int) -> None:
+        self.item, self.metas, self.counts, self.idx, self.used = item, [], [], [], 0
+
+    def add(self, layout: _NativeLayout, local: np.ndarray, chunk_addr: int) -> None:
+        """The entries of one chunk: its groups' rows start at ``chunk_addr``; ``local`` are the
+        chunk's item indices inside one plane."""
+        starts, lengths = [], []
+        for offsets in layout.plane_offsets:
+            idx = (offsets + local).reshape(-1)
+            starts.append(self.used)
+            lengths.append(len(idx))
+            self.idx.append(idx)
+            self.used += len(idx)
+        meta = np.empty((len(layout.key_of), 4), dtype=np.int64)
+        meta[:, 0], meta[:, 1] = layout.items_addr, layout.num_items
+        meta[:, 2] = layout.rows_offset + chunk_addr
+        meta[:, 3] = np.asarray(starts, dtype=np.int64)[layout.key_of]
+        self.metas.append(meta)
+        self.counts.append(np.asarray(lengths, dtype=np.int64)[layout.key_of])
+
+    def batch(self) -> Batch:
+        return Batch(np.concatenate(self.metas), np.concatenate(self.idx), np.concatenate(self.counts),
+                     self.item)
 
 
 def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor, threads: int) -> None:
@@ -133,25 +196,18 @@ def run_shared(pieces: Sequence[Callable[[], object]], pool: ThreadPoolExecutor,
 
 
 def _move_host(work: list, to_arena: bool) -> None:
-    """One gather (pack) or scatter (unpack) of items per entry: all in one call of the compiled
-    loop, with prefetch, where :func:`gpukv.paged.native.native_copy` is built (one call per item
-    size), else numpy's take / put per entry."""
-    native = native_copy()
-    batched: dict[int, list] = {}  # item bytes -> entries for the compiled loop
-    for items, rows, idx, kept, items_addr, rows_addr in work:
+    """numpy's gather (pack) or scatter (unpack) of items, one call per entry (the path without
+    the compiled loop, and chunks with ``-1`` slots)."""
+    for items, rows, idx, kept in work:
         if kept is not None:  # a chunk with -1 slots: only its kept rows
             if to_arena:
                 rows[kept] = items[idx]
             else:
                 items[idx] = rows[kept]
-        elif native is not None:
-            batched.setdefault(items.itemsize, []).append((items_addr, len(items), rows_addr, idx))
         elif to_arena:
             items.take(idx, 0, rows, "clip")  # mode "raise" would buffer `out`
         else:
             items.put(idx, rows, "clip")
-    for item, entries in batched.items():
-        native.run(native.batch(entries, item), to_rows=to_arena)
 
 
 def _copy_device(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,

@@ -53,31 +53,27 @@ static inline void prefetch_item(const char *p, int64_t item, int write) {
     }
 }
 
-/* Entry e of n: items at meta[3e] (meta[3e+1] of them), rows at meta[3e+2], counts[e] indices
-   from idx (the entries' indices one after another), items of `item` bytes. Every index is
-   checked first: returns the first entry with one outside [0, its item count) and copies
-   nothing, else -1 after the copies. to_rows: rows[i] = items[idx[i]] (gather), else
+/* Entry e of n (meta[4e..4e+3]): its items' address, their count, its rows' address, and where
+   its counts[e] indices start in idx (entries may share indices). Items of `item` bytes. Every
+   index is checked first: returns the first entry with one outside [0, its item count) and
+   copies nothing, else -1 after the copies. to_rows: rows[i] = items[idx[i]] (gather), else
    items[idx[i]] = rows[i] (scatter). Prefetches the item `ahead` places ahead. */
 int64_t gpukv_move(int64_t n, const int64_t *meta, const int64_t *idx, const int64_t *counts,
                    int64_t item, int64_t ahead, int64_t to_rows) {
-    const int64_t *x = idx;
     for (int64_t e = 0; e < n; e++) {
-        const int64_t limit = meta[3 * e + 1];
+        const int64_t limit = meta[4 * e + 1], *x = idx + meta[4 * e + 3];
         for (int64_t i = 0; i < counts[e]; i++)
             if (x[i] < 0 || x[i] >= limit) return e;
-        x += counts[e];
     }
-    x = idx;
     for (int64_t e = 0; e < n; e++) {
-        char *items = (char *)(intptr_t)meta[3 * e], *rows = (char *)(intptr_t)meta[3 * e + 2];
-        const int64_t count = counts[e];
+        char *items = (char *)(intptr_t)meta[4 * e], *rows = (char *)(intptr_t)meta[4 * e + 2];
+        const int64_t count = counts[e], *x = idx + meta[4 * e + 3];
         for (int64_t i = 0; i < count; i++) {
             if (ahead && i + ahead < count)
                 prefetch_item(items + x[i + ahead] * item, item, !to_rows);
             if (to_rows) memcpy(rows + i * item, items + x[i] * item, (size_t)item);
             else memcpy(items + x[i] * item, rows + i * item, (size_t)item);
         }
-        x += count;
     }
     return -1;
 }
@@ -85,12 +81,19 @@ int64_t gpukv_move(int64_t n, const int64_t *meta, const int64_t *idx, const int
 
 
 class Batch(NamedTuple):
-    """Copies prepared for one call of the compiled loop (:meth:`NativeCopy.batch`)."""
+    """Copies prepared for one call of the compiled loop."""
 
-    meta: np.ndarray  # [entries, 3] int64: items address, item count, rows address
-    idx: np.ndarray  # every entry's indices, one after another
-    counts: np.ndarray
+    meta: np.ndarray  # [entries, 4] int64: items address, item count, rows address, idx start
+    idx: np.ndarray  # the entries' indices (int64; an entry reads counts[e] from its start)
+    counts: np.ndarray  # [entries] int64
     item: int
+
+    def split(self, pieces: int) -> list["Batch"]:
+        """The entries cut into ``pieces`` batches (sharing ``idx``), for several threads."""
+        n = len(self.counts)
+        cuts = [n * k // pieces for k in range(pieces + 1)]
+        return [Batch(self.meta[a:b], self.idx, self.counts[a:b], self.item)
+                for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 class NativeCopy:
@@ -107,10 +110,13 @@ class NativeCopy:
         """``entries`` of (items address, item count, rows address, indices), items of ``item``
         bytes, as one batch (the addresses are trusted: the caller computed them from arrays it
         holds; every index is checked against its item count when the batch runs)."""
-        meta = np.array([e[:3] for e in entries], dtype=np.int64).reshape(-1, 3)
-        idx = np.concatenate([e[3] for e in entries]).astype(np.int64, copy=False) if entries \
-            else np.zeros(0, np.int64)
         counts = np.fromiter((len(e[3]) for e in entries), np.int64, len(entries))
+        meta = np.zeros((len(entries), 4), dtype=np.int64)
+        if entries:
+            meta[:, :3] = [e[:3] for e in entries]
+            meta[1:, 3] = np.cumsum(counts)[:-1]
+        idx = np.concatenate([np.asarray(e[3], dtype=np.int64) for e in entries]) if entries \
+            else np.zeros(0, np.int64)
         return Batch(meta, idx, counts, item)
 
     def run(self, batch: Batch, *, to_rows: bool, ahead: int | None = None) -> None:
@@ -119,8 +125,15 @@ class NativeCopy:
         (default: AHEAD for items up to PREFETCH_MAX_ITEM bytes, else none)."""
         if ahead is None:
             ahead = AHEAD if batch.item <= PREFETCH_MAX_ITEM else 0
-        bad = self._move(len(batch.counts), batch.meta.ctypes.data, batch.idx.ctypes.data,
-                         batch.counts.ctypes.data, batch.item, ahead, int(to_rows))
+        meta, idx = np.ascontiguousarray(batch.meta, np.int64), np.ascontiguousarray(batch.idx, np.int64)
+        counts = np.ascontiguousarray(batch.counts, np.int64)
+        if meta.shape != (len(counts), 4):
+            raise ValueError(f"meta must be [{len(counts)}, 4], got {meta.shape}")
+        if len(counts) and ((counts < 0).any() or (meta[:, 3] < 0).any()
+                            or (meta[:, 3] + counts > len(idx)).any()):
+            raise ValueError("an entry's indices run outside the index array")
+        bad = self._move(len(counts), meta.ctypes.data, idx.ctypes.data, counts.ctypes.data,
+                         batch.item, ahead, int(to_rows))
         if bad >= 0:
             raise ValueError(f"copy entry {bad}: an index is outside its {batch.meta[bad, 1]} items; "
                              "nothing was copied")
