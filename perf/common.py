@@ -132,7 +132,8 @@ def run_info() -> dict[str, str]:
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # (results a previous run left uncommitted are not changes to what is measured)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
