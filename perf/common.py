@@ -133,7 +133,7 @@ def run_info() -> dict[str, str]:
             return "unknown"
 
     # (results a previous run left uncommitted are not changes to what is measured)
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)perf/results")
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
