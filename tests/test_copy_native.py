@@ -108,3 +108,9 @@ def test_without_a_compiler_the_build_fails_cleanly(monkeypatch, tmp_path):
     finally:
         native._load.cache_clear()
     assert native.AHEAD > 0
+
+
+def test_the_compiled_gather_is_built_where_ci_requires_it():
+    if os.environ.get("GPUKV_REQUIRE_NATIVE") != "1":
+        pytest.skip("GPUKV_REQUIRE_NATIVE is not set")
+    assert native_copy() is not None, "cc is on the PATH in CI: gpukv/paged/native.py must build"
