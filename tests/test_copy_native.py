@@ -114,3 +114,23 @@ def test_the_compiled_gather_is_built_where_ci_requires_it():
     if os.environ.get("GPUKV_REQUIRE_NATIVE") != "1":
         pytest.skip("GPUKV_REQUIRE_NATIVE is not set")
     assert native_copy() is not None, "cc is on the PATH in CI: gpukv/paged/native.py must build"
+
+
+@NEEDS_NATIVE
+def test_a_fresh_cache_folder_gets_a_private_build_that_works(monkeypatch, tmp_path):
+    import stat
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        fresh = native_copy()
+        assert fresh is not None
+        folder = tmp_path / "gpukv"
+        (lib,) = folder.glob("native-*.so")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and lib.stat().st_uid == os.getuid()
+        assert not [p for p in folder.iterdir() if p != lib]  # no build leftovers
+        items, out = _items(10, 32, 0), _items(3, 32, 1)
+        fresh.gather(out, items, np.array([9, 0, 4]))
+        assert out.tobytes() == items[[9, 0, 4]].tobytes()
+    finally:
+        native._load.cache_clear()
