@@ -134,3 +134,18 @@ def test_a_fresh_cache_folder_gets_a_private_build_that_works(monkeypatch, tmp_p
         assert out.tobytes() == items[[9, 0, 4]].tobytes()
     finally:
         native._load.cache_clear()
+
+
+@NEEDS_NATIVE
+def test_an_unusable_cache_home_builds_under_the_temp_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")  # $XDG_CACHE_HOME/gpukv cannot be created, even by root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    native._load.cache_clear()
+    try:
+        assert native_copy() is not None
+        assert list((tmp_path / "tmp" / f"gpukv-{os.getuid()}" / "native").glob("native-*.so"))
+    finally:
+        native._load.cache_clear()

@@ -191,9 +191,21 @@ def _load() -> NativeCopy | None:
         return None
 
 
-def _build() -> Path:
+def _cache_folder() -> Path:
+    """``$XDG_CACHE_HOME/gpukv`` (or ``~/.cache/gpukv``); where that cannot be created (a
+    read-only home), a 0700 folder of this user's under the temp directory."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = private_root(Path(cache) / "gpukv", "gpukv cache folder")
+    try:
+        return private_root(Path(cache) / "gpukv", "gpukv cache folder")
+    except OSError as exc:
+        log.debug("cannot use %s/gpukv (%s): building under the temp directory", cache, exc)
+        # each level ours and 0700: no other user can swap a folder for a link of theirs
+        mine = private_root(Path(tempfile.gettempdir()) / f"gpukv-{os.getuid()}", "gpukv temp folder")
+        return private_root(mine / "native", "gpukv cache folder")
+
+
+def _build() -> Path:
+    folder = _cache_folder()
     digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
     target = folder / f"native-{digest}.so"
     if target.exists() and target.stat().st_uid == os.getuid():
