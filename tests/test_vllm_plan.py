@@ -10,7 +10,7 @@ import torch
 from gpukv.integrations.vllm.keys import MMItem
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, SchedulerPlanner, StepView
 from vllm_fakes import FakeClient
-from vllm_pages import BS, CS, MODEL, NB, Clock, cpu_read, engine, fill, new_step, slots_of, tokens
+from vllm_pages import BS, CS, MODEL, NB, Clock, cpu_read, engine, fill, new_step, slots_of, store_prompt, tokens
 
 
 @pytest.fixture
@@ -60,10 +60,7 @@ def test_a_stored_prefix_is_loaded_into_other_blocks_with_the_same_k_and_v(clien
 def test_repeated_lookups_while_waiting_take_shares_once_and_relook_after_relookup_s(client):
     plan_a, work_a, pages_a = engine(client, "a", tp_size=1)
     prompt = tokens(70, 3)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    fill(pages_a, [0, 1, 2, 3, 4], 70, seed=1)
-    work_a.store(plan_a.build(new_step("ra", [0, 1, 2, 3, 4], 0, 70)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, [0, 1, 2, 3, 4], seed=1)
 
     plan_b = SchedulerPlanner(client, MODEL, tp_size=1, chunk_size=CS, block_size=BS,
                               relookup_s=5.0, clock=(clock := Clock()))
@@ -82,10 +79,7 @@ def test_repeated_lookups_while_waiting_take_shares_once_and_relook_after_relook
 def test_the_hit_stays_below_the_prompt_length_and_the_whole_last_chunk_is_loaded(client):
     plan_a, work_a, pages_a = engine(client, "a")
     prompt = tokens(64, 4)  # exactly two chunks
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    fill(pages_a, [5, 6, 7, 8], 64, seed=2)
-    work_a.store(plan_a.build(new_step("ra", [5, 6, 7, 8], 0, 64)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, [5, 6, 7, 8], seed=2)
     plan_b, work_b, _ = engine(client, "b")
     assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt), 0) == 63  # vLLM computes 1
     plan_b.after_alloc("rb", 63)
@@ -98,11 +92,8 @@ def test_vllm_local_blocks_get_minus_one_slots_and_their_whole_chunks_free_their
     so it keeps its share and loads only its second block."""
     plan_a, work_a, pages_a = engine(client, "a")
     prompt = tokens(130, 5)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
     blocks = list(range(9))
-    fill(pages_a, blocks, 130, seed=3)
-    work_a.store(plan_a.build(new_step("ra", blocks, 0, 130)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, blocks, seed=3)
     plan_b, work_b, pages_b = engine(client, "b")
     info = RequestInfo("rb", prompt)
     assert plan_b.num_new_matched_tokens(info, 48) == 128 - 48
@@ -124,10 +115,7 @@ def test_vllm_local_blocks_get_minus_one_slots_and_their_whole_chunks_free_their
 def test_no_external_tokens_taken_frees_every_share(client):
     plan_a, work_a, pages_a = engine(client, "a")
     prompt = tokens(64, 6)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    fill(pages_a, [0, 1, 2, 3], 64, seed=4)
-    work_a.store(plan_a.build(new_step("ra", [0, 1, 2, 3], 0, 64)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, [0, 1, 2, 3], seed=4)
     plan_b, _, _ = engine(client, "b")
     plan_b.num_new_matched_tokens(RequestInfo("rb", prompt + [7]), 0)
     assert client.read_count(MODEL, prompt) == [1, 1]
@@ -178,10 +166,7 @@ def test_a_preempted_request_is_planned_again_with_its_outputs_and_new_blocks(cl
 def test_finishing_a_waiting_request_ends_its_session(client):
     plan_a, work_a, pages_a = engine(client, "a")
     prompt = tokens(64, 10)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    fill(pages_a, [0, 1, 2, 3], 64, seed=6)
-    work_a.store(plan_a.build(new_step("ra", [0, 1, 2, 3], 0, 64)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, [0, 1, 2, 3], seed=6)
     plan_b, _, _ = engine(client, "b", tp_size=1)
     plan_b.num_new_matched_tokens(RequestInfo("rb", prompt), 0)
     assert client.total_shares() == 2

@@ -11,7 +11,7 @@ from gpukv.integrations.vllm.plan import RequestInfo, SchedulerPlanner
 from gpukv.integrations.vllm.worker import WorkerSide, kv_views
 from vllm_fakes import FakeClient
 from vllm_pages import (BS, CS, D, H, MODEL, NB, cpu_read, engine, fill, mha_pages, new_step,
-                        slots_of, tokens)
+                        slots_of, store_prompt, tokens)
 
 
 @pytest.fixture
@@ -57,10 +57,7 @@ def test_mla_tp2_one_rank_stores_the_lookup_takes_two_shares_and_each_rank_load_
 def test_a_failed_load_reports_its_blocks_and_writes_nothing(client):
     plan_a, work_a, pages_a = engine(client, "a")
     prompt = tokens(64, 12)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    fill(pages_a, [0, 1, 2, 3], 64, seed=8)
-    work_a.store(plan_a.build(new_step("ra", [0, 1, 2, 3], 0, 64)))
+    store_prompt(plan_a, work_a, pages_a, "ra", prompt, [0, 1, 2, 3], seed=8)
     plan_b, work_b, pages_b = engine(client, "b")
     plan_b.num_new_matched_tokens(RequestInfo("rb", prompt + [1, 2]), 0)
     plan_b.after_alloc("rb", 64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpukv.integrations.vllm.plan import ScheduledRequest, SchedulerPlanner, StepView
+from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, SchedulerPlanner, StepView
 from gpukv.integrations.vllm.worker import WorkerSide
 from vllm_fakes import FakeClient
 
@@ -81,3 +81,15 @@ def engine(client: FakeClient, name: str, *, tp_rank: int = 0, tp_size: int = 1,
                     next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
     planner = SchedulerPlanner(client, MODEL, tp_size=tp_size, chunk_size=CS, block_size=BS, clock=Clock())
     return planner, worker, pages
+
+
+def store_prompt(planner: SchedulerPlanner, worker: WorkerSide, pages, rid: str, prompt: list[int],
+                 block_ids: list[int], seed: int) -> list[tuple]:
+    """A new request ``rid`` that gpukv cannot help: looked up, given no external tokens, its
+    K/V computed into ``block_ids`` in one prefill step and its full chunks stored. Returns
+    :func:`fill`'s per-layer (K, V)."""
+    planner.num_new_matched_tokens(RequestInfo(rid, prompt), 0)
+    planner.after_alloc(rid, 0)
+    written = fill(pages, block_ids, len(prompt), seed=seed)
+    worker.store(planner.build(new_step(rid, block_ids, 0, len(prompt))))
+    return written
