@@ -238,27 +238,24 @@ class Worker:
     def start(self, method: str, *args, **kwargs) -> None:
         self.conn.send((method, args, kwargs))
 
-    def _recv(self, what: str):
+    def _expect(self, what: str, wanted: str):
+        """The worker's next message, which must be tagged ``wanted`` (its error is re-raised)."""
         if not self.conn.poll(120):
             raise TimeoutError(f"worker {self.proc.pid}: no {what} within 120 s")
-        return self.conn.recv()
-
-    def wait_hook(self) -> str:
-        tag, value = self._recv("hook")
+        tag, value = self.conn.recv()
         if tag == "err":
             raise value
-        assert tag == "hook", (tag, value)
+        assert tag == wanted, (tag, value)
         return value
+
+    def wait_hook(self) -> str:
+        return self._expect("hook", "hook")
 
     def go(self) -> None:
         self.conn.send("go")
 
     def result(self):
-        tag, value = self._recv("reply")
-        if tag == "err":
-            raise value
-        assert tag == "ok", (tag, value)
-        return value
+        return self._expect("reply", "ok")
 
     def kill(self) -> None:
         """SIGKILL: no cleanup at all (no unregister, no commit, pings just stop)."""
