@@ -144,9 +144,11 @@ def test_another_group_cannot_touch_a_request(tmp_path, monkeypatch):
         # a raw socket inventing sessions (and A's group? it does not know it) touches nothing
         ctx = zmq.Context()
         sock = raw_socket(ctx, server.address)
-        seen = _probe_from_invented_sessions(sock, monkeypatch, rank0, tokens, errors)
-        sock.close()
-        ctx.term()
+        try:  # closed whatever happens: a context left to the garbage collector can hang the run
+            seen = _probe_from_invented_sessions(sock, monkeypatch, rank0, tokens, errors)
+        finally:
+            sock.close()
+            ctx.term()
         # same group: each worker's retrieve releases one of the scheduler's two shares
         assert seen["during"] == [2] * 5 and seen["after_rank0"] == [1] * 5
         assert rank1.retrieve("rank", tokens[:N], slots_of(RANK_BLOCKS[1], N), request_id="req") == N

@@ -24,6 +24,7 @@ import zmq
 
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.zmq_context import OwnedContext
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Channel:
         self.address, self.session, self.group = address, session, group
         self.timeout_s = float(timeout_s)
         self._on_unavailable = on_unavailable
-        self._ctx = zmq.Context()
+        self._zmq = OwnedContext(self)  # closed even if this channel is dropped unclosed
         self._pool: list[zmq.Socket] = []
         self._rcvtimeo: dict[zmq.Socket, int] = {}  # the timeout each pooled socket has set
         self._pool_lock = threading.Lock()
@@ -86,7 +87,7 @@ class Channel:
                 if reply.seq in (seq, 0):
                     break
         except BaseException:
-            sock.close(linger=0)  # a late reply must never reach another call
+            self._zmq.close_socket(sock)  # a late reply must never reach another call
             self._rcvtimeo.pop(sock, None)
             raise
         self._give_back(sock)
@@ -109,16 +110,16 @@ class Channel:
             self._pinger.join(timeout=5)
         with self._pool_lock:
             for sock in self._pool:
-                sock.close(linger=0)
+                self._zmq.close_socket(sock)
             self._pool.clear()
             self._rcvtimeo.clear()
-        self._ctx.term()
+        self._zmq.terminate()  # a call in flight fails with ETERM and closes its socket
 
     def _borrow(self) -> zmq.Socket:
         with self._pool_lock:
             if self._pool:
                 return self._pool.pop()
-            sock = self._ctx.socket(zmq.DEALER)
+            sock = self._zmq.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.address)
         return sock
@@ -126,7 +127,7 @@ class Channel:
     def _give_back(self, sock: zmq.Socket) -> None:
         with self._pool_lock:
             if self._closed.is_set():
-                sock.close(linger=0)
+                self._zmq.close_socket(sock)
                 self._rcvtimeo.pop(sock, None)
             else:
                 self._pool.append(sock)

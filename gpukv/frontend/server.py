@@ -41,6 +41,7 @@ from gpukv.frontend import protocol as p
 from gpukv.frontend.fairpool import FairPool
 from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
 from gpukv.frontend.sessions import Limits, Sessions
+from gpukv.zmq_context import OwnedContext
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,17 @@ class CacheServer:
         self.config = config = config or ServerConfig()
         self.sessions = Sessions(core, worker_timeout_s=config.worker_timeout_s,
                                  limits=config.limits)
-        self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
+        self._zmq = OwnedContext(self)  # closed even if this server is dropped unserved
+        self._router = self._zmq.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         self._router.setsockopt(zmq.RCVHWM, RCVHWM)  # frames queued per client connection
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._bind()
+        try:
+            self._bind()
+        except BaseException:
+            self._zmq.close()
+            raise
         self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -314,8 +319,7 @@ class CacheServer:
         self._pool.shutdown()
         self._send_replies()
         self.sessions.close()
-        self._router.close(linger=0)
-        self._ctx.term()
+        self._zmq.close()  # the ROUTER socket, then the context
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self.address.startswith("ipc://") and not ipc_path(self.address).startswith("@"):

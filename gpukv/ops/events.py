@@ -36,6 +36,7 @@ import zmq
 
 from gpukv.constants import HASH_BYTES
 from gpukv.ops.addresses import check_zmq_address
+from gpukv.zmq_context import OwnedContext
 
 TIERS = ("L1", "disk", "remote")
 STORED_REASONS = ("new", "loaded", "restart")
@@ -163,16 +164,15 @@ class EventPublisher:
         self.address: str | None = None
         self._thread: threading.Thread | None = None
         if address is not None:
-            self._ctx = zmq.Context()
-            self._sock = self._ctx.socket(zmq.XPUB)
+            self._zmq = OwnedContext(self)  # closed even if a failed bind drops this unclosed
+            self._sock = self._zmq.socket(zmq.XPUB)
             self._sock.setsockopt(zmq.LINGER, 1000)
             self._sock.setsockopt(zmq.SNDHWM, sndhwm)
             self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # see every (un)subscription
             try:
                 _bind(self._sock, address)
             except (zmq.ZMQError, ValueError):
-                self._sock.close(linger=0)
-                self._ctx.term()
+                self._zmq.close()
                 raise
             self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._thread = threading.Thread(target=self._run, name="gpukv-events", daemon=True)
@@ -285,8 +285,8 @@ class EventPublisher:
                 self._cond.notify_all()
                 if closing and not self._queue:
                     break
-        self._sock.close()  # LINGER lets the last events out
-        self._ctx.term()
+        self._zmq.close_socket(self._sock, linger=1000)  # lets the last events out
+        self._zmq.close()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued, then close the socket (idempotent)."""

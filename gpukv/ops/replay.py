@@ -22,6 +22,7 @@ from typing import Iterable
 import zmq
 
 from gpukv.ops.events import TIERS, EventKey, KvEvent, KvStored, decode_event
+from gpukv.zmq_context import OwnedContext
 
 RESET_ON_NEW_EPOCH = ("L1", "disk")
 
@@ -90,8 +91,8 @@ class EventSubscriber:
         if not isinstance(address, str) or not address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"address must be ipc://... or tcp://..., got {address!r}")
         self.address = address
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
+        self._zmq = OwnedContext(self)  # closed even if this subscriber is dropped unclosed
+        self._sock = self._zmq.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -118,8 +119,7 @@ class EventSubscriber:
         return applied
 
     def close(self) -> None:
-        self._sock.close(linger=0)
-        self._ctx.term()
+        self._zmq.close()
 
     def __enter__(self) -> "EventSubscriber":
         return self

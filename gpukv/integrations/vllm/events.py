@@ -68,3 +68,9 @@ class EventsBridge:
 
     def close(self) -> None:
         self._subscriber.close()
+
+    def __enter__(self) -> "EventsBridge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
