@@ -29,6 +29,7 @@ import collections
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, results_dir, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.integrations.vllm.offline import RESULT_MARK, spawn  # noqa: E402
+from gpukv.integrations.vllm.offline import RESULT_MARK, engine_env, spawn  # noqa: E402
 from gpukv.integrations.vllm.records import read_records  # noqa: E402
 from gpukv.integrations.vllm.tiny_models import prompt_token_ids, write_tiny_model  # noqa: E402
 
@@ -62,11 +63,10 @@ class EngineLoop:
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--serve-stdin",
                "--out", str(workdir / "out.json"), *args]
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, env=env)
+                                     stderr=self._log, text=True, env=engine_env(),
+                                     start_new_session=True)  # close() kills its engine core too
         assert self._read() == "ready"
 
     def _read(self):
@@ -89,7 +89,12 @@ class EngineLoop:
             try:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of the engine's processes
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self._log.close()
 
 

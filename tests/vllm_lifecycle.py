@@ -51,52 +51,54 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
     kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     stats = CacheClient(address, ping_interval_s=0)
-    out: dict = {}
+    try:
+        out: dict = {}
 
-    def params(n: int) -> SamplingParams:
-        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
-    async def run(rid: str, tokens: list[int], n: int, progress: dict | None = None) -> list[int]:
-        got: list[int] = []
-        async for o in llm.generate({"prompt_token_ids": tokens}, params(n), rid):
-            got = list(o.outputs[0].token_ids)
-            if progress is not None:
-                progress["n"] = len(got)
-        return got
+        async def run(rid: str, tokens: list[int], n: int, progress: dict | None = None) -> list[int]:
+            got: list[int] = []
+            async for o in llm.generate({"prompt_token_ids": tokens}, params(n), rid):
+                got = list(o.outputs[0].token_ids)
+                if progress is not None:
+                    progress["n"] = len(got)
+            return got
 
-    # 1. preemption
-    prompts = [prompt_token_ids(400, seed=20 + i) for i in range(3)]
-    outs = await asyncio.gather(*(run(f"p{i}", p, 400) for i, p in enumerate(prompts)))
-    out["preempt"] = {"lengths": [len(o) for o in outs], "server": _counts(stats)}
+        # 1. preemption
+        prompts = [prompt_token_ids(400, seed=20 + i) for i in range(3)]
+        outs = await asyncio.gather(*(run(f"p{i}", p, 400) for i, p in enumerate(prompts)))
+        out["preempt"] = {"lengths": [len(o) for o in outs], "server": _counts(stats)}
 
-    # 2. aborts
-    q = prompt_token_ids(400, seed=30)
-    await run("q", q, 1)
-    progress: dict = {"n": 0}
-    r1 = asyncio.ensure_future(run("r1", prompt_token_ids(400, seed=31), 1100, progress))
-    deadline = time.monotonic() + WAIT_S
-    while progress["n"] < 800:  # R1 holds (400 + 800) / 128 -> 10 of the 12 blocks
-        assert time.monotonic() < deadline and not r1.done(), f"R1 stalled at {progress}"
-        await asyncio.sleep(0.005)
-    r2 = asyncio.ensure_future(run("r2", q[:384] + prompt_token_ids(16, seed=32), 8))
-    while (before := _counts(stats))["shares"] < 3:  # R2 looked up: one share per chunk
-        assert time.monotonic() < deadline and not r2.done(), f"R2 never held shares: {before}"
-        await asyncio.sleep(0.005)
-    await llm.abort("r2")
-    r1_at_cancel = progress["n"]
-    r1.cancel()  # the client of R1 goes away mid-generation
-    for task in (r1, r2):
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-    await run("r3", prompt_token_ids(300, seed=33), 1)
-    out["abort"] = {"waiting_server": before, "r1_tokens_at_cancel": r1_at_cancel,
-                    "r2_done": r2.done() and not r2.cancelled(), "server": _counts(stats)}
-    stats.close()
-    llm.shutdown()
-    del llm
-    gc.collect()  # its __del__ runs now, not at interpreter teardown (a noisy TypeError there)
+        # 2. aborts
+        q = prompt_token_ids(400, seed=30)
+        await run("q", q, 1)
+        progress: dict = {"n": 0}
+        r1 = asyncio.ensure_future(run("r1", prompt_token_ids(400, seed=31), 1100, progress))
+        deadline = time.monotonic() + WAIT_S
+        while progress["n"] < 800:  # R1 holds (400 + 800) / 128 -> 10 of the 12 blocks
+            assert time.monotonic() < deadline and not r1.done(), f"R1 stalled at {progress}"
+            await asyncio.sleep(0.005)
+        r2 = asyncio.ensure_future(run("r2", q[:384] + prompt_token_ids(16, seed=32), 8))
+        while (before := _counts(stats))["shares"] < 3:  # R2 looked up: one share per chunk
+            assert time.monotonic() < deadline and not r2.done(), f"R2 never held shares: {before}"
+            await asyncio.sleep(0.005)
+        await llm.abort("r2")
+        r1_at_cancel = progress["n"]
+        r1.cancel()  # the client of R1 goes away mid-generation
+        for task in (r1, r2):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await run("r3", prompt_token_ids(300, seed=33), 1)
+        out["abort"] = {"waiting_server": before, "r1_tokens_at_cancel": r1_at_cancel,
+                        "r2_done": r2.done() and not r2.cancelled(), "server": _counts(stats)}
+    finally:  # also when a phase fails: a live engine core would keep this process from exiting
+        stats.close()
+        llm.shutdown()
+        del llm
+        gc.collect()  # its __del__ runs now, not at interpreter teardown (a noisy TypeError there)
     return out
 
 

