@@ -167,6 +167,18 @@ def _metrics(out: Path) -> list[str]:
                              for r in calls])
 
 
+def _ping(out: Path) -> list[str]:
+    rows = _rows(out / "sweep_ping_under_lookup.csv")
+    return _section("PING during a maximal LOOKUP (`sweep_ping_under_lookup.csv`, goal: worst <= 50 ms)",
+                    ["repeat", "order", "lookup ms", "pings during it", "worst ping ms", "median ping ms",
+                     "idle median ms", "median / idle"],
+                    [(r["repeat"], r["order"], _f(r["lookup_ms"], 0), r["pings_during"], _f(r["worst_ping_ms"], 1),
+                      _f(r["median_ping_ms"]), _f(r["idle_median_ms"]), _f(r["median_ratio"], 1)) for r in rows],
+                    "131072 chunks x tp_size 128 looked up by one client while another pings back to back; "
+                    "the baseline is the same client's ping to the idle server, blocks alternating"
+                    + _load(rows) + ".")
+
+
 def _remote(out: Path) -> list[str]:
     rows = _rows(out / "sweep_remote.csv")
     return _section("Redis tier vs raw redis-py (`sweep_remote.csv`)",
@@ -203,6 +215,6 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str], info:
              "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
     for part in (_kernels(out, preset), _copy_floor(out, preset), _l1(out, preset), _engine(out), _server(out), _metrics(out),
-                 _remote(out), _ttft(out)):
+                 _ping(out), _remote(out), _ttft(out)):
         lines += part
     return "\n".join(lines) + "\n"
