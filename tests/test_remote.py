@@ -216,7 +216,7 @@ def test_slow_server_never_stalls_a_caller(redis_server):
                            (tier.contains_many, (["m/0/k"],)),
                            (tier.submit, ("m/0/x", FP, payload(2)))]:
             _, elapsed = timed(call, *args)
-            assert elapsed < timeout_s / 2  # marked down: answered without waiting on the socket
+            assert elapsed < timeout_s * 0.9  # marked down: no socket wait (the counts below)
         stats = tier.stats()
         assert stats["connected"] is False and stats["skipped"] == 2 and stats["dropped"] == 1
     finally:
@@ -322,7 +322,8 @@ def test_an_answer_past_the_budget_misses_all_marks_down_and_recovers(delay_prox
         assert (stats["timeouts"], stats["misses"], stats["connected"]) == (1, 8, False)
         # Marked down: the next lookup answers at once, without waiting on the server.
         got, elapsed = timed(tier.load_many, keys, FP, 4096)
-        assert got == [None] * 8 and elapsed < 0.2 and tier.stats()["skipped"] == 1
+        assert got == [None] * 8 and tier.stats()["skipped"] == 1  # no round trip
+        assert elapsed < 1.5 * 0.9  # inside the proxy's delay: nothing waited on the socket
         delay_proxy.delay_s = 0.0
         assert wait_until(lambda: tier.stats()["connected"], timeout_s=15)
         got = tier.load_many(keys, FP, 4096)
