@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         num_tokens=args.tokens, num_layers=args.layers, chunk_size=args.chunk_size,
                         device=args.device, server=args.server)
     if args.command == "serve":
-        from gpukv.frontend.server import serve_main
+        from gpukv.frontend.serve import serve_main
 
         return serve_main(args)
     raise AssertionError(args.command)

@@ -1,0 +1,54 @@
+"""``gpukv serve``'s entry point: the core (arenas, tiers, events) and the server from the command
+line, the HTTP admin endpoint when asked for, then the loop until SIGTERM or SIGINT, after which
+queued spills are flushed (``--flush-timeout``) and everything is released."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from gpukv.frontend import protocol as p
+from gpukv.frontend.server import CacheServer, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Entry point of ``gpukv serve`` (options from :func:`gpukv.cli.build_parser`)."""
+    from gpukv.config import EngineConfig
+    from gpukv.engine.core import CacheCore
+
+    config = ServerConfig(address=args.address or p.default_address(),
+                          worker_timeout_s=args.worker_timeout, threads=args.threads,
+                          allow_remote=args.allow_remote, allow_abstract=args.allow_abstract)
+    devices = tuple(args.devices.split(",")) if args.devices else None
+    core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
+                                  chunk_size=args.chunk_size, disk_dir=args.disk_dir,
+                                  disk_capacity_bytes=args.disk_capacity,
+                                  remote_url=args.remote_url, events_address=args.events,
+                                  prefault={"background": "background", "sync": True,
+                                            "off": False}[args.prefault]),
+                     shared=True)
+    server = CacheServer(core, config)
+    admin = None
+    if args.http_port is not None:
+        from gpukv.frontend.admin import start_admin
+
+        admin = start_admin(core, port=args.http_port, host=args.http_host,
+                            allow_remote=args.allow_remote,
+                            clients=lambda: server.sessions.num_sessions)
+        log.info("gpukv admin endpoint on %s (/metrics /healthcheck /status POST /clear)", admin.url)
+    sys.setswitchinterval(0.001)  # the loop waits less for the GIL behind a pool thread
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    try:
+        if admin is not None:
+            admin.set_ready()  # the socket is bound; the loop starts now
+        server.serve_forever()
+    finally:
+        if admin is not None:
+            admin.stop()
+        core.close(flush_timeout_s=args.flush_timeout)
+    return 0
