@@ -28,8 +28,8 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile

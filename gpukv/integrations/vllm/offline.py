@@ -172,7 +172,7 @@ def run_group(cmd: Sequence[str], *, env: dict[str, str], timeout_s: float,
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the whole session has exited
+        except (ProcessLookupError, PermissionError):  # the whole session has exited
             pass
         proc.wait()
     if rc is None:
