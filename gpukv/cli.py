@@ -21,7 +21,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = _size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gpukv.frontend.session import Limits
+
+    limits = Limits()
     parser = argparse.ArgumentParser(prog="gpukv", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--events", default=None, metavar="ADDRESS",
                        help="publish KV events (typed msgpack) on a ZMQ PUB socket there "
                             "(ipc:// or loopback tcp://)")
+    bounds = serve.add_argument_group("per-client bounds (past one, a request gets a Busy reply "
+                                      "and changes nothing)")
+    bounds.add_argument("--max-instances", type=_positive, default=limits.max_instances,
+                        help=f"registered KV instances (default {limits.max_instances})")
+    bounds.add_argument("--max-open-requests", type=_positive, default=limits.max_open_requests,
+                        help=f"looked-up requests not yet ended (default {limits.max_open_requests})")
+    bounds.add_argument("--max-plans", type=_positive, default=limits.max_plans,
+                        help=f"stores and retrieves in flight (default {limits.max_plans})")
+    bounds.add_argument("--max-reserved", type=_positive_size, default=None,
+                        help="bytes of stores in flight (default: half of one device's --capacity)")
     return parser
 
 

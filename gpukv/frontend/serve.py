@@ -11,6 +11,7 @@ import sys
 
 from gpukv.frontend import protocol as p
 from gpukv.frontend.server import CacheServer, ServerConfig
+from gpukv.frontend.session import Limits
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,12 @@ def serve_main(args: argparse.Namespace) -> int:
     from gpukv.config import EngineConfig
     from gpukv.engine.core import CacheCore
 
+    limits = Limits(max_instances=args.max_instances, max_open_requests=args.max_open_requests,
+                    max_plans=args.max_plans, max_reserved_bytes=args.max_reserved)
     config = ServerConfig(address=args.address or p.default_address(),
                           worker_timeout_s=args.worker_timeout, threads=args.threads,
-                          allow_remote=args.allow_remote, allow_abstract=args.allow_abstract)
+                          allow_remote=args.allow_remote, allow_abstract=args.allow_abstract,
+                          limits=limits)
     devices = tuple(args.devices.split(",")) if args.devices else None
     core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,

@@ -6,9 +6,10 @@ See :mod:`gpukv.frontend.sessions` for what the requests do with them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, NamedTuple
+from typing import TYPE_CHECKING, Hashable, NamedTuple
 
-from gpukv.engine.core import RetrievePlan, StorePlan
+if TYPE_CHECKING:  # (annotations only: the CLI reads Limits without importing torch)
+    from gpukv.engine.core import RetrievePlan, StorePlan
 
 
 class Scoped(NamedTuple):
@@ -34,6 +35,14 @@ class Limits:
     max_open_requests: int = 1 << 14
     max_plans: int = 1024
     max_reserved_bytes: int | None = None  # default: half of one device's arena
+
+    def __post_init__(self) -> None:
+        for name in ("max_instances", "max_open_requests", "max_plans", "max_reserved_bytes"):
+            value = getattr(self, name)
+            if name == "max_reserved_bytes" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(slots=True)

@@ -94,7 +94,8 @@ class Sessions:
             if body.instance_id in s.instances:
                 raise ValueError(f"instance {body.instance_id!r} is already registered")
             if len(s.instances) >= self.limits.max_instances:
-                raise Busy(f"busy: this client registered {len(s.instances)} instances")
+                raise Busy(f"busy: this client registered {len(s.instances)} instances, at most "
+                           f"{self.limits.max_instances} (gpukv serve --max-instances)")
             key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
             device = arena_index(self.core.config.devices, body.device)
@@ -131,7 +132,7 @@ class Sessions:
         absent = [i for i, k in enumerate(inst.space.keys(body.hashes)) if k not in self.core.l1]
         if absent and not room:
             raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
-                       f"{bound}); commit them first")
+                       f"{bound}, gpukv serve --max-reserved); commit them first")
         take = absent[:room]
         plan = self.core.begin_store(key, [body.hashes[i] for i in take])
         plan.chunks = [take[i] for i in plan.chunks]
@@ -168,7 +169,9 @@ class Sessions:
         with self._lock:
             new = owner not in s.requests
             if new and len(s.requests) >= self.limits.max_open_requests:
-                raise Busy(f"busy: this client has {len(s.requests)} open requests; end some")
+                raise Busy(f"busy: this client has {len(s.requests)} open requests, at most "
+                           f"{self.limits.max_open_requests} (gpukv serve --max-open-requests); "
+                           "end some")
         hits = self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
                                 num_readers=body.num_readers, creator=s.sid)
         with self._lock:
@@ -305,7 +308,8 @@ class Sessions:
 
     def _check_plans(self, s: Session) -> None:
         if len(s.plans) >= self.limits.max_plans:
-            raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight")
+            raise Busy(f"busy: this client has {len(s.plans)} stores/retrieves in flight, at most "
+                       f"{self.limits.max_plans} (gpukv serve --max-plans)")
 
     def _add_plan(self, s: Session, plan) -> int:
         """Keep ``plan`` in the session (lock held); 0 when the session was reaped."""
