@@ -2,14 +2,15 @@
 request is processed", measured against the same client's PING to the same server when it is
 idle, in the same run.
 
-A ``gpukv serve`` process (4 pool threads, ``ServerProcess``'s default) holds a tiny MLA model (one layer,
-8 bf16 per token) with the most chunks one request may name (``MAX_HASHES`` = 131072). One
-client looks them all up at ``tp_size=128`` (share bookkeeping for 131072 objects x 128 readers in
-a pool thread, ~45 ms here; the request is ended after each block) while a second client pings back to back; a block is one lookup and
-the pings answered during it. The baseline block: the same number of pings with no lookup
-running. ``idle`` and ``lookup`` blocks alternate ABAB / BABA within every repeat. Reports per
-repeat the worst and median ping of both (so the ratio of the medians and the worst under a
-lookup, against 50 ms), the lookup's own time and how many pings it overlapped.
+A ``gpukv serve`` process (4 pool threads, ``ServerProcess``'s default) holds a tiny MLA model
+(one layer, 8 bf16 per token) with the most chunks one request may name (``MAX_HASHES`` =
+131072). One client looks them all up at ``tp_size=128`` (share bookkeeping for 131072 objects x
+128 readers in a pool thread, ~45 ms here; the request is ended after each block) while a second
+client pings back to back; a block is one lookup and the pings answered during it. The baseline
+block: the same number of pings with no lookup running. ``idle`` and ``lookup`` blocks alternate
+ABAB / BABA within every repeat. Reports per repeat the worst and median ping of both (so the
+ratio of the medians and the worst under a lookup, against 50 ms), the lookup's own time and how
+many pings it overlapped.
 
     python perf/sweep_ping_under_lookup.py --preset quick    # ~1 minute
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_average, results_dir, run_info, write_csv  # noqa: E402
+from common import load_average, progress, results_dir, run_info, write_csv  # noqa: E402
 
 from gpukv.frontend import protocol as p  # noqa: E402
 from gpukv.frontend.client import CacheClient  # noqa: E402
@@ -102,14 +103,15 @@ def main(argv=None) -> int:
         hashes = store_all(server.address)
         with CacheClient(server.address, timeout_s=300) as big, CacheClient(server.address) as other:
             lookup_block(big, other, hashes)  # warm-up: the first pays the server's GC walk
-            for r in range(repeats):
+            for r in progress(range(repeats), desc="repeats"):
                 order = ("idle", "lookup") if r % 2 == 0 else ("lookup", "idle")
                 got = {}
                 for name in order:
                     if name == "lookup":
                         got["lookup"] = lookup_block(big, other, hashes)
                     else:
-                        got["idle"] = idle_block(other, len(got.get("lookup", {}).get("pings", [])) or 20)
+                        during = len(got.get("lookup", {}).get("pings", []))
+                        got["idle"] = idle_block(other, during or 20)
                 under, idle = got["lookup"]["pings"], got["idle"]
                 row = dict(repeat=r, order="/".join(order), lookup_ms=got["lookup"]["lookup_s"] * 1e3,
                            pings_during=len(under), worst_ping_ms=max(under) * 1e3,

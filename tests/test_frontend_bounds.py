@@ -1,7 +1,7 @@
-"""Bounds under load: other clients' PINGs are answered while a maximal LOOKUP runs, an over-limit one is
-refused naming the bound, live clients are not reaped while the server is loaded, and one
-client's pipelined STOREs past its bounds get Busy replies while the server's memory stays
-bounded and other clients are answered.
+"""Bounds under load: other clients' PINGs are answered while a maximal LOOKUP runs, an
+over-limit one is refused naming the bound, live clients are not reaped while the server is
+loaded, and one client's pipelined STOREs past its bounds get Busy replies while the server's
+memory stays bounded and other clients are answered.
 
 One ``gpukv serve`` process for the module (2 s worker timeout: short, with room for a loaded
 machine's scheduling delays). A tiny MLA layout (one layer,

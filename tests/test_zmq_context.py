@@ -52,7 +52,7 @@ def test_an_unclosed_owner_in_a_garbage_cycle_is_collected_without_a_hang(tmp_pa
         code = COLLECT.format(build=BUILDS[name])
         try:
             out = subprocess.run([sys.executable, "-c", code, server.address], capture_output=True,
-                                 text=True, timeout=30)
+                                 text=True, timeout=90)
         except subprocess.TimeoutExpired:
             pytest.fail(f"collecting an unclosed {name} hung")
     assert out.returncode == 0, out.stderr[-3000:]
