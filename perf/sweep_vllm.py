@@ -28,7 +28,6 @@ import argparse
 import collections
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, results_dir, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.integrations.vllm.offline import RESULT_MARK, engine_env, spawn  # noqa: E402
+from gpukv.integrations.vllm.offline import RESULT_MARK, engine_env, kill_session, spawn  # noqa: E402
 from gpukv.integrations.vllm.records import read_records  # noqa: E402
 from gpukv.integrations.vllm.tiny_models import prompt_token_ids, write_tiny_model  # noqa: E402
 
@@ -90,11 +89,7 @@ class EngineLoop:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of the engine's processes
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        kill_session(self.proc)  # what is left of the engine's processes
         self._log.close()
 
 

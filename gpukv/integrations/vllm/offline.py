@@ -156,7 +156,6 @@ def run_group(cmd: Sequence[str], *, env: dict[str, str], timeout_s: float,
     in that session is killed: vLLM's engine-core and worker processes do not die with their
     parent, and a pipe they inherited would block a reader for ever. (A server started with a
     session of its own, as ``autostart`` does, is not in it and lives on.)"""
-    import signal
     import subprocess
     from pathlib import Path
 
@@ -170,14 +169,22 @@ def run_group(cmd: Sequence[str], *, env: dict[str, str], timeout_s: float,
     except subprocess.TimeoutExpired:
         rc = None
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):  # the whole session has exited
-            pass
-        proc.wait()
+        kill_session(proc)
     if rc is None:
         raise TimeoutError(f"killed after {timeout_s} s: {' '.join(cmd)}\n{output_tail(log_dir)}")
     return rc
+
+
+def kill_session(proc) -> None:
+    """SIGKILL every process left in the session ``proc`` leads (it was started with
+    ``start_new_session=True``), then reap ``proc``."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the whole session has exited
+        pass
+    proc.wait()
 
 
 def output_tail(log_dir: str | os.PathLike) -> str:
