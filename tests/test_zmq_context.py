@@ -89,3 +89,40 @@ def test_collecting_the_owner_closes_what_it_left_open():
 
     gc.collect()
     assert sock.closed and ctx.closed
+
+
+def test_closing_a_channel_during_a_call_in_flight_fails_that_call_and_returns(tmp_path):
+    """close() terminates the context without touching a socket another thread is blocked on:
+    that call fails with ETERM and closes its own socket, and close() then returns."""
+    import os
+    import threading
+
+    from gpukv.frontend import protocol as p
+    from gpukv.frontend.channel import Channel
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # receives, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    address = f"ipc://{tmp_path}/silent.sock"
+    silent.bind(address)
+    channel = Channel(address, os.urandom(16).hex(), None, timeout_s=60)
+    raised: list = []
+
+    def call() -> None:
+        try:
+            channel.call(p.Ping(os.getpid()))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    try:
+        thread.start()
+        assert silent.poll(10_000)  # the request arrived: the call now waits in recv
+        channel.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert len(raised) == 1 and isinstance(raised[0], zmq.ContextTerminated), raised
+        assert channel._zmq.closed and channel._zmq.ctx.closed  # noqa: SLF001
+    finally:
+        silent.close()
+        ctx.term()
