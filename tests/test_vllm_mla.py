@@ -70,7 +70,9 @@ def _run(env, name: str, *, connector: bool = True):
     extra = {"gpukv.address": address, "gpukv.autostart": True, "gpukv.chunk_size": 128,
              "gpukv.autostart_args": ["--capacity", "64MiB"], "gpukv.record_dir": str(rec),
              "gpukv.record_shares": True, "gpukv.record_digests": True}
-    args = ("--logprobs", "5") + (("--stats-address", address) if connector else ())
+    # CPU_MLA pinned: on a CPU with AMX vLLM would pick AMX_MLA, which takes bf16 weights only
+    args = ("--logprobs", "5", "--attention-backend", "CPU_MLA") + (
+        ("--stats-address", address) if connector else ())
     result = run_engine(root / name, model, PROMPTS, tp=2, dtype="float32", extra_config=extra,
                         connector=connector, args=args)
     return result, read_records(rec)

