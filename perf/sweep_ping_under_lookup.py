@@ -52,7 +52,7 @@ def store_all(address: str) -> list[bytes]:
         half = MAX // 2 * CHUNK
         assert c.store("tiny", tokens[:half], slots[:half]) == half  # one store: half the arena
         assert c.store("tiny", tokens, slots) == MAX * CHUNK - half
-        return c._hashes(tokens, b"", None)  # noqa: SLF001 - the hashes the lookups name
+        return c.copies.hashes(tokens)  # the hashes the lookups name
 
 
 def lookup_block(big: CacheClient, other: CacheClient, hashes: list[bytes]) -> dict:

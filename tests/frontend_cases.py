@@ -102,16 +102,16 @@ def secret(tag: str) -> str:
 def one_shot(monkeypatch, op: str, action) -> None:
     """The next ``op`` ("pack"/"unpack") of a client in this process runs ``action()`` first, then
     the real copy (later calls, e.g. other clients' inside ``action``, are plain)."""
-    import gpukv.frontend.client as client_module
+    import gpukv.engine.copies as copies_module
 
-    real = getattr(client_module, op)
+    real = getattr(copies_module, op)
 
     def hooked(*args, **kwargs):
-        monkeypatch.setattr(client_module, op, real)
+        monkeypatch.setattr(copies_module, op, real)
         action()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(client_module, op, hooked)
+    monkeypatch.setattr(copies_module, op, hooked)
 
 
 # ---- an in-process server -----------------------------------------------------------------------
@@ -182,12 +182,12 @@ class _WorkerState:
     def arm(self, op: str, mode: str) -> None:
         """The next ``op`` ("pack"/"unpack") of this client stops "before" or "after" its real
         copy, tells the test ("hook", op) and waits for "go"."""
-        import gpukv.frontend.client as client_module
+        import gpukv.engine.copies as copies_module
 
-        real = getattr(client_module, op)
+        real = getattr(copies_module, op)
 
         def hooked(*args, **kwargs):
-            setattr(client_module, op, real)  # one shot
+            setattr(copies_module, op, real)  # one shot
             if mode == "after":
                 real(*args, **kwargs)
             self.conn.send(("hook", op))
@@ -195,7 +195,7 @@ class _WorkerState:
             if mode == "before":
                 real(*args, **kwargs)
 
-        setattr(client_module, op, hooked)
+        setattr(copies_module, op, hooked)
 
 
 def _worker_main(conn) -> None:

@@ -53,7 +53,7 @@ def stored(server):
         half = MAX // 2 * CHUNK
         assert c.store("tiny", tokens[:half], slots[:half]) == half
         assert c.store("tiny", tokens, slots) == MAX * CHUNK - half
-        yield c._hashes(tokens, b"", None)
+        yield c.copies.hashes(tokens)
 
 
 def raw_socket(address: str):

@@ -149,7 +149,7 @@ def test_malformed_requests_each_get_an_error_and_change_nothing(server, raw):
         owner.register("owner-rank0", "m-bad", pages, DIMS["mla"], kind="mla")
         assert owner.store("owner-rank0", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
         assert owner.lookup("m-bad", tokens, request_id="held", tp_size=2) == N
-        hashes = owner._hashes(tokens, b"", None)
+        hashes = owner.copies.hashes(tokens)
         assert ask(raw, frame(dict(type="register", instance_id="raw", model="m-bad",
                                    layout=LAYOUT, tp_rank=0, tp_size=1))).ok
         before = owner.stats(), owner.read_counts("m-bad", tokens)

@@ -12,13 +12,10 @@ its pages into them here, in this process, then commits; ``retrieve`` pins the r
 (RETRIEVE_BEGIN), unpacks them here and releases (RETRIEVE_END): two round trips each, and only
 metadata crosses the socket.
 
-CUDA ordering (UNTESTED: no GPU in CI): the copy runs on this worker's current stream, after its
-own forward work; ``store`` sends the commit only after an event recorded after the pack has
-completed, and ``retrieve`` releases its pins only after the unpack's event has completed, so the
-server never hands out a slot a copy still touches. An arena on another GPU (an MLA object stored
-by another rank) is copied chunk by chunk into a staging buffer on this GPU first
-(``Tensor.copy_`` between devices: peer-to-peer when the driver allows it, else through host
-memory), then unpacked locally.
+The data path is :class:`gpukv.engine.copies.WorkerCopies`, the embedded engine's too, over
+:class:`gpukv.frontend.remote_books.RemoteBooks`: on CUDA the copy is queued on this worker's
+current stream after its own forward work, and the commit (or the end of a retrieve) is sent only
+once the copy's fence has completed, so the server never hands out a slot a copy still touches.
 
 Groups: requests are visible to the sessions of one group. The processes of one engine (its
 scheduler and its workers) pass the same ``group`` secret; by default each client is a group of
@@ -35,29 +32,20 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Hashable
 
 import torch
 
-from gpukv.engine.chunks import chunk_slots, chunks_to_read, describe, full_chunks, token_range
-from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
+from gpukv.engine.chunks import token_range
+from gpukv.engine.copies import Copy, WorkerCopies
+from gpukv.engine.keys import TokenIds
 from gpukv.frontend import protocol as p
 from gpukv.frontend.channel import Channel, ServerError, ServerUnavailable
 from gpukv.frontend.peer import server_uid
-from gpukv.l1.memory import device_name, open_cpu, open_cuda
+from gpukv.frontend.remote_books import RemoteBooks
 from gpukv.ops.client_metrics import ClientMetrics
-from gpukv.paged.copy import check_slot_mapping, pack, unpack
-from gpukv.paged.layout import PagedKV
 
 __all__ = ["CacheClient", "ServerError", "ServerUnavailable"]
-
-
-@dataclass(slots=True)
-class _Local:
-    paged: PagedKV
-    device: int  # arena index its stores go to
-    chunk_bytes: int
 
 
 class CacheClient:
@@ -81,10 +69,6 @@ class CacheClient:
         self.address, self.timeout_s, self.backend = address, float(timeout_s), backend
         self.session = uuid.uuid4().hex
         self.group = group
-        self._locals: dict[Hashable, _Local] = {}
-        self._handles: list[dict] = []
-        self._arenas: dict[int, torch.Tensor] = {}
-        self._maps: list = []
         self.metrics = ClientMetrics()  # round trips as this client sees them (own registry)
         self._channel = Channel(address, self.session, group, self.timeout_s,
                                 self.metrics.server_unavailable)
@@ -102,68 +86,60 @@ class CacheClient:
         self.chunk_size: int = info["chunk_size"]
         self.salt: str = info["salt"]
         self.server_info: dict = info
+        self.copies = WorkerCopies(RemoteBooks(lambda body: self._call(body), self.chunk_size,
+                                               self.salt),
+                                   backend=backend, on_finish=self._copy_finished)
         interval = info["worker_timeout_s"] / 4 if ping_interval_s is None else ping_interval_s
         if interval > 0:
             self._channel.keep_alive(interval)
 
-    # ---- the engine API --------------------------------------------------------------------
+    # ---- registration and copies (see WorkerCopies) ------------------------------------------
     def register(self, instance_id: Hashable, model: str, kv_caches, dims: str, *,
                  kind: str = "mha", tp_rank: int = 0, tp_size: int = 1,
                  device: str | None = None) -> None:
         """Describe this worker's KV tensors to the server (see :meth:`CacheEngine.register`)
         and map the server's arenas. ``device``: the arena name to store into (default: the
         server's arena on the pages' device)."""
-        if isinstance(kv_caches, dict):
-            kv_caches = list(kv_caches.values())
-        paged = PagedKV.from_tensors(kv_caches, dims, kind=kind)
-        if device is None:
-            device = device_name(paged.device)
-        reply = self._call(p.Register(instance_id, model, p.Layout(**describe(paged)), tp_rank,
-                                      tp_size, device))
-        if reply["arenas"] != self._handles:  # another server (e.g. restarted): map its arenas
-            # (the old maps go with the last copy still using them: a tensor holds its map)
-            self._handles, self._arenas, self._maps = reply["arenas"], {}, []
-        self._locals[instance_id] = _Local(paged, reply["device"], reply["chunk_bytes"])
-        self._arena(reply["device"])  # map it now: a bad handle fails the registration
+        self.copies.register(instance_id, model, kv_caches, dims, kind=kind, tp_rank=tp_rank,
+                             tp_size=tp_size, device=device)
 
     def unregister(self, instance_id: Hashable) -> None:
+        self.copies.forget(instance_id)
         self._call(p.Unregister(instance_id))
-        self._locals.pop(instance_id, None)
 
     def store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
               seed: bytes = b"", extras=None) -> int:
         """Tokens really stored: the full chunks not cached yet, packed here into the slots the
         server reserved, then committed (a chunk with a ``-1`` slot is not stored)."""
-        local = self._local(instance_id)
-        hashes = self._hashes(token_ids, seed, extras)
-        check_slot_mapping(local.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
-        if not chunks:
-            return 0
-        t0 = time.perf_counter()
-        plan = self._call(p.StoreBegin(instance_id, [hashes[i] for i in chunks]))
-        if not plan["plan"]:
-            return 0
-        try:
-            slots = chunk_slots(slot_mapping, [chunks[i] for i in plan["chunks"]], self.chunk_size)
-            offsets = torch.tensor(plan["offsets"], dtype=torch.int64)
-            pack(local.paged, slots, self._arena(plan["device"]), offsets,
-                 chunk_size=self.chunk_size, backend=self.backend)
-            _wait_for_copy(local.paged)
-        except BaseException:
-            self._call(p.StoreCommit(plan["plan"], ok=False))
-            raise
-        stored = self._call(p.StoreCommit(plan["plan"])) * self.chunk_size
-        self.metrics.store(time.perf_counter() - t0)
-        return stored
+        return self.copies.store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
+
+    def start_store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor,
+                    *, seed: bytes = b"", extras=None) -> Copy:
+        return self.copies.start_store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
+
+    def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
+                 request_id: Hashable, seed: bytes = b"", extras=None) -> int:
+        """The tokens of the full-chunk prefix once they are in this worker's pages, or 0
+        (nothing written): all or nothing; chunks whose slots are all ``-1`` are not read."""
+        return self.copies.retrieve(instance_id, token_ids, slot_mapping, request_id=request_id,
+                                    seed=seed, extras=extras)
+
+    def start_retrieve(self, instance_id: Hashable, token_ids: TokenIds,
+                       slot_mapping: torch.Tensor, *, request_id: Hashable, seed: bytes = b"",
+                       extras=None) -> Copy:
+        return self.copies.start_retrieve(instance_id, token_ids, slot_mapping,
+                                          request_id=request_id, seed=seed, extras=extras)
+
+    def finish(self, copy: Copy) -> int:
+        """Complete a started store or retrieve (see :meth:`WorkerCopies.finish`)."""
+        return self.copies.finish(copy)
 
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
                num_readers: int | None = None, seed: bytes = b"", extras=None) -> int:
         """Leading tokens held; tops the request's shares up to ``num_readers or tp_size`` per
         MLA object (a repeated lookup takes no more)."""
-        hashes = self._hashes(token_ids, seed, extras)
-        return self.lookup_hashes(model, hashes, request_id=request_id, tp_size=tp_size,
-                                  num_readers=num_readers)
+        return self.lookup_hashes(model, self.copies.hashes(token_ids, seed, extras),
+                                  request_id=request_id, tp_size=tp_size, num_readers=num_readers)
 
     def lookup_hashes(self, model: str, hashes: list[bytes], *, request_id: Hashable,
                       tp_size: int = 1, num_readers: int | None = None) -> int:
@@ -171,27 +147,6 @@ class CacheClient:
         hit = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers))
         self.metrics.lookup(time.perf_counter() - t0)
         return hit
-
-    def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-                 request_id: Hashable, seed: bytes = b"", extras=None) -> int:
-        """The tokens of the full-chunk prefix once they are in this worker's pages, or 0
-        (nothing written): all or nothing; chunks whose slots are all ``-1`` are not read."""
-        local = self._local(instance_id)
-        hashes = self._hashes(token_ids, seed, extras)
-        check_slot_mapping(local.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        chunks = chunks_to_read(slot_mapping, len(hashes), self.chunk_size)
-        if not chunks:
-            return len(hashes) * self.chunk_size
-        t0 = time.perf_counter()
-        plan = self._call(p.RetrieveBegin(instance_id, request_id, [hashes[i] for i in chunks]))
-        if not plan["plan"]:
-            return 0
-        try:
-            self._unpack(local, slot_mapping, chunks, plan["devices"], plan["offsets"])
-        finally:
-            self._call(p.RetrieveEnd(plan["plan"]))
-        self.metrics.retrieve(time.perf_counter() - t0)
-        return len(hashes) * self.chunk_size
 
     def free_lookup_locks(self, request_id: Hashable, *, start_token: int = 0,
                           end_token: int | None = None, tp_size: int = 1) -> int:
@@ -210,7 +165,7 @@ class CacheClient:
                     seed: bytes = b"") -> dict:
         """Read-only debug view of a prefix's objects: lists ``read_counts``, ``present`` and
         ``evictable``, one entry per full chunk."""
-        hashes = self._hashes(token_ids, seed, None)
+        hashes = self.copies.hashes(token_ids, seed)
         return self._call(p.Stats(p.ReadCounts(model, hashes, kv_rank)))["query"]
 
     def read_count(self, model: str, token_ids: TokenIds, *, kv_rank: int = 0,
@@ -235,57 +190,10 @@ class CacheClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- copies ----------------------------------------------------------------------------
-    def _unpack(self, local: _Local, slots: torch.Tensor, chunks: list[int], devices: list[int],
-                offsets: list[int]) -> None:
-        cs, here = self.chunk_size, local.paged.device
-        groups: dict[int, list[int]] = {}
-        for i, dev in enumerate(devices):
-            groups.setdefault(dev, []).append(i)
-        for dev, where in groups.items():
-            arena = self._arena(dev)
-            offs = [offsets[i] for i in where]
-            if arena.device != here:  # another GPU's arena: stage its chunks here first
-                staging = torch.empty(len(offs) * local.chunk_bytes, dtype=torch.uint8, device=here)
-                for j, off in enumerate(offs):
-                    staging[j * local.chunk_bytes:(j + 1) * local.chunk_bytes].copy_(
-                        arena[off:off + local.chunk_bytes], non_blocking=True)
-                arena, offs = staging, [j * local.chunk_bytes for j in range(len(offs))]
-            unpack(local.paged, chunk_slots(slots, [chunks[i] for i in where], cs), arena,
-                   torch.tensor(offs, dtype=torch.int64), chunk_size=cs, backend=self.backend)
-        _wait_for_copy(local.paged)
-
-    def _arena(self, index: int) -> torch.Tensor:
-        arena = self._arenas.get(index)
-        if arena is None:
-            handle = self._handles[index]
-            if handle["kind"] == "memfd":
-                arena, mapped = open_cpu(handle)
-                self._maps.append(mapped)
-            else:
-                arena = open_cuda(handle)
-            self._arenas[index] = arena
-        return arena
-
-    def _local(self, instance_id: Hashable) -> _Local:
-        local = self._locals.get(instance_id)
-        if local is None:
-            raise ValueError(f"unknown instance {instance_id!r}: register() it first")
-        return local
-
-    def _hashes(self, token_ids: TokenIds, seed: bytes, extras) -> list[bytes]:
-        return chunk_hashes(token_ids, self.chunk_size, seed=request_seed(self.salt, seed),
-                            extras=extras)
+    def _copy_finished(self, op: str, seconds: float) -> None:
+        (self.metrics.store if op == "store" else self.metrics.retrieve)(seconds)
 
     # ---- transport -------------------------------------------------------------------------
     def _call(self, body, *, timeout_s: float | None = None) -> Any:
         return self._channel.call(body, timeout_s)
 
-
-def _wait_for_copy(paged: PagedKV) -> None:
-    """Block until this worker's copy is complete (CUDA: an event after it on the current
-    stream, not a device-wide sync)."""
-    if paged.device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(paged.device))
-        event.synchronize()

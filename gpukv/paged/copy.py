@@ -10,7 +10,9 @@ behind one call:
 * ``"ref"``: the kernel's plain-torch reference ``paged_copy_ref``, which tests check both against.
 
 Auto choice: ``triton`` for CUDA tensors, ``torch`` otherwise; ``GPUKV_BACKEND`` or the
-``backend`` argument forces one. Every argument is validated before any byte is written.
+``backend`` argument forces one. Every argument is validated before any byte is written. On CUDA
+the copy is queued on the current stream of the pages' device and the call returns without
+waiting for it (the caller fences it: :class:`gpukv.paged.staging.Fence`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Sequence, Union
 import torch
 
 from gpukv.paged.layout import PagedKV
+from gpukv.paged.staging import on_device, to_device
 
 OFFSET_ALIGN = 16
 BACKENDS = ("triton", "torch", "ref")
@@ -92,20 +95,25 @@ def _run(paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend, laye
     choice = resolve_backend(backend, paged.device)
     if offs.numel() == 0:
         return
-    if choice == "torch":
-        from gpukv.paged import copy_torch
+    with on_device(paged.device):  # the launch, and the copies it reads, on the pages' device
+        slots = to_device(slots, paged.device)
+        if choice == "torch":  # (reads its offsets on the host)
+            from gpukv.paged import copy_torch
 
-        fn = copy_torch.pack_torch if pack else copy_torch.unpack_torch
-        fn(paged, slots, arena, offs, chunk_size=chunk_size, layers=span)
-    else:
-        from gpukv.paged.copy_triton import copy_kernel
+            fn = copy_torch.pack_torch if pack else copy_torch.unpack_torch
+            fn(paged, slots, arena, offs, chunk_size=chunk_size, layers=span)
+        else:
+            from gpukv.paged.copy_triton import copy_kernel
 
-        copy_kernel(paged, slots, arena, offs, chunk_size=chunk_size, layers=span, pack=pack,
-                    ref=choice == "ref")
+            copy_kernel(paged, slots, arena, to_device(offs, paged.device), chunk_size=chunk_size,
+                        layers=span, pack=pack, ref=choice == "ref")
 
 
 def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check every argument; returns (slots as int64 on the cache's device, offsets as CPU int64)."""
+    """Check every argument; returns (slots as contiguous int64, where the caller had them;
+    offsets as CPU int64). On CUDA a slot mapping given on the CPU is checked there and reaches
+    the GPU without blocking the host (:mod:`gpukv.paged.staging`); one given on the GPU costs
+    a host sync for the range check."""
     if not isinstance(paged, PagedKV):
         raise ValueError(f"paged must be a PagedKV, got {type(paged).__name__}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
@@ -135,7 +143,7 @@ def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[
                 raise ValueError(f"offsets {a} and {b} overlap (chunks are {chunk_bytes} bytes)")
     check_slot_mapping(paged, slot_mapping, n * chunk_size,
                        f"len(offsets) * chunk_size = {n} * {chunk_size} = {n * chunk_size}")
-    slots = slot_mapping.to(device=paged.device, dtype=torch.int64).contiguous()
+    slots = slot_mapping.to(dtype=torch.int64).contiguous()
     return slots, torch.tensor(offs, dtype=torch.int64)
 
 
