@@ -222,14 +222,14 @@ def test_a_tier_that_raises_never_kills_the_spill_or_fails_a_lookup():
     engine = _engine(4)
     _mla(engine, "r0", tp_size=1)
     tier = _FailingTier()
-    engine.core.tiers.append(tier)
-    engine.core.spiller = Spiller(engine.l1, engine.core.tiers)
+    engine.core.stack.tiers.append(tier)
+    engine.core.stack.spiller = Spiller(engine.l1, engine.core.stack.tiers)
     for i in range(3):
         tokens = list(range(i * 1000, i * 1000 + CS))
         assert engine.store("r0", tokens, _slots([i], CS)) == CS
         assert engine.flush(10)
     # each batch: contains_many raised (logged, treated as "not held"), then submit raised
-    assert tier.calls == 3 and engine.core.spiller.counts == dict(spilled=0, dropped=0, errors=3)
+    assert tier.calls == 3 and engine.core.stack.spiller.counts == dict(spilled=0, dropped=0, errors=3)
     assert engine.l1.stats()["pinned"] == 0  # every spill pin released
     engine.clear_l1()
     assert engine.lookup("dsv3", list(range(CS)), request_id="R") == 0  # a miss, not an error

@@ -66,3 +66,12 @@ def token_range(start_token: int, end_token: int | None, chunk_size: int) -> tup
         raise ValueError(f"end_token {end_token} is before start_token {start_token}")
     start = -(-start_token // chunk_size)
     return start, None if end_token is None else end_token // chunk_size
+
+
+def check_id(value, name: str) -> None:
+    """TypeError naming ``name`` unless ``value`` can be an id (hashable: a str or an int)."""
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"{name} must be hashable (a str or an int), got "
+                        f"{type(value).__name__} {value!r:.60}") from None

@@ -28,7 +28,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from gpukv.engine.books import Books, Grant
-from gpukv.engine.chunks import chunk_slots, chunks_to_read, describe, full_chunks
+from gpukv.engine.chunks import check_id, chunk_slots, chunks_to_read, describe, full_chunks
 from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
 from gpukv.paged.copy import check_slot_mapping, pack, unpack
 from gpukv.paged.layout import PagedKV
@@ -98,7 +98,7 @@ class WorkerCopies:
         """Describe one worker's paged KV cache (a list, tuple or dict name -> tensor, in layer
         order: see :meth:`PagedKV.from_tensors`) to the books. ``device`` names the arena its
         stores go to (default: the books' arena for the pages' device)."""
-        _hashable(instance_id, "instance_id")
+        check_id(instance_id, "instance_id")
         if isinstance(kv_caches, dict):
             kv_caches = list(kv_caches.values())
         paged = PagedKV.from_tensors(kv_caches, dims, kind=kind)
@@ -165,7 +165,7 @@ class WorkerCopies:
                        slot_mapping: torch.Tensor, *, request_id: Hashable, seed: bytes = b"",
                        extras=None) -> Copy:
         """Pin the objects and queue the unpack; :meth:`finish` releases them."""
-        _hashable(request_id, "request_id")
+        check_id(request_id, "request_id")
         t0 = time.perf_counter()
         pages = self._local(instance_id)
         hashes = self.hashes(token_ids, seed, extras)
@@ -236,17 +236,10 @@ class WorkerCopies:
         return Fence(paged.device)
 
     def _local(self, instance_id: Hashable) -> Pages:
-        _hashable(instance_id, "instance_id")
+        check_id(instance_id, "instance_id")
         pages = self._pages.get(instance_id)
         if pages is None:
             raise ValueError(f"unknown instance {instance_id!r}: register() it first")
         pages.check_unchanged(instance_id)
         return pages
 
-
-def _hashable(value, name: str) -> None:
-    try:
-        hash(value)
-    except TypeError:
-        raise TypeError(f"{name} must be hashable (a str or an int), got "
-                        f"{type(value).__name__} {value!r:.60}") from None

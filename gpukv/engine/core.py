@@ -1,4 +1,4 @@
-"""The books of a cache: registry, requests, shares, pins, tiers, spill and loads; no copies.
+"""The books of a cache: registry, requests, shares and pins in L1, and the tier stack; no copies.
 
 ``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
 share. It speaks chunk hashes, instance ids and request owners, and hands out *plans*: a store
@@ -10,23 +10,26 @@ Requests: ``lookup`` opens the request (owner = the request's identity, opaque h
 its shares up to ``readers`` per object (idempotent: repeated lookups take nothing more);
 ``free`` releases its shares on a chunk range or all; ``end_request`` releases all and forgets
 it. A request whose read lease passed is forgotten by ``expire``.
+
+The lower tiers (spill, loads, flush) are :class:`gpukv.engine.tier_stack.TierStack`, the running
+totals :class:`gpukv.engine.counters.CoreCounters`, the metrics and events
+:class:`gpukv.engine.observe.Observer`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
 from gpukv.config import EngineConfig
-from gpukv.engine.loader import TierLoader
+from gpukv.engine.counters import CoreCounters
 from gpukv.engine.observe import Observer
 from gpukv.engine.readers import resolve_extra_count
 from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
-from gpukv.engine.spill import Spiller
+from gpukv.engine.tier_stack import TierStack
 from gpukv.l1 import L1Manager, Status
 from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
@@ -80,18 +83,13 @@ class CacheCore:
                             read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s,
                             on_event=on_event)
         self.requests = RequestTable(config.max_requests)
-        self.tiers = _make_tiers(config, self.observer)
+        self.stack = TierStack(config, self.l1, self.observer, self.registry.device_of_space)
+        self.tiers = self.stack.tiers
         if self.observer.metrics is not None:
             self.observer.metrics.set_snapshot(self.metrics_snapshot)
             self.observer.metrics.set_before_scrape(
-                lambda: self.observer.sync(self.l1.stats(), {t.name: t.stats() for t in self.tiers}))
-        self.spiller = Spiller(self.l1, self.tiers) if self.tiers else None
-        self.loader = TierLoader(self.l1, self.tiers, budget_s=config.remote_timeout_s,
-                                 device_of=self.registry.device_of_space)
-        self._lock = threading.Lock()
-        self.counts = dict(stored_chunks=0, lookups=0, hit_chunks_l1=0, retrieved_chunks=0,
-                           failed_retrieves=0)
-        self.tier_hits: dict[str, int] = {}
+                lambda: self.observer.sync(self.l1.stats(), self.stack.stats()))
+        self.counters = CoreCounters()
         self._last_expire = 0.0
 
     @property
@@ -134,11 +132,8 @@ class CacheCore:
         (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
         statuses = self.l1.finish_write(plan.handles)
         ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
-        if ready and self.spiller is not None:
-            self.spiller.spill(ready, plan.instance.space,
-                               self.registry.model(plan.instance.model).fingerprint)
-        with self._lock:
-            self.counts["stored_chunks"] += len(ready)
+        self.stack.spill(ready, plan.instance.space, self.registry.model(plan.instance.model).fingerprint)
+        self.counters.add("stored_chunks", len(ready))
         inst = plan.instance
         self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,
                             time.perf_counter() - plan.t0)
@@ -163,16 +158,11 @@ class CacheCore:
         keys = [space.keys(hashes) for space in spaces]
         n_l1 = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
         hits, per_tier = n_l1, None
-        if self.tiers and n_l1 < len(hashes):
-            hits, later_l1, per_tier = self.loader.extend(spaces, hashes, n_l1, extra, request,
-                                                          info.fingerprint, info.chunk_bytes)
+        if self.stack and n_l1 < len(hashes):
+            hits, later_l1, per_tier = self.stack.loader.extend(
+                spaces, hashes, n_l1, extra, request, info.fingerprint, info.chunk_bytes)
             n_l1 += later_l1
-        with self._lock:
-            counts = self.counts
-            counts["lookups"] += 1
-            counts["hit_chunks_l1"] += n_l1
-            for name, n in (per_tier or {}).items():
-                self.tier_hits[name] = self.tier_hits.get(name, 0) + n
+        self.counters.lookup(n_l1, per_tier)
         cs = self.config.chunk_size
         if self.observer.metrics is not None:
             tokens = {"L1": n_l1 * cs}
@@ -205,8 +195,7 @@ class CacheCore:
         statuses, handles = self.l1.pin(inst.space.keys(hashes))
         if any(s is not Status.OK for s in statuses):
             self.l1.unpin([h for h in handles if h is not None])
-            with self._lock:
-                self.counts["failed_retrieves"] += 1
+            self.counters.add("failed_retrieves")
             missing = next(s for s in statuses if s is not Status.OK)
             self.observer.retrieve_failed("not_ready" if missing is Status.NOT_READY else "not_found")
             return None
@@ -216,8 +205,7 @@ class CacheCore:
         """The copy is complete: release one of the request's shares per object (where it
         still holds one) and unpin; returns the shares released."""
         plan.released = self.l1.end_read(plan.handles, owner=plan.request)
-        with self._lock:
-            self.counts["retrieved_chunks"] += len(plan.handles)
+        self.counters.add("retrieved_chunks", len(plan.handles))
         inst = plan.instance
         self.observer.retrieve(inst.model, len(plan.handles), len(plan.handles) * inst.chunk_bytes,
                                time.perf_counter() - plan.t0)
@@ -254,21 +242,19 @@ class CacheCore:
 
     # ---- misc -----------------------------------------------------------------------------
     def stats(self) -> dict:
-        with self._lock:
-            out = dict(self.counts, hit_chunks_tier=dict(self.tier_hits))
+        out = self.counters.snapshot()
         out.update(instances=self.registry.num_instances, models=self.registry.snapshot(),
                    open_requests=len(self.requests), devices=list(self.devices),
-                   l1=self.l1.stats(), tiers={t.name: t.stats() for t in self.tiers})
-        if self.spiller is not None:
-            out["spill"] = dict(self.spiller.counts, queue_depth=self.spiller.queue_depth)
+                   l1=self.l1.stats(), tiers=self.stack.stats())
+        if self.stack.spiller is not None:
+            out["spill"] = dict(self.stack.spiller.counts, queue_depth=self.stack.queue_depth)
         return out
 
     def metrics_snapshot(self, clients: int | None = None) -> dict:
         """The metrics' scrape-time gauges (:mod:`gpukv.ops.snapshot`)."""
-        spill = self.spiller.queue_depth if self.spiller is not None else None
-        return self.observer.snapshot(self.l1.stats(), {t.name: t.stats() for t in self.tiers},
-                                      spill_depth=spill, open_requests=len(self.requests),
-                                      clients=clients)
+        return self.observer.snapshot(self.l1.stats(), self.stack.stats(),
+                                      spill_depth=self.stack.queue_depth,
+                                      open_requests=len(self.requests), clients=clients)
 
     def object_states(self, model: str, hashes: list[bytes], *, kv_rank: int = 0) -> dict:
         """Per chunk object of one rank: ``read_counts`` (shares held by requests),
@@ -281,23 +267,12 @@ class CacheCore:
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every spilled chunk has reached every tier; False on timeout."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        ok = self.spiller.flush(timeout_s) if self.spiller is not None else True
-        for tier in self.tiers:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ok = tier.flush(left) and ok
-        return ok
+        return self.stack.flush(timeout_s)
 
     def close(self, flush_timeout_s: float = 10.0) -> None:
         """Flush what is queued for the lower tiers, then stop: ``flush_timeout_s`` bounds the
         whole (what is still queued after it is dropped, counted)."""
-        deadline = time.monotonic() + flush_timeout_s
-        if self.tiers:
-            self.flush(flush_timeout_s)
-        if self.spiller is not None:
-            self.spiller.close(max(0.1, deadline - time.monotonic()))
-        for tier in self.tiers:
-            tier.close(max(0.1, deadline - time.monotonic()))
+        self.stack.close(flush_timeout_s)
         self.observer.close()
 
     def _check_work(self, num_keys: int) -> None:
@@ -305,18 +280,3 @@ class CacheCore:
             raise Busy(f"one call may name at most {self.config.max_keys_per_request} chunk "
                        f"objects (chunks x ranks), got {num_keys}")
 
-
-def _make_tiers(config: EngineConfig, observer: Observer) -> list:
-    tiers = []
-    events = observer.events is not None
-    if config.disk_dir is not None:
-        from gpukv.tiers.disk import DiskTier
-
-        tiers.append(DiskTier(config.disk_dir, capacity_bytes=config.disk_capacity_bytes,
-                              on_event=observer.tier_event("disk") if events else None))
-    if config.remote_url is not None:
-        from gpukv.tiers.remote import RemoteTier
-
-        tiers.append(RemoteTier(config.remote_url, timeout_s=config.remote_timeout_s,
-                                on_event=observer.tier_event("remote") if events else None))
-    return tiers

@@ -20,8 +20,8 @@ import torch
 
 from gpukv.config import EngineConfig
 from gpukv.engine.books import LocalBooks
-from gpukv.engine.chunks import token_range
-from gpukv.engine.copies import Copy, WorkerCopies, _hashable
+from gpukv.engine.chunks import check_id, token_range
+from gpukv.engine.copies import Copy, WorkerCopies
 from gpukv.engine.core import CacheCore
 from gpukv.engine.keys import TokenIds
 
@@ -88,14 +88,14 @@ class CacheEngine:
         target). Chunks after the first miss are not locked; tier hits are loaded into L1 as
         temporary objects.
         """
-        _hashable(request_id, "request_id")
+        check_id(request_id, "request_id")
         return self.lookup_hashes(model, self.copies.hashes(token_ids, seed, extras),
                                   request_id=request_id, tp_size=tp_size, num_readers=num_readers)
 
     def lookup_hashes(self, model: str, hashes: list[bytes], *, request_id: Hashable,
                       tp_size: int = 1, num_readers: int | None = None) -> int:
         """:meth:`lookup` on precomputed :func:`chunk_hashes`."""
-        _hashable(request_id, "request_id")
+        check_id(request_id, "request_id")
         return self.core.lookup(model, hashes, request=request_id, tp_size=tp_size,
                                 num_readers=num_readers) * self.config.chunk_size
 
@@ -105,13 +105,13 @@ class CacheEngine:
         """Release the shares ``request_id`` holds on the chunks inside
         ``[start_token, end_token)`` (all of them by default; e.g. ``end_token=engine_hit``
         for the part the engine already had); returns how many."""
-        _hashable(request_id, "request_id")
+        check_id(request_id, "request_id")
         start, end = token_range(start_token, end_token, self.config.chunk_size)
         return self.core.free(request_id, start_chunk=start, end_chunk=end)
 
     def end_session(self, request_id: Hashable) -> None:
         """Release what the request holds and forget it."""
-        _hashable(request_id, "request_id")
+        check_id(request_id, "request_id")
         self.core.end_request(request_id)
 
     # ---- misc -----------------------------------------------------------------------------
