@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "ipc:///tmp/gpukv-<uid>/gpukv.sock) or tcp://127.0.0.1:PORT")
     serve.add_argument("--capacity", type=_size, default=_size("4GiB"),
                        help="L1 bytes per device (default 4GiB)")
-    serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: auto)")
+    serve.add_argument("--device", default=None,
+                       help="one arena on cpu, cuda:N or cuda-uuid:<uuid> (default: every GPU "
+                            "this process sees, else cpu)")
     serve.add_argument("--devices", default=None,
-                       help="comma-separated arenas, one per device: cuda:0,cuda:1 (CPU: cpu:0,cpu:1 "
-                            "stand for devices); default: --device")
+                       help="comma-separated arenas, one per device: cuda:0,cuda:1, or 'all' (every "
+                            "visible GPU); CPU: cpu:0,cpu:1 stand for devices; default: --device")
     serve.add_argument("--chunk-size", type=int, default=256)
     serve.add_argument("--disk-dir", default=None)
     serve.add_argument("--disk-capacity", type=_size, default=None)

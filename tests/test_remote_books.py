@@ -46,11 +46,13 @@ def _copies(reply: dict, monkeypatch) -> tuple[WorkerCopies, FakeServer, list]:
     return copies, server, queued
 
 
-GOOD_STORE = dict(plan=7, chunks=[0, 1], offsets=[0, 3 * CHUNK * 1152], device=1, cached=0, full=0)
+GOOD_STORE = dict(plan=7, chunks=[0, 1], offsets=[0, 3 * CHUNK * 1152], devices=[1, 1], cached=0,
+                  full=0)
 BAD_STORES = {
-    "arena -1": dict(GOOD_STORE, device=-1),
-    "arena past the end": dict(GOOD_STORE, device=2),
-    "arena not an int": dict(GOOD_STORE, device="0"),
+    "arena -1": dict(GOOD_STORE, devices=[1, -1]),
+    "arena past the end": dict(GOOD_STORE, devices=[2, 1]),
+    "arena not an int": dict(GOOD_STORE, devices=["0", 1]),
+    "devices shorter": dict(GOOD_STORE, devices=[1]),
     "chunk -1": dict(GOOD_STORE, chunks=[-1, 1]),
     "chunk past the prompt": dict(GOOD_STORE, chunks=[0, 9]),
     "chunks repeated": dict(GOOD_STORE, chunks=[1, 1]),

@@ -16,6 +16,7 @@ from typing import Any, Hashable, Protocol
 import torch
 
 from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
+from gpukv.l1.topology import device_name
 
 
 @dataclass(slots=True)
@@ -79,7 +80,9 @@ class LocalBooks:
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
                  tp_rank: int, tp_size: int, device: str | None,
                  pages_device: torch.device) -> Registration:
-        index = self._arena_index(pages_device, device)
+        index = self.core.arena_for(device if device is not None else device_name(pages_device))
+        if torch.device(self.core.devices[index]).type != pages_device.type:
+            raise ValueError(f"kv_caches are on {pages_device}, arena {self.core.devices[index]!r} is not")
         inst = self.core.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
                                   tp_size=tp_size, device=index)
         return Registration(index, inst.chunk_bytes)
@@ -119,18 +122,3 @@ class LocalBooks:
             raise ValueError(f"arena {self.core.devices[index]!r} is on {arena.device}, the pages "
                              f"on {device}: the embedded engine copies within one device")
         return arena
-
-    def _arena_index(self, pages_device: torch.device, device: str | None) -> int:
-        names = self.core.devices
-        if device is not None:
-            if device not in names:
-                raise ValueError(f"device {device!r} is not one of this engine's arenas {names}")
-            index = names.index(device)
-        else:
-            index = next((i for i, n in enumerate(names)
-                          if torch.device(n).type == pages_device.type), None)
-            if index is None:
-                raise ValueError(f"kv_caches are on {pages_device}, the engine's arenas on {names}")
-        if torch.device(names[index]).type != pages_device.type:
-            raise ValueError(f"kv_caches are on {pages_device}, arena {names[index]!r} is not")
-        return index

@@ -34,6 +34,7 @@ from gpukv.l1 import L1Manager, Status
 from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
 from gpukv.l1.slab import SlabArena
+from gpukv.l1.topology import TorchGpus, arena_index, arena_name
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,35 @@ class CacheCore:
     def devices(self) -> tuple[str, ...]:
         return self.config.devices
 
+    @property
+    def arena_names(self) -> list[str]:
+        """Each arena's name across processes: ``cuda-uuid:<uuid>`` for a GPU, else the
+        configured name (see :mod:`gpukv.l1.topology`)."""
+        names = getattr(self, "_arena_names", None)
+        if names is None:
+            view = TorchGpus()
+            names = self._arena_names = [arena_name(d, view) for d in self.devices]
+        return names
+
+    def arena_for(self, device: str | None) -> int:
+        """The arena a worker's stores go to: ``device`` is an arena's configured name (e.g.
+        ``cpu:1``), or a worker's pages' device across processes (``cpu``, ``cuda-uuid:...``;
+        None: the first CPU arena). ValueError naming it when this cache has none there."""
+        if device in self.devices:
+            return self.devices.index(device)
+        return arena_index(self.arena_names, device)
+
     # ---- registration ---------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
-                 tp_rank: int = 0, tp_size: int = 1, device: int = 0) -> Instance:
+                 tp_rank: int = 0, tp_size: int = 1, device: int = 0,
+                 shared: bool = True) -> Instance:
+        """``device``: the arena its stores go to; ``shared`` (MLA): one object per chunk for
+        the whole TP group, spread over the arenas of the model's instances (every rank must be
+        able to read all of them: :func:`gpukv.l1.topology.mla_shared`), else one per rank."""
         if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.devices):
             raise ValueError(f"device must be an arena index in [0, {len(self.devices)}), got {device!r}")
         inst = self.registry.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
-                                      tp_size=tp_size, device=device)
+                                      tp_size=tp_size, device=device, shared=shared)
         self.observer.add_model(model)
         log.info("Registered %r: model=%s kind=%s tp=%d/%d layers=%d chunk=%d B device=%s",
                  instance_id, model, kind, tp_rank, tp_size, inst.num_layers, inst.chunk_bytes,
@@ -120,12 +143,30 @@ class CacheCore:
         """Reserve write slots for the chunks of ``hashes`` not held yet."""
         inst = self.registry.instance(instance_id)
         self._check_work(len(hashes))
-        statuses, handles = self.l1.reserve_write_slots(inst.space.keys(hashes), inst.chunk_bytes,
-                                                        device=inst.device, owner=inst.writer)
+        keys = inst.space.keys(hashes)
+        statuses, handles = [None] * len(keys), [None] * len(keys)
+        for device, where in self._placement(inst, hashes).items():
+            got = self.l1.reserve_write_slots([keys[i] for i in where], inst.chunk_bytes,
+                                              device=device, owner=inst.writer)
+            for i, status, handle in zip(where, *got):
+                statuses[i], handles[i] = status, handle
         new = [i for i, s in enumerate(statuses) if s is Status.OK]
         return StorePlan(inst, new, [handles[i] for i in new],
                          cached=sum(s is Status.NOT_WRITABLE for s in statuses),
                          full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
+
+    def _placement(self, inst: Instance, hashes: list[bytes]) -> dict[int, list[int]]:
+        """Positions of ``hashes`` per arena their objects go to: the instance's own, or for a
+        shared model one of its instances' arenas per chunk, by the chunk's hash (capacity is
+        then the sum of the group's arenas)."""
+        shared = self.registry.model(inst.model).shared
+        devices = self.registry.devices_of(inst.model) if shared else [inst.device]
+        if len(devices) == 1:
+            return {devices[0]: list(range(len(hashes)))}
+        out: dict[int, list[int]] = {}
+        for i, h in enumerate(hashes):
+            out.setdefault(devices[int.from_bytes(h[:8], "little") % len(devices)], []).append(i)
+        return out
 
     def commit_store(self, plan: StorePlan) -> int:
         """The copy is complete: make the plan's chunks readable; returns how many became so
@@ -149,7 +190,7 @@ class CacheCore:
         per object (MLA: ``num_readers or tp_size``; MHA: 1 per rank's object)."""
         t0 = time.perf_counter()
         info = self.registry.model(model)
-        extra = resolve_extra_count(info.kind, tp_size, num_readers)
+        extra = resolve_extra_count("mla" if info.shared else "mha", tp_size, num_readers)
         spaces = self.registry.spaces(model, tp_size)
         self._check_work(len(hashes) * len(spaces))
         self.maybe_expire()

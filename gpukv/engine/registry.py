@@ -43,13 +43,22 @@ class Instance:
 
 @dataclass(slots=True)
 class Model:
+    """``shared``: one object serves every TP rank (an MLA cache registered shared); else each
+    rank has its own objects (MHA shards, and MLA caches of ranks that cannot read each other's
+    arenas: see :mod:`gpukv.l1.topology`)."""
+
     name: str
     kind: str
     fingerprint: str
     layout: str
     chunk_bytes: int
+    shared: bool = False
     spaces: dict[int, KeySpace] = field(default_factory=dict)  # kv_rank -> space
     instances: dict[Hashable, Instance] = field(default_factory=dict)
+
+    def devices(self) -> list[int]:
+        """The arenas this model's instances store into, sorted (a copy)."""
+        return sorted({inst.device for inst in self.instances.values()})
 
 
 def check_layout(layout: dict, kind: str) -> dict:
@@ -83,8 +92,10 @@ class Registry:
         self._by_ident: dict[int, KeySpace] = {}
 
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
-                 tp_rank: int, tp_size: int, device: int) -> Instance:
-        """Add an instance; ValueError naming the bad argument (nothing changes then)."""
+                 tp_rank: int, tp_size: int, device: int, shared: bool = True) -> Instance:
+        """Add an instance; ValueError naming the bad argument (nothing changes then).
+        ``shared`` (MLA only): one object per chunk for every rank, else one per rank. Every
+        instance of a model must agree (it is part of the layout fingerprint)."""
         if not isinstance(model, str) or not model or model != model.strip() or "\x00" in model:
             raise ValueError(f"model must be a non-empty str without surrounding spaces, got {model!r}")
         if kind not in ("mla", "mha"):
@@ -95,7 +106,9 @@ class Registry:
             raise ValueError(f"tp_rank must be an int in [0, tp_size={tp_size}), got {tp_rank!r}")
         check_layout(layout, kind)
         fields = ";".join(f"{k}={layout[k]}" for k in ("dims", "dtype", *_LAYOUT_INTS))
-        fingerprint = f"model={model};kind={kind};chunk={self.chunk_size};{fields}"
+        shared = kind == "mla" and bool(shared)
+        objects = "shared" if shared else "per-rank"
+        fingerprint = f"model={model};kind={kind};objects={objects};chunk={self.chunk_size};{fields}"
         chunk_bytes = layout["num_layers"] * layout["num_kv"] * self.chunk_size * layout["row_bytes"]
         if chunk_bytes > MAX_CHUNK_BYTES:
             raise ValueError(f"one chunk of model {model!r} would be {chunk_bytes} bytes "
@@ -109,8 +122,8 @@ class Registry:
                                  f"the registered one ({fingerprint} != {info.fingerprint})")
             if info is None:
                 info = self._models[model] = Model(model, kind, fingerprint,
-                                                   layout_digest(fingerprint), chunk_bytes)
-            kv_rank = 0 if kind == "mla" else tp_rank
+                                                   layout_digest(fingerprint), chunk_bytes, shared)
+            kv_rank = 0 if shared else tp_rank
             inst = Instance(instance_id, model, kind, tp_rank, tp_size, device,
                             self._space(info, kv_rank), chunk_bytes, chunk_bytes // layout["num_layers"],
                             layout["num_layers"], InternalOwner("writer", instance_id))
@@ -137,10 +150,16 @@ class Registry:
         return info
 
     def spaces(self, name: str, num_ranks: int) -> list[KeySpace]:
-        """Key spaces a lookup of ``name`` reads: one for MLA, ``num_ranks`` for MHA."""
+        """Key spaces a lookup of ``name`` reads: one for a shared model, else ``num_ranks``."""
         info = self.model(name)
         with self._lock:
-            return [self._space(info, r) for r in range(1 if info.kind == "mla" else num_ranks)]
+            return [self._space(info, r) for r in range(1 if info.shared else num_ranks)]
+
+    def devices_of(self, name: str) -> list[int]:
+        """The arenas the instances of model ``name`` store into (sorted)."""
+        info = self.model(name)
+        with self._lock:
+            return info.devices()
 
     def device_of_space(self, space: KeySpace, default: int = 0) -> int:
         """Where loads into ``space`` go: the device of an instance of that space."""

@@ -87,7 +87,7 @@ class CacheClient:
         self.salt: str = info["salt"]
         self.server_info: dict = info
         self.copies = WorkerCopies(RemoteBooks(lambda body: self._call(body), self.chunk_size,
-                                               self.salt),
+                                               self.salt, info.get("arenas")),
                                    backend=backend, on_finish=self._copy_finished)
         interval = info["worker_timeout_s"] / 4 if ping_interval_s is None else ping_interval_s
         if interval > 0:

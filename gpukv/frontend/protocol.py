@@ -78,12 +78,17 @@ class Ping(_Msg, tag="ping"):
 
 
 class Register(_Msg, tag="register"):
+    """``device``: the worker's pages' device across processes (``cpu``, ``cuda-uuid:<uuid>``) or
+    an arena's configured name; ``shared`` (MLA): one object per chunk for the whole TP group
+    (the worker can read every arena), else one per rank (see :mod:`gpukv.l1.topology`)."""
+
     instance_id: Id
     model: Name
     layout: Layout
     tp_rank: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS - 1)]
     tp_size: Count
     device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    shared: bool = True
 
 
 class Unregister(_Msg, tag="unregister"):

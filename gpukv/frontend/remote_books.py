@@ -16,15 +16,21 @@ import torch
 from gpukv.engine.books import Grant, Registration
 from gpukv.frontend import protocol as p
 from gpukv.frontend.channel import ServerError
-from gpukv.l1.memory import device_name, open_cpu, open_cuda
+from gpukv.l1.cuda_arena import MAPPINGS
+from gpukv.l1.memory import open_cpu
+from gpukv.l1.topology import TorchGpus, device_name, mla_shared
 
 
 class RemoteBooks:
     """:class:`Books` through ``call`` (a :meth:`CacheClient._call`: one request, its reply's
     value). ``chunk_size`` and ``salt`` are the server's (from its PING reply)."""
 
-    def __init__(self, call: Callable[..., Any], chunk_size: int, salt: str) -> None:
+    def __init__(self, call: Callable[..., Any], chunk_size: int, salt: str,
+                 arena_names: list[str] | None = None) -> None:
+        """``arena_names``: the server's arenas across processes (its PING reply's ``arenas``),
+        to decide whether this worker's MLA objects can be shared (see :mod:`gpukv.l1.topology`)."""
         self._call, self.chunk_size, self.salt = call, chunk_size, salt
+        self.arena_names = list(arena_names or [])
         self._handles: list[dict] = []
         self._arenas: dict[tuple[int, str], torch.Tensor] = {}
         self._maps: list = []
@@ -32,8 +38,10 @@ class RemoteBooks:
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
                  tp_rank: int, tp_size: int, device: str | None,
                  pages_device: torch.device) -> Registration:
+        own = device_name(pages_device)
+        shared = kind != "mla" or not self.arena_names or mla_shared(own, self.arena_names, TorchGpus())
         reply = self._call(p.Register(instance_id, model, p.Layout(**layout), tp_rank, tp_size,
-                                      device if device is not None else device_name(pages_device)))
+                                      device if device is not None else own, shared))
         arenas = reply.get("arenas") if isinstance(reply, dict) else None
         if not isinstance(arenas, list) or not arenas or not all(isinstance(h, dict) for h in arenas):
             raise ServerError(f"REGISTER reply has no arena handles: {reply!r:.200}")
@@ -55,12 +63,15 @@ class RemoteBooks:
         plan = reply.get("plan") if isinstance(reply, dict) else None
         if not plan:
             return None
-        chunks, offsets = reply.get("chunks"), reply.get("offsets")
-        device = _index(reply.get("device"), len(self._handles), "arena")
+        chunks, offsets, devices = reply.get("chunks"), reply.get("offsets"), reply.get("devices")
         _check_lists(chunks, offsets, len(hashes), "STORE_BEGIN")
         if chunks != sorted(set(chunks)):
             raise ServerError(f"STORE_BEGIN reply names chunks {chunks!r:.120} (not increasing)")
-        return Grant(plan, chunks, [device] * len(chunks), offsets)
+        if not isinstance(devices, list) or len(devices) != len(chunks):
+            raise ServerError(f"STORE_BEGIN reply has devices {devices!r:.80} for {len(chunks)} chunks")
+        for dev in devices:
+            _index(dev, len(self._handles), "arena")
+        return Grant(plan, chunks, devices, offsets)
 
     def end_store(self, grant: Grant, ok: bool) -> int:
         stored = self._call(p.StoreCommit(grant.token, ok=ok))
@@ -92,8 +103,8 @@ class RemoteBooks:
             if handle.get("kind") == "memfd":
                 arena, mapped = open_cpu(handle)
                 self._maps.append(mapped)
-            else:
-                arena = open_cuda(handle)
+            else:  # under this worker's own device, whichever GPU the arena is on
+                arena = MAPPINGS.open(handle, device)
             self._arenas[key] = arena
         if arena.device.type != device.type:
             raise ValueError(f"the server's arena {index} is on {arena.device}, these pages on "

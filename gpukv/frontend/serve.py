@@ -27,8 +27,12 @@ def serve_main(args: argparse.Namespace) -> int:
                           worker_timeout_s=args.worker_timeout, threads=args.threads,
                           allow_remote=args.allow_remote, allow_abstract=args.allow_abstract,
                           limits=limits)
-    devices = tuple(args.devices.split(",")) if args.devices else None
-    core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
+    from gpukv.l1.topology import TorchGpus, server_devices
+
+    requested = args.devices.split(",") if args.devices else [args.device] if args.device else None
+    devices = tuple(server_devices(requested, TorchGpus()))  # default: every GPU it sees, else cpu
+    log.info("gpukv serve: one arena of %d bytes on each of %s", args.capacity, ", ".join(devices))
+    core = CacheCore(EngineConfig(capacity_bytes=args.capacity, devices=devices,
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,
                                   disk_capacity_bytes=args.disk_capacity,
                                   remote_url=args.remote_url, events_address=args.events,

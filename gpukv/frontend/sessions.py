@@ -37,7 +37,6 @@ from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.orphans import Orphans, release
 from gpukv.frontend.session import Limits, Scoped, Session
-from gpukv.l1.memory import arena_index
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ class Sessions:
             s.pid = body.pid
         cfg = self.core.config
         return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
-                    devices=list(cfg.devices), worker_timeout_s=self.worker_timeout_s,
+                    devices=list(cfg.devices), arenas=self.core.arena_names,
+                    worker_timeout_s=self.worker_timeout_s,
                     pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request))
 
     def _register(self, s: Session, body: p.Register) -> dict:
@@ -98,10 +98,11 @@ class Sessions:
                            f"{self.limits.max_instances} (gpukv serve --max-instances)")
             key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
-            device = arena_index(self.core.config.devices, body.device)
+            device = self.core.arena_for(body.device)
             layout = {f: getattr(body.layout, f) for f in body.layout.__struct_fields__}
             inst = self.core.register(key, body.model, layout, kind=body.layout.kind,
-                                      tp_rank=body.tp_rank, tp_size=body.tp_size, device=device)
+                                      tp_rank=body.tp_rank, tp_size=body.tp_size, device=device,
+                                      shared=body.shared)
         except BaseException:
             with self._lock:
                 s.instances.pop(body.instance_id, None)
@@ -153,7 +154,7 @@ class Sessions:
         if plan.handles and not plan_id:
             raise self._reaped_error()
         return dict(plan=plan_id, chunks=plan.chunks, offsets=[h.offset for h in plan.handles],
-                    device=plan.instance.device, cached=plan.cached, full=plan.full)
+                    devices=[h.device for h in plan.handles], cached=plan.cached, full=plan.full)
 
     def _store_commit(self, s: Session, body: p.StoreCommit) -> int:
         plan = self._take_plan(s, body.plan, StorePlan)

@@ -9,9 +9,9 @@ transparent huge pages requested. Both are *pre-faulted* when created (``MADV_PO
 else one write per page), so the first stores into a fresh L1 do not pay a page fault per 4 KiB
 (issue 15); that costs one zero fill of the capacity at start-up.
 
-CUDA (UNTESTED here: no GPU in CI): ``torch.empty`` on the device, exported with CUDA IPC handles
-(the fields of ``torch.multiprocessing.reductions.reduce_tensor`` as plain data, never pickled);
-the GPU is named by its UUID since device indices differ between processes.
+CUDA: a server's arena is a raw allocation exported as a CUDA IPC handle and opened by workers
+under their own device (:mod:`gpukv.l1.cuda_arena`); an embedded engine's is a plain
+``torch.empty`` on the device.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class ArenaMemory:
         for item in self._keep:
             if isinstance(item, int):
                 os.close(item)
+            elif callable(item):  # a GPU arena's free
+                item()
         self._keep.clear()
 
 
@@ -57,8 +59,13 @@ def create(device: str, nbytes: int, *, shared: bool, prefault: bool | str = Tru
         raise ValueError(f"arena size must be a positive int, got {nbytes!r}")
     dev = torch.device(device)
     if dev.type == "cuda":
-        tensor = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        return ArenaMemory(device, tensor, cuda_handle(tensor) if shared else None)
+        if not shared:
+            return ArenaMemory(device, torch.empty(nbytes, dtype=torch.uint8, device=dev))
+        from gpukv.l1 import cuda_arena
+
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        tensor, handle, free = cuda_arena.create(index, nbytes)
+        return ArenaMemory(device, tensor, handle, [free])
     if dev.type != "cpu":
         raise ValueError(f"arenas live on cpu or cuda devices, got {device!r}")
     size = -(-nbytes // PAGE) * PAGE
@@ -126,66 +133,3 @@ def _advise(mapped: mmap.mmap, advice: int) -> bool:
     except OSError:
         return False
     return True
-
-
-# ---- naming an arena's device across processes ---------------------------------------------------
-def device_name(device: torch.device) -> str:
-    """How a worker names its pages' device to the server: "cpu", or "cuda-uuid:<uuid>" (CUDA
-    indices differ between processes with other CUDA_VISIBLE_DEVICES; a GPU's UUID does not)."""
-    return "cpu" if device.type == "cpu" else f"cuda-uuid:{gpu_uuid(device)}"
-
-
-def arena_index(devices: list[str], name: str | None) -> int:
-    """The arena (index into ``devices``) for a worker on ``name``: an arena's exact name, "cpu"
-    or None (the first CPU arena), or "cuda-uuid:<uuid>" (the arena on that GPU)."""
-    if name in devices:
-        return devices.index(name)
-    for i, dev in enumerate(devices):
-        if name in (None, "cpu") and torch.device(dev).type == "cpu":
-            return i
-        if name and name.startswith("cuda-uuid:") and torch.device(dev).type == "cuda" \
-                and gpu_uuid(torch.device(dev)) == name.removeprefix("cuda-uuid:"):
-            return i
-    raise ValueError(f"this server has no arena for device {name!r} (it has {list(devices)})")
-
-
-def gpu_uuid(device: torch.device | int) -> str:
-    return str(torch.cuda.get_device_properties(device).uuid)
-
-
-# ---- CUDA (UNTESTED: no GPU in CI) --------------------------------------------------------------
-def cuda_handle(tensor: torch.Tensor) -> dict:
-    """The CUDA IPC description of a device tensor, as plain data."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    _, args = reduce_tensor(tensor.detach())
-    (_, size, stride, offset, _, dtype, device, handle, storage_size_bytes, storage_offset_bytes,
-     _, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = args
-    return dict(kind="cuda_ipc", device_index=int(device),
-                device_uuid=gpu_uuid(device),
-                ipc_handle=bytes(handle), storage_size_bytes=int(storage_size_bytes),
-                storage_offset_bytes=int(storage_offset_bytes),
-                ref_counter_handle=bytes(ref_counter_handle),
-                ref_counter_offset=int(ref_counter_offset), event_handle=bytes(event_handle or b""),
-                event_sync_required=bool(event_sync_required), nbytes=int(size[0]),
-                offset=int(offset))
-
-
-def open_cuda(handle: dict) -> torch.Tensor:
-    """Map a server's CUDA arena in this process (on the GPU with the handle's UUID)."""
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    if not torch.cuda.is_available():
-        raise ValueError("the server's arena is on a GPU but this process sees none")
-    uuids = [gpu_uuid(i) for i in range(torch.cuda.device_count())]
-    if handle["device_uuid"] not in uuids:
-        raise ValueError(f"GPU {handle['device_uuid']} of the server's arena is not visible here "
-                         f"(visible: {uuids})")
-    device = uuids.index(handle["device_uuid"])
-    with torch.cuda.device(device):
-        return rebuild_cuda_tensor(
-            torch.Tensor, torch.Size([handle["nbytes"]]), (1,), handle["offset"],
-            torch.UntypedStorage, torch.uint8, device, handle["ipc_handle"],
-            handle["storage_size_bytes"], handle["storage_offset_bytes"], False,
-            handle["ref_counter_handle"], handle["ref_counter_offset"],
-            handle["event_handle"] or None, handle["event_sync_required"])
