@@ -70,7 +70,7 @@ def corrupt_arena(address: str, seed: int = 0) -> int:
     with CacheClient(address, ping_interval_s=0) as client:
         client.register("corrupter", "corrupter-model", [torch.zeros(2, client.chunk_size, 8)],
                         "NB,BS,D", kind="mla")
-        arena = client._arena(0)  # noqa: SLF001 - the test hook
+        arena = client.copies.books.arena(0, torch.device("cpu"))  # the mapping a worker uses
         gen = torch.Generator().manual_seed(seed)
         values = arena[: arena.numel() // 2 * 2].view(torch.bfloat16)
         for start in range(0, values.numel(), 1 << 22):
