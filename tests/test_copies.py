@@ -149,3 +149,27 @@ def test_both_books_give_the_same_answers(which, tmp_path):
         assert cache.retrieve("b", tokens[:N], read, request_id="q") == N
         assert mismatched_tokens(rows(dst, "mha", read[CHUNK:]), rows(src, "mha", store_slots[CHUNK:N])) == 0
         assert cache.retrieve("b", prompt(9)[:N], read, request_id="q") == 0  # not held: nothing
+
+
+@pytest.mark.parametrize("which", BOOKS)
+def test_chunks_hashed_once_move_like_the_whole_prompt(which, tmp_path):
+    """A connector hashes each chunk once (the chain goes on after the last hash it kept) and
+    sends only the new chunks' hashes and slots."""
+    from gpukv.engine.keys import chunk_hashes, request_seed
+
+    with books(which, tmp_path) as (cache, core):
+        pages, tokens = kv_cache("mla", 5), prompt(5)
+        cache.register("r0", "m", pages, DIMS["mla"], kind="mla")
+        src = slots_of(STORE_BLOCKS, len(tokens))
+        assert cache.store("r0", tokens[:2 * CHUNK], src[:2 * CHUNK]) == 2 * CHUNK
+        seed = request_seed(cache.copies.books.salt, b"")
+        first = chunk_hashes(tokens[:2 * CHUNK], CHUNK, seed=seed)
+        rest = chunk_hashes(tokens[2 * CHUNK:N], CHUNK, after=first[-1])
+        assert cache.finish(cache.start_store_chunks("r0", rest, src[2 * CHUNK:N])) == 3 * CHUNK
+        assert cache.lookup("m", tokens, request_id="q") == N  # the same objects as a whole store
+        dst = slots_of(RANK_BLOCKS[0], N)
+        got = cache.start_retrieve_chunks("r0", rest, dst[2 * CHUNK:], request_id="q")
+        assert cache.finish(got) == 3 * CHUNK
+        assert mismatched_tokens(rows(pages, "mla", dst[2 * CHUNK:]), rows(pages, "mla", src[2 * CHUNK:N])) == 0
+        with pytest.raises(ValueError, match=r"expected len\(hashes\) \* chunk_size = 48"):
+            cache.start_store_chunks("r0", rest, src[:N])

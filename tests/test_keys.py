@@ -116,3 +116,13 @@ def test_request_seed_separates_parts_and_absent_is_empty():
 def test_token_ids_outside_int64_are_refused_not_wrapped(bad):
     with pytest.raises(ValueError, match="token_ids"):
         chunk_hashes(bad, 1)
+
+
+def test_hashing_only_the_new_chunks_after_the_last_hash_continues_the_chain():
+    tokens = list(range(10 * 16 + 5))
+    whole = chunk_hashes(tokens, 16, seed=b"salt", extras=[None] * 7 + [b"img"])
+    first = chunk_hashes(tokens[:4 * 16], 16, seed=b"salt")
+    rest = chunk_hashes(tokens[4 * 16:], 16, after=first[-1], extras=[None] * 3 + [b"img"])
+    assert first + rest == whole
+    with pytest.raises(ValueError, match="16-byte chunk hash"):
+        chunk_hashes(tokens, 16, after=b"short")

@@ -137,12 +137,25 @@ class WorkerCopies:
     def start_store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor,
                     *, seed: bytes = b"", extras=None) -> Copy:
         """Reserve slots and queue the pack; :meth:`finish` commits it."""
-        t0 = time.perf_counter()
         pages = self._local(instance_id)
-        hashes = self.hashes(token_ids, seed, extras)
-        cs = self.chunk_size
         check_slot_mapping(pages.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        chunks = full_chunks(slot_mapping, len(hashes), cs)
+        hashes = self.hashes(token_ids, seed, extras)
+        return self._start_store(instance_id, pages, hashes, slot_mapping)
+
+    def start_store_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
+                           slot_mapping: torch.Tensor) -> Copy:
+        """:meth:`start_store` of chunks already hashed (e.g. only a prompt's new chunks:
+        :func:`gpukv.engine.keys.chunk_hashes` with ``after=``): ``slot_mapping`` has one slot
+        per token of those chunks (``len(hashes) * chunk_size``)."""
+        pages = self._local(instance_id)
+        n = len(hashes) * self.chunk_size
+        check_slot_mapping(pages.paged, slot_mapping, n, f"len(hashes) * chunk_size = {n}")
+        return self._start_store(instance_id, pages, list(hashes), slot_mapping)
+
+    def _start_store(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
+                     slot_mapping: torch.Tensor) -> Copy:
+        t0 = time.perf_counter()
+        chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
         grant = self.books.begin_store(instance_id, [hashes[i] for i in chunks]) if chunks else None
         if grant is None:
             return Copy("store", None, None, 0, t0)
@@ -166,13 +179,26 @@ class WorkerCopies:
                        extras=None) -> Copy:
         """Pin the objects and queue the unpack; :meth:`finish` releases them."""
         check_id(request_id, "request_id")
-        t0 = time.perf_counter()
         pages = self._local(instance_id)
-        hashes = self.hashes(token_ids, seed, extras)
-        cs = self.chunk_size
         check_slot_mapping(pages.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
-        whole = len(hashes) * cs
-        chunks = chunks_to_read(slot_mapping, len(hashes), cs)
+        hashes = self.hashes(token_ids, seed, extras)
+        return self._start_retrieve(instance_id, pages, hashes, slot_mapping, request_id)
+
+    def start_retrieve_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
+                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
+        """:meth:`start_retrieve` of chunks already hashed: ``slot_mapping`` has one slot per
+        token of those chunks (``len(hashes) * chunk_size``)."""
+        check_id(request_id, "request_id")
+        pages = self._local(instance_id)
+        n = len(hashes) * self.chunk_size
+        check_slot_mapping(pages.paged, slot_mapping, n, f"len(hashes) * chunk_size = {n}")
+        return self._start_retrieve(instance_id, pages, list(hashes), slot_mapping, request_id)
+
+    def _start_retrieve(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
+                        slot_mapping: torch.Tensor, request_id: Hashable) -> Copy:
+        t0 = time.perf_counter()
+        whole = len(hashes) * self.chunk_size
+        chunks = chunks_to_read(slot_mapping, len(hashes), self.chunk_size)
         if not chunks:
             return Copy("retrieve", None, None, whole, t0)
         grant = self.books.begin_retrieve(instance_id, request_id, [hashes[i] for i in chunks])

@@ -73,6 +73,17 @@ class CacheEngine:
         return self.copies.start_retrieve(instance_id, token_ids, slot_mapping,
                                           request_id=request_id, seed=seed, extras=extras)
 
+    def start_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
+                           slot_mapping: torch.Tensor) -> Copy:
+        """Store chunks already hashed (see :meth:`WorkerCopies.start_store_chunks`)."""
+        return self.copies.start_store_chunks(instance_id, hashes, slot_mapping)
+
+    def start_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
+                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
+        """Retrieve chunks already hashed (see :meth:`WorkerCopies.start_retrieve_chunks`)."""
+        return self.copies.start_retrieve_chunks(instance_id, hashes, slot_mapping,
+                                                 request_id=request_id)
+
     def finish(self, copy: Copy) -> int:
         """Complete a started store or retrieve (see :meth:`WorkerCopies.finish`)."""
         return self.copies.finish(copy)

@@ -78,19 +78,25 @@ def _is_int64(value) -> bool:
 
 
 def chunk_hashes(token_ids: TokenIds, chunk_size: int = 256, *, seed: bytes = b"",
-                 extras: Sequence[bytes | None] | None = None) -> list[bytes]:
+                 extras: Sequence[bytes | None] | None = None,
+                 after: bytes | None = None) -> list[bytes]:
     """Chained 16-byte hashes of the full ``chunk_size``-token chunks of ``token_ids``.
 
     A trailing partial chunk gets no hash. ``seed`` starts the chain; ``extras[i]`` (bytes or
     None), if given, is mixed into chunk ``i``'s hash (it may be shorter than the chunk count).
+    ``after``: the hash of the chunk before ``token_ids`` (its chain goes on from there: hashing
+    a prompt's new chunks only gives what hashing the whole prompt gives for them; ``seed`` is
+    then not used).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(seed, (bytes, bytearray)):
         raise ValueError(f"seed must be bytes, got {type(seed).__name__}")
+    if after is not None and (not isinstance(after, (bytes, bytearray)) or len(after) != HASH_BYTES):
+        raise ValueError(f"after must be a {HASH_BYTES}-byte chunk hash, got {after!r:.60}")
     arr = as_token_array(token_ids)
     num_chunks = len(arr) // chunk_size
-    prev = xxhash.xxh3_128_digest(_CHAIN_TAG + bytes(seed))
+    prev = bytes(after) if after is not None else xxhash.xxh3_128_digest(_CHAIN_TAG + bytes(seed))
     if not num_chunks:
         return []
     view = memoryview(arr[: num_chunks * chunk_size]).cast("B")
