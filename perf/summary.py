@@ -50,24 +50,31 @@ def _section(title: str, header: list[str], rows: list[tuple], note: str = "") -
 def _kernels(out: Path, preset: str) -> list[str]:
     rows = _rows(out / f"sweep_kernels_{preset}.csv")
     table = []
-    for key in dict.fromkeys((r["model"], r["layout"], r["slots"], r["threads"], r["op"]) for r in rows):
-        sub = [r for r in rows if (r["model"], r["layout"], r["slots"], r["threads"], r["op"]) == key]
-        table.append((*key[:4], key[4], sub[0]["row_bytes"], _f(_med(r["gbps"] for r in sub)),
-                      _span(r["ratio_vs_copy"] for r in sub), sub[0]["goal"] if key[3] == "1" else "",
+    def key_of(r):
+        return r.get("pool", "cache-resident"), r["model"], r["layout"], r["slots"], r["threads"], r["op"]
+
+    for key in dict.fromkeys(key_of(r) for r in rows):
+        sub = [r for r in rows if key_of(r) == key]
+        table.append((*key, sub[0]["row_bytes"], _f(_med(r["gbps"] for r in sub)),
+                      _span(r["ratio_vs_copy"] for r in sub), sub[0]["goal"],
                       _f(_med(r["ratio_vs_loop"] for r in sub)),
                       _f(_med(r.get("ratio_vs_numpy_path", "") for r in sub))))
     return _section(f"pack / unpack (`sweep_kernels_{preset}.csv`)",
-                    ["model", "layout", "slots", "threads", "op", "row B", "GB/s", "x memcpy, median (min..max) over chunk counts",
-                     "goal (1 thread)", "x per-layer torch loop", "x numpy path (compiled gather off)"], table,
-                    "memcpy of the same bytes on the same threads, timed in the same repeats" + _load(rows) + ".")
+                    ["pool", "model", "layout", "slots", "threads", "op", "row B", "GB/s",
+                     "x memcpy, median (min..max) over chunk counts", "goal",
+                     "x per-layer torch loop", "x numpy path (compiled gather off)"], table,
+                    "memcpy of the same bytes on the same threads, timed in the same repeats; a "
+                    "DRAM-resident pool spreads the calls over max(1 GiB, 8 x LLC) of pages and arena, "
+                    "a cache-resident one reuses twice one call's pages (perf/pools.py)" + _load(rows) + ".")
 
 
 def _copy_floor(out: Path, preset: str) -> list[str]:
     rows = _rows(out / f"sweep_copy_floor_{preset}.csv")
     return _section(f"what a gather in vLLM's order costs without gpukv (`sweep_copy_floor_{preset}.csv`)",
-                    ["items", "row B", "item B", "layers", "memcpy GB/s", "gpukv", "numpy.take", "C memcpy loop",
-                     "C + prefetch 8 ahead"],
-                    [(r["items"], r["row_bytes"], r["item_bytes"], r["layers"], r["memcpy_gbs"],
+                    ["pool", "items", "row B", "item B", "layers", "memcpy GB/s", "gpukv", "numpy.take",
+                     "C memcpy loop", "C + prefetch 8 ahead"],
+                    [(r.get("pool", "cache-resident"), r["items"], r["row_bytes"], r["item_bytes"], r["layers"],
+                      r["memcpy_gbs"],
                       *(f"{r[n]} ({r[n + '_span']})" if r[n] else "" for n in ("gpukv", "numpy", "c", "c_prefetch")))
                      for r in rows],
                     "x memcpy of the same bytes, same repeats, 1 thread, `NB,BS,D` pages of uint8 rows, 4 chunks of "

@@ -3,7 +3,7 @@
 Issue 15 asks pack to reach 0.9x memcpy for whole blocks and 0.6x for random token slots. This
 sweep measures, on the same memory and in the same repeats, what simpler programs reach for the
 same gather (the pages of ``layers`` layers, ``NB,BS,D`` of ``row`` bytes, 4 chunks of 256
-tokens, a pool twice the size needed, block size 16):
+tokens, block size 16; on a DRAM-resident pool and on a cache-resident one, see perf/pools.py):
 
   memcpy      one contiguous copy of the same bytes (the baseline of every ratio)
   gpukv       ``gpukv.paged.copy.pack`` (the torch CPU path)
@@ -40,55 +40,75 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_average, results_dir, thread_settings, time_interleaved, write_csv  # noqa: E402
+from pools import Rotation, describe, num_sets  # noqa: E402
 
 from gpukv.paged.copy import pack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
 from gpukv.paged.native import native_copy  # noqa: E402
 
-CHUNK, CHUNKS, BLOCK, POOL = 256, 4, 16, 2
-TARGET_BYTES = 64 << 20  # bytes moved per call (layers chosen to reach it): past the caches
+CHUNK, CHUNKS, BLOCK, POOL = 256, 4, 16, 2  # POOL: a cache-resident point's pages / one call's
+TARGET_BYTES = 64 << 20  # bytes moved per call (layers chosen to reach it)
 PRESETS = {"quick": dict(rows=[256, 656, 1152, 2048], repeats=9),
            "full": dict(rows=[128, 256, 512, 656, 1152, 2048, 4096], repeats=15)}
 
-def run_point(row: int, items: str, repeats: int, gather) -> dict:
+def run_point(row: int, items: str, repeats: int, gather, pool: str) -> dict:
     tokens = CHUNKS * CHUNK
     num_layers = max(4, TARGET_BYTES // (tokens * row))
-    num_blocks = POOL * tokens // BLOCK
+    nbytes = tokens * num_layers * row
+    k = num_sets(pool, nbytes)  # disjoint sets of pages and arena windows, taken in turn
+    num_blocks = (POOL if k == 1 else k) * tokens // BLOCK
     layers = [torch.empty(num_blocks, BLOCK, row, dtype=torch.uint8).random_(0, 256)
               for _ in range(num_layers)]
     paged = PagedKV.from_tensors(layers, "NB,BS,D", kind="mla")
     gen = torch.Generator().manual_seed(row)
     if items == "blocks":
-        idx = torch.randperm(num_blocks, generator=gen)[: tokens // BLOCK]
-        slots = (idx[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+        idx = torch.randperm(num_blocks, generator=gen)[: k * tokens // BLOCK].view(k, -1)
+        slots = (idx[:, :, None] * BLOCK + torch.arange(BLOCK)).view(k, -1)
         item, per_chunk = BLOCK * row, CHUNK // BLOCK
     else:
-        idx = slots = torch.randperm(num_blocks * BLOCK, generator=gen)[:tokens]
+        idx = slots = torch.randperm(num_blocks * BLOCK, generator=gen)[: k * tokens].view(k, -1)
         item, per_chunk = row, CHUNK
-    nbytes = tokens * num_layers * row
-    arena = torch.empty(nbytes, dtype=torch.uint8)
-    offsets = torch.arange(CHUNKS, dtype=torch.int64) * (nbytes // CHUNKS)
-    src, dst = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256), torch.empty(nbytes, dtype=torch.uint8)
+    arena = torch.empty(k * nbytes, dtype=torch.uint8)
+    offsets = [torch.arange(CHUNKS, dtype=torch.int64) * (nbytes // CHUNKS) + i * nbytes for i in range(k)]
+    if k == 1:
+        src, dst = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256), torch.empty(nbytes, dtype=torch.uint8)
+    turn = Rotation(k)  # every call takes the next set: no call finds its memory in a cache
+
+    def memcpy() -> None:
+        if k == 1:
+            np.copyto(dst.numpy(), src.numpy())
+            return
+        i = turn()
+        j = (i + k // 2) % k
+        np.copyto(arena[j * nbytes:(j + 1) * nbytes].numpy(), arena[i * nbytes:(i + 1) * nbytes].numpy())
+
     # numpy.take over each layer's items as opaque (void) values into that chunk-layer's slab
     voids = [t.numpy().reshape(-1).view(f"V{item}") for t in layers]
-    out = arena.numpy().view(f"V{item}").reshape(CHUNKS, num_layers, per_chunk)
-    idx_np = idx.numpy().reshape(CHUNKS, per_chunk)
+    out = arena.numpy().view(f"V{item}").reshape(k, CHUNKS, num_layers, per_chunk)
+    idx_np = idx.numpy().reshape(k, CHUNKS, per_chunk)
+
     def numpy_take() -> None:
+        i = turn()
         for c in range(CHUNKS):
             for layer in range(num_layers):
-                np.take(voids[layer], idx_np[c], out=out[c, layer])
+                np.take(voids[layer], idx_np[i, c], out=out[i, c, layer])
 
-    fns = {"memcpy": lambda: np.copyto(dst.numpy(), src.numpy()),
-           "gpukv": lambda: pack(paged, slots, arena, offsets, chunk_size=CHUNK, backend="torch"),
-           "numpy": numpy_take}
-    if gather is not None:  # one prepared batch of every (chunk, layer): the loop alone is timed
-        batch = gather.batch([(voids[layer].ctypes.data, len(voids[layer]), out[c, layer].ctypes.data,
-                               idx_np[c]) for c in range(CHUNKS) for layer in range(num_layers)], item)
-        fns["c"] = lambda: gather.run(batch, to_rows=True, ahead=0)
-        fns["c_prefetch"] = lambda: gather.run(batch, to_rows=True, ahead=8)
+    def gpukv_pack() -> None:
+        i = turn()
+        pack(paged, slots[i], arena, offsets[i], chunk_size=CHUNK, backend="torch")
+
+    fns = {"memcpy": memcpy, "gpukv": gpukv_pack, "numpy": numpy_take}
+    if gather is not None:  # prepared batches of every (chunk, layer): the loop alone is timed
+        batches = [gather.batch([(voids[layer].ctypes.data, len(voids[layer]), out[i, c, layer].ctypes.data,
+                                  idx_np[i, c]) for c in range(CHUNKS) for layer in range(num_layers)], item)
+                   for i in range(k)]
+        fns["c"] = lambda: gather.run(batches[turn()], to_rows=True, ahead=0)
+        fns["c_prefetch"] = lambda: gather.run(batches[turn()], to_rows=True, ahead=8)
     load_before = load_average()[0]
     times = time_interleaved(fns, "cpu", repeats)
-    point = dict(items=items, row_bytes=row, item_bytes=item, layers=num_layers, mbytes=round(nbytes / 1e6, 1),
+    point = dict(pool="cache-resident" if k == 1 else "DRAM-resident",
+                 pool_mbytes=round((k if k > 1 else POOL) * nbytes / 1e6),
+                 items=items, row_bytes=row, item_bytes=item, layers=num_layers, mbytes=round(nbytes / 1e6, 1),
                  memcpy_gbs=round(nbytes / statistics.median(times["memcpy"]) / 1e9, 2))
     for name in ("gpukv", "numpy", "c", "c_prefetch"):
         if name not in times:
@@ -104,23 +124,27 @@ def run_point(row: int, items: str, repeats: int, gather) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="quick")
+    parser.add_argument("--pools", default="dram,cache",
+                        help="dram,cache: DRAM-resident and cache-resident points (see perf/pools.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
     gather = native_copy()
     print(f"# {thread_settings()}; compiled gather: {'built' if gather else 'none (no compiler): C columns skipped'}")
     print(f"# load average {load_average()}; ratios = memcpy time / subject time, median (min..max)")
-    print(f"{'items':>6} {'row B':>6} {'item B':>7} {'MB':>6} {'memcpy GB/s':>11} | "
+    print(f"# {describe()}")
+    print(f"{'pool':>5} {'items':>6} {'row B':>6} {'item B':>7} {'MB':>6} {'memcpy GB/s':>11} | "
           f"{'gpukv':>16} {'numpy.take':>16} {'C memcpy loop':>16} {'C + prefetch':>16}")
     rows = []
-    for items in ("tokens", "blocks"):
-        for row in preset["rows"]:
-            r = run_point(row, items, preset["repeats"], gather)
-            rows.append(r)
-            cells = " ".join(f"{r[n]!s:>6} ({r[n + '_span']:>9})" if r[n] != "" else f"{'-':>16}"
-                             for n in ("gpukv", "numpy", "c", "c_prefetch"))
-            print(f"{items:>6} {row:>6} {r['item_bytes']:>7} {r['mbytes']:>6} {r['memcpy_gbs']:>11} | {cells}",
-                  flush=True)
+    for pool in args.pools.split(","):
+        for items in ("tokens", "blocks"):
+            for row in preset["rows"]:
+                r = run_point(row, items, preset["repeats"], gather, pool)
+                rows.append(r)
+                cells = " ".join(f"{r[n]!s:>6} ({r[n + '_span']:>9})" if r[n] != "" else f"{'-':>16}"
+                                 for n in ("gpukv", "numpy", "c", "c_prefetch"))
+                print(f"{r['pool'].split('-')[0]:>5} {items:>6} {row:>6} {r['item_bytes']:>7} {r['mbytes']:>6} "
+                      f"{r['memcpy_gbs']:>11} | {cells}", flush=True)
     path = write_csv(results_dir("cpu") / f"sweep_copy_floor_{args.preset}.csv", rows)
     print(f"wrote {path}")
     return 0

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (MODELS, ParallelCopy, device_name, load_average, progress, results_dir,  # noqa: E402
                     spread, time_interleaved, write_csv)
+from pools import Rotation, describe, num_sets  # noqa: E402
 
 from gpukv.paged.copy import pack, resolve_backend, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
@@ -50,19 +51,22 @@ from gpukv.paged.native import disabled as native_disabled, native_copy  # noqa:
 from gpukv.paged.planes import plane_views  # noqa: E402
 
 CHUNK = 256
-POOL = 2  # the cache holds POOL x the blocks a call touches
+POOL = 2  # a cache-resident point's cache holds POOL x the blocks a call touches
 GOALS = {"blocks": 0.9, "tokens": 0.6}
 PRESETS = {
     "quick": dict(models=["llama3.1-8b", "llama-70b-tp8", "deepseek-v3-mla", "deepseek-v3-fp8ds"],
                   chunks=[1, 4], layouts=["nhd"], slots=["blocks", "tokens"], threads=[1, 2],
-                  repeats=9),
+                  repeats=9, pools=["dram", "cache"]),
     "full": dict(models=list(MODELS), chunks=[1, 2, 4, 8, 16], layouts=["nhd", "hnd"],
-                 slots=["blocks", "tokens"], threads=[1, 2], repeats=11),
+                 slots=["blocks", "tokens"], threads=[1, 2], repeats=11, pools=["dram", "cache"]),
 }
 
 
-def build(model: str, layout: str, slots_kind: str, num_chunks: int, device: str, seed: int = 0):
-    """A cache of POOL x the blocks needed, its slots, an arena and the chunk offsets.
+def build(model: str, layout: str, slots_kind: str, num_chunks: int, device: str, pool: str,
+          seed: int = 0):
+    """A cache, ``K`` disjoint slot sets, an arena of ``K`` windows and each window's chunk
+    offsets (see :mod:`pools`: K = 1 for a cache-resident point, the pool is then POOL x the
+    blocks one call needs; a DRAM-resident point's K x call bytes >= max(1 GiB, 8 x LLC)).
 
     ``layout`` "nhd": vLLM kv-first ``2,NB,BS,H,D`` (MHA) / ``NB,BS,D`` (MLA); "hnd": FlashInfer
     ``NB,2,BS,H,D`` stored HND (MHA only).
@@ -70,8 +74,12 @@ def build(model: str, layout: str, slots_kind: str, num_chunks: int, device: str
     spec = MODELS[model]
     block = 64 if spec["kind"] == "mla" else 16
     num_tokens = num_chunks * CHUNK
-    num_blocks = POOL * num_tokens // block
     h, d = spec["num_heads"], spec["head_dim"]
+    itemsize = torch.empty(0, dtype=spec["dtype"]).element_size()
+    kv = 1 if spec["kind"] == "mla" else 2
+    call_bytes = spec["num_layers"] * kv * num_tokens * h * d * itemsize
+    k = num_sets(pool, call_bytes)
+    num_blocks = (POOL if k == 1 else k) * num_tokens // block
     if spec["kind"] == "mla":
         physical, perm, dims = (num_blocks, block, d), None, "NB,BS,D"
     elif layout == "nhd":
@@ -85,15 +93,17 @@ def build(model: str, layout: str, slots_kind: str, num_chunks: int, device: str
         layers.append(t.permute(*perm) if perm else t)
     paged = PagedKV.from_tensors(layers, dims, kind=spec["kind"])
     gen = torch.Generator().manual_seed(seed)
-    if slots_kind == "blocks":
-        blocks = torch.randperm(num_blocks, generator=gen)[: num_tokens // block]
+    if slots_kind == "blocks":  # disjoint sets of whole blocks in random order
+        blocks = torch.randperm(num_blocks, generator=gen)[: k * num_tokens // block]
         slots = (blocks[:, None] * block + torch.arange(block)).flatten()
-    else:
-        slots = torch.randperm(num_blocks * block, generator=gen)[:num_tokens]
+    else:  # disjoint sets of random token slots
+        slots = torch.randperm(num_blocks * block, generator=gen)[: k * num_tokens]
+    slot_sets = [s.to(device) for s in slots.view(k, num_tokens)]
     cb = paged.chunk_bytes(CHUNK)
-    arena = torch.empty(num_chunks * cb, dtype=torch.uint8, device=device).random_(0, 256)
-    offsets = torch.arange(num_chunks, dtype=torch.int64) * cb
-    return paged, slots.to(device), arena, offsets
+    window = num_chunks * cb
+    arena = torch.empty(k * window, dtype=torch.uint8, device=device).random_(0, 256)
+    offsets = [torch.arange(num_chunks, dtype=torch.int64) * cb + i * window for i in range(k)]
+    return paged, slot_sets, arena, offsets, window
 
 
 def torch_loop(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, num_chunks: int, op: str) -> None:
@@ -115,30 +125,43 @@ def torch_loop(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, num_chu
 
 
 def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads: int, device: str,
-              repeats: int, backend: str | None) -> list[dict]:
+              repeats: int, backend: str | None, pool: str) -> list[dict]:
     torch.set_num_threads(threads)
-    paged, slots, arena, offsets = build(model, layout, slots_kind, num_chunks, device)
-    nbytes = arena.numel()
-    src, dst = torch.empty_like(arena).random_(0, 256), torch.empty_like(arena)
+    paged, slot_sets, arena, offsets, window = build(model, layout, slots_kind, num_chunks, device, pool)
+    k, nbytes = len(slot_sets), window
+    turn = Rotation(k)  # every call, whatever its subject, takes the next set: none is warm
+    if k == 1:
+        src, dst = torch.empty_like(arena).random_(0, 256), torch.empty_like(arena)
     cpu_copy = ParallelCopy(threads)
 
     def memcpy() -> None:
-        if dst.device.type == "cuda":
-            dst.copy_(src)
+        if k == 1:
+            a, b = src, dst
+        else:  # the same bytes between two windows of the arena no recent call touched
+            i = turn()
+            j = (i + k // 2) % k
+            a, b = arena[i * window:(i + 1) * window], arena[j * window:(j + 1) * window]
+        if b.device.type == "cuda":
+            b.copy_(a)
         else:
-            cpu_copy(dst, src)
+            cpu_copy(b, a)
+
+    def call(fn, **kwargs) -> None:
+        i = turn()
+        fn(paged, slot_sets[i], arena, offsets[i], chunk_size=CHUNK, backend=backend, **kwargs)
+
+    def loop(op: str) -> None:
+        i = turn()
+        torch_loop(paged, slot_sets[i], arena[i * window:(i + 1) * window], num_chunks, op)
+
     chosen = resolve_backend(backend, torch.device(device))
     rows = []
     for op, fn in (("pack", pack), ("unpack", unpack)):
-        subjects = {
-            "copy": memcpy,
-            "gpukv": lambda: fn(paged, slots, arena, offsets, chunk_size=CHUNK, backend=backend),
-            "loop": lambda: torch_loop(paged, slots, arena, num_chunks, op),
-        }
+        subjects = {"copy": memcpy, "gpukv": lambda fn=fn: call(fn), "loop": lambda op=op: loop(op)}
         if chosen == "torch" and device == "cpu" and native_copy() is not None:
             def numpy_path(fn=fn) -> None:  # the same CPU path with the compiled loop off
                 with native_disabled():
-                    fn(paged, slots, arena, offsets, chunk_size=CHUNK, backend=backend)
+                    call(fn)
             subjects["numpy"] = numpy_path
         t = time_interleaved(subjects, device, repeats)
         vs_numpy = statistics.median(a / b for a, b in zip(t["numpy"], t["gpukv"])) if "numpy" in t else ""
@@ -148,6 +171,7 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
         paired, (q1, _, q3) = spread(ratios), statistics.quantiles(ratios, n=4)
         rows.append(dict(
             model=model, layout=paged.dims if layout == "nhd" else f"{paged.dims} HND", slots=slots_kind,
+            pool="cache-resident" if k == 1 else "DRAM-resident", pool_bytes=k * nbytes if k > 1 else 2 * nbytes,
             op=op, threads=threads, num_chunks=num_chunks, row_bytes=paged.row_bytes,
             block_bytes=paged.block_size * paged.row_bytes, layers=paged.num_layers, bytes=nbytes,
             seconds=s["median"], seconds_min=s["min"], seconds_max=s["max"],
@@ -160,6 +184,7 @@ def run_point(model: str, layout: str, slots_kind: str, num_chunks: int, threads
             goal=GOALS[slots_kind], backend=chosen,
             device=device_name(device), repeats=repeats, loadavg_1m=load_average()[0]))
     cpu_copy.close()
+    del paged, slot_sets, arena
     return rows
 
 
@@ -173,11 +198,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(dict.fromkeys(r["slots"] for r in rows))
+    kinds = list(dict.fromkeys((r["pool"], r["slots"]) for r in rows))
     fig, axes = plt.subplots(len(kinds), 2, figsize=(13, 4.4 * len(kinds)), sharey=True, squeeze=False)
-    for i, kind in enumerate(kinds):
+    for i, (pool, kind) in enumerate(kinds):
         for ax, op in zip(axes[i], ("pack", "unpack")):
-            sub = [r for r in rows if r["slots"] == kind and r["op"] == op]
+            sub = [r for r in rows if r["slots"] == kind and r["op"] == op and r["pool"] == pool]
             for key in dict.fromkeys((r["model"], r["layout"], r["threads"]) for r in sub):
                 line = [r for r in sub if (r["model"], r["layout"], r["threads"]) == key]
                 ratio = [r["ratio_vs_copy"] for r in line]
@@ -188,7 +213,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axhline(GOALS[kind], color="gray", ls=":", lw=1)
             ax.set_ylim(0, 1.4)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{op}, slots={kind} ({rows[0]['device']}, {rows[0]['backend']}, "
+            ax.set_title(f"{op}, slots={kind}, {pool} ({rows[0]['device']}, {rows[0]['backend']}, "
                          f"load {min(r['loadavg_1m'] for r in sub):.1f}..{max(r['loadavg_1m'] for r in sub):.1f})")
             ax.set_xlabel("chunks of 256 tokens per call")
         axes[i][0].set_ylabel("memcpy time / gpukv time, same repeat (median, quartiles)")
@@ -206,6 +231,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="comma-separated thread counts (default: the preset's, e.g. 1,2)")
     parser.add_argument("--models", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--pools", type=lambda s: s.split(","), default=None,
+                        help="dram,cache (default both): DRAM-resident and cache-resident points")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.threads:
@@ -217,30 +244,35 @@ def main(argv=None) -> int:
     settings = {k: os.environ.get(k) for k in THREAD_ENV} | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     print(f"thread settings: {settings}; torch threads per point: {preset['threads']}; "
           f"load average before: {load_average()}")
-    points = [(m, lay, kind, n, thr) for thr in preset["threads"] for m in preset["models"]
-              for lay in preset["layouts"] for kind in preset["slots"] for n in preset["chunks"]
-              if lay == "nhd" or MODELS[m]["kind"] == "mha"]
+    if args.pools:
+        preset["pools"] = args.pools
+    print(describe())
+    points = [(m, lay, kind, n, thr, pool) for pool in preset["pools"] for thr in preset["threads"]
+              for m in preset["models"] for lay in preset["layouts"] for kind in preset["slots"]
+              for n in preset["chunks"] if lay == "nhd" or MODELS[m]["kind"] == "mha"]
     rows = []
-    for model, layout, kind, n, thr in progress(points, desc="kernel sweep"):
-        rows += run_point(model, layout, kind, n, thr, args.device, preset["repeats"], args.backend)
+    for model, layout, kind, n, thr, pool in progress(points, desc="kernel sweep"):
+        rows += run_point(model, layout, kind, n, thr, args.device, preset["repeats"], args.backend, pool)
     out = results_dir(args.device)
     csv_path = write_csv(out / f"sweep_kernels_{args.preset}.csv", rows)
     plot(rows, out / f"sweep_kernels_{args.preset}.png")
-    print(f"{'model':18} {'layout':14} {'slots':6} {'op':6} {'thr':>3} {'chunks':>6} {'row B':>5} "
+    print(f"{'pool':5} {'model':18} {'layout':14} {'slots':6} {'op':6} {'thr':>3} {'chunks':>6} {'row B':>5} "
           f"{'MB':>6} {'GB/s':>6} {'copy':>6} {'x copy':>6} {'(min..max)':>11} {'ms min..max':>15} "
           f"{'x loop':>6} {'x numpy':>7} {'load':>5}")
     for r in rows:
-        print(f"{r['model']:18} {r['layout']:14} {r['slots']:6} {r['op']:6} {r['threads']:3d} "
+        print(f"{r['pool'].split('-')[0]:5} {r['model']:18} {r['layout']:14} {r['slots']:6} {r['op']:6} {r['threads']:3d} "
               f"{r['num_chunks']:6d} {r['row_bytes']:5d} {r['bytes'] / 1e6:6.1f} {r['gbps']:6.2f} "
               f"{r['copy_gbps']:6.2f} {r['ratio_vs_copy']:6.2f} "
               f"({r['ratio_vs_copy_min']:4.2f}..{r['ratio_vs_copy_max']:4.2f}) "
               f"{r['seconds_min'] * 1e3:7.2f}..{r['seconds_max'] * 1e3:<7.2f} {r['ratio_vs_loop']:6.2f} "
               f"{_f2(r['ratio_vs_numpy_path']):>7} {r['loadavg_1m']:5.2f}")
-    for kind in dict.fromkeys(r["slots"] for r in rows):
-        for thr in dict.fromkeys(r["threads"] for r in rows):
-            sub = [r["ratio_vs_copy"] for r in rows if r["slots"] == kind and r["threads"] == thr]
-            print(f"slots={kind} threads={thr}: x copy min {min(sub):.2f} median "
-                  f"{sorted(sub)[len(sub) // 2]:.2f} max {max(sub):.2f} (goal {GOALS[kind]} at 1 thread)")
+    for pool in dict.fromkeys(r["pool"] for r in rows):
+        for kind in dict.fromkeys(r["slots"] for r in rows):
+            for thr in dict.fromkeys(r["threads"] for r in rows):
+                sub = [r["ratio_vs_copy"] for r in rows
+                       if r["slots"] == kind and r["threads"] == thr and r["pool"] == pool]
+                print(f"{pool} slots={kind} threads={thr}: x copy min {min(sub):.2f} median "
+                      f"{sorted(sub)[len(sub) // 2]:.2f} max {max(sub):.2f} (goal {GOALS[kind]})")
     print(f"backend {rows[0]['backend']} on {rows[0]['device']}; thread settings {settings}; "
           f"load average after: {load_average()}; wrote {csv_path} and {csv_path.with_suffix('.png')}")
     return 0
