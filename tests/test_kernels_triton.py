@@ -114,6 +114,7 @@ def test_raw_kernel_equals_its_reference_both_ways():
     (dict(stride_token=True), "stride_token must be a non-negative int, got True"),
     (dict(num_blocks=0), "num_blocks must be positive"),
     (dict(chunk_size=-16), "chunk_size must be a non-negative int, got -16"),
+    (dict(sm_budget=0), "sm_budget must be a positive int (SMs' worth of CTAs) or None (every SM), got 0"),
 ])
 @pytest.mark.parametrize("ref", [False, True])
 def test_raw_launcher_validates_before_launching(change, message, ref):
