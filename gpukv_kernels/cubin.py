@@ -8,7 +8,9 @@ argument binder: constexprs, ints equal to 1, 16-divisible ints and 16-aligned p
 calls (a 64-bit division is a call into a software routine) and the instruction count.
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the kernels must be ``JITFunction``s).
-Imports triton only.
+Imports triton only. :func:`specialize` calls Triton's binder through two internal names
+(``create_function_from_signature``, ``JITFunction._pack_args``, as of Triton 3.9): a Triton that
+renames them fails the SASS test loudly, it cannot make it pass wrongly.
 """
 
 from __future__ import annotations
