@@ -86,6 +86,8 @@ class CubinReport:
     registers: int
     local_bytes: int  # per-thread local memory: spills (and stack arrays) live there
     spill_instructions: int  # STL / LDL in the SASS
+    shared_bytes: int  # static shared memory (a layout conversion between loads and stores)
+    barriers: int  # BAR instructions (warps waiting for each other)
     instructions: int
     calls: int  # CALL instructions (64-bit division and other software routines)
     div64_in_ptx: int  # div/rem .s64/.u64 in the PTX
@@ -106,7 +108,8 @@ class CubinReport:
     def row(self) -> dict:
         """Flat fields for a CSV row."""
         return dict(sass_target=self.arch, registers=self.registers, local_bytes=self.local_bytes,
-                    spill_instructions=self.spill_instructions, instructions=self.instructions,
+                    spill_instructions=self.spill_instructions, shared_bytes=self.shared_bytes,
+                    barriers=self.barriers, instructions=self.instructions,
                     calls=self.calls, div64_in_ptx=self.div64_in_ptx,
                     loads=" ".join(f"{k}x{v}" for k, v in sorted(self.loads.items())),
                     stores=" ".join(f"{k}x{v}" for k, v in sorted(self.stores.items())),
@@ -122,6 +125,7 @@ def inspect_cubin(kernel) -> CubinReport:
     regs = re.search(r"REG:(\d+)", sass)
     local = re.search(r"LOCAL:(\d+)", sass)
     stack = re.search(r"STACK:(\d+)", sass)
+    shared = re.search(r"SHARED:(\d+)", sass)
     target = re.search(r"\.target\s+(sm_\w+)", sass)
     if regs is None or local is None or target is None:
         raise RuntimeError(f"cuobjdump printed no REG/LOCAL/.target:\n{sass[:2000]}")
@@ -131,6 +135,8 @@ def inspect_cubin(kernel) -> CubinReport:
         registers=int(regs.group(1)),
         local_bytes=int(local.group(1)) + (int(stack.group(1)) if stack else 0),
         spill_instructions=sum(op.startswith(("STL", "LDL")) for op in opcodes),
+        shared_bytes=int(shared.group(1)) if shared else 0,
+        barriers=sum(op.startswith("BAR") for op in opcodes),
         instructions=len(opcodes),
         calls=sum(op.startswith("CALL") for op in opcodes),
         div64_in_ptx=len(DIV64_PTX.findall(kernel.asm["ptx"])),

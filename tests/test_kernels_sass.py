@@ -9,6 +9,9 @@ variant, from the cubin:
 
 * it compiles, for the named target (the cubin's ``.target``), with no local memory and no
   STL/LDL (0 spills);
+* no shared memory and no barrier: loaded registers go straight to the stores (a layout
+  conversion between the loads and the stores would go through shared memory) and warps never
+  wait for each other;
 * registers <= 64: a 1024-thread CTA (the plan's ``NUM_WARPS = 32``) cannot launch with more
   (64 Ki registers per SM), and 64 leaves the SM's register file to one CTA of ours at most;
 * aligned layouts: every global store is 128 bits, and there are as many 128-bit loads as stores
@@ -84,6 +87,7 @@ def test_compiles_without_spills_within_the_register_bound(sass_rows, layout, op
     assert row["sass_target"] == arch, row
     assert row["local_bytes"] == 0 and row["spill_instructions"] == 0, row
     assert 0 < row["registers"] <= MAX_REGISTERS, row
+    assert row["shared_bytes"] == 0 and row["barriers"] == 0, row  # loads feed stores directly
 
 
 @pytest.mark.parametrize("layout, op, arch", VARIANTS)
