@@ -23,12 +23,15 @@ Constants and why:
 * ``NUM_WARPS = 32``: one CTA fills the threads a budgeted SM may give; a 1024-thread CTA
   also needs <= 64 registers per thread to launch at all (64 Ki registers per SM), which is the
   register bound the SASS test holds the kernel to.
-* ``UNITS_PER_THREAD = 4``: a thread issues 4 independent 16-byte loads before its 4 stores
-  (64 KiB in flight per SM), enough for Little's law at HBM latency on a few SMs.
+* ``UNITS_PER_THREAD = 4``: a thread issues 4 independent 16-byte loads before its 4 stores,
+  64 KiB in flight per SM. Little's law (bytes in flight = bandwidth x latency) at about a
+  microsecond of loaded HBM latency asks a few MiB of the whole GPU for its peak: every SM's
+  64 KiB is more than that (an estimate; perf/sweep_gpu_copy.py measures it).
 * ``DEFAULT_SM_BUDGET = 8``: 8 of an H100/H200's 132 SMs (6 %), of a B200's 148 (5 %): a
   compute-bound kernel beside the copy loses about that share, inside the <= 10 % goal with
-  room for memory contention; 8 x 64 KiB in flight still moves hundreds of GB/s, many times
-  what PCIe feeds the arena. Callers on the critical path (nothing to overlap) pass ``None``.
+  room for memory contention. By the same law 8 x 64 KiB in flight moves on the order of half
+  a TB/s, an order of magnitude above what PCIe feeds the arena. A caller with nothing to
+  overlap (a copy on the model's own stream) passes ``None``: every SM.
 """
 
 from __future__ import annotations
