@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from gpukv.paged.copy import OFFSET_ALIGN
 from gpukv.paged.layout import PagedKV
 from gpukv_kernels.paged_copy_plan import DEFAULT_SM_BUDGET  # plain Python: imports no triton
 
@@ -39,6 +38,8 @@ def alignment(*values: int) -> int:
 
 def kernel_word_bytes(paged: PagedKV, arena: torch.Tensor) -> int:
     """The ``word_bytes`` the kernel may use between ``paged`` and ``arena``."""
+    from gpukv.paged.copy import OFFSET_ALIGN  # here: copy.py imports this module
+
     pages = paged.cached("kernel_alignment", lambda: alignment(
         paged.head_bytes, paged.stride_block_bytes, paged.stride_token_bytes,
         paged.stride_head_bytes, *(p for row in paged.base_ptrs for p in row)))
