@@ -84,10 +84,9 @@ def before_launch(module, layout: Layout, pack: bool):
     return real, args, kwargs, keep
 
 
-def load_before(commit: str):
+def load_before(commit: str, folder: Path):
     source = subprocess.run(["git", "show", f"{commit}:gpukv_kernels/paged_copy.py"],
                             cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout
-    folder = Path(tempfile.mkdtemp(prefix="gpukv-sass-before-"))
     path = folder / f"paged_copy_{commit}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -99,7 +98,12 @@ def load_before(commit: str):
 
 def table(layouts: list[Layout], archs: list[str], before: str | None = None) -> list[dict]:
     """One row per layout, op and arch: the variant's constexprs and its cubin's figures."""
-    module = load_before(before) if before else None
+    with tempfile.TemporaryDirectory(prefix="gpukv-sass-before-") as folder:
+        module = load_before(before, Path(folder)) if before else None
+        return _rows(layouts, archs, before, module)
+
+
+def _rows(layouts: list[Layout], archs: list[str], before: str | None, module) -> list[dict]:
     compiled: dict = {}
     rows = []
     for layout in layouts:
