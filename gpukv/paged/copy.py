@@ -33,7 +33,8 @@ LayerRange = Union[None, tuple, range]
 
 
 def pack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
-         chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None) -> None:
+         chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None,
+         sm_budget: int | None = None) -> None:
     """Copy ``len(offsets)`` chunks out of the pages into ``arena``.
 
     slot_mapping: 1-D int64/int32, ``len(offsets) * chunk_size`` page slots
@@ -45,14 +46,18 @@ def pack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offset
     layers:       None (all), ``(start, stop)`` or ``range(start, stop)``: only those layers of
                   each chunk move (bytes ``start * layer_bytes .. stop * layer_bytes`` of each
                   chunk); ``offsets`` still point at chunk starts, every other byte is untouched.
+    sm_budget:    (Triton) the most SMs the launch keeps busy; None: all of them. A copy queued on
+                  the model's own stream runs between its kernels anyway: give it the whole GPU
+                  (the default); a copy on a side stream, beside the model, takes a budget.
     """
-    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, pack=True)
+    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, sm_budget, pack=True)
 
 
 def unpack(paged: PagedKV, slot_mapping: torch.Tensor, arena: torch.Tensor, offsets: Offsets, *,
-           chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None) -> None:
+           chunk_size: int = 256, backend: str | None = None, layers: LayerRange = None,
+           sm_budget: int | None = None) -> None:
     """Copy chunks from ``arena`` back into the pages; the arguments mean what they do in :func:`pack`."""
-    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, pack=False)
+    _run(paged, slot_mapping, arena, offsets, chunk_size, backend, layers, sm_budget, pack=False)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -89,7 +94,8 @@ def layer_range(paged: PagedKV, layers: LayerRange) -> tuple[int, int] | None:
     return None if (start, stop) == (0, paged.num_layers) else (start, stop)
 
 
-def _run(paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend, layers, *, pack: bool) -> None:
+def _run(paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend, layers, sm_budget, *,
+         pack: bool) -> None:
     slots, offs = validate(paged, slot_mapping, arena, offsets, chunk_size)
     span = layer_range(paged, layers)
     choice = resolve_backend(backend, paged.device)
@@ -106,7 +112,7 @@ def _run(paged: PagedKV, slot_mapping, arena, offsets, chunk_size, backend, laye
             from gpukv.paged.copy_triton import copy_kernel
 
             copy_kernel(paged, slots, arena, to_device(offs, paged.device), chunk_size=chunk_size,
-                        layers=span, pack=pack, ref=choice == "ref")
+                        layers=span, pack=pack, ref=choice == "ref", sm_budget=sm_budget)
 
 
 def validate(paged: PagedKV, slot_mapping, arena, offsets, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from gpukv.paged.layout import PagedKV
+from gpukv.paged.staging import to_device
 from gpukv_kernels.paged_copy_plan import DEFAULT_SM_BUDGET  # plain Python: imports no triton
 
 VECTOR_BYTES = 16
@@ -57,16 +58,6 @@ def kernel_args(paged: PagedKV, arena: torch.Tensor, chunk_size: int,
                 word_bytes=kernel_word_bytes(paged, arena))
 
 
-def on_device(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``offsets`` on ``device``: a CUDA copy goes through pinned memory, non-blocking on the
-    current stream (the kernel's launcher reads no host data)."""
-    if offsets.device == device:
-        return offsets
-    if device.type == "cuda":
-        return offsets.pin_memory().to(device, non_blocking=True)
-    return offsets.to(device)
-
-
 def copy_kernel(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
                 chunk_size: int, layers: tuple[int, int] | None, pack: bool, ref: bool = False,
                 sm_budget: int | None = DEFAULT_SM_BUDGET) -> None:
@@ -75,5 +66,5 @@ def copy_kernel(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offset
     from gpukv_kernels.paged_copy import paged_copy, paged_copy_ref
 
     fn = paged_copy_ref if ref else paged_copy
-    fn(address_table(paged), slots, on_device(offsets, arena.device), arena, pack=pack,
+    fn(address_table(paged), slots, to_device(offsets, arena.device), arena, pack=pack,
        sm_budget=sm_budget, **kernel_args(paged, arena, chunk_size, layers))
