@@ -68,7 +68,8 @@ def run_point(row: int, items: str, repeats: int, gather, pool: str) -> dict:
     else:
         idx = slots = torch.randperm(num_blocks * BLOCK, generator=gen)[: k * tokens].view(k, -1)
         item, per_chunk = row, CHUNK
-    arena = torch.empty(k * nbytes, dtype=torch.uint8)
+    # written before timing: an untouched window would time its page faults, not the copy
+    arena = torch.empty(k * nbytes, dtype=torch.uint8).fill_(1)
     offsets = [torch.arange(CHUNKS, dtype=torch.int64) * (nbytes // CHUNKS) + i * nbytes for i in range(k)]
     if k == 1:
         src, dst = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256), torch.empty(nbytes, dtype=torch.uint8)
