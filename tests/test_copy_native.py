@@ -45,6 +45,46 @@ def test_gather_and_scatter_equal_numpy_take_and_put(item, ahead):
 
 
 @NEEDS_NATIVE
+@pytest.mark.parametrize("item", [1, 7, 63, 64, 65, 656, 1152, 4096, 10496])
+@pytest.mark.parametrize("shift", [0, 1, 17, 48])
+@pytest.mark.parametrize("ahead", [0, 8])
+def test_streaming_stores_move_the_same_bytes_and_nothing_else(item, shift, ahead):
+    """nontemporal=True: whole 64-byte lines streamed, the partial lines at each item's ends
+    with ordinary stores; destinations ``shift`` bytes off a line, guard bytes around them."""
+    nc = native_copy()
+    count, guard = 37, 128
+    idx = np.random.default_rng(item + shift).permutation(100)[:count]
+    items = _items(100, item, item)
+    backing = np.full(2 * guard + shift + count * item, 0xA5, dtype=np.uint8)
+    out = backing[guard + shift:guard + shift + count * item].view(np.dtype((np.void, item)))
+    nc.gather(out, items, idx, ahead, nontemporal=True)
+    assert out.tobytes() == items[idx].tobytes()
+    assert (backing[:guard + shift] == 0xA5).all() and (backing[guard + shift + count * item:] == 0xA5).all()
+    rows = _items(count, item, item + 1)
+    backing = np.full(2 * guard + shift + 100 * item, 0xA5, dtype=np.uint8)
+    dest = backing[guard + shift:guard + shift + 100 * item].view(np.dtype((np.void, item)))
+    expected = dest.copy()
+    expected.put(idx, rows)
+    nc.scatter(dest, idx, rows, ahead, nontemporal=True)
+    assert dest.tobytes() == expected.tobytes()
+    assert (backing[:guard + shift] == 0xA5).all() and (backing[guard + shift + 100 * item:] == 0xA5).all()
+
+
+@NEEDS_NATIVE
+def test_streaming_stores_are_used_where_the_cpu_has_avx512():
+    """The compiled loop streams on an x86-64 CPU with AVX-512 and says so; elsewhere it says
+    it uses ordinary stores (the same bytes: the test above runs either way)."""
+    import platform
+
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    has = platform.machine() == "x86_64" and "avx512f" in flags
+    assert native_copy().nontemporal is has
+
+
+@NEEDS_NATIVE
 @pytest.mark.parametrize("bad, message", [([0, 100, 1], "outside its 100 items"),
                                           ([-1, 3, 1], "outside its 100 items"),
                                           ([5, 5, 5, 5], "4 indices for 3 rows")])
@@ -52,10 +92,11 @@ def test_an_index_out_of_range_or_a_count_mismatch_is_refused_before_any_byte_mo
     nc = native_copy()
     items, rows = _items(100, 16, 0), _items(3, 16, 1)
     before_items, before_rows = items.tobytes(), rows.tobytes()
-    with pytest.raises(ValueError, match=message):
-        nc.gather(rows, items, np.array(bad))
-    with pytest.raises(ValueError, match=message):
-        nc.scatter(items, np.array(bad), rows)
+    for nontemporal in (False, True):
+        with pytest.raises(ValueError, match=message):
+            nc.gather(rows, items, np.array(bad), nontemporal=nontemporal)
+        with pytest.raises(ValueError, match=message):
+            nc.scatter(items, np.array(bad), rows, nontemporal=nontemporal)
     assert items.tobytes() == before_items and rows.tobytes() == before_rows
     with pytest.raises(ValueError, match="item sizes differ"):
         nc.gather(_items(3, 8, 0), items, np.arange(3))

@@ -114,10 +114,10 @@ def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native):
     class Spy:
         batch = staticmethod(native.NativeCopy.batch)
 
-        def run(self, batch, *, to_rows):
+        def run(self, batch, *, to_rows, nontemporal):
             if len(batch.counts):
                 calls.append((to_rows, len(batch.counts), threading.current_thread().name))
-            compiled.run(batch, to_rows=to_rows)
+            compiled.run(batch, to_rows=to_rows, nontemporal=nontemporal)
 
     if use_native:
         monkeypatch.setattr(copy_torch, "native_copy", Spy)
@@ -204,9 +204,9 @@ def test_whole_block_chunks_move_whole_blocks(monkeypatch, use_native):
         (w[0].dtype.itemsize, len(w[2])) for w in work) or real_move(work, to_arena))
 
     class Spy:
-        def run(self, batch, *, to_rows):
+        def run(self, batch, *, to_rows, nontemporal):
             seen.extend((batch.item, int(n)) for n in batch.counts)
-            compiled.run(batch, to_rows=to_rows)
+            compiled.run(batch, to_rows=to_rows, nontemporal=nontemporal)
 
     if use_native:
         monkeypatch.setattr(copy_torch, "native_copy", Spy)
@@ -252,3 +252,45 @@ def _slots(num_slots, n, *, holes, seed=3):
     if holes:
         slots[[2, n - 1]] = -1
     return slots
+
+
+def test_pack_streams_into_the_arena_and_unpack_only_large_calls_of_whole_blocks():
+    from gpukv.paged.copy_torch import STREAM_UNPACK_BYTES as big, STREAM_UNPACK_ITEM as block, nontemporal
+
+    assert nontemporal(True, 64, 1) and nontemporal(True, 1 << 20, 1 << 40)  # pack: always
+    assert nontemporal(False, block, big)
+    assert not nontemporal(False, block - 1, 1 << 40)  # rows at random slots: ordinary stores
+    assert not nontemporal(False, 1 << 20, big - 1)  # a small call's pages may stay cached
+
+
+@pytest.mark.parametrize("streaming", ["default", "everywhere"])
+@pytest.mark.parametrize("layout", ["kv_first", "mla", "cpu_split", "cross_kv_first", "flashinfer_hnd"])
+def test_the_compiled_loop_streams_as_told_and_stays_bit_exact(monkeypatch, layout, streaming):
+    """Every compiled call is told to stream when packing; unpacking only past the thresholds
+    (lowered to nothing here for "everywhere"); the bytes equal the oracle either way, with an
+    arena off the line size (partial lines at the items' ends)."""
+    import gpukv.paged.copy_torch as copy_torch
+    from gpukv.paged import native
+
+    compiled = native.native_copy()
+    if compiled is None:
+        pytest.skip("no C compiler")
+    if streaming == "everywhere":
+        monkeypatch.setattr(copy_torch, "STREAM_UNPACK_ITEM", 1)
+        monkeypatch.setattr(copy_torch, "STREAM_UNPACK_BYTES", 0)
+    told = []  # (pack?, nontemporal) of every compiled call
+
+    class Spy:
+        batch = staticmethod(native.NativeCopy.batch)
+
+        def run(self, batch, *, to_rows, nontemporal):
+            told.append((to_rows, nontemporal))
+            compiled.run(batch, to_rows=to_rows, nontemporal=nontemporal)
+
+    monkeypatch.setattr(copy_torch, "native_copy", Spy)
+    layers, dims, kind = make_cache(layout, num_blocks=8, block_size=16, num_layers=3)
+    slots = torch.cat([_whole_block_slots(8, 16, 2, 32), _slots(128, 32, holes=False)])
+    _check(layers, dims, kind, slots, chunk_size=32, arena_shift=8)
+    assert {op for op, _ in told} == {True, False}
+    assert all(nt for op, nt in told if op)
+    assert all(nt is (streaming == "everywhere") for op, nt in told if not op)

@@ -8,11 +8,13 @@ gives), the chunk moves in whole blocks instead: one memmove per block.
 
 On CPU the copies run through numpy views of the same memory (zero-copy) whose items are whole
 units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`), moved by a compiled gather /
-scatter that prefetches the items ahead (:mod:`gpukv.paged.native`; numpy's ``take(out=)`` /
-``put``, one memmove per item, where it cannot be built), and planes sharing a buffer (K and V of
-a layer, all layers of a vLLM cross-layer buffer) move in one call. Both release the GIL while copying,
-so a large call splits its work over ``torch.get_num_threads()`` threads: the caller's and a pool
-kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
+scatter that prefetches the items ahead and writes the arena with streaming stores (the pages
+too in large unpacks of whole blocks: :func:`nontemporal`; :mod:`gpukv.paged.native`), or by
+numpy's ``take(out=)`` / ``put``, one memmove per item, where it cannot be built. Planes sharing
+a buffer (K and V of a layer, all layers of a vLLM cross-layer buffer) move in one call. Both
+release the GIL while copying, so a large call splits its work over ``torch.get_num_threads()``
+threads: the caller's and a pool kept with the cache (:meth:`PagedKV.cached`), which take pieces
+in turn (:func:`run_shared`).
 On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
 indexed copies on integer-word views (:func:`gpukv.paged.units.unit_plan`).
 Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
@@ -38,6 +40,9 @@ from gpukv.paged.units import like, unit_index, unit_plan, void_items
 # work into a few pieces per thread that the threads take in turn
 BYTES_PER_THREAD = 8 << 20
 PIECES_PER_THREAD = 4
+# an unpack writes the pages with streaming stores from these sizes on (see nontemporal())
+STREAM_UNPACK_ITEM = 4096
+STREAM_UNPACK_BYTES = 16 << 20
 
 
 def pack_torch(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor, *,
@@ -103,14 +108,16 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     compiled = [parts.batch() for parts in batches.values()]
     entries = len(work) + sum(len(b.counts) for b in compiled)
     threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
+    streaming = {b.item: nontemporal(to_arena, b.item, len(offsets) * span) for b in compiled}
     if threads <= 1:
         for batch in compiled:
-            native.run(batch, to_rows=to_arena)
+            native.run(batch, to_rows=to_arena, nontemporal=streaming[batch.item])
         _move_host(work, to_arena)
         return
     # both movers release the GIL while they copy: the work splits over this thread and the pool's
     num_pieces = min(entries, PIECES_PER_THREAD * threads)
-    pieces = [functools.partial(native.run, piece, to_rows=to_arena) for batch in compiled
+    pieces = [functools.partial(native.run, piece, to_rows=to_arena, nontemporal=streaming[batch.item])
+              for batch in compiled
               for piece in batch.split(max(1, num_pieces * len(batch.counts) // entries))]
     if work:
         share = max(1, num_pieces * len(work) // entries)
@@ -120,6 +127,17 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     pool = paged.cached(("copy_pool", threads, os.getpid()), lambda: ThreadPoolExecutor(
         threads - 1, thread_name_prefix="gpukv-copy"))
     run_shared(pieces, pool, threads)
+
+
+def nontemporal(to_arena: bool, item_bytes: int, call_bytes: int) -> bool:
+    """Whether the compiled loop writes with streaming stores (:mod:`gpukv.paged.native`).
+
+    Always into the arena: it is written once and read much later, so caching it only evicts
+    the model's data. Into the pages only items of at least STREAM_UNPACK_ITEM bytes (whole
+    blocks: smaller rows at random slots were no faster streamed) in a call of at least
+    STREAM_UNPACK_BYTES: attention reads the pages next, and a smaller call's may still be cached
+    then (``perf/sweep_stream_readback.py`` times an unpack with the read that follows it)."""
+    return to_arena or (item_bytes >= STREAM_UNPACK_ITEM and call_bytes >= STREAM_UNPACK_BYTES)
 
 
 class _NativeLayout(NamedTuple):

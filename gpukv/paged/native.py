@@ -1,10 +1,20 @@
-"""A compiled gather / scatter of fixed-size items, with software prefetch, for the CPU copy path.
+"""A compiled gather / scatter of fixed-size items, with software prefetch and non-temporal
+stores, for the CPU copy path.
 
 Why: numpy's ``take`` / ``put`` move each item with one memmove, and in vLLM's random order every
 item starts on a cache line the hardware prefetcher did not see coming (it stops at page
-boundaries). Measured on the project's CPU machine (``perf/sweep_copy_floor.py``, 1 thread, x
-memcpy of the same bytes): random token slots of 256-2048 B reach 0.32-0.37 with numpy.take and
-0.48-0.55 with a plain C loop of memcpy, but 0.63-0.83 when the loop prefetches the item 8 ahead.
+boundaries); a C loop that prefetches the items ahead does better (``perf/sweep_copy_floor.py``
+times numpy, this loop and memcpy on the same memory; figures in ``perf/results/cpu/``).
+
+Non-temporal stores: an ordinary store first reads the line it writes (read for ownership), so a
+gather whose source comes from DRAM moves three lines per line copied where a memcpy's string
+moves move two, and it leaves the written lines in the caches, evicting what the model uses.
+With ``nontemporal`` the whole 64-byte lines of each item's destination are written with one
+AVX-512 streaming store each (straight to memory, no read, nothing evicted; the partial lines at
+an item's ends with ordinary stores) and the call ends with a store fence, so every byte is
+visible when it returns. Narrower streaming stores fill a line in pieces and were slower than
+ordinary ones for rows up to a few KiB, so a CPU without AVX-512 (or not x86-64) uses ordinary
+stores (:attr:`NativeCopy.nontemporal` says which).
 
 Built on first use with the system C compiler (``cc``, as Triton builds its launchers) into a
 private cache folder (``$XDG_CACHE_HOME/gpukv`` or ``~/.cache/gpukv``, 0700, owned by this user),
@@ -38,8 +48,7 @@ log = logging.getLogger(__name__)
 
 AHEAD = 8  # items prefetched ahead of the one being copied (perf/sweep_copy_floor.py)
 # larger items (whole blocks of big rows) are not prefetched: each is a long sequential run the
-# hardware prefetcher follows, and prefetching 8 of them ahead only evicts what is in use (on the
-# project's CPU: MLA 73 KB blocks 0.89 -> 0.93 of memcpy without it; 4 KB blocks gain 0.55 -> 0.65)
+# hardware prefetcher follows, and prefetching 8 of them ahead evicts what is in use
 PREFETCH_MAX_ITEM = 4096
 
 SOURCE = r"""
@@ -53,28 +62,74 @@ static inline void prefetch_item(const char *p, int64_t item, int write) {
     }
 }
 
-/* Entry e of n (meta[4e..4e+3]): its items' address, their count, its rows' address, and where
-   its counts[e] indices start in idx (entries may share indices). Items of `item` bytes. Every
-   index is checked first: returns the first entry with one outside [0, its item count) and
-   copies nothing, else -1 after the copies. to_rows: rows[i] = items[idx[i]] (gather), else
-   items[idx[i]] = rows[i] (scatter). Prefetches the item `ahead` places ahead. */
+/* The copies of entries e of n (meta[4e..4e+3]: its items' address, their count, its rows'
+   address, where its counts[e] indices start in idx), items of `item` bytes: rows[i] =
+   items[idx[i]] (to_rows, a gather) or items[idx[i]] = rows[i] (a scatter), prefetching the item
+   `ahead` places ahead. COPY(dst, src, n) moves one item. */
+#define MOVE_ENTRIES(COPY)                                                                     \
+    for (int64_t e = 0; e < n; e++) {                                                          \
+        char *items = (char *)(intptr_t)meta[4 * e], *rows = (char *)(intptr_t)meta[4 * e + 2]; \
+        const int64_t count = counts[e], *x = idx + meta[4 * e + 3];                           \
+        for (int64_t i = 0; i < count; i++) {                                                  \
+            if (ahead && i + ahead < count)                                                    \
+                prefetch_item(items + x[i + ahead] * item, item, !to_rows);                    \
+            if (to_rows) COPY(rows + i * item, items + x[i] * item, item);                     \
+            else COPY(items + x[i] * item, rows + i * item, item);                             \
+        }                                                                                      \
+    }
+
+static void move_plain(int64_t n, const int64_t *meta, const int64_t *idx, const int64_t *counts,
+                       int64_t item, int64_t ahead, int64_t to_rows) {
+    MOVE_ENTRIES(memcpy)
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+/* dst = src's n bytes: the whole 64-byte lines of dst with streaming stores (no read for
+   ownership, not cached), the partial lines at its ends with ordinary stores. */
+__attribute__((target("avx512f"))) static inline void copy_nt(char *dst, const char *src, int64_t n) {
+    int64_t head = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63);
+    if (head > n) head = n;
+    memcpy(dst, src, (size_t)head);
+    int64_t i = head;
+    for (; i + 64 <= n; i += 64)
+        _mm512_stream_si512((void *)(dst + i), _mm512_loadu_si512((const void *)(src + i)));
+    memcpy(dst + i, src + i, (size_t)(n - i));
+}
+
+__attribute__((target("avx512f")))
+static void move_nt(int64_t n, const int64_t *meta, const int64_t *idx, const int64_t *counts,
+                    int64_t item, int64_t ahead, int64_t to_rows) {
+    MOVE_ENTRIES(copy_nt)
+    _mm_sfence(); /* the streamed lines are visible to every thread before the call returns */
+}
+
+int64_t gpukv_has_nontemporal(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? 1 : 0;
+}
+#else
+static void move_nt(int64_t n, const int64_t *meta, const int64_t *idx, const int64_t *counts,
+                    int64_t item, int64_t ahead, int64_t to_rows) {
+    move_plain(n, meta, idx, counts, item, ahead, to_rows);
+}
+
+int64_t gpukv_has_nontemporal(void) { return 0; }
+#endif
+
+/* Every index is checked first: returns the first entry with one outside [0, its item count)
+   and copies nothing, else -1 after the copies. nontemporal: streaming stores (only where
+   gpukv_has_nontemporal(); the caller checks). */
 int64_t gpukv_move(int64_t n, const int64_t *meta, const int64_t *idx, const int64_t *counts,
-                   int64_t item, int64_t ahead, int64_t to_rows) {
+                   int64_t item, int64_t ahead, int64_t to_rows, int64_t nontemporal) {
     for (int64_t e = 0; e < n; e++) {
         const int64_t limit = meta[4 * e + 1], *x = idx + meta[4 * e + 3];
         for (int64_t i = 0; i < counts[e]; i++)
             if (x[i] < 0 || x[i] >= limit) return e;
     }
-    for (int64_t e = 0; e < n; e++) {
-        char *items = (char *)(intptr_t)meta[4 * e], *rows = (char *)(intptr_t)meta[4 * e + 2];
-        const int64_t count = counts[e], *x = idx + meta[4 * e + 3];
-        for (int64_t i = 0; i < count; i++) {
-            if (ahead && i + ahead < count)
-                prefetch_item(items + x[i + ahead] * item, item, !to_rows);
-            if (to_rows) memcpy(rows + i * item, items + x[i] * item, (size_t)item);
-            else memcpy(items + x[i] * item, rows + i * item, (size_t)item);
-        }
-    }
+    if (nontemporal) move_nt(n, meta, idx, counts, item, ahead, to_rows);
+    else move_plain(n, meta, idx, counts, item, ahead, to_rows);
     return -1;
 }
 """
@@ -103,7 +158,10 @@ class NativeCopy:
         self._move = lib.gpukv_move
         self._move.restype = ctypes.c_int64
         self._move.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        lib.gpukv_has_nontemporal.restype = ctypes.c_int64
+        #: whether ``run(..., nontemporal=True)`` streams (AVX-512 on x86-64), else ordinary stores
+        self.nontemporal = bool(lib.gpukv_has_nontemporal())
 
     @staticmethod
     def batch(entries: list[tuple[int, int, int, np.ndarray]], item: int) -> Batch:
@@ -119,10 +177,13 @@ class NativeCopy:
             else np.zeros(0, np.int64)
         return Batch(meta, idx, counts, item)
 
-    def run(self, batch: Batch, *, to_rows: bool, ahead: int | None = None) -> None:
+    def run(self, batch: Batch, *, to_rows: bool, ahead: int | None = None,
+            nontemporal: bool = False) -> None:
         """Gather (``to_rows``) or scatter every entry; ValueError naming the first entry with an
         index out of range, and then nothing is copied. ``ahead``: items prefetched ahead
-        (default: AHEAD for items up to PREFETCH_MAX_ITEM bytes, else none)."""
+        (default: AHEAD for items up to PREFETCH_MAX_ITEM bytes, else none). ``nontemporal``:
+        write the destination with streaming stores where the CPU has them (:attr:`nontemporal`;
+        the same bytes either way)."""
         if ahead is None:
             ahead = AHEAD if batch.item <= PREFETCH_MAX_ITEM else 0
         meta, idx = np.ascontiguousarray(batch.meta, np.int64), np.ascontiguousarray(batch.idx, np.int64)
@@ -133,18 +194,22 @@ class NativeCopy:
                             or (meta[:, 3] + counts > len(idx)).any()):
             raise ValueError("an entry's indices run outside the index array")
         bad = self._move(len(counts), meta.ctypes.data, idx.ctypes.data, counts.ctypes.data,
-                         batch.item, ahead, int(to_rows))
+                         batch.item, ahead, int(to_rows), int(nontemporal and self.nontemporal))
         if bad >= 0:
             raise ValueError(f"copy entry {bad}: an index is outside its {batch.meta[bad, 1]} items; "
                              "nothing was copied")
 
-    def gather(self, out: np.ndarray, items: np.ndarray, idx: np.ndarray, ahead: int | None = None) -> None:
+    def gather(self, out: np.ndarray, items: np.ndarray, idx: np.ndarray, ahead: int | None = None,
+               nontemporal: bool = False) -> None:
         """``out[i] = items[idx[i]]`` (what ``items.take(idx, out=out)`` does)."""
-        self.run(self.batch([_entry(items, out, idx)], items.itemsize), to_rows=True, ahead=ahead)
+        self.run(self.batch([_entry(items, out, idx)], items.itemsize), to_rows=True, ahead=ahead,
+                 nontemporal=nontemporal)
 
-    def scatter(self, items: np.ndarray, idx: np.ndarray, rows: np.ndarray, ahead: int | None = None) -> None:
+    def scatter(self, items: np.ndarray, idx: np.ndarray, rows: np.ndarray, ahead: int | None = None,
+                nontemporal: bool = False) -> None:
         """``items[idx[i]] = rows[i]`` (what ``items.put(idx, rows)`` does)."""
-        self.run(self.batch([_entry(items, rows, idx)], items.itemsize), to_rows=False, ahead=ahead)
+        self.run(self.batch([_entry(items, rows, idx)], items.itemsize), to_rows=False, ahead=ahead,
+                 nontemporal=nontemporal)
 
 
 def _entry(items: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> tuple[int, int, int, np.ndarray]:
