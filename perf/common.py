@@ -24,6 +24,21 @@ MODELS = {
 }
 
 
+def fill_random(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``t`` (contiguous) filled with one random MiB repeated: every page written (faulted in)
+    before timing, at copy speed (``random_`` over the gigabytes of a DRAM-resident pool takes
+    minutes); returns ``t``."""
+    flat = t.view(torch.uint8).reshape(-1)
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randint(0, 256, (min(flat.numel(), 1 << 20),), dtype=torch.uint8, generator=gen)
+    block = block.to(flat.device)
+    whole = flat.numel() // block.numel()
+    if whole:
+        flat[:whole * block.numel()].view(whole, -1).copy_(block.expand(whole, -1))
+    flat[whole * block.numel():] = block[:flat.numel() - whole * block.numel()]
+    return t
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

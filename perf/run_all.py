@@ -33,6 +33,8 @@ HERE = Path(__file__).parent
 STEPS = {  # step name -> (script, extra arguments)
     "sweep_kernels": ("sweep_kernels", []),
     "sweep_copy_floor": ("sweep_copy_floor", []),
+    "sweep_copy_floor_hugepages": ("sweep_copy_floor", ["--huge-pages"]),
+    "sweep_stream_readback": ("sweep_stream_readback", []),
     "sweep_l1": ("sweep_l1", []),
     "sweep_l1_profile": ("sweep_l1", ["--profile"]),
     "sweep_engine": ("sweep_engine", []),

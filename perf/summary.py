@@ -69,17 +69,32 @@ def _kernels(out: Path, preset: str) -> list[str]:
 
 
 def _copy_floor(out: Path, preset: str) -> list[str]:
-    rows = _rows(out / f"sweep_copy_floor_{preset}.csv")
-    return _section(f"what a gather in vLLM's order costs without gpukv (`sweep_copy_floor_{preset}.csv`)",
-                    ["pool", "items", "row B", "item B", "layers", "memcpy GB/s", "gpukv", "numpy.take",
-                     "C memcpy loop", "C + prefetch 8 ahead"],
-                    [(r.get("pool", "cache-resident"), r["items"], r["row_bytes"], r["item_bytes"], r["layers"],
-                      r["memcpy_gbs"],
-                      *(f"{r[n]} ({r[n + '_span']})" if r[n] else "" for n in ("gpukv", "numpy", "c", "c_prefetch")))
+    rows = _rows(out / f"sweep_copy_floor_{preset}.csv") + _rows(out / f"sweep_copy_floor_hugepages_{preset}.csv")
+    names = ("gpukv", "numpy", "c", "c_prefetch", "c_stream")
+    return _section(f"what a gather in vLLM's order costs without gpukv (`sweep_copy_floor_{preset}.csv`, "
+                    f"`sweep_copy_floor_hugepages_{preset}.csv`)",
+                    ["pool", "pages", "op", "items", "row B", "item B", "layers", "memcpy GB/s", "gpukv",
+                     "numpy take / put", "C memcpy loop", "C + prefetch", "C + prefetch + streaming stores"],
+                    [(r.get("pool", "cache-resident"), r.get("pages", "4 KiB"), r.get("op", "pack"), r["items"],
+                      r["row_bytes"], r["item_bytes"], r["layers"], r["memcpy_gbs"],
+                      *(f"{r[n]} ({r[n + '_span']})" if r.get(n) else "" for n in names))
                      for r in rows],
                     "x memcpy of the same bytes, same repeats, 1 thread, `NB,BS,D` pages of uint8 rows, 4 chunks of "
-                    "256 tokens; the C loops are gpukv's compiled gather on one prepared batch (no planning)" +
+                    "256 tokens; the C loops are gpukv's compiled gather / scatter on one prepared batch (no planning); "
+                    "pages 2 MiB: every tensor on transparent huge pages (the same loops with one page-table walk "
+                    "per 2 MiB: what address translation costs)" +
                     _load([dict(loadavg_1m=r["load_avg"].split("..")[0]) for r in rows]) + ".")
+
+
+def _readback(out: Path, preset: str) -> list[str]:
+    rows = _rows(out / f"sweep_stream_readback_{preset}.csv")
+    return _section(f"unpack with streaming stores, and the read that follows (`sweep_stream_readback_{preset}.csv`)",
+                    ["model", "layers", "chunks", "call MB", "gpukv streams", "ordinary / streaming time, alone",
+                     "with a read of the pages at once"],
+                    [(r["model"], r["layers"], r["chunks"], r["call_mbytes"], r["gpukv_streams"],
+                      f"{r['streaming_gain']} ({r['streaming_gain_span']})",
+                      f"{r['streaming_gain_with_read']} ({r['streaming_gain_with_read_span']})") for r in rows],
+                    "whole blocks, DRAM-resident pool, 1 thread; above 1: streaming faster" + _load(rows) + ".")
 
 
 def _l1(out: Path, preset: str) -> list[str]:
@@ -221,7 +236,7 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str], info:
              "alternating; absolute numbers on a shared machine are noise.", "",
              "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
-    for part in (_kernels(out, preset), _copy_floor(out, preset), _l1(out, preset), _engine(out), _server(out), _metrics(out),
-                 _ping(out), _remote(out), _ttft(out)):
+    for part in (_kernels(out, preset), _copy_floor(out, preset), _readback(out, preset), _l1(out, preset),
+                 _engine(out), _server(out), _metrics(out), _ping(out), _remote(out), _ttft(out)):
         lines += part
     return "\n".join(lines) + "\n"
