@@ -13,9 +13,10 @@ scatter):
   numpy       ``numpy.take`` / ``put`` of the same items (void dtype: one memmove each), per layer
   c           a C loop, one ``memcpy`` per item, in the same order (gpukv's compiled gather,
               :mod:`gpukv.paged.native`, prefetch off, one prepared batch of all layers)
-  c_prefetch  the same loop prefetching the item 8 ahead, every cache line (items up to 4 KiB)
+  c_prefetch  the same loop prefetching the first line of the item 16 ahead (native.AHEAD: its
+              page's translation and first line start early)
   c_stream    the same with streaming stores (whole 64-byte lines straight to memory: what pack
-              runs when the CPU has AVX-512, and unpack for large calls of whole blocks)
+              runs when the CPU has AVX-512, and unpack for large calls)
 
 Items: ``tokens`` = random token slots (item = one row); ``blocks`` = whole blocks in random order
 (item = 16 rows). ``c`` shows what the memory system costs for jumping between items without
@@ -57,7 +58,7 @@ from pools import Rotation, describe, num_sets  # noqa: E402
 
 from gpukv.paged.copy import pack, unpack  # noqa: E402
 from gpukv.paged.layout import PagedKV  # noqa: E402
-from gpukv.paged.native import PREFETCH_MAX_ITEM, native_copy  # noqa: E402
+from gpukv.paged.native import AHEAD, native_copy  # noqa: E402
 
 CHUNK, CHUNKS, BLOCK, POOL = 256, 4, 16, 2  # POOL: a cache-resident point's pages / one call's
 TARGET_BYTES = 64 << 20  # bytes moved per call (layers chosen to reach it)
@@ -129,7 +130,6 @@ def run_point(row: int, items: str, repeats: int, gather, pool: str, pages: str)
         batches = [gather.batch([(voids[layer].ctypes.data, len(voids[layer]), out[i, c, layer].ctypes.data,
                                   idx_np[i, c]) for c in range(CHUNKS) for layer in range(num_layers)], item)
                    for i in range(k)]
-        ahead = 8 if item <= PREFETCH_MAX_ITEM else 0
     points = []
     for op in ("pack", "unpack"):
         to_arena = op == "pack"
@@ -137,9 +137,9 @@ def run_point(row: int, items: str, repeats: int, gather, pool: str, pages: str)
                "numpy": lambda t=to_arena: numpy_copy(t)}
         if gather is not None:
             fns["c"] = lambda t=to_arena: gather.run(batches[turn()], to_rows=t, ahead=0)
-            fns["c_prefetch"] = lambda t=to_arena: gather.run(batches[turn()], to_rows=t, ahead=ahead)
+            fns["c_prefetch"] = lambda t=to_arena: gather.run(batches[turn()], to_rows=t, ahead=AHEAD)
             if gather.nontemporal:
-                fns["c_stream"] = lambda t=to_arena: gather.run(batches[turn()], to_rows=t, ahead=ahead,
+                fns["c_stream"] = lambda t=to_arena: gather.run(batches[turn()], to_rows=t, ahead=AHEAD,
                                                                 nontemporal=True)
         load_before = load_average()[0]
         times = time_interleaved(fns, "cpu", repeats)

@@ -61,17 +61,15 @@ def run_point(model: str, cache: tuple, num_layers: int, repeats: int) -> dict:
     turn = Rotation(k)
     item = paged.block_size * paged.row_bytes
     call_bytes = window * num_layers // paged.num_layers
-    limits = {True: (0, 0), False: (1 << 62, 1 << 62)}  # (item, bytes) thresholds: stream always / never
-    real = copy_torch.STREAM_UNPACK_ITEM, copy_torch.STREAM_UNPACK_BYTES
-    chooses = copy_torch.nontemporal(False, item, call_bytes)
+    real, chooses = copy_torch.STREAM_UNPACK_BYTES, copy_torch.nontemporal(False, call_bytes)
 
     def run(streaming: bool, read: bool) -> None:
         i = turn()
-        copy_torch.STREAM_UNPACK_ITEM, copy_torch.STREAM_UNPACK_BYTES = limits[streaming]
+        copy_torch.STREAM_UNPACK_BYTES = 0 if streaming else 1 << 62  # stream always / never
         try:
             unpack(paged, slot_sets[i], arena, offsets[i], chunk_size=CHUNK, backend="torch", layers=span)
         finally:
-            copy_torch.STREAM_UNPACK_ITEM, copy_torch.STREAM_UNPACK_BYTES = real
+            copy_torch.STREAM_UNPACK_BYTES = real
         if read:  # every page just written, read back into a window no recent call touched
             j = (i + k // 2) % k
             pack(paged, slot_sets[i], arena, offsets[j], chunk_size=CHUNK, backend="torch", layers=span)

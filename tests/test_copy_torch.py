@@ -254,13 +254,12 @@ def _slots(num_slots, n, *, holes, seed=3):
     return slots
 
 
-def test_pack_streams_into_the_arena_and_unpack_only_large_calls_of_whole_blocks():
-    from gpukv.paged.copy_torch import STREAM_UNPACK_BYTES as big, STREAM_UNPACK_ITEM as block, nontemporal
+def test_pack_streams_into_the_arena_and_unpack_only_large_calls():
+    from gpukv.paged.copy_torch import STREAM_UNPACK_BYTES as big, nontemporal
 
-    assert nontemporal(True, 64, 1) and nontemporal(True, 1 << 20, 1 << 40)  # pack: always
-    assert nontemporal(False, block, big)
-    assert not nontemporal(False, block - 1, 1 << 40)  # rows at random slots: ordinary stores
-    assert not nontemporal(False, 1 << 20, big - 1)  # a small call's pages may stay cached
+    assert nontemporal(True, 1) and nontemporal(True, 1 << 40)  # pack: always
+    assert nontemporal(False, big) and nontemporal(False, 1 << 40)
+    assert not nontemporal(False, big - 1)  # a small call's pages may stay cached for attention
 
 
 @pytest.mark.parametrize("streaming", ["default", "everywhere"])
@@ -276,7 +275,6 @@ def test_the_compiled_loop_streams_as_told_and_stays_bit_exact(monkeypatch, layo
     if compiled is None:
         pytest.skip("no C compiler")
     if streaming == "everywhere":
-        monkeypatch.setattr(copy_torch, "STREAM_UNPACK_ITEM", 1)
         monkeypatch.setattr(copy_torch, "STREAM_UNPACK_BYTES", 0)
     told = []  # (pack?, nontemporal) of every compiled call
 

@@ -9,7 +9,7 @@ gives), the chunk moves in whole blocks instead: one memmove per block.
 On CPU the copies run through numpy views of the same memory (zero-copy) whose items are whole
 units or blocks (opaque ``void`` items, :mod:`gpukv.paged.groups`), moved by a compiled gather /
 scatter that prefetches the items ahead and writes the arena with streaming stores (the pages
-too in large unpacks of whole blocks: :func:`nontemporal`; :mod:`gpukv.paged.native`), or by
+too in large unpacks: :func:`nontemporal`; :mod:`gpukv.paged.native`), or by
 numpy's ``take(out=)`` / ``put``, one memmove per item, where it cannot be built. Planes sharing
 a buffer (K and V of a layer, all layers of a vLLM cross-layer buffer) move in one call. Both
 release the GIL while copying, so a large call splits its work over ``torch.get_num_threads()``
@@ -40,8 +40,7 @@ from gpukv.paged.units import like, unit_index, unit_plan, void_items
 # work into a few pieces per thread that the threads take in turn
 BYTES_PER_THREAD = 8 << 20
 PIECES_PER_THREAD = 4
-# an unpack writes the pages with streaming stores from these sizes on (see nontemporal())
-STREAM_UNPACK_ITEM = 4096
+# an unpack of at least this many bytes writes the pages with streaming stores (see nontemporal())
 STREAM_UNPACK_BYTES = 16 << 20
 
 
@@ -108,15 +107,15 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     compiled = [parts.batch() for parts in batches.values()]
     entries = len(work) + sum(len(b.counts) for b in compiled)
     threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
-    streaming = {b.item: nontemporal(to_arena, b.item, len(offsets) * span) for b in compiled}
+    streaming = nontemporal(to_arena, len(offsets) * span)
     if threads <= 1:
         for batch in compiled:
-            native.run(batch, to_rows=to_arena, nontemporal=streaming[batch.item])
+            native.run(batch, to_rows=to_arena, nontemporal=streaming)
         _move_host(work, to_arena)
         return
     # both movers release the GIL while they copy: the work splits over this thread and the pool's
     num_pieces = min(entries, PIECES_PER_THREAD * threads)
-    pieces = [functools.partial(native.run, piece, to_rows=to_arena, nontemporal=streaming[batch.item])
+    pieces = [functools.partial(native.run, piece, to_rows=to_arena, nontemporal=streaming)
               for batch in compiled
               for piece in batch.split(max(1, num_pieces * len(batch.counts) // entries))]
     if work:
@@ -129,15 +128,14 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     run_shared(pieces, pool, threads)
 
 
-def nontemporal(to_arena: bool, item_bytes: int, call_bytes: int) -> bool:
+def nontemporal(to_arena: bool, call_bytes: int) -> bool:
     """Whether the compiled loop writes with streaming stores (:mod:`gpukv.paged.native`).
 
     Always into the arena: it is written once and read much later, so caching it only evicts
-    the model's data. Into the pages only items of at least STREAM_UNPACK_ITEM bytes (whole
-    blocks: smaller rows at random slots were no faster streamed) in a call of at least
-    STREAM_UNPACK_BYTES: attention reads the pages next, and a smaller call's may still be cached
-    then (``perf/sweep_stream_readback.py`` times an unpack with the read that follows it)."""
-    return to_arena or (item_bytes >= STREAM_UNPACK_ITEM and call_bytes >= STREAM_UNPACK_BYTES)
+    the model's data. Into the pages only in a call of at least STREAM_UNPACK_BYTES: attention
+    reads them next, and a smaller call's (a layer-wise unpack) may still be cached then
+    (``perf/sweep_stream_readback.py`` times an unpack with the read that follows it)."""
+    return to_arena or call_bytes >= STREAM_UNPACK_BYTES
 
 
 class _NativeLayout(NamedTuple):

@@ -2,9 +2,13 @@
 stores, for the CPU copy path.
 
 Why: numpy's ``take`` / ``put`` move each item with one memmove, and in vLLM's random order every
-item starts on a cache line the hardware prefetcher did not see coming (it stops at page
-boundaries); a C loop that prefetches the items ahead does better (``perf/sweep_copy_floor.py``
-times numpy, this loop and memcpy on the same memory; figures in ``perf/results/cpu/``).
+item starts on a page the hardware prefetcher did not see coming (it stops at page boundaries):
+on a cache of gigabytes each item first waits for the page tables to be walked, then for its
+first lines. The C loop asks for the first line of the item AHEAD places ahead, so both start
+early (prefetching every line of it instead was slower on DRAM-resident pools: the hardware
+follows an item's lines once its first ones are asked for). ``perf/sweep_copy_floor.py`` times
+numpy, this loop with and without prefetch and memcpy on the same memory; figures in
+``perf/results/cpu/``.
 
 Non-temporal stores: an ordinary store first reads the line it writes (read for ownership), so a
 gather whose source comes from DRAM moves three lines per line copied where a memcpy's string
@@ -46,33 +50,28 @@ from gpukv.tiers.private_files import private_root
 
 log = logging.getLogger(__name__)
 
-AHEAD = 8  # items prefetched ahead of the one being copied (perf/sweep_copy_floor.py)
-# larger items (whole blocks of big rows) are not prefetched: each is a long sequential run the
-# hardware prefetcher follows, and prefetching 8 of them ahead evicts what is in use
-PREFETCH_MAX_ITEM = 4096
+AHEAD = 16  # items ahead of the one being copied whose first line is prefetched (sweep_copy_floor)
 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-static inline void prefetch_item(const char *p, int64_t item, int write) {
-    for (int64_t o = 0; o < item; o += 64) {
-        if (write) __builtin_prefetch(p + o, 1, 0);
-        else __builtin_prefetch(p + o, 0, 0);
-    }
-}
-
 /* The copies of entries e of n (meta[4e..4e+3]: its items' address, their count, its rows'
    address, where its counts[e] indices start in idx), items of `item` bytes: rows[i] =
-   items[idx[i]] (to_rows, a gather) or items[idx[i]] = rows[i] (a scatter), prefetching the item
-   `ahead` places ahead. COPY(dst, src, n) moves one item. */
+   items[idx[i]] (to_rows, a gather) or items[idx[i]] = rows[i] (a scatter). With `ahead`, the
+   first line of the item `ahead` places ahead is prefetched (an entry's first `ahead` items' at
+   its start): that starts the walk of the page tables for the item's page, which a random gather
+   waits on more than on the data, and the hardware fetches the rest of the item once its first
+   lines are asked for. COPY(dst, src, n) moves one item. */
 #define MOVE_ENTRIES(COPY)                                                                     \
     for (int64_t e = 0; e < n; e++) {                                                          \
         char *items = (char *)(intptr_t)meta[4 * e], *rows = (char *)(intptr_t)meta[4 * e + 2]; \
         const int64_t count = counts[e], *x = idx + meta[4 * e + 3];                           \
+        for (int64_t i = 0; i < ahead && i < count; i++)                                       \
+            __builtin_prefetch(items + x[i] * item, 0, 0);                                     \
         for (int64_t i = 0; i < count; i++) {                                                  \
             if (ahead && i + ahead < count)                                                    \
-                prefetch_item(items + x[i + ahead] * item, item, !to_rows);                    \
+                __builtin_prefetch(items + x[i + ahead] * item, 0, 0);                         \
             if (to_rows) COPY(rows + i * item, items + x[i] * item, item);                     \
             else COPY(items + x[i] * item, rows + i * item, item);                             \
         }                                                                                      \
@@ -180,12 +179,12 @@ class NativeCopy:
     def run(self, batch: Batch, *, to_rows: bool, ahead: int | None = None,
             nontemporal: bool = False) -> None:
         """Gather (``to_rows``) or scatter every entry; ValueError naming the first entry with an
-        index out of range, and then nothing is copied. ``ahead``: items prefetched ahead
-        (default: AHEAD for items up to PREFETCH_MAX_ITEM bytes, else none). ``nontemporal``:
+        index out of range, and then nothing is copied. ``ahead``: how far ahead the items' first
+        lines are prefetched (default AHEAD; 0: no prefetch). ``nontemporal``:
         write the destination with streaming stores where the CPU has them (:attr:`nontemporal`;
         the same bytes either way)."""
         if ahead is None:
-            ahead = AHEAD if batch.item <= PREFETCH_MAX_ITEM else 0
+            ahead = AHEAD
         meta, idx = np.ascontiguousarray(batch.meta, np.int64), np.ascontiguousarray(batch.idx, np.int64)
         counts = np.ascontiguousarray(batch.counts, np.int64)
         if meta.shape != (len(counts), 4):
