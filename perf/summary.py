@@ -68,6 +68,29 @@ def _kernels(out: Path, preset: str) -> list[str]:
                     "a cache-resident one reuses twice one call's pages (perf/pools.py)" + _load(rows) + ".")
 
 
+def _kernel_goals(out: Path, preset: str) -> list[str]:
+    """The goals' view of sweep_kernels: each model, slot pattern and thread count with pack and
+    unpack on both pools side by side (x memcpy, median over chunk counts)."""
+    rows = _rows(out / f"sweep_kernels_{preset}.csv")
+    pools = ("DRAM-resident", "cache-resident")
+    table = []
+    for key in dict.fromkeys((r["model"], r["row_bytes"], r["slots"], r["threads"]) for r in rows):
+        cells = []
+        for op in ("pack", "unpack"):
+            for pool in pools:
+                sub = [r["ratio_vs_copy"] for r in rows if (r["model"], r["row_bytes"], r["slots"], r["threads"]) == key
+                       and r["op"] == op and r.get("pool", "cache-resident") == pool]
+                cells.append(_f(_med(sub)))
+        goal = {"blocks": "0.9", "tokens": "0.6"}.get(key[2], "")
+        met = all(c == "" or float(c) >= float(goal) for c in cells[0::2]) if goal else ""
+        table.append((*key, *cells, goal, "yes" if met is True else "no" if met is False else ""))
+    return _section(f"pack / unpack against the goals (`sweep_kernels_{preset}.csv`)",
+                    ["model", "row B", "slots", "threads", "pack DRAM", "pack cache", "unpack DRAM",
+                     "unpack cache", "goal", "met on DRAM"], table,
+                    "x memcpy of the same bytes on the same threads, same repeats, median over chunk counts; "
+                    "the goals are judged on the DRAM-resident pool.")
+
+
 def _copy_floor(out: Path, preset: str) -> list[str]:
     rows = _rows(out / f"sweep_copy_floor_{preset}.csv") + _rows(out / f"sweep_copy_floor_hugepages_{preset}.csv")
     names = ("gpukv", "numpy", "c", "c_prefetch", "c_stream")
@@ -236,7 +259,7 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str], info:
              "alternating; absolute numbers on a shared machine are noise.", "",
              "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
-    for part in (_kernels(out, preset), _copy_floor(out, preset), _readback(out, preset), _l1(out, preset),
+    for part in (_kernel_goals(out, preset), _kernels(out, preset), _copy_floor(out, preset), _readback(out, preset), _l1(out, preset),
                  _engine(out), _server(out), _metrics(out), _ping(out), _remote(out), _ttft(out)):
         lines += part
     return "\n".join(lines) + "\n"
