@@ -61,7 +61,7 @@ def run_point(kind: str, num_tokens: int, num_layers: int, device: str, repeats:
     assert engine.store("w0", tokens, slots) == num_tokens
     keys = [k for k, _ in engine.object_keys("m", tokens)]
     arena, offsets = engine.l1.locate(keys)  # the raw copies use the engine's own slots
-    paged = engine._pages["w0"]
+    paged = engine.copies._pages["w0"].paged  # (the worker data path holds the instances)
     requests = itertools.count()
     current: list[str] = []
 
