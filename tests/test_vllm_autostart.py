@@ -67,7 +67,7 @@ def test_racing_starters_start_one_server_that_outlives_them(tmp_path: Path):
 
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path):
     address = f"ipc://{tmp_path}/gpukv.sock"
-    with pytest.raises(RuntimeError, match=r"exited with 2; see .*gpukv.sock.log"):
+    with pytest.raises(RuntimeError, match=r"exited; see .*gpukv.sock.log"):
         ensure_server(address, serve_args=["--no-such-flag"], ready_timeout_s=60)
     assert "--no-such-flag" in (tmp_path / "gpukv.sock.log").read_text()
 
@@ -80,3 +80,52 @@ def test_lock_paths_live_beside_the_socket_or_in_the_users_folder(tmp_path: Path
         lock_path(f"ipc://{tmp_path}/missing/s.sock")
     with pytest.raises(ValueError, match="not a loopback address"):
         lock_path("tcp://10.0.0.1:5555")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process whose parent chain reaches ``pid`` (what vLLM's kill_process_tree kills)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out
+
+
+ENGINE = """
+import json, os, sys, time
+from gpukv.integrations.vllm.autostart import ensure_server
+info, started = ensure_server(sys.argv[1], serve_args=["--capacity", "8MiB"])
+print(json.dumps({"pid": info["pid"], "started": started}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_server_is_no_descendant_of_the_engine_that_started_it(tmp_path: Path):
+    """vLLM kills its whole process tree at shutdown (kill_process_tree: every descendant by
+    parentage, whatever its session); a server the engine forked itself died with the engine."""
+    address = f"ipc://{tmp_path}/gpukv.sock"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE, address], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    pid = None
+    try:
+        out = json.loads(engine.stdout.readline())
+        pid, started = out["pid"], out["started"]
+        assert started and pid not in _descendants(engine.pid)
+        for victim in _descendants(engine.pid) | {engine.pid}:  # what vLLM does at shutdown
+            os.kill(victim, signal.SIGKILL)
+        engine.wait(30)
+        assert answers(address)["pid"] == pid  # the next engine finds it
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+        if pid is not None:
+            _stop(pid)

@@ -95,25 +95,50 @@ def _start(address: str, serve_args: list[str], lock: Path, timeout_s: float) ->
     log_path = lock.with_suffix(".log")
     with open(log_path, "ab") as out:
         os.chmod(log_path, 0o600)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, env=_server_env())
+        pid = spawn_detached(argv, out, _server_env())
     try:
-        os.sched_setaffinity(proc.pid, range(os.cpu_count() or 1))
+        os.sched_setaffinity(pid, range(os.cpu_count() or 1))
     except OSError as exc:  # some CPUs may be outside this cgroup: keep what it inherited
         log.debug("could not widen the autostarted server's CPU affinity: %s", exc)
     log.warning("gpukv: started `gpukv serve` at %s (pid %d, log %s); it keeps running after "
-                "this engine exits", address, proc.pid, log_path)
+                "this engine exits", address, pid, log_path)
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the autostarted gpukv serve exited with {proc.returncode}; see {log_path}")
+        if not _alive(pid):
+            raise RuntimeError(f"the autostarted gpukv serve (pid {pid}) exited; see {log_path}")
         info = answers(address, timeout_s=0.5)
         if info is not None:
             return info
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the autostarted gpukv serve (pid {proc.pid}) did not answer at "
+            raise RuntimeError(f"the autostarted gpukv serve (pid {pid}) did not answer at "
                                f"{address} in {timeout_s} s; see {log_path}")
         time.sleep(0.05)
+
+
+# A launcher process starts the server in a session of its own and exits at once: the server is
+# then re-parented to init (or the nearest subreaper), no descendant of the engine. vLLM kills
+# its whole process tree at shutdown (vllm.utils.system_utils.kill_process_tree, by parentage,
+# whatever the session): a server the engine forked directly died with it.
+_LAUNCHER = ("import subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=2, stderr=2,"
+             " start_new_session=True)\n"
+             "print(p.pid, flush=True)\n")
+
+
+def spawn_detached(argv: list[str], out, env: dict[str, str]) -> int:
+    """Start ``argv`` (its output to the file ``out``) as no descendant of this process; its pid."""
+    launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=out, env=env, timeout=60, check=True)
+    return int(launcher.stdout)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (not a zombie: a re-parented server is reaped by its new parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _server_env() -> dict[str, str]:
