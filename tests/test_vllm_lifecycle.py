@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 require_vllm()
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.integrations.vllm.records import read_records  # noqa: E402
-from gpukv.integrations.vllm.tiny_models import write_tiny_model  # noqa: E402
+from gpukv.testing.vllm_records import read_records  # noqa: E402
+from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
