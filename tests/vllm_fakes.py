@@ -12,8 +12,8 @@ free_lookup_locks / end_session / read_count) with the semantics it relies on, i
 - free_lookup_locks(start, end): the shares of chunks lying entirely inside ``[start, end)``;
 - store copies the token rows of full chunks not yet present; the rows are the registered views'
   ``[block, ..., offset, ...]`` slices, as gpukv's generic descriptor reads them;
-- lookup with ``loadable``: 0 unless instances of the model are registered for every TP rank
-  (the fake has one group: every engine of a test);
+- lookup with ``loadable``: 0 unless instances of the model are registered for every TP rank by
+  the caller's group (:class:`GroupView`: one engine's processes);
 - :meth:`FakeClient.restart`: the server restarts (a new pid; registrations, objects and shares
   gone): store and retrieve then name an unknown instance, as the server does.
 """
@@ -78,7 +78,8 @@ class FakeClient:
         return view[b, off] if dims == "NB,BS,D" else view[b, :, :, off]  # "NB,H,2,BS,D"
 
     # -- API ----------------------------------------------------------------------------------
-    def register(self, instance_id, model, kv_caches, dims, *, kind="mha", tp_rank=0, tp_size=1) -> None:
+    def register(self, instance_id, model, kv_caches, dims, *, kind="mha", tp_rank=0, tp_size=1,
+                 group=None) -> None:
         self.calls["register"] += 1
         views = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
         block_size = views[0].shape[1] if dims == "NB,BS,D" else views[0].shape[3]
@@ -86,7 +87,7 @@ class FakeClient:
             raise ValueError(f"instance {instance_id!r} is already registered")
         self.instances[instance_id] = dict(model=model, views=views, dims=dims, kind=kind, tp_rank=tp_rank,
                                            tp_size=tp_size, kv_rank=tp_rank if kind == "mha" else 0,
-                                           block_size=block_size)
+                                           block_size=block_size, group=group)
 
     def unregister(self, instance_id) -> None:
         del self.instances[instance_id]
@@ -106,10 +107,11 @@ class FakeClient:
         return stored
 
     def lookup(self, model, token_ids, *, request_id, tp_size=1, num_readers=None, seed=b"", extras=None,
-               loadable=False) -> int:
+               loadable=False, group=None) -> int:
         self.calls["lookup"] += 1
         if loadable:
-            ranks = {i["tp_rank"] for i in self.instances.values() if i["model"] == model and i["tp_size"] == tp_size}
+            ranks = {i["tp_rank"] for i in self.instances.values()
+                     if i["model"] == model and i["tp_size"] == tp_size and i["group"] == group}
             if len(ranks) < tp_size:
                 return 0
         elif not any(i["model"] == model for i in self.instances.values()):
@@ -175,3 +177,20 @@ class FakeClient:
     # -- test helpers -------------------------------------------------------------------------
     def total_shares(self) -> int:
         return sum(self.shares.values())
+
+
+class GroupView:
+    """One engine's view of a :class:`FakeClient`: its registrations and lookups carry the
+    engine's group, as the sessions of one engine's processes do on the real server."""
+
+    def __init__(self, fake: FakeClient, group: str) -> None:
+        self.fake, self.group = fake, group
+
+    def __getattr__(self, name: str):
+        return getattr(self.fake, name)
+
+    def register(self, *args, **kwargs) -> None:
+        return self.fake.register(*args, group=self.group, **kwargs)
+
+    def lookup(self, *args, **kwargs) -> int:
+        return self.fake.lookup(*args, group=self.group, **kwargs)

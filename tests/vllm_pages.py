@@ -10,7 +10,7 @@ from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.worker import WorkerSide
-from vllm_fakes import FakeClient
+from vllm_fakes import FakeClient, GroupView
 
 CS, BS, NB, H, D = 32, 16, 24, 2, 8
 MODEL = "tiny"
@@ -81,11 +81,11 @@ def engine(client: FakeClient, name: str, *, tp_rank: int = 0, tp_size: int = 1,
     on the fake client through the connector's :class:`GuardedClient`."""
     pages = mha_pages() if pages is None else pages
     clock = clock or Clock()
-    worker = WorkerSide(GuardedClient(client, clock=clock), instance_id=f"{name}-tp{tp_rank}", model=MODEL,
-                        tp_rank=tp_rank, tp_size=tp_size, clock=clock)
+    worker = WorkerSide(GuardedClient(GroupView(client, name), clock=clock), instance_id=f"{name}-tp{tp_rank}",
+                        model=MODEL, tp_rank=tp_rank, tp_size=tp_size, clock=clock)
     worker.register(pages, "CPU_MLA" if next(iter(pages.values())).dim() == 4 and
                     next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
-    planner = SchedulerPlanner(GuardedClient(client, clock=clock), MODEL, tp_size=tp_size, chunk_size=CS,
+    planner = SchedulerPlanner(GuardedClient(GroupView(client, name), clock=clock), MODEL, tp_size=tp_size, chunk_size=CS,
                                block_size=BS, clock=clock, **planner_options)
     return planner, worker, pages
 

@@ -68,8 +68,13 @@ class GuardedClient:
         return lost
 
     def ping(self, *, timeout_s: float) -> dict | None:
-        """The server's PING reply, or None (no answer in ``timeout_s``: calls then pause)."""
-        return self._guard("ping", None, False, self.client.ping, timeout_s=timeout_s)
+        """The server's PING reply, or None if it does not answer within ``timeout_s`` (a probe:
+        a slow answer does not pause the other calls)."""
+        try:
+            return self.client.ping(timeout_s=timeout_s)
+        except _SERVER_FAILURES:
+            self.failures["ping"] += 1
+            return None
 
     def register(self, *args: Any, **kwargs: Any) -> None:
         self.client.register(*args, **kwargs)

@@ -39,7 +39,7 @@ from gpukv.integrations.vllm.plan import StepPlan, stage_request_id
 log = logging.getLogger(__name__)
 
 PROBE_S = 10.0
-PROBE_TIMEOUT_S = 0.05
+PROBE_TIMEOUT_S = 0.2
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 _TRANSIENT = (ServerUnavailable, Busy, ServerError)
 
@@ -106,11 +106,7 @@ class WorkerSide:
             self.client.register(self.instance_id, self.model, self._views, self._dims, kind=self.kind,
                                  tp_rank=self.tp_rank, tp_size=self.tp_size)
         except _TRANSIENT as exc:
-            self._retry_at = self._clock() + self._backoff
-            if not self._incident:
-                log.warning("gpukv: registering %s failed (%s: %s); running uncached, trying again "
-                            "(backing off up to %.0f s)", self.instance_id, type(exc).__name__, exc, RETRY_MAX_S)
-            self._incident, self._backoff = True, min(RETRY_MAX_S, self._backoff * 2)
+            self._retry_later(f"registering {self.instance_id} failed ({type(exc).__name__}: {exc})")
             return False
         except ValueError as exc:
             if "already registered" not in str(exc):  # the server refuses this worker
@@ -123,6 +119,13 @@ class WorkerSide:
             self._incident = False
         return True
 
+    def _retry_later(self, why: str) -> None:
+        self._retry_at = self._clock() + self._backoff
+        if not self._incident:
+            log.warning("gpukv: %s; running uncached, trying again (backing off up to %.0f s)",
+                        why, RETRY_MAX_S)
+        self._incident, self._backoff = True, min(RETRY_MAX_S, self._backoff * 2)
+
     def refuse(self, reason: str) -> None:
         """Run uncached for good (logged once, naming ``reason``)."""
         self.refused, self.registered = reason, False
@@ -133,24 +136,29 @@ class WorkerSide:
         if self.refused is not None or self._views is None:
             return
         now = self._clock()
+        info = None
         lost = self.client.take_lost()
         if self.registered and not lost and now >= self._next_probe and not self.client.down:
             self._next_probe = now + self.probe_s
             info = self.client.ping(timeout_s=PROBE_TIMEOUT_S)
-            if info is not None and info.get("pid") != self._server_pid:
-                if (info.get("chunk_size"), info.get("salt")) != (self.client.chunk_size,
-                                                                  self.client.server_info.get("salt")):
-                    self.refuse(f"the server restarted with chunk size {info.get('chunk_size')} / "
-                                 f"another salt (this engine plans for {self.client.chunk_size})")
-                    return
-                self._server_pid, lost = info.get("pid"), True
+            lost = info is not None and info.get("pid") != self._server_pid
         if lost and self.registered:
             self.registered, self._retry_at = False, now
             if not self._incident:
                 log.warning("gpukv: the server forgot %s (it restarted, or reaped this process's "
                             "session); registering again", self.instance_id)
                 self._incident = True
-        if not self.registered and now >= self._retry_at:
+        if self.registered or now < self._retry_at:
+            return
+        info = info or self.client.ping(timeout_s=PROBE_TIMEOUT_S)  # the server to register with
+        if info is None:
+            self._retry_later(f"the server does not answer {self.instance_id}'s PING")
+        elif (info.get("chunk_size"), info.get("salt")) != (self.client.chunk_size,
+                                                            self.client.server_info.get("salt")):
+            self.refuse(f"the server restarted with chunk size {info.get('chunk_size')} (this engine "
+                        f"plans for {self.client.chunk_size}) or another salt")
+        else:
+            self._server_pid = info.get("pid")
             self._register()
 
     # ---- transfers ---------------------------------------------------------------------------
