@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpukv.integrations.vllm.autostart import answers, ensure_server, lock_path
+from gpukv.integrations.vllm.autostart import _server_env, answers, ensure_server, lock_path
 
 STARTER = """
 import json, sys
@@ -80,3 +80,14 @@ def test_lock_paths_live_beside_the_socket_or_in_the_users_folder(tmp_path: Path
         lock_path(f"ipc://{tmp_path}/missing/s.sock")
     with pytest.raises(ValueError, match="not a loopback address"):
         lock_path("tcp://10.0.0.1:5555")
+
+
+def test_the_server_sees_the_engines_gpus_but_not_its_core_binding(monkeypatch):
+    """An engine pinned to GPUs 4-7 autostarts a server that sees GPUs 4-7 (cuda:0 there is
+    physical GPU 4), never all of them; the worker's OpenMP core binding is left behind."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    env = _server_env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and "OMP_NUM_THREADS" not in env

@@ -117,7 +117,8 @@ def _start(address: str, serve_args: list[str], lock: Path, timeout_s: float) ->
 
 
 def _server_env() -> dict[str, str]:
-    """The engine's environment minus what binds a vLLM worker to its cores or GPUs."""
-    drop = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KMP_AFFINITY",
-            "GOMP_CPU_AFFINITY")
+    """The engine's environment minus what binds a vLLM worker to its cores. The GPU selection
+    (``CUDA_VISIBLE_DEVICES``) stays: the server must see the GPUs the engine's workers see (an
+    engine pinned to GPUs 4-7 must not get its arenas, and a CUDA context, on GPU 0)."""
+    drop = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
     return {k: v for k, v in os.environ.items() if k not in drop}
