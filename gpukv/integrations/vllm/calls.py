@@ -32,7 +32,7 @@ class ServerCalls:
             raise ValueError(f"budget_s must be a non-negative number, got {budget_s!r}")
         self.budget_s, self.inline, self._clock = float(budget_s), inline, clock
         self._pool = None if inline else ThreadPoolExecutor(1, thread_name_prefix="gpukv-scheduler")
-        self._deadline = clock() + self.budget_s
+        self._deadline: float | None = None  # set by the step's first wait
         self.num_late = 0  # waits that ran out of budget
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
@@ -54,7 +54,10 @@ class ServerCalls:
 
     def wait(self, futures: Sequence[Future]) -> list[Any] | None:
         """The results of ``futures`` if they all complete within what is left of this step's
-        budget, else None (they keep running). A call that raised raises here."""
+        budget, else None (they keep running). A call that raised raises here. The step's budget
+        starts at its first wait (not at :meth:`new_step`, which comes before the forward)."""
+        if self._deadline is None:
+            self._deadline = self._clock() + self.budget_s
         left = self._deadline - self._clock()
         if not all(f.done() for f in futures):
             done, _ = wait_all(futures, timeout=max(0.0, left))
@@ -64,8 +67,8 @@ class ServerCalls:
         return [f.result() for f in futures]
 
     def new_step(self) -> None:
-        """Start the next engine step's budget."""
-        self._deadline = self._clock() + self.budget_s
+        """The engine step is over: the next wait starts the next step's budget."""
+        self._deadline = None
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Let the queued calls (ends of requests) run for up to ``timeout_s``, then drop the rest."""
