@@ -67,7 +67,7 @@ def test_racing_starters_start_one_server_that_outlives_them(tmp_path: Path):
 
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path):
     address = f"ipc://{tmp_path}/gpukv.sock"
-    with pytest.raises(RuntimeError, match=r"exited with 2; see .*gpukv.sock.log"):
+    with pytest.raises(RuntimeError, match=r"exited at start; see .*gpukv.sock.log"):
         ensure_server(address, serve_args=["--no-such-flag"], ready_timeout_s=60)
     assert "--no-such-flag" in (tmp_path / "gpukv.sock.log").read_text()
 
@@ -91,3 +91,51 @@ def test_the_server_sees_the_engines_gpus_but_not_its_core_binding(monkeypatch):
     env = _server_env()
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env and "OMP_NUM_THREADS" not in env
+
+
+HOLDER = """
+import json, sys
+from gpukv.integrations.vllm.autostart import ensure_server
+info, started = ensure_server(sys.argv[1], serve_args=["--capacity", "8MiB", "--chunk-size", "64"])
+print(json.dumps({"pid": info["pid"], "started": started}), flush=True)
+sys.stdin.read()  # stays alive until the test kills it
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (what vLLM's kill_process_tree kills), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_bytes()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(b")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_the_server_is_no_descendant_of_the_process_that_started_it(tmp_path: Path):
+    """vLLM force-kills an engine that does not stop in time with every process below it; the
+    server a worker started must survive that."""
+    address = f"ipc://{tmp_path}/gpukv.sock"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    out = None
+    try:
+        out = json.loads(holder.stdout.readline())
+        assert out["started"] and out["pid"] not in _descendants(holder.pid)
+        for pid in _descendants(holder.pid) | {holder.pid}:  # kill_process_tree
+            os.kill(pid, signal.SIGKILL)
+        holder.wait(30)
+        assert answers(address, timeout_s=5)["pid"] == out["pid"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        if out is not None:
+            _stop(out["pid"])

@@ -9,8 +9,9 @@ the lock until the server answers; the others wait for the lock, then find the s
 stale lock.
 
 The server must outlive the engine that started it (the next engine finds it again by its
-address): it runs in a session of its own (``start_new_session``: a Ctrl-C or a process-group
-kill of the engine does not reach it), with its output in ``<lock>.log``, on every CPU (a vLLM-CPU
+address): it runs in a session of its own (a Ctrl-C or a process-group kill of the engine does
+not reach it), detached from the process that started it (its parent is init: vLLM kills a stuck
+engine with all its descendants), with its output in ``<lock>.log``, on every CPU (a vLLM-CPU
 worker is bound to its cores; the server must not inherit that). It runs until it is stopped
 (SIGTERM); ``gpukv serve`` has no idle exit yet.
 """
@@ -93,27 +94,53 @@ def _lock(held, timeout_s: float, address: str) -> None:
 def _start(address: str, serve_args: list[str], lock: Path, timeout_s: float) -> dict:
     argv = [sys.executable, "-m", "gpukv.cli", "serve", "--address", address, *serve_args]
     log_path = lock.with_suffix(".log")
-    with open(log_path, "ab") as out:
+    with open(log_path, "ab"):
         os.chmod(log_path, 0o600)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, env=_server_env())
+    pid = _spawn_detached(argv, log_path)
     try:
-        os.sched_setaffinity(proc.pid, range(os.cpu_count() or 1))
+        os.sched_setaffinity(pid, range(os.cpu_count() or 1))
     except OSError as exc:  # some CPUs may be outside this cgroup: keep what it inherited
         log.debug("could not widen the autostarted server's CPU affinity: %s", exc)
     log.warning("gpukv: started `gpukv serve` at %s (pid %d, log %s); it keeps running after "
-                "this engine exits", address, proc.pid, log_path)
+                "this engine exits", address, pid, log_path)
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the autostarted gpukv serve exited with {proc.returncode}; see {log_path}")
+        if not _alive(pid):
+            raise RuntimeError(f"the autostarted gpukv serve (pid {pid}) exited at start; see {log_path}")
         info = answers(address, timeout_s=0.5)
         if info is not None:
             return info
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the autostarted gpukv serve (pid {proc.pid}) did not answer at "
+            raise RuntimeError(f"the autostarted gpukv serve (pid {pid}) did not answer at "
                                f"{address} in {timeout_s} s; see {log_path}")
         time.sleep(0.05)
+
+
+# A shell starts the server in the background, prints its pid and exits: the server's parent is
+# then init, not this process. vLLM force-kills an engine that does not stop in time together with
+# every process below it (``vllm/utils/system_utils.py: kill_process_tree``): a server started by
+# a worker, as its child, died with the engine that started it.
+_DETACH = 'log=$1; shift; "$@" >>"$log" 2>&1 </dev/null & echo $!'
+
+
+def _spawn_detached(argv: list[str], log_path: Path) -> int:
+    """Start ``argv`` in a session of its own, output appended to ``log_path``; its pid."""
+    shell = subprocess.run(["/bin/sh", "-c", _DETACH, "sh", str(log_path), *argv],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=True,
+                           start_new_session=True, env=_server_env(), timeout=60)
+    return int(shell.stdout.split()[-1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # an exited child of init is reaped at once; a zombie here means it exited
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 def _server_env() -> dict[str, str]:
