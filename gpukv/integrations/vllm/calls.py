@@ -6,7 +6,8 @@ one background thread, and the scheduler waits for an answer at most ``budget_s`
 in all (:meth:`ServerCalls.wait`; :meth:`ServerCalls.new_step` starts the next step's budget). An
 answer that is not there in time is asked for again at the next step (the call keeps running;
 vLLM's "ask again later"), or given up on by the planner; a call whose answer nobody waits for
-(free, end) simply runs later, still in order after the lookups sent before it.
+(free, end) simply runs later, still in order after the lookups sent before it (:meth:`ServerCalls.settle` still waits for them
+within the budget, so with a healthy server a request's end has run when its hook returns).
 
 ``inline=True`` runs each call at once in the caller's thread (tests, and a planner without a
 budget): the answers are then always there.
@@ -47,12 +48,19 @@ class ServerCalls:
             future.set_exception(exc)
         return future
 
-    def send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Like :meth:`submit` for a call whose result nobody reads: an exception it raises (a
         bug: the guarded client turns the server's failures into fallbacks) is logged."""
-        self.submit(fn, *args, **kwargs).add_done_callback(_log_failure)
+        future = self.submit(fn, *args, **kwargs)
+        future.add_done_callback(_log_failure)
+        return future
 
-    def wait(self, futures: Sequence[Future]) -> list[Any] | None:
+    def settle(self, futures: Sequence[Future]) -> bool:
+        """Wait for sent calls within what is left of the step's budget (so a healthy server has
+        run them when the hook returns); whether they completed. Never raises."""
+        return self.wait(futures, results=False) is not None
+
+    def wait(self, futures: Sequence[Future], *, results: bool = True) -> list[Any] | None:
         """The results of ``futures`` if they all complete within what is left of this step's
         budget, else None (they keep running). A call that raised raises here. The step's budget
         starts at its first wait (not at :meth:`new_step`, which comes before the forward)."""
@@ -64,7 +72,7 @@ class ServerCalls:
             if len(done) < len(futures):
                 self.num_late += 1
                 return None
-        return [f.result() for f in futures]
+        return [f.result() for f in futures] if results else []
 
     def new_step(self) -> None:
         """The engine step is over: the next wait starts the next step's budget."""

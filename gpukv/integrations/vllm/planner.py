@@ -171,8 +171,8 @@ class SchedulerPlanner:
                                 start_token=hit)
 
     def _free(self, request_id: str, **token_range: int) -> None:
-        for s in range(len(self.models)):
-            self.calls.send(self.client.free_lookup_locks, self._rid(request_id, s), **token_range)
+        self.calls.settle([self.calls.send(self.client.free_lookup_locks, self._rid(request_id, s),
+                                           **token_range) for s in range(len(self.models))])
 
     # ---- allocation and steps ----------------------------------------------------------------
     def after_alloc(self, request_id: str, num_external_tokens: int) -> None:
@@ -284,8 +284,8 @@ class SchedulerPlanner:
 
     def _end(self, req: _Request) -> None:
         if req.opened:
-            for s in range(len(self.models)):
-                self.calls.send(self.client.end_session, self._rid(req.info.request_id, s))
+            self.calls.settle([self.calls.send(self.client.end_session, self._rid(req.info.request_id, s))
+                               for s in range(len(self.models))])
 
     def close(self) -> None:
         """End every request still open (engine shutdown), then stop the calls' thread."""
