@@ -14,7 +14,8 @@ behaviour behind them (``vllm/v1/core/sched/scheduler.py``):
 - The scheduler never waits for the server longer than its step budget (:mod:`.calls`): a lookup
   not answered in time makes the request wait (vLLM's "ask again later", ``None``) and is
   collected at a later step; after ``lookup_wait_s`` without an answer the request goes on
-  without gpukv (a miss).
+  without gpukv (a miss). Frees and ends run in order after the lookups sent before them and are
+  waited for within the same budget (a healthy server has run them when the hook returns).
 - ``after_alloc`` is the commit: vLLM's own hit is ``[0, local)``; if it takes no external tokens
   every share is freed, else the shares of chunks inside ``[0, local)`` are freed and the load of
   chunks ``[0, hit)`` is planned, with slot ``-1`` for the tokens vLLM already holds. A chunk is a
@@ -32,7 +33,9 @@ behaviour behind them (``vllm/v1/core/sched/scheduler.py``):
   parallelism). Then it returns True (vLLM keeps the blocks), names the request in the next
   plan's ``released`` (every worker reports it finished once that plan reaches it, after the
   load ran) and ends it in :meth:`workers_done`. So a load is never starved of its shares by an
-  abort, and no block of a finished request is reported invalid after vLLM gave it away.
+  abort, and no block of a finished request is reported invalid after vLLM gave it away. (With
+  one step in flight the latest step is fenced too, although vLLM has always run it by then:
+  one rule for every schedule, at the cost of holding such a request's blocks one step longer.)
 """
 
 from __future__ import annotations
