@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         if args.vllm:
-            from gpukv.integrations.vllm.demo import run_vllm_demo
+            from gpukv.testing.vllm_demo import run_vllm_demo
 
             return run_vllm_demo(num_tokens=args.tokens, tp=args.tp or 1)
         if args.model is not None:
-            from gpukv.integrations.prefix_reuse import run_demo as run_model_demo
+            from gpukv.testing.prefix_reuse import run_demo as run_model_demo
 
             return run_model_demo(args.model, server=args.server)
         from gpukv.demo import run_demo

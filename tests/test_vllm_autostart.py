@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpukv.integrations.vllm.autostart import answers, ensure_server, lock_path
+from gpukv.integrations.vllm.autostart import _server_env, answers, ensure_server, lock_path
 
 STARTER = """
 import json, sys
@@ -82,50 +82,60 @@ def test_lock_paths_live_beside_the_socket_or_in_the_users_folder(tmp_path: Path
         lock_path("tcp://10.0.0.1:5555")
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process whose parent chain reaches ``pid`` (what vLLM's kill_process_tree kills)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    out, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - out
-        out |= frontier
-    return out
+def test_the_server_sees_the_engines_gpus_but_not_its_core_binding(monkeypatch):
+    """An engine pinned to GPUs 4-7 autostarts a server that sees GPUs 4-7 (cuda:0 there is
+    physical GPU 4), never all of them; the worker's OpenMP core binding is left behind."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    env = _server_env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and "OMP_NUM_THREADS" not in env
 
 
-ENGINE = """
-import json, os, sys, time
+HOLDER = """
+import json, sys
 from gpukv.integrations.vllm.autostart import ensure_server
-info, started = ensure_server(sys.argv[1], serve_args=["--capacity", "8MiB"])
+info, started = ensure_server(sys.argv[1], serve_args=["--capacity", "8MiB", "--chunk-size", "64"])
 print(json.dumps({"pid": info["pid"], "started": started}), flush=True)
-time.sleep(600)
+sys.stdin.read()  # stays alive until the test kills it
 """
 
 
-def test_the_server_is_no_descendant_of_the_engine_that_started_it(tmp_path: Path):
-    """vLLM kills its whole process tree at shutdown (kill_process_tree: every descendant by
-    parentage, whatever its session); a server the engine forked itself died with the engine."""
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (what vLLM's kill_process_tree kills), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_bytes()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(b")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_the_server_is_no_descendant_of_the_process_that_started_it(tmp_path: Path):
+    """vLLM force-kills an engine that does not stop in time with every process below it; the
+    server a worker started must survive that."""
     address = f"ipc://{tmp_path}/gpukv.sock"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    engine = subprocess.Popen([sys.executable, "-c", ENGINE, address], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
-    pid = None
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    out = None
     try:
-        out = json.loads(engine.stdout.readline())
-        pid, started = out["pid"], out["started"]
-        assert started and pid not in _descendants(engine.pid)
-        for victim in _descendants(engine.pid) | {engine.pid}:  # what vLLM does at shutdown
-            os.kill(victim, signal.SIGKILL)
-        engine.wait(30)
-        assert answers(address)["pid"] == pid  # the next engine finds it
+        out = json.loads(holder.stdout.readline())
+        assert out["started"] and out["pid"] not in _descendants(holder.pid)
+        for pid in _descendants(holder.pid) | {holder.pid}:  # kill_process_tree
+            os.kill(pid, signal.SIGKILL)
+        holder.wait(30)
+        assert answers(address, timeout_s=5)["pid"] == out["pid"]
     finally:
-        if engine.poll() is None:
-            engine.kill()
-        if pid is not None:
-            _stop(pid)
+        if holder.poll() is None:
+            holder.kill()
+        if out is not None:
+            _stop(out["pid"])

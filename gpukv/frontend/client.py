@@ -146,16 +146,20 @@ class CacheClient:
         return self.copies.finish(copy)
 
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
-               num_readers: int | None = None, seed: bytes = b"", extras=None) -> int:
+               num_readers: int | None = None, seed: bytes = b"", extras=None,
+               loadable: bool = False) -> int:
         """Leading tokens held; tops the request's shares up to ``num_readers or tp_size`` per
-        MLA object (a repeated lookup takes no more)."""
+        MLA object (a repeated lookup takes no more). ``loadable``: 0 unless this client's group
+        has registered instances of ``model`` for every TP rank ``0..tp_size-1`` (a scheduler
+        whose workers must be able to load what it is told)."""
         return self.lookup_hashes(model, self.copies.hashes(token_ids, seed, extras),
-                                  request_id=request_id, tp_size=tp_size, num_readers=num_readers)
+                                  request_id=request_id, tp_size=tp_size, num_readers=num_readers,
+                                  loadable=loadable)
 
     def lookup_hashes(self, model: str, hashes: list[bytes], *, request_id: Hashable,
-                      tp_size: int = 1, num_readers: int | None = None) -> int:
+                      tp_size: int = 1, num_readers: int | None = None, loadable: bool = False) -> int:
         t0 = time.perf_counter()
-        hit = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers))
+        hit = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers, loadable))
         self.metrics.lookup(time.perf_counter() - t0)
         return hit
 

@@ -111,6 +111,9 @@ class Lookup(_Msg, tag="lookup"):
     hashes: Hashes
     tp_size: Count = 1
     num_readers: Count | None = None
+    # True: count a hit only if the caller's group has registered instances of the model for
+    # every TP rank 0..tp_size-1 (a scheduler asks for what its own workers can load)
+    loadable: bool = False
 
 
 class RetrieveBegin(_Msg, tag="retrieve_begin"):

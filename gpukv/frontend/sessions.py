@@ -166,6 +166,8 @@ class Sessions:
         return self.core.commit_store(plan)
 
     def _lookup(self, s: Session, body: p.Lookup) -> int:
+        if body.loadable and not self._group_can_load(s.group, body.model, body.tp_size):
+            return 0  # e.g. its workers have not registered (again, after a restart) yet
         owner = Scoped(s.group, body.request_id)
         with self._lock:
             new = owner not in s.requests
@@ -306,6 +308,19 @@ class Sessions:
         if key is None:
             raise ValueError(f"unknown instance {instance_id!r} for this client: REGISTER it first")
         return key
+
+    def _group_can_load(self, group: str, model: str, tp_size: int) -> bool:
+        """Whether sessions of ``group`` registered instances of ``model`` for every TP rank
+        ``0..tp_size-1`` (a LOOKUP with ``loadable``)."""
+        with self._lock:
+            keys = [key for x in self._sessions.values() if x.group == group for key in x.instances.values()]
+        ranks = set()
+        for key in keys:
+            with contextlib.suppress(ValueError):  # unregistered meanwhile
+                inst = self.core.registry.instance(key)
+                if inst.model == model and inst.tp_size == tp_size:
+                    ranks.add(inst.tp_rank)
+        return len(ranks) == tp_size
 
     def _check_plans(self, s: Session) -> None:
         if len(s.plans) >= self.limits.max_plans:

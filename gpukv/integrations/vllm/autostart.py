@@ -9,8 +9,9 @@ the lock until the server answers; the others wait for the lock, then find the s
 stale lock.
 
 The server must outlive the engine that started it (the next engine finds it again by its
-address): it runs in a session of its own (``start_new_session``: a Ctrl-C or a process-group
-kill of the engine does not reach it), with its output in ``<lock>.log``, on every CPU (a vLLM-CPU
+address): it runs in a session of its own (a Ctrl-C or a process-group kill of the engine does
+not reach it), detached from the process that started it (its parent is init: vLLM kills a stuck
+engine with all its descendants), with its output in ``<lock>.log``, on every CPU (a vLLM-CPU
 worker is bound to its cores; the server must not inherit that). It runs until it is stopped
 (SIGTERM); ``gpukv serve`` has no idle exit yet.
 """
@@ -142,7 +143,8 @@ def _alive(pid: int) -> bool:
 
 
 def _server_env() -> dict[str, str]:
-    """The engine's environment minus what binds a vLLM worker to its cores or GPUs."""
-    drop = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KMP_AFFINITY",
-            "GOMP_CPU_AFFINITY")
+    """The engine's environment minus what binds a vLLM worker to its cores. The GPU selection
+    (``CUDA_VISIBLE_DEVICES``) stays: the server must see the GPUs the engine's workers see (an
+    engine pinned to GPUs 4-7 must not get its arenas, and a CUDA context, on GPU 0)."""
+    drop = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
     return {k: v for k, v in os.environ.items() if k not in drop}
