@@ -111,11 +111,11 @@ def test_nobody_listening_raises_at_once(tmp_path):
 
 def test_client_refuses_a_server_of_another_uid_before_sending(tmp_path, monkeypatch):
     with serving(tmp_path) as server:
-        before = server.sessions._sessions.copy()
+        before = server.sessions.table.sids()
         monkeypatch.setattr(client_module, "server_uid", lambda address: OTHER_UID)
         with pytest.raises(ValueError, match=f"runs as uid {OTHER_UID}"):
             CacheClient(server.address)
-        assert server.sessions._sessions.keys() == before.keys()  # it sent nothing
+        assert server.sessions.table.sids() == before  # it sent nothing
 
 
 @as_root

@@ -1,6 +1,6 @@
 """One client session of ``gpukv serve``: its scoped ids, its bounds and its state.
 
-See :mod:`gpukv.frontend.sessions` for what the requests do with them.
+See :mod:`gpukv.frontend.handlers` for what the requests do with them.
 """
 
 from __future__ import annotations
