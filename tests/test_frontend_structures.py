@@ -85,7 +85,7 @@ def test_a_reaped_sessions_plans_are_orphaned_then_a_late_commit_commits_nothing
     sessions.touch(SID, None)
     sessions.handle(SID, register_body())
     plan = sessions.handle(SID, p.StoreBegin("w", hashes(4)))["plan"]
-    sessions.table.get(SID).pid = None  # never told: held one more timeout
+    assert sessions.table.get(SID).peers.unverified  # no process observed: held for the hold
     sessions.reap(SID)
     # the instance is gone, so are the objects; their slots stay taken until the plan is back
     assert len(sessions.orphans) == 1 and sessions.core.l1.stats()["objects"] == 0

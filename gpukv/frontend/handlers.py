@@ -42,8 +42,7 @@ class Handlers:
 
     # ---- identity and registration ---------------------------------------------------------
     def ping(self, s: Session, body: p.Ping) -> dict:
-        if body.pid is not None:
-            s.pid = body.pid
+        # body.pid is not used: the server observes its peers' processes itself (liveness.py)
         cfg = self.core.config
         return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
                     devices=list(cfg.devices), worker_timeout_s=self.table.worker_timeout_s,

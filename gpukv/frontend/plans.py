@@ -72,10 +72,11 @@ class PlanBook:
         raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
                          f"(no ping for {self.table.worker_timeout_s} s); nothing was committed")
 
-    def orphan_locked(self, s: Session, grace_s: float) -> int:
-        """Move every open plan of the closed session ``s`` to the orphans; returns how many."""
+    def orphan_locked(self, s: Session, hold_s: float) -> int:
+        """Move every open plan of the closed session ``s`` to the orphans (held while its
+        processes run, or ``hold_s`` when it is unverified); returns how many."""
         plans, s.plans, s.reserved_bytes = s.plans, {}, 0
-        self.orphans.add(s.sid, s.pid, grace_s, plans)
+        self.orphans.add(s.sid, s.peers, hold_s, plans)
         return len(plans)
 
     def release_due(self) -> None:

@@ -71,8 +71,8 @@ class Layout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # ---- requests ----------------------------------------------------------------------------------
 class Ping(_Msg, tag="ping"):
-    """Liveness, and the handshake: the client's pid lets the server tell a dead worker from a
-    stalled one before it reuses slots that worker was handed."""
+    """Liveness, and the handshake. ``pid`` is informational only: the server tells a dead
+    worker from a stalled one by the peer process it observes itself (never a reported pid)."""
 
     pid: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] | None = None
 

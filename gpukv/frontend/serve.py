@@ -26,7 +26,7 @@ def serve_main(args: argparse.Namespace) -> int:
     config = ServerConfig(address=args.address or p.default_address(),
                           worker_timeout_s=args.worker_timeout, threads=args.threads,
                           allow_remote=args.allow_remote, allow_abstract=args.allow_abstract,
-                          limits=limits)
+                          limits=limits, orphan_hold_s=args.orphan_hold)
     devices = tuple(args.devices.split(",")) if args.devices else None
     core = CacheCore(EngineConfig(capacity_bytes=args.capacity, device=args.device, devices=devices,
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,

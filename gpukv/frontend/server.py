@@ -36,6 +36,7 @@ import zmq
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.fairpool import FairPool
+from gpukv.frontend.liveness import peer_pid
 from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
 from gpukv.frontend.sessions import Limits, Sessions
 from gpukv.zmq_context import OwnedContext
@@ -61,12 +62,15 @@ class ServerConfig:
     max_pending: int = 64  # requests of one session waiting in the pool
     max_pending_bytes: int = 32 << 20  # and their frames' bytes (one request always fits)
     limits: Limits = field(default_factory=Limits)
+    orphan_hold_s: float = 600.0  # a reaped session's plans, when its processes are unknown
 
     def __post_init__(self) -> None:
         check_address(self.address, allow_remote=self.allow_remote,
                       allow_abstract=self.allow_abstract)
         if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s!r}")
+        if not isinstance(self.orphan_hold_s, (int, float)) or self.orphan_hold_s < 0:
+            raise ValueError(f"orphan_hold_s must be >= 0, got {self.orphan_hold_s!r}")
         if not isinstance(self.threads, int) or not 1 <= self.threads <= 256:
             raise ValueError(f"threads must be an int in [1, 256], got {self.threads!r}")
 
@@ -79,7 +83,7 @@ class CacheServer:
         self.core = core
         self.config = config = config or ServerConfig()
         self.sessions = Sessions(core, worker_timeout_s=config.worker_timeout_s,
-                                 limits=config.limits)
+                                 limits=config.limits, orphan_hold_s=config.orphan_hold_s)
         self._zmq = OwnedContext(self)  # closed even if this server is dropped unserved
         self._router = self._zmq.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -150,11 +154,11 @@ class CacheServer:
         and the wake-up pipe costs ~6 us a request, which the loop pays only while pool work
         is in flight (its replies come through the pipe)."""
         try:
-            frames = self._recv(0)
+            frames, pid = self._recv(0)
         except zmq.Again:
             self.last_drained = time.monotonic()  # nothing arrived in BLOCK_MS
             return
-        self._handle(frames)
+        self._handle(frames, pid)
         self._drain(63)
 
     def _drain(self, budget: int) -> None:
@@ -165,25 +169,28 @@ class CacheServer:
                 self.last_drained = time.monotonic()
                 return
             try:
-                frames = self._recv(zmq.NOBLOCK)
+                frames, pid = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 self.last_drained = time.monotonic()
                 return
-            self._handle(frames)
+            self._handle(frames, pid)
 
-    def _recv(self, flags: int) -> list[bytes]:
+    def _recv(self, flags: int) -> tuple[list[bytes], int | None]:
         """One message off the socket: the sender's identity, then its frames (a ROUTER message
-        has at least one after the identity). What ``recv_multipart`` does, without its
-        per-frame option read for the identity and its loop (~2 us a request)."""
+        has at least one after the identity), and the sender's pid as the kernel told libzmq
+        (ipc://; None on tcp://). What ``recv_multipart`` does, without its per-frame option
+        read for the identity and its loop (~2 us a request)."""
         router = self._router
-        frames = [router.recv(flags), router.recv(zmq.NOBLOCK)]  # the rest came with the first
+        identity = router.recv(flags)
+        first = router.recv(zmq.NOBLOCK, copy=False)  # the rest came with the identity
+        frames = [identity, first.bytes]
         while router.get(zmq.RCVMORE):
             frames.append(router.recv(zmq.NOBLOCK))
-        return frames
+        return frames, peer_pid(first.get("Peer-Address"))
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], pid: int | None) -> None:
         try:
-            self._on_frames(frames)
+            self._on_frames(frames, pid)
         except Exception:  # noqa: BLE001 - nothing a client sends may end the loop
             log.warning("dropped a request that failed outside its handler", exc_info=True)
 
@@ -204,7 +211,7 @@ class CacheServer:
         except Exception:  # noqa: BLE001 - the reaper must live on
             log.warning("reaping failed", exc_info=True)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], pid: int | None) -> None:
         identity = frames[0]
         if len(frames) != 2:
             self._send(identity, p.error_reply(0, p.ProtocolError(
@@ -214,7 +221,7 @@ class CacheServer:
         try:  # a large frame is decoded in the pool: the loop only reads its envelope
             request = p.decode_request(frame) if len(frame) <= INLINE_FRAME_BYTES else None
             envelope = request or p.decode_envelope(frame)
-            self.sessions.touch(envelope.session, envelope.group)
+            self.sessions.touch(envelope.session, envelope.group, pid)
         except ValueError as exc:
             log.debug("bad request: %s", exc)
             self._send(identity, p.error_reply(getattr(exc, "seq", 0), exc))

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Hashable, NamedTuple
 
+from gpukv.frontend.liveness import Peers
+
 if TYPE_CHECKING:  # (annotations only: the CLI reads Limits without importing torch)
     from gpukv.engine.core import RetrievePlan, StorePlan
 
@@ -52,7 +54,7 @@ class Session:
     sid: str
     group: str
     last_seen: float
-    pid: int | None = None
+    peers: Peers = field(default_factory=Peers)  # its processes, as the server observed them
     instances: dict[Hashable, Scoped] = field(default_factory=dict)
     requests: set[Scoped] = field(default_factory=set)  # requests this session opened
     plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)

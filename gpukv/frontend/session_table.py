@@ -37,17 +37,19 @@ class SessionTable:
     def __contains__(self, sid: str) -> bool:
         return sid in self._sessions
 
-    def touch(self, sid: str, group: str | None) -> None:
-        """Mark ``sid`` alive now (a new id starts a new, empty session). ValueError if the
-        session named another group before (nothing changes)."""
+    def touch(self, sid: str, group: str | None, pid: int | None = None) -> None:
+        """Mark ``sid`` alive now (a new id starts a new, empty session), its frame from process
+        ``pid`` as the server observed it (None: unknown). ValueError if the session named
+        another group before (nothing changes)."""
         with self.lock:
             entry = self._sessions.get(sid)
             if entry is None:
-                self._sessions[sid] = Session(sid, group or sid, time.monotonic())
+                entry = self._sessions[sid] = Session(sid, group or sid, time.monotonic())
             elif entry.group != (group or sid):
                 raise ValueError("this session belongs to another group: use a new client")
             else:
                 entry.last_seen = time.monotonic()
+            entry.peers.observe(pid)
 
     def get(self, sid: str) -> Session:
         """The open session ``sid``; ValueError (the reaped message) if there is none."""

@@ -8,8 +8,8 @@ and reaping, put together.
 
 Reaping. A session silent for the worker timeout is reaped: its requests end, its instances are
 unregistered; its open plans are *orphaned*, not released: the slots stay out of circulation
-until the worker's process is gone, because a stalled worker that wakes up would otherwise copy
-into slots handed to someone else.
+until the worker's process is gone (as the server observed it, never as the client said), because
+a stalled worker that wakes up would otherwise copy into slots handed to someone else.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ class Sessions:
     """Client sessions and the core calls of every request type (thread-safe)."""
 
     def __init__(self, core: CacheCore, *, worker_timeout_s: float = 30.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, orphan_hold_s: float = 600.0) -> None:
         self.core = core
         self.worker_timeout_s = worker_timeout_s
+        self.orphan_hold_s = orphan_hold_s
         self.limits = limits or Limits()
         if self.limits.max_reserved_bytes is None:
             self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
@@ -52,9 +53,10 @@ class Sessions:
         """Client sessions alive now (the ``gpukv_connected_clients`` gauge)."""
         return len(self.table)
 
-    def touch(self, sid: str, group: str | None) -> None:
-        """Mark ``sid`` alive now (see :meth:`SessionTable.touch`)."""
-        self.table.touch(sid, group)
+    def touch(self, sid: str, group: str | None, pid: int | None = None) -> None:
+        """Mark ``sid`` alive now, its frame from process ``pid`` as observed (see
+        :meth:`SessionTable.touch`)."""
+        self.table.touch(sid, group, pid)
 
     def handle(self, sid: str, body) -> Any:
         """Run one decoded request body for session ``sid``; its return value is the reply."""
@@ -81,8 +83,7 @@ class Sessions:
             if s is None:
                 return 0
             requests, instances = list(s.requests), list(s.instances.values())
-            grace = 0.0 if s.pid is not None else self.worker_timeout_s
-            orphaned = self.plans.orphan_locked(s, grace)
+            orphaned = self.plans.orphan_locked(s, self.orphan_hold_s)
         released = sum(self.core.end_request(owner) for owner in requests)
         for key in instances:
             with contextlib.suppress(ValueError):  # a register in flight undoes itself
