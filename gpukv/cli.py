@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--events", default=None, metavar="ADDRESS",
                        help="publish KV events (typed msgpack) on a ZMQ PUB socket there "
                             "(ipc:// or loopback tcp://)")
-    bounds = serve.add_argument_group("per-client bounds (past one, a request gets a Busy reply "
+    bounds = serve.add_argument_group("bounds on clients (past one, a request gets a Busy reply "
                                       "and changes nothing)")
     bounds.add_argument("--max-instances", type=_positive, default=limits.max_instances,
                         help=f"registered KV instances (default {limits.max_instances})")
@@ -108,7 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument("--max-plans", type=_positive, default=limits.max_plans,
                         help=f"stores and retrieves in flight (default {limits.max_plans})")
     bounds.add_argument("--max-reserved", type=_positive_size, default=None,
-                        help="bytes of stores in flight (default: half of one device's --capacity)")
+                        help="bytes of stores in flight per client process, its reaped sessions' "
+                             "still held ones included (default: a quarter of one device's "
+                             "--capacity)")
+    bounds.add_argument("--max-sessions", type=_positive, default=limits.max_sessions,
+                        help=f"client sessions server-wide (default {limits.max_sessions}; past "
+                             "it, the least recently seen empty one is closed first)")
+    bounds.add_argument("--max-sessions-per-process", type=_positive,
+                        default=limits.max_sessions_per_process,
+                        help=f"client sessions per client process (default "
+                             f"{limits.max_sessions_per_process})")
     return parser
 
 

@@ -58,7 +58,7 @@ def test_table_sessions_groups_and_closing(sessions):
     assert closed.closed and SID not in table and table.reaped == 1
     with pytest.raises(ValueError, match="reaped"):
         table.get(SID)
-    assert table.totals() == dict(sessions=1, reaped=1, requests=0, plans=0)
+    assert table.totals() == dict(sessions=1, reaped=1, evicted=0, clients=1, requests=0, plans=0)
 
 
 def test_plan_ids_are_unique_and_a_plan_is_given_back_once(sessions):
@@ -115,3 +115,32 @@ def test_handlers_bound_plans_and_instances(sessions):
     assert sessions.handle(SID, p.RetrieveEnd(got["plan"])) == 1
     with pytest.raises(ValueError, match="unknown instance 'x' for this client"):
         sessions.handle(SID, p.StoreBegin("x", hashes(1)))
+
+
+def test_a_full_request_table_ends_the_oldest_request_of_the_biggest_session():
+    core = CacheCore(EngineConfig(capacity_bytes=4 * chunk_bytes("mla"), device="cpu",
+                                  chunk_size=CHUNK, max_requests=6), shared=True)
+    sessions = Sessions(core)
+    try:
+        for sid in (SID, OTHER, "v" * 32):
+            sessions.touch(sid, None)
+        sessions.handle(SID, register_body())
+        lookup = lambda sid, rid: sessions.handle(sid, p.Lookup("m", rid, hashes(1), 1, None))  # noqa: E731
+        for r in range(4):
+            lookup(SID, f"big{r}")
+        for r in range(2):
+            lookup(OTHER, f"small{r}")
+        lookup(OTHER, "small2")  # the table is full, but 2 < 6 / 2: the biggest's oldest ends
+        assert [r.ident for r in sessions.table.get(SID).requests] == ["big1", "big2", "big3"]
+        with pytest.raises(Busy):  # at its fair share (3 of 6, 2 sessions holding): no more
+            lookup(OTHER, "small3")
+        lookup("v" * 32, "victim")  # 0 < 6 / 3: the oldest of the (first) biggest ends
+        assert sessions.handlers.shares.preempted == 2 and len(core.requests) == 6
+        assert [r.ident for r in sessions.table.get(SID).requests] == ["big2", "big3"]
+        assert len(sessions.table.get(OTHER).requests) == 3
+        assert [r.ident for r in sessions.table.get("v" * 32).requests] == ["victim"]
+    finally:
+        sessions.close()
+        core.close(flush_timeout_s=5)
+        for memory in core.memories:
+            memory.close()

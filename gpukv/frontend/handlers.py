@@ -3,9 +3,11 @@
 A handler gets the caller's open :class:`Session` and the decoded body, calls the core, and
 returns the reply's value (or raises: ValueError / TypeError for bad input, :class:`Busy` past a
 bound, both changing nothing). A reap may land in the middle of a request: the handler then finds
-its session closed and undoes what it did. Bounds per session (:class:`Limits`): instances, open
-requests, plans in flight and bytes reserved for stores (a single store larger than the
-reserved-bytes bound is not refused: it stores what fits, as in a full arena).
+its session closed and undoes what it did. Bounds (:class:`Limits`): per session instances, open
+requests and plans in flight; per client process the bytes reserved for stores (a single store
+larger than that bound is not refused: it stores what fits, as in a full arena); a full
+server-wide request table makes room for a session below its fair share
+(:mod:`gpukv.frontend.fair_share`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gpukv.engine.chunks import token_range
 from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
+from gpukv.frontend.fair_share import RequestShares
 from gpukv.frontend.plans import PlanBook
 from gpukv.frontend.session import Limits, Scoped, Session
 from gpukv.frontend.session_table import SessionTable
@@ -30,6 +33,7 @@ class Handlers:
     def __init__(self, core: CacheCore, table: SessionTable, plans: PlanBook,
                  limits: Limits) -> None:
         self.core, self.table, self.plans, self.limits = core, table, plans, limits
+        self.shares = RequestShares(core, table)
         self.by_type = {
             p.Ping: self.ping, p.Register: self.register, p.Unregister: self.unregister,
             p.StoreBegin: self.store_begin, p.StoreCommit: self.store_commit,
@@ -83,16 +87,17 @@ class Handlers:
         key = self.table.instance(s, body.instance_id)
         self.plans.check_room(s)
         inst, bound = self.core.registry.instance(key), self.limits.max_reserved_bytes
+        client = s.client  # the bound is per client process: more sessions give no more room
         with self.table.lock:
-            room = max(0, (bound - s.reserved_bytes) // inst.chunk_bytes)
-            in_flight = s.reserved_bytes
+            room = max(0, (bound - client.reserved_bytes) // inst.chunk_bytes)
+            in_flight = client.reserved_bytes
         # reserve (and evict for) at most ``room`` chunks of those not held yet: a store larger
         # than the bound alone stores what fits (like a full arena); one that finds the bound
         # taken by this client's other stores in flight is Busy and changes nothing
         absent = [i for i, k in enumerate(inst.space.keys(body.hashes)) if k not in self.core.l1]
         if absent and not room:
-            raise Busy(f"busy: this client has {in_flight} bytes of stores in flight (at most "
-                       f"{bound}, gpukv serve --max-reserved); commit them first")
+            raise Busy(f"busy: this client process has {in_flight} bytes of stores in flight or "
+                       f"held (at most {bound}, gpukv serve --max-reserved); commit them first")
         take = absent[:room]
         plan = self.core.begin_store(key, [body.hashes[i] for i in take])
         plan.chunks = [take[i] for i in plan.chunks]
@@ -100,7 +105,7 @@ class Handlers:
         plan.full += len(absent) - len(take)
         plan_id, over = 0, []
         with self.table.lock:  # other stores of this client may have reserved meanwhile
-            keep = min(len(plan.handles), max(0, (bound - s.reserved_bytes) // inst.chunk_bytes))
+            keep = min(len(plan.handles), max(0, (bound - client.reserved_bytes) // inst.chunk_bytes))
             over, plan.handles, plan.chunks = plan.handles[keep:], plan.handles[:keep], plan.chunks[:keep]
             plan.full += len(over)
             if plan.handles:
@@ -130,15 +135,23 @@ class Handlers:
                 raise Busy(f"busy: this client has {len(s.requests)} open requests, at most "
                            f"{self.limits.max_open_requests} (gpukv serve --max-open-requests); "
                            "end some")
-        hits = self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
-                                num_readers=body.num_readers, creator=s.sid)
+        try:
+            hits = self._lookup(s, body, owner)
+        except Busy:  # the server-wide table is full: a session below its fair share gets room
+            if not new or not self.shares.make_room(s):
+                raise
+            hits = self._lookup(s, body, owner)
         with self.table.lock:
             if not s.closed:
-                s.requests.add(owner)
+                s.requests[owner] = None
         if s.closed:  # reaped meanwhile: its requests end
             self.core.end_request(owner)
             raise self.table.reaped_error()
         return hits * self.core.config.chunk_size
+
+    def _lookup(self, s: Session, body: p.Lookup, owner: Scoped) -> int:
+        return self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
+                                num_readers=body.num_readers, creator=s.sid)
 
     def retrieve_begin(self, s: Session, body: p.RetrieveBegin) -> dict:
         key = self.table.instance(s, body.instance_id)
@@ -177,6 +190,7 @@ class Handlers:
         out = self.core.stats()
         server = self.table.totals()
         server["orphaned_plans"] = len(self.plans.orphans)
+        server["preempted_requests"] = self.shares.preempted
         out["server"] = server
         if body.query is not None:
             q = body.query

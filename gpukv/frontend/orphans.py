@@ -28,6 +28,7 @@ class _Orphaned:
     peers: Peers
     release_after: float  # for an unverified session
     plans: dict[int, Plan]
+    owner: object  # who is charged for them until they are back (the session's client)
 
 
 class Orphans:
@@ -37,37 +38,41 @@ class Orphans:
         self._lock = threading.Lock()
         self._items: list[_Orphaned] = []
 
-    def add(self, sid: str, peers: Peers, hold_s: float, plans: dict[int, Plan]) -> None:
-        """Hold ``plans`` of session ``sid`` until its processes ``peers`` are gone (verified),
-        or for ``hold_s`` seconds (unverified)."""
+    def add(self, sid: str, peers: Peers, hold_s: float, plans: dict[int, Plan],
+            owner: object = None) -> None:
+        """Hold ``plans`` of session ``sid`` (charged to ``owner``) until its processes
+        ``peers`` are gone (verified), or for ``hold_s`` seconds (unverified)."""
         if plans:
             with self._lock:
-                self._items.append(_Orphaned(sid, peers, time.monotonic() + hold_s, dict(plans)))
+                self._items.append(_Orphaned(sid, peers, time.monotonic() + hold_s, dict(plans),
+                                             owner))
 
-    def take(self, sid: str, plan_id: int, kind: type) -> Plan | None:
-        """Hand back orphaned plan ``plan_id`` of session ``sid`` if it is a ``kind``."""
+    def take(self, sid: str, plan_id: int, kind: type) -> tuple[object, Plan] | None:
+        """Hand back orphaned plan ``plan_id`` of session ``sid`` if it is a ``kind``, with
+        its owner."""
         with self._lock:
             for item in self._items:
                 if isinstance(item.plans.get(plan_id), kind) and item.sid == sid:
                     plan = item.plans.pop(plan_id)
                     if not item.plans:
                         self._items.remove(item)
-                    return plan
+                    return item.owner, plan
         return None
 
-    def due(self) -> list[Plan]:
-        """Hand back every plan whose worker is gone (or, unverified, whose hold passed)."""
+    def due(self) -> list[tuple[object, Plan]]:
+        """Hand back every plan whose worker is gone (or, unverified, whose hold passed), with
+        its owner."""
         now = time.monotonic()
         with self._lock:
             done = [o for o in self._items
                     if o.peers.gone() or (o.peers.unverified and now >= o.release_after)]
             self._items = [o for o in self._items if o not in done]
-        return [plan for o in done for plan in o.plans.values()]
+        return [(o.owner, plan) for o in done for plan in o.plans.values()]
 
-    def take_all(self) -> list[Plan]:
+    def take_all(self) -> list[tuple[object, Plan]]:
         with self._lock:
             items, self._items = self._items, []
-        return [plan for o in items for plan in o.plans.values()]
+        return [(o.owner, plan) for o in items for plan in o.plans.values()]
 
     def __len__(self) -> int:
         with self._lock:

@@ -9,7 +9,9 @@ reservation, or its pins) in the session until STORE_COMMIT / RETRIEVE_END. Inva
 - a plan is held in exactly one place -- its session's open plans, the orphans (its session was
   reaped: :mod:`gpukv.frontend.orphans`), or nowhere (given back to the books) -- so it is given
   back exactly once;
-- a session's ``reserved_bytes`` is the bytes of its open store plans.
+- a session's ``reserved_bytes`` is the bytes of its open store plans; its client's is the sum
+  over the client's sessions plus the bytes of its orphaned store plans not given back yet (a
+  process that goes silent keeps paying for the slots it may still write).
 
 Every change happens under the session table's lock (the ``*_locked`` methods expect it held).
 """
@@ -21,7 +23,7 @@ import itertools
 from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
 from gpukv.errors import Busy
 from gpukv.frontend.orphans import Orphans, release
-from gpukv.frontend.session import Limits, Session
+from gpukv.frontend.session import Client, Limits, Session
 from gpukv.frontend.session_table import SessionTable
 
 Plan = StorePlan | RetrievePlan
@@ -52,7 +54,9 @@ class PlanBook:
             return 0
         plan_id = next(self._ids)
         s.plans[plan_id] = plan
-        s.reserved_bytes += plan_bytes(plan)
+        nbytes = plan_bytes(plan)
+        s.reserved_bytes += nbytes
+        s.client.reserved_bytes += nbytes
         return plan_id
 
     def take(self, s: Session, plan_id: int, kind: type) -> Plan:
@@ -63,25 +67,34 @@ class PlanBook:
         with self.table.lock:
             if isinstance(s.plans.get(plan_id), kind):
                 plan = s.plans.pop(plan_id)
-                s.reserved_bytes -= plan_bytes(plan)
+                nbytes = plan_bytes(plan)
+                s.reserved_bytes -= nbytes
+                s.client.reserved_bytes -= nbytes
                 return plan
         late = self.orphans.take(s.sid, plan_id, kind)
         if late is None:
             raise ValueError(f"no {kind.__name__} {plan_id} open for this client")
-        release(self.core, [late])
+        self._give_back([late])
         raise ValueError(f"{kind.__name__} {plan_id} was dropped: this client's session was reaped "
                          f"(no ping for {self.table.worker_timeout_s} s); nothing was committed")
 
     def orphan_locked(self, s: Session, hold_s: float) -> int:
         """Move every open plan of the closed session ``s`` to the orphans (held while its
         processes run, or ``hold_s`` when it is unverified); returns how many."""
-        plans, s.plans, s.reserved_bytes = s.plans, {}, 0
-        self.orphans.add(s.sid, s.peers, hold_s, plans)
+        plans, s.plans, s.reserved_bytes = s.plans, {}, 0  # the client still pays for them
+        self.orphans.add(s.sid, s.peers, hold_s, plans, s.client)
         return len(plans)
 
     def release_due(self) -> None:
         """Give back the orphaned plans whose worker is gone."""
-        release(self.core, self.orphans.due())
+        self._give_back(self.orphans.due())
 
     def release_all(self) -> None:
-        release(self.core, self.orphans.take_all())
+        self._give_back(self.orphans.take_all())
+
+    def _give_back(self, owned: list[tuple[Client, Plan]]) -> None:
+        with self.table.lock:
+            for client, plan in owned:
+                client.reserved_bytes -= plan_bytes(plan)
+                self.table.drop_if_idle_locked(client)
+        release(self.core, [plan for _, plan in owned])

@@ -22,7 +22,9 @@ def serve_main(args: argparse.Namespace) -> int:
     from gpukv.engine.core import CacheCore
 
     limits = Limits(max_instances=args.max_instances, max_open_requests=args.max_open_requests,
-                    max_plans=args.max_plans, max_reserved_bytes=args.max_reserved)
+                    max_plans=args.max_plans, max_reserved_bytes=args.max_reserved,
+                    max_sessions=args.max_sessions,
+                    max_sessions_per_process=args.max_sessions_per_process)
     config = ServerConfig(address=args.address or p.default_address(),
                           worker_timeout_s=args.worker_timeout, threads=args.threads,
                           allow_remote=args.allow_remote, allow_abstract=args.allow_abstract,

@@ -39,8 +39,8 @@ class Sessions:
         self.orphan_hold_s = orphan_hold_s
         self.limits = limits or Limits()
         if self.limits.max_reserved_bytes is None:
-            self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
-        self.table = SessionTable(worker_timeout_s)
+            self.limits.max_reserved_bytes = core.config.capacity_bytes // 4
+        self.table = SessionTable(worker_timeout_s, self.limits)
         self.plans = PlanBook(core, self.table, self.limits)
         self.handlers = Handlers(core, self.table, self.plans, self.limits)
 
@@ -60,7 +60,11 @@ class Sessions:
 
     def handle(self, sid: str, body) -> Any:
         """Run one decoded request body for session ``sid``; its return value is the reply."""
-        return self.handlers(self.table.get(sid), body)
+        s = self.table.enter(sid)
+        try:
+            return self.handlers(s, body)
+        finally:
+            self.table.leave(s)
 
     # ---- reaping -----------------------------------------------------------------------------
     def reap_idle(self, cutoff: float) -> list[str]:
