@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the cache server for the workers of this machine")
     serve.add_argument("--address", default=None,
                        help="ipc:///path (default: ipc://$XDG_RUNTIME_DIR/gpukv.sock, else "
-                            "ipc:///tmp/gpukv-<uid>/gpukv.sock) or tcp://127.0.0.1:PORT")
+                            "ipc:///tmp/gpukv-<uid>/gpukv.sock, else, when another user holds "
+                            "that folder, ~/.cache/gpukv/run/gpukv.sock) or tcp://127.0.0.1:PORT")
     serve.add_argument("--capacity", type=_size, default=_size("4GiB"),
                        help="L1 bytes per device (default 4GiB)")
     serve.add_argument("--device", default=None, help="cpu or cuda[:N] (default: auto)")

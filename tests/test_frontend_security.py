@@ -12,6 +12,8 @@ import select
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -21,10 +23,9 @@ import gpukv.frontend.client as client_module
 from frontend_cases import client, serving
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.peer import check_address, peer_uid, prepare_socket_path
+from gpukv.frontend.protocol import default_address
 from gpukv.frontend.server import ServerConfig
-
-OTHER_UID = 65534  # nobody
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating another user needs root")
+from other_user import OTHER_UID, as_other_user, as_root, point_at, shared_folder
 
 
 @as_root
@@ -161,3 +162,34 @@ def test_client_refuses_a_listener_running_as_another_user():
         os.waitpid(pid, 0)
         shutil.rmtree(folder)
     assert received == b"0"  # the probe connected and sent nothing, zmq never connected
+
+
+@as_root
+def test_another_user_creating_the_default_folder_cannot_deny_the_server(tmp_path, monkeypatch):
+    """Issue 24 row 3: another user creates ``<tmp>/gpukv-<uid>`` first. Before, ``gpukv serve``
+    refused to start at its default address; now it binds in the fallback folder (in this
+    user's home) and a client with the same environment finds it by the default address."""
+    shared, home = shared_folder("gpukv-test-tmp-"), tmp_path / "home"
+    home.mkdir(mode=0o700)
+    as_other_user("mkdir", "-m", "0777", shared / f"gpukv-{os.getuid()}")
+    env = point_at(monkeypatch, shared, home)
+    proc = subprocess.Popen([sys.executable, "-m", "gpukv.cli", "--log-level", "WARNING", "serve",
+                             "--capacity", "8MiB", "--chunk-size", "16"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        address = default_address()
+        assert address == f"ipc://{home}/.cache/gpukv/run/gpukv.sock"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                with CacheClient(connect_timeout_s=0.5, ping_interval_s=0) as c:
+                    assert c.server_info["pid"] == proc.pid
+                    break
+            except ServerUnavailable:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(shared)
