@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=4,
                        help="pool threads for long requests (tier lookups, large ones, stats, flush)")
     serve.add_argument("--allow-remote", action="store_true",
-                       help="allow a tcp:// bind on a non-loopback address (no authentication!)")
+                       help="allow a tcp:// bind on a non-loopback address (CURVE: only holders "
+                            "of the key file connect; the HTTP endpoint needs --admin-token)")
+    serve.add_argument("--key-file", default=None,
+                       help="CURVE key file of tcp:// addresses (server and --events; default "
+                            "$GPUKV_KEY_FILE, else gpukv.keys in the runtime folder, created 0600)")
     serve.add_argument("--allow-abstract", action="store_true",
                        help="allow an abstract ipc://@name socket (no file permissions!)")
     serve.add_argument("--flush-timeout", type=float, default=5.0,

@@ -20,16 +20,21 @@ OTHER_UID = 65534  # nobody
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating another user needs root")
 
 
-def as_other_user(*argv, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``argv`` as uid/gid 65534 with no supplementary groups."""
+def other_user_argv(*argv) -> list[str]:
+    """``argv`` prefixed to run as uid/gid 65534 with no supplementary groups."""
     if shutil.which("setpriv"):
         prefix = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups"]
     elif shutil.which("runuser"):
         prefix = ["runuser", "-u", "nobody", "--"]
     else:
         pytest.fail("running as root but neither setpriv nor runuser is installed (util-linux)")
-    return subprocess.run([*prefix, *map(str, argv)], check=check, capture_output=True,
-                          text=True, timeout=120, **kwargs)
+    return [*prefix, *map(str, argv)]
+
+
+def as_other_user(*argv, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``argv`` as uid/gid 65534 to its end; its output as text."""
+    return subprocess.run(other_user_argv(*argv), check=check, capture_output=True, text=True,
+                          timeout=120, **kwargs)
 
 
 def shared_folder(prefix: str) -> Path:

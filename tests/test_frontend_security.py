@@ -20,7 +20,8 @@ import time
 import pytest
 
 import gpukv.frontend.client as client_module
-from frontend_cases import client, serving
+from conftest import free_port
+from frontend_cases import DIMS, N, STORE_BLOCKS, client, kv_cache, prompt, serving, slots_of
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.peer import check_address, peer_uid, prepare_socket_path
 from gpukv.frontend.protocol import default_address
@@ -193,3 +194,41 @@ def test_another_user_creating_the_default_folder_cannot_deny_the_server(tmp_pat
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(shared)
+
+
+NEIGHBOUR_LOOKUP = """
+import sys, zmq
+from gpukv.engine.keys import chunk_hashes, request_seed
+from gpukv.frontend import protocol as p
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+def call(body):
+    sock.send(p.encode_request(1, "n" * 32, body))
+    if not sock.poll(3000):
+        print("no reply")
+        sys.exit(0)
+    return p.decode_reply(sock.recv()).value
+info = call(p.Ping())
+tokens = [int(t) for t in sys.argv[2].split(",")]
+hashes = chunk_hashes(tokens, info["chunk_size"], seed=request_seed(info["salt"], b""))
+print("hit", call(p.Lookup("m", "probe", hashes, 1, None)))
+"""
+
+
+@as_root
+def test_a_tcp_server_answers_no_other_local_user(tmp_path):
+    """Issue 24 row 3: any local user could connect to a tcp://127.0.0.1 server and learn which
+    prefixes are cached (before: "hit 80"). tcp:// runs CURVE now: without this user's key file
+    the handshake never completes, and nothing is answered."""
+    port = free_port()
+    with serving(tmp_path, address=f"tcp://127.0.0.1:{port}") as server, \
+            client(server.address) as c:
+        pages, tokens = kv_cache("mla", 1), prompt(1)
+        c.register("w", "m", pages, DIMS["mla"], kind="mla")
+        assert c.store("w", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
+        assert c.lookup("m", tokens, request_id="mine") == N  # this user's client: keys read
+        seen = as_other_user(sys.executable, "-c", NEIGHBOUR_LOOKUP, server.address,
+                             ",".join(map(str, tokens)))
+        assert seen.stdout.strip() == "no reply", (seen.stdout, seen.stderr[-2000:])
+        assert server.sessions.table.totals()["sessions"] == 1  # the neighbour never got in

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
+from gpukv.curve_keys import KEY_FILE_ENV
 from gpukv.frontend import protocol as p
 from gpukv.frontend.server import CacheServer, ServerConfig
 from gpukv.frontend.session import Limits
@@ -21,6 +23,8 @@ def serve_main(args: argparse.Namespace) -> int:
     from gpukv.config import EngineConfig
     from gpukv.engine.core import CacheCore
 
+    if args.key_file:  # the server's and the events' tcp:// sockets, and this process's clients
+        os.environ[KEY_FILE_ENV] = os.path.abspath(args.key_file)
     limits = Limits(max_instances=args.max_instances, max_open_requests=args.max_open_requests,
                     max_plans=args.max_plans, max_reserved_bytes=args.max_reserved,
                     max_sessions=args.max_sessions,

@@ -2,7 +2,8 @@
 
 The server owns the L1 arenas (one per device, shared with the workers) and keeps the books;
 workers run the copies themselves. One ROUTER socket (clients use DEALER; see
-:mod:`gpukv.frontend.protocol`), and one thread, the loop, touches it. Every request is
+:mod:`gpukv.frontend.protocol`; on tcp:// with CURVE, :mod:`gpukv.curve_keys`), and one thread,
+the loop, touches it. Every request is
 bookkeeping (no bytes of KV cross the socket), so the loop answers most of them itself in
 microseconds; a lookup that may read the disk or remote tier, a large request (more than
 ``INLINE_KEYS`` objects, or a frame over ``INLINE_FRAME_BYTES``, which the loop does not even
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from gpukv.curve_keys import CurveServer, load_keys
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.fairpool import FairPool
@@ -63,6 +65,7 @@ class ServerConfig:
     max_pending_bytes: int = 32 << 20  # and their frames' bytes (one request always fits)
     limits: Limits = field(default_factory=Limits)
     orphan_hold_s: float = 600.0  # a reaped session's plans, when its processes are unknown
+    key_file: str | None = None  # tcp:// only: the CURVE keys (default gpukv.curve_keys.key_file)
 
     def __post_init__(self) -> None:
         check_address(self.address, allow_remote=self.allow_remote,
@@ -90,9 +93,15 @@ class CacheServer:
         self._router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         self._router.setsockopt(zmq.RCVHWM, RCVHWM)  # frames queued per client connection
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._curve: CurveServer | None = None
         try:
+            if config.address.startswith("tcp://"):  # any local user can reach a port: CURVE
+                self._curve = CurveServer(self._zmq.ctx, load_keys(config.key_file, create=True))
+                self._curve.secure(self._router)
             self._bind()
         except BaseException:
+            if self._curve is not None:
+                self._curve.stop()
             self._zmq.close()
             raise
         self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -323,6 +332,8 @@ class CacheServer:
         self._pool.shutdown()
         self._send_replies()
         self.sessions.close()
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP sockets live in the context too
         self._zmq.close()  # the ROUTER socket, then the context
         os.close(self._wake_r)
         os.close(self._wake_w)
