@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fault the arenas' pages in at start: in a thread while serving "
                             "(default), before serving, or not at all")
     serve.add_argument("--http-port", type=int, default=None,
-                       help="serve /metrics, /healthcheck, /status and POST /clear on this port")
+                       help="serve /healthcheck, and with a token /metrics, /status and POST "
+                            "/clear, on this port")
+    serve.add_argument("--http-token-file", default=None,
+                       help="file of the bearer token /metrics, /status and POST /clear need "
+                            "(default gpukv-admin.token in the runtime folder, created 0600)")
     serve.add_argument("--http-host", default="127.0.0.1",
                        help="host of the HTTP admin endpoint (loopback unless --allow-remote)")
     serve.add_argument("--events", default=None, metavar="ADDRESS",

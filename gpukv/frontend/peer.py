@@ -17,6 +17,7 @@ import stat
 import struct
 from pathlib import Path
 
+from gpukv.ops.addresses import tcp_listener_uid
 from gpukv.private_paths import SOCKET_PATH_MAX, runtime_dir, trusted_folder
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -92,23 +93,6 @@ def peer_uid(path: str) -> int | None:
     return uid
 
 
-def tcp_listener_uid(host: str, port: int) -> int | None:
-    """The uid owning the socket listening on loopback ``host:port`` (``/proc/net/tcp``), or
-    None when it cannot be told."""
-    want_port = f"{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, uid = fields[1], fields[3], fields[7]
-            if state == "0A" and local.rsplit(":", 1)[1] == want_port:  # 0A = LISTEN
-                return int(uid)
-    return None
-
-
 def server_uid(address: str) -> int | None:
     """The uid of the process listening on ``address`` (None: nobody listens on ipc:// or
     loopback tcp://, or a non-local tcp:// server whose user cannot be told: ``-1``)."""
@@ -117,4 +101,4 @@ def server_uid(address: str) -> int | None:
     host, _, port = address[len("tcp://"):].rpartition(":")
     if host not in _LOOPBACK or not port.isdigit():
         return -1  # a remote server: the user chose it (allow_remote on the server side)
-    return tcp_listener_uid(host.strip("[]"), int(port))
+    return tcp_listener_uid(int(port))

@@ -47,9 +47,10 @@ def serve_main(args: argparse.Namespace) -> int:
         from gpukv.frontend.admin import start_admin
 
         admin = start_admin(core, port=args.http_port, host=args.http_host,
-                            allow_remote=args.allow_remote,
+                            allow_remote=args.allow_remote, token_file=args.http_token_file,
                             clients=lambda: server.sessions.num_sessions)
-        log.info("gpukv admin endpoint on %s (/metrics /healthcheck /status POST /clear)", admin.url)
+        log.info("gpukv admin endpoint on %s (/healthcheck; /metrics /status POST /clear with "
+                 "the token in %s)", admin.url, admin.token_file)
     sys.setswitchinterval(0.001)  # the loop waits less for the GIL behind a pool thread
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
