@@ -21,6 +21,7 @@ from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.fair_share import RequestShares
+from gpukv.frontend.holes import HoleCheck
 from gpukv.frontend.plans import PlanBook
 from gpukv.frontend.session import Limits, Scoped, Session
 from gpukv.frontend.session_table import SessionTable
@@ -31,9 +32,10 @@ class Handlers:
     """The request handlers of one server (thread-safe: state lives in the table and books)."""
 
     def __init__(self, core: CacheCore, table: SessionTable, plans: PlanBook,
-                 limits: Limits) -> None:
+                 limits: Limits, *, check_holes: bool = True) -> None:
         self.core, self.table, self.plans, self.limits = core, table, plans, limits
         self.shares = RequestShares(core, table)
+        self.holes = HoleCheck(core.memories, check_holes)
         self.by_type = {
             p.Ping: self.ping, p.Register: self.register, p.Unregister: self.unregister,
             p.StoreBegin: self.store_begin, p.StoreCommit: self.store_commit,
@@ -89,7 +91,7 @@ class Handlers:
         inst, bound = self.core.registry.instance(key), self.limits.max_reserved_bytes
         client = s.client  # the bound is per client process: more sessions give no more room
         with self.table.lock:
-            room = max(0, (bound - client.reserved_bytes) // inst.chunk_bytes)
+            room = _room(bound, client.reserved_bytes, inst.chunk_bytes)
             in_flight = client.reserved_bytes
         # reserve (and evict for) at most ``room`` chunks of those not held yet: a store larger
         # than the bound alone stores what fits (like a full arena); one that finds the bound
@@ -105,7 +107,7 @@ class Handlers:
         plan.full += len(absent) - len(take)
         plan_id, over = 0, []
         with self.table.lock:  # other stores of this client may have reserved meanwhile
-            keep = min(len(plan.handles), max(0, (bound - client.reserved_bytes) // inst.chunk_bytes))
+            keep = min(len(plan.handles), _room(bound, client.reserved_bytes, inst.chunk_bytes))
             over, plan.handles, plan.chunks = plan.handles[keep:], plan.handles[:keep], plan.chunks[:keep]
             plan.full += len(over)
             if plan.handles:
@@ -124,6 +126,11 @@ class Handlers:
         if not body.ok:
             self.core.abort_store(plan)
             return 0
+        damaged = self.holes.damaged(plan.handles)  # punched out before the commit: not stored
+        if damaged:
+            self.core.l1.abort_write(damaged)
+            gone = {id(h) for h in damaged}
+            plan.handles = [h for h in plan.handles if id(h) not in gone]
         return self.core.commit_store(plan)
 
     # ---- lookup and retrieve ---------------------------------------------------------------
@@ -163,6 +170,12 @@ class Handlers:
             raise ValueError(f"unknown request {body.request_id!r}: LOOKUP it first") from None
         if plan is None:
             return dict(plan=0, devices=[], offsets=[])
+        damaged = self.holes.damaged(plan.handles)  # before any worker reads (and hides) them
+        if damaged:
+            self.core.l1.delete([h.key for h in damaged], force=True)
+            self.core.l1.unpin(plan.handles)
+            self.core.observer.retrieve_failed("hole")
+            return dict(plan=0, devices=[], offsets=[])
         with self.table.lock:
             plan_id = self.plans.add_locked(s, plan)
         if not plan_id:  # reaped meanwhile
@@ -191,6 +204,7 @@ class Handlers:
         server = self.table.totals()
         server["orphaned_plans"] = len(self.plans.orphans)
         server["preempted_requests"] = self.shares.preempted
+        server["punched_chunks"] = self.holes.found
         out["server"] = server
         if body.query is not None:
             q = body.query
@@ -199,3 +213,9 @@ class Handlers:
 
     def flush(self, s: Session, body: p.Flush) -> bool:
         return self.core.flush(body.timeout_s)
+
+
+def _room(bound: int, reserved: int, chunk_bytes: int) -> int:
+    """Chunks a client holding ``reserved`` bytes may still reserve under ``bound``; one at
+    least when it holds none (a bound below one chunk must not forbid every store)."""
+    return max(0 if reserved else 1, (bound - reserved) // chunk_bytes)

@@ -79,6 +79,20 @@ def prepare_socket_path(path: str) -> None:
     target.unlink()
 
 
+def bind(sock, address: str) -> None:
+    """Bind a zmq socket to a checked ``address``: an ipc:// path only where
+    :func:`prepare_socket_path` allows, the socket file this user's alone (umask 077)."""
+    if not address.startswith("ipc://"):
+        sock.bind(address)
+        return
+    prepare_socket_path(ipc_path(address))
+    old = os.umask(0o077)  # only this user may connect
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+
+
 def peer_uid(path: str) -> int | None:
     """The uid of the process listening on a Unix socket path (None if nobody listens)."""
     name = "\0" + path[1:] if path.startswith("@") else path

@@ -30,52 +30,28 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
 from gpukv.curve_keys import CurveServer, load_keys
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
-from gpukv.frontend.fairpool import FairPool
+from gpukv.frontend.fairpool import FairPool, PendingBound
 from gpukv.frontend.liveness import peer_pid
-from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
+from gpukv.frontend.peer import bind, ipc_path
+from gpukv.frontend.server_config import ServerConfig
 from gpukv.frontend.sessions import Limits, Sessions
 from gpukv.zmq_context import OwnedContext
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CacheServer", "Limits", "ServerConfig"]
 
 INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
 RCVHWM = 16  # a client pipelining more waits in its own send (each call has one in flight)
 INLINE_FRAME_BYTES = 96 << 10  # larger frames are decoded in the pool (> INLINE_KEYS hashes)
 BLOCK_MS = 100  # the longest the loop blocks on its socket alone: stop() takes effect by then
 _POOLED = (p.Stats, p.Flush)
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    """Front-end settings (the books have their own :class:`gpukv.EngineConfig`)."""
-
-    address: str = field(default_factory=p.default_address)
-    worker_timeout_s: float = 30.0
-    threads: int = 4
-    allow_remote: bool = False
-    allow_abstract: bool = False
-    max_pending: int = 64  # requests of one session waiting in the pool
-    max_pending_bytes: int = 32 << 20  # and their frames' bytes (one request always fits)
-    limits: Limits = field(default_factory=Limits)
-    orphan_hold_s: float = 600.0  # a reaped session's plans, when its processes are unknown
-    key_file: str | None = None  # tcp:// only: the CURVE keys (default gpukv.curve_keys.key_file)
-
-    def __post_init__(self) -> None:
-        check_address(self.address, allow_remote=self.allow_remote,
-                      allow_abstract=self.allow_abstract)
-        if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
-            raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s!r}")
-        if not isinstance(self.orphan_hold_s, (int, float)) or self.orphan_hold_s < 0:
-            raise ValueError(f"orphan_hold_s must be >= 0, got {self.orphan_hold_s!r}")
-        if not isinstance(self.threads, int) or not 1 <= self.threads <= 256:
-            raise ValueError(f"threads must be an int in [1, 256], got {self.threads!r}")
 
 
 class CacheServer:
@@ -86,7 +62,8 @@ class CacheServer:
         self.core = core
         self.config = config = config or ServerConfig()
         self.sessions = Sessions(core, worker_timeout_s=config.worker_timeout_s,
-                                 limits=config.limits, orphan_hold_s=config.orphan_hold_s)
+                                 limits=config.limits, orphan_hold_s=config.orphan_hold_s,
+                                 check_holes=config.check_holes)
         self._zmq = OwnedContext(self)  # closed even if this server is dropped unserved
         self._router = self._zmq.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -98,7 +75,7 @@ class CacheServer:
             if config.address.startswith("tcp://"):  # any local user can reach a port: CURVE
                 self._curve = CurveServer(self._zmq.ctx, load_keys(config.key_file, create=True))
                 self._curve.secure(self._router)
-            self._bind()
+            bind(self._router, config.address)
         except BaseException:
             if self._curve is not None:
                 self._curve.stop()
@@ -110,22 +87,9 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._pool = FairPool(config.threads)  # sessions in turn: no client waits behind a flood
-        self._pending: dict[str, tuple[int, int]] = {}  # session -> requests, bytes in the pool
-        self._pending_lock = threading.Lock()
+        self._pending = PendingBound(config.max_pending, config.max_pending_bytes)
         self._in_pool = 0  # pooled requests whose reply the loop has not taken yet (loop only)
         self.last_drained = time.monotonic()  # the loop last found its socket empty
-
-    def _bind(self) -> None:
-        address = self.config.address
-        if address.startswith("ipc://"):
-            prepare_socket_path(ipc_path(address))
-            old = os.umask(0o077)  # only this user may connect
-            try:
-                self._router.bind(address)
-            finally:
-                os.umask(old)
-        else:
-            self._router.bind(address)
 
     # ---- the ROUTER loop -------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -238,21 +202,13 @@ class CacheServer:
         if request is not None and not self._pooled(request.body):
             self._send(identity, self._run(request))
             return
-        limit, limit_bytes = self.config.max_pending, self.config.max_pending_bytes
-        with self._pending_lock:
-            count, nbytes = self._pending.get(envelope.session, (0, 0))
-            busy = count >= limit or (count and nbytes + len(frame) > limit_bytes)
-            if not busy:
-                self._pending[envelope.session] = (count + 1, nbytes + len(frame))
-        if busy:
+        busy = self._pending.admit(envelope.session, len(frame))
+        if busy is not None:
             self._rejected()
-            self._send(identity, p.error_reply(envelope.seq, Busy(
-                f"busy: {count} requests ({nbytes} bytes) of this client are waiting (at most "
-                f"{limit}, {limit_bytes} bytes); retry later")))
+            self._send(identity, p.error_reply(envelope.seq, busy))
             return
         self._pool.submit(envelope.session, self._run_and_queue, identity, request or frame,
-                          envelope.session,
-                          len(frame))
+                          envelope.session, len(frame))
         self._in_pool += 1  # each pooled request queues exactly one reply
 
     def _pooled(self, body) -> bool:
@@ -292,12 +248,7 @@ class CacheServer:
         except p.ProtocolError as exc:
             reply = p.error_reply(exc.seq, exc)
         finally:
-            with self._pending_lock:
-                count, held = self._pending.get(session, (1, nbytes))
-                if count > 1:
-                    self._pending[session] = (count - 1, held - nbytes)
-                else:
-                    self._pending.pop(session, None)
+            self._pending.done(session, nbytes)
         self._replies.put((identity, reply))
         try:
             os.write(self._wake_w, b"x")

@@ -33,7 +33,8 @@ class Sessions:
     """Client sessions and the core calls of every request type (thread-safe)."""
 
     def __init__(self, core: CacheCore, *, worker_timeout_s: float = 30.0,
-                 limits: Limits | None = None, orphan_hold_s: float = 600.0) -> None:
+                 limits: Limits | None = None, orphan_hold_s: float = 600.0,
+                 check_holes: bool = True) -> None:
         self.core = core
         self.worker_timeout_s = worker_timeout_s
         self.orphan_hold_s = orphan_hold_s
@@ -42,7 +43,8 @@ class Sessions:
             self.limits.max_reserved_bytes = core.config.capacity_bytes // 4
         self.table = SessionTable(worker_timeout_s, self.limits)
         self.plans = PlanBook(core, self.table, self.limits)
-        self.handlers = Handlers(core, self.table, self.plans, self.limits)
+        self.handlers = Handlers(core, self.table, self.plans, self.limits,
+                                 check_holes=check_holes)
 
     @property
     def orphans(self):
