@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-timeout", type=float, default=30.0,
                        help="seconds without a ping before a worker is reaped (default 30)")
     serve.add_argument("--orphan-hold", type=float, default=600.0,
-                       help="seconds a reaped client's copies in flight stay pinned when the server "
-                            "cannot watch its process (tcp://, another pid namespace; default 600)")
+                       help="seconds a reaped client's copies in flight stay pinned when the "
+                            "server cannot watch its process (tcp://, another pid namespace; "
+                            "default 600)")
     serve.add_argument("--threads", type=int, default=4,
                        help="pool threads for long requests (tier lookups, large ones, stats, flush)")
     serve.add_argument("--allow-remote", action="store_true",

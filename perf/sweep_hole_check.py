@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODELS, progress, results_dir, run_info, spread, time_alternating, write_csv  # noqa: E402
+from common import (MODELS, progress, results_dir, run_info, spread,  # noqa: E402
+                    time_alternating, write_csv)
 
 from gpukv.config import EngineConfig  # noqa: E402
 from gpukv.engine.core import CacheCore  # noqa: E402
@@ -58,7 +59,8 @@ def pages_of(model: str, num_tokens: int) -> tuple[list[torch.Tensor], str]:
     if m["kind"] == "mla":
         shape, dims = (m["num_layers"], blocks, BLOCK, m["head_dim"]), "NB,BS,D"
     else:
-        shape, dims = (m["num_layers"], blocks, 2, BLOCK, m["num_heads"], m["head_dim"]), "NB,2,BS,H,D"
+        shape = (m["num_layers"], blocks, 2, BLOCK, m["num_heads"], m["head_dim"])
+        dims = "NB,2,BS,H,D"
     buf = torch.empty(shape, dtype=m["dtype"])
     buf.view(torch.uint8).random_(0, 256)
     return [buf[i] for i in range(shape[0])], dims
@@ -66,7 +68,7 @@ def pages_of(model: str, num_tokens: int) -> tuple[list[torch.Tensor], str]:
 
 def measure(model: str, chunks: int, preset: dict) -> list[dict]:
     m = MODELS[model]
-    pages, dims = pages_of(model, 2 * chunks * CHUNK)  # stored from the first half, read into the second
+    pages, dims = pages_of(model, 2 * chunks * CHUNK)  # stored from one half, read into the other
     tokens = list(range(chunks * CHUNK))
     store_slots, read_slots = torch.arange(chunks * CHUNK), torch.arange(chunks * CHUNK, 2 * chunks * CHUNK)
     kv = 1 if m["kind"] == "mla" else 2

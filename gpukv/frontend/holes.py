@@ -35,8 +35,9 @@ class HoleCheck:
     """Which of a list of chunks (``.device``, ``.offset``, ``.nbytes``) lie over a hole."""
 
     def __init__(self, memories: Sequence[ArenaMemory], enabled: bool = True) -> None:
-        self._bases = [m.tensor.data_ptr() if enabled and m.handle and m.handle.get("kind") == "memfd"
-                       else None for m in memories]
+        self._bases = [m.tensor.data_ptr()
+                       if enabled and m.handle and m.handle.get("kind") == "memfd" else None
+                       for m in memories]
         self.found = 0  # chunks found damaged so far
 
     def damaged(self, chunks) -> list:

@@ -1,10 +1,10 @@
 """Who may bind and who answers: socket-path ownership for the server, peer uid for the client.
 
-The protocol has no authentication of its own: on one machine the operating system's users are
-the boundary. So the server binds only a path it owns in a folder no other user can change (the
-default runtime folder, e.g. ``/tmp/gpukv-<uid>``, is created 0700), refuses abstract ``ipc://@name`` sockets
-(no file permissions) unless explicitly allowed, and binds tcp:// only on loopback unless
-``allow_remote``. The client, before it sends anything (tokens are user data), checks that the
+On ipc:// the operating system's users are the boundary (tcp:// adds CURVE keys:
+:mod:`gpukv.curve_keys`). So the server binds only a path it owns in a folder no other user can
+change (the default runtime folder, e.g. ``/tmp/gpukv-<uid>``, is created 0700), refuses
+abstract ``ipc://@name`` sockets (no file permissions) unless explicitly allowed, and binds
+tcp:// only on loopback unless ``allow_remote``. The client, before it sends anything (tokens are user data), checks that the
 process listening on the address runs as its own user: ``SO_PEERCRED`` on ipc://, the owner of
 the listening socket in ``/proc/net/tcp{,6}`` on loopback tcp://.
 """

@@ -74,9 +74,10 @@ class SessionTable:
         client = self._clients.get(key)
         limits = self.limits
         if client is not None and len(client.sessions) >= limits.max_sessions_per_process:
-            self._make_room_locked(client.sessions, f"this client process has {len(client.sessions)}"
-                                   f" sessions, at most {limits.max_sessions_per_process} (gpukv "
-                                   "serve --max-sessions-per-process)")
+            self._make_room_locked(client.sessions, f"this client process has "
+                                   f"{len(client.sessions)} sessions, at most "
+                                   f"{limits.max_sessions_per_process} (gpukv serve "
+                                   "--max-sessions-per-process)")
         if len(self._sessions) >= limits.max_sessions:
             self._make_room_locked(self._sessions, f"{len(self._sessions)} client sessions are "
                                    f"open, at most {limits.max_sessions} (gpukv serve "

@@ -8,8 +8,9 @@ seals and size before mapping. A server restarted under the same pid (a containe
 the same fd number, so the handle also carries the arena's identity, which cannot repeat: a
 random nonce (in the memfd's name too) and the memfd's inode and device. The worker checks both
 on the file it opened (a different one is refused), and a handle that differs from the one it
-mapped means another arena: it maps that one (``CacheClient.register``). CPU, private (the embedded engine): anonymous memory with
-transparent huge pages requested. Both are *pre-faulted* when created (``MADV_POPULATE_WRITE``,
+mapped means another arena: it maps that one (``CacheClient.register``).
+
+CPU, private (the embedded engine): anonymous memory with transparent huge pages requested. Both are *pre-faulted* when created (``MADV_POPULATE_WRITE``,
 else one write per page), so the first stores into a fresh L1 do not pay a page fault per 4 KiB
 (issue 15); that costs one zero fill of the capacity at start-up.
 
