@@ -4,9 +4,10 @@ On ipc:// the operating system's users are the boundary (tcp:// adds CURVE keys:
 :mod:`gpukv.curve_keys`). So the server binds only a path it owns in a folder no other user can
 change (the default runtime folder, e.g. ``/tmp/gpukv-<uid>``, is created 0700), refuses
 abstract ``ipc://@name`` sockets (no file permissions) unless explicitly allowed, and binds
-tcp:// only on loopback unless ``allow_remote``. The client, before it sends anything (tokens are user data), checks that the
-process listening on the address runs as its own user: ``SO_PEERCRED`` on ipc://, the owner of
-the listening socket in ``/proc/net/tcp{,6}`` on loopback tcp://.
+tcp:// only on loopback unless ``allow_remote``. The client, before it sends anything (tokens
+are user data), checks that the process listening on the address runs as its own user:
+``SO_PEERCRED`` on ipc://, the owner of the listening socket in ``/proc/net/tcp{,6}`` on
+loopback tcp://.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ random nonce (in the memfd's name too) and the memfd's inode and device. The wor
 on the file it opened (a different one is refused), and a handle that differs from the one it
 mapped means another arena: it maps that one (``CacheClient.register``).
 
-CPU, private (the embedded engine): anonymous memory with transparent huge pages requested. Both are *pre-faulted* when created (``MADV_POPULATE_WRITE``,
-else one write per page), so the first stores into a fresh L1 do not pay a page fault per 4 KiB
-(issue 15); that costs one zero fill of the capacity at start-up.
+CPU, private (the embedded engine): anonymous memory with transparent huge pages requested. Both
+are *pre-faulted* when created (``MADV_POPULATE_WRITE``, else one write per page), so the first
+stores into a fresh L1 do not pay a page fault per 4 KiB (issue 15); that costs one zero fill of
+the capacity at start-up.
 
 CUDA (UNTESTED here: no GPU in CI): ``torch.empty`` on the device, exported with CUDA IPC handles
 (the fields of ``torch.multiprocessing.reductions.reduce_tensor`` as plain data, never pickled);

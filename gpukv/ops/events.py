@@ -25,8 +25,6 @@ discarded never became readable and has no event.
 from __future__ import annotations
 
 import collections
-import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -37,8 +35,8 @@ import zmq
 
 from gpukv.constants import HASH_BYTES
 from gpukv.curve_keys import CurveServer, load_keys
+from gpukv.frontend.peer import bind
 from gpukv.ops.addresses import check_zmq_address
-from gpukv.private_paths import trusted_folder
 from gpukv.zmq_context import OwnedContext
 
 TIERS = ("L1", "disk", "remote")
@@ -114,32 +112,6 @@ def _check(tier: str, model: str, kv_rank: int, hashes: Sequence[bytes]) -> list
     return list(hashes)
 
 
-def _bind(sock: zmq.Socket, address: str) -> None:
-    if not address.startswith("ipc://"):
-        sock.bind(address)
-        return
-    path = Path(address[len("ipc://"):])
-    if path.name.startswith("@"):
-        raise ValueError(f"refusing the abstract socket {address!r}: any local user could "
-                         "subscribe")
-    path = trusted_folder(path.parent) / path.name  # no other user can swap or plant it
-    if path.exists():
-        if path.lstat().st_uid != os.getuid():
-            raise ValueError(f"refusing to bind {address!r}: the file there is another user's")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # a dead publisher's socket file
-            else:
-                raise ValueError(f"another process is listening on {address}")
-    old = os.umask(0o077)  # only this user may subscribe
-    try:
-        sock.bind(address)
-    finally:
-        os.umask(old)
-
-
 class EventPublisher:
     """Numbers KV events and publishes them; any thread may call :meth:`stored` / :meth:`removed`.
 
@@ -185,7 +157,10 @@ class EventPublisher:
                 if address.startswith("tcp://"):  # any local user can reach a port: CURVE
                     self._curve = CurveServer(self._zmq.ctx, load_keys(key_file, create=True))
                     self._curve.secure(self._sock)
-                _bind(self._sock, address)
+                if address.startswith("ipc://@"):
+                    raise ValueError(f"refusing the abstract socket {address!r}: any local user "
+                                     "could subscribe")
+                bind(self._sock, address)  # ipc://: a trusted folder, this user's socket file
             except (zmq.ZMQError, ValueError):
                 if self._curve is not None:
                     self._curve.stop()
