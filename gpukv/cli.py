@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"stores and retrieves in flight (default {limits.max_plans})")
     bounds.add_argument("--max-reserved", type=_positive_size, default=None,
                         help="bytes of stores in flight per client process, its reaped sessions' "
-                             "still held ones included (default: a quarter of one device's "
+                             "still held ones included (default: half of one device's "
                              "--capacity)")
     bounds.add_argument("--max-sessions", type=_positive, default=limits.max_sessions,
                         help=f"client sessions server-wide (default {limits.max_sessions}; past "

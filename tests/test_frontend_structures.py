@@ -6,6 +6,8 @@ objects after each step.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from frontend_cases import CHUNK, DIMS, chunk_bytes, kv_cache
@@ -139,6 +141,28 @@ def test_a_full_request_table_ends_the_oldest_request_of_the_biggest_session():
         assert [r.ident for r in sessions.table.get(SID).requests] == ["big2", "big3"]
         assert len(sessions.table.get(OTHER).requests) == 3
         assert [r.ident for r in sessions.table.get("v" * 32).requests] == ["victim"]
+    finally:
+        sessions.close()
+        core.close(flush_timeout_s=5)
+        for memory in core.memories:
+            memory.close()
+
+
+def test_the_reserved_bytes_bound_is_per_client_process_with_a_one_chunk_floor():
+    core = CacheCore(EngineConfig(capacity_bytes=16 * chunk_bytes("mla"), device="cpu",
+                                  chunk_size=CHUNK), shared=True)
+    sessions = Sessions(core, limits=Limits(max_reserved_bytes=1))  # below one chunk
+    try:
+        for sid in (SID, OTHER):
+            sessions.touch(sid, None, os.getpid())  # two sessions of this one process
+            sessions.handle(sid, register_body())
+        assert sessions.table.get(SID).client is sessions.table.get(OTHER).client
+        first = sessions.handle(SID, p.StoreBegin("w", hashes(3)))
+        assert len(first["offsets"]) == 1 and first["full"] == 2  # one chunk, though over
+        with pytest.raises(Busy, match="this client process has"):
+            sessions.handle(OTHER, p.StoreBegin("w", hashes(2, tag=1)))  # same process: no room
+        sessions.handle(SID, p.StoreCommit(first["plan"]))
+        assert len(sessions.handle(OTHER, p.StoreBegin("w", hashes(2, tag=1)))["offsets"]) == 1
     finally:
         sessions.close()
         core.close(flush_timeout_s=5)

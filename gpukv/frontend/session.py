@@ -41,7 +41,7 @@ class Limits:
     max_instances: int = 256
     max_open_requests: int = 1 << 14
     max_plans: int = 1024
-    max_reserved_bytes: int | None = None  # per process; default: a quarter of one device's arena
+    max_reserved_bytes: int | None = None  # per process; default: half of one device's arena
     max_sessions: int = 4096
     max_sessions_per_process: int = 256
 

@@ -40,7 +40,7 @@ class Sessions:
         self.orphan_hold_s = orphan_hold_s
         self.limits = limits or Limits()
         if self.limits.max_reserved_bytes is None:
-            self.limits.max_reserved_bytes = core.config.capacity_bytes // 4
+            self.limits.max_reserved_bytes = core.config.capacity_bytes // 2
         self.table = SessionTable(worker_timeout_s, self.limits)
         self.plans = PlanBook(core, self.table, self.limits)
         self.handlers = Handlers(core, self.table, self.plans, self.limits,
