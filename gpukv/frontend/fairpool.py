@@ -5,7 +5,8 @@ A plain FIFO pool lets one client that pipelines many long requests (up to its p
 put every other client's request behind all of them. Here each thread takes the oldest request of
 the next session in turn, so another client waits for at most one request per busy session
 already running, whatever their backlogs. :class:`PendingBound` bounds a session's requests
-waiting in the pool, in number and bytes (one request always fits), so no session fills memory.
+waiting in the pool, in number and bytes (one request always fits), so no session fills memory;
+:func:`pooled` says which requests go to the pool at all.
 """
 
 from __future__ import annotations
@@ -16,8 +17,27 @@ from collections import OrderedDict, deque
 from typing import Callable, Hashable
 
 from gpukv.errors import Busy
+from gpukv.frontend import protocol as p
 
 log = logging.getLogger(__name__)
+
+INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
+_POOLED = (p.Stats, p.Flush)
+
+
+def pooled(body, core) -> bool:
+    """Whether a decoded request goes to the pool rather than being answered by the loop: STATS,
+    FLUSH, one naming more than ``INLINE_KEYS`` objects, and a LOOKUP that may read a tier."""
+    if isinstance(body, _POOLED):
+        return True
+    hashes = getattr(body, "hashes", None)
+    if hashes is None:
+        return False
+    ranks = body.tp_size if isinstance(body, p.Lookup) else 1
+    if len(hashes) * ranks > INLINE_KEYS:
+        return True
+    return isinstance(body, p.Lookup) and bool(core.tiers) and \
+        not core.covered_by_l1(body.model, body.hashes, body.tp_size)  # may read a tier
 
 
 class PendingBound:

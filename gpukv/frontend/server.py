@@ -3,15 +3,14 @@
 The server owns the L1 arenas (one per device, shared with the workers) and keeps the books;
 workers run the copies themselves. One ROUTER socket (clients use DEALER; see
 :mod:`gpukv.frontend.protocol`; on tcp:// with CURVE, :mod:`gpukv.curve_keys`), and one thread,
-the loop, touches it. Every request is
-bookkeeping (no bytes of KV cross the socket), so the loop answers most of them itself in
-microseconds; a lookup that may read the disk or remote tier, a large request (more than
-``INLINE_KEYS`` objects, or a frame over ``INLINE_FRAME_BYTES``, which the loop does not even
-decode: it reads the envelope and the pool decodes the rest), STATS and FLUSH go to a small
-pool, so a long one never stalls a ping or another worker. Pool threads put their replies on a
-queue and wake the loop through a pipe; while no pool work is in flight the loop blocks on its
-socket alone (polling the socket and the pipe costs ~6 us a request), waking every
-``BLOCK_MS``. Reaping and lease expiry run in a thread of their own (they take the books' locks,
+the loop, touches it. Every request is bookkeeping (no bytes of KV cross the socket), so the
+loop answers most of them itself in microseconds; a lookup that may read the disk or remote
+tier, a large request (more than ``fairpool.INLINE_KEYS`` objects, or a frame over
+``INLINE_FRAME_BYTES``, which the loop does not even decode: it reads the envelope and the pool
+decodes the rest), STATS and FLUSH go to a small pool, so a long one never stalls a ping or
+another worker. Pool threads put their replies on a queue and wake the loop through a pipe;
+while no pool work is in flight the loop blocks on its socket alone (polling the socket and the
+pipe costs ~6 us a request), waking every ``BLOCK_MS``. Reaping and lease expiry run in a thread of their own (they take the books' locks,
 which a maximal request may hold for a while).
 
 Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
@@ -36,7 +35,7 @@ import zmq
 from gpukv.curve_keys import CurveServer, load_keys
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
-from gpukv.frontend.fairpool import FairPool, PendingBound
+from gpukv.frontend.fairpool import FairPool, PendingBound, pooled
 from gpukv.frontend.liveness import peer_pid
 from gpukv.frontend.peer import bind, ipc_path
 from gpukv.frontend.server_config import ServerConfig
@@ -47,11 +46,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CacheServer", "Limits", "ServerConfig"]
 
-INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
 RCVHWM = 16  # a client pipelining more waits in its own send (each call has one in flight)
 INLINE_FRAME_BYTES = 96 << 10  # larger frames are decoded in the pool (> INLINE_KEYS hashes)
 BLOCK_MS = 100  # the longest the loop blocks on its socket alone: stop() takes effect by then
-_POOLED = (p.Stats, p.Flush)
+_UNSEEN = object()
+MAX_CONNECTIONS_SEEN = 1 << 16  # identity -> pid entries kept
 
 
 class CacheServer:
@@ -90,6 +89,7 @@ class CacheServer:
         self._pending = PendingBound(config.max_pending, config.max_pending_bytes)
         self._in_pool = 0  # pooled requests whose reply the loop has not taken yet (loop only)
         self.last_drained = time.monotonic()  # the loop last found its socket empty
+        self._pids: dict[bytes, int | None] = {}  # connection identity -> its peer's pid (loop)
 
     # ---- the ROUTER loop -------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -149,17 +149,26 @@ class CacheServer:
             self._handle(frames, pid)
 
     def _recv(self, flags: int) -> tuple[list[bytes], int | None]:
-        """One message off the socket: the sender's identity, then its frames (a ROUTER message
-        has at least one after the identity), and the sender's pid as the kernel told libzmq
-        (ipc://; None on tcp://). What ``recv_multipart`` does, without its per-frame option
-        read for the identity and its loop (~2 us a request)."""
+        """The sender's identity and frames (``recv_multipart`` without its per-frame option
+        read and loop, ~2 us a request), and its pid as the kernel told libzmq (ipc://; None on
+        tcp://), read (~5 us) once per connection: an identity the ROUTER made (a zero byte
+        first) is never reused while it lives; one a peer chose is read every time."""
         router = self._router
         identity = router.recv(flags)
-        first = router.recv(zmq.NOBLOCK, copy=False)  # the rest came with the identity
-        frames = [identity, first.bytes]
+        pid = self._pids.get(identity, _UNSEEN)
+        if pid is _UNSEEN:
+            first = router.recv(zmq.NOBLOCK, copy=False)  # the rest came with the identity
+            frames = [identity, first.bytes]
+            pid = peer_pid(first.get("Peer-Address"))
+            if identity[:1] == b"\0":
+                if len(self._pids) >= MAX_CONNECTIONS_SEEN:
+                    self._pids.clear()  # (mostly dead connections' ids)
+                self._pids[identity] = pid
+        else:
+            frames = [identity, router.recv(zmq.NOBLOCK)]
         while router.get(zmq.RCVMORE):
             frames.append(router.recv(zmq.NOBLOCK))
-        return frames, peer_pid(first.get("Peer-Address"))
+        return frames, pid
 
     def _handle(self, frames: list[bytes], pid: int | None) -> None:
         try:
@@ -199,7 +208,7 @@ class CacheServer:
             log.debug("bad request: %s", exc)
             self._send(identity, p.error_reply(getattr(exc, "seq", 0), exc))
             return
-        if request is not None and not self._pooled(request.body):
+        if request is not None and not pooled(request.body, self.core):
             self._send(identity, self._run(request))
             return
         busy = self._pending.admit(envelope.session, len(frame))
@@ -210,18 +219,6 @@ class CacheServer:
         self._pool.submit(envelope.session, self._run_and_queue, identity, request or frame,
                           envelope.session, len(frame))
         self._in_pool += 1  # each pooled request queues exactly one reply
-
-    def _pooled(self, body) -> bool:
-        if isinstance(body, _POOLED):
-            return True
-        hashes = getattr(body, "hashes", None)
-        if hashes is None:
-            return False
-        ranks = body.tp_size if isinstance(body, p.Lookup) else 1
-        if len(hashes) * ranks > INLINE_KEYS:
-            return True
-        return isinstance(body, p.Lookup) and bool(self.core.tiers) and \
-            not self.core.covered_by_l1(body.model, body.hashes, body.tp_size)  # may read a tier
 
     def _run(self, request: p.Request) -> p.Reply:
         try:
