@@ -151,8 +151,9 @@ class CacheServer:
     def _recv(self, flags: int) -> tuple[list[bytes], int | None]:
         """The sender's identity and frames (``recv_multipart`` without its per-frame option
         read and loop, ~2 us a request), and its pid as the kernel told libzmq (ipc://; None on
-        tcp://), read (~5 us) once per connection: an identity the ROUTER made (a zero byte
-        first) is never reused while it lives; one a peer chose is read every time."""
+        tcp://), read once per connection (a frame object and a property read cost more than
+        the rest): an identity the ROUTER made (a zero byte first) is never reused while it
+        lives; one a peer chose is read every time."""
         router = self._router
         identity = router.recv(flags)
         pid = self._pids.get(identity, _UNSEEN)
