@@ -18,13 +18,13 @@ offsets, and the worker copies between its own pages and the arena it mapped at 
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
 from gpukv.constants import HASH_BYTES, MAX_READERS
 from gpukv.errors import Busy
+from gpukv.private_paths import runtime_dir
 
 PROTOCOL_VERSION = 2
 MAX_HASHES = 1 << 17  # hashes in one request (x ranks: the server's max_keys_per_request)
@@ -42,12 +42,11 @@ PlanId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
 
 
 def default_address() -> str:
-    """``ipc://$XDG_RUNTIME_DIR/gpukv.sock``, else ``ipc:///tmp/gpukv-<uid>/gpukv.sock`` (a
-    folder of this user's, mode 0700, so no other user can bind the path first)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return f"ipc://{runtime}/gpukv.sock"
-    return f"ipc:///tmp/gpukv-{os.getuid()}/gpukv.sock"
+    """``ipc://<runtime folder>/gpukv.sock``: ``$XDG_RUNTIME_DIR/gpukv.sock``, else
+    ``/tmp/gpukv-<uid>/gpukv.sock`` (a folder of this user's, mode 0700, so no other user can
+    bind the path first), else, when another user holds that folder,
+    ``~/.cache/gpukv/run/gpukv.sock`` (:func:`gpukv.private_paths.runtime_dir`)."""
+    return f"ipc://{runtime_dir() / 'gpukv.sock'}"
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -71,8 +70,8 @@ class Layout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # ---- requests ----------------------------------------------------------------------------------
 class Ping(_Msg, tag="ping"):
-    """Liveness, and the handshake: the client's pid lets the server tell a dead worker from a
-    stalled one before it reuses slots that worker was handed."""
+    """Liveness, and the handshake. ``pid`` is informational only: the server tells a dead
+    worker from a stalled one by the peer process it observes itself (never a reported pid)."""
 
     pid: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] | None = None
 

@@ -8,7 +8,8 @@ high-water mark, a full queue here, a late join) sees a gap and knows its state 
 
 :class:`EventPublisher` is called from any thread and never blocks: an event is numbered and
 appended to a bounded queue under one lock (dropped and counted when full) and one thread sends
-the queue on a ZMQ XPUB socket (``ipc://`` or loopback ``tcp://``, the ``--events ADDRESS``).
+the queue on a ZMQ XPUB socket (``ipc://`` in a trusted folder, or ``tcp://`` with CURVE: no
+other local user may subscribe; the ``--events ADDRESS``).
 An optional bounded in-process buffer keeps the same events for :meth:`EventPublisher.take_events`
 (what a vLLM connector drains). Wire: one frame per event, ``msgpack(KvStored | KvRemoved)``,
 tagged by its ``type`` field (``"stored"`` / ``"removed"``).
@@ -24,8 +25,6 @@ discarded never became readable and has no event.
 from __future__ import annotations
 
 import collections
-import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ import msgspec
 import zmq
 
 from gpukv.constants import HASH_BYTES
+from gpukv.curve_keys import CurveServer, load_keys
+from gpukv.frontend.peer import bind
 from gpukv.ops.addresses import check_zmq_address
 from gpukv.zmq_context import OwnedContext
 
@@ -111,37 +112,19 @@ def _check(tier: str, model: str, kv_rank: int, hashes: Sequence[bytes]) -> list
     return list(hashes)
 
 
-def _bind(sock: zmq.Socket, address: str) -> None:
-    if not address.startswith("ipc://"):
-        sock.bind(address)
-        return
-    path = Path(address[len("ipc://"):])
-    if path.exists():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # a dead publisher's socket file
-            else:
-                raise ValueError(f"another process is listening on {address}")
-    old = os.umask(0o077)  # only this user may subscribe
-    try:
-        sock.bind(address)
-    finally:
-        os.umask(old)
-
-
 class EventPublisher:
     """Numbers KV events and publishes them; any thread may call :meth:`stored` / :meth:`removed`.
 
     ``address``: ZMQ bind address (``None``: no socket, e.g. a connector that only drains
-    :meth:`take_events`). ``queue_size`` bounds the events waiting for the socket thread;
+    :meth:`take_events`): ``ipc://`` in a trusted folder (the socket 0600), or ``tcp://`` with
+    CURVE (only holders of the key file ``key_file``, default :func:`gpukv.curve_keys.key_file`,
+    may subscribe). ``queue_size`` bounds the events waiting for the socket thread;
     ``buffer_size`` (0 = off) bounds the in-process buffer. ``clock`` gives the ``ts`` field.
     """
 
     def __init__(self, address: str | None = None, *, allow_remote: bool = False,
                  queue_size: int = 65536, buffer_size: int = 0, sndhwm: int = 100_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, key_file: str | None = None) -> None:
         for name, value, low in (("queue_size", queue_size, 1), ("buffer_size", buffer_size, 0),
                                  ("sndhwm", sndhwm, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -163,6 +146,7 @@ class EventPublisher:
         self._sending = False  # the socket thread holds a batch it has not sent yet
         self.address: str | None = None
         self._thread: threading.Thread | None = None
+        self._curve: CurveServer | None = None
         if address is not None:
             self._zmq = OwnedContext(self)  # closed even if a failed bind drops this unclosed
             self._sock = self._zmq.socket(zmq.XPUB)
@@ -170,8 +154,16 @@ class EventPublisher:
             self._sock.setsockopt(zmq.SNDHWM, sndhwm)
             self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # see every (un)subscription
             try:
-                _bind(self._sock, address)
+                if address.startswith("tcp://"):  # any local user can reach a port: CURVE
+                    self._curve = CurveServer(self._zmq.ctx, load_keys(key_file, create=True))
+                    self._curve.secure(self._sock)
+                if address.startswith("ipc://@"):
+                    raise ValueError(f"refusing the abstract socket {address!r}: any local user "
+                                     "could subscribe")
+                bind(self._sock, address)  # ipc://: a trusted folder, this user's socket file
             except (zmq.ZMQError, ValueError):
+                if self._curve is not None:
+                    self._curve.stop()
                 self._zmq.close()
                 raise
             self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -286,6 +278,8 @@ class EventPublisher:
                 if closing and not self._queue:
                     break
         self._zmq.close_socket(self._sock, linger=1000)  # lets the last events out
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP sockets live in the context too
         self._zmq.close()
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -32,7 +32,7 @@ from gpukv.ops.snapshot import MAX_DEVICES, SnapshotCollector
 
 TIERS = ("L1", "disk", "remote")
 RETRIEVE_FAILURE_REASONS = ("not_found", "not_ready", "wrong_state", "unknown_request",
-                            "copy_error")
+                            "copy_error", "hole")
 REJECT_REASONS = ("busy", "over_limit")
 LEASE_KINDS = ("read", "write")
 OTHER = "other"
