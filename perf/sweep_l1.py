@@ -28,10 +28,11 @@ key at every S and batch.
     python perf/sweep_l1.py --preset quick     # ~1 min on a small CPU
     python perf/sweep_l1.py --profile          # where the read path's time goes (knock-outs)
 
-``--profile`` times the real ``reserve_read`` + ``finish_read`` against copies compiled from
-their own source with some statements replaced by ``pass`` (lease dict ops, the LRU touch, the
-status appends; the results are then wrong, only the time matters), and against the two key
-lookups every by-key call pays, in the same ABAB rounds.
+``--profile`` times the real ``reserve_read`` + ``finish_read`` against managers whose hold book
+runs copies of its hot loops (``HoldBook.take`` and ``HoldBook.release``) compiled from their
+own source with some statements replaced by ``pass`` (lease dict ops, the LRU touch, the status
+appends; the results are then wrong, only the time matters), and against the two key lookups
+every by-key call pays, in the same ABAB rounds.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import progress, results_dir, write_csv  # noqa: E402
 
 from gpukv.l1 import MAX_READERS, L1Manager, Status  # noqa: E402
+from gpukv.l1.holds import HoldBook  # noqa: E402
 from gpukv.l1.slab import aligned_bytes  # noqa: E402
 
 PRESETS = {
@@ -218,20 +220,21 @@ def run(preset: str, device: str) -> list[dict]:
 
 
 # -- profile: what the hot path costs, by knocking statements out of its real source -------------
-KNOCK_OUTS = {  # statements (exact text) of reserve_read / finish_read replaced by ``pass``
+KNOCK_OUTS = {  # statements (exact text) of HoldBook.take / HoldBook.release replaced by ``pass``
     "lease dict ops": ["owned[entry] = deadline", "del owned[entry]"],
-    "LRU touch": ["stamp += 1", "entry.stamp = stamp", "entry.lru.move_to_end(entry)"],
+    "LRU touch": ["stamp += 1", "entry.stamp = stamp", "lru.move_to_end(entry)"],
     "status appends": ["out.append(OK)"],
 }
 
 
-def _knocked_out(statements: list[str]) -> tuple[Callable, Callable]:
-    """reserve_read and finish_read compiled from their source without ``statements``."""
+def _knocked_out(statements: list[str]) -> type:
+    """A HoldBook whose ``take`` and ``release`` are compiled from their source without
+    ``statements`` (no slots of its own: an existing book's class can be swapped for it)."""
     import inspect
     import textwrap
 
-    fns, found = [], set()
-    for fn in (L1Manager.reserve_read, L1Manager.finish_read):
+    fns, found = {}, set()
+    for fn in (HoldBook.take, HoldBook.release):
         lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
         for i, line in enumerate(lines):
             if line.strip() in statements:
@@ -239,28 +242,29 @@ def _knocked_out(statements: list[str]) -> tuple[Callable, Callable]:
                 lines[i] = line[:len(line) - len(line.lstrip())] + "pass"
         namespace = dict(vars(sys.modules[fn.__module__]))
         exec("\n".join(lines), namespace)
-        fns.append(namespace[fn.__name__])
+        fns[fn.__name__] = namespace[fn.__name__]
     assert found == set(statements), f"not in the source any more: {set(statements) - found}"
-    return fns[0], fns[1]
+    return type("KnockedOutHoldBook", (HoldBook,), dict(fns, __slots__=()))
 
 
 def profile(batch: int, repeats: int) -> list[dict]:
     """ABAB over the real read path, the knocked-out variants and the baselines (one share)."""
-    variants = {"real": (L1Manager.reserve_read, L1Manager.finish_read)}
+    variants = {"real": HoldBook}
     variants |= {f"without {name}": _knocked_out(stmts) for name, stmts in KNOCK_OUTS.items()}
     variants["without all three"] = _knocked_out([s for ss in KNOCK_OUTS.values() for s in ss])
     cases: dict[str, Sample] = {}
-    for name, (reserve, finish) in variants.items():
+    for name, book_class in variants.items():
         l1, keys = filled(batch)
+        l1._holds.__class__ = book_class  # the manager's (and its pool's) one hold book
 
-        def run(l1=l1, keys=keys, reserve=reserve, finish=finish) -> None:
-            reserve(l1, keys, 0, owner="req")
-            finish(l1, keys, 0, owner="req")
+        def run(l1=l1, keys=keys) -> None:
+            l1.reserve_read(keys, 0, owner="req")
+            l1.finish_read(keys, 0, owner="req")
 
         cases[name] = (lambda run=run: timed(run, max(1, SAMPLE_KEYS // batch), batch))
     base = read_cases(batch, 1, "cpu")
     l1, keys = filled(batch)
-    get, lock, inner = l1._objects.get, l1._lock, max(1, SAMPLE_KEYS // batch)
+    get, lock, inner = l1._objects.get_ready, l1._lock, max(1, SAMPLE_KEYS // batch)
 
     def lookups() -> None:  # what any by-key call pays: the key lookups, under the lock
         for _ in range(2):
