@@ -53,10 +53,7 @@ class HoldBook:
         to ``count``) and set its lease to ``deadline``. Per key: OK, ``why(key)`` where
         ``get_ready`` finds nothing, WRONG_STATE past MAX_READERS (nothing taken)."""
         out: list[Status] = []
-        leases = self._leases
-        owned = leases.get(owner)
-        if owned is None:
-            owned = leases[owner] = {}
+        owned = self._leases.owned(owner)
         for key in keys:  # the lookup hot path: no call per key but the lookup
             entry = get_ready(key)
             if entry is None:
@@ -75,18 +72,14 @@ class HoldBook:
                 del owned[entry]  # its lease exists while shares are held: to the end
             owned[entry] = deadline
             out.append(OK)
-        if not owned:
-            del leases[owner]
+        self._leases.forget_if_idle(owner)
         return out
 
     def top_up(self, rows: Sequence[Sequence[Entry]], owner: Hashable, count: int,
                deadline: float) -> None:
         """Bring ``owner``'s shares of every (ready) object of ``rows`` to at least ``count``
         (<= MAX_READERS: it cannot fail) and set its leases to ``deadline``."""
-        leases = self._leases
-        owned = leases.get(owner)
-        if owned is None:
-            owned = leases[owner] = {}
+        owned = self._leases.owned(owner)
         for row in rows:
             for entry in row:
                 shares = entry.shares
@@ -98,8 +91,7 @@ class HoldBook:
                         shares[owner] = count
                     del owned[entry]
                 owned[entry] = deadline
-        if not owned:
-            del leases[owner]
+        self._leases.forget_if_idle(owner)
 
     def give(self, entry: Entry, owner: Hashable, count: int, deadline: float) -> None:
         """The first ``count`` (<= MAX_READERS) shares of ``entry``, an object just made ready."""
@@ -286,6 +278,10 @@ class HoldBook:
     def entries_of(self, owner: Hashable) -> list[Entry]:
         """The objects ``owner`` holds shares of, in lease deadline order."""
         return list(self._leases.get(owner, ()))
+
+    def deadline_of(self, entry: Entry, owner: Hashable) -> float | None:
+        """``owner``'s lease deadline on ``entry`` (None if it holds no shares of it)."""
+        return self._leases.get(owner, {}).get(entry)
 
     @property
     def num_leases(self) -> int:
