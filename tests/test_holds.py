@@ -23,8 +23,18 @@ def ready(keys, lru: OrderedDict, temporary: bool = False) -> dict:
     return objs
 
 
+class Table:
+    """What the hold book asks of the object table: ready objects by key, and why one is not."""
+
+    def __init__(self, objs: dict, writing=()) -> None:
+        self.get_ready, self.writing = objs.get, set(writing)
+
+    def unreadable(self, key) -> Status:
+        return NR if key in self.writing else NF
+
+
 def take(book: HoldBook, objs: dict, keys, owner, count, deadline, top_up=False):
-    return book.take(keys, objs.get, lambda key: NF, owner, count, deadline, top_up)
+    return book.take(keys, Table(objs), owner, count, deadline, top_up)
 
 
 def test_shares_are_one_count_per_owner_and_object_capped_at_max_readers():
@@ -101,10 +111,9 @@ def test_pins_count_copies_and_the_last_unpin_touches_or_hands_back():
     book, lru = HoldBook(), OrderedDict()
     objs = ready("ab", lru)
     writing = Entry("w", 0, 1000, 1024, 0, False, None, 0.0, lru)  # holds its write pin
-    objs["w"] = writing
-    statuses, handles = book.pin(["a", "a", "x", "b"], lambda k: objs.get(k) if k != "w" else None,
-                                 lambda key: NR if key == "w" else NF)
-    assert statuses == [OK, OK, NF, OK] and handles == [objs["a"], objs["a"], None, objs["b"]]
+    statuses, handles = book.pin(["a", "a", "x", "w", "b"], Table(objs, writing=["w"]))
+    assert statuses == [OK, OK, NF, NR, OK]
+    assert handles == [objs["a"], objs["a"], None, None, objs["b"]]
     assert book.pin_handles([writing, objs["b"]]) == [NR, OK] and objs["b"].pins == 2
     assert book.unpin([objs["a"], objs["b"]]) == (0, [])  # both still pinned once
     assert book.unpin([objs["b"], objs["a"]]) == (0, [])
@@ -120,10 +129,10 @@ def test_end_read_releases_one_share_where_held_then_unpins():
     objs = ready("abc", lru)
     take(book, objs, "a", "req", 2, 10.0)  # two ranks will read a
     take(book, objs, "b", "req", 1, 10.0)
-    _, pins = book.pin("abc", objs.get, lambda key: NF)
+    _, pins = book.pin("abc", Table(objs))
     assert book.unpin(pins, "req", one_share=True) == (2, [])  # a: 2 -> 1 share, b: 1 -> 0, c: none
     assert list(lru) == [objs["b"], objs["c"]] and book.held(objs["a"], "req") == 1
-    _, pins = book.pin("a", objs.get, lambda key: NF)
+    _, pins = book.pin("a", Table(objs))
     assert book.unpin(pins, "other", one_share=True) == (0, [])  # other holds nothing: pin only
     assert book.held(objs["a"], "req") == 1 and list(lru) == [objs["b"], objs["c"]]
 

@@ -3,6 +3,8 @@ eviction) and the write path, with exact events, slots and counters."""
 
 from __future__ import annotations
 
+import pytest
+
 from gpukv.l1.entry import Status
 from gpukv.l1.pool import ObjectPool
 from gpukv.l1.slab import SlabArena
@@ -55,7 +57,7 @@ def test_finish_writes_makes_ready_gives_shares_and_settles_a_temporary_without_
 def test_a_discarded_pinned_object_keeps_its_slot_until_its_last_unpin():
     pool, events = make(2 * 1024)
     (a,) = put(pool, ["a"])
-    _, (pin,) = pool.holds.pin(["a"], pool.objects.get_ready, pool.objects.unreadable)
+    _, (pin,) = pool.holds.pin(["a"], pool.objects)
     assert pool.delete(["a", "x"], force=False) == [LK, NF]  # pinned: locked
     assert pool.delete(["a"], force=True) == [OK]
     assert events[-1] == ("removed", "a", "deleted") and pool.holds.deferred_frees == 1
@@ -92,3 +94,14 @@ def test_clear_and_stats_count_every_structure():
                          used_bytes=3584, capacity_bytes=6144, evictions=0, expired_shares=0,
                          expired_writes=0, deferred_frees=0, slabs_in_use=4, leases=1, owners=1)
     assert pool.clear() == 2 and a.doomed and b.doomed and not c.doomed  # c is held
+
+
+def test_a_key_that_fails_mid_call_leaves_the_writes_before_it_whole():
+    pool, _ = make(4 * 1024)
+    with pytest.raises(TypeError, match="unhashable"):
+        pool.reserve_writes(["a", ["not", "hashable"], "b"], 0, 1000, 1024, False, "w", 10.0)
+    (a,) = pool.writes.of_writer("w")  # a is a live write in every book, b was never made
+    assert a.key == "a" and pool.objects.get("a") is a and pool.objects.num_live == 1
+    assert pool.writes.expired(10.0) == [a]
+    pool.finish_writes([a], None, None, 20.0)
+    assert a.ready and len(pool.writes) == 0 and pool.arenas[0].used_bytes == 1024

@@ -1,24 +1,22 @@
 """The L1's hold book: what keeps an object from being evicted or freed, and when that stops.
 
-Two kinds of hold:
-
-- *shares*: owner x object -> a count of reader shares (``entry.shares``), each (owner, object)
+- *Shares*: owner x object -> a count of reader shares (``entry.shares``), each (owner, object)
   with a lease in a :class:`~gpukv.l1.leases.LeaseIndex`. An owner has a lease on an object
-  exactly while it holds shares of it; every count is in ``[1, MAX_READERS]`` (taking past it is
-  WRONG_STATE); an owner releases only what it holds (more is WRONG_STATE, nothing changes);
-  ``1 + extra_count`` shares are one integer, taken or released in one step.
-- *pins*: how many copies move the object's bytes now (``entry.pins``): a write's own pin from
-  ``reserve_write`` (objects are created with ``pins=1``) to its end, a reader's from ``pin`` to
+  exactly while it holds shares of it; a count is in ``[1, MAX_READERS]`` (more is WRONG_STATE);
+  an owner releases only what it holds (more is WRONG_STATE, nothing changes); ``1 +
+  extra_count`` shares are one integer, taken or released in one step.
+- *Pins*: how many copies move the object's bytes now (``entry.pins``): a write's own pin from
+  ``reserve_write`` (objects are created with one) to its end, a reader's from ``pin`` to
   ``unpin``/``end_read``. A discarded object keeps its slot while pinned (``discard``).
 
 When an object's last hold goes it is *released*, in order: a ready, permanent object becomes the
 most recent idle object (stamped from the book's recency counter and moved to the end of its
-class LRU, ``entry.lru``: the touch of :mod:`gpukv.l1.eviction`, done here, in the hot loops,
-without a call per object); a discarded or temporary one is *returned* to the caller (the object
-pool frees the one, discards the other). Shares are taken on ready objects only: the callers pass
-the object table's lookups per call, so each hot path is one pass over its keys with one dict
-lookup each. The only writer of ``entry.shares``, ``entry.pins`` and ``entry.stamp``. Not
-thread-safe: the L1 manager's lock guards it.
+class LRU, ``entry.lru``: :func:`gpukv.l1.eviction.touch`, inlined in the hot loops); a
+discarded or temporary one is *returned* to the caller (the object pool frees the one, discards
+the other). Shares are taken on ready objects only: the callers pass the object table (or its
+``get``) per call, so each hot path is one pass over its keys with one dict lookup each. The only
+writer of ``entry.shares``, ``entry.pins`` and ``entry.stamp``. Not thread-safe: the L1
+manager's lock guards it.
 """
 
 from __future__ import annotations
@@ -29,11 +27,11 @@ from gpukv.constants import MAX_READERS
 from gpukv.l1.entry import Entry, Status
 from gpukv.l1.eviction import touch
 from gpukv.l1.leases import LeaseIndex
+from gpukv.l1.objects import ObjectTable
 
 OK, NOT_FOUND, NOT_READY, WRONG_STATE = (Status.OK, Status.NOT_FOUND, Status.NOT_READY,
                                         Status.WRONG_STATE)
 Lookup = Callable[[Hashable], "Entry | None"]
-Why = Callable[[Hashable], Status]  # the status of a key the lookup did not find
 
 
 class HoldBook:
@@ -47,17 +45,22 @@ class HoldBook:
         self.deferred_frees = 0  # discarded objects whose free waited for their last unpin
 
     # -- shares ----------------------------------------------------------------------------------
-    def take(self, keys: Iterable[Hashable], get_ready: Lookup, why: Why, owner: Hashable,
-             count: int, deadline: float, top_up: bool = False) -> list[Status]:
-        """Give ``owner`` ``count`` more shares of each ready key (``top_up``: as many as bring it
-        to ``count``) and set its lease to ``deadline``. Per key: OK, ``why(key)`` where
-        ``get_ready`` finds nothing, WRONG_STATE past MAX_READERS (nothing taken)."""
+    def take(self, keys: Iterable[Hashable], table: ObjectTable, owner: Hashable, count: int,
+             deadline: float, top_up: bool = False) -> list[Status]:
+        """Give ``owner`` ``count`` more shares of each key ready in ``table`` (``top_up``: as
+        many as bring it to ``count``) and set its lease to ``deadline``. Per key: OK,
+        ``table.unreadable(key)`` where none is ready, WRONG_STATE past MAX_READERS (nothing
+        taken)."""
         out: list[Status] = []
-        owned = self._leases.owned(owner)
+        get_ready = table.get_ready
+        leases = self._leases
+        owned = leases.get(owner)
+        if owned is None:
+            owned = leases[owner] = {}
         for key in keys:  # the lookup hot path: no call per key but the lookup
             entry = get_ready(key)
             if entry is None:
-                out.append(why(key))
+                out.append(table.unreadable(key))
                 continue
             shares = entry.shares
             held = shares.get(owner) if shares else None
@@ -72,7 +75,8 @@ class HoldBook:
                 del owned[entry]  # its lease exists while shares are held: to the end
             owned[entry] = deadline
             out.append(OK)
-        self._leases.forget_if_idle(owner)
+        if not owned:
+            del leases[owner]
         return out
 
     def top_up(self, rows: Sequence[Sequence[Entry]], owner: Hashable, count: int,
@@ -172,15 +176,17 @@ class HoldBook:
         return released, settle
 
     # -- pins ------------------------------------------------------------------------------------
-    def pin(self, keys: Iterable[Hashable], get_ready: Lookup,
-            why: Why) -> tuple[list[Status], list[Entry | None]]:
-        """Pin the ready object of each key: OK and its handle, or ``why(key)`` and None."""
+    def pin(self, keys: Iterable[Hashable],
+            table: ObjectTable) -> tuple[list[Status], list[Entry | None]]:
+        """Pin the object of each key ready in ``table``: OK and its handle, or
+        ``table.unreadable(key)`` and None."""
         statuses: list[Status] = []
         handles: list[Entry | None] = []
+        get_ready = table.get_ready
         for key in keys:  # the retrieve hot path
             entry = get_ready(key)
             if entry is None:
-                statuses.append(why(key))
+                statuses.append(table.unreadable(key))
                 handles.append(None)
                 continue
             entry.pins += 1

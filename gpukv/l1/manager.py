@@ -114,8 +114,7 @@ class L1Manager:
         count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
             else share_count(extra_count)  # (the common case inline: once per call)
         with self._lock:
-            objects = self._objects
-            return self._holds.take(keys, objects.get_ready, objects.unreadable, owner, count,
+            return self._holds.take(keys, self._objects, owner, count,
                                     self._clock() + self.read_lease_s, top_up)
 
     def reserve_prefix(self, key_lists: Sequence[Sequence[Hashable]], extra_count: int = 0, *,
@@ -149,7 +148,7 @@ class L1Manager:
     def pin(self, keys: Iterable[Hashable]) -> tuple[list[Status], list[Entry | None]]:
         """Pin ready objects for a copy out of them; NOT_FOUND / NOT_READY as ``reserve_read``."""
         with self._lock:
-            return self._holds.pin(keys, self._objects.get_ready, self._objects.unreadable)
+            return self._holds.pin(keys, self._objects)
 
     def pin_handles(self, handles: Iterable[Entry]) -> list[Status]:
         """Pin objects already named by handles (NOT_FOUND once discarded, NOT_READY if writing)."""

@@ -98,20 +98,22 @@ class ObjectPool:
         objects = self.objects
         get, add, class_lru = objects.get, objects.add, self.lrus[device].add_class(slot_bytes)
         full, ok = slot_bytes > self.arenas[device].capacity_bytes, Status.OK
-        for key in keys:
-            live = get(key) is not None
-            offset = None if full or live else self.alloc(device, slot_bytes)
-            if offset is None:
-                full = full or not live
-                statuses.append(Status.OUT_OF_MEMORY if full else Status.NOT_WRITABLE)
-                handles.append(None)
-                continue
-            entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, writer, deadline,
-                          class_lru)  # holding the write's own pin
-            add(key, entry)
-            statuses.append(ok)
-            handles.append(entry)
-        self.writes.begin_all([h for h in handles if h is not None], writer)
+        try:
+            for key in keys:
+                live = get(key) is not None
+                offset = None if full or live else self.alloc(device, slot_bytes)
+                if offset is None:
+                    full = full or not live
+                    statuses.append(Status.OUT_OF_MEMORY if full else Status.NOT_WRITABLE)
+                    handles.append(None)
+                    continue
+                entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, writer,
+                              deadline, class_lru)  # holding the write's own pin
+                add(key, entry)
+                statuses.append(ok)
+                handles.append(entry)
+        finally:  # (an unhashable key raises: the writes before it stay whole)
+            self.writes.begin_all(handles, writer)
         return statuses, handles
 
     def finish_writes(self, entries: Iterable[Entry], reader: Hashable, count: int | None,

@@ -37,9 +37,13 @@ class WriteBook:
         """Live (not discarded) writes."""
         return len(self._live)
 
-    def begin_all(self, entries: Iterable[Entry], writer: Hashable) -> None:
-        """New writes of ``writer``, in deadline order, their deadlines the latest."""
+    def begin_all(self, entries: Iterable[Entry | None], writer: Hashable) -> None:
+        """New writes of ``writer`` (None items skipped), in deadline order, their deadlines the
+        latest."""
         entries = dict.fromkeys(entries)
+        entries.pop(None, None)
+        if not entries:
+            return
         self._live.update(entries)
         writes = self._by_writer.get(writer)
         if writes is None:
