@@ -1,7 +1,7 @@
 """The L1's unfinished writes: the live ones by lease deadline and by writer, and the discarded
 ones whose writer still holds the write pin.
 
-A write begins at ``reserve_write`` (``begin``) and ends when its object becomes ready
+A write begins at ``reserve_write`` (``begin_all``) and ends when its object becomes ready
 (``finish``) or is discarded (``discard``: an abort, an expired write lease, its writer released,
 a force delete, never an eviction). A discarded write stays here, by ``(writer, key)``, until its
 writer lets go of it (``release``, from its ``finish_write``/``abort_write``, which answer
@@ -10,9 +10,9 @@ NOT_FOUND): a writer that names the key again after the key was stored afresh st
 one writer, or handles) into the writes to end.
 
 All write leases have one duration and come from a monotonic clock, so the begin order is the
-deadline order: the live writes are a plain dict in insertion order (an ``OrderedDict`` costs
-four times as much to fill), whose iteration skips the slots of finished writes until the dict
-next compacts, so ``expired`` costs at most the dict's size. Not thread-safe: the L1 manager's
+deadline order: the live writes are a plain dict in insertion order (cheaper to fill than an
+``OrderedDict``), whose iteration skips the slots of finished writes until the dict next
+compacts, so ``expired`` costs at most the dict's size. Not thread-safe: the L1 manager's
 lock guards it.
 """
 
