@@ -48,8 +48,8 @@ def test_shares_are_one_count_per_owner_and_object_capped_at_max_readers():
     assert take(book, objs, ["a", "b"], "r", 4, 13.0, top_up=True) == [OK, OK]  # up to 4 only
     assert (objs["a"].shares, objs["b"].shares) == ({"r": 5}, {"r": 4})
     assert take(book, objs, ["a"], "s", MAX_READERS, 14.0) == [OK]  # another owner: its own cap
-    assert objs["a"].readers == 5 + MAX_READERS and book.held(objs["a"], "s") == MAX_READERS
-    assert (book.num_leases, book.num_owners, book.held(None, "r")) == (3, 2, 0)
+    assert objs["a"].readers == 5 + MAX_READERS and objs["a"].shares["s"] == MAX_READERS
+    assert (book.num_leases, book.num_owners) == (3, 2)
 
 
 def test_a_lease_is_refreshed_by_the_owners_latest_take_and_kept_in_deadline_order():
@@ -60,7 +60,7 @@ def test_a_lease_is_refreshed_by_the_owners_latest_take_and_kept_in_deadline_ord
     assert [e.key for e in book.entries_of("r")] == ["b", "c", "a"]
     assert book.expire(10.0) == (2, [])  # b and c: made idle (most recent last), nothing to settle
     assert list(lru) == [objs["b"], objs["c"]] and (objs["b"].stamp, objs["c"].stamp) == (1, 2)
-    assert book.held(objs["a"], "r") == 1 and book.num_leases == 1
+    assert objs["a"].shares == {"r": 1} and book.num_leases == 1
     assert book.expire(19.9) == (0, []) and book.expire(20.0) == (1, [])
     assert list(lru) == [objs["b"], objs["c"], objs["a"]] and book.num_owners == 0
 
@@ -76,7 +76,7 @@ def test_release_takes_back_only_what_the_owner_holds_and_touches_the_objects_it
     out, settle = book.release(["c", "b", "a"], objs.get, "r", 2)
     assert out == [OK, OK, OK] and settle == []
     # a lost its last hold and became the most recent idle object; b is still s's, c is pinned
-    assert list(lru) == [objs["a"]] and objs["a"].stamp == 1 and book.held(objs["b"], "s") == 1
+    assert list(lru) == [objs["a"]] and objs["a"].stamp == 1 and objs["b"].shares == {"s": 1}
     assert (objs["c"].shares, objs["c"].stamp) == ({}, 0)
     assert book.release(["a"], objs.get, "r", 1) == ([WS], [])  # never below zero
 
@@ -131,10 +131,10 @@ def test_end_read_releases_one_share_where_held_then_unpins():
     take(book, objs, "b", "req", 1, 10.0)
     _, pins = book.pin("abc", Table(objs))
     assert book.unpin(pins, "req", one_share=True) == (2, [])  # a: 2 -> 1 share, b: 1 -> 0, c: none
-    assert list(lru) == [objs["b"], objs["c"]] and book.held(objs["a"], "req") == 1
+    assert list(lru) == [objs["b"], objs["c"]] and objs["a"].shares == {"req": 1}
     _, pins = book.pin("a", Table(objs))
     assert book.unpin(pins, "other", one_share=True) == (0, [])  # other holds nothing: pin only
-    assert book.held(objs["a"], "req") == 1 and list(lru) == [objs["b"], objs["c"]]
+    assert objs["a"].shares == {"req": 1} and list(lru) == [objs["b"], objs["c"]]
 
 
 def test_discard_drops_every_share_and_defers_the_free_while_pinned():

@@ -1,19 +1,16 @@
 """The L1's hold book: what keeps an object from being evicted or freed, and when that stops.
 
 - *Shares*: owner x object -> a count of reader shares (``entry.shares``), each (owner, object)
-  with a lease in a :class:`~gpukv.l1.leases.LeaseIndex`. An owner has a lease on an object
-  exactly while it holds shares of it; a count is in ``[1, MAX_READERS]`` (more is WRONG_STATE);
-  an owner releases only what it holds (more is WRONG_STATE, nothing changes); ``1 +
-  extra_count`` shares are one integer, taken or released in one step.
-- *Pins*: how many copies move the object's bytes now (``entry.pins``): a write's own pin from
-  ``reserve_write`` (objects are created with one) to its end, a reader's from ``pin`` to
-  ``unpin``/``end_read``. A discarded object keeps its slot while pinned (``discard``).
+  with a lease (a :class:`~gpukv.l1.leases.LeaseIndex`) exactly while the owner holds shares of
+  it. A count is in ``[1, MAX_READERS]``; taking past it, or releasing more than the owner holds,
+  is WRONG_STATE and changes nothing; ``1 + extra_count`` shares are one step on one integer.
+- *Pins*: the copies moving the object's bytes now (``entry.pins``): a write's own pin from
+  ``reserve_write`` to its end, a reader's from ``pin`` to ``unpin``/``end_read``. A discarded
+  object keeps its slot while pinned (``discard``).
 
-When an object's last hold goes it is *released*, in order: a ready, permanent object becomes the
-most recent idle object (stamped from the book's recency counter and moved to the end of its
-class LRU, ``entry.lru``: :func:`gpukv.l1.eviction.touch`, inlined in the hot loops); a
-discarded or temporary one is *returned* to the caller (the object pool frees the one, discards
-the other). Shares are taken on ready objects only: the callers pass the object table (or its
+When an object's last hold goes it is *released*: a ready, permanent one becomes the most recent
+idle object (:func:`gpukv.l1.eviction.touch`, inlined in the hot loops), a discarded or temporary
+one is returned for the object pool to free or discard. The callers pass the object table (or its
 ``get``) per call, so each hot path is one pass over its keys with one dict lookup each. The only
 writer of ``entry.shares``, ``entry.pins`` and ``entry.stamp``. Not thread-safe: the L1
 manager's lock guards it.
@@ -144,36 +141,34 @@ class HoldBook:
             del self._leases[owner]
         return out, settle
 
-    def release_owner(self, owner: Hashable, entries: Iterable[Entry | None] | None = None
+    def release_owner(self, owner: Hashable, only: Iterable[Entry | None] | None = None
                       ) -> tuple[int, list[Entry]]:
-        """Drop all of ``owner``'s shares (of ``entries`` only, when given: each once; None and
-        objects it holds nothing of are skipped). Returns the shares dropped and the objects to
-        settle."""
+        """Drop all of ``owner``'s shares (of the objects ``only`` names, when given: each once;
+        None and objects it holds nothing of are skipped). Returns the shares dropped and the
+        objects to settle."""
         owned = self._leases.get(owner)
         if not owned:
             return 0, []
-        if entries is None:
-            targets = list(owned)
-        else:
-            targets = [e for e in dict.fromkeys(entries) if e in owned]
-        released, settle = 0, []
-        for entry in targets:
-            released += entry.shares.pop(owner)
+        targets = list(owned) if only is None else [e for e in dict.fromkeys(only) if e in owned]
+        released, lost = 0, []
+        for entry in targets:  # the end of every request
+            shares = entry.shares
+            released += shares.pop(owner)
             del owned[entry]
-            if not entry.shares:
-                self._released(entry, settle)
+            if not shares:
+                lost.append(entry)
         self._leases.forget_if_idle(owner)
-        return released, settle
+        return released, self._unshared(lost)
 
     def expire(self, now: float) -> tuple[int, list[Entry]]:
-        """Drop every share whose lease deadline is ``<= now``. Returns the shares dropped and
-        the objects to settle."""
-        released, settle = 0, []
+        """Drop every share whose lease deadline is ``<= now``: (shares dropped, to settle)."""
+        released, lost = 0, []
         for owner, entry in self._leases.pop_expired(now):
-            released += entry.shares.pop(owner)
-            if not entry.shares:
-                self._released(entry, settle)
-        return released, settle
+            shares = entry.shares
+            released += shares.pop(owner)
+            if not shares:
+                lost.append(entry)
+        return released, self._unshared(lost)
 
     # -- pins ------------------------------------------------------------------------------------
     def pin(self, keys: Iterable[Hashable],
@@ -256,30 +251,34 @@ class HoldBook:
         """``entry`` is being discarded: every owner's shares of it go (nothing to settle).
         Returns True (counted) if a pin keeps its slot until the last ``unpin``, False if the
         caller frees it now."""
-        if entry.shares:
-            for owner in entry.shares:
-                self._leases.drop(owner, entry)
-            entry.shares.clear()
+        for owner in entry.shares:
+            self._leases.drop(owner, entry)
+        entry.shares.clear()
         if entry.pins:
             self.deferred_frees += 1
             return True
         return False
 
     # -- release and queries ---------------------------------------------------------------------
-    def _released(self, entry: Entry, settle: list[Entry]) -> None:
-        """``entry`` (live) lost its last share: touch it or hand it to ``settle``."""
-        if entry.pins:
-            return
-        if entry.temporary:
-            settle.append(entry)
-            return
-        self.stamp += 1
-        touch(entry, self.stamp)
-
-    @staticmethod
-    def held(entry: Entry | None, owner: Hashable) -> int:
-        """Shares ``owner`` holds of ``entry`` (0 for None)."""
-        return 0 if entry is None else entry.shares.get(owner, 0)
+    def _unshared(self, lost: list[Entry]) -> list[Entry]:
+        """Objects (live) that lost their last share, in order: touch the unpinned permanent
+        ones; return the unpinned temporary ones, to settle."""
+        settle, stamp = [], self.stamp
+        for entry in lost:
+            if entry.pins:
+                continue
+            if entry.temporary:
+                settle.append(entry)
+            else:  # eviction.touch inlined
+                stamp += 1
+                entry.stamp = stamp
+                lru = entry.lru
+                try:
+                    lru.move_to_end(entry)
+                except KeyError:
+                    lru[entry] = entry
+        self.stamp = stamp
+        return settle
 
     def entries_of(self, owner: Hashable) -> list[Entry]:
         """The objects ``owner`` holds shares of, in lease deadline order."""

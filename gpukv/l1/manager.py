@@ -248,7 +248,8 @@ class L1Manager:
     def held(self, key: Hashable, owner: Hashable = None) -> int:
         """Shares ``owner`` holds on ``key`` (0 if none or absent)."""
         with self._lock:
-            return self._holds.held(self._objects.get(key), owner)
+            entry = self._objects.get(key)
+            return entry.shares.get(owner, 0) if entry is not None else 0
 
     def is_evictable(self, key: Hashable) -> bool:
         """Whether ``key`` is ready, unlocked and unpinned (False if absent)."""
