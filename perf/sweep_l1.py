@@ -8,6 +8,10 @@ Per batch of keys (1..4096) and share count S (1, 8, 128 shares per key; ``extra
   retrieve's copy pin, releasing one share each (the owner's shares are refilled untimed).
 - ``write``: ``reserve_write`` + ``finish_write`` of fresh keys, eviction off (the keys are deleted
   untimed after each sample) and on (the arena is full: every write evicts one LRU object).
+- ``request``: the calls the engine makes for one request whose chunks are all in L1, on an MLA
+  model whose S ranks share each object: ``reserve_prefix([keys], S-1)`` (the lookup), ``pin`` +
+  ``end_read`` (one rank's retrieve), ``release_owner`` (the end of the request, which drops the
+  other ranks' shares as an abort would).
 
 Baselines, same run, same keys (tuples ``(model, rank, 16-byte hash)``, whose hash Python
 recomputes at every dict operation, as it does for the subject):
@@ -58,7 +62,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import progress, results_dir, write_csv  # noqa: E402
 
 from gpukv.l1 import MAX_READERS, L1Manager, Status  # noqa: E402
-from gpukv.l1.holds import HoldBook  # noqa: E402
 from gpukv.l1.slab import aligned_bytes  # noqa: E402
 
 PRESETS = {
@@ -157,6 +160,26 @@ def pin_case(batch: int, device: str, clock: Callable[[], float] = time.perf_cou
     return sample
 
 
+def request_case(batch: int, shares: int, device: str,
+                 clock: Callable[[], float] = time.perf_counter) -> Sample:
+    l1, keys = filled(batch, device=device)
+    lists, extra, inner = [keys], shares - 1, max(1, SAMPLE_KEYS // batch)
+
+    def request() -> None:
+        l1.reserve_prefix(lists, extra, owner="req")
+        l1.end_read(l1.pin(keys)[1], owner="req")
+        l1.release_owner("req")
+
+    def sample() -> float:
+        seconds = timed(request, inner, batch, clock)
+        assert l1.stats()["shares"] == 0 and l1.stats()["pinned"] == 0
+        return seconds
+
+    assert l1.reserve_prefix(lists, extra, owner="req") == batch  # the statuses, once, untimed
+    assert l1.release_owner("req") == batch * shares
+    return sample
+
+
 def write_case(batch: int, evict: bool, device: str,
                clock: Callable[[], float] = time.perf_counter) -> Sample:
     l1, _ = filled(batch, spare=0 if evict else batch, device=device)
@@ -202,6 +225,7 @@ def run(preset: str, device: str, clock: Callable[[], float] = time.perf_counter
     for batch in progress(cfg["batches"], desc="batch sizes"):
         for shares in cfg["shares"]:
             cases = read_cases(batch, shares, device, clock)
+            cases["request"] = request_case(batch, shares, device, clock)
             if shares == 1:
                 cases["pin_end_read"] = pin_case(batch, device, clock)
                 cases["write"] = write_case(batch, False, device, clock)
@@ -238,6 +262,8 @@ def _knocked_out(statements: list[str]) -> type:
     import inspect
     import textwrap
 
+    from gpukv.l1.holds import HoldBook  # (here: the sweep itself also runs on older trees)
+
     fns, found = {}, set()
     for fn in (HoldBook.take, HoldBook.release):
         lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
@@ -254,6 +280,8 @@ def _knocked_out(statements: list[str]) -> type:
 
 def profile(batch: int, repeats: int, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """ABAB over the real read path, the knocked-out variants and the baselines (one share)."""
+    from gpukv.l1.holds import HoldBook
+
     variants = {"real": HoldBook}
     variants |= {f"without {name}": _knocked_out(stmts) for name, stmts in KNOCK_OUTS.items()}
     variants["without all three"] = _knocked_out([s for ss in KNOCK_OUTS.values() for s in ss])
@@ -289,7 +317,8 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     shares = sorted({r["shares_per_key"] for r in rows if r["op"] == "read"})
     for ax, s in zip(axes, shares):
-        for op, style in (("read", "-o"), ("read_top_up", "-s"), ("loop", "--x"), ("floor", ":.")) + (
+        for op, style in (("read", "-o"), ("read_top_up", "-s"), ("request", "-D"), ("loop", "--x"),
+                          ("floor", ":.")) + (
                 (("pin_end_read", "-^"), ("write", "-v")) if s == 1 else ()):
             pts = sorted((r["batch"], r["us_per_key"], r["us_min"], r["us_max"]) for r in rows
                          if r["op"] == op and r["shares_per_key"] == s and r["eviction"] == "off")
