@@ -158,7 +158,7 @@ class HoldBook:
             if not shares:
                 lost.append(entry)
         self._leases.forget_if_idle(owner)
-        return released, self._unshared(lost)
+        return released, self._unshared(lost) if lost else lost
 
     def expire(self, now: float) -> tuple[int, list[Entry]]:
         """Drop every share whose lease deadline is ``<= now``: (shares dropped, to settle)."""
@@ -168,7 +168,7 @@ class HoldBook:
             released += shares.pop(owner)
             if not shares:
                 lost.append(entry)
-        return released, self._unshared(lost)
+        return released, self._unshared(lost) if lost else lost
 
     # -- pins ------------------------------------------------------------------------------------
     def pin(self, keys: Iterable[Hashable],

@@ -160,7 +160,8 @@ class ObjectPool:
         its live writes; returns the shares released."""
         entries = None if keys is None else map(self.objects.get, keys)
         released, settle = self.holds.release_owner(owner, entries)
-        self.settle(settle)
+        if settle:
+            self.settle(settle)
         if keys is None:
             for entry in self.writes.of_writer(owner):
                 self.discard(entry)
