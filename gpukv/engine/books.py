@@ -80,9 +80,11 @@ class LocalBooks:
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
                  tp_rank: int, tp_size: int, device: str | None,
                  pages_device: torch.device) -> Registration:
-        index = self.core.arena_for(device if device is not None else device_name(pages_device))
+        name = device if device is not None else device_name(pages_device)
+        index = self.core.placement.arena_for(name)
         if torch.device(self.core.devices[index]).type != pages_device.type:
-            raise ValueError(f"kv_caches are on {pages_device}, arena {self.core.devices[index]!r} is not")
+            raise ValueError(f"kv_caches are on {pages_device}, "
+                             f"arena {self.core.devices[index]!r} is not")
         inst = self.core.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
                                   tp_size=tp_size, device=index)
         return Registration(index, inst.chunk_bytes)

@@ -26,6 +26,7 @@ from typing import Hashable
 from gpukv.config import EngineConfig
 from gpukv.engine.counters import CoreCounters
 from gpukv.engine.observe import Observer
+from gpukv.engine.placement import Placement
 from gpukv.engine.readers import resolve_extra_count
 from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
@@ -34,7 +35,6 @@ from gpukv.l1 import L1Manager, Status
 from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
 from gpukv.l1.slab import SlabArena
-from gpukv.l1.topology import TorchGpus, arena_index, arena_name
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class CacheCore:
                             read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s,
                             on_event=on_event)
         self.requests = RequestTable(config.max_requests)
+        self.placement = Placement(config.devices, self.registry)
         self.stack = TierStack(config, self.l1, self.observer, self.registry.device_of_space)
         self.tiers = self.stack.tiers
         if self.observer.metrics is not None:
@@ -96,24 +97,6 @@ class CacheCore:
     @property
     def devices(self) -> tuple[str, ...]:
         return self.config.devices
-
-    @property
-    def arena_names(self) -> list[str]:
-        """Each arena's name across processes: ``cuda-uuid:<uuid>`` for a GPU, else the
-        configured name (see :mod:`gpukv.l1.topology`)."""
-        names = getattr(self, "_arena_names", None)
-        if names is None:
-            view = TorchGpus()
-            names = self._arena_names = [arena_name(d, view) for d in self.devices]
-        return names
-
-    def arena_for(self, device: str | None) -> int:
-        """The arena a worker's stores go to: ``device`` is an arena's configured name (e.g.
-        ``cpu:1``), or a worker's pages' device across processes (``cpu``, ``cuda-uuid:...``;
-        None: the first CPU arena). ValueError naming it when this cache has none there."""
-        if device in self.devices:
-            return self.devices.index(device)
-        return arena_index(self.arena_names, device)
 
     # ---- registration ---------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
@@ -145,7 +128,7 @@ class CacheCore:
         self._check_work(len(hashes))
         keys = inst.space.keys(hashes)
         statuses, handles = [None] * len(keys), [None] * len(keys)
-        for device, where in self._placement(inst, hashes).items():
+        for device, where in self.placement.by_arena(inst, hashes).items():
             got = self.l1.reserve_write_slots([keys[i] for i in where], inst.chunk_bytes,
                                               device=device, owner=inst.writer)
             for i, status, handle in zip(where, *got):
@@ -155,25 +138,13 @@ class CacheCore:
                          cached=sum(s is Status.NOT_WRITABLE for s in statuses),
                          full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
 
-    def _placement(self, inst: Instance, hashes: list[bytes]) -> dict[int, list[int]]:
-        """Positions of ``hashes`` per arena their objects go to: the instance's own, or for a
-        shared model one of its instances' arenas per chunk, by the chunk's hash (capacity is
-        then the sum of the group's arenas)."""
-        shared = self.registry.model(inst.model).shared
-        devices = self.registry.devices_of(inst.model) if shared else [inst.device]
-        if len(devices) == 1:
-            return {devices[0]: list(range(len(hashes)))}
-        out: dict[int, list[int]] = {}
-        for i, h in enumerate(hashes):
-            out.setdefault(devices[int.from_bytes(h[:8], "little") % len(devices)], []).append(i)
-        return out
-
     def commit_store(self, plan: StorePlan) -> int:
         """The copy is complete: make the plan's chunks readable; returns how many became so
         (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
         statuses = self.l1.finish_write(plan.handles)
         ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
-        self.stack.spill(ready, plan.instance.space, self.registry.model(plan.instance.model).fingerprint)
+        fingerprint = self.registry.model(plan.instance.model).fingerprint
+        self.stack.spill(ready, plan.instance.space, fingerprint)
         self.counters.add("stored_chunks", len(ready))
         inst = plan.instance
         self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,

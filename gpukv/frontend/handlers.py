@@ -50,7 +50,7 @@ class Handlers:
         # body.pid is not used: the server observes its peers' processes itself (liveness.py)
         cfg = self.core.config
         return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
-                    devices=list(cfg.devices), arenas=self.core.arena_names,
+                    devices=list(cfg.devices), arenas=self.core.placement.names,
                     worker_timeout_s=self.table.worker_timeout_s,
                     pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request))
 
@@ -63,7 +63,7 @@ class Handlers:
                            f"{self.limits.max_instances} (gpukv serve --max-instances)")
             key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
-            device = self.core.arena_for(body.device)
+            device = self.core.placement.arena_for(body.device)
             layout = {f: getattr(body.layout, f) for f in body.layout.__struct_fields__}
             inst = self.core.register(key, body.model, layout, kind=body.layout.kind,
                                       tp_rank=body.tp_rank, tp_size=body.tp_size, device=device,
