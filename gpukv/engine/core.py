@@ -1,9 +1,9 @@
 """The books of a cache: registry, requests, shares and pins in L1, and the tier stack; no copies.
 
 ``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
-share. It speaks chunk hashes, instance ids and request owners, and hands out *plans*: a store
-plan names the arena slots a worker must pack into (write-pinned until commit or abort), a
-retrieve plan the slots it may unpack from (pinned until ``end_retrieve``). Whoever holds a plan
+share. It speaks chunk hashes, instance ids and request owners, and hands out *grants*: a write
+grant names the arena slots a worker must pack into (write-pinned until commit or abort), a
+read grant the objects it may unpack from (pinned until ``end_retrieve``). Whoever holds a grant
 runs the copy (the engine in-process, or the worker through the server) and then gives it back.
 
 Requests: ``lookup`` opens the request (owner = the request's identity, opaque here) and tops
@@ -44,7 +44,7 @@ class UnknownRequest(ValueError):
 
 
 @dataclass(slots=True)
-class StorePlan:
+class WriteGrant:
     """Slots to pack into: ``chunks[i]`` (an index into the hashes given) goes to
     ``handles[i]`` (``.device``, ``.offset``). ``cached``: chunks already held."""
 
@@ -57,7 +57,7 @@ class StorePlan:
 
 
 @dataclass(slots=True)
-class RetrievePlan:
+class ReadGrant:
     """Pinned objects to unpack from, one per chunk of the prefix, in order."""
 
     instance: Instance
@@ -122,7 +122,7 @@ class CacheCore:
         self.l1.release_owner(inst.writer)
 
     # ---- store ----------------------------------------------------------------------------
-    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> StorePlan:
+    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> WriteGrant:
         """Reserve write slots for the chunks of ``hashes`` not held yet."""
         inst = self.registry.instance(instance_id)
         self._check_work(len(hashes))
@@ -134,25 +134,25 @@ class CacheCore:
             for i, status, handle in zip(where, *got):
                 statuses[i], handles[i] = status, handle
         new = [i for i, s in enumerate(statuses) if s is Status.OK]
-        return StorePlan(inst, new, [handles[i] for i in new],
+        return WriteGrant(inst, new, [handles[i] for i in new],
                          cached=sum(s is Status.NOT_WRITABLE for s in statuses),
                          full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
 
-    def commit_store(self, plan: StorePlan) -> int:
-        """The copy is complete: make the plan's chunks readable; returns how many became so
+    def commit_store(self, grant: WriteGrant) -> int:
+        """The copy is complete: make the grant's chunks readable; returns how many became so
         (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
-        statuses = self.l1.finish_write(plan.handles)
-        ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
-        fingerprint = self.registry.model(plan.instance.model).fingerprint
-        self.stack.spill(ready, plan.instance.space, fingerprint)
+        statuses = self.l1.finish_write(grant.handles)
+        ready = [h for h, s in zip(grant.handles, statuses) if s is Status.OK]
+        fingerprint = self.registry.model(grant.instance.model).fingerprint
+        self.stack.spill(ready, grant.instance.space, fingerprint)
         self.counters.add("stored_chunks", len(ready))
-        inst = plan.instance
+        inst = grant.instance
         self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,
-                            time.perf_counter() - plan.t0)
+                            time.perf_counter() - grant.t0)
         return len(ready)
 
-    def abort_store(self, plan: StorePlan) -> None:
-        self.l1.abort_write(plan.handles)
+    def abort_store(self, grant: WriteGrant) -> None:
+        self.l1.abort_write(grant.handles)
 
     # ---- lookup ---------------------------------------------------------------------------
     def lookup(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
@@ -196,7 +196,7 @@ class CacheCore:
 
     # ---- retrieve -------------------------------------------------------------------------
     def begin_retrieve(self, instance_id: Hashable, hashes: list[bytes], *,
-                       request: Hashable) -> RetrievePlan | None:
+                       request: Hashable) -> ReadGrant | None:
         """Pin the objects of ``hashes`` for an unpack; None (nothing pinned) if any is missing.
         UnknownRequest if the request never looked up."""
         inst = self.registry.instance(instance_id)
@@ -211,17 +211,17 @@ class CacheCore:
             missing = next(s for s in statuses if s is not Status.OK)
             self.observer.retrieve_failed("not_ready" if missing is Status.NOT_READY else "not_found")
             return None
-        return RetrievePlan(inst, request, handles)
+        return ReadGrant(inst, request, handles)
 
-    def end_retrieve(self, plan: RetrievePlan) -> int:
+    def end_retrieve(self, grant: ReadGrant) -> int:
         """The copy is complete: release one of the request's shares per object (where it
         still holds one) and unpin; returns the shares released."""
-        plan.released = self.l1.end_read(plan.handles, owner=plan.request)
-        self.counters.add("retrieved_chunks", len(plan.handles))
-        inst = plan.instance
-        self.observer.retrieve(inst.model, len(plan.handles), len(plan.handles) * inst.chunk_bytes,
-                               time.perf_counter() - plan.t0)
-        return plan.released
+        grant.released = self.l1.end_read(grant.handles, owner=grant.request)
+        self.counters.add("retrieved_chunks", len(grant.handles))
+        inst = grant.instance
+        self.observer.retrieve(inst.model, len(grant.handles), len(grant.handles) * inst.chunk_bytes,
+                               time.perf_counter() - grant.t0)
+        return grant.released
 
     # ---- request lifecycle ----------------------------------------------------------------
     def free(self, request: Hashable, *, start_chunk: int = 0, end_chunk: int | None = None) -> int:

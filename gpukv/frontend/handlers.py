@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from gpukv.engine.chunks import token_range
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant, UnknownRequest
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.fair_share import RequestShares
@@ -123,7 +123,7 @@ class Handlers:
                     devices=[h.device for h in plan.handles], cached=plan.cached, full=plan.full)
 
     def store_commit(self, s: Session, body: p.StoreCommit) -> int:
-        plan = self.plans.take(s, body.plan, StorePlan)
+        plan = self.plans.take(s, body.plan, WriteGrant)
         if not body.ok:
             self.core.abort_store(plan)
             return 0
@@ -202,7 +202,7 @@ class Handlers:
                     offsets=[h.offset for h in plan.handles])
 
     def retrieve_end(self, s: Session, body: p.RetrieveEnd) -> int:
-        return self.core.end_retrieve(self.plans.take(s, body.plan, RetrievePlan))
+        return self.core.end_retrieve(self.plans.take(s, body.plan, ReadGrant))
 
     # ---- request lifecycle -----------------------------------------------------------------
     def free(self, s: Session, body: p.FreeLookupLocks) -> int:
