@@ -229,7 +229,7 @@ def test_bounds_refuse_new_descriptions_once_every_unit_is_announced(tmp_path):
     assert router.flush(10)
     assert router.stats()["dropped"] == 1 and len(router.table) == 2
     router.describe("e", b.describe(tp=1))  # both units are announced: no room
-    assert router.flush(10) and router.stats()["refused"] == 1
+    assert router.flush(10) and engine.core.stats()["vllm_events"]["refused"] == 1
     engine.close()
 
 

@@ -314,6 +314,8 @@ class CacheCore:
                    l1=self.l1.stats(), tiers=self.stack.stats())
         if self.stack.spiller is not None:
             out["spill"] = dict(self.stack.spiller.counts, queue_depth=self.stack.queue_depth)
+        if self.router is not None:
+            out["vllm_events"] = self.router.stats()
         return out
 
     def metrics_snapshot(self, clients: int | None = None) -> dict:

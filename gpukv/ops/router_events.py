@@ -69,11 +69,11 @@ class RouterEvents:
     def __init__(self, address: str | None, *, ranks_of: Callable[[str, int], tuple[int, ...] | None],
                  chunk_size: int, topic: str = "", max_units: int = 1 << 16,
                  max_pending: int = 1 << 20, outbox_size: int = 1 << 16, stale_s: float = 60.0,
-                 allow_remote: bool = False, key_file: str | None = None,
+                 allow_remote: bool = False, key_file: str | None = None, batch_s: float = 0.005,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.chunk_size, self.topic = chunk_size, topic.encode()
         self.max_pending, self.outbox_size, self.stale_s = max_pending, outbox_size, stale_s
-        self._ranks_of, self._clock = ranks_of, clock
+        self._ranks_of, self._clock, self.batch_s = ranks_of, clock, batch_s
         self.epoch = time.time_ns()
         self.table = UnitTable(max_units)
         self._held: dict[tuple[int, int, bytes], int] = {}  # object -> tier bits (thread only)
@@ -148,7 +148,8 @@ class RouterEvents:
                 self._pending.append(("reset",))
                 self.resets += 1
             self._pending.append(item)
-            self._cond.notify()
+            if len(self._pending) == 1:  # one wake-up per burst (a commit's objects...)
+                self._cond.notify()
 
     # ---- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -157,6 +158,8 @@ class RouterEvents:
                 while not self._pending and not self._closing:
                     self._cond.wait(0.05)
                     self._poll_subscriptions()
+            time.sleep(self.batch_s)  # let the burst arrive: one batch, not a thread switch per event
+            with self._cond:
                 items = list(self._pending)
                 self._pending.clear()
                 self._busy = bool(items)
@@ -288,6 +291,7 @@ class RouterEvents:
         """Wait until every input so far is applied and its batch sent; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            self._cond.notify_all()
             while self._pending or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:

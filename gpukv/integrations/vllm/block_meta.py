@@ -64,6 +64,8 @@ class _Chunks:
 @dataclass(slots=True)
 class _State:
     request: Any
+    seed: bytes  # gpukv's request seed (cache salt, LoRA)
+    mm_items: tuple  # its multimodal items (gpukv's chunk extras)
     described: int = 0  # chunks handed to the thread
     dropped: bool = False
     mm_cursor: int = 0  # vLLM's multimodal item index at the first undescribed block
@@ -102,7 +104,8 @@ class BlockDescriber:
         """A request vLLM asked about (its live ``Request``, read again at each step)."""
         if self.describe and request.request_id not in self._requests \
                 and getattr(request, "prompt_embeds", None) is None:  # embeds: never cached
-            self._requests[request.request_id] = _State(request)
+            info = request_info(request)
+            self._requests[request.request_id] = _State(request, info.seed, info.mm_items)
 
     def computed(self, request_id: str, num_tokens: int) -> None:
         """The request's KV covers its first ``num_tokens`` tokens after this step."""
@@ -123,12 +126,11 @@ class BlockDescriber:
             self.num_dropped += 1
             return
         hashes = request.block_hashes
-        info = request_info(request)
-        mm = chunk_extras(info.mm_items, last, cs)
+        mm = chunk_extras(state.mm_items, last, cs) if state.mm_items else None
         lora = request.lora_request
         item = _Chunks(request_id, first, list(request.all_token_ids[first * cs:last * cs]),
                        list(hashes[first * bpc:last * bpc]), hashes[first * bpc - 1] if first else None,
-                       _extra_keys(state, first * cs, last * cs, self.block_size), info.seed,
+                       _extra_keys(state, first * cs, last * cs, self.block_size), state.seed,
                        mm[first:last] if mm else None,
                        (lora.adapter_id, lora.name) if lora else (None, None))
         state.described = last

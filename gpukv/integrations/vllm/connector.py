@@ -22,6 +22,12 @@ one group per engine, so the workers' retrieves use the shares the scheduler's l
   KV (MLA: TP rank 0 only). A load that fails is reported through
   ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks.
 
+Reports (:class:`.reports.SchedulerReports`, :class:`.stats.TransferRecorder`): which gpukv tier
+served each external hit (``get_external_cache_hit_sources``), the workers' load / store bytes,
+times and failures and the scheduler's hits per tier (``get_kv_connector_stats``, exported by
+``build_prom_metrics``), the engine's chunks described as vLLM blocks to a server with
+``--vllm-events`` and this engine's share of those events (``take_events``).
+
 Failure policy: vLLM's scheduler reads ``kv_load_failure_policy`` once, right after it builds
 this connector (``vllm/v1/core/sched/scheduler.py``); with ``"fail"`` it fails every request
 whose load a connector reports failed. gpukv is a cache, so the scheduler side sets the policy to
