@@ -39,7 +39,7 @@ class EngineConfig:
     prefault             touch the arenas' pages when they are created, so the first stores do
                          not pay a page fault per 4 KiB (costs a zero fill of the capacity):
                          True (before the engine returns), "background" (a thread), False.
-    metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; ~1 us a lookup).
+    metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; cost: perf/sweep_metrics.py).
     events_address       publish KV events on a ZMQ PUB socket there (ipc:// or loopback tcp://).
     events_buffer        keep up to this many KV events in process for ``take_events`` (0 = off).
     vllm_events_address  publish what the cache holds as vLLM blocks, in vLLM's KV-event wire

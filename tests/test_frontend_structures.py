@@ -13,7 +13,7 @@ import pytest
 from frontend_cases import CHUNK, DIMS, chunk_bytes, kv_cache
 from gpukv.config import EngineConfig
 from gpukv.engine.chunks import describe
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.session import Limits
@@ -73,13 +73,13 @@ def test_plan_ids_are_unique_and_a_plan_is_given_back_once(sessions):
     assert first["plan"] != second["plan"] and len(first["offsets"]) == 3
     s = sessions.table.get(SID)
     assert s.reserved_bytes == 3 * chunk_bytes("mla") and list(s.plans) == [first["plan"]]
-    with pytest.raises(ValueError, match=f"no StorePlan {second['plan']} open"):
+    with pytest.raises(ValueError, match=f"no WriteGrant {second['plan']} open"):
         handle(SID, p.StoreCommit(second["plan"]))  # another session's plan: not ours
-    with pytest.raises(ValueError, match=f"no RetrievePlan {first['plan']} open"):
+    with pytest.raises(ValueError, match=f"no ReadGrant {first['plan']} open"):
         handle(SID, p.RetrieveEnd(first["plan"]))  # the wrong kind
     assert handle(SID, p.StoreCommit(first["plan"])) == 3
     assert s.reserved_bytes == 0 and not s.plans
-    with pytest.raises(ValueError, match="no StorePlan"):
+    with pytest.raises(ValueError, match="no WriteGrant"):
         handle(SID, p.StoreCommit(first["plan"]))  # given back once
 
 
@@ -108,12 +108,12 @@ def test_handlers_bound_plans_and_instances(sessions):
     plans = [sessions.handle(SID, p.StoreBegin("w", hashes(1, tag=t)))["plan"] for t in (1, 2)]
     with pytest.raises(Busy, match="--max-plans"):
         sessions.handle(SID, p.StoreBegin("w", hashes(1, tag=3)))
-    assert [type(x) for x in sessions.table.get(SID).plans.values()] == [StorePlan, StorePlan]
+    assert [type(x) for x in sessions.table.get(SID).plans.values()] == [WriteGrant, WriteGrant]
     for plan in plans:
         sessions.handle(SID, p.StoreCommit(plan))
     assert sessions.handle(SID, p.Lookup("m", "r", hashes(1, tag=1), 1, None)) == CHUNK
     got = sessions.handle(SID, p.RetrieveBegin("w", "r", hashes(1, tag=1)))
-    assert isinstance(sessions.table.get(SID).plans[got["plan"]], RetrievePlan)
+    assert isinstance(sessions.table.get(SID).plans[got["plan"]], ReadGrant)
     assert sessions.handle(SID, p.RetrieveEnd(got["plan"])) == 1
     with pytest.raises(ValueError, match="unknown instance 'x' for this client"):
         sessions.handle(SID, p.StoreBegin("x", hashes(1)))

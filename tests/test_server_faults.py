@@ -95,9 +95,9 @@ def bad_requests(held: str, other_instance: str, hashes: list[bytes]):
         (dict(reg, instance_id="r2", tp_rank=3, tp_size=2), "tp_rank"),
     ]
     for plan in (1, 2, 1 << 40):
-        cases += [(dict(type="store_commit", plan=plan), "no StorePlan"),
-                  (dict(type="store_commit", plan=plan, ok=False), "no StorePlan"),
-                  (dict(type="retrieve_end", plan=plan), "no RetrievePlan")]
+        cases += [(dict(type="store_commit", plan=plan), "no WriteGrant"),
+                  (dict(type="store_commit", plan=plan, ok=False), "no WriteGrant"),
+                  (dict(type="retrieve_end", plan=plan), "no ReadGrant")]
     for iid in ("ghost", 12345, other_instance):  # unknown instance ids (or another client's)
         for kind in ("store_begin", "retrieve_begin", "unregister"):
             body = dict(type=kind, instance_id=iid)

@@ -1,9 +1,9 @@
 """The books of a cache: registry, requests, shares and pins in L1, and the tier stack; no copies.
 
 ``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
-share. It speaks chunk hashes, instance ids and request owners, and hands out *plans*: a store
-plan names the arena slots a worker must pack into (write-pinned until commit or abort), a
-retrieve plan the slots it may unpack from (pinned until ``end_retrieve``). Whoever holds a plan
+share. It speaks chunk hashes, instance ids and request owners, and hands out *grants*: a write
+grant names the arena slots a worker must pack into (write-pinned until commit or abort), a
+read grant the objects it may unpack from (pinned until ``end_retrieve``). Whoever holds a grant
 runs the copy (the engine in-process, or the worker through the server) and then gives it back.
 
 Requests: ``lookup`` opens the request (owner = the request's identity, opaque here) and tops
@@ -27,6 +27,7 @@ from gpukv.config import EngineConfig
 from gpukv.engine.counters import CoreCounters
 from gpukv.engine.hit_sources import LookupHit, hit_runs, l1_source
 from gpukv.engine.observe import Observer
+from gpukv.engine.placement import Placement
 from gpukv.engine.readers import resolve_extra_count
 from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
@@ -35,7 +36,6 @@ from gpukv.l1 import L1Manager, Status
 from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
 from gpukv.l1.slab import SlabArena
-from gpukv.l1.topology import TorchGpus, arena_index, arena_name
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class UnknownRequest(ValueError):
 
 
 @dataclass(slots=True)
-class StorePlan:
+class WriteGrant:
     """Slots to pack into: ``chunks[i]`` (an index into the hashes given) goes to
     ``handles[i]`` (``.device``, ``.offset``). ``cached``: chunks already held."""
 
@@ -58,7 +58,7 @@ class StorePlan:
 
 
 @dataclass(slots=True)
-class RetrievePlan:
+class ReadGrant:
     """Pinned objects to unpack from, one per chunk of the prefix, in order."""
 
     instance: Instance
@@ -86,6 +86,7 @@ class CacheCore:
                             read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s,
                             on_event=on_event)
         self.requests = RequestTable(config.max_requests)
+        self.placement = Placement(config.devices, self.registry)
         self.stack = TierStack(config, self.l1, self.observer, self.registry.device_of_space)
         self.tiers = self.stack.tiers
         if self.observer.metrics is not None:
@@ -99,24 +100,6 @@ class CacheCore:
     @property
     def devices(self) -> tuple[str, ...]:
         return self.config.devices
-
-    @property
-    def arena_names(self) -> list[str]:
-        """Each arena's name across processes: ``cuda-uuid:<uuid>`` for a GPU, else the
-        configured name (see :mod:`gpukv.l1.topology`)."""
-        names = getattr(self, "_arena_names", None)
-        if names is None:
-            view = TorchGpus()
-            names = self._arena_names = [arena_name(d, view) for d in self.devices]
-        return names
-
-    def arena_for(self, device: str | None) -> int:
-        """The arena a worker's stores go to: ``device`` is an arena's configured name (e.g.
-        ``cpu:1``), or a worker's pages' device across processes (``cpu``, ``cuda-uuid:...``;
-        None: the first CPU arena). ValueError naming it when this cache has none there."""
-        if device in self.devices:
-            return self.devices.index(device)
-        return arena_index(self.arena_names, device)
 
     def _kv_ranks(self, model: str, tp_size: int) -> tuple[int, ...] | None:
         """The KV ranks of a chunk of ``model`` read by a TP group of ``tp_size`` (None: unknown)."""
@@ -149,49 +132,37 @@ class CacheCore:
         self.l1.release_owner(inst.writer)
 
     # ---- store ----------------------------------------------------------------------------
-    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> StorePlan:
+    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> WriteGrant:
         """Reserve write slots for the chunks of ``hashes`` not held yet."""
         inst = self.registry.instance(instance_id)
         self._check_work(len(hashes))
         keys = inst.space.keys(hashes)
         statuses, handles = [None] * len(keys), [None] * len(keys)
-        for device, where in self._placement(inst, hashes).items():
+        for device, where in self.placement.by_arena(inst, hashes).items():
             got = self.l1.reserve_write_slots([keys[i] for i in where], inst.chunk_bytes,
                                               device=device, owner=inst.writer)
             for i, status, handle in zip(where, *got):
                 statuses[i], handles[i] = status, handle
         new = [i for i, s in enumerate(statuses) if s is Status.OK]
-        return StorePlan(inst, new, [handles[i] for i in new],
+        return WriteGrant(inst, new, [handles[i] for i in new],
                          cached=sum(s is Status.NOT_WRITABLE for s in statuses),
                          full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
 
-    def _placement(self, inst: Instance, hashes: list[bytes]) -> dict[int, list[int]]:
-        """Positions of ``hashes`` per arena their objects go to: the instance's own, or for a
-        shared model one of its instances' arenas per chunk, by the chunk's hash (capacity is
-        then the sum of the group's arenas)."""
-        shared = self.registry.model(inst.model).shared
-        devices = self.registry.devices_of(inst.model) if shared else [inst.device]
-        if len(devices) == 1:
-            return {devices[0]: list(range(len(hashes)))}
-        out: dict[int, list[int]] = {}
-        for i, h in enumerate(hashes):
-            out.setdefault(devices[int.from_bytes(h[:8], "little") % len(devices)], []).append(i)
-        return out
-
-    def commit_store(self, plan: StorePlan) -> int:
-        """The copy is complete: make the plan's chunks readable; returns how many became so
+    def commit_store(self, grant: WriteGrant) -> int:
+        """The copy is complete: make the grant's chunks readable; returns how many became so
         (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
-        statuses = self.l1.finish_write(plan.handles)
-        ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
-        self.stack.spill(ready, plan.instance.space, self.registry.model(plan.instance.model).fingerprint)
+        statuses = self.l1.finish_write(grant.handles)
+        ready = [h for h, s in zip(grant.handles, statuses) if s is Status.OK]
+        fingerprint = self.registry.model(grant.instance.model).fingerprint
+        self.stack.spill(ready, grant.instance.space, fingerprint)
         self.counters.add("stored_chunks", len(ready))
-        inst = plan.instance
+        inst = grant.instance
         self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,
-                            time.perf_counter() - plan.t0)
+                            time.perf_counter() - grant.t0)
         return len(ready)
 
-    def abort_store(self, plan: StorePlan) -> None:
-        self.l1.abort_write(plan.handles)
+    def abort_store(self, grant: WriteGrant) -> None:
+        self.l1.abort_write(grant.handles)
 
     # ---- lookup ---------------------------------------------------------------------------
     def lookup(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
@@ -250,7 +221,7 @@ class CacheCore:
 
     # ---- retrieve -------------------------------------------------------------------------
     def begin_retrieve(self, instance_id: Hashable, hashes: list[bytes], *,
-                       request: Hashable) -> RetrievePlan | None:
+                       request: Hashable) -> ReadGrant | None:
         """Pin the objects of ``hashes`` for an unpack; None (nothing pinned) if any is missing.
         UnknownRequest if the request never looked up."""
         inst = self.registry.instance(instance_id)
@@ -265,17 +236,17 @@ class CacheCore:
             missing = next(s for s in statuses if s is not Status.OK)
             self.observer.retrieve_failed("not_ready" if missing is Status.NOT_READY else "not_found")
             return None
-        return RetrievePlan(inst, request, handles)
+        return ReadGrant(inst, request, handles)
 
-    def end_retrieve(self, plan: RetrievePlan) -> int:
+    def end_retrieve(self, grant: ReadGrant) -> int:
         """The copy is complete: release one of the request's shares per object (where it
         still holds one) and unpin; returns the shares released."""
-        plan.released = self.l1.end_read(plan.handles, owner=plan.request)
-        self.counters.add("retrieved_chunks", len(plan.handles))
-        inst = plan.instance
-        self.observer.retrieve(inst.model, len(plan.handles), len(plan.handles) * inst.chunk_bytes,
-                               time.perf_counter() - plan.t0)
-        return plan.released
+        grant.released = self.l1.end_read(grant.handles, owner=grant.request)
+        self.counters.add("retrieved_chunks", len(grant.handles))
+        inst = grant.instance
+        self.observer.retrieve(inst.model, len(grant.handles), len(grant.handles) * inst.chunk_bytes,
+                               time.perf_counter() - grant.t0)
+        return grant.released
 
     # ---- request lifecycle ----------------------------------------------------------------
     def free(self, request: Hashable, *, start_chunk: int = 0, end_chunk: int | None = None) -> int:

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from gpukv.engine.chunks import token_range
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan, UnknownRequest
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant, UnknownRequest
 from gpukv.engine.hit_sources import LookupHit
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
@@ -52,7 +52,7 @@ class Handlers:
         # body.pid is not used: the server observes its peers' processes itself (liveness.py)
         cfg = self.core.config
         return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
-                    devices=list(cfg.devices), arenas=self.core.arena_names,
+                    devices=list(cfg.devices), arenas=self.core.placement.names,
                     worker_timeout_s=self.table.worker_timeout_s,
                     pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request),
                     features=["lookup_tiers", *(["vllm_blocks"] if self.core.router else [])])
@@ -66,7 +66,7 @@ class Handlers:
                            f"{self.limits.max_instances} (gpukv serve --max-instances)")
             key = s.instances[body.instance_id] = Scoped(s.sid, body.instance_id)
         try:
-            device = self.core.arena_for(body.device)
+            device = self.core.placement.arena_for(body.device)
             layout = {f: getattr(body.layout, f) for f in body.layout.__struct_fields__}
             inst = self.core.register(key, body.model, layout, kind=body.layout.kind,
                                       tp_rank=body.tp_rank, tp_size=body.tp_size, device=device,
@@ -126,7 +126,7 @@ class Handlers:
                     devices=[h.device for h in plan.handles], cached=plan.cached, full=plan.full)
 
     def store_commit(self, s: Session, body: p.StoreCommit) -> int:
-        plan = self.plans.take(s, body.plan, StorePlan)
+        plan = self.plans.take(s, body.plan, WriteGrant)
         if not body.ok:
             self.core.abort_store(plan)
             return 0
@@ -209,7 +209,7 @@ class Handlers:
                     offsets=[h.offset for h in plan.handles])
 
     def retrieve_end(self, s: Session, body: p.RetrieveEnd) -> int:
-        return self.core.end_retrieve(self.plans.take(s, body.plan, RetrievePlan))
+        return self.core.end_retrieve(self.plans.take(s, body.plan, ReadGrant))
 
     # ---- request lifecycle -----------------------------------------------------------------
     def free(self, s: Session, body: p.FreeLookupLocks) -> int:

@@ -16,10 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
 from gpukv.frontend.liveness import Peers
 
-Plan = StorePlan | RetrievePlan
+Plan = WriteGrant | ReadGrant
 
 
 @dataclass(slots=True)
@@ -82,7 +82,7 @@ class Orphans:
 def release(core: CacheCore, plans: list[Plan]) -> None:
     """Give plans back to the books: a store's reservation discarded, a retrieve's pins dropped."""
     for plan in plans:
-        if isinstance(plan, StorePlan):
+        if isinstance(plan, WriteGrant):
             core.abort_store(plan)
         else:
             core.l1.unpin(plan.handles)

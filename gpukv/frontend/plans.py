@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import itertools
 
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
 from gpukv.errors import Busy
 from gpukv.frontend.orphans import Orphans, release
 from gpukv.frontend.session import Client, Limits, Session
 from gpukv.frontend.session_table import SessionTable
 
-Plan = StorePlan | RetrievePlan
+Plan = WriteGrant | ReadGrant
 
 
 def plan_bytes(plan: Plan) -> int:
     """Bytes a plan reserves for a store (a retrieve reserves none)."""
-    return len(plan.handles) * plan.instance.chunk_bytes if isinstance(plan, StorePlan) else 0
+    return len(plan.handles) * plan.instance.chunk_bytes if isinstance(plan, WriteGrant) else 0
 
 
 class PlanBook:

@@ -10,8 +10,8 @@ tier, a large request (more than ``fairpool.INLINE_KEYS`` objects, or a frame ov
 decodes the rest), STATS and FLUSH go to a small pool, so a long one never stalls a ping or
 another worker. Pool threads put their replies on a queue and wake the loop through a pipe;
 while no pool work is in flight the loop blocks on its socket alone (polling the socket and the
-pipe costs ~6 us a request), waking every ``BLOCK_MS``. Reaping and lease expiry run in a thread of their own (they take the books' locks,
-which a maximal request may hold for a while).
+pipe costs more per request), waking every ``BLOCK_MS``. Reaping and lease expiry run in a
+thread of their own (they take the books' locks, which a maximal request may hold for a while).
 
 Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
 past a bound); nothing a client sends can end the loop. Per session, requests waiting in the
@@ -124,7 +124,7 @@ class CacheServer:
 
     def _wait_and_drain(self) -> None:
         """Block on the socket alone (up to ``BLOCK_MS``), then drain it: a poll of the socket
-        and the wake-up pipe costs ~6 us a request, which the loop pays only while pool work
+        and the wake-up pipe costs more per request, which the loop pays only while pool work
         is in flight (its replies come through the pipe)."""
         try:
             frames, pid = self._recv(0)
@@ -150,7 +150,7 @@ class CacheServer:
 
     def _recv(self, flags: int) -> tuple[list[bytes], int | None]:
         """The sender's identity and frames (``recv_multipart`` without its per-frame option
-        read and loop, ~2 us a request), and its pid as the kernel told libzmq (ipc://; None on
+        read and loop, which cost per request), and its pid as the kernel told libzmq (ipc://; None on
         tcp://), read once per connection (a frame object and a property read cost more than
         the rest): an identity the ROUTER made (a zero byte first) is never reused while it
         lives; one a peer chose is read every time."""
@@ -263,7 +263,7 @@ class CacheServer:
     def _send(self, identity: bytes, reply: p.Reply) -> None:
         try:
             frame = p.encode_reply(reply)
-            self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)  # send_multipart costs ~1 us more
+            self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)  # cheaper than send_multipart
             self._router.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the client is gone or not reading: drop its reply
             log.debug("reply dropped: %s", exc)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Hashable, NamedTuple
 from gpukv.frontend.liveness import Peers
 
 if TYPE_CHECKING:  # (annotations only: the CLI reads Limits without importing torch)
-    from gpukv.engine.core import RetrievePlan, StorePlan
+    from gpukv.engine.core import ReadGrant, WriteGrant
 
 
 class Scoped(NamedTuple):
@@ -76,7 +76,7 @@ class Session:
     peers: Peers = field(default_factory=Peers)  # its processes, as the server observed them
     instances: dict[Hashable, Scoped] = field(default_factory=dict)
     requests: dict[Scoped, None] = field(default_factory=dict)  # it opened them, oldest first
-    plans: dict[int, StorePlan | RetrievePlan] = field(default_factory=dict)
+    plans: dict[int, WriteGrant | ReadGrant] = field(default_factory=dict)
     reserved_bytes: int = 0
     active: int = 0  # requests being handled now
     closed: bool = False  # reaped: a handler still running adds nothing to it
