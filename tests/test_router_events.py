@@ -162,7 +162,7 @@ def test_stores_spills_evictions_loads_clears_and_a_second_engine_rebuild_exactl
 def test_each_engine_takes_only_the_blocks_it_described_first(tmp_path):
     now = [0.0]
     engine = _engine(tmp_path, disk=False)
-    engine.core.router._clock = lambda: now[0]
+    engine.core.router.outboxes.clock = lambda: now[0]
     names = _register(engine, tp=1)
     a = Prompt(engine, 3, 2)
     router = engine.core.router
@@ -176,7 +176,7 @@ def test_each_engine_takes_only_the_blocks_it_described_first(tmp_path):
     assert theirs == []
     # engine-1 stops taking: after stale_s its blocks go to the next engine that describes them,
     # which gets them as they stand
-    now[0] += router.stale_s + 1
+    now[0] += router.outboxes.stale_s + 1
     router.describe("engine-2", a.describe(tp=1, take=True))
     assert router.flush(10)
     taken, more = router.describe("engine-2", p.VllmBlocks(["m"], 1, BS, take_events=True))
@@ -230,6 +230,24 @@ def test_bounds_refuse_new_descriptions_once_every_unit_is_announced(tmp_path):
     assert router.stats()["dropped"] == 1 and len(router.table) == 2
     router.describe("e", b.describe(tp=1))  # both units are announced: no room
     assert router.flush(10) and engine.core.stats()["vllm_events"]["refused"] == 1
+    engine.close()
+
+
+def test_descriptions_past_the_waiting_bound_are_busy_and_change_nothing(tmp_path):
+    from gpukv.errors import Busy
+
+    engine = _engine(tmp_path, disk=False)
+    _register(engine, tp=1)
+    router = engine.core.router
+    a = Prompt(engine, 9, 3)
+    router.max_pending_chunks = 2
+    with router._cond:  # noqa: SLF001 - the thread cannot take the first description yet
+        router.describe("e", p.VllmBlocks(["m"], 1, BS, a.describe(tp=1).chunks[:2]))
+        with pytest.raises(Busy, match="at most 2"):
+            router.describe("e", p.VllmBlocks(["m"], 1, BS, a.describe(tp=1).chunks[2:]))
+    assert router.flush(10) and len(router.table) == 2
+    router.describe("e", p.VllmBlocks(["m"], 1, BS, a.describe(tp=1).chunks[2:]))  # room again
+    assert router.flush(10) and len(router.table) == 3
     engine.close()
 
 

@@ -8,7 +8,8 @@ carries what vLLM's ``BlockStored`` needs: the blocks' hashes (vLLM's own), the 
 hash, the token ids (packed), the block size, LoRA, extra keys, the KV cache group; and which
 tiers it is announced in (a bit per tier) and which engine group announces it to its own vLLM.
 
-Bounds: at most ``max_units`` units. A unit announced in some tier stays (its removal must be
+Bounds: at most ``max_units`` units (each about ``4 * chunk_size`` bytes of token ids plus its
+block hashes). A unit announced in some tier stays (its removal must be
 published with the same hashes); a unit announced nowhere is dropped oldest first when room is
 needed. With every unit announced, a new description is refused (counted): that chunk is then
 not announced, a missed routing hint, never a false one.
@@ -59,9 +60,27 @@ class Unit:
                                        medium=MEDIUM_PREFIX + tier, group_idx=self.group_idx))
 
 
+def check_chunk(i: int, chunk: Any, block_size: int, chunk_size: int) -> None:
+    """ValueError naming what does not fit in the ``i``-th ``ChunkBlocks`` of a description."""
+    if len(chunk.token_ids) != chunk_size:
+        raise ValueError(f"chunks[{i}] has {len(chunk.token_ids)} token ids, the chunk size is "
+                         f"{chunk_size}")
+    if len(chunk.block_hashes) * block_size != chunk_size:
+        raise ValueError(f"chunks[{i}] has {len(chunk.block_hashes)} block hashes of block size "
+                         f"{block_size}, which is not the chunk size {chunk_size}")
+    if chunk.extra_keys is not None and len(chunk.extra_keys) != len(chunk.block_hashes):
+        raise ValueError(f"chunks[{i}] has {len(chunk.extra_keys)} extra keys for "
+                         f"{len(chunk.block_hashes)} blocks")
+    for h in (*chunk.block_hashes, chunk.parent):
+        if isinstance(h, int) and not 0 <= h < 1 << 64:
+            raise ValueError(f"chunks[{i}] has the block hash {h}, not a 64-bit unsigned int")
+
+
 def make_unit(key: UnitKey, chunk: Any, header: Any, owner: str | None) -> Unit:
     """A unit from one validated ``ChunkBlocks`` and its ``VllmBlocks`` header."""
-    return Unit(key, tuple(chunk.block_hashes), chunk.parent, array("q", chunk.token_ids),
+    tokens = chunk.token_ids
+    packed = array("i", tokens) if max(tokens) < 1 << 31 else array("q", tokens)  # vocab ids: int32
+    return Unit(key, tuple(chunk.block_hashes), chunk.parent, packed,
                 header.block_size, header.lora_id, header.lora_name, chunk.extra_keys,
                 header.group_idx, header.spec_kind, owner)
 

@@ -24,7 +24,9 @@ engine republishes them through vLLM's own event publisher (its ``take_events``)
 that only follows engines sees each gpukv block on one engine, never on all of them. An outbox
 not drained for ``stale_s`` loses its units to the next engine that describes them.
 
-Bounds: ``max_units`` descriptions (:class:`~gpukv.ops.router_blocks.UnitTable`), ``max_pending``
+Bounds: ``max_units`` descriptions (:class:`~gpukv.ops.router_blocks.UnitTable`); described
+chunks waiting for the thread, ``max_pending_chunks`` (past it a description is refused with
+``Busy`` and changes nothing: the engine's describer drops it, counted); ``max_pending``
 inputs waiting for the thread (past it everything is dropped and the stream restarts with
 ``AllBlocksCleared``: objects held then are announced again only when they change), outboxes of
 ``outbox_size`` events (oldest dropped, counted). A subscriber that falls behind the socket's
@@ -42,23 +44,17 @@ from typing import Any, Callable
 
 import zmq
 
+from gpukv.errors import Busy
 from gpukv.ops import vllm_wire as w
 from gpukv.ops.event_socket import open_pub, subscription_delta
 from gpukv.ops.events import KvEvent, KvStored
-from gpukv.ops.router_blocks import TIER_BITS, Unit, UnitTable, make_unit
+from gpukv.ops.router_blocks import TIER_BITS, Unit, UnitTable, check_chunk, make_unit
+from gpukv.ops.router_outboxes import Outboxes
 from gpukv.zmq_context import OwnedContext
 
 log = logging.getLogger(__name__)
 _ALL = sum(TIER_BITS.values())
 _CLEARED = w.encode(w.AllBlocksCleared())
-MAX_REPLY_BYTES = 4 << 20  # events one VLLM_BLOCKS reply carries at most
-
-
-class _Outbox:
-    def __init__(self, size: int, now: float) -> None:
-        self.events: collections.deque[bytes] = collections.deque(maxlen=size)
-        self.taken_at = now
-        self.dropped = 0
 
 
 class RouterEvents:
@@ -68,12 +64,16 @@ class RouterEvents:
 
     def __init__(self, address: str | None, *, ranks_of: Callable[[str, int], tuple[int, ...] | None],
                  chunk_size: int, topic: str = "", max_units: int = 1 << 16,
-                 max_pending: int = 1 << 20, outbox_size: int = 1 << 16, stale_s: float = 60.0,
+                 max_pending: int = 1 << 20, max_pending_chunks: int = 1 << 16,
+                 outbox_size: int = 1 << 16, stale_s: float = 60.0,
                  allow_remote: bool = False, key_file: str | None = None, batch_s: float = 0.005,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.chunk_size, self.topic = chunk_size, topic.encode()
-        self.max_pending, self.outbox_size, self.stale_s = max_pending, outbox_size, stale_s
-        self._ranks_of, self._clock, self.batch_s = ranks_of, clock, batch_s
+        self.max_pending = max_pending
+        self.outboxes = Outboxes(outbox_size, stale_s, clock)
+        self.max_pending_chunks = max_pending_chunks
+        self._pending_chunks = 0  # chunks of the descriptions waiting for the thread
+        self._ranks_of, self.batch_s = ranks_of, batch_s
         self.epoch = time.time_ns()
         self.table = UnitTable(max_units)
         self._held: dict[tuple[int, int, bytes], int] = {}  # object -> tier bits (thread only)
@@ -81,7 +81,6 @@ class RouterEvents:
         self._ranks: dict[tuple[str, int], tuple[int, ...]] = {}
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
-        self._outboxes: dict[str, _Outbox] = {}  # under _cond
         self._busy = self._closing = False
         self._batch: list[bytes] = [_CLEARED]
         self.seq = self.sent = self.subscriptions = self.resets = 0
@@ -107,43 +106,25 @@ class RouterEvents:
         """Take one ``VllmBlocks`` of an engine of ``group`` (ValueError naming a chunk that does
         not fit: nothing is taken then). With ``body.take_events``, returns ``(events, more)``:
         the events of the units that group announces, encoded (:mod:`gpukv.ops.vllm_wire`),
-        oldest first, at most ``MAX_REPLY_BYTES`` of them, and whether more are waiting."""
+        oldest first, at most ``MAX_REPLY_BYTES`` of them, and whether more are waiting
+        (:mod:`gpukv.ops.router_outboxes`)."""
         for i, chunk in enumerate(body.chunks):
-            self._check(i, chunk, body.block_size)
+            check_chunk(i, chunk, body.block_size, self.chunk_size)
         owner = group if body.take_events else None
-        self._put(("describe", owner, body))
-        if owner is None:
-            return None
-        out, size = [], 0
         with self._cond:
-            box = self._outboxes.get(owner)
-            if box is None:
-                box = self._outboxes[owner] = _Outbox(self.outbox_size, self._clock())
-            while box.events and (not out or size + len(box.events[0]) <= MAX_REPLY_BYTES):
-                out.append(box.events.popleft())
-                size += len(out[-1])
-            box.taken_at = self._clock()
-            return out, bool(box.events)
-
-    def _check(self, i: int, chunk: Any, block_size: int) -> None:
-        if len(chunk.token_ids) != self.chunk_size:
-            raise ValueError(f"chunks[{i}] has {len(chunk.token_ids)} token ids, the chunk size is "
-                             f"{self.chunk_size}")
-        if len(chunk.block_hashes) * block_size != self.chunk_size:
-            raise ValueError(f"chunks[{i}] has {len(chunk.block_hashes)} block hashes of block size "
-                             f"{block_size}, which is not the chunk size {self.chunk_size}")
-        if chunk.extra_keys is not None and len(chunk.extra_keys) != len(chunk.block_hashes):
-            raise ValueError(f"chunks[{i}] has {len(chunk.extra_keys)} extra keys for "
-                             f"{len(chunk.block_hashes)} blocks")
-        for h in (*chunk.block_hashes, chunk.parent):
-            if isinstance(h, int) and not 0 <= h < 1 << 64:
-                raise ValueError(f"chunks[{i}] has the block hash {h}, not a 64-bit unsigned int")
+            if body.chunks and self._pending_chunks + len(body.chunks) > self.max_pending_chunks:
+                raise Busy(f"busy: {self._pending_chunks} described chunks wait for the vLLM "
+                           f"events' thread (at most {self.max_pending_chunks}); describe them later")
+            self._pending_chunks += len(body.chunks)
+        self._put(("describe", owner, body))
+        return None if owner is None else self.outboxes.take(owner)
 
     def _put(self, item: tuple) -> None:
         with self._cond:
             if self._closing:
                 return
             if len(self._pending) >= self.max_pending:
+                self._pending_chunks -= sum(len(i[2].chunks) for i in self._pending if i[0] == "describe")
                 self._pending.clear()
                 self._pending.append(("reset",))
                 self.resets += 1
@@ -195,6 +176,8 @@ class RouterEvents:
                 self._evaluate(unit)
 
     def _apply_describe(self, owner: str | None, body: Any) -> None:
+        with self._cond:
+            self._pending_chunks -= len(body.chunks)
         key_head = (tuple(body.models), body.tp_size)
         for chunk in body.chunks:
             key = (*key_head, chunk.chunk_hash)
@@ -205,9 +188,9 @@ class RouterEvents:
                     self._evaluate(unit)
                 continue
             self.table.touch(unit)
-            if owner is not None and unit.owner != owner and self._claimable(unit):
+            if owner is not None and unit.owner != owner and self.outboxes.claimable(unit.owner):
                 unit.owner = owner
-                self._to_outbox(owner, [unit.stored(t) for t, b in TIER_BITS.items() if unit.announced & b])
+                self.outboxes.push(owner, [unit.stored(t) for t, b in TIER_BITS.items() if unit.announced & b])
 
     def _apply_reset(self) -> None:
         """Inputs were lost: nothing said before is known to hold any more."""
@@ -216,16 +199,7 @@ class RouterEvents:
         self._held.clear()
         self.table.clear()
         self._batch.append(_CLEARED)
-        with self._cond:
-            for box in self._outboxes.values():
-                box.events.append(_CLEARED)
-
-    def _claimable(self, unit: Unit) -> bool:
-        if unit.owner is None:
-            return True
-        with self._cond:
-            box = self._outboxes.get(unit.owner)
-            return box is None or self._clock() - box.taken_at > self.stale_s
+        self.outboxes.push_all(_CLEARED)
 
     def _evaluate(self, unit: Unit) -> None:
         """Announce or withdraw ``unit`` in each tier where that changed."""
@@ -249,7 +223,7 @@ class RouterEvents:
         self.table.set_announced(unit, mask)
         self._batch.extend(out)
         if unit.owner is not None:
-            self._to_outbox(unit.owner, out)
+            self.outboxes.push(unit.owner, out)
 
     def _kv_ranks(self, model: str, tp_size: int) -> tuple[int, ...] | None:
         ranks = self._ranks.get((model, tp_size))
@@ -258,16 +232,6 @@ class RouterEvents:
             if ranks is not None:
                 self._ranks[(model, tp_size)] = ranks
         return ranks
-
-    def _to_outbox(self, owner: str, events: list[bytes]) -> None:
-        with self._cond:
-            box = self._outboxes.get(owner)
-            if box is None:
-                return
-            overflow = len(box.events) + len(events) - self.outbox_size
-            if overflow > 0:
-                box.dropped += overflow
-            box.events.extend(events)
 
     def _send(self) -> None:
         batch, self._batch = self._batch, []
@@ -311,11 +275,10 @@ class RouterEvents:
 
     def stats(self) -> dict:
         with self._cond:
-            outbox_dropped = sum(b.dropped for b in self._outboxes.values())
             pending = len(self._pending)
         return dict(units=len(self.table), refused=self.table.refused, dropped=self.table.dropped,
                     batches=self.seq, events=self.sent, resets=self.resets, pending=pending,
-                    outbox_dropped=outbox_dropped)
+                    outbox_dropped=self.outboxes.dropped)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Apply and send what is queued, then close the socket (idempotent)."""

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED = 1 << 14  # chunks waiting for the thread
 MAX_PER_CALL = 256  # chunks in one VLLM_BLOCKS
+MAX_TOKENS_PER_CALL = 1 << 18  # and their tokens (a request frame is at most 8 MiB)
 REMEMBERED = 1 << 16  # chunk hashes already described to this server process
 
 
@@ -86,6 +87,7 @@ class BlockDescriber:
         self.block_size, self.chunk_size = block_size, chunk_size
         self.describe, self.take = describe, take_events
         self.spec_kind, self.poll_s, self.max_queued = spec_kind, poll_s, max_queued
+        self._per_call = max(1, min(MAX_PER_CALL, MAX_TOKENS_PER_CALL // chunk_size))
         self.events = EngineEvents()
         self._requests: dict[str, _State] = {}  # scheduler thread only
         self._cond = threading.Condition()
@@ -158,7 +160,7 @@ class BlockDescriber:
                 if not self._queue and not self._closing and not more:
                     self._cond.wait(self.poll_s if self.take else None)
                 items, count = [], 0
-                while self._queue and count < MAX_PER_CALL:
+                while self._queue and count < self._per_call:
                     item = self._queue.popleft()
                     items.append(item)
                     count += len(item.token_ids) // self.chunk_size if isinstance(item, _Chunks) else 0
@@ -174,7 +176,8 @@ class BlockDescriber:
                     chunks_by_lora.setdefault(item.lora, []).extend(self._describe(item))
             more = False
             for (lora_id, lora_name), chunks in chunks_by_lora.items():
-                more = self._send(chunks, lora_id, lora_name) or more
+                for i in range(0, len(chunks), self._per_call):  # one request's step may be long
+                    more = self._send(chunks[i:i + self._per_call], lora_id, lora_name) or more
             if self.take and not chunks_by_lora:
                 more = self._send([], None, None)
 
