@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--events", default=None, metavar="ADDRESS",
                        help="publish KV events (typed msgpack) on a ZMQ PUB socket there "
                             "(ipc:// or loopback tcp://)")
+    serve.add_argument("--vllm-events", default=None, metavar="ADDRESS",
+                       help="publish what the cache holds as vLLM blocks, in vLLM's KV-event wire "
+                            "format, on a ZMQ PUB socket there (ipc:// or loopback tcp://), for "
+                            "KV-aware routers; vLLM engines with the gpukv connector describe "
+                            "their blocks to the server")
+    serve.add_argument("--vllm-events-topic", default="", metavar="TOPIC",
+                       help="the topic frame of --vllm-events messages (default empty)")
     bounds = serve.add_argument_group("bounds on clients (past one, a request gets a Busy reply "
                                       "and changes nothing)")
     bounds.add_argument("--max-instances", type=_positive, default=limits.max_instances,

@@ -25,6 +25,7 @@ from typing import Hashable
 
 from gpukv.config import EngineConfig
 from gpukv.engine.counters import CoreCounters
+from gpukv.engine.hit_sources import LookupHit, hit_runs, l1_source
 from gpukv.engine.observe import Observer
 from gpukv.engine.placement import Placement
 from gpukv.engine.readers import resolve_extra_count
@@ -74,7 +75,8 @@ class CacheCore:
         """``shared``: create the arenas so another process can map them (the server)."""
         self.config = config = config or EngineConfig()
         self.registry = Registry(config.chunk_size)
-        self.observer = Observer(config, self.registry.space_of_key)
+        self.observer = Observer(config, self.registry.space_of_key, self._kv_ranks)
+        self.router = self.observer.router  # vLLM-format events (None unless configured)
         self.memories: list[ArenaMemory] = [
             create(d, config.capacity_bytes, shared=shared, prefault=config.prefault)
             for d in config.devices]
@@ -93,10 +95,18 @@ class CacheCore:
                 lambda: self.observer.sync(self.l1.stats(), self.stack.stats()))
         self.counters = CoreCounters()
         self._last_expire = 0.0
+        self._arena_kinds = [l1_source(d) for d in config.devices]
 
     @property
     def devices(self) -> tuple[str, ...]:
         return self.config.devices
+
+    def _kv_ranks(self, model: str, tp_size: int) -> tuple[int, ...] | None:
+        """The KV ranks of a chunk of ``model`` read by a TP group of ``tp_size`` (None: unknown)."""
+        try:
+            return tuple(space.kv_rank for space in self.registry.spaces(model, tp_size))
+        except ValueError:
+            return None
 
     # ---- registration ---------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
@@ -159,6 +169,16 @@ class CacheCore:
                num_readers: int | None = None, creator: Hashable = None) -> int:
         """Leading chunks held for every rank; the request's shares topped up to ``readers``
         per object (MLA: ``num_readers or tp_size``; MHA: 1 per rank's object)."""
+        return self._lookup(model, hashes, request, tp_size, num_readers, creator, False).chunks
+
+    def lookup_tiers(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
+                     num_readers: int | None = None, creator: Hashable = None) -> LookupHit:
+        """:meth:`lookup`, with where each chunk of the hit came from
+        (:mod:`gpukv.engine.hit_sources`)."""
+        return self._lookup(model, hashes, request, tp_size, num_readers, creator, True)
+
+    def _lookup(self, model: str, hashes: list[bytes], request: Hashable, tp_size: int,
+                num_readers: int | None, creator: Hashable, tiers: bool) -> LookupHit:
         t0 = time.perf_counter()
         info = self.registry.model(model)
         extra = resolve_extra_count("mla" if info.shared else "mha", tp_size, num_readers)
@@ -168,22 +188,27 @@ class CacheCore:
         self.requests.open(request, model, spaces, hashes, creator=creator,
                            deadline=time.monotonic() + self.config.read_lease_s)
         keys = [space.keys(hashes) for space in spaces]
-        n_l1 = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
-        hits, per_tier = n_l1, None
-        if self.stack and n_l1 < len(hashes):
-            hits, later_l1, per_tier = self.stack.loader.extend(
-                spaces, hashes, n_l1, extra, request, info.fingerprint, info.chunk_bytes)
-            n_l1 += later_l1
+        prefix = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
+        later: list[str] = []  # the source of each chunk after the L1 prefix
+        if self.stack and prefix < len(hashes):
+            later = self.stack.loader.extend(spaces, hashes, prefix, extra, request,
+                                             info.fingerprint, info.chunk_bytes)
+        hits = prefix + len(later)
+        per_tier: dict[str, int] = {}
+        for name in later:
+            per_tier[name] = per_tier.get(name, 0) + 1
+        n_l1 = prefix + per_tier.pop("L1", 0)
         self.counters.lookup(n_l1, per_tier)
         cs = self.config.chunk_size
         if self.observer.metrics is not None:
             tokens = {"L1": n_l1 * cs}
-            for name, n in (per_tier or {}).items():
+            for name, n in per_tier.items():
                 tokens[name] = n * cs
             self.observer.lookup(model, len(hashes) * cs, tokens, time.perf_counter() - t0)
         log.debug("Lookup %r: %d/%d prefix chunks (%d L1, %s)", request, hits, len(hashes), n_l1,
-                  per_tier or {})
-        return hits
+                  per_tier)
+        return LookupHit(hits, hit_runs(self.l1.device_of, self._arena_kinds, keys, prefix, later)
+                         if tiers else None)
 
     def covered_by_l1(self, model: str, hashes: list[bytes], tp_size: int = 1) -> bool:
         """Whether every rank's object of every chunk is ready in L1 now (a lookup that would
@@ -260,6 +285,8 @@ class CacheCore:
                    l1=self.l1.stats(), tiers=self.stack.stats())
         if self.stack.spiller is not None:
             out["spill"] = dict(self.stack.spiller.counts, queue_depth=self.stack.queue_depth)
+        if self.router is not None:
+            out["vllm_events"] = self.router.stats()
         return out
 
     def metrics_snapshot(self, clients: int | None = None) -> dict:

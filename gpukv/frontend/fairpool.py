@@ -22,12 +22,12 @@ from gpukv.frontend import protocol as p
 log = logging.getLogger(__name__)
 
 INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
-_POOLED = (p.Stats, p.Flush)
+_POOLED = (p.Stats, p.Flush, p.VllmBlocks)  # VLLM_BLOCKS: large, and never latency-bound
 
 
 def pooled(body, core) -> bool:
     """Whether a decoded request goes to the pool rather than being answered by the loop: STATS,
-    FLUSH, one naming more than ``INLINE_KEYS`` objects, and a LOOKUP that may read a tier."""
+    FLUSH, VLLM_BLOCKS, one naming more than ``INLINE_KEYS`` objects, and a LOOKUP that may read a tier."""
     if isinstance(body, _POOLED):
         return True
     hashes = getattr(body, "hashes", None)

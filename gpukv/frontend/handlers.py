@@ -18,6 +18,7 @@ from typing import Any
 
 from gpukv.engine.chunks import token_range
 from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant, UnknownRequest
+from gpukv.engine.hit_sources import LookupHit
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.fair_share import RequestShares
@@ -40,7 +41,8 @@ class Handlers:
             p.StoreBegin: self.store_begin, p.StoreCommit: self.store_commit,
             p.Lookup: self.lookup, p.RetrieveBegin: self.retrieve_begin,
             p.RetrieveEnd: self.retrieve_end, p.FreeLookupLocks: self.free,
-            p.EndSession: self.end, p.Stats: self.stats, p.Flush: self.flush}
+            p.EndSession: self.end, p.Stats: self.stats, p.Flush: self.flush,
+            p.VllmBlocks: self.vllm_blocks}
 
     def __call__(self, s: Session, body) -> Any:
         return self.by_type[type(body)](s, body)
@@ -52,7 +54,8 @@ class Handlers:
         return dict(version=p.PROTOCOL_VERSION, chunk_size=cfg.chunk_size, salt=cfg.salt,
                     devices=list(cfg.devices), arenas=self.core.placement.names,
                     worker_timeout_s=self.table.worker_timeout_s,
-                    pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request))
+                    pid=os.getpid(), max_hashes=min(p.MAX_HASHES, cfg.max_keys_per_request),
+                    features=["lookup_tiers", *(["vllm_blocks"] if self.core.router else [])])
 
     def register(self, s: Session, body: p.Register) -> dict:
         with self.table.lock:
@@ -135,9 +138,10 @@ class Handlers:
         return self.core.commit_store(plan)
 
     # ---- lookup and retrieve ---------------------------------------------------------------
-    def lookup(self, s: Session, body: p.Lookup) -> int:
+    def lookup(self, s: Session, body: p.Lookup) -> int | dict:
         if body.loadable and not self._group_can_load(s.group, body.model, body.tp_size):
-            return 0  # e.g. its workers have not registered (again, after a restart) yet
+            # e.g. its workers have not registered (again, after a restart) yet
+            return dict(tokens=0, sources=[]) if body.tiers else 0
         owner = Scoped(s.group, body.request_id)
         with self.table.lock:
             new = owner not in s.requests
@@ -157,7 +161,8 @@ class Handlers:
         if s.closed:  # reaped meanwhile: its requests end
             self.core.end_request(owner)
             raise self.table.reaped_error()
-        return hits * self.core.config.chunk_size
+        tokens = hits.chunks * self.core.config.chunk_size
+        return dict(tokens=tokens, sources=hits.sources) if body.tiers else tokens
 
     def _group_can_load(self, group: str, model: str, tp_size: int) -> bool:
         """Whether sessions of ``group`` registered instances of ``model`` for every TP rank
@@ -173,9 +178,11 @@ class Handlers:
                     ranks.add(inst.tp_rank)
         return len(ranks) == tp_size
 
-    def _lookup(self, s: Session, body: p.Lookup, owner: Scoped) -> int:
-        return self.core.lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
-                                num_readers=body.num_readers, creator=s.sid)
+    def _lookup(self, s: Session, body: p.Lookup, owner: Scoped):
+        lookup = self.core.lookup_tiers if body.tiers else self.core.lookup
+        hits = lookup(body.model, body.hashes, request=owner, tp_size=body.tp_size,
+                      num_readers=body.num_readers, creator=s.sid)
+        return hits if body.tiers else LookupHit(hits, None)
 
     def retrieve_begin(self, s: Session, body: p.RetrieveBegin) -> dict:
         key = self.table.instance(s, body.instance_id)
@@ -214,6 +221,20 @@ class Handlers:
         req = self.core.requests.get(owner)
         self.core.end_request(owner)
         self.table.forget_request(owner, s.sid, *((req.creator,) if req is not None else ()))
+
+    # ---- vLLM blocks (router-grade events) ---------------------------------------------------
+    def vllm_blocks(self, s: Session, body: p.VllmBlocks) -> dict:
+        """Descriptions of an engine's chunks as vLLM blocks; with ``take_events`` the reply
+        carries the events of the blocks the caller's group republishes (encoded in vLLM's
+        format, oldest first; ``more``: others are waiting). ``epoch`` names the server process (a new one: the blocks an
+        engine republished before are gone)."""
+        router = self.core.router
+        if router is None:
+            raise ValueError("this server publishes no vLLM events: start gpukv serve with "
+                             "--vllm-events ADDRESS")
+        taken = router.describe(s.group, body)
+        events, more = taken if taken is not None else (None, False)
+        return dict(epoch=router.epoch, events=events, more=more)
 
     # ---- introspection ---------------------------------------------------------------------
     def stats(self, s: Session, body: p.Stats) -> dict:

@@ -104,7 +104,12 @@ class StoreCommit(_Msg, tag="store_commit"):
     ok: bool = True  # False: the copy failed, discard the reservation
 
 
-class Lookup(_Msg, tag="lookup"):
+class Lookup(_Msg, tag="lookup", omit_defaults=True):
+    """Fields at their defaults are not sent, so a server that predates a field still reads
+    requests that do not use it. ``tiers``: the reply is ``{"tokens", "sources"}`` (the hit's
+    per-chunk sources as runs, :mod:`gpukv.engine.hit_sources`) instead of the tokens alone;
+    servers that know it say ``"lookup_tiers"`` in their PING reply's ``features``."""
+
     model: Name
     request_id: Id
     hashes: Hashes
@@ -113,6 +118,7 @@ class Lookup(_Msg, tag="lookup"):
     # True: count a hit only if the caller's group has registered instances of the model for
     # every TP rank 0..tp_size-1 (a scheduler asks for what its own workers can load)
     loadable: bool = False
+    tiers: bool = False
 
 
 class RetrieveBegin(_Msg, tag="retrieve_begin"):
@@ -144,6 +150,46 @@ class ReadCounts(_Msg, tag="read_counts"):
     kv_rank: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS - 1)] = 0
 
 
+BlockHash = Union[Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)], int]  # int: 64-bit
+ExtraKey = Union[Annotated[str, msgspec.Meta(max_length=4096)], int,  # no prompt embeds: not cached
+                 Annotated[list[Union[Annotated[str, msgspec.Meta(max_length=4096)], int]],
+                           msgspec.Meta(max_length=8)]]
+
+
+class ChunkBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """vLLM's description of one gpukv chunk (``chunk_hash``): its blocks' hashes (vLLM's own,
+    ``chunk_size / block_size`` of them), the hash of the block before it (None for the first
+    chunk), its token ids and per block the extra keys vLLM publishes (LoRA name, multimodal
+    ``[identifier, offset]``, cache salt; None for a block without any)."""
+
+    chunk_hash: Hash
+    block_hashes: Annotated[list[BlockHash], msgspec.Meta(min_length=1, max_length=1 << 16)]
+    parent: BlockHash | None
+    token_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]],
+                         msgspec.Meta(min_length=1, max_length=1 << 20)]
+    extra_keys: Annotated[list[Annotated[list[ExtraKey], msgspec.Meta(max_length=64)] | None],
+                          msgspec.Meta(max_length=1 << 16)] | None = None
+
+
+class VllmBlocks(_Msg, tag="vllm_blocks"):
+    """A vLLM scheduler tells the server which vLLM blocks its chunks hold, for the vLLM-format
+    KV events (``gpukv serve --vllm-events``; :mod:`gpukv.ops.router_events`). ``models``: the
+    model key of each pipeline stage (a chunk is a block for routers once every stage's objects
+    of it are held); ``take_events``: the reply carries the vLLM events of the blocks this
+    caller's group announced first (its engine republishes them in ``take_events``). Servers
+    that take it say ``"vllm_blocks"`` in their PING reply's ``features``."""
+
+    models: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=64)]
+    tp_size: Count
+    block_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+    chunks: Annotated[list[ChunkBlocks], msgspec.Meta(max_length=4096)] = []
+    group_idx: Small = 0
+    lora_id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] | None = None
+    lora_name: Name | None = None
+    spec_kind: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    take_events: bool = False
+
+
 class Stats(_Msg, tag="stats"):
     query: ReadCounts | None = None
 
@@ -153,7 +199,7 @@ class Flush(_Msg, tag="flush"):
 
 
 Body = Union[Ping, Register, Unregister, StoreBegin, StoreCommit, Lookup, RetrieveBegin,
-             RetrieveEnd, FreeLookupLocks, EndSession, Stats, Flush]
+             RetrieveEnd, FreeLookupLocks, EndSession, Stats, Flush, VllmBlocks]
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

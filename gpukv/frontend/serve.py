@@ -42,6 +42,8 @@ def serve_main(args: argparse.Namespace) -> int:
                                   chunk_size=args.chunk_size, disk_dir=args.disk_dir,
                                   disk_capacity_bytes=args.disk_capacity,
                                   remote_url=args.remote_url, events_address=args.events,
+                                  vllm_events_address=args.vllm_events,
+                                  vllm_events_topic=args.vllm_events_topic,
                                   prefault={"background": "background", "sync": True,
                                             "off": False}[args.prefault]),
                      shared=True)

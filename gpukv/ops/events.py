@@ -34,9 +34,8 @@ import msgspec
 import zmq
 
 from gpukv.constants import HASH_BYTES
-from gpukv.curve_keys import CurveServer, load_keys
-from gpukv.frontend.peer import bind
-from gpukv.ops.addresses import check_zmq_address
+from gpukv.curve_keys import CurveServer
+from gpukv.ops.event_socket import open_pub, subscription_delta
 from gpukv.zmq_context import OwnedContext
 
 TIERS = ("L1", "disk", "remote")
@@ -120,19 +119,21 @@ class EventPublisher:
     CURVE (only holders of the key file ``key_file``, default :func:`gpukv.curve_keys.key_file`,
     may subscribe). ``queue_size`` bounds the events waiting for the socket thread;
     ``buffer_size`` (0 = off) bounds the in-process buffer. ``clock`` gives the ``ts`` field.
+    ``listener(event)`` sees every event in seq order, under the publisher's lock (it must only
+    enqueue: :class:`gpukv.ops.router_events.RouterEvents` does).
     """
 
     def __init__(self, address: str | None = None, *, allow_remote: bool = False,
                  queue_size: int = 65536, buffer_size: int = 0, sndhwm: int = 100_000,
-                 clock: Callable[[], float] = time.time, key_file: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, key_file: str | None = None,
+                 listener: Callable[[KvEvent], None] | None = None) -> None:
         for name, value, low in (("queue_size", queue_size, 1), ("buffer_size", buffer_size, 0),
                                  ("sndhwm", sndhwm, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if address is not None:
-            check_zmq_address(address, allow_remote=allow_remote)
         self.epoch = time.time_ns()
         self.queue_size, self.buffer_size = queue_size, buffer_size
+        self._listener = listener
         self._clock = clock
         self._cond = threading.Condition()
         self._queue: collections.deque[KvEvent] = collections.deque()
@@ -149,24 +150,12 @@ class EventPublisher:
         self._curve: CurveServer | None = None
         if address is not None:
             self._zmq = OwnedContext(self)  # closed even if a failed bind drops this unclosed
-            self._sock = self._zmq.socket(zmq.XPUB)
-            self._sock.setsockopt(zmq.LINGER, 1000)
-            self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-            self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # see every (un)subscription
             try:
-                if address.startswith("tcp://"):  # any local user can reach a port: CURVE
-                    self._curve = CurveServer(self._zmq.ctx, load_keys(key_file, create=True))
-                    self._curve.secure(self._sock)
-                if address.startswith("ipc://@"):
-                    raise ValueError(f"refusing the abstract socket {address!r}: any local user "
-                                     "could subscribe")
-                bind(self._sock, address)  # ipc://: a trusted folder, this user's socket file
+                self._sock, self._curve, self.address = open_pub(
+                    self._zmq, address, allow_remote=allow_remote, key_file=key_file, sndhwm=sndhwm)
             except (zmq.ZMQError, ValueError):
-                if self._curve is not None:
-                    self._curve.stop()
                 self._zmq.close()
                 raise
-            self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._thread = threading.Thread(target=self._run, name="gpukv-events", daemon=True)
             self._thread.start()
 
@@ -199,6 +188,8 @@ class EventPublisher:
             seq = self._next_seq
             self._next_seq += 1
             event = cls(seq, self.epoch, ts, tier, model, kv_rank, hashes, reason)
+            if self._listener is not None:
+                self._listener(event)
             if self._thread is not None:
                 if len(self._queue) < self.queue_size:
                     self._queue.append(event)
@@ -266,10 +257,7 @@ class EventPublisher:
             sock = self._sock  # read each round, after the wait: a test may wrap it
             for event in batch:
                 sock.send(_ENCODER.encode(event), zmq.NOBLOCK)  # PUB never blocks: drops at HWM
-            delta = 0
-            while sock.poll(0, zmq.POLLIN):
-                frame = sock.recv()
-                delta += 1 if frame[:1] == b"\x01" else -1 if frame[:1] == b"\x00" else 0
+            delta = subscription_delta(sock)
             with self._cond:
                 self.sent += len(batch)
                 self._subscriptions += delta

@@ -35,6 +35,7 @@ from gpukv.errors import Busy
 from gpukv.frontend.client import ServerError, ServerUnavailable
 from gpukv.integrations.vllm.layouts import kv_views
 from gpukv.integrations.vllm.plan import StepPlan, stage_request_id
+from gpukv.integrations.vllm.stats import TransferRecorder, failures, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class WorkerSide:
         self.last_stores: list[Transfer] = []
         self.num_loaded_tokens = self.num_stored_tokens = self.num_failed_loads = 0
         self.num_registrations = 0
+        self.stats = TransferRecorder()  # bytes, seconds and failures of each load and store
+        self.token_bytes = 0  # one token's KV in this rank's pages, all layers
 
     # ---- registration ------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> bool:
@@ -98,6 +101,7 @@ class WorkerSide:
         except (ValueError, TypeError) as exc:
             self.refuse(str(exc))
             return False
+        self.token_bytes = token_bytes(self._views, self._dims)
         self._server_pid = self.client.server_info.get("pid")
         return self._register()
 
@@ -183,6 +187,8 @@ class WorkerSide:
                 self.num_failed_loads += 1
                 got = 0
             done.append(Transfer(spec.request_id, asked, got, time.perf_counter() - t0))
+            written = int((spec.slot_mapping >= 0).sum()) if got else 0
+            self.stats.record("load", written * self.token_bytes, done[-1].seconds, ok=bool(got))
         self.last_loads = done
         return done
 
@@ -194,12 +200,14 @@ class WorkerSide:
                 self.kind == "mla" and self.tp_rank != 0):
             return done
         for spec in plan.stores:
-            t0 = time.perf_counter()
+            t0, failed = time.perf_counter(), failures(self.client, "store")
             stored = self.client.store(self.instance_id, spec.token_ids,
                                        torch.from_numpy(spec.slot_mapping),
                                        seed=spec.seed, extras=spec.extras)
             self.num_stored_tokens += stored
             done.append(Transfer(spec.request_id, len(spec.token_ids), stored, time.perf_counter() - t0))
+            self.stats.record("store", stored * self.token_bytes, done[-1].seconds,
+                              ok=failures(self.client, "store") == failed)
         return done
 
     def take_failed_blocks(self) -> set[int]:
