@@ -37,7 +37,7 @@ from common import load_average, progress, results_dir, thread_settings, write_c
 
 from gpukv import CacheEngine, EngineConfig  # noqa: E402
 from gpukv.integrations import transformers as adapter  # noqa: E402
-from gpukv.integrations.prefix_reuse import PrefixReuse, make_prompts  # noqa: E402
+from gpukv.testing.prefix_reuse import PrefixReuse, make_prompts  # noqa: E402
 
 # model name -> (builder, TP ranks, config overrides per preset)
 MODELS = {

@@ -10,7 +10,8 @@ engines one after the other, the order flipping every repeat; the engines idle w
 works. The 0 % points are misses: they show what gpukv costs a request it cannot help (the
 lookup, the store of its chunks, ending its request). TTFT is vLLM's own ``first_token_latency`` (arrival to first token, in the front end).
 
-gpukv's share of the gpukv engine's time: from its connector records, the scheduler's lookup
+gpukv's share of the gpukv engine's time: from its connector records (the gpukv engine runs the
+tests' recording connector, :mod:`gpukv.testing.vllm_recording`), the scheduler's lookup
 (``get_num_new_matched_tokens``, RPC included) and the worker's load (``start_load_kv``: the
 retrieve RPCs and the copy into vLLM's blocks), over its TTFT; the store of Q's new chunks
 (``wait_for_save``) is reported beside it.
@@ -40,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, results_dir, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.integrations.vllm.offline import RESULT_MARK, engine_env, kill_session, spawn  # noqa: E402
-from gpukv.integrations.vllm.records import read_records  # noqa: E402
-from gpukv.integrations.vllm.tiny_models import prompt_token_ids, write_tiny_model  # noqa: E402
+from gpukv.testing.vllm_offline import RESULT_MARK, engine_env, kill_session, spawn  # noqa: E402
+from gpukv.testing.vllm_records import read_records  # noqa: E402
+from gpukv.testing.tiny_models import prompt_token_ids, write_tiny_model  # noqa: E402
 
 # A Llama heavier than the tests' tiny one, so a prefill costs what it costs in proportion
 # (8 layers, hidden 512, 4 KV heads of 64: 8 KiB of bf16 KV per token).
@@ -60,7 +61,7 @@ class EngineLoop:
 
     def __init__(self, workdir: Path, args: list[str], log: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--serve-stdin",
+        cmd = [sys.executable, "-m", "gpukv.testing.vllm_offline", "--serve-stdin",
                "--out", str(workdir / "out.json"), *args]
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -145,8 +146,8 @@ def run(preset: str) -> list[dict]:
             rec = root / "records"
             rec.mkdir()
             engines = {
-                "gpukv": EngineLoop(root / "gpukv", [*common, "--connector", "--extra-config", json.dumps(
-                    {"gpukv.address": address, "gpukv.record_dir": str(rec)})], root / "gpukv.log"),
+                "gpukv": EngineLoop(root / "gpukv", [*common, "--connector", "--record", "--extra-config", json.dumps(
+                    {"gpukv.address": address, "gpukv_test.record_dir": str(rec)})], root / "gpukv.log"),
                 "base": EngineLoop(root / "base", common, root / "base.log")}
             try:
                 for name, engine in engines.items():  # warm-up: every length once, unrelated tokens

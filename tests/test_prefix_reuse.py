@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers", minversion="5.0")
 
 from gpukv import CacheEngine, EngineConfig  # noqa: E402
-from gpukv.integrations.prefix_reuse import (  # noqa: E402
+from gpukv.testing.prefix_reuse import (  # noqa: E402
     PrefixReuse,
     make_prompts,
     run_demo,

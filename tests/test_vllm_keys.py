@@ -75,14 +75,20 @@ def test_extra_config_is_validated_and_roles_pick_the_directions():
     with pytest.raises(TypeError, match="gpukv.autostart must be a bool"):
         ConnectorConfig.from_extra_config({"gpukv.autostart": "yes"}, kv_role="kv_both")
     cfg = ConnectorConfig.from_extra_config({"gpukv.autostart_args": ["--capacity", "1GiB"],
-                                             "gpukv.record_shares": True}, kv_role="kv_both")
-    assert cfg.autostart_args == ("--capacity", "1GiB") and cfg.record_shares and cfg.timeout_s == 10.0
+                                             "gpukv.step_budget_s": 0.05,
+                                             "gpukv_test.record_dir": "/tmp"}, kv_role="kv_both")
+    assert cfg.autostart_args == ("--capacity", "1GiB") and cfg.timeout_s == 10.0
+    assert (cfg.step_budget_s, cfg.lookup_wait_s) == (0.05, 1.0)  # test-only keys are not the product's
     with pytest.raises(TypeError, match="gpukv.autostart_args must be a list of str"):
         ConnectorConfig.from_extra_config({"gpukv.autostart_args": "--capacity 1GiB"}, kv_role="kv_both")
     with pytest.raises(TypeError, match="gpukv.autostart_args must be a list of str"):
         ConnectorConfig.from_extra_config({"gpukv.autostart_args": ["--capacity", 1]}, kv_role="kv_both")
-    with pytest.raises(TypeError, match="gpukv.record_shares must be a bool"):
-        ConnectorConfig.from_extra_config({"gpukv.record_shares": 1}, kv_role="kv_both")
+    with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config keys \['gpukv.record_shares'\]"):
+        ConnectorConfig.from_extra_config({"gpukv.record_shares": True}, kv_role="kv_both")
+    with pytest.raises(ValueError, match=r"gpukv.step_budget_s must be a number in \[0, 1\]"):
+        ConnectorConfig.from_extra_config({"gpukv.step_budget_s": 5}, kv_role="kv_both")
+    with pytest.raises(ValueError, match="gpukv.lookup_wait_s must be a positive number"):
+        ConnectorConfig.from_extra_config({"gpukv.lookup_wait_s": -1}, kv_role="kv_both")
     with pytest.raises(ValueError, match="gpukv.group must be 16 to 128 characters, got 5"):
         ConnectorConfig.from_extra_config({"gpukv.group": "short"}, kv_role="kv_both")
 

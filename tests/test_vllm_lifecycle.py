@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 require_vllm()
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.integrations.vllm.records import read_records  # noqa: E402
-from gpukv.integrations.vllm.tiny_models import write_tiny_model  # noqa: E402
+from gpukv.testing.vllm_records import read_records  # noqa: E402
+from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_a_preempted_request_reloads_its_own_chunks_and_leaks_no_share(lifecycle
     preempted = {r for b in records if b["hook"] == "build_connector_meta" for r in b["preempted"]}
     assert preempted, "12 blocks must force a preemption"
     again = [r for r in records if r["hook"] == "get_num_new_matched_tokens"
-             and r["request_id"] in preempted and r["num_preemptions"]]
+             and r["request_id"] in preempted and r["num_preemptions"] and r["external"] is not None]
     # back in the lookup with its outputs: it finds its own prompt chunks (and more) in gpukv
     assert again and all(r["num_tokens"] > 400 and r["hit"] >= 384 for r in again)
     loaded = {t["request_id"]: t for r in records if r["hook"] == "start_load_kv" for t in r["loads"]}
@@ -59,7 +59,8 @@ def test_aborting_a_waiting_request_and_disconnecting_a_running_one_leak_no_shar
     assert finished["r2"] == "FINISHED_ABORTED" and finished["r1"] == "FINISHED_ABORTED"
     # R2 was looked up (3 chunks of Q) and never admitted
     r2 = [r for r in records if r["hook"] == "get_num_new_matched_tokens" and r["request_id"].startswith("r2")]
-    assert r2 and {r["hit"] for r in r2} == {384}
+    # (the first answer may come at a later step: None until then, vLLM's "ask again later")
+    assert r2 and {r["hit"] for r in r2} <= {None, 384} and waiting["shares"] == 3
     assert not any(r["request_id"].startswith("r2") for r in records if r["hook"] == "update_state_after_alloc")
     last = [r for r in records if r["hook"] == "wait_for_save"][-1]
     assert last["failures"] == {}  # no gpukv call of the worker failed

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpukv.integrations.vllm.keys import MMItem
-from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, SchedulerPlanner, StepView
+from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
+from gpukv.integrations.vllm.planner import SchedulerPlanner
 from vllm_fakes import FakeClient
 from vllm_pages import BS, CS, MODEL, NB, Clock, cpu_read, engine, fill, new_step, slots_of, store_prompt, tokens
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpukv.integrations.vllm.plan import RequestInfo, SchedulerPlanner
-from gpukv.integrations.vllm.worker import WorkerSide, kv_views
+from gpukv.integrations.vllm.plan import RequestInfo
+from gpukv.integrations.vllm.planner import SchedulerPlanner
+from gpukv.integrations.vllm.layouts import kv_views
+from gpukv.integrations.vllm.worker import WorkerSide
 from vllm_fakes import FakeClient
 from vllm_pages import (BS, CS, D, H, MODEL, NB, cpu_read, engine, fill, mha_pages, new_step,
                         slots_of, store_prompt, tokens)
@@ -76,8 +78,8 @@ def test_bad_input_is_refused_by_name(client):
         plan.after_alloc("nope", 0)
     with pytest.raises(ValueError, match="num_computed_tokens"):
         plan.num_new_matched_tokens(RequestInfo("r", [1, 2]), -1)
-    with pytest.raises(ValueError, match="backend 'FLASHINFER' has no gpukv layout"):
-        kv_views({"l": torch.zeros(2, 2, 16, 8)}, "FLASHINFER")
+    with pytest.raises(ValueError, match="backend 'FLEX_ATTENTION' has no gpukv layout"):
+        kv_views({"l": torch.zeros(2, 2, 16, 8)}, "FLEX_ATTENTION")
     with pytest.raises(ValueError, match=r"expects \[NB, H, BS, 2\*D\]"):
         kv_views({"l": torch.zeros(2, 16, 8)}, "CPU_ATTN")
     with pytest.raises(ValueError, match="not contiguous"):

@@ -11,7 +11,11 @@ free_lookup_locks / end_session / read_count) with the semantics it relies on, i
   used chunk needs one share of the request and gives it back; returns ``len(token_ids)`` or 0;
 - free_lookup_locks(start, end): the shares of chunks lying entirely inside ``[start, end)``;
 - store copies the token rows of full chunks not yet present; the rows are the registered views'
-  ``[block, ..., offset, ...]`` slices, as gpukv's generic descriptor reads them.
+  ``[block, ..., offset, ...]`` slices, as gpukv's generic descriptor reads them;
+- lookup with ``loadable``: 0 unless instances of the model are registered for every TP rank by
+  the caller's group (:class:`GroupView`: one engine's processes);
+- :meth:`FakeClient.restart`: the server restarts (a new pid; registrations, objects and shares
+  gone): store and retrieve then name an unknown instance, as the server does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,25 @@ class FakeClient:
         self.chunk_index: dict[tuple, int] = {}  # (request_id, key) -> chunk index in its lookup
         self.calls: Counter = Counter()
         self.fail_next_retrieves = 0
+        self.server_info = {"pid": 1000, "chunk_size": chunk_size, "salt": ""}
+
+    def restart(self, *, chunk_size: int | None = None) -> None:
+        """The server restarts empty (another process, another pid)."""
+        self.instances.clear()
+        self.objects.clear()
+        self.shares.clear()
+        self.server_info = dict(self.server_info, pid=self.server_info["pid"] + 1,
+                                chunk_size=chunk_size or self.chunk_size)
+
+    def ping(self, *, timeout_s=None) -> dict:
+        self.calls["ping"] += 1
+        return dict(self.server_info)
+
+    def _instance(self, instance_id) -> dict[str, Any]:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise ValueError(f"unknown instance {instance_id!r} for this client: REGISTER it first")
+        return inst
 
     # -- keys ---------------------------------------------------------------------------------
     def _hashes(self, token_ids, seed: bytes, extras) -> list[bytes]:
@@ -55,19 +78,23 @@ class FakeClient:
         return view[b, off] if dims == "NB,BS,D" else view[b, :, :, off]  # "NB,H,2,BS,D"
 
     # -- API ----------------------------------------------------------------------------------
-    def register(self, instance_id, model, kv_caches, dims, *, kind="mha", tp_rank=0, tp_size=1) -> None:
+    def register(self, instance_id, model, kv_caches, dims, *, kind="mha", tp_rank=0, tp_size=1,
+                 group=None) -> None:
         self.calls["register"] += 1
         views = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
         block_size = views[0].shape[1] if dims == "NB,BS,D" else views[0].shape[3]
-        self.instances[instance_id] = dict(model=model, views=views, dims=dims, kind=kind,
-                                           kv_rank=tp_rank if kind == "mha" else 0, block_size=block_size)
+        if instance_id in self.instances:
+            raise ValueError(f"instance {instance_id!r} is already registered")
+        self.instances[instance_id] = dict(model=model, views=views, dims=dims, kind=kind, tp_rank=tp_rank,
+                                           tp_size=tp_size, kv_rank=tp_rank if kind == "mha" else 0,
+                                           block_size=block_size, group=group)
 
     def unregister(self, instance_id) -> None:
         del self.instances[instance_id]
 
     def store(self, instance_id, token_ids, slot_mapping, *, seed=b"", extras=None) -> int:
         self.calls["store"] += 1
-        inst, cs = self.instances[instance_id], self.chunk_size
+        inst, cs = self._instance(instance_id), self.chunk_size
         slots = slot_mapping.tolist()
         stored = 0
         for i, h in enumerate(self._hashes(token_ids, seed, extras)):
@@ -79,8 +106,16 @@ class FakeClient:
             stored += cs
         return stored
 
-    def lookup(self, model, token_ids, *, request_id, tp_size=1, num_readers=None, seed=b"", extras=None) -> int:
+    def lookup(self, model, token_ids, *, request_id, tp_size=1, num_readers=None, seed=b"", extras=None,
+               loadable=False, group=None) -> int:
         self.calls["lookup"] += 1
+        if loadable:
+            ranks = {i["tp_rank"] for i in self.instances.values()
+                     if i["model"] == model and i["tp_size"] == tp_size and i["group"] == group}
+            if len(ranks) < tp_size:
+                return 0
+        elif not any(i["model"] == model for i in self.instances.values()):
+            raise ValueError(f"unknown model {model!r}: no instance registered it")
         kind = self._kind(model)
         hit = 0
         for i, h in enumerate(self._hashes(token_ids, seed, extras)):
@@ -96,7 +131,7 @@ class FakeClient:
 
     def retrieve(self, instance_id, token_ids, slot_mapping, *, request_id, seed=b"", extras=None) -> int:
         self.calls["retrieve"] += 1
-        inst, cs = self.instances[instance_id], self.chunk_size
+        inst, cs = self._instance(instance_id), self.chunk_size
         slots = slot_mapping.tolist()
         used = []
         for i, h in enumerate(self._hashes(token_ids, seed, extras)):
@@ -142,3 +177,20 @@ class FakeClient:
     # -- test helpers -------------------------------------------------------------------------
     def total_shares(self) -> int:
         return sum(self.shares.values())
+
+
+class GroupView:
+    """One engine's view of a :class:`FakeClient`: its registrations and lookups carry the
+    engine's group, as the sessions of one engine's processes do on the real server."""
+
+    def __init__(self, fake: FakeClient, group: str) -> None:
+        self.fake, self.group = fake, group
+
+    def __getattr__(self, name: str):
+        return getattr(self.fake, name)
+
+    def register(self, *args, **kwargs) -> None:
+        return self.fake.register(*args, group=self.group, **kwargs)
+
+    def lookup(self, *args, **kwargs) -> int:
+        return self.fake.lookup(*args, group=self.group, **kwargs)

@@ -28,7 +28,7 @@ WAIT_S = 120.0
 
 
 def _counts(client) -> dict:
-    from gpukv.integrations.vllm.offline import server_counts
+    from gpukv.testing.vllm_offline import server_counts
 
     return server_counts(client.stats())
 
@@ -39,13 +39,13 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from gpukv.frontend.client import CacheClient
-    from gpukv.integrations.vllm.offline import engine_kwargs
-    from gpukv.integrations.vllm.tiny_models import prompt_token_ids
+    from gpukv.testing.vllm_offline import engine_kwargs
+    from gpukv.testing.tiny_models import prompt_token_ids
 
     kwargs = engine_kwargs(model, tp=1, dtype="bfloat16", connector=True,
-                           extra_config={"gpukv.address": address, "gpukv.record_dir": record_dir},
+                           extra_config={"gpukv.address": address, "gpukv_test.record_dir": record_dir},
                            kv_cache_bytes=13 * 3 * 2 * 128 * 64 * 2, max_model_len=1536,
-                           prefix_caching=False)
+                           prefix_caching=False, record=True)
     from vllm.config import KVTransferConfig
 
     kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, SchedulerPlanner, StepView
+from gpukv.integrations.vllm.guard import GuardedClient
+from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
+from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.worker import WorkerSide
-from vllm_fakes import FakeClient
+from vllm_fakes import FakeClient, GroupView
 
 CS, BS, NB, H, D = 32, 16, 24, 2, 8
 MODEL = "tiny"
@@ -73,13 +75,18 @@ def fill(pages: dict[str, torch.Tensor], block_ids: list[int], n: int, seed: int
     return written
 
 
-def engine(client: FakeClient, name: str, *, tp_rank: int = 0, tp_size: int = 1, pages=None):
-    """One simulated engine: a planner (scheduler side) and a worker side with its own pages."""
+def engine(client: FakeClient, name: str, *, tp_rank: int = 0, tp_size: int = 1, pages=None,
+           clock: Clock | None = None, **planner_options):
+    """One simulated engine: a planner (scheduler side) and a worker side with its own pages, each
+    on the fake client through the connector's :class:`GuardedClient`."""
     pages = mha_pages() if pages is None else pages
-    worker = WorkerSide(client, instance_id=f"{name}-tp{tp_rank}", model=MODEL, tp_rank=tp_rank, tp_size=tp_size)
+    clock = clock or Clock()
+    worker = WorkerSide(GuardedClient(GroupView(client, name), clock=clock), instance_id=f"{name}-tp{tp_rank}",
+                        model=MODEL, tp_rank=tp_rank, tp_size=tp_size, clock=clock)
     worker.register(pages, "CPU_MLA" if next(iter(pages.values())).dim() == 4 and
                     next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
-    planner = SchedulerPlanner(client, MODEL, tp_size=tp_size, chunk_size=CS, block_size=BS, clock=Clock())
+    planner = SchedulerPlanner(GuardedClient(GroupView(client, name), clock=clock), MODEL, tp_size=tp_size, chunk_size=CS,
+                               block_size=BS, clock=clock, **planner_options)
     return planner, worker, pages
 
 
@@ -93,3 +100,32 @@ def store_prompt(planner: SchedulerPlanner, worker: WorkerSide, pages, rid: str,
     written = fill(pages, block_ids, len(prompt), seed=seed)
     worker.store(planner.build(new_step(rid, block_ids, 0, len(prompt))))
     return written
+
+
+def served_engine(address: str, name: str, *, tp_rank: int = 0, tp_size: int = 1, pages=None,
+                  model: str = MODEL, **planner_options):
+    """One simulated engine on a real ``gpukv serve`` at ``address``: its scheduler side and its
+    worker side each with a ``CacheClient`` of its own (as in vLLM, different processes) in the
+    engine's group, through the connector's :class:`GuardedClient`."""
+    from gpukv.frontend.client import CacheClient
+
+    pages = mha_pages() if pages is None else pages
+    group = f"engine-{name}-group-of-test"
+    worker = WorkerSide(GuardedClient(CacheClient(address, group=group, ping_interval_s=0)),
+                        instance_id=f"{name}-tp{tp_rank}", model=model, tp_rank=tp_rank, tp_size=tp_size)
+    assert worker.register(pages, "CPU_MLA" if next(iter(pages.values())).dim() == 4 and
+                           next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
+    raw = CacheClient(address, group=group, ping_interval_s=0)
+    planner = SchedulerPlanner(GuardedClient(raw), model, tp_size=tp_size, chunk_size=raw.chunk_size,
+                               block_size=BS, **planner_options)
+    return planner, worker, pages
+
+
+def server_counts(address: str) -> dict[str, int]:
+    """Shares, pins and open requests on the server now (a client of its own)."""
+    from gpukv.frontend.client import CacheClient
+
+    with CacheClient(address, ping_interval_s=0) as stats:
+        reply = stats.stats()
+    return {"shares": reply["l1"]["shares"], "pinned": reply["l1"]["pinned"],
+            "open_requests": reply["open_requests"], "instances": reply["instances"]}

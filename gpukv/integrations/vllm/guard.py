@@ -11,8 +11,11 @@ blocks and vLLM recomputes them, a store stores 0), counts it per method, and lo
 one at ERROR, then at most one line per ``LOG_EVERY_S``). After :class:`ServerUnavailable` every
 call is skipped for ``retry_s`` (the client's timeout must not stall each step).
 
-``register`` is not guarded: a worker that cannot register runs uncached (the connector logs it),
-and every load planned for it is reported failed.
+A refusal that names this worker's instance as unknown, or its session as reaped, means the server
+forgot the worker's registration (it restarted, or reaped this process's session): it sets
+:attr:`GuardedClient.lost`, which the worker side reads to register again (:mod:`.worker`).
+
+``register`` is not guarded: the worker side decides what a failed registration means.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from gpukv.engine.hit_sources import LookupHit
 from gpukv.errors import Busy
 from gpukv.frontend.client import ServerError, ServerUnavailable
 
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 RETRY_S = 30.0
 LOG_EVERY_S = 60.0
 _SERVER_FAILURES = (ServerUnavailable, Busy, ServerError)
+_FORGOTTEN = ("unknown instance", "session was reaped")
+_MISS = LookupHit(0, ())
 
 
 class GuardedClient:
@@ -43,10 +49,34 @@ class GuardedClient:
         self.skipped: collections.Counter[str] = collections.Counter()
         self._down_until = float("-inf")
         self._last_log = float("-inf")
+        self.lost = False  # the server forgot this process's registration (see the module doc)
 
     @property
     def chunk_size(self) -> int:
         return self.client.chunk_size
+
+    @property
+    def server_info(self) -> dict:
+        return self.client.server_info
+
+    @property
+    def down(self) -> bool:
+        """Whether calls are being skipped now (the server did not answer lately)."""
+        return self._clock() < self._down_until
+
+    def take_lost(self) -> bool:
+        """Whether the server forgot this process's registration since the last call."""
+        lost, self.lost = self.lost, False
+        return lost
+
+    def ping(self, *, timeout_s: float) -> dict | None:
+        """The server's PING reply, or None if it does not answer within ``timeout_s`` (a probe:
+        a slow answer does not pause the other calls)."""
+        try:
+            return self.client.ping(timeout_s=timeout_s)
+        except _SERVER_FAILURES:
+            self.failures["ping"] += 1
+            return None
 
     def register(self, *args: Any, **kwargs: Any) -> None:
         self.client.register(*args, **kwargs)
@@ -56,6 +86,15 @@ class GuardedClient:
 
     def lookup(self, *args: Any, **kwargs: Any) -> int:
         return self._guard("lookup", 0, True, self.client.lookup, *args, **kwargs)
+
+    def lookup_tiers(self, *args: Any, **kwargs: Any) -> LookupHit:
+        return self._guard("lookup", _MISS, True, self.client.lookup_tiers, *args, **kwargs)
+
+    def lookup_hashes_tiers(self, *args: Any, **kwargs: Any) -> LookupHit:
+        return self._guard("lookup", _MISS, True, self.client.lookup_hashes_tiers, *args, **kwargs)
+
+    def vllm_blocks(self, *args: Any, **kwargs: Any) -> dict | None:
+        return self._guard("vllm_blocks", None, False, self.client.vllm_blocks, *args, **kwargs)
 
     def read_count(self, *args: Any, **kwargs: Any) -> list[int] | None:
         return self._guard("read_count", None, True, self.client.read_count, *args, **kwargs)
@@ -90,6 +129,8 @@ class GuardedClient:
             self.failures[name] += 1
             if isinstance(exc, ServerUnavailable):
                 self._down_until = now + self.retry_s
+            elif isinstance(exc, ValueError) and any(s in str(exc) for s in _FORGOTTEN):
+                self.lost = True
             self._log(name, exc, now)
             return fallback
 

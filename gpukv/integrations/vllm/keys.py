@@ -11,7 +11,8 @@ offset in the block) and prompt-embedding hashes. gpukv mirrors that:
 - requests with prompt embeddings are not cached at all (:func:`cacheable`);
 - the model key: everything about the engine that changes the stored bytes (model, dtype, cache
   dtype, layout kind, block size, TP size, the CPU attention ISA, which fixes the in-block byte
-  order) -- so engines that could not share bytes never share keys.
+  order, and under pipeline parallelism the stage's layer range) -- so engines that could not
+  share bytes never share keys.
 
 Pure functions on plain values; the connector extracts them from vLLM objects.
 """
@@ -71,13 +72,15 @@ def chunk_extras(items: Sequence[MMItem], num_chunks: int, chunk_size: int) -> l
 
 
 def model_key(*, model: str, revision: str | None, dtype: str, cache_dtype: str, kind: str,
-              block_size: int, tp_size: int, attention: str) -> str:
+              block_size: int, tp_size: int, attention: str, stage: str = "") -> str:
     """The gpukv ``model`` name for one engine configuration: readable prefix + 12-hex digest.
 
     ``attention``: what fixes the byte order inside a block -- on vLLM-CPU the attention ISA
     (``"vec"``, ``"vec16"``, ``"amx"``, ``"neon"``...) for MHA, ``"mla-rows"`` for MLA.
     ``tp_size``: MHA shards differ per TP size; MLA latents are numerically TP-dependent too (the
     hidden states come through TP all-reduces), so they are keyed on it as well.
+    ``stage``: a pipeline stage's tag (its layer range, :meth:`.topology.Stage.tag`), empty
+    without pipeline parallelism: each stage's objects live in a key space of their own.
     """
     if kind not in ("mha", "mla"):
         raise ValueError(f"kind must be 'mha' or 'mla', got {kind!r}")
@@ -85,7 +88,7 @@ def model_key(*, model: str, revision: str | None, dtype: str, cache_dtype: str,
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     full = (f"v{LAYOUT_VERSION}|{model}|{revision or ''}|{dtype}|{cache_dtype}|{kind}|bs{block_size}"
-            f"|tp{tp_size}|{attention}")
+            f"|tp{tp_size}|{attention}" + (f"|{stage}" if stage else ""))
     digest = hashlib.blake2b(full.encode("utf-8"), digest_size=6).hexdigest()
     base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
     return f"vllm-{base}-{digest}"

