@@ -10,7 +10,7 @@ import torch
 
 from gpukv.paged.copy import unpack
 from gpukv.paged.layout import PagedKV
-from gpukv.paged.units import unit_index, unit_plan
+from gpukv.paged.units import unit_index, unit_views
 from paged_cases import flat_bytes, make_cache, random_bits
 from paged_oracle import check_pack_unpack, token_rows
 
@@ -39,14 +39,14 @@ def _check(layers, dims, kind, slots, *, chunk_size, arena_shift=0, layer_range=
 def test_unit_is_the_largest_contiguous_piece_of_a_row(layout, unit, per_row):
     layers, dims, kind = make_cache(layout, num_blocks=5, block_size=16, heads=2, head_dim=8)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    plan = unit_plan(paged)
-    assert plan.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
-    assert plan.units_per_row == per_row
+    views = unit_views(paged)
+    assert views.unit_bytes == (paged.row_bytes if unit == "row" else paged.head_bytes)
+    assert views.units_per_row == per_row
     # unit_index names exactly the bytes of each token's row, for every slot (per the oracle)
     slots = torch.arange(paged.num_slots)
-    idx = unit_index(paged, plan, slots)
+    idx = unit_index(paged, views, slots)
     want = token_rows(layers, dims, kind, slots)
-    for plane, units in enumerate(plan.planes):
+    for plane, units in enumerate(views.planes):
         got = units.view(torch.uint8)[idx].reshape(paged.num_slots, -1)
         assert torch.equal(got, want[plane // paged.num_kv, plane % paged.num_kv])
 
@@ -56,8 +56,8 @@ def test_padded_heads_fall_back_to_word_units():
     gen = torch.Generator().manual_seed(1)
     layers = [random_bits((2, 6, 16, 2, 12), torch.bfloat16, gen)[..., :8] for _ in range(3)]
     paged = _check(layers, "2,NB,BS,H,D", "mha", _slots(96, 48, holes=True), chunk_size=16)
-    plan = unit_plan(paged)
-    assert plan.unit_bytes == paged.word_bytes == 8 and plan.units_per_row == 4
+    views = unit_views(paged)
+    assert views.unit_bytes == paged.word_bytes == 8 and views.units_per_row == 4
 
 
 @pytest.mark.parametrize("layout, block_size, chunk_size", [
@@ -171,13 +171,13 @@ def test_a_stalled_thread_leaves_its_pieces_to_the_others():
     ("cpu_split", [(2, (0, 16))] * 3, None),
 ])
 def test_planes_sharing_a_buffer_form_one_group(layout, unit_groups, block_groups):
-    from gpukv.paged.groups import group_plan
+    from gpukv.paged.groups import plane_groups
 
     layers, dims, kind = make_cache(layout, num_blocks=6, block_size=16, num_layers=3)
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
-    units = group_plan(paged, "units")
+    units = plane_groups(paged, "units")
     assert [(g.stop - g.first, g.plane_offsets) for g in units.groups] == unit_groups
-    blocks = group_plan(paged, "blocks")
+    blocks = plane_groups(paged, "blocks")
     if block_groups is None:
         assert blocks is None
     else:

@@ -5,7 +5,7 @@ import torch
 
 from gpukv.paged.copy_triton import address_table
 from gpukv.paged.layout import PagedKV
-from gpukv.paged.units import unit_plan
+from gpukv.paged.units import unit_views
 from paged_cases import LAYOUTS, make_cache
 
 
@@ -63,7 +63,7 @@ def test_word_is_the_widest_that_divides_heads_strides_and_addresses(dtype, widt
                                  "NB,BS,D", kind="mla")
     assert paged.word_bytes == word
     assert address_table(paged).tolist() == [row[0] for row in paged.base_ptrs]
-    plane = unit_plan(paged).planes[0]
+    plane = unit_views(paged).planes[0]
     assert plane.dtype.itemsize == word and plane.shape == (48, width * dtype.itemsize // word)
 
 
@@ -143,7 +143,7 @@ def test_derived_tables_are_built_once_per_cache():
     layers, dims, kind = make_cache("packed")
     paged = PagedKV.from_tensors(layers, dims, kind=kind)
     assert address_table(paged) is address_table(paged)
-    assert unit_plan(paged) is unit_plan(paged) and unit_plan(paged, 2) is not unit_plan(paged)
+    assert unit_views(paged) is unit_views(paged) and unit_views(paged, 2) is not unit_views(paged)
     other = PagedKV.from_tensors(layers, dims, kind=kind)
     assert other == paged and address_table(other) is not address_table(paged)
     assert address_table(other).tolist() == address_table(paged).tolist()

@@ -16,7 +16,7 @@ release the GIL while copying, so a large call splits its work over ``torch.get_
 threads: the caller's and a pool kept with the cache (:meth:`PagedKV.cached`), which take pieces
 in turn (:func:`run_shared`).
 On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
-indexed copies on integer-word views (:func:`gpukv.paged.units.unit_plan`).
+indexed copies on integer-word views (:func:`gpukv.paged.units.unit_views`).
 Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
 """
 
@@ -31,10 +31,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from gpukv.paged.groups import GroupPlan, group_plan
+from gpukv.paged.groups import PlaneGroups, plane_groups
 from gpukv.paged.layout import INT_BY_SIZE, PagedKV, word_bytes
 from gpukv.paged.native import Batch, native_copy
-from gpukv.paged.units import like, unit_index, unit_plan, void_items
+from gpukv.paged.units import like, unit_index, unit_views, void_items
 
 # a CPU call uses one more thread per 8 MiB it moves, up to torch's thread count, and cuts its
 # work into a few pieces per thread that the threads take in turn
@@ -65,15 +65,15 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     slots = slots.view(-1, chunk_size).numpy()  # index math on a few thousand ints: numpy
     valid = slots >= 0
     full = valid.all(1)
-    blocks = group_plan(paged, "blocks")
+    blocks = plane_groups(paged, "blocks")
     blocked = _whole_blocks(paged.block_size, slots) & full if blocks is not None else np.zeros_like(full)
-    units = group_plan(paged, "units")
-    per_row = unit_plan(paged).units_per_row
-    local = {}  # per plan: [chunks, items per plane] item indices inside one plane
+    units = plane_groups(paged, "units")
+    per_row = unit_views(paged).units_per_row
+    local = {}  # per item kind: [chunks, items per plane] item indices inside one plane
     if blocked.any():
         local["blocks"] = slots[:, ::paged.block_size] // paged.block_size * blocks.block_step
     if not blocked.all():
-        local["units"] = unit_index(paged, unit_plan(paged), slots * valid)
+        local["units"] = unit_index(paged, unit_views(paged), slots * valid)
     memory, layer_bytes, base = arena.numpy(), paged.layer_bytes(chunk_size), arena.data_ptr()
     start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
     native = native_copy()
@@ -82,18 +82,18 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     index_cache: dict = {}
     for c, off in enumerate(offsets.tolist()):
         kind = "blocks" if blocked[c] else "units"
-        plan: GroupPlan = blocks if blocked[c] else units
-        per_plane = span // plan.item_bytes // (hi - lo)
+        grouped: PlaneGroups = blocks if blocked[c] else units
+        per_plane = span // grouped.item_bytes // (hi - lo)
         if native is not None and full[c]:  # one vectorised step for all of the chunk's groups
-            parts = batches.get(plan.item_bytes)
+            parts = batches.get(grouped.item_bytes)
             if parts is None:
-                parts = batches[plan.item_bytes] = _BatchParts(plan.item_bytes)
-            parts.add(_native_layout(paged, plan, kind, lo, hi, per_plane), local[kind][c],
+                parts = batches[grouped.item_bytes] = _BatchParts(grouped.item_bytes)
+            parts.add(_native_layout(paged, grouped, kind, lo, hi, per_plane), local[kind][c],
                       base + off + start)
             continue
-        chunk = void_items(memory[off + start:off + start + span], plan.item_bytes)
+        chunk = void_items(memory[off + start:off + start + span], grouped.item_bytes)
         keep = None if full[c] else valid[c].repeat(per_row).nonzero()[0]
-        for g in plan.in_range(lo, hi):
+        for g in grouped.in_range(lo, hi):
             rows = chunk[(g.first - lo) * per_plane:(g.stop - lo) * per_plane]
             key = (kind, c, g.plane_offsets)
             idx = index_cache.get(key)
@@ -139,7 +139,7 @@ def nontemporal(to_arena: bool, call_bytes: int) -> bool:
 
 
 class _NativeLayout(NamedTuple):
-    """A plan's groups over planes ``lo .. hi - 1`` as arrays for the compiled loop."""
+    """Plane groups over planes ``lo .. hi - 1`` as arrays for the compiled loop."""
 
     items_addr: np.ndarray  # [groups] int64
     num_items: np.ndarray
@@ -148,16 +148,16 @@ class _NativeLayout(NamedTuple):
     plane_offsets: tuple[np.ndarray, ...]  # distinct [planes, 1] item offsets
 
 
-def _native_layout(paged: PagedKV, plan: GroupPlan, kind: str, lo: int, hi: int,
+def _native_layout(paged: PagedKV, grouped: PlaneGroups, kind: str, lo: int, hi: int,
                    per_plane: int) -> _NativeLayout:
     def build() -> _NativeLayout:
-        groups = plan.in_range(lo, hi)
+        groups = grouped.in_range(lo, hi)
         keys: dict[tuple[int, ...], int] = {}
         key_of = [keys.setdefault(g.plane_offsets, len(keys)) for g in groups]
         return _NativeLayout(
             np.array([g.items.ctypes.data for g in groups], dtype=np.int64),
             np.array([len(g.items) for g in groups], dtype=np.int64),
-            np.array([(g.first - lo) * per_plane * plan.item_bytes for g in groups], dtype=np.int64),
+            np.array([(g.first - lo) * per_plane * grouped.item_bytes for g in groups], dtype=np.int64),
             np.array(key_of, dtype=np.int64),
             tuple(np.asarray(k, dtype=np.int64)[:, None] for k in keys))
     return paged.cached(("native_layout", kind, lo, hi, per_plane), build)
@@ -229,20 +229,20 @@ def _move_host(work: list, to_arena: bool) -> None:
 def _copy_device(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets: torch.Tensor,
                  chunk_size: int, layers: tuple[int, int], *, to_arena: bool) -> None:
     """The same copy with torch ops on any device: a loop over planes and chunks."""
-    plan = unit_plan(paged, word_bytes(paged.word_bytes, arena.data_ptr()))
+    views = unit_views(paged, word_bytes(paged.word_bytes, arena.data_ptr()))
     lo, hi = layers[0] * paged.num_kv, layers[1] * paged.num_kv
     slots = slots.view(-1, chunk_size)
     valid = slots >= 0
-    index = unit_index(paged, plan, slots * valid)  # [chunks, units]
-    words = plan.unit_bytes // plan.word_bytes
+    index = unit_index(paged, views, slots * valid)  # [chunks, units]
+    words = views.unit_bytes // views.word_bytes
     layer_bytes = paged.layer_bytes(chunk_size)
     start, span = layers[0] * layer_bytes, (layers[1] - layers[0]) * layer_bytes
     for c, off in enumerate(offsets.tolist()):
-        chunk = arena[off + start:off + start + span].view(INT_BY_SIZE[plan.word_bytes])
+        chunk = arena[off + start:off + start + span].view(INT_BY_SIZE[views.word_bytes])
         chunk = chunk.view(hi - lo, -1, words)
-        keep = valid[c].repeat_interleave(plan.units_per_row).nonzero().flatten()
+        keep = valid[c].repeat_interleave(views.units_per_row).nonzero().flatten()
         idx = index[c][keep]
-        for i, plane in enumerate(plan.planes[lo:hi]):
+        for i, plane in enumerate(views.planes[lo:hi]):
             if to_arena:
                 chunk[i][keep] = plane[idx]
             else:

@@ -24,7 +24,7 @@ import torch
 
 from gpukv.paged.layout import PagedKV
 from gpukv.paged.planes import plane_tensor
-from gpukv.paged.units import unit_plan, void_items
+from gpukv.paged.units import unit_views, void_items
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +39,11 @@ class Group:
 
 
 @dataclass(frozen=True, slots=True)
-class GroupPlan:
+class PlaneGroups:
+    """A cache's plane groups for one item size; ``block_step`` is 0 for ``"units"`` items."""
+
     item_bytes: int
-    block_step: int  # items from one block to the next ("blocks" plans; 0 for "units")
+    block_step: int  # items from one block to the next
     groups: tuple[Group, ...]
 
     def in_range(self, lo: int, hi: int) -> list[Group]:
@@ -54,22 +56,22 @@ class GroupPlan:
         return out
 
 
-def group_plan(paged: PagedKV, kind: str) -> GroupPlan | None:
-    """The ``"units"`` or ``"blocks"`` plan of a CPU cache; None for ``"blocks"`` where a block's
-    rows are not one contiguous run."""
-    return paged.cached(("group_plan", kind), lambda: _build(paged, kind))
+def plane_groups(paged: PagedKV, kind: str) -> PlaneGroups | None:
+    """The plane groups of a CPU cache in ``"units"`` or ``"blocks"`` items; None for
+    ``"blocks"`` where a block's rows are not one contiguous run."""
+    return paged.cached(("plane_groups", kind), lambda: _build(paged, kind))
 
 
-def _build(paged: PagedKV, kind: str) -> GroupPlan | None:
-    plan = unit_plan(paged)
-    unit = plan.unit_bytes
+def _build(paged: PagedKV, kind: str) -> PlaneGroups | None:
+    views = unit_views(paged)
+    unit = views.unit_bytes
     if kind == "units":
         item, step = unit, 0
-        last = ((paged.num_blocks - 1) * plan.unit_strides[0] + (paged.block_size - 1)
-                * plan.unit_strides[1] + max(plan.unit_offsets))  # last unit of a plane
+        last = ((paged.num_blocks - 1) * views.unit_strides[0] + (paged.block_size - 1)
+                * views.unit_strides[1] + max(views.unit_offsets))  # last unit of a plane
     else:
         item = unit * paged.block_size
-        if not (paged.block_size > 1 and plan.unit_offsets == (0,) and plan.unit_strides[1] == 1
+        if not (paged.block_size > 1 and views.unit_offsets == (0,) and views.unit_strides[1] == 1
                 and paged.stride_block_bytes % item == 0):
             return None
         step = paged.stride_block_bytes // item
@@ -86,7 +88,7 @@ def _build(paged: PagedKV, kind: str) -> GroupPlan | None:
         groups.append(Group(first, p, _items(storages[first], bases[first], (max(offsets) + last + 1) * item,
                                              item, paged.device), offsets))
         first = p
-    return GroupPlan(item, step, tuple(groups))
+    return PlaneGroups(item, step, tuple(groups))
 
 
 def _items(storage, start: int, nbytes: int, item: int, device: torch.device) -> np.ndarray:

@@ -59,8 +59,8 @@ class PagedKV:
     size, the strides and every base address. ``tensors`` are the tensors given (SGLang MHA: the
     K layers, then the V layers); they keep the memory alive.
 
-    What each copy path derives from this (its views, unit plans, the device address table) is
-    built on first use and cached per instance: see :meth:`cached`.
+    What each copy path derives from this (its views, unit views, plane groups, the device address
+    table) is built on first use and cached per instance: see :meth:`cached`.
     """
 
     kind: str

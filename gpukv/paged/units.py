@@ -4,9 +4,9 @@ A *unit* is the largest piece of a token row that is contiguous in the pages: th
 NHD, MLA and SGLang pools; one head for HND, packed K|V and the vLLM CPU layout; one word where
 heads are padded so that not even a head divides the strides. Token ``(block, pos)``'s row is
 the units ``block * unit_strides[0] + pos * unit_strides[1] + unit_offsets`` of its plane (chunk
-order, head-major). The plan also views each plane as a 2-D ``[num_units, unit_bytes / word]``
-tensor in the widest integer word, for torch ops; the CPU path's numpy views are in
-:mod:`gpukv.paged.groups`. A plan is built once per cache and word (:meth:`PagedKV.cached`).
+order, head-major). :class:`UnitViews` holds that cut and views each plane as a 2-D
+``[num_units, unit_bytes / word]`` tensor in the widest integer word, for torch ops; the CPU path's
+numpy views are in :mod:`gpukv.paged.groups`. Built once per cache and word (:meth:`PagedKV.cached`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gpukv.paged.planes import plane_views
 
 
 @dataclass(frozen=True, slots=True)
-class UnitPlan:
+class UnitViews:
     """How one cache's rows split into units; ``planes`` are its planes (layer-major) as
     ``[num_units, unit_bytes // word_bytes]`` views in the ``word_bytes`` integer dtype."""
 
@@ -36,21 +36,21 @@ class UnitPlan:
         return len(self.unit_offsets)
 
 
-def unit_plan(paged: PagedKV, word: int | None = None) -> UnitPlan:
-    """The plan of ``paged`` in ``word``-byte integers (default: the pages' own word; an arena less
-    aligned than the pages needs a narrower one)."""
+def unit_views(paged: PagedKV, word: int | None = None) -> UnitViews:
+    """The unit cut of ``paged`` and its planes as unit rows of ``word``-byte integers (default:
+    the pages' own word; an arena less aligned than the pages needs a narrower one)."""
     word = paged.word_bytes if word is None else word
     if paged.word_bytes % word:
         raise ValueError(f"word {word} does not divide the pages' word {paged.word_bytes}")
-    return paged.cached(("unit_plan", word), lambda: _build(paged, word))
+    return paged.cached(("unit_views", word), lambda: _build(paged, word))
 
 
-def unit_index(paged: PagedKV, plan: UnitPlan, slots):
+def unit_index(paged: PagedKV, views: UnitViews, slots):
     """``[..., len(slots) * units_per_row]`` unit rows of valid ``slots`` (a tensor or a numpy
     array of slot numbers, last dim = tokens), in chunk order."""
     block, pos = slots // paged.block_size, slots % paged.block_size
-    first = block * plan.unit_strides[0] + pos * plan.unit_strides[1]
-    return (first[..., None] + like(plan.unit_offsets, slots)).reshape(*slots.shape[:-1], -1)
+    first = block * views.unit_strides[0] + pos * views.unit_strides[1]
+    return (first[..., None] + like(views.unit_offsets, slots)).reshape(*slots.shape[:-1], -1)
 
 
 def like(values, other):
@@ -60,13 +60,13 @@ def like(values, other):
     return torch.tensor(values, dtype=torch.int64, device=other.device)
 
 
-def _build(paged: PagedKV, word: int) -> UnitPlan:
+def _build(paged: PagedKV, word: int) -> UnitViews:
     unit, strides, offsets = _cut(paged)
     num_units = ((paged.num_blocks - 1) * strides[0] + (paged.block_size - 1) * strides[1]
                  + max(offsets) + 1)
     planes = tuple(torch.as_strided(v, (num_units, unit), (unit, 1), v.storage_offset()).view(INT_BY_SIZE[word])
                    for v in plane_views(paged))
-    return UnitPlan(word, unit, strides, offsets, planes)
+    return UnitViews(word, unit, strides, offsets, planes)
 
 
 def void_items(raw: np.ndarray, item_bytes: int) -> np.ndarray:
