@@ -1,6 +1,6 @@
 """Run every perf sweep with one preset and write a Markdown summary per device.
 
-    python perf/run_all.py --preset quick            # CPU: ~5 minutes on 2 cores
+    python perf/run_all.py --preset quick            # CPU: every sweep
     python perf/run_all.py --preset full --device cuda
     python perf/run_all.py --only sweep_server       # one sweep; prints a partial summary
 
