@@ -178,7 +178,7 @@ def test_a_registration_that_fails_leaves_the_worker_uncached_and_its_loads_repo
 
         import numpy as np
         worker.bind_connector_metadata(GpukvMetadata(StepPlan(1, loads=[
-            LoadSpec("r", np.arange(CHUNK), np.arange(CHUNK), [0, 1], b"", None)])))
+            LoadSpec("r", [b"h" * 16], np.arange(CHUNK // BS, dtype=np.int32), [0, 1])])))
         worker.start_load_kv(None)
         assert worker.get_block_ids_with_load_errors() == {0, 1}
         for c in (worker, other, scheduler):

@@ -34,7 +34,8 @@ def _step(planner, worker, rid, prompt, blocks):
     planner.after_alloc(rid, 0)
     plan = planner.build(new_step(rid, blocks, 0, len(prompt)))
     worker.load(plan)  # vLLM calls start_load_kv before wait_for_save in every step
-    return worker.store(plan)
+    worker.store(plan)
+    return [t for t in worker.take_completed() if t.op == "store"]  # copies run inline here
 
 
 def test_a_worker_registers_again_when_its_store_finds_the_server_restarted(caplog):
@@ -114,7 +115,8 @@ def test_a_worker_the_server_does_not_answer_runs_uncached_and_registers_with_ba
         planner.after_alloc("r", 0)
         plan = planner.build(new_step("r", [0, 1, 2, 3], 0, 64))
         worker.load(plan)
-        assert worker.store(plan) == [] and client.calls["store"] == 0  # uncached meanwhile
+        worker.store(plan)
+        assert worker.take_completed() == [] and client.calls["store"] == 0  # uncached meanwhile
         clock.t = RETRY_MIN_S  # first retry: Busy, the next one 2 s later
         worker.load(planner.build(StepView([])))
         assert not worker.registered and client.calls["register"] == 2
@@ -143,7 +145,7 @@ def test_a_worker_the_server_refuses_runs_uncached_for_good_and_reports_planned_
     from gpukv.integrations.vllm.plan import LoadSpec, StepPlan
 
     import numpy as np
-    spec = LoadSpec("r", np.arange(CS), np.arange(CS), [0, 1], b"", None)
+    spec = LoadSpec("r", [b"h" * 16], np.arange(CS // BS, dtype=np.int32), [0, 1])
     worker.load(StepPlan(1, loads=[spec]))
     assert worker.take_failed_blocks() == {0, 1} and client.calls["register"] == 1
 
@@ -156,10 +158,10 @@ class _Stalled(FakeClient):
         self.release = threading.Event()
         self.order: list[str] = []
 
-    def lookup(self, *args, **kwargs):
+    def lookup_hashes(self, *args, **kwargs):
         assert self.release.wait(30)
         self.order.append("lookup")
-        return super().lookup(*args, **kwargs)
+        return super().lookup_hashes(*args, **kwargs)
 
     def end_session(self, request_id) -> None:
         self.order.append("end")

