@@ -115,7 +115,7 @@ def test_no_server_leaves_the_engine_uncached(model, tmp_path, caplog):
 
 def test_the_engine_loop_stores_loads_fences_an_abort_and_forces_recompute(model, tmp_path, caplog):
     with serving(tmp_path, chunk_size=CHUNK) as server:
-        extra = {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0}
+        extra = {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0, "gpukv.wait_budget_s": 1.0}
         config = _config(model, extra, policy="fail")
         with caplog.at_level(logging.WARNING, logger=LOG):
             scheduler = GpukvConnector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
@@ -159,7 +159,7 @@ def test_a_registration_that_fails_leaves_the_worker_uncached_and_its_loads_repo
     import vllm.distributed.kv_transfer.kv_connector.utils as utils
 
     with serving(tmp_path, chunk_size=CHUNK) as server:
-        config = _config(model, {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0})
+        config = _config(model, {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0, "gpukv.wait_budget_s": 1.0})
         worker = GpukvConnector(config, KVConnectorRole.WORKER, _kv_cache_config())
         monkeypatch.setattr(utils, "get_current_attn_backends",
                             lambda *a, **k: [SimpleNamespace(get_name=lambda: "FLEX_ATTENTION")])

@@ -188,7 +188,7 @@ class RecordingGpukvConnector(GpukvConnector):
                                  block_ids=s.report_blocks) for s in plan.loads],
                      stores=[dict(request_id=s.request_id, num_tokens=len(s.hashes) * self.client.chunk_size)
                              for s in plan.stores],
-                     released=list(plan.released), preempted=list(plan.preempted),
+                     released=list(plan.released),
                      nbytes=plan.nbytes())
         return meta
 

@@ -20,12 +20,12 @@ Every copy is a job on the worker's threads (:mod:`.transfers`); a step waits fo
 most ``wait_budget_s`` (from its first wait), then cancels what has not started. The modes:
 
 - loads ``"sync"``: :meth:`load` (vLLM's ``start_load_kv``, before the forward) returns once the
-  step's loads are in their blocks; ``"layerwise"``: it returns at once and :meth:`wait_layer`
+  step's loads are in their blocks (and, within the budget, their ends sent); ``"layerwise"``: it returns at once and :meth:`wait_layer`
   (``wait_for_layer_load``) waits for one layer's slices of them; ``"async"``: vLLM's
   asynchronous loads -- the request waits in vLLM, :meth:`load` queues the copy (vLLM calls it
   after the forward) and :meth:`finished` reports it in ``finished_recving`` once done.
 - stores ``"sync"``: :meth:`store` (``wait_for_save``) returns once the step's chunks are copied
-  out of vLLM's blocks (commits follow on the thread); ``"async"``: it returns at once; the
+  out of vLLM's blocks and, within the budget, committed (a slow commit goes on on its thread); ``"async"``: it returns at once; the
   blocks of a finished request stay vLLM's until :meth:`finished` reports it
   (``finished_sending``), and :meth:`preempted` waits for a preempted request's stores before the
   forward that may overwrite its blocks.
@@ -272,6 +272,7 @@ class WorkerSide:
         for job, spec in self._step_loads:
             if job.wait_started(deadline):
                 job.copied.wait()
+                job.done.wait(max(0.0, deadline - time.monotonic()))  # its end, within the budget
             if job.ok:
                 self.num_loaded_tokens += job.asked
             else:
@@ -302,6 +303,7 @@ class WorkerSide:
             for job in jobs:
                 if job.wait_started(deadline):
                     job.copied.wait()
+                    job.done.wait(max(0.0, deadline - time.monotonic()))  # the commit, within the budget
 
     def _submit_store(self, spec: StoreSpec) -> Job:
         job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
