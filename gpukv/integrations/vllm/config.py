@@ -31,11 +31,12 @@ key                         default  meaning
                                      ``"layerwise"``: each layer waits for its own slices
                                      (``wait_for_layer_load``); ``"async"``: vLLM's asynchronous
                                      loads (the request waits while the workers load it)
-``gpukv.store_mode``        "sync"   ``"sync"``: a step returns once its chunks are copied out of
-                                     vLLM's blocks (commits follow on a thread); ``"async"``: the
-                                     copies run beside the next steps, blocks fenced until done
-``gpukv.wait_budget_s``     0.02     the most one worker step waits for the server before a copy
-                                     starts (then the copy is cancelled: a load is recomputed)
+``gpukv.store_mode``        "async"  ``"async"``: the copies run beside the next steps, a finished
+                                     request's blocks fenced until they are copied out;
+                                     ``"sync"``: a step returns once its chunks are copied out of
+                                     vLLM's blocks (commits follow on a thread)
+``gpukv.wait_budget_s``     0.03     the most one worker step waits for the server before a load
+                                     it needs starts (then it is cancelled: vLLM recomputes it)
 ==========================  =======  =========================================================
 
 Keys of other prefixes are ignored (the tests' recording connector reads ``gpukv_test.*``).
@@ -72,8 +73,8 @@ class ConnectorConfig:
     relookup_s: float = 5.0
     events_address: str | None = None
     load_mode: str = "sync"
-    store_mode: str = "sync"
-    wait_budget_s: float = 0.02
+    store_mode: str = "async"
+    wait_budget_s: float = 0.03
     load: bool = True
     store: bool = True
 
@@ -131,8 +132,8 @@ class ConnectorConfig:
                    relookup_s=extra.get("gpukv.relookup_s", 5.0),
                    events_address=extra.get("gpukv.events_address"),
                    load_mode=extra.get("gpukv.load_mode", "sync"),
-                   store_mode=extra.get("gpukv.store_mode", "sync"),
-                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.02), load=load, store=store)
+                   store_mode=extra.get("gpukv.store_mode", "async"),
+                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.03), load=load, store=store)
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

@@ -180,14 +180,11 @@ class Transfers:
         """Before vLLM reuses these requests' blocks (a preemption): cancel their stores that
         have not started copying and wait for those that have (device work, no server call).
         Returns how many jobs it cancelled."""
-        cancelled = 0
-        for request_id in request_ids:
-            for job in self.jobs_of(request_id, "store"):
-                if job.cancel():
-                    cancelled += 1
-                else:
-                    job.copied.wait()
-        return cancelled
+        jobs = [job for request_id in request_ids for job in self.jobs_of(request_id, "store")]
+        copying = [job for job in jobs if not job.cancel()]  # every one first, then the waits
+        for job in copying:
+            job.copied.wait()
+        return len(jobs) - len(copying)
 
     def take_completed(self) -> list[Transfer]:
         with self._lock:

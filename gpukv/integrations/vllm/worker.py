@@ -16,8 +16,11 @@ loads and stores run on them through the client (nothing here imports vLLM).
   request id (:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every
   rank holds the same latent bytes); every rank loads.
 
-Every copy is a job on the worker's threads (:mod:`.transfers`); a step waits for the server at
-most ``wait_budget_s`` (from its first wait), then cancels what has not started. The modes:
+Every copy is a job on the worker's threads (:mod:`.transfers`). A load the step needs waits for
+the server at most ``wait_budget_s`` (from the step's first wait), then is cancelled (vLLM
+recomputes it); a store is never cancelled for time (its chunks would be lost for every later
+request): asynchronous stores never make a step wait, synchronous ones wait as stores always
+did. The modes:
 
 - loads ``"sync"``: :meth:`load` (vLLM's ``start_load_kv``, before the forward) returns once the
   step's loads are in their blocks (and, within the budget, their ends sent); ``"layerwise"``: it returns at once and :meth:`wait_layer`
@@ -25,7 +28,8 @@ most ``wait_budget_s`` (from its first wait), then cancels what has not started.
   asynchronous loads -- the request waits in vLLM, :meth:`load` queues the copy (vLLM calls it
   after the forward) and :meth:`finished` reports it in ``finished_recving`` once done.
 - stores ``"sync"``: :meth:`store` (``wait_for_save``) returns once the step's chunks are copied
-  out of vLLM's blocks and, within the budget, committed (a slow commit goes on on its thread); ``"async"``: it returns at once; the
+  out of vLLM's blocks (however long the server takes to grant slots) and, within the budget,
+  committed (a slow commit goes on on its thread); ``"async"``: it returns at once; the
   blocks of a finished request stay vLLM's until :meth:`finished` reports it
   (``finished_sending``), and :meth:`preempted` waits for a preempted request's stores before the
   forward that may overwrite its blocks.
@@ -72,7 +76,7 @@ class WorkerSide:
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
-                 wait_budget_s: float = 0.02, probe_s: float = PROBE_S,
+                 wait_budget_s: float = 0.03, probe_s: float = PROBE_S,
                  on_transfer: Callable[[Transfer], None] | None = None, inline: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
@@ -298,12 +302,11 @@ class WorkerSide:
             return
         jobs = [self._submit_store(spec) for spec in plan.stores]
         self.last_stores = [(job.request_id, job.asked) for job in jobs]
-        if self.store_mode == "sync":
+        if self.store_mode == "sync":  # as before the threads: the step waits for the copies
             deadline = self._wait_deadline()
             for job in jobs:
-                if job.wait_started(deadline):
-                    job.copied.wait()
-                    job.done.wait(max(0.0, deadline - time.monotonic()))  # the commit, within the budget
+                job.copied.wait()
+                job.done.wait(max(0.0, deadline - time.monotonic()))  # the commit, within the budget
 
     def _submit_store(self, spec: StoreSpec) -> Job:
         job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
