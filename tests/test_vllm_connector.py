@@ -131,7 +131,11 @@ def test_the_engine_loop_stores_loads_fences_an_abort_and_forces_recompute(model
         scheduler.update_state_after_alloc(_request("a", prompt), None, 0)
         blocks_a, blocks_b = [5, 1, 9, 3, 7], [2, 8, 4, 6, 0]
         assert _run_step(scheduler, worker, _output([("a", blocks_a, 0, 70)])) == (None, set())
-        assert scheduler.request_finished(_request("a", prompt), blocks_a) == (False, None)
+        # its store runs beside the next steps (asynchronous stores, the default): vLLM keeps A's
+        # blocks until the worker reports them copied out
+        assert scheduler.request_finished(_request("a", prompt), blocks_a) == (True, None)
+        assert worker._worker.transfers.drain(10)  # noqa: SLF001 - (the store's copy is done)
+        assert _run_step(scheduler, worker, _output(finished={"a"})) == ({"a"}, set())
         # request B shares A's 64 tokens: loaded into its own blocks, then aborted at once
         b = _request("b", prompt[:64] + tokens(10, 4))
         assert scheduler.get_num_new_matched_tokens(b, 0) == (64, False)
