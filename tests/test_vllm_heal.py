@@ -106,7 +106,7 @@ class _Refusing(FakeClient):
 def test_a_worker_the_server_does_not_answer_runs_uncached_and_registers_with_backoff(caplog):
     client, clock = _Refusing([ServerUnavailable("no answer"), Busy("busy")]), Clock()
     worker = WorkerSide(GuardedClient(client, clock=clock), instance_id="w", model=MODEL, tp_rank=0,
-                        tp_size=1, clock=clock)
+                        tp_size=1, clock=clock, inline=True)
     with caplog.at_level(logging.WARNING, logger=WORKER_LOG):
         assert worker.register(mha_pages(), "CPU_ATTN") is False
         planner = SchedulerPlanner(GuardedClient(client, clock=clock), MODEL, tp_size=1, chunk_size=CS,
@@ -134,7 +134,7 @@ def test_a_worker_the_server_refuses_runs_uncached_for_good_and_reports_planned_
     gpu = ValueError("this server has no arena for device cuda-uuid:GPU-4 (it serves cpu)")
     client, clock = _Refusing([gpu]), Clock()
     worker = WorkerSide(GuardedClient(client, clock=clock), instance_id="w", model=MODEL, tp_rank=0,
-                        tp_size=1, clock=clock)
+                        tp_size=1, clock=clock, inline=True)
     with caplog.at_level(logging.ERROR, logger=WORKER_LOG):
         assert worker.register(mha_pages(), "CPU_ATTN") is False
         other = WorkerSide(client, instance_id="x", model=MODEL, tp_rank=0, tp_size=1)

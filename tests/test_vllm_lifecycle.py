@@ -21,7 +21,7 @@ from gpukv.testing.vllm_records import read_records  # noqa: E402
 from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
 
 
-MODES = {"sync": {"gpukv.load_mode": "sync", "gpukv.store_mode": "sync"},
+MODES = {"sync": {"gpukv.load_mode": "sync", "gpukv.store_mode": "sync", "gpukv.wait_budget_s": 1.0},
          "async": {"gpukv.load_mode": "async", "gpukv.store_mode": "async"}}
 
 

@@ -68,6 +68,7 @@ def _run(env, name: str, *, connector: bool = True):
     rec = root / name / "records"
     rec.mkdir(parents=True)
     extra = {"gpukv.address": address, "gpukv.autostart": True, "gpukv.chunk_size": 128,
+             "gpukv.wait_budget_s": 1.0,  # (a busy shared machine: see test_vllm_llama)
              "gpukv.autostart_args": ["--capacity", "64MiB"], "gpukv_test.record_dir": str(rec),
              "gpukv_test.record_shares": True, "gpukv_test.record_digests": True}
     # CPU_MLA pinned: on a CPU with AMX vLLM would pick AMX_MLA, which takes bf16 weights only

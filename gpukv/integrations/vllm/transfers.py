@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -165,6 +165,18 @@ class Transfers:
             except Exception:  # noqa: BLE001 - a recorder's bug must not stop the copies
                 log.error("gpukv: the transfer recorder raised", exc_info=True)
 
+    def background(self, fn: Callable[..., object], *args: object) -> Future:
+        """Run ``fn(*args)`` on the side thread (the worker's server checks; inline when the
+        jobs are); an exception it raises is logged."""
+        future: Future = Future()
+        if not self._pools:
+            future.set_result(fn(*args))
+            return future
+        pool = self._pools.setdefault("side", ThreadPoolExecutor(1, thread_name_prefix="gpukv-checks"))
+        future = pool.submit(fn, *args)
+        future.add_done_callback(_log_failure)
+        return future
+
     def jobs_of(self, request_id: str, op: str | None = None) -> list[Job]:
         with self._lock:
             return [j for j in self._jobs.get(request_id, ()) if op is None or j.op == op]
@@ -209,3 +221,9 @@ class Transfers:
         self.drain(timeout_s)
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=False)
+
+
+def _log_failure(future: Future) -> None:
+    exc = None if future.cancelled() else future.exception()
+    if exc is not None:
+        log.error("gpukv: a worker's server check raised", exc_info=exc)

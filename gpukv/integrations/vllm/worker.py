@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping
 
 import torch
@@ -59,7 +60,7 @@ from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
 log = logging.getLogger(__name__)
 
 PROBE_S = 10.0
-PROBE_TIMEOUT_S = 0.04
+PROBE_TIMEOUT_S = 0.2
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
 _TRANSIENT = (ServerUnavailable, Busy, ServerError)
 
@@ -110,6 +111,7 @@ class WorkerSide:
         self._backoff = RETRY_MIN_S
         self._next_probe = 0.0
         self._incident = False  # a registration problem was logged and is not healed yet
+        self._check: Future | None = None  # the server check in flight (see _heal)
         self._failed: set[int] = set()
         self.last_loads: list[Transfer] = []  # this step's sync / layerwise loads, once settled
         self.last_stores: list[tuple[str, int]] = []  # this step's queued stores: (request, tokens)
@@ -162,24 +164,38 @@ class WorkerSide:
         log.error("gpukv: %s; worker %s runs uncached", reason, self.instance_id)
 
     def _heal(self) -> None:
-        """Notice a server that forgot this worker, and register again when it is time."""
+        """Notice a server that forgot this worker, and register again when it is time. The
+        server calls (a PING, a registration) run on a thread of their own, one check at a
+        time, so a silent server never holds up a step."""
         if self.refused is not None or self._views is None:
             return
-        now = self._clock()
-        info = None
-        lost = self.client.take_lost()
-        if self.registered and not lost and now >= self._next_probe and not self.client.down:
-            self._next_probe = now + self.probe_s
-            info = self.client.ping(timeout_s=PROBE_TIMEOUT_S)
-            lost = info is not None and info.get("pid") != self._server_pid
-        if lost and self.registered:
-            self.registered, self._retry_at = False, now
-            if not self._incident:
-                log.warning("gpukv: the server forgot %s (it restarted, or reaped this process's "
-                            "session); registering again", self.instance_id)
-                self._incident = True
-        if self.registered or now < self._retry_at:
+        if self._check is not None and not self._check.done():
             return
+        now = self._clock()
+        lost = self.client.take_lost()
+        probe = self.registered and not lost and now >= self._next_probe and not self.client.down
+        if probe:
+            self._next_probe = now + self.probe_s
+        if lost and self.registered:
+            self._forgotten(now)
+        if probe or (not self.registered and now >= self._retry_at):
+            self._check = self.transfers.background(self._check_server, now, probe)
+
+    def _forgotten(self, now: float) -> None:
+        self.registered, self._retry_at = False, now
+        if not self._incident:
+            log.warning("gpukv: the server forgot %s (it restarted, or reaped this process's "
+                        "session); registering again", self.instance_id)
+            self._incident = True
+
+    def _check_server(self, now: float, probe: bool) -> None:
+        info = None
+        if probe:
+            info = self.client.ping(timeout_s=PROBE_TIMEOUT_S)
+            if info is not None and info.get("pid") != self._server_pid and self.registered:
+                self._forgotten(now)
+            if self.registered:
+                return
         info = info or self.client.ping(timeout_s=PROBE_TIMEOUT_S)  # the server to register with
         if info is None:
             self._retry_later(f"the server does not answer {self.instance_id}'s PING")
