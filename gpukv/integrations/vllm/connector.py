@@ -9,18 +9,25 @@ each worker; they never share memory, so both talk to the server (one ``CacheCli
 one group per engine, so the workers' retrieves use the shares the scheduler's lookups took).
 
 - Scheduler side (:class:`.planner.SchedulerPlanner`): ``get_num_new_matched_tokens`` looks up
-  every pipeline stage, within a per-step time budget (``None``: ask again later),
-  ``update_state_after_alloc`` frees the shares of what vLLM already holds and plans the load,
-  ``build_connector_meta`` puts the step's loads, stores and released fences in
-  :class:`GpukvMetadata`, ``request_finished`` ends the request, or fences it while a load for
-  it may still be in flight (then ``update_connector_output`` ends it once every worker
-  reported it in ``get_finished``).
+  every pipeline stage, within a per-step time budget (``None``: ask again later), and says
+  whether the load is asynchronous (``gpukv.load_mode = "async"``); ``update_state_after_alloc``
+  frees the shares of what vLLM already holds and plans the load; ``build_connector_meta`` puts
+  the step's loads, stores (each new chunk once, by hash and blocks), preemptions and released
+  fences in :class:`GpukvMetadata`; ``request_finished`` ends the request, or fences it while a
+  copy may still use its blocks (then ``update_connector_output`` ends it once every worker
+  reported it in ``get_finished``); asynchronous loads end a finished request once reported
+  received.
 - Worker side (:class:`.worker.WorkerSide`): ``register_kv_caches`` registers vLLM's own tensors
-  (a worker that cannot register runs uncached; the engine always starts); loads are synchronous
-  and run in ``start_load_kv``, which vLLM calls before the forward of a step with loads
-  (``has_sync_kv_loads``); stores run in ``wait_for_save``, after the forward wrote the step's
-  KV (MLA: TP rank 0 only). A load that fails is reported through
-  ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks.
+  (a worker that cannot register runs uncached; the engine always starts). Copies run on the
+  worker's threads (:mod:`.transfers`): ``handle_preemptions`` fences a preempted request's
+  stores; ``start_load_kv`` queues the step's loads and, in ``"sync"`` mode, returns once they
+  are in (vLLM calls it before the forward of a step with synchronous loads,
+  ``has_sync_kv_loads``, and after the forward otherwise); ``wait_for_layer_load`` waits for one
+  layer in ``"layerwise"`` mode; ``wait_for_save`` queues the stores (MLA: TP rank 0 only) and
+  returns at once (``"async"``, the default) or once they are copied out (``"sync"``);
+  ``get_finished`` reports fenced requests whose copies are done and asynchronous loads done. A
+  load that fails is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes
+  those blocks.
 
 Failure policy: vLLM's scheduler reads ``kv_load_failure_policy`` once, right after it builds
 this connector (``vllm/v1/core/sched/scheduler.py``); with ``"fail"`` it fails every request
