@@ -20,12 +20,13 @@ from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.plan import RequestInfo, StepView
 from gpukv.integrations.vllm.planner import SchedulerPlanner
-from gpukv.integrations.vllm.worker import RETRY_MIN_S, WorkerSide
+from gpukv.integrations.vllm.registration import RETRY_MIN_S
+from gpukv.integrations.vllm.worker import WorkerSide
 from vllm_fakes import FakeClient
 from vllm_pages import (BS, CS, MODEL, Clock, cpu_read, engine, mha_pages, new_step, served_engine,
                         server_counts, slots_of, store_prompt, tokens)
 
-WORKER_LOG = "gpukv.integrations.vllm.worker"
+WORKER_LOG = "gpukv.integrations.vllm.registration"
 
 
 def _step(planner, worker, rid, prompt, blocks):
@@ -241,7 +242,7 @@ def test_after_a_restart_the_scheduler_claims_no_hit_until_its_workers_registere
         plan_b.loadable = True
         assert plan_b.num_new_matched_tokens(RequestInfo("rb2", info.token_ids), 0) == 0
         plan_b.after_alloc("rb2", 0)
-        work_b.probe_s = 0.0
+        work_b.registration.probe_s = 0.0
         work_b.load(plan_b.build(StepView([])))  # its probe sees another server: registers
         assert work_b.registered and work_b.num_registrations == 2
         assert plan_b.num_new_matched_tokens(RequestInfo("rb3", info.token_ids), 0) == 96

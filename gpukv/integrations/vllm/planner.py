@@ -27,28 +27,18 @@ behaviour behind them (``vllm/v1/core/sched/scheduler.py``):
   Loaded chunks are not stored again. Only tokens in ``token_ids`` count (prompt and accepted
   outputs, never speculative drafts). A step's plan and the work of building it grow with the
   step's new chunks, never with a prompt's length.
-- **Asynchronous loads** (``async_loads``): the request waits in vLLM (WAITING_FOR_REMOTE_KVS)
-  while the workers load it after the forward; its blocks come from ``after_alloc``, since vLLM
-  does not schedule it that step. vLLM itself keeps the blocks of such a request that finishes
-  before its load did; its server request is ended once every worker reported the load
-  (``finished_recving``: :meth:`loads_done`).
-- **Asynchronous stores** (``async_stores``): a worker may still read a request's blocks after
-  the step that planned the store; a finished request with a store planned since its last
-  preemption is fenced like an abort (below) until every worker reports its stores done with
-  the blocks; a preempted request is named in the next plan's ``preempted`` (its workers wait
-  for its stores before the forward that may overwrite its blocks).
+- **Asynchronous loads** (``async_loads``): the request waits in vLLM while the workers load it
+  after the forward; vLLM does not schedule it that step, so its load's blocks come from
+  ``after_alloc``. **Asynchronous stores** (``async_stores``): a preempted request is named in
+  the next plan's ``preempted`` (its workers wait for its stores before the forward that may
+  overwrite its blocks).
 - A request that comes back to the lookup after it was admitted was preempted: its plan starts
   again (vLLM freed its blocks; its tokens now include its outputs).
 - A prompt shorter than one chunk is not looked up (the server could hold nothing for it).
-- **Aborts are fenced.** ``finished`` ends the request on the server (its shares go) unless a
-  copy may still use its blocks: an asynchronous store, or a load in a step that may still be in flight (one of the last ``max_in_flight``
-  steps: vLLM's ``max_concurrent_batches``, more than one under async scheduling or pipeline
-  parallelism). Then it returns True (vLLM keeps the blocks), names the request in the next
-  plan's ``released`` (every worker reports it finished once that plan reaches it, after the
-  load ran) and ends it in :meth:`workers_done`. So a load is never starved of its shares by an
-  abort, and no block of a finished request is reported invalid after vLLM gave it away. (With
-  one step in flight the latest step is fenced too, although vLLM has always run it by then:
-  one rule for every schedule, at the cost of holding such a request's blocks one step longer.)
+- **The end of a request** (:mod:`.ends`): ``finished`` ends it on the server at once, or fences
+  it while a copy may still use its blocks (an asynchronous store, a load that may not have run:
+  vLLM keeps the blocks until every worker reports it), or, during an asynchronous load (the
+  request waits in vLLM for it: ``async_loads``), ends it once every worker reported the load.
 """
 
 from __future__ import annotations
@@ -62,6 +52,7 @@ import numpy as np
 
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.chain import ChunkChain
+from gpukv.integrations.vllm.ends import RequestEnds
 from gpukv.integrations.vllm.plan import (LoadSpec, RequestInfo, StepPlan, StepView, StoreSpec,
                                           stage_request_id)
 
@@ -117,9 +108,7 @@ class SchedulerPlanner:
         self.calls = calls if calls is not None else ServerCalls(0.0, inline=True)
         self._requests: dict[str, _Request] = {}
         self._to_load: dict[str, _Request] = {}  # loads committed, not in a plan yet
-        self._fenced: dict[str, _Request] = {}  # finished, waiting for the workers' word
-        self._after_load: dict[str, _Request] = {}  # finished during an async load: ended after it
-        self._release: set[str] = set()  # fenced, to name in the next plan
+        self._ends: RequestEnds[_Request] = RequestEnds()  # finished, not ended yet
         self._step = 0
         self.num_lookups = 0  # lookups sent (one per stage each)
         self.num_given_up = 0  # requests that went on without an answer
@@ -267,8 +256,7 @@ class SchedulerPlanner:
             self._plan_store(req, computed, plan)
         for request_id in view.finished:
             self._requests.pop(request_id, None)
-        plan.released = sorted(self._release)
-        self._release.clear()
+        plan.released = self._ends.take_released()
         return plan
 
     def _load_spec(self, req: _Request) -> LoadSpec:
@@ -302,7 +290,7 @@ class SchedulerPlanner:
         plan.stores.append(StoreSpec(req.info.request_id, hashes, blocks))
         req.stored_upto, req.store_step = end, self._step
 
-    # ---- the end of a request ----------------------------------------------------------------
+    # ---- the end of a request (see :mod:`.ends`) -----------------------------------------------
     def finished(self, request_id: str) -> bool:
         """The request is done (finished, aborted or rejected). Returns whether vLLM must keep its
         blocks until the workers report it (a copy may still use them: the fence)."""
@@ -311,12 +299,11 @@ class SchedulerPlanner:
         if req is None:
             return False
         if req.loading:  # vLLM keeps the blocks until the load is reported; then it ends
-            self._after_load[request_id] = req
+            self._ends.after_load(request_id, req)
             return False
         recent_load = req.load_step is not None and req.load_step > self._step - self.max_in_flight
         if recent_load or (self.async_stores and req.store_step is not None):
-            self._fenced[request_id] = req
-            self._release.add(request_id)
+            self._ends.fence(request_id, req)
             return True
         self._end(req)
         return False
@@ -324,10 +311,8 @@ class SchedulerPlanner:
     def workers_done(self, request_ids: Sequence[str]) -> None:
         """Every worker reported these fenced requests finished (vLLM's aggregated
         ``finished_sending``): their copies are done with the blocks; end them on the server."""
-        for request_id in request_ids:
-            req = self._fenced.pop(request_id, None)
-            if req is not None:
-                self._end(req)
+        for req in self._ends.workers_done(request_ids):
+            self._end(req)
 
     def loads_done(self, request_ids: Sequence[str]) -> None:
         """Every worker reported these requests' asynchronous loads done (vLLM's aggregated
@@ -336,13 +321,12 @@ class SchedulerPlanner:
             req = self._requests.get(request_id)
             if req is not None:
                 req.loading = False
-            req = self._after_load.pop(request_id, None)
-            if req is not None:
-                self._end(req)
+        for req in self._ends.loads_done(request_ids):
+            self._end(req)
 
     @property
     def num_fenced(self) -> int:
-        return len(self._fenced) + len(self._after_load)
+        return len(self._ends)
 
     def _end(self, req: _Request) -> None:
         if req.opened:
@@ -351,9 +335,7 @@ class SchedulerPlanner:
 
     def close(self) -> None:
         """End every request still open (engine shutdown), then stop the calls' thread."""
-        for req in [*self._requests.values(), *self._fenced.values(), *self._after_load.values()]:
+        for req in [*self._requests.values(), *self._ends.drain()]:
             self._end(req)
         self._requests.clear()
-        self._fenced.clear()
-        self._after_load.clear()
         self.calls.close()

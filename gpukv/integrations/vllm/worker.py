@@ -1,17 +1,8 @@
 """Worker side of the vLLM connector: vLLM's own KV tensors, registered with gpukv, and each step's
 loads and stores run on them through the client (nothing here imports vLLM).
 
-- **Registration fails closed.** A layout gpukv cannot map, or a server that refuses the worker
-  (no arena for its GPU, a layout that differs from the model's), leaves the worker uncached for
-  good, logged once; a server that does not answer or is busy is asked again later (backing off
-  from ``RETRY_MIN_S`` to ``RETRY_MAX_S``). Unregistered, the worker stores nothing and reports
-  every planned load failed; the scheduler's lookups count no chunk for an engine whose workers
-  are not all registered, so such loads are not planned in the first place.
-- **A server restart heals.** When a call is refused because the server forgot this worker (it
-  restarted, or reaped this process's session: :attr:`.guard.GuardedClient.lost`), or a PING
-  every ``probe_s`` shows another server process, the worker registers again (same backoff,
-  logged once per incident). A server that comes back with another chunk size or salt cannot
-  serve this engine's plans: the worker stays uncached until the engine restarts.
+- Registration and its healing after a server restart: :mod:`.registration` (unregistered, the
+  worker stores nothing and reports every planned load failed).
 - Pipeline parallelism: the worker registers its stage's model key and loads under its stage's
   request id (:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every
   rank holds the same latent bytes); every rank loads.
@@ -45,24 +36,16 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from typing import Any, Callable, Mapping
 
 import torch
 
-from gpukv.errors import Busy
-from gpukv.frontend.client import ServerError, ServerUnavailable
 from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
-from gpukv.integrations.vllm.layouts import kv_views
 from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, block_slots, stage_request_id
+from gpukv.integrations.vllm.registration import PROBE_S, Registration
 from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
 
 log = logging.getLogger(__name__)
-
-PROBE_S = 10.0
-PROBE_TIMEOUT_S = 0.2
-RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
-_TRANSIENT = (ServerUnavailable, Busy, ServerError)
 
 __all__ = ["WorkerSide", "Transfer", "LOAD_MODES", "STORE_MODES"]
 
@@ -96,116 +79,42 @@ class WorkerSide:
         self._async_loads: list[tuple[Job, LoadSpec]] = []  # async loads not reported yet
         self._releasing: set[str] = set()  # fenced requests to report once their copies are done
         self._recv_failed: set[str] = set()  # async loads that failed before any job ran
-        self._layer_index: dict[str, int] = {}
-        self.client, self.instance_id, self.model = client, instance_id, model
-        self.tp_rank, self.tp_size, self.stage, self.num_stages = tp_rank, tp_size, stage, num_stages
+        self.client, self.stage, self.num_stages = client, stage, num_stages
+        self.instance_id, self.tp_rank = instance_id, tp_rank
         self.load_enabled, self.store_enabled = load, store
-        self.probe_s, self._clock = probe_s, clock
-        self.kind: str | None = None  # the layout kind, once vLLM's tensors are mapped
-        self.registered = False
-        self.refused: str | None = None  # why this worker runs uncached for good
-        self._views: dict[str, torch.Tensor] | None = None
-        self._dims = ""
-        self._server_pid = None
-        self._retry_at = float("inf")
-        self._backoff = RETRY_MIN_S
-        self._next_probe = 0.0
-        self._incident = False  # a registration problem was logged and is not healed yet
-        self._check: Future | None = None  # the server check in flight (see _heal)
+        self.registration = Registration(client, instance_id=instance_id, model=model, tp_rank=tp_rank,
+                                         tp_size=tp_size, probe_s=probe_s, clock=clock)
         self._failed: set[int] = set()
         self.last_loads: list[Transfer] = []  # this step's sync / layerwise loads, once settled
         self.last_stores: list[tuple[str, int]] = []  # this step's queued stores: (request, tokens)
         self.num_loaded_tokens = self.num_stored_tokens = self.num_failed_loads = 0
-        self.num_registrations = 0
 
-    # ---- registration ------------------------------------------------------------------------
+    # ---- registration (see :mod:`.registration`) ----------------------------------------------
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> bool:
-        """Register vLLM's own tensors (views of them) with the server; whether it is registered
-        now (if not, the worker runs uncached: see the module docstring)."""
-        if self._views is not None:
-            raise ValueError(f"instance {self.instance_id!r} already has its KV tensors")
-        try:
-            self._views, self._dims, self.kind = kv_views(kv_caches, backend)
-        except (ValueError, TypeError) as exc:
-            self.refuse(str(exc))
-            return False
-        self._layer_index = {name: i for i, name in enumerate(self._views)}
-        self._server_pid = self.client.server_info.get("pid")
-        return self._register()
-
-    def _register(self) -> bool:
-        try:
-            self.client.register(self.instance_id, self.model, self._views, self._dims, kind=self.kind,
-                                 tp_rank=self.tp_rank, tp_size=self.tp_size)
-        except _TRANSIENT as exc:
-            self._retry_later(f"registering {self.instance_id} failed ({type(exc).__name__}: {exc})")
-            return False
-        except ValueError as exc:
-            if "already registered" not in str(exc):  # the server refuses this worker
-                self.refuse(f"the server refused the registration: {exc}")
-                return False
-        self.registered, self._retry_at, self._backoff = True, float("inf"), RETRY_MIN_S
-        self.num_registrations += 1
-        if self._incident:
-            log.warning("gpukv: %s registered again; caching resumes", self.instance_id)
-            self._incident = False
-        return True
-
-    def _retry_later(self, why: str) -> None:
-        self._retry_at = self._clock() + self._backoff
-        if not self._incident:
-            log.warning("gpukv: %s; running uncached, trying again (backing off up to %.0f s)",
-                        why, RETRY_MAX_S)
-        self._incident, self._backoff = True, min(RETRY_MAX_S, self._backoff * 2)
+        """Register vLLM's own tensors; whether it is registered now (else it runs uncached)."""
+        return self.registration.register(kv_caches, backend)
 
     def refuse(self, reason: str) -> None:
-        """Run uncached for good (logged once, naming ``reason``)."""
-        self.refused, self.registered = reason, False
-        log.error("gpukv: %s; worker %s runs uncached", reason, self.instance_id)
+        self.registration.refuse(reason)
 
     def _heal(self) -> None:
-        """Notice a server that forgot this worker, and register again when it is time. The
-        server calls (a PING, a registration) run on a thread of their own, one check at a
-        time, so a silent server never holds up a step."""
-        if self.refused is not None or self._views is None:
-            return
-        if self._check is not None and not self._check.done():
-            return
-        now = self._clock()
-        lost = self.client.take_lost()
-        probe = self.registered and not lost and now >= self._next_probe and not self.client.down
-        if probe:
-            self._next_probe = now + self.probe_s
-        if lost and self.registered:
-            self._forgotten(now)
-        if probe or (not self.registered and now >= self._retry_at):
-            self._check = self.transfers.background(self._check_server, now, probe)
+        self.registration.heal(self.transfers.background)
 
-    def _forgotten(self, now: float) -> None:
-        self.registered, self._retry_at = False, now
-        if not self._incident:
-            log.warning("gpukv: the server forgot %s (it restarted, or reaped this process's "
-                        "session); registering again", self.instance_id)
-            self._incident = True
+    @property
+    def registered(self) -> bool:
+        return self.registration.registered
 
-    def _check_server(self, now: float, probe: bool) -> None:
-        info = None
-        if probe:
-            info = self.client.ping(timeout_s=PROBE_TIMEOUT_S)
-            if info is not None and info.get("pid") != self._server_pid and self.registered:
-                self._forgotten(now)
-            if self.registered:
-                return
-        info = info or self.client.ping(timeout_s=PROBE_TIMEOUT_S)  # the server to register with
-        if info is None:
-            self._retry_later(f"the server does not answer {self.instance_id}'s PING")
-        elif (info.get("chunk_size"), info.get("salt")) != (self.client.chunk_size,
-                                                            self.client.server_info.get("salt")):
-            self.refuse(f"the server restarted with chunk size {info.get('chunk_size')} (this engine "
-                        f"plans for {self.client.chunk_size}) or another salt")
-        else:
-            self._server_pid = info.get("pid")
-            self._register()
+    @property
+    def refused(self) -> str | None:
+        return self.registration.refused
+
+    @property
+    def kind(self) -> str | None:
+        return self.registration.kind
+
+    @property
+    def num_registrations(self) -> int:
+        return self.registration.num_registrations
 
     # ---- steps -------------------------------------------------------------------------------
     def _wait_deadline(self) -> float:
@@ -249,8 +158,9 @@ class WorkerSide:
         if not (spec.hashes and self.registered and self.load_enabled):
             return None
         rid = stage_request_id(spec.request_id, self.stage, self.num_stages)
-        layers = len(self._views) if self.load_mode == "layerwise" else 0
-        job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, _model_stream(self._views))
+        views = self.registration.views
+        layers = len(views) if self.load_mode == "layerwise" else 0
+        job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, _model_stream(views))
         slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
         return self.transfers.submit(job, lambda j: self._run_load(j, spec, slots))
 
@@ -277,7 +187,7 @@ class WorkerSide:
     def wait_layer(self, layer_name: str) -> None:
         """``"layerwise"``: wait until this step's loads have this layer's slices in vLLM's
         pages (a load that cannot start within the budget is cancelled and reported)."""
-        index = self._layer_index.get(layer_name)
+        index = self.registration.layer_index.get(layer_name)
         if index is None or not self._step_loads:
             return
         deadline = self._wait_deadline()
@@ -326,7 +236,7 @@ class WorkerSide:
 
     def _submit_store(self, spec: StoreSpec) -> Job:
         job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
-                  stream=_model_stream(self._views))
+                  stream=_model_stream(self.registration.views))
         slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
         return self.transfers.submit(job, lambda j: self._run_store(j, spec, slots))
 
@@ -393,9 +303,7 @@ class WorkerSide:
 
     def close(self) -> None:
         self.transfers.close()
-        if self.registered:
-            self.client.unregister(self.instance_id)
-            self.registered = False
+        self.registration.close()
 
 
 def _model_stream(views: Mapping[str, torch.Tensor] | None) -> torch.cuda.Stream | None:
