@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the cache server for the workers of this machine")
     serve.add_argument("--address", default=None,
                        help="ipc:///path (default: ipc://$XDG_RUNTIME_DIR/gpukv.sock, else "
-                            "ipc:///tmp/gpukv-<uid>/gpukv.sock) or tcp://127.0.0.1:PORT")
+                            "ipc:///tmp/gpukv-<uid>/gpukv.sock, else, when another user holds "
+                            "that folder, ~/.cache/gpukv/run/gpukv.sock) or tcp://127.0.0.1:PORT")
     serve.add_argument("--capacity", type=_size, default=_size("4GiB"),
                        help="L1 bytes per device (default 4GiB)")
     serve.add_argument("--device", default=None,
@@ -80,10 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--remote-url", default=None, help="redis:// or rediss:// URL of a shared tier")
     serve.add_argument("--worker-timeout", type=float, default=30.0,
                        help="seconds without a ping before a worker is reaped (default 30)")
+    serve.add_argument("--orphan-hold", type=float, default=600.0,
+                       help="seconds a reaped client's copies in flight stay pinned when the "
+                            "server cannot watch its process (tcp://, another pid namespace; "
+                            "default 600)")
     serve.add_argument("--threads", type=int, default=4,
                        help="pool threads for long requests (tier lookups, large ones, stats, flush)")
     serve.add_argument("--allow-remote", action="store_true",
-                       help="allow a tcp:// bind on a non-loopback address (no authentication!)")
+                       help="allow a tcp:// bind on a non-loopback address (CURVE: only holders "
+                            "of the key file connect; the HTTP endpoint needs --admin-token)")
+    serve.add_argument("--key-file", default=None,
+                       help="CURVE key file of tcp:// addresses (server and --events; default "
+                            "$GPUKV_KEY_FILE, else gpukv.keys in the runtime folder, created 0600)")
     serve.add_argument("--allow-abstract", action="store_true",
                        help="allow an abstract ipc://@name socket (no file permissions!)")
     serve.add_argument("--flush-timeout", type=float, default=5.0,
@@ -92,13 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fault the arenas' pages in at start: in a thread while serving "
                             "(default), before serving, or not at all")
     serve.add_argument("--http-port", type=int, default=None,
-                       help="serve /metrics, /healthcheck, /status and POST /clear on this port")
+                       help="serve /healthcheck, and with a token /metrics, /status and POST "
+                            "/clear, on this port")
+    serve.add_argument("--http-token-file", default=None,
+                       help="file of the bearer token /metrics, /status and POST /clear need "
+                            "(default gpukv-admin.token in the runtime folder, created 0600)")
     serve.add_argument("--http-host", default="127.0.0.1",
                        help="host of the HTTP admin endpoint (loopback unless --allow-remote)")
     serve.add_argument("--events", default=None, metavar="ADDRESS",
                        help="publish KV events (typed msgpack) on a ZMQ PUB socket there "
                             "(ipc:// or loopback tcp://)")
-    bounds = serve.add_argument_group("per-client bounds (past one, a request gets a Busy reply "
+    serve.add_argument("--vllm-events", default=None, metavar="ADDRESS",
+                       help="publish what the cache holds as vLLM blocks, in vLLM's KV-event wire "
+                            "format, on a ZMQ PUB socket there (ipc:// or loopback tcp://), for "
+                            "KV-aware routers; vLLM engines with the gpukv connector describe "
+                            "their blocks to the server")
+    serve.add_argument("--vllm-events-topic", default="", metavar="TOPIC",
+                       help="the topic frame of --vllm-events messages (default empty)")
+    bounds = serve.add_argument_group("bounds on clients (past one, a request gets a Busy reply "
                                       "and changes nothing)")
     bounds.add_argument("--max-instances", type=_positive, default=limits.max_instances,
                         help=f"registered KV instances (default {limits.max_instances})")
@@ -107,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument("--max-plans", type=_positive, default=limits.max_plans,
                         help=f"stores and retrieves in flight (default {limits.max_plans})")
     bounds.add_argument("--max-reserved", type=_positive_size, default=None,
-                        help="bytes of stores in flight (default: half of one device's --capacity)")
+                        help="bytes of stores in flight per client process, its reaped sessions' "
+                             "still held ones included (default: half of one device's "
+                             "--capacity)")
+    bounds.add_argument("--max-sessions", type=_positive, default=limits.max_sessions,
+                        help=f"client sessions server-wide (default {limits.max_sessions}; past "
+                             "it, the least recently seen empty one is closed first)")
+    bounds.add_argument("--max-sessions-per-process", type=_positive,
+                        default=limits.max_sessions_per_process,
+                        help=f"client sessions per client process (default "
+                             f"{limits.max_sessions_per_process})")
     return parser
 
 

@@ -39,9 +39,13 @@ class EngineConfig:
     prefault             touch the arenas' pages when they are created, so the first stores do
                          not pay a page fault per 4 KiB (costs a zero fill of the capacity):
                          True (before the engine returns), "background" (a thread), False.
-    metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; ~1 us a lookup).
+    metrics              keep Prometheus metrics (``CacheCore.observer.metrics``; cost: perf/sweep_metrics.py).
     events_address       publish KV events on a ZMQ PUB socket there (ipc:// or loopback tcp://).
     events_buffer        keep up to this many KV events in process for ``take_events`` (0 = off).
+    vllm_events_address  publish what the cache holds as vLLM blocks, in vLLM's KV-event wire
+                         format, on a ZMQ PUB socket there (:mod:`gpukv.ops.router_events`).
+    vllm_events_topic    the topic frame of those messages.
+    vllm_events_units    the most chunk descriptions (vLLM block hashes, tokens) kept for them.
     """
 
     capacity_bytes: int = 1 << 30
@@ -62,6 +66,9 @@ class EngineConfig:
     metrics: bool = True
     events_address: str | None = None
     events_buffer: int = 0
+    vllm_events_address: str | None = None
+    vllm_events_topic: str = ""
+    vllm_events_units: int = 1 << 16
 
     def __post_init__(self) -> None:
         if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) \
@@ -108,5 +115,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.backend not in (None, "triton", "torch", "ref"):
             raise ValueError(f"backend must be None, 'triton', 'torch' or 'ref', got {self.backend!r}")
+        if isinstance(self.vllm_events_units, bool) or not isinstance(self.vllm_events_units, int) \
+                or self.vllm_events_units < 1:
+            raise ValueError(f"vllm_events_units must be an int >= 1, got {self.vllm_events_units!r}")
+        if not isinstance(self.vllm_events_topic, str):
+            raise ValueError(f"vllm_events_topic must be a str, got {self.vllm_events_topic!r}")
         if not isinstance(self.salt, str):
             raise ValueError(f"salt must be a str, got {type(self.salt).__name__}")

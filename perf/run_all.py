@@ -38,6 +38,7 @@ STEPS = {  # step name -> (script, extra arguments)
     "sweep_engine": ("sweep_engine", []),
     "sweep_server": ("sweep_server", []),
     "sweep_metrics": ("sweep_metrics", []),
+    "sweep_hole_check": ("sweep_hole_check", []),
     "sweep_ping_under_lookup": ("sweep_ping_under_lookup", []),
     "sweep_remote": ("sweep_remote", []),
     "sweep_ttft": ("sweep_ttft", []),

@@ -174,6 +174,19 @@ def _metrics(out: Path) -> list[str]:
                              for r in calls])
 
 
+def _hole_check(out: Path, preset: str) -> list[str]:
+    rows = _rows(out / f"sweep_hole_check_{preset}.csv")
+    return _section(f"hole check of the shared arena (`sweep_hole_check_{preset}.csv`)",
+                    ["model", "chunks", "path", "off µs (min..max)", "on µs (min..max)", "on / off"],
+                    [(r["model"], r["chunks"], r["path"],
+                      f"{_f(r['off_median_us'])} ({_f(r['off_min_us'])}..{_f(r['off_max_us'])})",
+                      f"{_f(r['on_median_us'])} ({_f(r['on_min_us'])}..{_f(r['on_max_us'])})",
+                      _f(r["ratio"], 3)) for r in rows],
+                    "books = RETRIEVE_BEGIN + END handlers in process; retrieve / store = a whole "
+                    "CacheClient call through a server; mincore = the check of one chunk alone"
+                    + _load(rows) + ".")
+
+
 def _ping(out: Path) -> list[str]:
     rows = _rows(out / "sweep_ping_under_lookup.csv")
     return _section("PING during a maximal LOOKUP (`sweep_ping_under_lookup.csv`, goal: worst <= 50 ms)",
@@ -222,6 +235,6 @@ def summarize(out: Path, device: str, preset: str, status: dict[str, str], info:
              "| sweep | status |", "|---|---|"]
     lines += [f"| {name} | {state} |" for name, state in status.items()]
     for part in (_kernels(out, preset), _copy_floor(out, preset), _l1(out, preset), _engine(out), _server(out), _metrics(out),
-                 _ping(out), _remote(out), _ttft(out)):
+                 _hole_check(out, preset), _ping(out), _remote(out), _ttft(out)):
         lines += part
     return "\n".join(lines) + "\n"

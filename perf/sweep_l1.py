@@ -8,6 +8,10 @@ Per batch of keys (1..4096) and share count S (1, 8, 128 shares per key; ``extra
   retrieve's copy pin, releasing one share each (the owner's shares are refilled untimed).
 - ``write``: ``reserve_write`` + ``finish_write`` of fresh keys, eviction off (the keys are deleted
   untimed after each sample) and on (the arena is full: every write evicts one LRU object).
+- ``request``: the calls the engine makes for one request whose chunks are all in L1, on an MLA
+  model whose S ranks share each object: ``reserve_prefix([keys], S-1)`` (the lookup), ``pin`` +
+  ``end_read`` (one rank's retrieve), ``release_owner`` (the end of the request, which drops the
+  other ranks' shares as an abort would).
 
 Baselines, same run, same keys (tuples ``(model, rank, 16-byte hash)``, whose hash Python
 recomputes at every dict operation, as it does for the subject):
@@ -19,7 +23,8 @@ recomputes at every dict operation, as it does for the subject):
 
 Method: every case of one (batch, S) cell is sampled once per repeat, in an order rotated each
 repeat (subject and baselines alternate: ABAB...); a sample times ``inner`` back-to-back calls
-(about 1 ms) with ``time.perf_counter`` and is divided by ``inner * batch``. Reported: min /
+(about 1 ms) with ``time.perf_counter`` (``--clock thread``: the thread's CPU time, which a
+shared machine's other processes do not inflate) and is divided by ``inner * batch``. Reported: min /
 median / max over the repeats; ratios are of medians. The garbage collector runs before each
 sample, not inside it. torch's thread count is fixed (``--threads``, default 1) and printed with
 the load average before and after. Goal (issue 15): ``read`` and ``read_top_up`` <= 0.25 µs per
@@ -28,10 +33,11 @@ key at every S and batch.
     python perf/sweep_l1.py --preset quick     # ~1 min on a small CPU
     python perf/sweep_l1.py --profile          # where the read path's time goes (knock-outs)
 
-``--profile`` times the real ``reserve_read`` + ``finish_read`` against copies compiled from
-their own source with some statements replaced by ``pass`` (lease dict ops, the LRU touch, the
-status appends; the results are then wrong, only the time matters), and against the two key
-lookups every by-key call pays, in the same ABAB rounds.
+``--profile`` times the real ``reserve_read`` + ``finish_read`` against managers whose hold book
+runs copies of its hot loops (``HoldBook.take`` and ``HoldBook.release``) compiled from their
+own source with some statements replaced by ``pass`` (lease dict ops, the LRU touch, the status
+appends; the results are then wrong, only the time matters), and against the two key lookups
+every by-key call pays, in the same ABAB rounds.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ SAMPLE_KEYS = 2048  # keys touched per sample (inner calls x batch), about 1 ms 
 GOAL_US = 0.25
 OK = Status.OK
 Sample = Callable[[], float]  # seconds per key of one sample
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def make_keys(start: int, count: int) -> list[tuple]:
@@ -83,15 +90,17 @@ def filled(batch: int, *, spare: int = 0, device: str = "cpu") -> tuple[L1Manage
     return l1, keys
 
 
-def timed(fn: Callable[[], object], inner: int, batch: int) -> float:
+def timed(fn: Callable[[], object], inner: int, batch: int,
+          clock: Callable[[], float] = time.perf_counter) -> float:
     gc.collect()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / (inner * batch)
+    return (clock() - t0) / (inner * batch)
 
 
-def read_cases(batch: int, shares: int, device: str) -> dict[str, Sample]:
+def read_cases(batch: int, shares: int, device: str,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, Sample]:
     l1, keys = filled(batch, device=device)
     extra, inner = shares - 1, max(1, SAMPLE_KEYS // batch)
     reserve, finish = l1.reserve_read, l1.finish_read
@@ -122,7 +131,7 @@ def read_cases(batch: int, shares: int, device: str) -> dict[str, Sample]:
 
     def checked(fn: Callable[[], None]) -> Sample:
         def sample() -> float:
-            seconds = timed(fn, inner, batch)
+            seconds = timed(fn, inner, batch, clock)
             assert l1.stats()["shares"] == 0 and l1.stats()["leases"] == 0, fn.__name__
             return seconds
         return sample
@@ -131,10 +140,10 @@ def read_cases(batch: int, shares: int, device: str) -> dict[str, Sample]:
     assert reserve(keys, extra, owner="req", top_up=True) == [OK] * batch
     assert finish(keys, extra, owner="req") == [OK] * batch
     return {"read": checked(read), "read_top_up": checked(read_top_up), "loop": checked(loop),
-            "floor": lambda: timed(floor_pass, inner, batch)}
+            "floor": lambda: timed(floor_pass, inner, batch, clock)}
 
 
-def pin_case(batch: int, device: str) -> Sample:
+def pin_case(batch: int, device: str, clock: Callable[[], float] = time.perf_counter) -> Sample:
     l1, keys = filled(batch, device=device)
     inner = max(1, min(MAX_READERS, SAMPLE_KEYS // batch))
     pin, end_read = l1.pin, l1.end_read
@@ -144,14 +153,35 @@ def pin_case(batch: int, device: str) -> Sample:
 
     def sample() -> float:
         assert l1.reserve_read(keys, inner - 1, owner="req") == [OK] * batch  # untimed refill
-        seconds = timed(retrieve, inner, batch)
+        seconds = timed(retrieve, inner, batch, clock)
         assert l1.stats()["shares"] == 0 and l1.stats()["pinned"] == 0
         return seconds
 
     return sample
 
 
-def write_case(batch: int, evict: bool, device: str) -> Sample:
+def request_case(batch: int, shares: int, device: str,
+                 clock: Callable[[], float] = time.perf_counter) -> Sample:
+    l1, keys = filled(batch, device=device)
+    lists, extra, inner = [keys], shares - 1, max(1, SAMPLE_KEYS // batch)
+
+    def request() -> None:
+        l1.reserve_prefix(lists, extra, owner="req")
+        l1.end_read(l1.pin(keys)[1], owner="req")
+        l1.release_owner("req")
+
+    def sample() -> float:
+        seconds = timed(request, inner, batch, clock)
+        assert l1.stats()["shares"] == 0 and l1.stats()["pinned"] == 0
+        return seconds
+
+    assert l1.reserve_prefix(lists, extra, owner="req") == batch  # the statuses, once, untimed
+    assert l1.release_owner("req") == batch * shares
+    return sample
+
+
+def write_case(batch: int, evict: bool, device: str,
+               clock: Callable[[], float] = time.perf_counter) -> Sample:
     l1, _ = filled(batch, spare=0 if evict else batch, device=device)
     if not evict:
         l1.clear()
@@ -160,10 +190,10 @@ def write_case(batch: int, evict: bool, device: str) -> Sample:
     def sample() -> float:
         keys = make_keys(next(fresh) * batch, batch)
         gc.collect()
-        t0 = time.perf_counter()
+        t0 = clock()
         l1.reserve_write(keys, OBJECT_BYTES)
         l1.finish_write(keys)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
         assert keys[-1] in l1 and l1.stats()["objects"] == batch
         if not evict:
             assert l1.delete(keys) == [OK] * batch
@@ -184,7 +214,7 @@ def sample_cell(cases: dict[str, Sample], repeats: int) -> dict[str, list[float]
     return times
 
 
-def run(preset: str, device: str) -> list[dict]:
+def run(preset: str, device: str, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     cfg = PRESETS[preset]
     rows = []
 
@@ -194,11 +224,12 @@ def run(preset: str, device: str) -> list[dict]:
 
     for batch in progress(cfg["batches"], desc="batch sizes"):
         for shares in cfg["shares"]:
-            cases = read_cases(batch, shares, device)
+            cases = read_cases(batch, shares, device, clock)
+            cases["request"] = request_case(batch, shares, device, clock)
             if shares == 1:
-                cases["pin_end_read"] = pin_case(batch, device)
-                cases["write"] = write_case(batch, False, device)
-                cases["write_evict"] = write_case(batch, True, device)
+                cases["pin_end_read"] = pin_case(batch, device, clock)
+                cases["write"] = write_case(batch, False, device, clock)
+                cases["write_evict"] = write_case(batch, True, device, clock)
             times = sample_cell(cases, cfg["repeats"])
             for name, seconds in times.items():
                 op, evict = ("write", "on") if name == "write_evict" else (name, "off")
@@ -218,20 +249,23 @@ def run(preset: str, device: str) -> list[dict]:
 
 
 # -- profile: what the hot path costs, by knocking statements out of its real source -------------
-KNOCK_OUTS = {  # statements (exact text) of reserve_read / finish_read replaced by ``pass``
+KNOCK_OUTS = {  # statements (exact text) of HoldBook.take / HoldBook.release replaced by ``pass``
     "lease dict ops": ["owned[entry] = deadline", "del owned[entry]"],
-    "LRU touch": ["stamp += 1", "entry.stamp = stamp", "entry.lru.move_to_end(entry)"],
+    "LRU touch": ["stamp += 1", "entry.stamp = stamp", "lru.move_to_end(entry)"],
     "status appends": ["out.append(OK)"],
 }
 
 
-def _knocked_out(statements: list[str]) -> tuple[Callable, Callable]:
-    """reserve_read and finish_read compiled from their source without ``statements``."""
+def _knocked_out(statements: list[str]) -> type:
+    """A HoldBook whose ``take`` and ``release`` are compiled from their source without
+    ``statements`` (no slots of its own: an existing book's class can be swapped for it)."""
     import inspect
     import textwrap
 
-    fns, found = [], set()
-    for fn in (L1Manager.reserve_read, L1Manager.finish_read):
+    from gpukv.l1.holds import HoldBook  # (here: the sweep itself also runs on older trees)
+
+    fns, found = {}, set()
+    for fn in (HoldBook.take, HoldBook.release):
         lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
         for i, line in enumerate(lines):
             if line.strip() in statements:
@@ -239,28 +273,31 @@ def _knocked_out(statements: list[str]) -> tuple[Callable, Callable]:
                 lines[i] = line[:len(line) - len(line.lstrip())] + "pass"
         namespace = dict(vars(sys.modules[fn.__module__]))
         exec("\n".join(lines), namespace)
-        fns.append(namespace[fn.__name__])
+        fns[fn.__name__] = namespace[fn.__name__]
     assert found == set(statements), f"not in the source any more: {set(statements) - found}"
-    return fns[0], fns[1]
+    return type("KnockedOutHoldBook", (HoldBook,), dict(fns, __slots__=()))
 
 
-def profile(batch: int, repeats: int) -> list[dict]:
+def profile(batch: int, repeats: int, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """ABAB over the real read path, the knocked-out variants and the baselines (one share)."""
-    variants = {"real": (L1Manager.reserve_read, L1Manager.finish_read)}
+    from gpukv.l1.holds import HoldBook
+
+    variants = {"real": HoldBook}
     variants |= {f"without {name}": _knocked_out(stmts) for name, stmts in KNOCK_OUTS.items()}
     variants["without all three"] = _knocked_out([s for ss in KNOCK_OUTS.values() for s in ss])
     cases: dict[str, Sample] = {}
-    for name, (reserve, finish) in variants.items():
+    for name, book_class in variants.items():
         l1, keys = filled(batch)
+        l1._holds.__class__ = book_class  # the manager's (and its pool's) one hold book
 
-        def run(l1=l1, keys=keys, reserve=reserve, finish=finish) -> None:
-            reserve(l1, keys, 0, owner="req")
-            finish(l1, keys, 0, owner="req")
+        def run(l1=l1, keys=keys) -> None:
+            l1.reserve_read(keys, 0, owner="req")
+            l1.finish_read(keys, 0, owner="req")
 
-        cases[name] = (lambda run=run: timed(run, max(1, SAMPLE_KEYS // batch), batch))
-    base = read_cases(batch, 1, "cpu")
+        cases[name] = (lambda run=run: timed(run, max(1, SAMPLE_KEYS // batch), batch, clock))
+    base = read_cases(batch, 1, "cpu", clock)
     l1, keys = filled(batch)
-    get, lock, inner = l1._objects.get, l1._lock, max(1, SAMPLE_KEYS // batch)
+    get, lock, inner = l1._objects.get_ready, l1._lock, max(1, SAMPLE_KEYS // batch)
 
     def lookups() -> None:  # what any by-key call pays: the key lookups, under the lock
         for _ in range(2):
@@ -268,7 +305,7 @@ def profile(batch: int, repeats: int) -> list[dict]:
                 for key in keys:
                     get(key)
 
-    cases |= {"floor": base["floor"], "two key lookups": lambda: timed(lookups, inner, batch)}
+    cases |= {"floor": base["floor"], "two key lookups": lambda: timed(lookups, inner, batch, clock)}
     times = sample_cell(cases, repeats)
     real = statistics.median(times["real"])
     return [dict(batch=batch, variant=name, ns_per_key=statistics.median(t) * 1e9,
@@ -280,7 +317,8 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     shares = sorted({r["shares_per_key"] for r in rows if r["op"] == "read"})
     for ax, s in zip(axes, shares):
-        for op, style in (("read", "-o"), ("read_top_up", "-s"), ("loop", "--x"), ("floor", ":.")) + (
+        for op, style in (("read", "-o"), ("read_top_up", "-s"), ("request", "-D"), ("loop", "--x"),
+                          ("floor", ":.")) + (
                 (("pin_end_read", "-^"), ("write", "-v")) if s == 1 else ()):
             pts = sorted((r["batch"], r["us_per_key"], r["us_min"], r["us_max"]) for r in rows
                          if r["op"] == op and r["shares_per_key"] == s and r["eviction"] == "off")
@@ -306,6 +344,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--device", default="cpu", help="arena device: cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for the run)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: time.perf_counter; thread: this thread's CPU time")
     parser.add_argument("--profile", action="store_true",
                         help="only the knock-out profile of reserve_read + finish_read (CSV)")
     args = parser.parse_args()
@@ -313,9 +353,11 @@ def main() -> None:
     load_before = os.getloadavg()
     print(f"python {platform.python_version()}, torch {torch.__version__}, torch threads "
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"cpus {os.cpu_count()}, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+          f"cpus {os.cpu_count()}, clock {args.clock}, "
+          f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     if args.profile:
-        rows = [r for batch in (256, 4096) for r in profile(batch, PRESETS[args.preset]["repeats"])]
+        rows = [r for batch in (256, 4096)
+                for r in profile(batch, PRESETS[args.preset]["repeats"], CLOCKS[args.clock])]
         csv_path = write_csv(results_dir("cpu") / f"sweep_l1_profile_{args.preset}.csv", rows)
         for r in rows:
             print(f"batch {r['batch']:>5} {r['variant']:>24}: {r['ns_min']:6.1f} {r['ns_per_key']:6.1f} "
@@ -323,7 +365,7 @@ def main() -> None:
         load = os.getloadavg()
         print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\ncsv: {csv_path}")
         return
-    rows = run(args.preset, args.device)
+    rows = run(args.preset, args.device, CLOCKS[args.clock])
     load_after = os.getloadavg()
     out = results_dir(args.device)
     csv_path = write_csv(out / f"sweep_l1_{args.preset}.csv", rows)

@@ -48,7 +48,8 @@ def _free_port() -> int:
 class PrometheusServer:
     """One ``prometheus`` on a free 127.0.0.1 port, its storage and config under ``workdir``."""
 
-    def __init__(self, workdir: Path, targets: list[str], *, scrape_interval_s: int = 1) -> None:
+    def __init__(self, workdir: Path, targets: list[str], *, scrape_interval_s: int = 1,
+                 credentials_file: str | None = None) -> None:
         for target in targets:
             host, _, port = target.rpartition(":")
             if host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit():
@@ -64,7 +65,9 @@ class PrometheusServer:
                        "scrape_timeout": f"{scrape_interval_s}s",
                        "evaluation_interval": f"{scrape_interval_s}s"},
             "scrape_configs": [{"job_name": "gpukv", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": self.targets}]}],
+                                "static_configs": [{"targets": self.targets}],
+                                **({"authorization": {"credentials_file": str(credentials_file)}}
+                                   if credentials_file else {})}],
         }))
         self.proc: subprocess.Popen | None = None
 
@@ -147,14 +150,15 @@ class PrometheusServer:
 
 @pytest.fixture
 def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], PrometheusServer]]:
-    """``make(targets) -> PrometheusServer`` (started, scraping ``targets`` every second)."""
+    """``make(targets, credentials_file=None) -> PrometheusServer`` (started, scraping
+    ``targets`` every second, with the bearer token of ``credentials_file`` when given)."""
     require_prometheus()
     servers: list[PrometheusServer] = []
 
-    def make(targets: list[str]) -> PrometheusServer:
+    def make(targets: list[str], credentials_file: str | None = None) -> PrometheusServer:
         workdir = tmp_path / f"prometheus{len(servers)}"
         workdir.mkdir()
-        server = PrometheusServer(workdir, targets)
+        server = PrometheusServer(workdir, targets, credentials_file=credentials_file)
         servers.append(server)
         server.start()
         return server

@@ -45,7 +45,8 @@ def tiny_pages() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def stored(server):
-    """The tiny model with MAX chunks stored (two stores: one may reserve half the arena)."""
+    """The tiny model with MAX chunks stored (two stores: a client process may reserve half
+    the arena at once)."""
     with client(server.address, timeout_s=120) as c:
         c.register("tiny", "tiny", [tiny_pages()[0]], "NB,BS,D", kind="mla", tp_size=128)
         tokens = torch.arange(MAX * CHUNK)
@@ -214,11 +215,15 @@ def test_pipelined_stores_past_the_bounds_get_busy_and_memory_stays_bounded(serv
             assert peak - rss0 < 768, (rss0, peak)
             assert meanwhile >= 1, (meanwhile, latencies)
             assert max(latencies) < 10.0, (max(latencies), statistics.median(latencies))
-            # the silent raw session is reaped and its never-committed plans released
+            # the silent raw session is reaped (its instance and its unfinished writes go); its
+            # never-committed plans stay held while the process that opened them (this one,
+            # seen on the socket) runs: it could still write into their slots
             deadline = time.monotonic() + 30
-            while other.stats()["server"]["orphaned_plans"] or other.stats()["l1"]["writing"]:
+            while other.stats()["l1"]["writing"]:
                 assert time.monotonic() < deadline, other.stats()["server"]
                 time.sleep(0.1)
+            opened = sum(1 for r in replies if r.ok and r.value["plan"])
+            assert other.stats()["server"]["orphaned_plans"] == opened
     finally:
         sock.close()
         ctx.term()

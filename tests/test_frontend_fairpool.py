@@ -52,3 +52,19 @@ def test_shutdown_drops_what_did_not_start_and_waits_for_what_runs():
     assert pool.shutdown(10) == 1 and ran == ["long"]
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit("A", print)
+
+
+def test_pending_bound_counts_requests_and_bytes_per_session():
+    from gpukv.errors import Busy
+    from gpukv.frontend.fairpool import PendingBound
+
+    bound = PendingBound(max_requests=2, max_bytes=100)
+    assert bound.admit("a", 500) is None  # one request always fits, whatever its size
+    assert isinstance(bound.admit("a", 1), Busy)  # then the bytes are over
+    assert bound.admit("b", 60) is None and bound.admit("b", 40) is None
+    busy = bound.admit("b", 1)
+    assert isinstance(busy, Busy) and "2 requests (100 bytes)" in str(busy)
+    bound.done("b", 60)
+    assert bound.admit("b", 50) is None is bound.admit("c", 1)
+    bound.done("a", 500)
+    assert bound.admit("a", 100) is None

@@ -12,19 +12,21 @@ import select
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
 
 import gpukv.frontend.client as client_module
-from frontend_cases import client, serving
+from conftest import free_port
+from frontend_cases import DIMS, N, STORE_BLOCKS, client, kv_cache, prompt, serving, slots_of
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.peer import check_address, peer_uid, prepare_socket_path
+from gpukv.frontend.protocol import default_address
 from gpukv.frontend.server import ServerConfig
-
-OTHER_UID = 65534  # nobody
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating another user needs root")
+from other_user import OTHER_UID, as_other_user, as_root, point_at, shared_folder
 
 
 @as_root
@@ -111,11 +113,11 @@ def test_nobody_listening_raises_at_once(tmp_path):
 
 def test_client_refuses_a_server_of_another_uid_before_sending(tmp_path, monkeypatch):
     with serving(tmp_path) as server:
-        before = server.sessions._sessions.copy()
+        before = server.sessions.table.sids()
         monkeypatch.setattr(client_module, "server_uid", lambda address: OTHER_UID)
         with pytest.raises(ValueError, match=f"runs as uid {OTHER_UID}"):
             CacheClient(server.address)
-        assert server.sessions._sessions.keys() == before.keys()  # it sent nothing
+        assert server.sessions.table.sids() == before  # it sent nothing
 
 
 @as_root
@@ -161,3 +163,72 @@ def test_client_refuses_a_listener_running_as_another_user():
         os.waitpid(pid, 0)
         shutil.rmtree(folder)
     assert received == b"0"  # the probe connected and sent nothing, zmq never connected
+
+
+@as_root
+def test_another_user_creating_the_default_folder_cannot_deny_the_server(tmp_path, monkeypatch):
+    """Issue 24 row 3: another user creates ``<tmp>/gpukv-<uid>`` first. Before, ``gpukv serve``
+    refused to start at its default address; now it binds in the fallback folder (in this
+    user's home) and a client with the same environment finds it by the default address."""
+    shared, home = shared_folder("gpukv-test-tmp-"), tmp_path / "home"
+    home.mkdir(mode=0o700)
+    as_other_user("mkdir", "-m", "0777", shared / f"gpukv-{os.getuid()}")
+    env = point_at(monkeypatch, shared, home)
+    proc = subprocess.Popen([sys.executable, "-m", "gpukv.cli", "--log-level", "WARNING", "serve",
+                             "--capacity", "8MiB", "--chunk-size", "16"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        address = default_address()
+        assert address == f"ipc://{home}/.cache/gpukv/run/gpukv.sock"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                with CacheClient(connect_timeout_s=0.5, ping_interval_s=0) as c:
+                    assert c.server_info["pid"] == proc.pid
+                    break
+            except ServerUnavailable:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(shared)
+
+
+NEIGHBOUR_LOOKUP = """
+import sys, zmq
+from gpukv.engine.keys import chunk_hashes, request_seed
+from gpukv.frontend import protocol as p
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+def call(body):
+    sock.send(p.encode_request(1, "n" * 32, body))
+    if not sock.poll(3000):
+        print("no reply")
+        sys.exit(0)
+    return p.decode_reply(sock.recv()).value
+info = call(p.Ping())
+tokens = [int(t) for t in sys.argv[2].split(",")]
+hashes = chunk_hashes(tokens, info["chunk_size"], seed=request_seed(info["salt"], b""))
+print("hit", call(p.Lookup("m", "probe", hashes, 1, None)))
+"""
+
+
+@as_root
+def test_a_tcp_server_answers_no_other_local_user(tmp_path):
+    """Issue 24 row 3: any local user could connect to a tcp://127.0.0.1 server and learn which
+    prefixes are cached (before: "hit 80"). tcp:// runs CURVE now: without this user's key file
+    the handshake never completes, and nothing is answered."""
+    port = free_port()
+    with serving(tmp_path, address=f"tcp://127.0.0.1:{port}") as server, \
+            client(server.address) as c:
+        pages, tokens = kv_cache("mla", 1), prompt(1)
+        c.register("w", "m", pages, DIMS["mla"], kind="mla")
+        assert c.store("w", tokens, slots_of(STORE_BLOCKS, len(tokens))) == N
+        assert c.lookup("m", tokens, request_id="mine") == N  # this user's client: keys read
+        seen = as_other_user(sys.executable, "-c", NEIGHBOUR_LOOKUP, server.address,
+                             ",".join(map(str, tokens)))
+        assert seen.stdout.strip() == "no reply", (seen.stdout, seen.stderr[-2000:])
+        assert server.sessions.table.totals()["sessions"] == 1  # the neighbour never got in

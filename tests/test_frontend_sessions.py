@@ -84,12 +84,12 @@ def test_reaping_counts_silence_up_to_the_loops_last_drain(tmp_path):
             sessions.touch(sid, None)
         now = time.monotonic()
         drained = now - 10.0  # the loop has been busy for 10 s
-        sessions._sessions["live" * 8].last_seen = drained - 0.25 * timeout  # pinged just before
-        sessions._sessions["dead" * 8].last_seen = drained - 1.5 * timeout  # silent for longer
+        sessions.table.get("live" * 8).last_seen = drained - 0.25 * timeout  # pinged just before
+        sessions.table.get("dead" * 8).last_seen = drained - 1.5 * timeout  # silent for longer
         server.last_drained = drained
         server._reap()
-        assert "live" * 8 in sessions._sessions
-        assert "dead" * 8 not in sessions._sessions
+        assert "live" * 8 in sessions.table
+        assert "dead" * 8 not in sessions.table
 
 
 def test_a_busy_store_changes_nothing(tmp_path, monkeypatch):

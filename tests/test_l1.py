@@ -50,10 +50,11 @@ def test_reserve_prefix_takes_the_prefix_ready_in_every_list_and_tops_up():
     # a miss at the head of any list takes nothing at all
     assert l1.reserve_prefix([["a0"], ["x"]], 0, owner="other") == 0
     assert l1.reserve_prefix([["a3", "a0"]], 0, owner="other") == 0
-    assert l1.held("a0", "other") == 0 and "other" not in l1._owner_leases
+    assert l1.held("a0", "other") == 0 and l1._holds.entries_of("other") == []
+    assert l1.stats()["owners"] == 1  # req only: no empty lease record left for "other"
     assert l1.finish_read(["a0", "a1", "a2"], 2, owner="req") == [OK] * 3
     assert l1.finish_read(["b0", "b1"], 1, owner="req") == [OK] * 2
-    assert l1._owner_leases == {} and l1.stats()["shares"] == 0
+    assert l1.stats()["owners"] == 0 and l1.stats()["shares"] == 0
     with pytest.raises(ValueError, match="extra_count"):
         l1.reserve_prefix([["a0"]], MAX_READERS, owner="req")
     assert l1.read_count("a0") == 0
@@ -65,11 +66,11 @@ def test_many_shares_are_one_record_per_key_and_owner():
     put(l1, ["k"])
     assert l1.reserve_read(["k"], 0, owner="a") == [OK]
     assert l1.reserve_read(["k"], MAX_READERS - 2, owner="a") == [OK]  # 127 more shares
-    assert l1._objects["k"].shares == {"a": MAX_READERS}  # one int, not 128 records
-    assert [e.key for e in l1._owner_leases["a"]] == ["k"] and l1.read_count("k") == 128
+    assert l1._objects.get("k").shares == {"a": MAX_READERS}  # one int, not 128 records
+    assert [e.key for e in l1._holds.entries_of("a")] == ["k"] and l1.read_count("k") == 128
     assert l1.stats()["leases"] == 1
     assert l1.finish_read(["k"], MAX_READERS - 1, owner="a") == [OK]
-    assert l1._objects["k"].shares == {} and l1._owner_leases == {} and l1.is_evictable("k")
+    assert l1._objects.get("k").shares == {} and l1.stats()["owners"] == 0 and l1.is_evictable("k")
 
 
 # -- 3. extra_count validation and MAX_READERS per owner ---------------------------------------------

@@ -7,12 +7,15 @@ import errno
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import time
 
 import jsonschema
 import pytest
 
 from gpukv.ops.admin_http import AdminServer
+from other_user import as_other_user, as_root, other_user_argv
 from gpukv.ops.addresses import check_http_host, check_zmq_address, is_loopback_host
 from gpukv.ops.metrics import CONTENT_TYPE, CacheMetrics
 from gpukv.ops.status import SCHEMA_PATH, DeviceStatus, InstanceStatus, ModelStatus, Status, \
@@ -273,3 +276,136 @@ def test_bad_construction_arguments_and_lifecycle(owner):
     admin.stop()
     with pytest.raises(OSError):
         socket.create_connection((admin.host, admin.port), timeout=2).close()
+
+
+# ---- another local user (issue 24 row 4) --------------------------------------------------------
+NEIGHBOUR_REQUESTS = """
+import sys, urllib.request, urllib.error
+codes = []
+for method, path in (("GET", "/healthcheck"), ("GET", "/status"), ("GET", "/metrics"),
+                     ("POST", "/clear")):
+    request = urllib.request.Request(sys.argv[1] + path, method=method,
+                                     data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            codes.append(resp.status)
+    except urllib.error.HTTPError as exc:
+        codes.append(exc.code)
+print(*codes)
+"""
+
+
+@as_root
+def test_another_user_reads_only_the_healthcheck_and_cannot_clear(owner):
+    """Before: any local user read /status and /metrics and POST /clear dropped objects."""
+    token = "t" * 32
+    with AdminServer(owner.metrics.render, status=owner.get_status, clear=owner.clear,
+                     token=token) as admin:
+        admin.set_ready()
+        seen = as_other_user(sys.executable, "-c", NEIGHBOUR_REQUESTS, admin.url)
+        assert seen.stdout.split() == ["200", "401", "401", "401"], seen.stderr[-2000:]
+        assert owner.clear_calls == 0
+        headers = {"Authorization": f"Bearer {token}"}
+        assert request(admin, "GET", "/status", headers=headers)[0] == 200
+        assert request(admin, "POST", "/clear", headers=headers)[0] == 200
+        assert owner.clear_calls == 1
+
+
+SLOW_NEIGHBOUR = """
+import json, socket, sys, time
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(16)]
+print("open", flush=True)
+t0, closed = time.monotonic(), {}
+while time.monotonic() - t0 < float(sys.argv[2]) and len(closed) < len(socks):
+    for i, sock in enumerate(socks):
+        if i in closed:
+            continue
+        try:
+            sock.send(b"G")  # one byte of a request line that never ends
+            sock.setblocking(False)
+            try:
+                if sock.recv(1) == b"":
+                    closed[i] = time.monotonic() - t0
+            except BlockingIOError:
+                pass
+            sock.setblocking(True)
+        except OSError:
+            closed[i] = time.monotonic() - t0
+    time.sleep(1.0)
+print(json.dumps(sorted(closed.values())), flush=True)
+"""
+
+
+@as_root
+def test_another_users_slow_clients_cannot_take_every_slot(owner):
+    """Before: 16 connections sending a byte every 2 s held all 16 slots for ever (the timeout
+    was per read). Now another user holds at most a quarter of them, each for one whole-request
+    deadline, and this user's request is answered meanwhile."""
+    with AdminServer(owner.metrics.render, max_connections=16, request_timeout_s=3) as admin:
+        admin.set_ready()
+        neighbour = subprocess.Popen(other_user_argv(sys.executable, "-c", SLOW_NEIGHBOUR,
+                                                     admin.port, 12),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert neighbour.stdout.readline().strip() == "open"
+            t0 = time.monotonic()
+            answer = probe(admin)
+            assert answer.startswith(b"HTTP/1.0 200"), answer
+            assert time.monotonic() - t0 < 2.0
+            out, err = neighbour.communicate(timeout=60)
+            closed = json.loads(out.strip().splitlines()[-1])
+            assert len(closed) == 16, (out, err[-2000:])  # every one cut, none held
+            assert max(closed) < 3 + 2 + 2  # the deadline, one trickle period, slack
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+
+
+def test_a_trickling_client_is_cut_at_its_whole_request_deadline(owner):
+    with AdminServer(owner.metrics.render, request_timeout_s=1.5) as admin:
+        with socket.create_connection((admin.host, admin.port), timeout=10) as sock:
+            t0 = time.monotonic()
+            got = b""
+            while time.monotonic() - t0 < 10:
+                try:
+                    sock.sendall(b"G")
+                except OSError:
+                    break
+                sock.settimeout(0.3)
+                try:
+                    got = sock.recv(65536)
+                    if not got or got.startswith(b"HTTP"):
+                        break
+                except socket.timeout:
+                    pass
+            assert time.monotonic() - t0 < 1.5 + 1.5  # cut at the deadline, not per read
+
+
+def test_a_token_guards_every_route_but_the_healthcheck(owner):
+    with AdminServer(owner.metrics.render, status=owner.get_status, clear=owner.clear,
+                     token="s" * 24) as admin:
+        for method, path in (("GET", "/metrics"), ("GET", "/status"), ("POST", "/clear")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s" * 24},
+                            {"Authorization": "Basic " + "s" * 24}):
+                code, got_headers, _ = request(admin, method, path, headers=headers)
+                assert code == 401 and got_headers["WWW-Authenticate"].startswith("Bearer")
+            ok = request(admin, method, path, headers={"Authorization": "bearer " + "s" * 24})
+            assert ok[0] == 200
+        assert request(admin, "GET", "/healthcheck")[0] == 503  # open, and not ready yet
+        assert owner.clear_calls == 1
+    with pytest.raises(ValueError, match="at least 16"):
+        AdminServer(owner.metrics.render, token="short")
+
+
+def test_the_serve_token_file_is_made_once_private_and_never_read_through_a_link(tmp_path):
+    from gpukv.frontend.admin import admin_token
+
+    token, path = admin_token(tmp_path / "admin.token")
+    assert len(token) >= 32 and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert admin_token(path) == (token, path)  # made once
+    (tmp_path / "link.token").symlink_to(path)
+    with pytest.raises(ValueError, match="a link is in its place"):
+        admin_token(tmp_path / "link.token")
+    (tmp_path / "empty.token").write_text("\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        admin_token(tmp_path / "empty.token")

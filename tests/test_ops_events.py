@@ -4,7 +4,12 @@ delivers every event in order with consecutive numbers; the publisher never bloc
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import msgspec
 import pytest
@@ -12,6 +17,7 @@ import pytest
 from gpukv.ops.events import (REMOVED_REASONS, STORED_REASONS, EventPublisher, KvRemoved, KvStored,
                               decode_event, encode_event)
 from gpukv.ops.replay import EventSubscriber, TierState, replay
+from other_user import OTHER_UID, as_other_user, as_root, other_user_argv, shared_folder
 
 
 def h(i: int) -> bytes:
@@ -261,3 +267,66 @@ def test_addresses_and_lifecycle():
     assert not quiet.wait_for_subscribers(1, timeout_s=0.01) and quiet.flush(0.01)
     with pytest.raises(ValueError):
         EventSubscriber("http://127.0.0.1:1")
+
+
+NEIGHBOUR_SUBSCRIBER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.SUB)
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.SUBSCRIBE, b"")
+sock.connect(sys.argv[1])
+print("ready", flush=True)
+got = 0
+while sock.poll(4000):
+    sock.recv()
+    got += 1
+print(got, flush=True)
+"""
+
+
+@as_root
+def test_tcp_events_reach_only_holders_of_the_key_file():
+    """Issue 24 row 5: any local user subscribed to a tcp:// event socket and read model names
+    and chunk hashes (before: every event). With CURVE, this user's subscriber (which reads the
+    key file) gets them and another user's gets nothing."""
+    with EventPublisher("tcp://127.0.0.1:*") as pub, EventSubscriber(pub.address) as mine:
+        neighbour = subprocess.Popen(other_user_argv(sys.executable, "-c", NEIGHBOUR_SUBSCRIBER,
+                                                     pub.address),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert neighbour.stdout.readline().strip() == "ready"
+            assert pub.wait_for_subscribers(1, timeout_s=10)
+            for i in range(50):  # while the neighbour listens (its handshake never completes)
+                pub.stored("L1", "secret-model", 0, [h(i)])
+                time.sleep(0.02)
+            got = [mine.recv(timeout_s=10) for _ in range(50)]
+            assert [e.model for e in got] == ["secret-model"] * 50
+            out, err = neighbour.communicate(timeout=60)
+            assert out.strip() == "0", (out, err[-2000:])
+            assert pub.subscriptions == 1
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+
+
+@as_root
+def test_an_ipc_event_socket_only_in_a_folder_no_other_user_controls(tmp_path):
+    shared = shared_folder("gpukv-test-events-")
+    try:
+        as_other_user("mkdir", "-m", "0777", shared / "theirs")
+        with pytest.raises(ValueError, match=f"owned by uid {OTHER_UID}"):
+            EventPublisher(f"ipc://{shared}/theirs/events.sock")
+        open_dir = tmp_path / "open"
+        open_dir.mkdir()
+        open_dir.chmod(0o777)
+        with pytest.raises(ValueError, match="writable by other users"):
+            EventPublisher(f"ipc://{open_dir}/events.sock")
+        as_other_user(sys.executable, "-c", "import socket; socket.socket(socket.AF_UNIX).bind("
+                      f"'{shared}/events.sock')")
+        with pytest.raises(ValueError, match=f"belongs to uid {OTHER_UID}"):
+            EventPublisher(f"ipc://{shared}/events.sock")
+        with EventPublisher(f"ipc://{shared}/mine.sock") as pub:  # sticky /tmp-like: fine
+            assert os.stat(f"{shared}/mine.sock").st_mode & 0o077 == 0  # this user only
+            assert pub.address.endswith("mine.sock")
+    finally:
+        shutil.rmtree(shared)

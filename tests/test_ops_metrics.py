@@ -146,7 +146,8 @@ def test_event_counters_move_by_exact_counts_with_bounded_labels(m):
     m.rejected("busy")
     assert {r: value(m, "gpukv_retrieve_failures_total", reason=r)
             for r in RETRIEVE_FAILURE_REASONS} == {"not_found": 2, "not_ready": 0, "wrong_state": 0,
-                                                    "unknown_request": 0, "copy_error": 1}
+                                                    "unknown_request": 0, "copy_error": 1,
+                                                    "hole": 0}
     assert value(m, "gpukv_evictions_total", device="cuda:0") == 5
     assert value(m, "gpukv_evictions_total", device="cuda:1") == 1
     assert value(m, "gpukv_lease_expiries_total", kind="read") == 5

@@ -43,6 +43,9 @@ def test_the_flags_reach_the_limits():
                                       "--max-plans", "5", "--max-reserved", "1MiB"])
     assert (args.max_instances, args.max_open_requests, args.max_plans, args.max_reserved) == \
         (3, 4, 5, 1 << 20)
+    more = build_parser().parse_args(["serve", "--max-sessions", "6",
+                                      "--max-sessions-per-process", "7", "--orphan-hold", "8"])
+    assert (more.max_sessions, more.max_sessions_per_process, more.orphan_hold) == (6, 7, 8.0)
     defaults = build_parser().parse_args(["serve"])
     limits = Limits()
     assert (defaults.max_instances, defaults.max_open_requests, defaults.max_plans,
@@ -50,7 +53,8 @@ def test_the_flags_reach_the_limits():
                                        limits.max_plans, None)
 
 
-@pytest.mark.parametrize("flag", ["--max-instances", "--max-open-requests", "--max-plans"])
+@pytest.mark.parametrize("flag", ["--max-instances", "--max-open-requests", "--max-plans",
+                                  "--max-sessions", "--max-sessions-per-process"])
 def test_a_bad_value_stops_the_command_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["serve", flag, "0"])

@@ -32,9 +32,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, method=method, headers=headers,
+                                     data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -45,9 +48,10 @@ def served(tmp_path_factory):
     """The server, its admin URL, a subscriber that joined before any event, and the workload's
     client after: 3 prompts of 4 chunks stored, 5 lookups (hits 4, 4, 2, 0 and 4 chunks)."""
     tmp = tmp_path_factory.mktemp("ops")
-    port, events = _free_port(), f"ipc://{tmp}/events.sock"
+    port, events, token_file = _free_port(), f"ipc://{tmp}/events.sock", tmp / "admin.token"
     with ServerProcess(f"ipc://{tmp}/gpukv.sock", capacity_bytes=64 << 20, chunk_size=CS,
-                       extra_args=["--http-port", str(port), "--events", events]) as server:
+                       extra_args=["--http-port", str(port), "--events", events,
+                                   "--http-token-file", str(token_file)]) as server:
         subscriber = EventSubscriber(events)
         client = CacheClient(server.address)
         buf = torch.zeros(LAYERS, 64, BLOCK, 576, dtype=torch.bfloat16)
@@ -61,7 +65,10 @@ def served(tmp_path_factory):
         assert hits == [4 * CS, 4 * CS, 2 * CS, 0, 4 * CS]
         for i in range(len(asks)):
             client.end_session(f"q{i}")
+        token = token_file.read_text().strip()
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600" and len(token) >= 32
         yield dict(server=server, url=f"http://127.0.0.1:{port}", target=f"127.0.0.1:{port}",
+                   token=token, token_file=token_file,
                    client=client, subscriber=subscriber, hit_tokens=sum(hits),
                    requested=sum(len(a) for a in asks))
         client.close()
@@ -69,13 +76,16 @@ def served(tmp_path_factory):
 
 def test_metrics_healthcheck_and_status_answer(served):
     status, body = _get(served["url"] + "/healthcheck")
-    assert status == 200
-    status, body = _get(served["url"] + "/metrics")
+    assert status == 200  # for anyone who reaches the port
+    for path in ("/metrics", "/status"):
+        assert _get(served["url"] + path)[0] == 401  # without the token
+        assert _get(served["url"] + path, token="x" * 43)[0] == 401
+    status, body = _get(served["url"] + "/metrics", served["token"])
     text = body.decode()
     assert status == 200
     assert f'gpukv_lookup_hit_tokens_total{{model="{MODEL}",tier="L1"}} {served["hit_tokens"]}.0' in text
     assert f'gpukv_lookup_requested_tokens_total{{model="{MODEL}"}} {served["requested"]}.0' in text
-    status, body = _get(served["url"] + "/status")
+    status, body = _get(served["url"] + "/status", served["token"])
     document = json.loads(body)
     jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()))
     # the workload's client, and the one that waited for the server to be ready (not reaped yet)
@@ -87,7 +97,7 @@ def test_metrics_healthcheck_and_status_answer(served):
 
 
 def test_a_real_prometheus_scrapes_the_hit_tokens_the_workload_produced(served, prometheus_factory):  # noqa: F811
-    prom = prometheus_factory([served["target"]])
+    prom = prometheus_factory([served["target"]], credentials_file=served["token_file"])
     prom.poll_until(prom.targets_up, 30, "the gpukv serve target up")
     labels = (("instance", served["target"]), ("job", "gpukv"), ("model", MODEL))
     prom.wait_for(f'gpukv_lookup_hit_tokens_total{{model="{MODEL}"}}', {
@@ -100,9 +110,10 @@ def test_kv_events_rebuild_what_l1_holds_and_clear_removes_it(served):
     state = TierState()
     assert served["subscriber"].recv_into(state, 12, timeout_s=10) == 12  # 12 chunks stored
     assert state.complete and len(state.tiers["L1"]) == 12
-    request = urllib.request.Request(served["url"] + "/clear", method="POST", data=b"")
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        assert json.loads(resp.read()) == {"cleared": 12}
+    assert _get(served["url"] + "/clear", method="POST")[0] == 401
+    assert served["client"].stats()["l1"]["objects"] == 12  # nothing cleared
+    status, body = _get(served["url"] + "/clear", served["token"], method="POST")
+    assert (status, json.loads(body)) == (200, {"cleared": 12})
     assert served["subscriber"].recv_into(state, 12, timeout_s=10) == 12
     assert state.complete and state.tiers["L1"] == set()
     assert served["client"].lookup(MODEL, list(range(4 * CS)), request_id="after") == 0

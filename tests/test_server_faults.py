@@ -13,6 +13,8 @@ import errno
 import fcntl
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -93,9 +95,9 @@ def bad_requests(held: str, other_instance: str, hashes: list[bytes]):
         (dict(reg, instance_id="r2", tp_rank=3, tp_size=2), "tp_rank"),
     ]
     for plan in (1, 2, 1 << 40):
-        cases += [(dict(type="store_commit", plan=plan), "no StorePlan"),
-                  (dict(type="store_commit", plan=plan, ok=False), "no StorePlan"),
-                  (dict(type="retrieve_end", plan=plan), "no RetrievePlan")]
+        cases += [(dict(type="store_commit", plan=plan), "no WriteGrant"),
+                  (dict(type="store_commit", plan=plan, ok=False), "no WriteGrant"),
+                  (dict(type="retrieve_end", plan=plan), "no ReadGrant")]
     for iid in ("ghost", 12345, other_instance):  # unknown instance ids (or another client's)
         for kind in ("store_begin", "retrieve_begin", "unregister"):
             body = dict(type=kind, instance_id=iid)
@@ -315,6 +317,43 @@ def test_sigkill_mid_retrieve_releases_exactly_its_shares_and_pins(small):
             # nothing holds the slots any more: a store that needs every slot gets them all
             big_slots = slots_of(list(range(SLOTS)), SLOTS * CHUNK)
             assert other.store("o", big, big_slots) == SLOTS * CHUNK
+    finally:
+        worker.close()
+
+
+def test_a_worker_reporting_a_dead_pid_keeps_its_orphans_pinned_until_it_is_gone(small):
+    """Issue 24 row 7: a worker says a dead process is its own; reaped mid-store, its plan must
+    still stay pinned (the server watches the process it sees on the socket), so the slots it
+    wakes up to write are nobody else's. Before: released at the reap, 20/36 chunks wrong."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    worker = Worker()
+    try:
+        worker("lie_about_pid", dead.pid)
+        session = worker("connect", small.address, ping_interval_s=0)["session"]
+        worker("alloc", "p", "mla", seed=7)
+        worker("register", "w", "p", "m", "mla", 0, 1)
+        with client(small.address) as other:
+            pages = kv_cache("mla", 8)
+            other.register("o", "m", pages, DIMS["mla"], kind="mla")
+            tokens, big = prompt(1), prompt(2, SLOTS * CHUNK)
+            big_slots = slots_of(list(range(SLOTS)), SLOTS * CHUNK)
+            worker("arm", "pack", "before")  # it holds its 5 slots, stalls before writing them
+            worker.start("call", "store", "w", tokens, slots_of(STORE_BLOCKS, len(tokens)))
+            assert worker.wait_hook() == "pack"
+            small.sessions.reap(session)  # what the reaper does after its silence
+            assert other.stats()["server"]["orphaned_plans"] == 1
+            done = (SLOTS - 5) * CHUNK
+            assert other.store("o", big, big_slots) == done  # never the stalled worker's slots
+            worker.go()  # it wakes up and writes its 5 slots
+            with pytest.raises(ValueError, match="reaped"):
+                worker.result()
+            assert other.lookup("m", big, request_id="q") == done
+            dst = slots_of(list(range(8, 16)), SLOTS * CHUNK)
+            assert other.retrieve("o", big[:done], dst[:done], request_id="q") == done
+            assert mismatched_tokens(rows(pages, "mla", dst[:done]),
+                                     rows(pages, "mla", big_slots[:done])) == 0
+            assert other.stats()["server"]["orphaned_plans"] == 0  # its late commit gave it back
     finally:
         worker.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from gpukv.integrations.vllm.autostart import _server_env, answers, ensure_server, lock_path
+from gpukv.frontend.protocol import default_address
+from gpukv.private_paths import runtime_dir
+from other_user import OTHER_UID, as_other_user, as_root, point_at, shared_folder
 
 STARTER = """
 import json, sys
@@ -75,7 +79,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path):
 def test_lock_paths_live_beside_the_socket_or_in_the_users_folder(tmp_path: Path):
     assert lock_path(f"ipc://{tmp_path}/s.sock") == tmp_path / "s.sock.lock"
     tcp = lock_path("tcp://127.0.0.1:5555")
-    assert tcp.parent == Path(f"/tmp/gpukv-{os.getuid()}") and tcp.name == "tcp-127.0.0.1-5555.lock"
+    assert tcp.parent == runtime_dir() and tcp.name == "tcp-127.0.0.1-5555.lock"
     with pytest.raises(ValueError, match="does not exist"):
         lock_path(f"ipc://{tmp_path}/missing/s.sock")
     with pytest.raises(ValueError, match="not a loopback address"):
@@ -139,3 +143,53 @@ def test_the_server_is_no_descendant_of_the_process_that_started_it(tmp_path: Pa
             holder.kill()
         if out is not None:
             _stop(out["pid"])
+
+
+@as_root
+def test_autostart_never_follows_another_users_links(tmp_path: Path, monkeypatch):
+    """Issue 24 row 2: another user creates ``<tmp>/gpukv-<uid>`` (0777) and plants the lock and
+    the log as links to this user's files. Before, autostart chmod-ed them 0600 and appended its
+    log to them (as root: any file). Now the default address moves to the fallback folder and
+    the planted links are never opened."""
+    shared, home = shared_folder("gpukv-test-tmp-"), tmp_path / "home"
+    home.mkdir(mode=0o700)
+    precious, journal = tmp_path / "precious", tmp_path / "journal"
+    precious.write_bytes(b"keep\n")
+    journal.write_bytes(b"mine\n")
+    for f in (precious, journal):
+        f.chmod(0o644)
+    squat = shared / f"gpukv-{os.getuid()}"
+    as_other_user("mkdir", "-m", "0777", squat)
+    as_other_user("ln", "-s", precious, squat / "gpukv.sock.lock")
+    as_other_user("ln", "-s", journal, squat / "gpukv.sock.log")
+    point_at(monkeypatch, shared, home)
+    pid = None
+    try:
+        info, started = ensure_server(default_address(), serve_args=[
+            "--capacity", "8MiB", "--chunk-size", "64"])
+        pid = info["pid"]
+        assert started and default_address() == f"ipc://{home}/.cache/gpukv/run/gpukv.sock"
+    finally:
+        if pid is not None:
+            _stop(pid)
+        for f, content in ((precious, b"keep\n"), (journal, b"mine\n")):
+            assert f.read_bytes() == content and oct(f.stat().st_mode & 0o777) == "0o644"
+        assert sorted(p.name for p in squat.iterdir()) == ["gpukv.sock.lock", "gpukv.sock.log"]
+        shutil.rmtree(shared)
+
+
+@as_root
+def test_a_planted_lock_link_in_a_shared_folder_is_refused(tmp_path: Path):
+    shared = shared_folder("gpukv-test-tmp-")
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep\n")
+    try:
+        as_other_user("ln", "-s", precious, shared / "gpukv.sock.lock")
+        with pytest.raises(ValueError, match="a link is in its place"):
+            ensure_server(f"ipc://{shared}/gpukv.sock")
+        as_other_user("mkdir", "-m", "0777", shared / "open")
+        with pytest.raises(ValueError, match=f"owned by uid {OTHER_UID}"):
+            ensure_server(f"ipc://{shared}/open/gpukv.sock")
+        assert precious.read_bytes() == b"keep\n" and os.listdir(shared / "open") == []
+    finally:
+        shutil.rmtree(shared)

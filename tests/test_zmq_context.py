@@ -33,8 +33,6 @@ print("collected", flush=True)
 BUILDS = {
     "event subscriber": "from gpukv.ops.replay import EventSubscriber\n"
                         "obj = EventSubscriber(address)",
-    "events bridge": "from gpukv.integrations.vllm.events import EventsBridge\n"
-                     "obj = EventsBridge(address, 'm', chunk_size=64)",
     "client": "from gpukv.frontend.client import CacheClient\n"
               "obj = CacheClient(address, ping_interval_s=0)\n"
               "obj.stats()  # a pooled, connected socket",

@@ -15,7 +15,7 @@ from typing import Any, Hashable, Protocol
 
 import torch
 
-from gpukv.engine.core import CacheCore, RetrievePlan, StorePlan
+from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
 from gpukv.l1.topology import device_name
 
 
@@ -80,9 +80,11 @@ class LocalBooks:
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
                  tp_rank: int, tp_size: int, device: str | None,
                  pages_device: torch.device) -> Registration:
-        index = self.core.arena_for(device if device is not None else device_name(pages_device))
+        name = device if device is not None else device_name(pages_device)
+        index = self.core.placement.arena_for(name)
         if torch.device(self.core.devices[index]).type != pages_device.type:
-            raise ValueError(f"kv_caches are on {pages_device}, arena {self.core.devices[index]!r} is not")
+            raise ValueError(f"kv_caches are on {pages_device}, "
+                             f"arena {self.core.devices[index]!r} is not")
         inst = self.core.register(instance_id, model, layout, kind=kind, tp_rank=tp_rank,
                                   tp_size=tp_size, device=index)
         return Registration(index, inst.chunk_bytes)
@@ -91,30 +93,30 @@ class LocalBooks:
         self.core.unregister(instance_id)
 
     def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> Grant | None:
-        plan = self.core.begin_store(instance_id, hashes)
-        if not plan.handles:
+        writes = self.core.begin_store(instance_id, hashes)
+        if not writes.handles:
             return None
-        return Grant(plan, plan.chunks, [h.device for h in plan.handles],
-                     [h.offset for h in plan.handles])
+        return Grant(writes, writes.chunks, [h.device for h in writes.handles],
+                     [h.offset for h in writes.handles])
 
     def end_store(self, grant: Grant, ok: bool) -> int:
-        plan: StorePlan = grant.token
+        writes: WriteGrant = grant.token
         if not ok:
-            self.core.abort_store(plan)
+            self.core.abort_store(writes)
             return 0
-        return self.core.commit_store(plan)
+        return self.core.commit_store(writes)
 
     def begin_retrieve(self, instance_id: Hashable, request_id: Hashable,
                        hashes: list[bytes]) -> Grant | None:
-        plan = self.core.begin_retrieve(instance_id, hashes, request=request_id)
-        if plan is None:
+        reads = self.core.begin_retrieve(instance_id, hashes, request=request_id)
+        if reads is None:
             return None
-        return Grant(plan, list(range(len(hashes))), [h.device for h in plan.handles],
-                     [h.offset for h in plan.handles])
+        return Grant(reads, list(range(len(hashes))), [h.device for h in reads.handles],
+                     [h.offset for h in reads.handles])
 
     def end_retrieve(self, grant: Grant) -> int:
-        plan: RetrievePlan = grant.token
-        return self.core.end_retrieve(plan)
+        reads: ReadGrant = grant.token
+        return self.core.end_retrieve(reads)
 
     def arena(self, index: int, device: torch.device) -> torch.Tensor:
         arena = self.core.l1.arena(index)

@@ -160,7 +160,8 @@ class WorkerCopies:
                     *, seed: bytes = b"", extras=None) -> Copy:
         """Reserve slots and queue the pack; :meth:`finish` commits it."""
         pages = self._local(instance_id)
-        check_slot_mapping(pages.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
+        check_slot_mapping(pages.paged, slot_mapping, len(token_ids),
+                           f"one per token ({len(token_ids)})")
         hashes = self.hashes(token_ids, seed, extras)
         return self._start_store(instance_id, pages, hashes, slot_mapping)
 
@@ -216,7 +217,8 @@ class WorkerCopies:
         """Pin the objects and queue the unpack; :meth:`finish` releases them."""
         check_id(request_id, "request_id")
         pages = self._local(instance_id)
-        check_slot_mapping(pages.paged, slot_mapping, len(token_ids), f"one per token ({len(token_ids)})")
+        check_slot_mapping(pages.paged, slot_mapping, len(token_ids),
+                           f"one per token ({len(token_ids)})")
         hashes = self.hashes(token_ids, seed, extras)
         return self._start_retrieve(instance_id, pages, hashes, slot_mapping, request_id)
 

@@ -1,9 +1,9 @@
 """The books of a cache: registry, requests, shares and pins in L1, and the tier stack; no copies.
 
 ``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
-share. It speaks chunk hashes, instance ids and request owners, and hands out *plans*: a store
-plan names the arena slots a worker must pack into (write-pinned until commit or abort), a
-retrieve plan the slots it may unpack from (pinned until ``end_retrieve``). Whoever holds a plan
+share. It speaks chunk hashes, instance ids and request owners, and hands out *grants*: a write
+grant names the arena slots a worker must pack into (write-pinned until commit or abort), a
+read grant the objects it may unpack from (pinned until ``end_retrieve``). Whoever holds a grant
 runs the copy (the engine in-process, or the worker through the server) and then gives it back.
 
 Requests: ``lookup`` opens the request (owner = the request's identity, opaque here) and tops
@@ -25,7 +25,9 @@ from typing import Hashable
 
 from gpukv.config import EngineConfig
 from gpukv.engine.counters import CoreCounters
+from gpukv.engine.hit_sources import LookupHit, hit_runs, l1_source
 from gpukv.engine.observe import Observer
+from gpukv.engine.placement import Placement
 from gpukv.engine.readers import resolve_extra_count
 from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
@@ -34,7 +36,6 @@ from gpukv.l1 import L1Manager, Status
 from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
 from gpukv.l1.slab import SlabArena
-from gpukv.l1.topology import TorchGpus, arena_index, arena_name
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class UnknownRequest(ValueError):
 
 
 @dataclass(slots=True)
-class StorePlan:
+class WriteGrant:
     """Slots to pack into: ``chunks[i]`` (an index into the hashes given) goes to
     ``handles[i]`` (``.device``, ``.offset``). ``cached``: chunks already held."""
 
@@ -57,7 +58,7 @@ class StorePlan:
 
 
 @dataclass(slots=True)
-class RetrievePlan:
+class ReadGrant:
     """Pinned objects to unpack from, one per chunk of the prefix, in order."""
 
     instance: Instance
@@ -74,7 +75,8 @@ class CacheCore:
         """``shared``: create the arenas so another process can map them (the server)."""
         self.config = config = config or EngineConfig()
         self.registry = Registry(config.chunk_size)
-        self.observer = Observer(config, self.registry.space_of_key)
+        self.observer = Observer(config, self.registry.space_of_key, self._kv_ranks)
+        self.router = self.observer.router  # vLLM-format events (None unless configured)
         self.memories: list[ArenaMemory] = [
             create(d, config.capacity_bytes, shared=shared, prefault=config.prefault)
             for d in config.devices]
@@ -84,6 +86,7 @@ class CacheCore:
                             read_lease_s=config.read_lease_s, write_lease_s=config.write_lease_s,
                             on_event=on_event)
         self.requests = RequestTable(config.max_requests)
+        self.placement = Placement(config.devices, self.registry)
         self.stack = TierStack(config, self.l1, self.observer, self.registry.device_of_space)
         self.tiers = self.stack.tiers
         if self.observer.metrics is not None:
@@ -92,28 +95,18 @@ class CacheCore:
                 lambda: self.observer.sync(self.l1.stats(), self.stack.stats()))
         self.counters = CoreCounters()
         self._last_expire = 0.0
+        self._arena_kinds = [l1_source(d) for d in config.devices]
 
     @property
     def devices(self) -> tuple[str, ...]:
         return self.config.devices
 
-    @property
-    def arena_names(self) -> list[str]:
-        """Each arena's name across processes: ``cuda-uuid:<uuid>`` for a GPU, else the
-        configured name (see :mod:`gpukv.l1.topology`)."""
-        names = getattr(self, "_arena_names", None)
-        if names is None:
-            view = TorchGpus()
-            names = self._arena_names = [arena_name(d, view) for d in self.devices]
-        return names
-
-    def arena_for(self, device: str | None) -> int:
-        """The arena a worker's stores go to: ``device`` is an arena's configured name (e.g.
-        ``cpu:1``), or a worker's pages' device across processes (``cpu``, ``cuda-uuid:...``;
-        None: the first CPU arena). ValueError naming it when this cache has none there."""
-        if device in self.devices:
-            return self.devices.index(device)
-        return arena_index(self.arena_names, device)
+    def _kv_ranks(self, model: str, tp_size: int) -> tuple[int, ...] | None:
+        """The KV ranks of a chunk of ``model`` read by a TP group of ``tp_size`` (None: unknown)."""
+        try:
+            return tuple(space.kv_rank for space in self.registry.spaces(model, tp_size))
+        except ValueError:
+            return None
 
     # ---- registration ---------------------------------------------------------------------
     def register(self, instance_id: Hashable, model: str, layout: dict, *, kind: str,
@@ -139,55 +132,53 @@ class CacheCore:
         self.l1.release_owner(inst.writer)
 
     # ---- store ----------------------------------------------------------------------------
-    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> StorePlan:
+    def begin_store(self, instance_id: Hashable, hashes: list[bytes]) -> WriteGrant:
         """Reserve write slots for the chunks of ``hashes`` not held yet."""
         inst = self.registry.instance(instance_id)
         self._check_work(len(hashes))
         keys = inst.space.keys(hashes)
         statuses, handles = [None] * len(keys), [None] * len(keys)
-        for device, where in self._placement(inst, hashes).items():
+        for device, where in self.placement.by_arena(inst, hashes).items():
             got = self.l1.reserve_write_slots([keys[i] for i in where], inst.chunk_bytes,
                                               device=device, owner=inst.writer)
             for i, status, handle in zip(where, *got):
                 statuses[i], handles[i] = status, handle
         new = [i for i, s in enumerate(statuses) if s is Status.OK]
-        return StorePlan(inst, new, [handles[i] for i in new],
+        return WriteGrant(inst, new, [handles[i] for i in new],
                          cached=sum(s is Status.NOT_WRITABLE for s in statuses),
                          full=sum(s is Status.OUT_OF_MEMORY for s in statuses))
 
-    def _placement(self, inst: Instance, hashes: list[bytes]) -> dict[int, list[int]]:
-        """Positions of ``hashes`` per arena their objects go to: the instance's own, or for a
-        shared model one of its instances' arenas per chunk, by the chunk's hash (capacity is
-        then the sum of the group's arenas)."""
-        shared = self.registry.model(inst.model).shared
-        devices = self.registry.devices_of(inst.model) if shared else [inst.device]
-        if len(devices) == 1:
-            return {devices[0]: list(range(len(hashes)))}
-        out: dict[int, list[int]] = {}
-        for i, h in enumerate(hashes):
-            out.setdefault(devices[int.from_bytes(h[:8], "little") % len(devices)], []).append(i)
-        return out
-
-    def commit_store(self, plan: StorePlan) -> int:
-        """The copy is complete: make the plan's chunks readable; returns how many became so
+    def commit_store(self, grant: WriteGrant) -> int:
+        """The copy is complete: make the grant's chunks readable; returns how many became so
         (a write discarded meanwhile, e.g. by an unregister, stores nothing)."""
-        statuses = self.l1.finish_write(plan.handles)
-        ready = [h for h, s in zip(plan.handles, statuses) if s is Status.OK]
-        self.stack.spill(ready, plan.instance.space, self.registry.model(plan.instance.model).fingerprint)
+        statuses = self.l1.finish_write(grant.handles)
+        ready = [h for h, s in zip(grant.handles, statuses) if s is Status.OK]
+        fingerprint = self.registry.model(grant.instance.model).fingerprint
+        self.stack.spill(ready, grant.instance.space, fingerprint)
         self.counters.add("stored_chunks", len(ready))
-        inst = plan.instance
+        inst = grant.instance
         self.observer.store(inst.model, len(ready), len(ready) * inst.chunk_bytes,
-                            time.perf_counter() - plan.t0)
+                            time.perf_counter() - grant.t0)
         return len(ready)
 
-    def abort_store(self, plan: StorePlan) -> None:
-        self.l1.abort_write(plan.handles)
+    def abort_store(self, grant: WriteGrant) -> None:
+        self.l1.abort_write(grant.handles)
 
     # ---- lookup ---------------------------------------------------------------------------
     def lookup(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
                num_readers: int | None = None, creator: Hashable = None) -> int:
         """Leading chunks held for every rank; the request's shares topped up to ``readers``
         per object (MLA: ``num_readers or tp_size``; MHA: 1 per rank's object)."""
+        return self._lookup(model, hashes, request, tp_size, num_readers, creator, False).chunks
+
+    def lookup_tiers(self, model: str, hashes: list[bytes], *, request: Hashable, tp_size: int = 1,
+                     num_readers: int | None = None, creator: Hashable = None) -> LookupHit:
+        """:meth:`lookup`, with where each chunk of the hit came from
+        (:mod:`gpukv.engine.hit_sources`)."""
+        return self._lookup(model, hashes, request, tp_size, num_readers, creator, True)
+
+    def _lookup(self, model: str, hashes: list[bytes], request: Hashable, tp_size: int,
+                num_readers: int | None, creator: Hashable, tiers: bool) -> LookupHit:
         t0 = time.perf_counter()
         info = self.registry.model(model)
         extra = resolve_extra_count("mla" if info.shared else "mha", tp_size, num_readers)
@@ -197,22 +188,27 @@ class CacheCore:
         self.requests.open(request, model, spaces, hashes, creator=creator,
                            deadline=time.monotonic() + self.config.read_lease_s)
         keys = [space.keys(hashes) for space in spaces]
-        n_l1 = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
-        hits, per_tier = n_l1, None
-        if self.stack and n_l1 < len(hashes):
-            hits, later_l1, per_tier = self.stack.loader.extend(
-                spaces, hashes, n_l1, extra, request, info.fingerprint, info.chunk_bytes)
-            n_l1 += later_l1
+        prefix = self.l1.reserve_prefix(keys, extra, owner=request) if hashes else 0
+        later: list[str] = []  # the source of each chunk after the L1 prefix
+        if self.stack and prefix < len(hashes):
+            later = self.stack.loader.extend(spaces, hashes, prefix, extra, request,
+                                             info.fingerprint, info.chunk_bytes)
+        hits = prefix + len(later)
+        per_tier: dict[str, int] = {}
+        for name in later:
+            per_tier[name] = per_tier.get(name, 0) + 1
+        n_l1 = prefix + per_tier.pop("L1", 0)
         self.counters.lookup(n_l1, per_tier)
         cs = self.config.chunk_size
         if self.observer.metrics is not None:
             tokens = {"L1": n_l1 * cs}
-            for name, n in (per_tier or {}).items():
+            for name, n in per_tier.items():
                 tokens[name] = n * cs
             self.observer.lookup(model, len(hashes) * cs, tokens, time.perf_counter() - t0)
         log.debug("Lookup %r: %d/%d prefix chunks (%d L1, %s)", request, hits, len(hashes), n_l1,
-                  per_tier or {})
-        return hits
+                  per_tier)
+        return LookupHit(hits, hit_runs(self.l1.device_of, self._arena_kinds, keys, prefix, later)
+                         if tiers else None)
 
     def covered_by_l1(self, model: str, hashes: list[bytes], tp_size: int = 1) -> bool:
         """Whether every rank's object of every chunk is ready in L1 now (a lookup that would
@@ -225,7 +221,7 @@ class CacheCore:
 
     # ---- retrieve -------------------------------------------------------------------------
     def begin_retrieve(self, instance_id: Hashable, hashes: list[bytes], *,
-                       request: Hashable) -> RetrievePlan | None:
+                       request: Hashable) -> ReadGrant | None:
         """Pin the objects of ``hashes`` for an unpack; None (nothing pinned) if any is missing.
         UnknownRequest if the request never looked up."""
         inst = self.registry.instance(instance_id)
@@ -240,17 +236,17 @@ class CacheCore:
             missing = next(s for s in statuses if s is not Status.OK)
             self.observer.retrieve_failed("not_ready" if missing is Status.NOT_READY else "not_found")
             return None
-        return RetrievePlan(inst, request, handles)
+        return ReadGrant(inst, request, handles)
 
-    def end_retrieve(self, plan: RetrievePlan) -> int:
+    def end_retrieve(self, grant: ReadGrant) -> int:
         """The copy is complete: release one of the request's shares per object (where it
         still holds one) and unpin; returns the shares released."""
-        plan.released = self.l1.end_read(plan.handles, owner=plan.request)
-        self.counters.add("retrieved_chunks", len(plan.handles))
-        inst = plan.instance
-        self.observer.retrieve(inst.model, len(plan.handles), len(plan.handles) * inst.chunk_bytes,
-                               time.perf_counter() - plan.t0)
-        return plan.released
+        grant.released = self.l1.end_read(grant.handles, owner=grant.request)
+        self.counters.add("retrieved_chunks", len(grant.handles))
+        inst = grant.instance
+        self.observer.retrieve(inst.model, len(grant.handles), len(grant.handles) * inst.chunk_bytes,
+                               time.perf_counter() - grant.t0)
+        return grant.released
 
     # ---- request lifecycle ----------------------------------------------------------------
     def free(self, request: Hashable, *, start_chunk: int = 0, end_chunk: int | None = None) -> int:
@@ -289,6 +285,8 @@ class CacheCore:
                    l1=self.l1.stats(), tiers=self.stack.stats())
         if self.stack.spiller is not None:
             out["spill"] = dict(self.stack.spiller.counts, queue_depth=self.stack.queue_depth)
+        if self.router is not None:
+            out["vllm_events"] = self.router.stats()
         return out
 
     def metrics_snapshot(self, clients: int | None = None) -> dict:

@@ -23,6 +23,7 @@ from gpukv.engine.books import LocalBooks
 from gpukv.engine.chunks import check_id, token_range
 from gpukv.engine.copies import Copy, WorkerCopies
 from gpukv.engine.core import CacheCore
+from gpukv.engine.hit_sources import LookupHit
 from gpukv.engine.keys import TokenIds
 
 
@@ -128,6 +129,15 @@ class CacheEngine:
         check_id(request_id, "request_id")
         return self.core.lookup(model, hashes, request=request_id, tp_size=tp_size,
                                 num_readers=num_readers) * self.config.chunk_size
+
+    def lookup_tiers(self, model: str, token_ids: TokenIds, *, request_id: Hashable,
+                     tp_size: int = 1, num_readers: int | None = None, seed: bytes = b"",
+                     extras=None) -> LookupHit:
+        """:meth:`lookup`, with where each chunk of the hit came from (in chunks; see
+        :mod:`gpukv.engine.hit_sources`)."""
+        check_id(request_id, "request_id")
+        return self.core.lookup_tiers(model, self.copies.hashes(token_ids, seed, extras),
+                                      request=request_id, tp_size=tp_size, num_readers=num_readers)
 
     # ---- request lifecycle ----------------------------------------------------------------
     def free_lookup_locks(self, request_id: Hashable, *, start_token: int = 0,

@@ -6,7 +6,7 @@ on every machine (never Python's ``hash()``). ``seed`` isolates what must never 
 the tokens agree (a tenant salt, a vLLM ``cache_salt``, a LoRA adapter); ``extras`` adds per-chunk
 bytes (multimodal feature hashes overlapping the chunk). Tokens are hashed as little-endian int64.
 
-xxh3-128 is ~10x blake2b here and is a checksum, not a cryptographic hash: tenants that must not
+xxh3-128 is much faster than blake2b and is a checksum, not a cryptographic hash: tenants that must not
 be able to collide with each other's chunks on purpose need distinct secret salts.
 
 An object key names one chunk of one *key space*: a model, its layout fingerprint and a KV rank
@@ -52,7 +52,7 @@ def as_token_array(token_ids: TokenIds) -> np.ndarray:
     if isinstance(token_ids, (list, tuple, range)) or (
             isinstance(token_ids, abc.Sequence) and not isinstance(token_ids, (str, bytes, bytearray))):
         # any sequence of ints (vLLM's ConstantList too, which numpy would read item by item):
-        # struct is strict (no floats, strings or wrap-around), ~3.5 ns a token (3x array('q'));
+        # struct is strict (no floats, strings or wrap-around) and faster than array('q');
         # struct.pack(fmt, ...) is 25 % slower than a Struct's pack
         try:
             packed = struct.Struct(f"<{len(token_ids)}q").pack(*token_ids)

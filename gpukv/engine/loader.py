@@ -42,15 +42,15 @@ class TierLoader:
         self.device_of = device_of
 
     def extend(self, spaces: list[KeySpace], hashes: list[bytes], start: int, extra: int,
-               owner: Hashable, fingerprint: str, nbytes: int) -> tuple[int, int, dict[str, int]]:
-        """Walk on from chunk ``start``. Returns ``(end, l1_chunks, tier_chunks)``: the chunk
-        index of the first miss, how many chunks after ``start`` were all in L1, and per tier
-        name how many were loaded (a chunk counts for the lowest tier any rank came from)."""
+               owner: Hashable, fingerprint: str, nbytes: int) -> list[str]:
+        """Walk on from chunk ``start``. Returns the source of each chunk taken, in order from
+        ``start`` up to the first miss: ``"L1"`` when every rank's object was in L1, else the
+        name of the lowest tier any rank's object was loaded from."""
         if start >= len(hashes):
-            return start, 0, {}
+            return []
         keys = [space.keys(hashes) for space in spaces]
         found = self._find(spaces, keys, start, fingerprint, nbytes)
-        per_source: dict[str, int] = {}
+        sources: list[str] = []
         n = start
         while n < len(hashes):
             got, source = [], "L1"
@@ -64,9 +64,9 @@ class TierLoader:
             if len(got) < len(spaces):
                 self.l1.release_owner(owner, got)
                 break
-            per_source[source] = per_source.get(source, 0) + 1
+            sources.append(source)
             n += 1
-        return n, per_source.pop("L1", 0), per_source
+        return sources
 
     def _find(self, spaces, keys, start, fingerprint, nbytes) -> dict:
         """(rank, chunk) -> (tier name, payload) for the objects of the leading chunks from

@@ -1,4 +1,5 @@
-"""What one cache reports to operators: Prometheus metrics and KV events (see :mod:`gpukv.ops`).
+"""What one cache reports to operators: Prometheus metrics, KV events and their vLLM-format twin
+for routers (see :mod:`gpukv.ops`).
 
 ``Observer`` sits beside the books: the core calls it on lookups, stores and retrieves (plain
 counter additions), the L1 and the tiers call it when an object becomes readable or stops being
@@ -26,8 +27,9 @@ class Observer:
     """Metrics (``metrics``: a :class:`gpukv.ops.metrics.CacheMetrics`, or None when off) and
     events (``events``: a :class:`gpukv.ops.events.EventPublisher`, or None) of one cache."""
 
-    def __init__(self, config: EngineConfig, space_of: Callable[[bytes], object]) -> None:
-        self.metrics = self.events = None
+    def __init__(self, config: EngineConfig, space_of: Callable[[bytes], object],
+                 ranks_of: Callable[[str, int], tuple[int, ...] | None] = lambda m, t: None) -> None:
+        self.metrics = self.events = self.router = None
         if config.metrics:
             from gpukv import __version__
             from gpukv.ops.metrics import CacheMetrics
@@ -35,10 +37,22 @@ class Observer:
             self.metrics = CacheMetrics(version=__version__)
             for device in config.devices:
                 self.metrics.add_device(device)
-        if config.events_address is not None or config.events_buffer:
+        if config.vllm_events_address is not None:  # router-grade events follow gpukv's own
+            from gpukv.ops.router_events import RouterEvents
+
+            self.router = RouterEvents(config.vllm_events_address, ranks_of=ranks_of,
+                                       chunk_size=config.chunk_size, topic=config.vllm_events_topic,
+                                       max_units=config.vllm_events_units)
+        if config.events_address is not None or config.events_buffer or self.router is not None:
             from gpukv.ops.events import EventPublisher
 
-            self.events = EventPublisher(config.events_address, buffer_size=config.events_buffer)
+            try:
+                self.events = EventPublisher(config.events_address, buffer_size=config.events_buffer,
+                                             listener=self.router.on_event if self.router else None)
+            except BaseException:
+                if self.router is not None:
+                    self.router.close()
+                raise
         self.devices = config.devices
         self._space_of = space_of
         self._seen: dict[str, int] = {}  # slow counters already exported, by name
@@ -136,3 +150,5 @@ class Observer:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+        if self.router is not None:
+            self.router.close()

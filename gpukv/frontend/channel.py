@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from gpukv.curve_keys import load_keys, secure_client
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.zmq_context import OwnedContext
@@ -50,6 +51,8 @@ class Channel:
         self.address, self.session, self.group = address, session, group
         self.timeout_s = float(timeout_s)
         self._on_unavailable = on_unavailable
+        # tcp:// servers run CURVE: this user's key file (ValueError if it cannot be read)
+        self._keys = load_keys() if address.startswith("tcp://") else None
         self._zmq = OwnedContext(self)  # closed even if this channel is dropped unclosed
         self._pool: list[zmq.Socket] = []
         self._rcvtimeo: dict[zmq.Socket, int] = {}  # the timeout each pooled socket has set
@@ -71,7 +74,7 @@ class Channel:
         sock = self._borrow()
         try:
             timeout_ms = max(1, int(timeout_s * 1000))
-            if self._rcvtimeo.get(sock) != timeout_ms:  # a setsockopt costs ~0.5 us a call
+            if self._rcvtimeo.get(sock) != timeout_ms:  # a setsockopt per call is not free
                 sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
                 self._rcvtimeo[sock] = timeout_ms
             sock.send(frame, copy=len(frame) < 65536)
@@ -121,6 +124,8 @@ class Channel:
                 return self._pool.pop()
             sock = self._zmq.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            secure_client(sock, self._keys)
         sock.connect(self.address)
         return sock
 

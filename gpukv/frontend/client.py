@@ -38,6 +38,7 @@ import torch
 
 from gpukv.engine.chunks import token_range
 from gpukv.engine.copies import Copy, WorkerCopies
+from gpukv.engine.hit_sources import LookupHit, parse_runs
 from gpukv.engine.keys import TokenIds
 from gpukv.frontend import protocol as p
 from gpukv.frontend.channel import Channel, ServerError, ServerUnavailable
@@ -181,6 +182,39 @@ class CacheClient:
         hit = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers, loadable))
         self.metrics.lookup(time.perf_counter() - t0)
         return hit
+
+    def lookup_tiers(self, model: str, token_ids: TokenIds, *, request_id: Hashable,
+                     tp_size: int = 1, num_readers: int | None = None, seed: bytes = b"",
+                     extras=None, loadable: bool = False) -> LookupHit:
+        """:meth:`lookup`, with where each chunk of the hit came from (a :class:`LookupHit` in
+        chunks; its ``sources`` None from a server that cannot say)."""
+        return self.lookup_hashes_tiers(model, self.copies.hashes(token_ids, seed, extras),
+                                        request_id=request_id, tp_size=tp_size,
+                                        num_readers=num_readers, loadable=loadable)
+
+    def lookup_hashes_tiers(self, model: str, hashes: list[bytes], *, request_id: Hashable,
+                            tp_size: int = 1, num_readers: int | None = None,
+                            loadable: bool = False) -> LookupHit:
+        if "lookup_tiers" not in self.server_info.get("features", ()):
+            tokens = self.lookup_hashes(model, hashes, request_id=request_id, tp_size=tp_size,
+                                        num_readers=num_readers, loadable=loadable)
+            return LookupHit(tokens // self.chunk_size, None)
+        t0 = time.perf_counter()
+        reply = self._call(p.Lookup(model, request_id, list(hashes), tp_size, num_readers, loadable,
+                                    tiers=True))
+        self.metrics.lookup(time.perf_counter() - t0)
+        if not isinstance(reply, dict) or not isinstance(reply.get("tokens"), int):
+            raise ServerError(f"LOOKUP reply {reply!r:.80} is not {{tokens, sources}}")
+        chunks = reply["tokens"] // self.chunk_size
+        try:
+            return LookupHit(chunks, parse_runs(reply.get("sources"), chunks))
+        except ValueError as exc:
+            raise ServerError(f"LOOKUP reply: {exc}") from None
+
+    def vllm_blocks(self, body: p.VllmBlocks) -> dict:
+        """Describe chunks as vLLM blocks (see :class:`gpukv.frontend.protocol.VllmBlocks`);
+        the reply: ``epoch``, ``events`` (with ``take_events``: encoded vLLM events), ``more``."""
+        return self._call(body)
 
     def free_lookup_locks(self, request_id: Hashable, *, start_token: int = 0,
                           end_token: int | None = None, tp_size: int = 1) -> int:

@@ -1,9 +1,12 @@
-"""A thread pool that serves its clients in turn: one queue per session, taken round robin.
+"""A thread pool that serves its clients in turn: one queue per session, taken round robin, and
+the bound on what one session may have waiting in it.
 
 A plain FIFO pool lets one client that pipelines many long requests (up to its per-session bound)
 put every other client's request behind all of them. Here each thread takes the oldest request of
 the next session in turn, so another client waits for at most one request per busy session
-already running, whatever their backlogs.
+already running, whatever their backlogs. :class:`PendingBound` bounds a session's requests
+waiting in the pool, in number and bytes (one request always fits), so no session fills memory;
+:func:`pooled` says which requests go to the pool at all.
 """
 
 from __future__ import annotations
@@ -13,7 +16,57 @@ import threading
 from collections import OrderedDict, deque
 from typing import Callable, Hashable
 
+from gpukv.errors import Busy
+from gpukv.frontend import protocol as p
+
 log = logging.getLogger(__name__)
+
+INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
+_POOLED = (p.Stats, p.Flush, p.VllmBlocks)  # VLLM_BLOCKS: large, and never latency-bound
+
+
+def pooled(body, core) -> bool:
+    """Whether a decoded request goes to the pool rather than being answered by the loop: STATS,
+    FLUSH, VLLM_BLOCKS, one naming more than ``INLINE_KEYS`` objects, and a LOOKUP that may read a tier."""
+    if isinstance(body, _POOLED):
+        return True
+    hashes = getattr(body, "hashes", None)
+    if hashes is None:
+        return False
+    ranks = body.tp_size if isinstance(body, p.Lookup) else 1
+    if len(hashes) * ranks > INLINE_KEYS:
+        return True
+    return isinstance(body, p.Lookup) and bool(core.tiers) and \
+        not core.covered_by_l1(body.model, body.hashes, body.tp_size)  # may read a tier
+
+
+class PendingBound:
+    """Requests and bytes of each session waiting in the pool (thread-safe)."""
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests, self.max_bytes = max_requests, max_bytes
+        self._lock = threading.Lock()
+        self._pending: dict[Hashable, tuple[int, int]] = {}
+
+    def admit(self, session: Hashable, nbytes: int) -> Busy | None:
+        """Count one more request of ``nbytes`` for ``session``, or return the Busy error that
+        refuses it (nothing counted)."""
+        with self._lock:
+            count, held = self._pending.get(session, (0, 0))
+            if count >= self.max_requests or (count and held + nbytes > self.max_bytes):
+                return Busy(f"busy: {count} requests ({held} bytes) of this client are waiting "
+                            f"(at most {self.max_requests}, {self.max_bytes} bytes); retry later")
+            self._pending[session] = (count + 1, held + nbytes)
+        return None
+
+    def done(self, session: Hashable, nbytes: int) -> None:
+        """One admitted request of ``session`` (``nbytes``) left the pool."""
+        with self._lock:
+            count, held = self._pending.get(session, (1, nbytes))
+            if count > 1:
+                self._pending[session] = (count - 1, held - nbytes)
+            else:
+                self._pending.pop(session, None)
 
 
 class FairPool:

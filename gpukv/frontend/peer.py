@@ -1,12 +1,13 @@
 """Who may bind and who answers: socket-path ownership for the server, peer uid for the client.
 
-The protocol has no authentication of its own: on one machine the operating system's users are
-the boundary. So the server binds only a path it owns in a folder no other user can write (the
-default folder ``/tmp/gpukv-<uid>`` is created 0700), refuses abstract ``ipc://@name`` sockets
-(no file permissions) unless explicitly allowed, and binds tcp:// only on loopback unless
-``allow_remote``. The client, before it sends anything (tokens are user data), checks that the
-process listening on the address runs as its own user: ``SO_PEERCRED`` on ipc://, the owner of
-the listening socket in ``/proc/net/tcp{,6}`` on loopback tcp://.
+On ipc:// the operating system's users are the boundary (tcp:// adds CURVE keys:
+:mod:`gpukv.curve_keys`). So the server binds only a path it owns in a folder no other user can
+change (the default runtime folder, e.g. ``/tmp/gpukv-<uid>``, is created 0700), refuses
+abstract ``ipc://@name`` sockets (no file permissions) unless explicitly allowed, and binds
+tcp:// only on loopback unless ``allow_remote``. The client, before it sends anything (tokens
+are user data), checks that the process listening on the address runs as its own user:
+``SO_PEERCRED`` on ipc://, the owner of the listening socket in ``/proc/net/tcp{,6}`` on
+loopback tcp://.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import socket
 import stat
 import struct
 from pathlib import Path
+
+from gpukv.ops.addresses import tcp_listener_uid
+from gpukv.private_paths import SOCKET_PATH_MAX, runtime_dir, trusted_folder
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -44,25 +48,25 @@ def check_address(address: str, *, allow_remote: bool = False, allow_abstract: b
 
 
 def prepare_socket_path(path: str) -> None:
-    """Make sure the server may bind ``path``: its folder is this user's and not writable by
-    others (the default ``/tmp/gpukv-<uid>`` is created 0700), and an existing file there is
-    this user's stale socket (removed) -- never another user's or a live server's."""
+    """Make sure the server may bind ``path``: every folder on its way is root's or this user's
+    and, where others may write, sticky (:func:`gpukv.private_paths.trusted_folder`; the default
+    runtime folder is created 0700), and an existing file there is this user's stale socket
+    (removed) -- never another user's or a live server's."""
     if path.startswith("@"):
         return
     folder = Path(path).parent
-    if folder.name == f"gpukv-{os.getuid()}" and not folder.exists():
-        folder.mkdir(mode=0o700)
-    st = folder.lstat() if folder.exists() else None
-    if st is None or not stat.S_ISDIR(st.st_mode):
+    if folder == runtime_dir():
+        runtime_dir(create=True)
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ValueError(f"socket path {path!r} is longer than {SOCKET_PATH_MAX} bytes: pass a "
+                         "shorter ipc:// address")
+    if not folder.is_dir():
         raise ValueError(f"socket folder {str(folder)!r} does not exist")
-    sticky = st.st_mode & stat.S_ISVTX
-    if st.st_uid != os.getuid() and not (sticky and st.st_uid == 0):
-        raise ValueError(f"refusing to bind in {str(folder)!r}: owned by uid {st.st_uid}, not "
-                         f"{os.getuid()}")
-    if st.st_mode & 0o022 and not sticky:
-        raise ValueError(f"refusing to bind in {str(folder)!r}: writable by other users "
-                         f"(mode {oct(st.st_mode & 0o777)})")
-    target = Path(path)
+    try:
+        folder = trusted_folder(folder)
+    except ValueError as exc:
+        raise ValueError(f"refusing to bind {path!r}: {exc}") from None
+    target = folder / Path(path).name
     try:
         tst = target.lstat()
     except FileNotFoundError:
@@ -74,6 +78,20 @@ def prepare_socket_path(path: str) -> None:
     if peer_uid(path) is not None:
         raise ValueError(f"another server is listening on ipc://{path}")
     target.unlink()
+
+
+def bind(sock, address: str) -> None:
+    """Bind a zmq socket to a checked ``address``: an ipc:// path only where
+    :func:`prepare_socket_path` allows, the socket file this user's alone (umask 077)."""
+    if not address.startswith("ipc://"):
+        sock.bind(address)
+        return
+    prepare_socket_path(ipc_path(address))
+    old = os.umask(0o077)  # only this user may connect
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
 
 
 def peer_uid(path: str) -> int | None:
@@ -90,23 +108,6 @@ def peer_uid(path: str) -> int | None:
     return uid
 
 
-def tcp_listener_uid(host: str, port: int) -> int | None:
-    """The uid owning the socket listening on loopback ``host:port`` (``/proc/net/tcp``), or
-    None when it cannot be told."""
-    want_port = f"{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, uid = fields[1], fields[3], fields[7]
-            if state == "0A" and local.rsplit(":", 1)[1] == want_port:  # 0A = LISTEN
-                return int(uid)
-    return None
-
-
 def server_uid(address: str) -> int | None:
     """The uid of the process listening on ``address`` (None: nobody listens on ipc:// or
     loopback tcp://, or a non-local tcp:// server whose user cannot be told: ``-1``)."""
@@ -115,4 +116,4 @@ def server_uid(address: str) -> int | None:
     host, _, port = address[len("tcp://"):].rpartition(":")
     if host not in _LOOPBACK or not port.isdigit():
         return -1  # a remote server: the user chose it (allow_remote on the server side)
-    return tcp_listener_uid(host.strip("[]"), int(port))
+    return tcp_listener_uid(int(port))

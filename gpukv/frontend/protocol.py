@@ -18,13 +18,13 @@ offsets, and the worker copies between its own pages and the arena it mapped at 
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
 from gpukv.constants import HASH_BYTES, MAX_READERS
 from gpukv.errors import Busy
+from gpukv.private_paths import runtime_dir
 
 PROTOCOL_VERSION = 2
 MAX_HASHES = 1 << 17  # hashes in one request (x ranks: the server's max_keys_per_request)
@@ -42,12 +42,11 @@ PlanId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
 
 
 def default_address() -> str:
-    """``ipc://$XDG_RUNTIME_DIR/gpukv.sock``, else ``ipc:///tmp/gpukv-<uid>/gpukv.sock`` (a
-    folder of this user's, mode 0700, so no other user can bind the path first)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return f"ipc://{runtime}/gpukv.sock"
-    return f"ipc:///tmp/gpukv-{os.getuid()}/gpukv.sock"
+    """``ipc://<runtime folder>/gpukv.sock``: ``$XDG_RUNTIME_DIR/gpukv.sock``, else
+    ``/tmp/gpukv-<uid>/gpukv.sock`` (a folder of this user's, mode 0700, so no other user can
+    bind the path first), else, when another user holds that folder,
+    ``~/.cache/gpukv/run/gpukv.sock`` (:func:`gpukv.private_paths.runtime_dir`)."""
+    return f"ipc://{runtime_dir() / 'gpukv.sock'}"
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -71,8 +70,8 @@ class Layout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # ---- requests ----------------------------------------------------------------------------------
 class Ping(_Msg, tag="ping"):
-    """Liveness, and the handshake: the client's pid lets the server tell a dead worker from a
-    stalled one before it reuses slots that worker was handed."""
+    """Liveness, and the handshake. ``pid`` is informational only: the server tells a dead
+    worker from a stalled one by the peer process it observes itself (never a reported pid)."""
 
     pid: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] | None = None
 
@@ -105,7 +104,12 @@ class StoreCommit(_Msg, tag="store_commit"):
     ok: bool = True  # False: the copy failed, discard the reservation
 
 
-class Lookup(_Msg, tag="lookup"):
+class Lookup(_Msg, tag="lookup", omit_defaults=True):
+    """Fields at their defaults are not sent, so a server that predates a field still reads
+    requests that do not use it. ``tiers``: the reply is ``{"tokens", "sources"}`` (the hit's
+    per-chunk sources as runs, :mod:`gpukv.engine.hit_sources`) instead of the tokens alone;
+    servers that know it say ``"lookup_tiers"`` in their PING reply's ``features``."""
+
     model: Name
     request_id: Id
     hashes: Hashes
@@ -114,6 +118,7 @@ class Lookup(_Msg, tag="lookup"):
     # True: count a hit only if the caller's group has registered instances of the model for
     # every TP rank 0..tp_size-1 (a scheduler asks for what its own workers can load)
     loadable: bool = False
+    tiers: bool = False
 
 
 class RetrieveBegin(_Msg, tag="retrieve_begin"):
@@ -145,6 +150,46 @@ class ReadCounts(_Msg, tag="read_counts"):
     kv_rank: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS - 1)] = 0
 
 
+BlockHash = Union[Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)], int]  # int: 64-bit
+ExtraKey = Union[Annotated[str, msgspec.Meta(max_length=4096)], int,  # no prompt embeds: not cached
+                 Annotated[list[Union[Annotated[str, msgspec.Meta(max_length=4096)], int]],
+                           msgspec.Meta(max_length=8)]]
+
+
+class ChunkBlocks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """vLLM's description of one gpukv chunk (``chunk_hash``): its blocks' hashes (vLLM's own,
+    ``chunk_size / block_size`` of them), the hash of the block before it (None for the first
+    chunk), its token ids and per block the extra keys vLLM publishes (LoRA name, multimodal
+    ``[identifier, offset]``, cache salt; None for a block without any)."""
+
+    chunk_hash: Hash
+    block_hashes: Annotated[list[BlockHash], msgspec.Meta(min_length=1, max_length=1 << 16)]
+    parent: BlockHash | None
+    token_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]],
+                         msgspec.Meta(min_length=1, max_length=1 << 20)]
+    extra_keys: Annotated[list[Annotated[list[ExtraKey], msgspec.Meta(max_length=64)] | None],
+                          msgspec.Meta(max_length=1 << 16)] | None = None
+
+
+class VllmBlocks(_Msg, tag="vllm_blocks"):
+    """A vLLM scheduler tells the server which vLLM blocks its chunks hold, for the vLLM-format
+    KV events (``gpukv serve --vllm-events``; :mod:`gpukv.ops.router_events`). ``models``: the
+    model key of each pipeline stage (a chunk is a block for routers once every stage's objects
+    of it are held); ``take_events``: the reply carries the vLLM events of the blocks this
+    caller's group announced first (its engine republishes them in ``take_events``). Servers
+    that take it say ``"vllm_blocks"`` in their PING reply's ``features``."""
+
+    models: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=64)]
+    tp_size: Count
+    block_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+    chunks: Annotated[list[ChunkBlocks], msgspec.Meta(max_length=4096)] = []
+    group_idx: Small = 0
+    lora_id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] | None = None
+    lora_name: Name | None = None
+    spec_kind: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    take_events: bool = False
+
+
 class Stats(_Msg, tag="stats"):
     query: ReadCounts | None = None
 
@@ -154,7 +199,7 @@ class Flush(_Msg, tag="flush"):
 
 
 Body = Union[Ping, Register, Unregister, StoreBegin, StoreCommit, Lookup, RetrieveBegin,
-             RetrieveEnd, FreeLookupLocks, EndSession, Stats, Flush]
+             RetrieveEnd, FreeLookupLocks, EndSession, Stats, Flush, VllmBlocks]
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

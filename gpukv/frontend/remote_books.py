@@ -39,11 +39,13 @@ class RemoteBooks:
                  tp_rank: int, tp_size: int, device: str | None,
                  pages_device: torch.device) -> Registration:
         own = device_name(pages_device)
-        shared = kind != "mla" or not self.arena_names or mla_shared(own, self.arena_names, TorchGpus())
+        shared = kind != "mla" or not self.arena_names or \
+            mla_shared(own, self.arena_names, TorchGpus())
         reply = self._call(p.Register(instance_id, model, p.Layout(**layout), tp_rank, tp_size,
                                       device if device is not None else own, shared))
         arenas = reply.get("arenas") if isinstance(reply, dict) else None
-        if not isinstance(arenas, list) or not arenas or not all(isinstance(h, dict) for h in arenas):
+        if not isinstance(arenas, list) or not arenas or \
+                not all(isinstance(h, dict) for h in arenas):
             raise ServerError(f"REGISTER reply has no arena handles: {reply!r:.200}")
         if arenas != self._handles:  # another server (e.g. restarted): map its arenas
             # (the old maps go with the last copy still using them: a tensor holds its map)
@@ -68,7 +70,8 @@ class RemoteBooks:
         if chunks != sorted(set(chunks)):
             raise ServerError(f"STORE_BEGIN reply names chunks {chunks!r:.120} (not increasing)")
         if not isinstance(devices, list) or len(devices) != len(chunks):
-            raise ServerError(f"STORE_BEGIN reply has devices {devices!r:.80} for {len(chunks)} chunks")
+            raise ServerError(f"STORE_BEGIN reply has devices {devices!r:.80} "
+                              f"for {len(chunks)} chunks")
         for dev in devices:
             _index(dev, len(self._handles), "arena")
         return Grant(plan, chunks, devices, offsets)
@@ -119,10 +122,12 @@ def _index(value: Any, size: int, what: str) -> int:
     return value
 
 
-def _check_lists(first: Any, offsets: Any, num_hashes: int, what: str, *, exact: bool = False) -> None:
+def _check_lists(first: Any, offsets: Any, num_hashes: int, what: str, *,
+                 exact: bool = False) -> None:
     """Per-chunk lists of a BEGIN reply: equal lengths, ints in range, offsets >= 0."""
     if not isinstance(first, list) or not isinstance(offsets, list) or len(first) != len(offsets):
-        raise ServerError(f"{what} reply has malformed per-chunk lists: {first!r:.80}, {offsets!r:.80}")
+        raise ServerError(f"{what} reply has malformed per-chunk lists: {first!r:.80}, "
+                          f"{offsets!r:.80}")
     if (exact and len(first) != num_hashes) or len(first) > num_hashes or not first:
         raise ServerError(f"{what} reply names {len(first)} chunks for {num_hashes} asked")
     if what == "STORE_BEGIN":

@@ -2,16 +2,16 @@
 
 The server owns the L1 arenas (one per device, shared with the workers) and keeps the books;
 workers run the copies themselves. One ROUTER socket (clients use DEALER; see
-:mod:`gpukv.frontend.protocol`), and one thread, the loop, touches it. Every request is
-bookkeeping (no bytes of KV cross the socket), so the loop answers most of them itself in
-microseconds; a lookup that may read the disk or remote tier, a large request (more than
-``INLINE_KEYS`` objects, or a frame over ``INLINE_FRAME_BYTES``, which the loop does not even
-decode: it reads the envelope and the pool decodes the rest), STATS and FLUSH go to a small
-pool, so a long one never stalls a ping or another worker. Pool threads put their replies on a
-queue and wake the loop through a pipe; while no pool work is in flight the loop blocks on its
-socket alone (polling the socket and the pipe costs ~6 us a request), waking every
-``BLOCK_MS``. Reaping and lease expiry run in a thread of their own (they take the books' locks,
-which a maximal request may hold for a while).
+:mod:`gpukv.frontend.protocol`; on tcp:// with CURVE, :mod:`gpukv.curve_keys`), and one thread,
+the loop, touches it. Every request is bookkeeping (no bytes of KV cross the socket), so the
+loop answers most of them itself in microseconds; a lookup that may read the disk or remote
+tier, a large request (more than ``fairpool.INLINE_KEYS`` objects, or a frame over
+``INLINE_FRAME_BYTES``, which the loop does not even decode: it reads the envelope and the pool
+decodes the rest), STATS and FLUSH go to a small pool, so a long one never stalls a ping or
+another worker. Pool threads put their replies on a queue and wake the loop through a pipe;
+while no pool work is in flight the loop blocks on its socket alone (polling the socket and the
+pipe costs more per request), waking every ``BLOCK_MS``. Reaping and lease expiry run in a
+thread of their own (they take the books' locks, which a maximal request may hold for a while).
 
 Robustness: every request gets a reply (an error naming the problem for bad input, ``Busy``
 past a bound); nothing a client sends can end the loop. Per session, requests waiting in the
@@ -29,46 +29,28 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
+from gpukv.curve_keys import CurveServer, load_keys
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
-from gpukv.frontend.fairpool import FairPool
-from gpukv.frontend.peer import check_address, ipc_path, prepare_socket_path
+from gpukv.frontend.fairpool import FairPool, PendingBound, pooled
+from gpukv.frontend.liveness import peer_pid
+from gpukv.frontend.peer import bind, ipc_path
+from gpukv.frontend.server_config import ServerConfig
 from gpukv.frontend.sessions import Limits, Sessions
 from gpukv.zmq_context import OwnedContext
 
 log = logging.getLogger(__name__)
 
-INLINE_KEYS = 4096  # objects (hashes x ranks) a request may name and still run in the loop
+__all__ = ["CacheServer", "Limits", "ServerConfig"]
+
 RCVHWM = 16  # a client pipelining more waits in its own send (each call has one in flight)
 INLINE_FRAME_BYTES = 96 << 10  # larger frames are decoded in the pool (> INLINE_KEYS hashes)
 BLOCK_MS = 100  # the longest the loop blocks on its socket alone: stop() takes effect by then
-_POOLED = (p.Stats, p.Flush)
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    """Front-end settings (the books have their own :class:`gpukv.EngineConfig`)."""
-
-    address: str = field(default_factory=p.default_address)
-    worker_timeout_s: float = 30.0
-    threads: int = 4
-    allow_remote: bool = False
-    allow_abstract: bool = False
-    max_pending: int = 64  # requests of one session waiting in the pool
-    max_pending_bytes: int = 32 << 20  # and their frames' bytes (one request always fits)
-    limits: Limits = field(default_factory=Limits)
-
-    def __post_init__(self) -> None:
-        check_address(self.address, allow_remote=self.allow_remote,
-                      allow_abstract=self.allow_abstract)
-        if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
-            raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s!r}")
-        if not isinstance(self.threads, int) or not 1 <= self.threads <= 256:
-            raise ValueError(f"threads must be an int in [1, 256], got {self.threads!r}")
+_UNSEEN = object()
+MAX_CONNECTIONS_SEEN = 1 << 16  # identity -> pid entries kept
 
 
 class CacheServer:
@@ -79,16 +61,23 @@ class CacheServer:
         self.core = core
         self.config = config = config or ServerConfig()
         self.sessions = Sessions(core, worker_timeout_s=config.worker_timeout_s,
-                                 limits=config.limits)
+                                 limits=config.limits, orphan_hold_s=config.orphan_hold_s,
+                                 check_holes=config.check_holes)
         self._zmq = OwnedContext(self)  # closed even if this server is dropped unserved
         self._router = self._zmq.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         self._router.setsockopt(zmq.RCVHWM, RCVHWM)  # frames queued per client connection
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._curve: CurveServer | None = None
         try:
-            self._bind()
+            if config.address.startswith("tcp://"):  # any local user can reach a port: CURVE
+                self._curve = CurveServer(self._zmq.ctx, load_keys(config.key_file, create=True))
+                self._curve.secure(self._router)
+            bind(self._router, config.address)
         except BaseException:
+            if self._curve is not None:
+                self._curve.stop()
             self._zmq.close()
             raise
         self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -97,22 +86,10 @@ class CacheServer:
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._pool = FairPool(config.threads)  # sessions in turn: no client waits behind a flood
-        self._pending: dict[str, tuple[int, int]] = {}  # session -> requests, bytes in the pool
-        self._pending_lock = threading.Lock()
+        self._pending = PendingBound(config.max_pending, config.max_pending_bytes)
         self._in_pool = 0  # pooled requests whose reply the loop has not taken yet (loop only)
         self.last_drained = time.monotonic()  # the loop last found its socket empty
-
-    def _bind(self) -> None:
-        address = self.config.address
-        if address.startswith("ipc://"):
-            prepare_socket_path(ipc_path(address))
-            old = os.umask(0o077)  # only this user may connect
-            try:
-                self._router.bind(address)
-            finally:
-                os.umask(old)
-        else:
-            self._router.bind(address)
+        self._pids: dict[bytes, int | None] = {}  # connection identity -> its peer's pid (loop)
 
     # ---- the ROUTER loop -------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -147,14 +124,14 @@ class CacheServer:
 
     def _wait_and_drain(self) -> None:
         """Block on the socket alone (up to ``BLOCK_MS``), then drain it: a poll of the socket
-        and the wake-up pipe costs ~6 us a request, which the loop pays only while pool work
+        and the wake-up pipe costs more per request, which the loop pays only while pool work
         is in flight (its replies come through the pipe)."""
         try:
-            frames = self._recv(0)
+            frames, pid = self._recv(0)
         except zmq.Again:
             self.last_drained = time.monotonic()  # nothing arrived in BLOCK_MS
             return
-        self._handle(frames)
+        self._handle(frames, pid)
         self._drain(63)
 
     def _drain(self, budget: int) -> None:
@@ -165,25 +142,38 @@ class CacheServer:
                 self.last_drained = time.monotonic()
                 return
             try:
-                frames = self._recv(zmq.NOBLOCK)
+                frames, pid = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 self.last_drained = time.monotonic()
                 return
-            self._handle(frames)
+            self._handle(frames, pid)
 
-    def _recv(self, flags: int) -> list[bytes]:
-        """One message off the socket: the sender's identity, then its frames (a ROUTER message
-        has at least one after the identity). What ``recv_multipart`` does, without its
-        per-frame option read for the identity and its loop (~2 us a request)."""
+    def _recv(self, flags: int) -> tuple[list[bytes], int | None]:
+        """The sender's identity and frames (``recv_multipart`` without its per-frame option
+        read and loop, which cost per request), and its pid as the kernel told libzmq (ipc://; None on
+        tcp://), read once per connection (a frame object and a property read cost more than
+        the rest): an identity the ROUTER made (a zero byte first) is never reused while it
+        lives; one a peer chose is read every time."""
         router = self._router
-        frames = [router.recv(flags), router.recv(zmq.NOBLOCK)]  # the rest came with the first
+        identity = router.recv(flags)
+        pid = self._pids.get(identity, _UNSEEN)
+        if pid is _UNSEEN:
+            first = router.recv(zmq.NOBLOCK, copy=False)  # the rest came with the identity
+            frames = [identity, first.bytes]
+            pid = peer_pid(first.get("Peer-Address"))
+            if identity[:1] == b"\0":
+                if len(self._pids) >= MAX_CONNECTIONS_SEEN:
+                    self._pids.clear()  # (mostly dead connections' ids)
+                self._pids[identity] = pid
+        else:
+            frames = [identity, router.recv(zmq.NOBLOCK)]
         while router.get(zmq.RCVMORE):
             frames.append(router.recv(zmq.NOBLOCK))
-        return frames
+        return frames, pid
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], pid: int | None) -> None:
         try:
-            self._on_frames(frames)
+            self._on_frames(frames, pid)
         except Exception:  # noqa: BLE001 - nothing a client sends may end the loop
             log.warning("dropped a request that failed outside its handler", exc_info=True)
 
@@ -204,7 +194,7 @@ class CacheServer:
         except Exception:  # noqa: BLE001 - the reaper must live on
             log.warning("reaping failed", exc_info=True)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], pid: int | None) -> None:
         identity = frames[0]
         if len(frames) != 2:
             self._send(identity, p.error_reply(0, p.ProtocolError(
@@ -214,42 +204,22 @@ class CacheServer:
         try:  # a large frame is decoded in the pool: the loop only reads its envelope
             request = p.decode_request(frame) if len(frame) <= INLINE_FRAME_BYTES else None
             envelope = request or p.decode_envelope(frame)
-            self.sessions.touch(envelope.session, envelope.group)
+            self.sessions.touch(envelope.session, envelope.group, pid)
         except ValueError as exc:
             log.debug("bad request: %s", exc)
             self._send(identity, p.error_reply(getattr(exc, "seq", 0), exc))
             return
-        if request is not None and not self._pooled(request.body):
+        if request is not None and not pooled(request.body, self.core):
             self._send(identity, self._run(request))
             return
-        limit, limit_bytes = self.config.max_pending, self.config.max_pending_bytes
-        with self._pending_lock:
-            count, nbytes = self._pending.get(envelope.session, (0, 0))
-            busy = count >= limit or (count and nbytes + len(frame) > limit_bytes)
-            if not busy:
-                self._pending[envelope.session] = (count + 1, nbytes + len(frame))
-        if busy:
+        busy = self._pending.admit(envelope.session, len(frame))
+        if busy is not None:
             self._rejected()
-            self._send(identity, p.error_reply(envelope.seq, Busy(
-                f"busy: {count} requests ({nbytes} bytes) of this client are waiting (at most "
-                f"{limit}, {limit_bytes} bytes); retry later")))
+            self._send(identity, p.error_reply(envelope.seq, busy))
             return
         self._pool.submit(envelope.session, self._run_and_queue, identity, request or frame,
-                          envelope.session,
-                          len(frame))
+                          envelope.session, len(frame))
         self._in_pool += 1  # each pooled request queues exactly one reply
-
-    def _pooled(self, body) -> bool:
-        if isinstance(body, _POOLED):
-            return True
-        hashes = getattr(body, "hashes", None)
-        if hashes is None:
-            return False
-        ranks = body.tp_size if isinstance(body, p.Lookup) else 1
-        if len(hashes) * ranks > INLINE_KEYS:
-            return True
-        return isinstance(body, p.Lookup) and bool(self.core.tiers) and \
-            not self.core.covered_by_l1(body.model, body.hashes, body.tp_size)  # may read a tier
 
     def _run(self, request: p.Request) -> p.Reply:
         try:
@@ -276,12 +246,7 @@ class CacheServer:
         except p.ProtocolError as exc:
             reply = p.error_reply(exc.seq, exc)
         finally:
-            with self._pending_lock:
-                count, held = self._pending.get(session, (1, nbytes))
-                if count > 1:
-                    self._pending[session] = (count - 1, held - nbytes)
-                else:
-                    self._pending.pop(session, None)
+            self._pending.done(session, nbytes)
         self._replies.put((identity, reply))
         try:
             os.write(self._wake_w, b"x")
@@ -298,7 +263,7 @@ class CacheServer:
     def _send(self, identity: bytes, reply: p.Reply) -> None:
         try:
             frame = p.encode_reply(reply)
-            self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)  # send_multipart costs ~1 us more
+            self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)  # cheaper than send_multipart
             self._router.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the client is gone or not reading: drop its reply
             log.debug("reply dropped: %s", exc)
@@ -316,6 +281,8 @@ class CacheServer:
         self._pool.shutdown()
         self._send_replies()
         self.sessions.close()
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP sockets live in the context too
         self._zmq.close()  # the ROUTER socket, then the context
         os.close(self._wake_r)
         os.close(self._wake_w)

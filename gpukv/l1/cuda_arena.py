@@ -88,7 +88,8 @@ class Mappings:
             raise ValueError(f"{device} is not visible here")
         arena = UUID_PREFIX + handle["device_uuid"]
         if not reachable(UUID_PREFIX + uuids[own], [arena], view)[0]:
-            raise ValueError(f"the arena on GPU {handle['device_uuid']} cannot be read from {device} "
+            raise ValueError(f"the arena on GPU {handle['device_uuid']} cannot be read from "
+                             f"{device} "
                              "(not visible in this process, or no peer access)")
         driver = driver or _driver()
         key = (bytes(handle["ipc_handle"]), own)

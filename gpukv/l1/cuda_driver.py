@@ -51,7 +51,8 @@ class CudaDriver:
         """Make device ``ordinal``'s primary context current for the calls inside."""
         dev, ctx = ctypes.c_int(), ctypes.c_void_p()
         self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), f"cuDeviceGet({ordinal})")
-        self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev),
+                    "cuDevicePrimaryCtxRetain")
         try:
             self._check(self._lib.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")
             try:

@@ -69,8 +69,9 @@ def wrap(address: int, nbytes: int, device_type: str, device_id: int = 0,
         raise ValueError(f"need a non-null address and nbytes > 0, got {address:#x}, {nbytes!r}")
     shape = (ctypes.c_int64 * 1)(nbytes)
     managed = _DLManagedTensor()
-    managed.dl_tensor = _DLTensor(ctypes.c_void_p(address), _DLDevice(DEVICE_TYPES[device_type], device_id),
-                                  1, _DLDataType(_KDL_UINT, 8, 1), shape, None, 0)
+    device = _DLDevice(DEVICE_TYPES[device_type], device_id)
+    managed.dl_tensor = _DLTensor(ctypes.c_void_p(address), device, 1, _DLDataType(_KDL_UINT, 8, 1),
+                                  shape, None, 0)
     managed.deleter = _delete
     _LIVE[ctypes.addressof(managed)] = (managed, shape, on_free)
     capsule = _capsule_new(ctypes.addressof(managed), b"dltensor", None)

@@ -5,6 +5,11 @@ entries, and ``finish_write`` / ``abort_write`` / ``unpin`` / ``end_read`` take 
 names one object, never a key: if the object is discarded while a copy holds it (expired write
 lease, a force delete, the writer unregistered) its key may be stored afresh in another slot,
 and the handle still points at the old slot, which is not reused until the last pin is gone.
+
+Each mutable field has one writer, the structure that owns its invariant: ``ready`` and
+``doomed`` the object table (:mod:`gpukv.l1.objects`), ``shares`` the share book
+(:mod:`gpukv.l1.shares`), ``pins`` the pin counts (:mod:`gpukv.l1.pins`), ``stamp`` and ``lru``
+the size-class LRU (:mod:`gpukv.l1.eviction`). The rest is fixed when the write is reserved.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ class Status(enum.Enum):
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class Entry:
     """An object in one device arena. Read-only for callers: ``key``, ``device`` (arena index),
-    ``offset`` (bytes into that arena), ``nbytes``; everything else belongs to the manager."""
+    ``offset`` (bytes into that arena), ``nbytes``; everything else belongs to the manager's
+    structures (see the module docstring). Hashed by identity."""
 
     key: Hashable
     device: int
@@ -42,12 +48,24 @@ class Entry:
     temporary: bool
     writer: Hashable  # owner of the unfinished write
     write_deadline: float
-    ready: bool = False
-    doomed: bool = False  # discarded: invisible, freed when the last pin goes
-    pins: int = 0  # copies in progress (a write holds one from reserve to finish/abort)
-    stamp: int = 0  # LRU recency (larger = more recent)
-    shares: dict[Hashable, int] = field(default_factory=dict)  # owner -> count
-    lru: dict | None = field(default=None, repr=False)  # its device's LRU of its size class
+    ready: bool
+    doomed: bool  # discarded: invisible, freed when the last pin goes
+    pins: int  # copies in progress (a write holds one from reserve to finish/abort)
+    stamp: int  # LRU recency (larger = more recent)
+    shares: dict[Hashable, int]  # owner -> count
+    lru: dict | None = field(repr=False)  # its device's LRU of its size class
+
+    def __init__(self, key: Hashable, device: int, nbytes: int, slot_bytes: int, offset: int,
+                 temporary: bool, writer: Hashable, write_deadline: float,
+                 lru: dict | None) -> None:
+        """A new write: not ready, holding the write's own pin, no shares. (Written out, not
+        generated: the write path makes one per chunk, and a generated ``__init__`` would parse
+        keyword defaults and call a factory for ``shares``.)"""
+        self.key, self.device, self.nbytes, self.slot_bytes = key, device, nbytes, slot_bytes
+        self.offset, self.temporary, self.writer = offset, temporary, writer
+        self.write_deadline, self.lru = write_deadline, lru
+        self.ready = self.doomed = False
+        self.pins, self.stamp, self.shares = 1, 0, {}
 
     @property
     def readers(self) -> int:

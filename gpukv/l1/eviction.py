@@ -1,13 +1,15 @@
 """L1 eviction: the ready, unlocked objects in one LRU per size class, and the choice of victims.
 
 Every *idle* object (ready, no shares, no pins, not discarded) is in the LRU of its size class,
-ordered by the moment it last became idle (least recent first): the L1 manager ``touch``es it then
-(``finish_write``, or the ``finish_read``/``unpin``/``expire``/``release_owner`` that lets go of it
-last), which stamps it from the manager's counter (larger = more recent) and moves it to the end.
-So a read refreshes its recency. Taking a share or a pin does *not* take an object out (that would
-cost a dictionary operation per key on the lookup path): the LRU may also hold objects that are
-busy again, which the victim choice skips and drops, and which their next ``touch`` puts back.
-Each class's OrderedDict is keyed by the object itself (identity hash: no key hashing).
+ordered by the moment it last became idle (least recent first). The hold book
+(:mod:`gpukv.l1.holds`) *touches* an object when it lets go of its last hold (a ``finish_read``,
+``unpin``, ``end_read``, ``expire`` or ``release_owner``, or a finished write's own pin): it stamps
+the object from its recency counter (larger = more recent) and moves it to the end of its class's
+OrderedDict, which the object carries (``entry.lru``, from ``add_class``), with no call per
+object. So a read refreshes its recency. Taking a share or a pin does *not* take an object out
+(that would cost a dictionary operation per key on the lookup path): the LRU may also hold objects
+that are busy again, which the victim choice skips and drops, and which their next touch puts
+back. Each class's OrderedDict is keyed by the object itself (identity hash: no key hashing).
 
 ``victims(slot_bytes)`` is the policy, asked only when the slab arena has no free slot of that size:
 
@@ -17,9 +19,7 @@ Each class's OrderedDict is keyed by the object itself (identity hash: no key ha
 3. else nothing. The caller frees the victims and asks again until the write fits or nothing is
    evictable (then OUT_OF_MEMORY; evictions done stay done).
 
-The L1 hot loops keep each object's class OrderedDict (``add_class`` returns it) and touch objects
-there directly (no method call per key), keeping the rules above. Not thread-safe: the L1
-manager's lock guards it.
+Not thread-safe: the L1 manager's lock guards it.
 """
 
 from __future__ import annotations
@@ -32,17 +32,29 @@ from gpukv.l1.slab import Slab, SlabArena
 
 class Evictable(Protocol):
     """What the LRU needs of an object (hashed by identity): slot, place in the arena, recency
-    stamp, and whether it is idle now."""
+    stamp, its class's LRU, and whether it is idle now."""
 
     slot_bytes: int
     offset: int
     stamp: int
+    lru: OrderedDict | None
 
     @property
     def idle(self) -> bool: ...
 
 
 _T = TypeVar("_T", bound=Evictable)
+
+
+def touch(obj: Evictable, stamp: int) -> None:
+    """``obj`` just became idle: give it ``stamp`` (the newest) and make it the most recent of its
+    class (``obj.lru``). The hold book's hot loops inline these lines."""
+    obj.stamp = stamp
+    lru = obj.lru
+    try:
+        lru.move_to_end(obj)
+    except KeyError:  # the LRU dropped it while it was busy
+        lru[obj] = obj
 
 
 class SizeClassLRU(Generic[_T]):
@@ -62,15 +74,6 @@ class SizeClassLRU(Generic[_T]):
         if lru is None:
             lru = self.by_class[slot_bytes] = OrderedDict()
         return lru
-
-    def touch(self, obj: _T, stamp: int) -> None:
-        """``obj`` just became idle: stamp it and make it the most recent of its (added) class."""
-        obj.stamp = stamp
-        lru = self.by_class[obj.slot_bytes]
-        try:
-            lru.move_to_end(obj)
-        except KeyError:
-            lru[obj] = obj
 
     def discard(self, obj: _T) -> None:
         """Take ``obj`` out if it is here (it is being discarded)."""

@@ -7,11 +7,11 @@ dict (insertion-ordered) stays in deadline order as long as a refreshed key is m
 O(owners + expired leases). Plain dicts, not OrderedDicts: an insert or delete allocates nothing,
 keeping the hot path and the garbage collector light.
 
-The L1 manager's "keys" here are its object records (hashed by identity, cheaper than hashing a
-chunk key again). Its hot loops (``reserve_read``/``finish_read``/``end_read``) take an owner's
-dict once per call (``owned`` or ``get``) and insert, move or delete entries in it themselves,
-then drop the owner if it holds nothing; everything else goes through the methods. Not
-thread-safe: the L1 manager's lock guards it.
+The L1's "keys" here are its object records (hashed by identity, cheaper than hashing a chunk
+key again). The hold book (:mod:`gpukv.l1.holds`) owns the one index: its hot loops take an
+owner's dict once per call (``owned`` or ``get``) and insert, move or delete entries in it
+themselves, then drop the owner if it holds nothing; everything else goes through the methods.
+Not thread-safe: the L1 manager's lock guards it.
 """
 
 from __future__ import annotations

@@ -1,55 +1,35 @@
-"""The L1 manager: objects in device slabs, owned reader shares with leases, copy pins, eviction.
+"""The L1 manager: the public API of one L1 (device slabs, owned and leased reader shares, copy
+pins, eviction), over the object pool that keeps its books (:mod:`~gpukv.l1.pool`).
 
 States: absent -> writing (invisible to readers) -> ready <-> read-locked(n) -> absent, and from
 any state *doomed* (discarded while a copy still pins it: invisible, its slot freed by the last
-unpin).
+unpin). An owner holds at most ``MAX_READERS`` shares of one key and releases only its own; a
+copy's pin keeps its slot from being freed or handed out; an expired write never becomes
+readable; a temporary object (a tier hit) goes with its last share and pin; eviction takes only
+idle objects of the device that needs room. Keys are global, capacity and eviction per device.
 
-- Shares: ``reserve_read(keys, extra_count)`` gives ``owner`` ``1 + extra_count`` shares per key
-  in one step (``top_up=True``: only as many as bring the owner to that count, so a repeated
-  lookup takes nothing more); one integer per (key, owner) whatever the count. An owner holds at
-  most ``MAX_READERS`` shares of one key and can only release its own.
-- Pins: every copy holds a pin on the object it reads or writes for its whole duration. A write
-  is pinned from ``reserve_write`` until ``finish_write``/``abort_write``; a reader pins with
-  ``pin`` and ends with ``unpin`` or ``end_read``. Release by owner, lease expiry, ``delete`` and
-  eviction never free or hand out a pinned slot: they doom the object and the last unpin frees it.
-  A pinned object is never evicted.
-- Leases: a share lease lasts ``read_lease_s`` from the owner's latest reserve of that key; a
-  write lease ``write_lease_s`` from ``reserve_write``. ``expire()`` enforces both: an expired
-  write is doomed (it never becomes readable; ``finish_write`` then answers NOT_FOUND).
-- Temporary objects (tier hits) are freed as soon as no share and no pin holds them.
-- Eviction (only when an arena is full): ready, unlocked, unpinned objects of the same device, the
-  LRU of the same size class first, else a whole slab of another class (``gpukv.l1.eviction``).
-- Devices: one slab arena per device; an object lives in the arena its write named. Keys are
-  global: one key is in at most one arena. Capacity and eviction are per device.
-- Thread safety: one lock around all state, taken once per call.
-
-The read side (shares and pins, the hot paths) lives in :mod:`gpukv.l1.reads`, the read-only
-views in :mod:`gpukv.l1.queries`; this module holds the state, the writes and the lifetime of
-objects (leases, owners, discarding, freeing, eviction).
+This class validates arguments, takes the one lock (once per call), reads the clock, and hands
+each call to the structure that owns its rule, in one pass over the keys.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
 
 from gpukv.constants import MAX_READERS
 from gpukv.l1.entry import Entry, Status, share_count
-from gpukv.l1.eviction import SizeClassLRU
-from gpukv.l1.leases import LeaseIndex
-from gpukv.l1.queries import L1Queries
-from gpukv.l1.reads import L1Reads
+from gpukv.l1.pool import ObjectPool
 from gpukv.l1.slab import SlabArena
 
-OK, NOT_FOUND, WRONG_STATE = Status.OK, Status.NOT_FOUND, Status.WRONG_STATE
+OK = Status.OK
 __all__ = ["Entry", "L1Manager", "MAX_READERS", "Status"]
 
 
-class L1Manager(L1Reads, L1Queries):
+class L1Manager:
     """Device-resident chunk cache with owned, leased reader shares and copy pins."""
 
     def __init__(self, capacity_bytes: int | None = None, *, device: torch.device | str = "cpu",
@@ -70,20 +50,11 @@ class L1Manager(L1Reads, L1Queries):
             arenas = [SlabArena(capacity_bytes, device=device, slab_bytes=slab_bytes)]
         elif capacity_bytes is not None or not arenas:
             raise ValueError("give either capacity_bytes or a non-empty list of arenas")
-        self.arenas: list[SlabArena] = list(arenas)
-        self._lrus: list[SizeClassLRU[Entry]] = [SizeClassLRU(a) for a in self.arenas]
-        self._stamp = 0  # LRU recency, one counter for all devices
         self.read_lease_s, self.write_lease_s, self._clock = read_lease_s, write_lease_s, clock
         self._lock = threading.Lock()
-        self._objects: dict[Hashable, Entry] = {}  # live (not doomed) objects by key
-        self._writing: OrderedDict[Entry, None] = OrderedDict()  # live writes, by deadline
-        self._owner_writes: dict[Hashable, dict[Entry, None]] = {}
-        # discarded writes whose writer still holds the pin (its finish/abort releases it)
-        self._doomed_writes: dict[tuple[Hashable, Hashable], list[Entry]] = {}
-        self._owner_leases = LeaseIndex()
-        self._counts = dict(evictions=[0] * len(self.arenas), expired_shares=0, expired_writes=0,
-                            deferred_frees=0)
-        self._on_event = on_event
+        pool = self._pool = ObjectPool(arenas, on_event)
+        self.arenas = pool.arenas
+        self._objects, self._writes, self._holds = pool.objects, pool.writes, pool.holds
 
     # -- writes --------------------------------------------------------------------------------
     def reserve_write(self, keys: Iterable[Hashable], nbytes: int, *, device: int = 0,
@@ -103,29 +74,10 @@ class L1Manager(L1Reads, L1Queries):
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
         if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < len(self.arenas):
             raise ValueError(f"device must be an arena index in [0, {len(self.arenas)}), got {device!r}")
-        slab, lru = self.arenas[device], self._lrus[device]
-        slot_bytes = slab.slot_bytes_for(nbytes)
-        statuses: list[Status] = []
-        handles: list[Entry | None] = []
+        slot_bytes = self.arenas[device].slot_bytes_for(nbytes)
         with self._lock:
-            class_lru = lru.add_class(slot_bytes)
-            deadline = self._clock() + self.write_lease_s
-            objects, full = self._objects, slot_bytes > slab.capacity_bytes
-            for key in keys:
-                offset = None if full or key in objects else self._alloc(device, slot_bytes)
-                if offset is None:
-                    full = full or key not in objects
-                    statuses.append(Status.OUT_OF_MEMORY if full else Status.NOT_WRITABLE)
-                    handles.append(None)
-                    continue
-                entry = Entry(key, device, nbytes, slot_bytes, offset, temporary, owner, deadline,
-                              pins=1, lru=class_lru)
-                objects[key] = entry
-                self._writing[entry] = None
-                self._owner_writes.setdefault(owner, {})[entry] = None
-                statuses.append(OK)
-                handles.append(entry)
-        return statuses, handles
+            return self._pool.reserve_writes(keys, device, nbytes, slot_bytes, temporary, owner,
+                                             self._clock() + self.write_lease_s)
 
     def finish_write(self, writes: Iterable, *, owner: Hashable = None, extra_count: int | None = None,
                      reader: Hashable = None) -> list[Status]:
@@ -137,16 +89,8 @@ class L1Manager(L1Reads, L1Queries):
         count = None if extra_count is None else share_count(extra_count)
         out: list[Status] = []
         with self._lock:
-            now = self._clock()
-            for entry in self._writes_of(writes, owner, out):
-                if not entry.doomed:
-                    entry.ready = True
-                    self._end_write(entry)
-                    if self._on_event is not None:
-                        self._on_event("stored", entry, "loaded" if entry.temporary else "new")
-                    if count is not None:
-                        self._add_shares(entry, reader, count, now)
-                self._release_write_pin(entry)
+            self._pool.finish_writes(self._writes.resolve(writes, owner, self._objects.get, out),
+                                     reader, count, self._clock() + self.read_lease_s)
         return out
 
     def finish_write_and_reserve_read(self, keys: Iterable, extra_count: int = 0, *,
@@ -158,149 +102,186 @@ class L1Manager(L1Reads, L1Queries):
         """Discard unfinished writes (keys of ``owner``, or handles) and release their pins."""
         out: list[Status] = []
         with self._lock:
-            for entry in self._writes_of(writes, owner, out):
-                self._doom(entry)
-                self._release_write_pin(entry)
+            self._pool.abort_writes(self._writes.resolve(writes, owner, self._objects.get, out))
         return out
 
-    def _writes_of(self, writes: Iterable, owner: Hashable, out: list[Status]) -> Iterator[Entry]:
-        """The unfinished writes named by ``writes`` whose pin is still held, one at a time (an
-        item is resolved after the previous one was handled); appends a status per item to
-        ``out``: OK, NOT_FOUND for a write discarded meanwhile (its pin is released all the
-        same; by key: ``owner``'s latest discarded write of it, even where the key is live
-        again), WRONG_STATE / NOT_FOUND for anything else (nothing released)."""
-        for item in writes:
-            if type(item) is Entry:
-                entry = item if not item.ready and item.pins == 1 else None
-                status = WRONG_STATE if entry is None else NOT_FOUND if entry.doomed else OK
-            else:
-                entry = self._objects.get(item)
-                if entry is not None and not entry.ready and entry.writer == owner:
-                    status = OK
-                else:  # owner's discarded write of that key, even if the key was stored again
-                    doomed = self._doomed_writes.get((owner, item))
-                    status = NOT_FOUND if doomed or entry is None else WRONG_STATE
-                    entry = doomed[-1] if doomed else None
-            out.append(status)
-            if entry is not None:
-                yield entry
+    # -- shares --------------------------------------------------------------------------------
+    def reserve_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
+                     owner: Hashable = None, top_up: bool = False) -> list[Status]:
+        """Give ``owner`` ``1 + extra_count`` shares per ready key (and refresh its lease); with
+        ``top_up`` only what brings ``owner`` up to that many. NOT_FOUND if absent, NOT_READY
+        while written, WRONG_STATE past MAX_READERS for the owner (nothing taken for that key)."""
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)  # (the common case inline: once per call)
+        with self._lock:
+            return self._holds.take(keys, self._objects, owner, count,
+                                    self._clock() + self.read_lease_s, top_up)
 
-    def _release_write_pin(self, entry: Entry) -> None:
-        if entry.doomed:
-            doomed = self._doomed_writes[(entry.writer, entry.key)]
-            doomed.remove(entry)
-            if not doomed:
-                del self._doomed_writes[(entry.writer, entry.key)]
-        self._unpin(entry)
+    def reserve_prefix(self, key_lists: Sequence[Sequence[Hashable]], extra_count: int = 0, *,
+                       owner: Hashable = None) -> int:
+        """The lookup's L1 step under one lock: ``n``, the number of leading keys ready in every
+        list of ``key_lists`` (one list per rank's key space), then ``owner``'s shares on the
+        first ``n`` keys of each list topped up to ``1 + extra_count`` (as ``reserve_read(...,
+        top_up=True)``, which cannot fail for them) and its leases refreshed. Returns ``n``;
+        nothing is taken when it is 0. Nothing can be evicted between the count and the shares."""
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)  # (the common case inline: once per call)
+        with self._lock:
+            rows = self._objects.ready_prefix(key_lists)
+            if rows:
+                self._holds.top_up(rows, owner, count, self._clock() + self.read_lease_s)
+        return len(rows[0]) if rows else 0
 
-    def _end_write(self, entry: Entry) -> None:
-        del self._writing[entry]
-        writes = self._owner_writes[entry.writer]
-        del writes[entry]
-        if not writes:
-            del self._owner_writes[entry.writer]
+    def finish_read(self, keys: Iterable[Hashable], extra_count: int = 0, *,
+                    owner: Hashable = None) -> list[Status]:
+        """Release ``1 + extra_count`` of ``owner``'s shares per key; WRONG_STATE (no change) if
+        the owner holds fewer. A temporary object whose count reaches zero is freed."""
+        count = extra_count + 1 if type(extra_count) is int and 0 <= extra_count < MAX_READERS \
+            else share_count(extra_count)  # (the common case inline: once per call)
+        with self._lock:
+            out, settle = self._holds.release(keys, self._objects.get, owner, count)
+            if settle:
+                self._pool.settle(settle)
+        return out
 
-    def _settle(self, entry: Entry) -> None:
-        """An object just lost its last reader or pin: free it, or make it evictable."""
-        if entry.pins or entry.shares:
-            return
-        if entry.doomed:
-            self.arenas[entry.device].free(entry.offset)
-        elif entry.ready and entry.temporary:
-            self._doom(entry, "released")
-        elif entry.ready:
-            self._stamp += 1
-            self._lrus[entry.device].touch(entry, self._stamp)
+    # -- pins ----------------------------------------------------------------------------------
+    def pin(self, keys: Iterable[Hashable]) -> tuple[list[Status], list[Entry | None]]:
+        """Pin ready objects for a copy out of them; NOT_FOUND / NOT_READY as ``reserve_read``."""
+        with self._lock:
+            return self._holds.pin(keys, self._objects)
+
+    def pin_handles(self, handles: Iterable[Entry]) -> list[Status]:
+        """Pin objects already named by handles (NOT_FOUND once discarded, NOT_READY if writing)."""
+        with self._lock:
+            return self._holds.pin_handles(handles)
+
+    def unpin(self, handles: Iterable[Entry]) -> None:
+        """Release pins taken by ``pin``/``pin_handles`` (the last one frees a discarded object)."""
+        with self._lock:
+            self._pool.settle(self._holds.unpin(handles)[1])
+
+    def end_read(self, handles: Iterable[Entry], *, owner: Hashable = None) -> int:
+        """After a copy out of pinned objects: release one of ``owner``'s shares of each (where
+        it still holds one), then unpin. Returns the shares released."""
+        with self._lock:
+            released, settle = self._holds.unpin(handles, owner, one_share=True)
+            if settle:
+                self._pool.settle(settle)
+        return released
 
     # -- leases, owners, delete ----------------------------------------------------------------
     def expire(self) -> int:
         """Release every share whose lease has passed and discard every write whose lease has
         passed (pinned slots are freed by their last unpin). Returns the shares released."""
         with self._lock:
-            now, released = self._clock(), 0
-            for owner, entry in self._owner_leases.pop_expired(now):
-                released += self._drop_shares(entry, owner, lease_gone=True)
-            while self._writing:
-                entry = next(iter(self._writing))
-                if entry.write_deadline > now:
-                    break
-                self._doom(entry)
-                self._counts["expired_writes"] += 1
-            self._counts["expired_shares"] += released
-            return released
+            return self._pool.expire(self._clock())
 
     def release_owner(self, owner: Hashable, keys: Iterable[Hashable] | None = None) -> int:
         """Drop all shares ``owner`` holds (on ``keys`` only, when given) and, without ``keys``,
         discard its unfinished writes. Returns the shares released."""
         with self._lock:
-            released = 0
-            owned = self._owner_leases.get(owner, {})
-            if keys is None:
-                entries = list(owned)
-            else:
-                entries = [e for e in map(self._objects.get, dict.fromkeys(keys)) if e in owned]
-            for entry in entries:
-                released += self._drop_shares(entry, owner)
-            if keys is None:
-                for entry in list(self._owner_writes.get(owner, ())):
-                    self._doom(entry)
-            return released
+            return self._pool.release_owner(owner, keys)
 
     def delete(self, keys: Iterable[Hashable], *, force: bool = False) -> list[Status]:
         """Free objects. Read-locked, pinned or unfinished ones get LOCKED unless ``force``
         (they are then discarded: shares dropped, slot freed by the last unpin)."""
-        out: list[Status] = []
         with self._lock:
-            for key in keys:
-                entry = self._objects.get(key)
-                if entry is None:
-                    out.append(NOT_FOUND)
-                elif not (entry.idle or force):
-                    out.append(Status.LOCKED)
-                else:
-                    self._doom(entry)
-                    out.append(OK)
-        return out
+            return self._pool.delete(keys, force)
 
     def clear(self) -> int:
         """Delete every ready, unlocked, unpinned object; returns how many were deleted."""
         with self._lock:
-            victims = [e for lru in self._lrus for e in lru.pop_all()]
-            for entry in victims:
-                self._doom(entry, "cleared")
-            return len(victims)
+            return self._pool.clear()
 
-    def _doom(self, entry: Entry, reason: str = "deleted") -> None:
-        """Discard ``entry``: unreachable by key, out of the LRU, shares dropped; its slot freed
-        now unless a copy pins it. A readable object's removal is an event (``reason``)."""
-        if entry.doomed:
-            return
-        if entry.ready:
-            if self._on_event is not None:
-                self._on_event("removed", entry, reason)
-            entry.lru.pop(entry, None)
-        else:
-            self._end_write(entry)
-            self._doomed_writes.setdefault((entry.writer, entry.key), []).append(entry)
-        del self._objects[entry.key]
-        for owner in entry.shares:
-            self._owner_leases.drop(owner, entry)
-        entry.shares.clear()
-        entry.doomed = True
-        if entry.pins:
-            self._counts["deferred_frees"] += 1
-        else:
-            self.arenas[entry.device].free(entry.offset)
+    # -- views ---------------------------------------------------------------------------------
+    def arena(self, device: int = 0) -> torch.Tensor:
+        """The 1-D uint8 memory of one device's arena (what the copy kernels take)."""
+        return self.arenas[device].arena
 
-    def _alloc(self, device: int, slot_bytes: int) -> int | None:
-        slab, lru = self.arenas[device], self._lrus[device]
-        offset = slab.alloc(slot_bytes)
-        while offset is None:
-            victims = lru.victims(slot_bytes)
-            if not victims:
-                break
-            self._counts["evictions"][device] += len(victims)
-            for entry in victims:
-                self._doom(entry, "evicted")
-            offset = slab.alloc(slot_bytes)
-        return offset
+    @property
+    def num_devices(self) -> int:
+        return len(self.arenas)
+
+    def buffer(self, key: Hashable) -> torch.Tensor:
+        """1-D uint8 view of ``nbytes`` of an object being written, read-locked or pinned.
+        KeyError if absent; ValueError if ready and idle (take a share or a pin first)."""
+        with self._lock:
+            entry = self._objects.entry(key)
+            if entry.idle:
+                raise ValueError(f"L1 object {key!r} is not being written, read-locked or pinned")
+            return self.arenas[entry.device].arena[entry.offset:entry.offset + entry.nbytes]
+
+    def locate(self, keys: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(arena, offsets)`` of objects in one arena: its 1-D uint8 memory and a CPU int64
+        tensor of byte offsets, one per key. KeyError naming the first absent key; ValueError if
+        the keys live in several arenas."""
+        with self._lock:
+            entries = [self._objects.entry(key) for key in keys]
+        devices = {e.device for e in entries} or {0}
+        if len(devices) > 1:
+            raise ValueError(f"keys live in arenas {sorted(devices)}: locate one arena at a time")
+        return self.arenas[devices.pop()].arena, torch.tensor([e.offset for e in entries],
+                                                              dtype=torch.int64)
+
+    def nbytes(self, key: Hashable) -> int:
+        """Byte size of a live object (writing or ready); KeyError naming an absent key."""
+        with self._lock:
+            return self._objects.entry(key).nbytes
+
+    def device_of(self, key: Hashable) -> int:
+        """Arena index of a live object; KeyError naming an absent key."""
+        with self._lock:
+            return self._objects.entry(key).device
+
+    def read_count(self, key: Hashable) -> int:
+        """Total shares held on ``key`` by all owners (0 if absent)."""
+        with self._lock:
+            entry = self._objects.get(key)
+            return entry.readers if entry is not None else 0
+
+    def pin_count(self, key: Hashable) -> int:
+        """Copies pinning the live object ``key`` (0 if absent)."""
+        with self._lock:
+            entry = self._objects.get(key)
+            return entry.pins if entry is not None else 0
+
+    def held(self, key: Hashable, owner: Hashable = None) -> int:
+        """Shares ``owner`` holds on ``key`` (0 if none or absent)."""
+        with self._lock:
+            entry = self._objects.get(key)
+            return entry.shares.get(owner, 0) if entry is not None else 0
+
+    def is_evictable(self, key: Hashable) -> bool:
+        """Whether ``key`` is ready, unlocked and unpinned (False if absent)."""
+        with self._lock:
+            entry = self._objects.get(key)
+            return entry is not None and entry.idle
+
+    def prefix_hits(self, keys: Iterable[Hashable]) -> int:
+        """Number of leading keys that are ready (read-locked or not). Does not touch recency."""
+        with self._lock:
+            return self._objects.leading_ready(keys)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return self._objects.is_ready(key)
+
+    def __len__(self) -> int:
+        return self._objects.num_ready
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the slots held in all arenas (live objects and discarded, still pinned ones)."""
+        return sum(a.used_bytes for a in self.arenas)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(a.capacity_bytes for a in self.arenas)
+
+    def stats(self) -> dict:
+        """Counters: objects, ready, writing, read_locked, pinned, shares, used_bytes,
+        capacity_bytes, evictions, expired_shares, expired_writes, deferred_frees, slabs_in_use,
+        leases, owners, and ``devices``: per arena used/capacity bytes, objects, read_locked,
+        shares and evictions."""
+        with self._lock:
+            return self._pool.stats()

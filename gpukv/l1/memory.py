@@ -4,10 +4,16 @@ the server's arena into its own process.
 CPU, shared (the server): a ``memfd`` sealed against shrinking and growing (``F_SEAL_SHRINK |
 F_SEAL_GROW | F_SEAL_SEAL``), so no client that maps it can make the server fault on a truncated
 page; a worker opens it through ``/proc/<server pid>/fd/<fd>`` (same user only) and checks the
-seals and size before mapping. CPU, private (the embedded engine): anonymous memory with
-transparent huge pages requested. Both are *pre-faulted* when created (``MADV_POPULATE_WRITE``,
-else one write per page), so the first stores into a fresh L1 do not pay a page fault per 4 KiB
-(issue 15); that costs one zero fill of the capacity at start-up.
+seals and size before mapping. A server restarted under the same pid (a container's pid 1) gets
+the same fd number, so the handle also carries the arena's identity, which cannot repeat: a
+random nonce (in the memfd's name too) and the memfd's inode and device. The worker checks both
+on the file it opened (a different one is refused), and a handle that differs from the one it
+mapped means another arena: it maps that one (``CacheClient.register``).
+
+CPU, private (the embedded engine): anonymous memory with transparent huge pages requested. Both
+are *pre-faulted* when created (``MADV_POPULATE_WRITE``, else one write per page), so the first
+stores into a fresh L1 do not pay a page fault per 4 KiB (issue 15); that costs one zero fill of
+the capacity at start-up.
 
 CUDA: a server's arena is a raw allocation exported as a CUDA IPC handle and opened by workers
 under their own device (:mod:`gpukv.l1.cuda_arena`); an embedded engine's is a plain
@@ -19,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import secrets
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -71,12 +78,15 @@ def create(device: str, nbytes: int, *, shared: bool, prefault: bool | str = Tru
     size = -(-nbytes // PAGE) * PAGE
     keep: list = []
     if shared:
-        fd = os.memfd_create(f"gpukv-arena-{device}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        nonce = secrets.token_hex(16)
+        fd = os.memfd_create(f"gpukv-arena-{device}-{nonce}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         keep.append(fd)
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        handle = dict(kind="memfd", pid=os.getpid(), fd=fd, nbytes=size)
+        st = os.fstat(fd)
+        handle = dict(kind="memfd", pid=os.getpid(), fd=fd, nbytes=size, nonce=nonce,
+                      inode=st.st_ino, dev=st.st_dev)
     else:
         mapped = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                            mmap.PROT_READ | mmap.PROT_WRITE)
@@ -102,10 +112,14 @@ def populate(mapped: mmap.mmap, tensor: torch.Tensor) -> None:
 def open_cpu(handle: dict, *, populate_pages: bool = True) -> tuple[torch.Tensor, mmap.mmap]:
     """Map a server's CPU arena (``handle`` from :func:`create`) in this process.
 
-    Raises ValueError when it is not a sealed memfd of this user of the announced size.
+    Raises ValueError when it is not a sealed memfd of this user of the announced size and
+    identity (nonce, inode and device: another arena behind the same pid and fd is refused).
     """
     if handle.get("kind") != "memfd":
         raise ValueError(f"not a CPU arena handle: {handle.get('kind')!r}")
+    if not all(k in handle for k in ("nonce", "inode", "dev")):
+        raise ValueError("the server's arena handle has no identity (nonce, inode, dev): a gpukv "
+                         "serve too old for this client")
     path = f"/proc/{int(handle['pid'])}/fd/{int(handle['fd'])}"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -120,6 +134,12 @@ def open_cpu(handle: dict, *, populate_pages: bool = True) -> tuple[torch.Tensor
         if st.st_size != handle["nbytes"] or seals & _SEALS != _SEALS:
             raise ValueError(f"{path}: size {st.st_size} (announced {handle['nbytes']}) or seals "
                              f"{seals:#x} do not match a gpukv arena")
+        name = os.readlink(f"/proc/self/fd/{fd}")  # the file opened, not the path again
+        if (st.st_ino, st.st_dev) != (handle["inode"], handle["dev"]) or \
+                not name.startswith("/memfd:gpukv-arena-") or \
+                name.split(" ")[0].rpartition("-")[2] != str(handle["nonce"]):
+            raise ValueError(f"{path} is not the arena the server announced (restarted or "
+                             "replaced meanwhile): register again")
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate_pages else 0)
         mapped = mmap.mmap(fd, st.st_size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:

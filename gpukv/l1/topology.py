@@ -67,7 +67,8 @@ class FakeGpus:
     """A view for tests: ``uuids`` visible in this order; ``peers``: pairs of UUIDs (either order)
     with peer access, or ``"all"``."""
 
-    def __init__(self, uuids: Sequence[str], peers: Sequence[tuple[str, str]] | str = "all") -> None:
+    def __init__(self, uuids: Sequence[str],
+                 peers: Sequence[tuple[str, str]] | str = "all") -> None:
         self._gpus = [Gpu(i, u) for i, u in enumerate(uuids)]
         self._peers = peers if peers == "all" else {frozenset(p) for p in peers}
 

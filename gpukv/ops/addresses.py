@@ -1,9 +1,59 @@
-"""The loopback rule: gpukv's sockets have no authentication, so binding anything but a loopback
-address needs an explicit ``allow_remote``. Shared by the HTTP admin port and the event socket."""
+"""The loopback rule (binding anything but a loopback address needs an explicit
+``allow_remote``; shared by the HTTP admin port and the event socket), and who owns a TCP socket
+on this machine (``/proc/net/tcp{,6}``: the uid of a listener, or of a connection's other end).
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import struct
+from pathlib import Path
+
+_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+LISTEN = "0A"
+
+
+def _proc_address(host: str, port: int) -> str | None:
+    """``host:port`` as /proc/net/tcp{,6} writes it (32-bit words in host order, hex)."""
+    host = host.strip("[]")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return None
+    words = struct.unpack(f"={len(packed) // 4}I", packed)
+    return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+
+
+def _sockets():
+    """(local, remote, state, uid) of every TCP socket of this network namespace."""
+    for table in _TABLES:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            yield fields[1], fields[2], fields[3], int(fields[7])
+
+
+def tcp_listener_uid(port: int) -> int | None:
+    """The uid owning the socket listening on TCP ``port``, or None when none is seen."""
+    want = f":{port:04X}"
+    return next((uid for local, _, state, uid in _sockets()
+                 if state == LISTEN and local.endswith(want)), None)
+
+
+def tcp_socket_uid(local: tuple, remote: tuple) -> int | None:
+    """The uid owning the TCP socket whose own address is ``local`` (host, port) and whose peer
+    is ``remote``: e.g. who opened a connection a server accepted (pass the connection's peer
+    address, then the server's). None when it is not on this machine (or cannot be told)."""
+    want_local, want_remote = _proc_address(*local[:2]), _proc_address(*remote[:2])
+    if want_local is None or want_remote is None:
+        return None
+    want_local, want_remote = want_local.upper(), want_remote.upper()
+    return next((uid for loc, rem, _, uid in _sockets()
+                 if loc == want_local and rem == want_remote), None)
 
 
 def is_loopback_host(host: str) -> bool:

@@ -9,26 +9,32 @@ HEAD is answered wherever GET is. Unknown paths get 404, known paths with anothe
 (with ``Allow``), a body over ``max_body_bytes`` 413, a chunked body 411; a callable that raises
 gets a 500 naming the error and the server lives on. Every answer is JSON except /metrics, and
 every connection closes after one response (HTTP/1.0), so no idle keep-alive holds a thread.
-At most ``max_connections`` requests run at once (more are closed unanswered), each with a
-``request_timeout_s`` socket timeout, so a slow client cannot pin a thread for ever.
 
-Binding a non-loopback host needs ``allow_remote=True`` (the endpoint has no authentication);
-POST /clear also refuses a browser's cross-site request (an ``Origin`` header whose host is not
-loopback), so a web page cannot clear the cache through a local browser.
+Who may ask: with a ``token``, every route but /healthcheck (which tells only "ready") needs
+``Authorization: Bearer <token>`` (401 otherwise): the counters, model names and clients of
+/metrics and /status are information, and /clear changes the cache. Without one (a library
+user's own endpoint) every route is open to whoever reaches the port. POST /clear also refuses a
+browser's cross-site request (an ``Origin`` header whose host is not loopback).
+
+Slow clients (:mod:`gpukv.ops.http_bounds`): at most ``max_connections`` requests at once, a
+quarter of them for one other local user or remote address, each within ``request_timeout_s``
+for the whole request and answer. Binding a non-loopback host needs ``allow_remote=True``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import urlsplit
 
 from gpukv.ops.addresses import check_http_host, is_loopback_host
+from gpukv.ops.http_bounds import BoundedHTTPServer
 from gpukv.ops.metrics import CONTENT_TYPE
 from gpukv.ops.status import Status, encode_status
 
@@ -38,38 +44,8 @@ ROUTES = {"/metrics": "GET", "/healthcheck": "GET", "/status": "GET", "/clear": 
 JSON_TYPE = "application/json"
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], admin: "AdminServer", family: int) -> None:
-        self.address_family = family
-        self.admin = admin
-        self._slots = threading.BoundedSemaphore(admin.max_connections)
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the bound: close unanswered
-            return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError:  # no thread could be started
-            self._slots.release()
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request, client_address) -> None:
-        log.debug("admin connection from %s failed", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
+    server: BoundedHTTPServer
     server_version = "gpukv-admin"
     default_request_version = "HTTP/1.0"  # a status line even for a garbled request line
 
@@ -112,6 +88,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method is None or (path == "/status" and admin.status is None) or (
                 path == "/clear" and admin.clear is None):
             self._json(404, {"error": f"no route {path!r}", "routes": admin.routes()})
+            return
+        if path != "/healthcheck" and not admin.authorized(self.headers.get("Authorization")):
+            self._json(401, {"error": f"{path} needs Authorization: Bearer <token> (the token "
+                                      "file of gpukv serve --http-token-file)"},
+                       {"WWW-Authenticate": 'Bearer realm="gpukv"'})
             return
         allowed = ("GET", "HEAD") if method == "GET" else (method,)
         if self.command not in allowed:
@@ -174,7 +155,8 @@ class AdminServer:
     def __init__(self, metrics: Callable[[], bytes], *, status: Callable[[], Status | dict] | None = None,
                  clear: Callable[[], int] | None = None, host: str = "127.0.0.1", port: int = 0,
                  allow_remote: bool = False, max_body_bytes: int = 4096,
-                 max_connections: int = 16, request_timeout_s: float = 10.0) -> None:
+                 max_connections: int = 16, request_timeout_s: float = 10.0,
+                 token: str | None = None) -> None:
         for name, fn in (("metrics", metrics), ("status", status), ("clear", clear)):
             if not callable(fn) and not (fn is None and name != "metrics"):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -186,15 +168,22 @@ class AdminServer:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(request_timeout_s, (int, float)) or not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s!r}")
+        if token is not None and (not isinstance(token, str) or len(token) < 16):
+            raise ValueError("token must be a str of at least 16 characters")
         self.metrics, self.status, self.clear = metrics, status, clear
+        self._token = token.encode() if token is not None else None
+        self.token_file = None  # where the token came from, when its owner says
         self.max_body_bytes, self.max_connections = max_body_bytes, max_connections
+        self.max_per_peer = max(1, max_connections // 4)
         self.request_timeout_s = float(request_timeout_s)
         self._ready = threading.Event()
         bind_host = "127.0.0.1" if host == "localhost" else host.strip("[]")
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        self._httpd = _HTTPServer((bind_host, port), self, family)
+        self._httpd = BoundedHTTPServer((bind_host, port), self, family, _Handler)
         self.host, self.port = self._httpd.server_address[:2]
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -218,6 +207,14 @@ class AdminServer:
         else:
             self._ready.clear()
 
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the token (always, without a token)."""
+        if self._token is None:
+            return True
+        scheme, _, credentials = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self._token)
+
     def routes(self) -> list[str]:
         return [f"{m} {p}" for p, m in ROUTES.items()
                 if not (p == "/status" and self.status is None)
@@ -230,14 +227,26 @@ class AdminServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="gpukv-admin", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._cut_overdue, name="gpukv-admin-deadline",
+                                          daemon=True)
+        self._watchdog.start()
         return self
+
+    def _cut_overdue(self) -> None:
+        every = min(0.25, self.request_timeout_s / 4)
+        while not self._stopping.wait(every):
+            self._httpd.cut_overdue()
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""
+        self._stopping.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
             self._thread = None
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         self._httpd.server_close()
 
     def __enter__(self) -> "AdminServer":

@@ -8,7 +8,8 @@ high-water mark, a full queue here, a late join) sees a gap and knows its state 
 
 :class:`EventPublisher` is called from any thread and never blocks: an event is numbered and
 appended to a bounded queue under one lock (dropped and counted when full) and one thread sends
-the queue on a ZMQ XPUB socket (``ipc://`` or loopback ``tcp://``, the ``--events ADDRESS``).
+the queue on a ZMQ XPUB socket (``ipc://`` in a trusted folder, or ``tcp://`` with CURVE: no
+other local user may subscribe; the ``--events ADDRESS``).
 An optional bounded in-process buffer keeps the same events for :meth:`EventPublisher.take_events`
 (what a vLLM connector drains). Wire: one frame per event, ``msgpack(KvStored | KvRemoved)``,
 tagged by its ``type`` field (``"stored"`` / ``"removed"``).
@@ -24,8 +25,6 @@ discarded never became readable and has no event.
 from __future__ import annotations
 
 import collections
-import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ import msgspec
 import zmq
 
 from gpukv.constants import HASH_BYTES
-from gpukv.ops.addresses import check_zmq_address
+from gpukv.curve_keys import CurveServer
+from gpukv.ops.event_socket import open_pub, subscription_delta
 from gpukv.zmq_context import OwnedContext
 
 TIERS = ("L1", "disk", "remote")
@@ -111,45 +111,29 @@ def _check(tier: str, model: str, kv_rank: int, hashes: Sequence[bytes]) -> list
     return list(hashes)
 
 
-def _bind(sock: zmq.Socket, address: str) -> None:
-    if not address.startswith("ipc://"):
-        sock.bind(address)
-        return
-    path = Path(address[len("ipc://"):])
-    if path.exists():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # a dead publisher's socket file
-            else:
-                raise ValueError(f"another process is listening on {address}")
-    old = os.umask(0o077)  # only this user may subscribe
-    try:
-        sock.bind(address)
-    finally:
-        os.umask(old)
-
-
 class EventPublisher:
     """Numbers KV events and publishes them; any thread may call :meth:`stored` / :meth:`removed`.
 
     ``address``: ZMQ bind address (``None``: no socket, e.g. a connector that only drains
-    :meth:`take_events`). ``queue_size`` bounds the events waiting for the socket thread;
+    :meth:`take_events`): ``ipc://`` in a trusted folder (the socket 0600), or ``tcp://`` with
+    CURVE (only holders of the key file ``key_file``, default :func:`gpukv.curve_keys.key_file`,
+    may subscribe). ``queue_size`` bounds the events waiting for the socket thread;
     ``buffer_size`` (0 = off) bounds the in-process buffer. ``clock`` gives the ``ts`` field.
+    ``listener(event)`` sees every event in seq order, under the publisher's lock (it must only
+    enqueue: :class:`gpukv.ops.router_events.RouterEvents` does).
     """
 
     def __init__(self, address: str | None = None, *, allow_remote: bool = False,
                  queue_size: int = 65536, buffer_size: int = 0, sndhwm: int = 100_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, key_file: str | None = None,
+                 listener: Callable[[KvEvent], None] | None = None) -> None:
         for name, value, low in (("queue_size", queue_size, 1), ("buffer_size", buffer_size, 0),
                                  ("sndhwm", sndhwm, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if address is not None:
-            check_zmq_address(address, allow_remote=allow_remote)
         self.epoch = time.time_ns()
         self.queue_size, self.buffer_size = queue_size, buffer_size
+        self._listener = listener
         self._clock = clock
         self._cond = threading.Condition()
         self._queue: collections.deque[KvEvent] = collections.deque()
@@ -163,18 +147,15 @@ class EventPublisher:
         self._sending = False  # the socket thread holds a batch it has not sent yet
         self.address: str | None = None
         self._thread: threading.Thread | None = None
+        self._curve: CurveServer | None = None
         if address is not None:
             self._zmq = OwnedContext(self)  # closed even if a failed bind drops this unclosed
-            self._sock = self._zmq.socket(zmq.XPUB)
-            self._sock.setsockopt(zmq.LINGER, 1000)
-            self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-            self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # see every (un)subscription
             try:
-                _bind(self._sock, address)
+                self._sock, self._curve, self.address = open_pub(
+                    self._zmq, address, allow_remote=allow_remote, key_file=key_file, sndhwm=sndhwm)
             except (zmq.ZMQError, ValueError):
                 self._zmq.close()
                 raise
-            self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._thread = threading.Thread(target=self._run, name="gpukv-events", daemon=True)
             self._thread.start()
 
@@ -207,6 +188,8 @@ class EventPublisher:
             seq = self._next_seq
             self._next_seq += 1
             event = cls(seq, self.epoch, ts, tier, model, kv_rank, hashes, reason)
+            if self._listener is not None:
+                self._listener(event)
             if self._thread is not None:
                 if len(self._queue) < self.queue_size:
                     self._queue.append(event)
@@ -274,10 +257,7 @@ class EventPublisher:
             sock = self._sock  # read each round, after the wait: a test may wrap it
             for event in batch:
                 sock.send(_ENCODER.encode(event), zmq.NOBLOCK)  # PUB never blocks: drops at HWM
-            delta = 0
-            while sock.poll(0, zmq.POLLIN):
-                frame = sock.recv()
-                delta += 1 if frame[:1] == b"\x01" else -1 if frame[:1] == b"\x00" else 0
+            delta = subscription_delta(sock)
             with self._cond:
                 self.sent += len(batch)
                 self._subscriptions += delta
@@ -286,6 +266,8 @@ class EventPublisher:
                 if closing and not self._queue:
                     break
         self._zmq.close_socket(self._sock, linger=1000)  # lets the last events out
+        if self._curve is not None:
+            self._curve.stop()  # its ZAP sockets live in the context too
         self._zmq.close()
 
     def close(self, timeout_s: float = 5.0) -> None:

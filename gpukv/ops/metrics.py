@@ -2,11 +2,10 @@
 ``CollectorRegistry``: no global state, never the default registry, so two engines in one process
 never mix their counts (the client's round trips: :mod:`gpukv.ops.client_metrics`).
 
-Hot-path cost: a call checks its arguments, takes the instance's one lock and adds to plain ints
-(~1 us for a LOOKUP, checks included: perf/sweep_metrics.py; :mod:`gpukv.ops.series` says why
-not prometheus-client's own children). The numbers become metric families only when Prometheus scrapes. Gauges (L1 occupancy, queue
-depths, clients, tier health) are read at scrape time from a snapshot callable
-(:mod:`gpukv.ops.snapshot`), so nothing is paid for them per request.
+Hot path: a call checks its arguments, takes the instance's one lock and adds to plain ints
+(:mod:`gpukv.ops.series`; cost: perf/sweep_metrics.py); metric families are built only when
+Prometheus scrapes. Gauges (L1 occupancy, queue depths, clients, tier health) are read at
+scrape time from a snapshot callable (:mod:`gpukv.ops.snapshot`): nothing per request.
 
 Label sets are bounded: ``tier`` in :data:`TIERS`, ``reason`` / ``kind`` in the tuples below,
 ``model`` in the models passed to :meth:`CacheMetrics.add_model` (at most ``max_models``; any other
@@ -27,12 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from gpukv.ops.series import Histogram, check_count, check_label, check_seconds
+from gpukv.ops.series import Histogram, check_count, check_label, check_seconds, counter_family
 from gpukv.ops.snapshot import MAX_DEVICES, SnapshotCollector
 
 TIERS = ("L1", "disk", "remote")
 RETRIEVE_FAILURE_REASONS = ("not_found", "not_ready", "wrong_state", "unknown_request",
-                            "copy_error")
+                            "copy_error", "hole")
 REJECT_REASONS = ("busy", "over_limit")
 LEASE_KINDS = ("read", "write")
 OTHER = "other"
@@ -63,13 +62,6 @@ class _ModelSeries:
         for field in MODEL_COUNTERS:
             setattr(self, field, 0)
         self.hits = dict.fromkeys(TIERS, 0)
-
-
-def _counter(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=[label])
-    for key, n in counts.items():
-        family.add_metric([key], n)
-    return family
 
 
 class CacheMetrics(Collector):
@@ -271,7 +263,7 @@ class CacheMetrics(Collector):
     def _families(self) -> list:
         models = dict(self._models)
         models[OTHER] = self._other
-        out = [_counter(name, doc, "model", {m: getattr(s, field) for m, s in models.items()})
+        out = [counter_family(name, doc, "model", {m: getattr(s, field) for m, s in models.items()})
                for field, (name, doc) in MODEL_COUNTERS.items()]
         hits = CounterMetricFamily("gpukv_lookup_hit_tokens", "Prefix tokens found by lookups, "
                                    "by the tier that held them", labels=["model", "tier"])
@@ -283,19 +275,19 @@ class CacheMetrics(Collector):
                 self._store_seconds.family("gpukv_store_seconds", "STORE time (reserve to commit)"),
                 self._retrieve_seconds.family("gpukv_retrieve_seconds",
                                               "RETRIEVE time (pin to release)"),
-                _counter("gpukv_retrieve_failures", "Retrieves that wrote nothing, by reason",
+                counter_family("gpukv_retrieve_failures", "Retrieves that wrote nothing, by reason",
                          "reason", self._failures),
-                _counter("gpukv_evictions", "L1 objects evicted to make room", "device",
+                counter_family("gpukv_evictions", "L1 objects evicted to make room", "device",
                          self._evictions),
-                _counter("gpukv_lease_expiries", "Leases that expired (read shares released, "
+                counter_family("gpukv_lease_expiries", "Leases that expired (read shares released, "
                          "unfinished writes discarded)", "kind", self._expiries),
                 CounterMetricFamily("gpukv_pin_deferred_frees", "Objects that had to be freed "
                                     "while a copy pinned them, freed at the last unpin",
                                     value=self._pin_deferred),
                 CounterMetricFamily("gpukv_reaped_clients", "Clients reaped after they stopped "
                                     "pinging", value=self._reaped),
-                _counter("gpukv_tier_errors", "Failed tier operations", "tier", self._tier_errors),
-                _counter("gpukv_rejected_requests", "Requests answered busy or over a limit",
+                counter_family("gpukv_tier_errors", "Failed tier operations", "tier", self._tier_errors),
+                counter_family("gpukv_rejected_requests", "Requests answered busy or over a limit",
                          "reason", self._rejected)]
         if self.version is not None:
             info = GaugeMetricFamily("gpukv_build_info", "gpukv build", labels=["version"])

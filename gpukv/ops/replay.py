@@ -21,6 +21,7 @@ from typing import Iterable
 
 import zmq
 
+from gpukv.curve_keys import load_keys, secure_client
 from gpukv.ops.events import TIERS, EventKey, KvEvent, KvStored, decode_event
 from gpukv.zmq_context import OwnedContext
 
@@ -81,18 +82,22 @@ def replay(events: Iterable[KvEvent]) -> TierState:
 
 
 class EventSubscriber:
-    """A SUB socket on an :class:`~gpukv.ops.events.EventPublisher`'s address.
+    """A SUB socket on an :class:`~gpukv.ops.events.EventPublisher`'s address (tcp://: a CURVE
+    client with the key file ``key_file``, default :func:`gpukv.curve_keys.key_file`).
 
     ZMQ delivers nothing published before the subscription reached the publisher: a subscriber
     that joins late sees its first ``seq`` above 0 and its :class:`TierState` reports the gap.
     """
 
-    def __init__(self, address: str, *, rcvhwm: int = 100_000) -> None:
+    def __init__(self, address: str, *, rcvhwm: int = 100_000, key_file: str | None = None) -> None:
         if not isinstance(address, str) or not address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"address must be ipc://... or tcp://..., got {address!r}")
         self.address = address
+        keys = load_keys(key_file) if address.startswith("tcp://") else None  # CURVE on tcp://
         self._zmq = OwnedContext(self)  # closed even if this subscriber is dropped unclosed
         self._sock = self._zmq.socket(zmq.SUB)
+        if keys is not None:
+            secure_client(self._sock, keys)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")

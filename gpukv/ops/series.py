@@ -1,10 +1,9 @@
 """The plain numbers behind the metrics: argument checks and a lock-free-inside histogram.
 
-Counting with prometheus-client's ``Counter``/``Histogram`` children cost ~1.8 us for one
-LOOKUP's four updates (a lock and a few Python calls each; ~2.5 us with the argument checks).
-gpukv instead keeps plain ints, updated under the owner's one lock, ~0.6-1 us for the whole
-LOOKUP call, and turns them into metric families only when Prometheus scrapes
-(:mod:`gpukv.ops.metrics`).
+prometheus-client's ``Counter``/``Histogram`` children take a lock and a few Python calls per
+update, several per LOOKUP; gpukv instead keeps plain ints, updated under the owner's one lock,
+and turns them into metric families only when Prometheus scrapes (:mod:`gpukv.ops.metrics`; the
+cost of both: perf/sweep_metrics.py).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import bisect
 import math
 import numbers
 
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 
@@ -71,3 +70,11 @@ class Histogram:
             running += count
             cumulative.append((floatToGoString(bound), running))
         return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+
+
+def counter_family(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one sample per ``counts`` item, labelled ``label``."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in counts.items():
+        family.add_metric([key], n)
+    return family

@@ -32,6 +32,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from gpukv.private_paths import private_folder
 from gpukv.tiers.private_files import private_root
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,9 @@ def _cache_folder() -> Path:
         return private_root(Path(cache) / "gpukv", "gpukv cache folder")
     except OSError as exc:
         log.debug("cannot use %s/gpukv (%s): building under the temp directory", cache, exc)
-        # each level ours and 0700: no other user can swap a folder for a link of theirs
-        mine = private_root(Path(tempfile.gettempdir()) / f"gpukv-{os.getuid()}", "gpukv temp folder")
-        return private_root(mine / "native", "gpukv cache folder")
+        # each level ours, never a link, no one else may write: no other user can plant a library
+        mine = private_folder(Path(tempfile.gettempdir()) / f"gpukv-{os.getuid()}", create=True)
+        return private_folder(mine / "native", create=True)
 
 
 def _build() -> Path:

@@ -5,7 +5,7 @@ the sweep start in a fresh process (engine state and crashes stay out of the cal
         [--tp 2] [--dtype float32] [--connector] [--extra-config '{"gpukv.address": "..."}'] \\
         [--max-tokens 8] [--logprobs 5] [--kv-cache-bytes N] [--max-model-len N] \\
         [--no-prefix-caching] [--stats-address ADDR] [--kv-role kv_producer] [--serve-stdin] \\
-        [--record] [--failure-policy fail]
+        [--record] [--failure-policy fail] [--kv-events-endpoint ipc://...]
 
 ``PROMPTS.json``: a list of ``{"prompt_token_ids": [...], "cache_salt"?: str, "max_tokens"?: int,
 "batch"?: int}``. Prompts run one after another (each finishes before the next starts, so a
@@ -45,12 +45,13 @@ def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_con
                   kv_cache_bytes: int, max_model_len: int, block_size: int | None = None,
                   prefix_caching: bool = True, kv_role: str = "kv_both",
                   attention_backend: str | None = None, record: bool = False,
-                  failure_policy: str = "recompute") -> dict[str, Any]:
+                  failure_policy: str = "recompute", kv_events_endpoint: str | None = None) -> dict[str, Any]:
     """The ``LLM(...)`` arguments of a run (no tokenizer: prompts are token ids).
     ``attention_backend``: pin vLLM's choice (vLLM-CPU picks AMX_MLA, bf16 only, for MLA models
     on CPUs with AMX and CPU_MLA elsewhere: tests pin CPU_MLA to run alike on every machine).
     ``record``: load the tests' recording connector (:mod:`gpukv.testing.vllm_recording`; its
-    ``gpukv_test.*`` settings go in ``extra_config``) instead of the product one."""
+    ``gpukv_test.*`` settings go in ``extra_config``) instead of the product one.
+    ``kv_events_endpoint``: vLLM publishes its KV events (``--kv-events-config``) there."""
     kwargs: dict[str, Any] = dict(model=model, skip_tokenizer_init=True, enforce_eager=True,
                                   tensor_parallel_size=tp, dtype=dtype, seed=0,
                                   kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
@@ -61,6 +62,9 @@ def engine_kwargs(model: str, *, tp: int, dtype: str, connector: bool, extra_con
         kwargs["block_size"] = block_size
     if attention_backend is not None:
         kwargs["attention_backend"] = attention_backend
+    if kv_events_endpoint is not None:
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                      "endpoint": kv_events_endpoint}
     if connector:
         kwargs["kv_transfer_config"] = {**CONNECTOR, **(RECORDING if record else {}), "kv_role": kv_role,
                                         "kv_load_failure_policy": failure_policy,
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
                               block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
                               kv_role=args.kv_role, attention_backend=args.attention_backend,
-                              record=args.record, failure_policy=args.failure_policy),
+                              record=args.record, failure_policy=args.failure_policy,
+                              kv_events_endpoint=args.kv_events_endpoint),
               disable_log_stats=False)
     t2 = time.perf_counter()
     if args.serve_stdin:
@@ -287,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None, help="pin vLLM's attention backend")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's own prefix cache off")
+    p.add_argument("--kv-events-endpoint", default=None, help="vLLM's KV events on a ZMQ PUB there")
     p.add_argument("--stats-address", default=None, help="record this gpukv server's counters")
     p.add_argument("--serve-stdin", action="store_true",
                    help="read prompt items from stdin, one JSON per line (--prompts is ignored)")

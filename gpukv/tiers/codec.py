@@ -7,7 +7,7 @@ chunk format ``[num_layers, num_kv, chunk_size, row_bytes]``, flattened) and str
     key             the object key string (``ObjectKey.to_str()``)
     fingerprint     the layout fingerprint (model, kind, dims, dtype, row bytes, chunk size)
     nbytes          payload length
-    checksum        ``xxh3-128:<hex>`` of the payload (xxHash: ~20x blake2b's speed, and a
+    checksum        ``xxh3-128:<hex>`` of the payload (xxHash: much faster than blake2b, and a
                     checksum here guards against corruption, not against an adversary)
 
 ``decode`` returns ``None`` (a miss) for anything truncated, corrupted or foreign; callers log and

@@ -6,18 +6,15 @@ on the same folder indexes the files it finds (warm restart; recency = file mtim
 temporary file in the same folder, then ``os.replace`` (atomic). Files are 0600 in 0700 folders
 (policy for an existing root: :mod:`gpukv.tiers.private_files`).
 
-Fail safe: a load never raises. A truncated, corrupted or foreign file is a miss (``corrupt``);
-any ``OSError`` reading a file (EIO, a directory in its place, permission denied, ...) is a miss
-(``errors``; a vanished file is a plain miss). Either way the entry leaves the index and the bad
-path is removed when it is a file, so the next lookup of that prefix misses at once. Renames and
-removals of chunk files happen under the tier's lock, so a drop never deletes a newer file.
+Fail safe: a load never raises. A truncated, corrupted or foreign file is a miss (``corrupt``),
+so is any ``OSError`` reading one (``errors``; a vanished file is a plain miss); the entry leaves
+the index and a bad file is removed. Renames and removals happen under the tier's lock, so a drop
+never deletes a newer file.
 
-Events (``on_event``, contract in :mod:`gpukv.tiers.events`): "stored"/"written" after the atomic
-rename; "removed" with "evicted" (LRU budget), "corrupt" (a file failing its checks) or
-"tier_error" (an OSError reading it, or a file gone behind the tier's back); at start-up
-"stored"/"restart" for every chunk file found, oldest first. To know those keys the start-up scan
-reads each file's header (only when ``on_event`` is given); a file whose header is unreadable or
-names another key is removed there, unannounced.
+Events (``on_event``, :mod:`gpukv.tiers.events`): "stored"/"written" after the atomic rename;
+"removed" with "evicted", "corrupt" or "tier_error"; at start-up "stored"/"restart" for every
+chunk file found, oldest first (the scan then reads each header; a file whose header is
+unreadable or names another key is removed, unannounced).
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ import torch
 
 from gpukv.tiers import codec as chunk_codec
 from gpukv.tiers.events import REMOVED, STORED, EventCallback, TierEvents
-from gpukv.tiers.private_files import (DIR_MODE, FILE_MODE, private_dir, private_root, tighten,
-                                       write_private)
+from gpukv.tiers.disk_scan import scan
+from gpukv.tiers.private_files import private_dir, private_root, write_private
 from gpukv.tiers.ratelimit import RateLimitedLog
 from gpukv.tiers.writer import BackgroundWriter
 
@@ -174,50 +171,14 @@ class DiskTier:
         return self.root / name[:2] / name
 
     def _scan(self) -> None:
-        found = []
-        for folder in self.root.iterdir():
-            if len(folder.name) != 2 or not folder.is_dir() or folder.is_symlink():
-                continue
-            tighten(folder, folder.stat(), DIR_MODE)
-            for path in folder.iterdir():
-                if path.name.endswith(".tmp"):
-                    path.unlink(missing_ok=True)  # an interrupted write
-                    continue
-                if not path.name.endswith(_SUFFIX):
-                    continue
-                try:
-                    st = path.lstat()
-                    if not stat.S_ISREG(st.st_mode):
-                        log.warning("disk tier: ignoring %s (not a regular file)", path)
-                        continue
-                    tighten(path, st, FILE_MODE)
-                except OSError as exc:
-                    log.warning("disk tier: ignoring %s (%s)", path, exc)
-                    continue
-                key = self._key_of(path) if self._events.enabled else None
-                if key is not None or not self._events.enabled:
-                    found.append((st.st_mtime, path.name, st.st_size, key))
-        for _, name, size, key in sorted(found, key=lambda f: f[:2]):
+        found = scan(self.root, _SUFFIX, read_keys=self._events.enabled, file_name=self._file_name)
+        for _, name, size, key in found:
             self._index[name] = _Entry(size, self._next_generation(), key)
             self._used += size
             if key is not None:
                 self._events.record(STORED, key, "restart")
         if found:
             log.info("disk tier %s: found %d chunk files (%d bytes)", self.root, len(found), self._used)
-
-    def _key_of(self, path: Path) -> str | None:
-        """The key in ``path``'s header if it names this file; else the file is removed."""
-        try:
-            with open(path, "rb") as f:
-                key = chunk_codec.read_metadata(f).get("key")
-            if isinstance(key, str) and self._file_name(key) == path.name:
-                return key
-            problem = "its header names another key"
-        except (OSError, ValueError) as exc:
-            problem = f"unreadable header ({type(exc).__name__}: {exc})"
-        log.warning("disk tier: removing %s: %s", path, problem)
-        self._unlink_locked(path)
-        return None
 
     def _next_generation(self) -> int:
         self._generation += 1

@@ -8,8 +8,7 @@ Values are the ``chunk_codec`` blobs the disk tier writes (format version, key, 
 fingerprint, size, checksum) under ``f"{namespace}:{key}"``; a value failing its checks
 is a miss and is deleted (by the writer thread, off the caller's path).
 
-URLs: redis://, rediss://, unix://, redis+cluster://, valkey[s]:// ... (see ``gpukv.tiers.redis_url``);
-the password is masked in every message and log line.
+URLs: see ``gpukv.tiers.redis_url``; the password is masked in every message and log line.
 
 Faults. At construction a bad URL, a wrong password, a server wanting AUTH or an unreachable
 server raise ``ValueError`` naming the masked URL (a misconfigured shared tier fails fast).
@@ -35,20 +34,11 @@ evictions, ``ttl_s`` expiries, and writes or deletes by other gpukv instances sh
 A replay thus gives the keys this instance wrote and did not delete, a superset of what the
 server still holds; a lookup of an evicted key is a plain miss.
 
-Recommended server settings (capacity is the server's business; gpukv counts no bytes there)::
-
-    maxmemory <bytes>              # without it Redis grows until the OOM killer
-    maxmemory-policy allkeys-lru   # evicted chunks are plain misses (noeviction: SETs fail
-                                   # with OOM, counted here as dropped stores)
-    save ""  + appendonly no       # a cache needs no persistence (no fork, fast restart)
-    proto-max-bulk-len 512mb       # default; one value is one chunk (Llama-8B x 256 tok: 32 MiB)
-    client-query-buffer-limit 1gb  # default; one pipeline carries up to batch_size chunks
-
-Valkey speaks the same protocol and takes the same settings (the tests pass against redis-server
-7.0 and valkey-server 8.1). Cluster: every command touches one key, so ``RedisCluster`` splits the
-pipelines per node (no cross-slot commands, no hash tags). Only a one-node cluster round trip is
-tested; fault bounds are tested on standalone servers, and a cluster's topology refresh after a
-fail-over may stall longer than ``timeout_s``. Sentinel is not supported.
+Server settings: README, "Shared tier on Redis / Valkey" (capacity is the server's business).
+Valkey speaks the same protocol. Cluster: every command touches one key, so ``RedisCluster``
+splits the pipelines per node. Only a one-node cluster round trip is tested; fault bounds are
+tested on standalone servers, and a cluster's topology refresh after a fail-over may stall longer
+than ``timeout_s``. Sentinel is not supported.
 """
 
 from __future__ import annotations

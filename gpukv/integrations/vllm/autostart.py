@@ -3,10 +3,12 @@
 vLLM starts the worker connectors before the scheduler's, and the TP workers of an engine start
 together; several engines may start at once too. Each of them calls :func:`ensure_server`: the
 first one to find no server at the address starts it, under an exclusive ``flock`` on a lock file
-beside the socket (``<socket>.lock``; for tcp:// addresses in ``/tmp/gpukv-<uid>/``), and holds
-the lock until the server answers; the others wait for the lock, then find the server answering.
-``flock`` is released by the kernel when its holder dies, so a crashed starter never leaves a
-stale lock.
+beside the socket (``<socket>.lock``; for tcp:// addresses in this user's runtime folder), and
+holds the lock until the server answers; the others wait for the lock, then find the server
+answering. ``flock`` is released by the kernel when its holder dies, so a crashed starter never
+leaves a stale lock. The lock and the log are opened only in trusted folders, never through a
+link, and must be this user's regular files (:mod:`gpukv.private_paths`): another user who
+planted a link there gets nothing chmod-ed or appended to.
 
 The server must outlive the engine that started it (the next engine finds it again by its
 address): it runs in a session of its own (a Ctrl-C or a process-group kill of the engine does
@@ -29,6 +31,7 @@ from typing import Sequence
 
 from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.peer import check_address, ipc_path
+from gpukv.private_paths import open_private, runtime_dir, trusted_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +39,23 @@ READY_TIMEOUT_S = 120.0
 
 
 def lock_path(address: str) -> Path:
-    """The lock file of ``address`` (its folder is created 0700 when it is the per-user one)."""
+    """The lock file of ``address``, in a trusted folder (the runtime folder is created 0700
+    when it is the one); ValueError naming the folder otherwise."""
     check_address(address)
     if address.startswith("ipc://") and not ipc_path(address).startswith("@"):
         path = Path(ipc_path(address) + ".lock")
+        if path.parent == runtime_dir():
+            runtime_dir(create=True)
     else:
         name = address.replace("://", "-").replace("/", "_").replace(":", "-").replace("@", "")
-        path = Path(f"/tmp/gpukv-{os.getuid()}") / f"{name}.lock"
-    folder = path.parent
-    if folder.name == f"gpukv-{os.getuid()}" and not folder.exists():
-        folder.mkdir(mode=0o700, exist_ok=True)
-    if not folder.is_dir():
-        raise ValueError(f"cannot autostart a server at {address}: folder {str(folder)!r} does not exist")
-    return path
+        path = runtime_dir(create=True) / f"{name}.lock"
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot autostart a server at {address}: folder {str(path.parent)!r} "
+                         "does not exist")
+    try:
+        return trusted_folder(path.parent) / path.name
+    except ValueError as exc:
+        raise ValueError(f"cannot autostart a server at {address}: {exc}") from None
 
 
 def answers(address: str, timeout_s: float = 1.0) -> dict | None:
@@ -69,8 +76,7 @@ def ensure_server(address: str, *, serve_args: Sequence[str] = (),
     if info is not None:
         return info, False
     lock = lock_path(address)
-    with open(lock, "a+b") as held:
-        os.chmod(lock, 0o600)
+    with os.fdopen(open_private(lock, os.O_RDWR | os.O_CREAT), "r+b") as held:
         _lock(held, ready_timeout_s, address)
         info = answers(address)  # another process may have started it while we waited
         if info is not None:
@@ -94,8 +100,7 @@ def _lock(held, timeout_s: float, address: str) -> None:
 def _start(address: str, serve_args: list[str], lock: Path, timeout_s: float) -> dict:
     argv = [sys.executable, "-m", "gpukv.cli", "serve", "--address", address, *serve_args]
     log_path = lock.with_suffix(".log")
-    with open(log_path, "ab") as out:
-        os.chmod(log_path, 0o600)
+    with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as out:
         pid = spawn_detached(argv, out, _server_env())
     try:
         os.sched_setaffinity(pid, range(os.cpu_count() or 1))

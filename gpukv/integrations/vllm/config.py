@@ -25,8 +25,9 @@ key                         default  meaning
                                      again later")
 ``gpukv.relookup_s``        5.0      a request still waiting for blocks after this many seconds
                                      is looked up again (its shares are topped up, not added)
-``gpukv.events_address``    None     the server's ``--events`` address: ``take_events`` then hands
-                                     gpukv's KV events of this model to vLLM (see :mod:`.events`)
+``gpukv.events_address``    None     not used any more (a warning says so): gpukv's blocks reach
+                                     vLLM's KV events through the server connection when the
+                                     server runs with ``--vllm-events`` (see :mod:`.events`)
 ``gpukv.load_mode``         "sync"   ``"sync"``: loads are in before the forward;
                                      ``"layerwise"``: each layer waits for its own slices
                                      (``wait_for_layer_load``); ``"async"``: vLLM's asynchronous

@@ -29,6 +29,12 @@ one group per engine, so the workers' retrieves use the shares the scheduler's l
   load that fails is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes
   those blocks.
 
+Reports (:class:`.reports.SchedulerReports`, :class:`.stats.TransferRecorder`): which gpukv tier
+served each external hit (``get_external_cache_hit_sources``), the workers' load / store bytes,
+times and failures and the scheduler's hits per tier (``get_kv_connector_stats``, exported by
+``build_prom_metrics``), the engine's chunks described as vLLM blocks to a server with
+``--vllm-events`` and this engine's share of those events (``take_events``).
+
 Failure policy: vLLM's scheduler reads ``kv_load_failure_policy`` once, right after it builds
 this connector (``vllm/v1/core/sched/scheduler.py``); with ``"fail"`` it fails every request
 whose load a connector reports failed. gpukv is a cache, so the scheduler side sets the policy to
@@ -63,11 +69,11 @@ from gpukv.frontend.protocol import default_address
 from gpukv.integrations.vllm.autostart import ensure_server
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
-from gpukv.integrations.vllm.events import EventsBridge
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
 from gpukv.integrations.vllm.plan import StepPlan
 from gpukv.integrations.vllm.planner import SchedulerPlanner
+from gpukv.integrations.vllm.reports import SchedulerReports
 from gpukv.integrations.vllm.topology import pipeline_stages, refusal, worker_stage_index
 from gpukv.integrations.vllm.translate import (group0_blocks, cpu_attention_isa, engine_model_key,
                                                request_info, step_view, tp_rank)
@@ -97,8 +103,6 @@ class GpukvMetadata(KVConnectorMetadata):
 class GpukvConnector(KVConnectorBase_V1):
     """gpukv's vLLM connector (see the module docstring)."""
 
-    _cache_hit_source = CacheHitSource.HOST
-
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -108,7 +112,7 @@ class GpukvConnector(KVConnectorBase_V1):
         self.client: GuardedClient | None = None
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
-        self._events: EventsBridge | None = None
+        self._reports: SchedulerReports | None = None
         self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
         self._unreceived: set[str] = set()  # their requests (async loads: reported received)
         self.started_server = False
@@ -140,14 +144,20 @@ class GpukvConnector(KVConnectorBase_V1):
                             "this engine (a chunk gpukv cannot deliver is recomputed, never a failed "
                             "request)", ktc.kv_load_failure_policy)
                 ktc.kv_load_failure_policy = "recompute"
+            events = vllm_config.kv_events_config
+            self._reports = SchedulerReports(
+                self.client, self.model_keys, tp_size=tp_size, block_size=self.block_size,
+                store=cfg.store, kv_events=bool(events is not None and events.enable_kv_cache_events))
             self._planner = SchedulerPlanner(
-                self.client, self.model_keys, tp_size=tp_size, chunk_size=self.client.chunk_size,
+                self._reports.lookups, self.model_keys, tp_size=tp_size, chunk_size=self.client.chunk_size,
                 block_size=self.block_size, load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s,
                 lookup_wait_s=cfg.lookup_wait_s, max_in_flight=int(vllm_config.max_concurrent_batches),
                 loadable=True, async_loads=cfg.load_mode == "async",
                 async_stores=cfg.store_mode == "async", calls=ServerCalls(cfg.step_budget_s))
             if cfg.events_address is not None:
-                self._events = EventsBridge(cfg.events_address, self.model_keys[0], self.client.chunk_size)
+                log.warning("gpukv: \"gpukv.events_address\" is not used any more: the blocks gpukv "
+                            "holds reach vLLM's KV events through the server when it runs with "
+                            "--vllm-events")
         else:
             stage, rank = worker_stage_index(parallel), tp_rank(parallel)
             self._worker = WorkerSide(
@@ -244,13 +254,33 @@ class GpukvConnector(KVConnectorBase_V1):
             failed |= self._worker.take_failed_blocks()
         return failed
 
+    def get_kv_connector_stats(self) -> Any:
+        """This process's stats since the last call (:mod:`.stats`): a worker's loads and stores,
+        the scheduler's hit tokens per gpukv source; None when there are none."""
+        side = self._worker or self._reports
+        data = side.stats.take() if side is not None else None
+        return None if data is None else self.build_kv_connector_stats(data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        from gpukv.integrations.vllm.prom import GpukvConnectorStats
+
+        return GpukvConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from gpukv.integrations.vllm.prom import GpukvPromMetrics  # vLLM's /metrics (:mod:`.prom`)
+
+        return GpukvPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
         if self._planner is not None:
             self._planner.close()
-        if self._events is not None:
-            self._events.close()
+        if self._reports is not None:
+            self._reports.close()
         if self.client is not None:
             self.client.close()
 
@@ -260,8 +290,17 @@ class GpukvConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._planner is None:
             return 0, False
+        self._reports.asked(request, num_computed_tokens)
         tokens = self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens)
         return tokens, bool(tokens and self._planner.async_loads)
+
+    def get_external_cache_hit_sources(self, request: "Request",
+                                       num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """The tokens vLLM loads from gpukv, per tier that held them (:mod:`.tier_hits`)."""
+        if num_external_tokens <= 0 or self._reports is None:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens} if num_external_tokens else {}
+        split = self._reports.hit_sources(request.request_id, num_external_tokens)
+        return {CacheHitSource[name]: tokens for name, tokens in split.items()}
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -273,7 +312,10 @@ class GpukvConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._planner is None:
             return GpukvMetadata(StepPlan(0))
-        return GpukvMetadata(self._planner.build(step_view(scheduler_output)))
+        view = step_view(scheduler_output)
+        plan = self._planner.build(view)
+        self._reports.step(view)
+        return GpukvMetadata(plan)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._planner is not None and connector_output.finished_sending:
@@ -285,12 +327,14 @@ class GpukvConnector(KVConnectorBase_V1):
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self._planner is None:
             return False, None
+        self._reports.finished(request.request_id)
         return self._planner.finished(request.request_id), None
 
     def take_events(self) -> Iterable[Any]:
-        """gpukv's KV events of this model since the last call, as vLLM's BlockStored /
-        BlockRemoved (see :mod:`.events`); none without ``"gpukv.events_address"``."""
-        return self._events.take() if self._events is not None else []
+        """The blocks gpukv holds that this engine republishes, since the last call, as vLLM's
+        BlockStored / BlockRemoved (see :mod:`.events`); none unless vLLM's KV events are on
+        and the server runs with ``--vllm-events``."""
+        return self._reports.take_events() if self._reports is not None else []
 
 
 def _plan(meta: KVConnectorMetadata | None) -> StepPlan:

@@ -26,6 +26,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from gpukv.engine.hit_sources import LookupHit
 from gpukv.errors import Busy
 from gpukv.frontend.client import ServerError, ServerUnavailable
 
@@ -35,6 +36,7 @@ RETRY_S = 30.0
 LOG_EVERY_S = 60.0
 _SERVER_FAILURES = (ServerUnavailable, Busy, ServerError)
 _FORGOTTEN = ("unknown instance", "session was reaped")
+_MISS = LookupHit(0, ())
 
 
 class GuardedClient:
@@ -88,6 +90,15 @@ class GuardedClient:
 
     def lookup_hashes(self, *args: Any, **kwargs: Any) -> int:
         return self._guard("lookup", 0, True, self.client.lookup_hashes, *args, **kwargs)
+
+    def lookup_tiers(self, *args: Any, **kwargs: Any) -> LookupHit:
+        return self._guard("lookup", _MISS, True, self.client.lookup_tiers, *args, **kwargs)
+
+    def lookup_hashes_tiers(self, *args: Any, **kwargs: Any) -> LookupHit:
+        return self._guard("lookup", _MISS, True, self.client.lookup_hashes_tiers, *args, **kwargs)
+
+    def vllm_blocks(self, *args: Any, **kwargs: Any) -> dict | None:
+        return self._guard("vllm_blocks", None, False, self.client.vllm_blocks, *args, **kwargs)
 
     def read_count(self, *args: Any, **kwargs: Any) -> list[int] | None:
         return self._guard("read_count", None, True, self.client.read_count, *args, **kwargs)

@@ -51,7 +51,7 @@ class Registration:
         self.refused: str | None = None  # why this worker runs uncached for good
         self.views: dict[str, torch.Tensor] | None = None
         self.layer_index: dict[str, int] = {}  # vLLM's layer name -> its index in the chunks
-        self._dims = ""
+        self.dims = ""
         self._server_pid = None
         self._retry_at = float("inf")
         self._backoff = RETRY_MIN_S
@@ -66,7 +66,7 @@ class Registration:
         if self.views is not None:
             raise ValueError(f"instance {self.instance_id!r} already has its KV tensors")
         try:
-            self.views, self._dims, self.kind = kv_views(kv_caches, backend)
+            self.views, self.dims, self.kind = kv_views(kv_caches, backend)
         except (ValueError, TypeError) as exc:
             self.refuse(str(exc))
             return False
@@ -76,7 +76,7 @@ class Registration:
 
     def _register(self) -> bool:
         try:
-            self.client.register(self.instance_id, self.model, self.views, self._dims, kind=self.kind,
+            self.client.register(self.instance_id, self.model, self.views, self.dims, kind=self.kind,
                                  tp_rank=self.tp_rank, tp_size=self.tp_size)
         except _TRANSIENT as exc:
             self._retry_later(f"registering {self.instance_id} failed ({type(exc).__name__}: {exc})")

@@ -44,6 +44,7 @@ from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
 from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, block_slots, stage_request_id
 from gpukv.integrations.vllm.registration import PROBE_S, Registration
 from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
+from gpukv.integrations.vllm.stats import TransferRecorder, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,15 @@ __all__ = ["WorkerSide", "Transfer", "LOAD_MODES", "STORE_MODES"]
 class WorkerSide:
     """One rank's connector work. ``client`` has the ``CacheClient`` API (register, unregister,
     begin_*_chunks, copy_layers, finish, abort, ping) plus :class:`.guard.GuardedClient`'s
-    ``take_lost`` and ``down``. ``on_transfer(transfer)`` is called (on a copy thread) after each
-    load and store ends (a stats recorder: bytes, seconds, success). ``inline``: run the copies
+    ``take_lost`` and ``down``. :attr:`stats` records each load and store when it ends (on a copy
+    thread): bytes, seconds from submission, success. ``inline``: run the copies
     in the calling thread (tests driving a worker step by step)."""
 
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
                  wait_budget_s: float = 0.03, probe_s: float = PROBE_S,
-                 on_transfer: Callable[[Transfer], None] | None = None, inline: bool = False,
+                 inline: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
@@ -73,7 +74,6 @@ class WorkerSide:
         self.block_size, self.load_mode, self.store_mode = block_size, load_mode, store_mode
         self.wait_budget_s = wait_budget_s
         self.transfers = Transfers(on_done=self._transfer_done, inline=inline)
-        self._on_transfer = on_transfer
         self._deadline: float | None = None  # the step's budget, from its first wait
         self._step_loads: list[tuple[Job, LoadSpec]] = []  # sync/layerwise loads of this step
         self._async_loads: list[tuple[Job, LoadSpec]] = []  # async loads not reported yet
@@ -88,11 +88,16 @@ class WorkerSide:
         self.last_loads: list[Transfer] = []  # this step's sync / layerwise loads, once settled
         self.last_stores: list[tuple[str, int]] = []  # this step's queued stores: (request, tokens)
         self.num_loaded_tokens = self.num_stored_tokens = self.num_failed_loads = 0
+        self.stats = TransferRecorder()  # bytes, seconds and failures of each load and store
+        self.token_bytes = 0  # one token's KV in this rank's pages, all layers
 
     # ---- registration (see :mod:`.registration`) ----------------------------------------------
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> bool:
         """Register vLLM's own tensors; whether it is registered now (else it runs uncached)."""
-        return self.registration.register(kv_caches, backend)
+        registered = self.registration.register(kv_caches, backend)
+        if self.registration.views is not None:
+            self.token_bytes = token_bytes(self.registration.views, self.registration.dims)
+        return registered
 
     def refuse(self, reason: str) -> None:
         self.registration.refuse(reason)
@@ -145,6 +150,7 @@ class WorkerSide:
                 self.last_loads.append(Transfer("load", spec.request_id, len(spec.hashes) * self.client.chunk_size,
                                                 0, 0.0, ok=False))
                 self._load_failed(spec)
+                self.stats.record("load", 0, 0.0, ok=False)
                 if self.load_mode == "async":
                     self._recv_failed.add(spec.request_id)  # reported as finished, with its blocks
             elif self.load_mode == "async":
@@ -289,8 +295,7 @@ class WorkerSide:
     def _transfer_done(self, transfer: Transfer) -> None:
         if transfer.op == "store":
             self.num_stored_tokens += transfer.done
-        if self._on_transfer is not None:
-            self._on_transfer(transfer)
+        self.stats.record(transfer.op, transfer.done * self.token_bytes, transfer.seconds, transfer.ok)
 
     def take_completed(self) -> list[Transfer]:
         """The transfers that ended since the last call."""

@@ -1,0 +1,81 @@
+"""What the scheduler side tells vLLM and the server beyond loads and stores: which gpukv tier
+served each external hit (vLLM's ``get_external_cache_hit_sources``, :mod:`.tier_hits`), the
+hit tokens per tier in the connector stats (:mod:`.stats`), the descriptions of this engine's
+chunks as vLLM blocks and its share of the server's vLLM events (:mod:`.block_meta`,
+:mod:`.events`). The connector calls one method per vLLM hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gpukv.integrations.vllm.block_meta import BlockDescriber
+from gpukv.integrations.vllm.plan import StepView, stage_request_id
+from gpukv.integrations.vllm.stats import TransferRecorder
+from gpukv.integrations.vllm.tier_hits import VLLM_SOURCE, TierLookups
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerReports:
+    """``client``: the scheduler's guarded client; ``models``: the model key per pipeline stage.
+    :attr:`lookups` is the client the planner must use (it records the hits' sources)."""
+
+    def __init__(self, client: Any, models: list[str], *, tp_size: int, block_size: int,
+                 store: bool, kv_events: bool) -> None:
+        self.models = models
+        self.lookups = TierLookups(client, client.chunk_size)
+        self.stats = TransferRecorder()
+        self._local: dict[str, int] = {}  # vLLM's own hit at the request's last lookup
+        self.blocks: BlockDescriber | None = None
+        if "vllm_blocks" not in client.server_info.get("features", ()):
+            if kv_events:
+                log.warning("gpukv: the blocks gpukv holds are not in this engine's KV events: "
+                            "start gpukv serve with --vllm-events ADDRESS")
+        elif kv_events or store:
+            self.blocks = BlockDescriber(client, models=models, tp_size=tp_size, block_size=block_size,
+                                         chunk_size=client.chunk_size, describe=store,
+                                         take_events=kv_events)
+
+    def asked(self, request: Any, num_computed_tokens: int) -> None:
+        """vLLM asks how much gpukv holds beyond its own ``num_computed_tokens``."""
+        self._local[request.request_id] = num_computed_tokens
+        if self.blocks is not None:
+            self.blocks.track(request)
+
+    def hit_sources(self, request_id: str, num_external_tokens: int) -> dict[str, int]:
+        """vLLM's ``CacheHitSource`` member names -> tokens of the external hit (recorded in the
+        stats under gpukv's source names); ``EXTERNAL_UNSPECIFIED`` when unknown."""
+        split = self.lookups.split(self._stage_ids(request_id), self._local.get(request_id, 0),
+                                   num_external_tokens)
+        if split is None:
+            return {"EXTERNAL_UNSPECIFIED": num_external_tokens}
+        self.stats.hits(split)
+        out: dict[str, int] = {}
+        for source, tokens in split.items():
+            out[VLLM_SOURCE[source]] = out.get(VLLM_SOURCE[source], 0) + tokens
+        return out
+
+    def step(self, view: StepView) -> None:
+        """One engine step was planned: the scheduled requests' chunks computed by its end can
+        be in gpukv."""
+        if self.blocks is not None:
+            for sched in view.requests:
+                self.blocks.computed(sched.request_id, sched.num_computed_tokens + sched.num_scheduled_tokens)
+
+    def finished(self, request_id: str) -> None:
+        self._local.pop(request_id, None)
+        self.lookups.forget(self._stage_ids(request_id))
+        if self.blocks is not None:
+            self.blocks.forget(request_id)
+
+    def take_events(self) -> list[Any]:
+        return self.blocks.take_events() if self.blocks is not None and self.blocks.take else []
+
+    def close(self) -> None:
+        if self.blocks is not None:
+            self.blocks.close()
+
+    def _stage_ids(self, request_id: str) -> list[str]:
+        return [stage_request_id(request_id, s, len(self.models)) for s in range(len(self.models))]
