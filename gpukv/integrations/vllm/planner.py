@@ -44,39 +44,13 @@ behaviour behind them (``vllm/v1/core/sched/scheduler.py``):
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
+from gpukv.integrations.vllm.books import RequestBooks
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.chain import ChunkChain
 from gpukv.integrations.vllm.ends import RequestEnds
-from gpukv.integrations.vllm.plan import (LoadSpec, RequestInfo, StepPlan, StepView, StoreSpec,
-                                          stage_request_id)
-
-
-@dataclass(slots=True)
-class _Request:
-    """One request's books. Per KV cache group state (its blocks, its chain) is ``block_ids`` and
-    ``chain`` of the one group the connector serves."""
-
-    info: RequestInfo
-    chain: ChunkChain
-    hit: int | None = None  # chunk-aligned tokens every stage holds (shares taken); None: no answer yet
-    looked_up_at: float = 0.0
-    first_asked: float = 0.0
-    pending: list[Future] | None = None  # lookups sent, answers not taken yet
-    local: int = 0  # vLLM's own hit at the last lookup call
-    admitted: bool = False
-    pending_load: tuple[int, int] | None = None  # (local, vLLM's loaded end)
-    load_step: int | None = None  # the step whose plan carries its latest load
-    loading: bool = False  # an asynchronous load planned, not reported done by every worker
-    store_step: int | None = None  # the latest step that planned a store since its last preemption
-    block_ids: list[int] = field(default_factory=list)
-    stored_upto: int = 0  # tokens whose chunks are planned for storing (or were loaded)
-    opened: bool = False  # a lookup was sent: the server may hold a request to end
+from gpukv.integrations.vllm.plan import RequestInfo, StepPlan, StepView, stage_request_id
 
 
 class SchedulerPlanner:
@@ -106,9 +80,9 @@ class SchedulerPlanner:
         self.lookup_wait_s, self.max_in_flight, self.loadable = lookup_wait_s, max_in_flight, loadable
         self.async_loads, self.async_stores = async_loads, async_stores
         self.calls = calls if calls is not None else ServerCalls(0.0, inline=True)
-        self._requests: dict[str, _Request] = {}
-        self._to_load: dict[str, _Request] = {}  # loads committed, not in a plan yet
-        self._ends: RequestEnds[_Request] = RequestEnds()  # finished, not ended yet
+        self._requests: dict[str, RequestBooks] = {}
+        self._to_load: dict[str, RequestBooks] = {}  # loads committed, not in a plan yet
+        self._ends: RequestEnds[RequestBooks] = RequestEnds()  # finished, not ended yet
         self._step = 0
         self.num_lookups = 0  # lookups sent (one per stage each)
         self.num_given_up = 0  # requests that went on without an answer
@@ -164,14 +138,14 @@ class SchedulerPlanner:
         usable = min(req.hit, len(info.token_ids) - 1)
         return max(0, usable - num_computed_tokens)
 
-    def _new_request(self, info: RequestInfo, old: _Request | None) -> _Request:
+    def _new_request(self, info: RequestInfo, old: RequestBooks | None) -> RequestBooks:
         """A request's books; after a preemption its chain, stores and server request carry over."""
         if old is not None:
-            return _Request(info, old.chain, stored_upto=old.stored_upto, opened=old.opened)
-        return _Request(info, ChunkChain(self.chunk_size, salt=self.salt, seed=info.seed,
+            return RequestBooks(info, old.chain, stored_upto=old.stored_upto, opened=old.opened)
+        return RequestBooks(info, ChunkChain(self.chunk_size, salt=self.salt, seed=info.seed,
                                          mm_items=info.mm_items))
 
-    def _send_lookups(self, req: _Request, now: float) -> None:
+    def _send_lookups(self, req: RequestBooks, now: float) -> None:
         info = req.info
         num_chunks = len(info.token_ids) // self.chunk_size
         hashes = req.chain.extend(info.token_ids, num_chunks)[:num_chunks]  # a snapshot
@@ -185,7 +159,7 @@ class SchedulerPlanner:
         req.looked_up_at, req.opened = now, True
         self.num_lookups += len(self.models)
 
-    def _take(self, req: _Request, answers: list[int]) -> None:
+    def _take(self, req: RequestBooks, answers: list[int]) -> None:
         """The stages' answers: the hit is the shortest; a longer stage's extra shares go."""
         req.pending = None
         req.hit = hit = min(int(a) for a in answers)
@@ -249,46 +223,19 @@ class SchedulerPlanner:
                 req.block_ids.extend(sched.block_ids)
             scheduled.append((req, sched.num_computed_tokens + sched.num_scheduled_tokens))
         for req in self._to_load.values():
-            plan.loads.append(self._load_spec(req))
+            plan.loads.append(req.load_spec(self.chunk_size, self.block_size))
             req.pending_load, req.load_step, req.loading = None, self._step, self.async_loads
         self._to_load.clear()
         for req, computed in scheduled:
-            self._plan_store(req, computed, plan)
+            spec = req.store_spec(computed, self.chunk_size, self.block_size) if (
+                self.store and req.info.store) else None
+            if spec is not None:
+                plan.stores.append(spec)
+                req.store_step = self._step
         for request_id in view.finished:
             self._requests.pop(request_id, None)
         plan.released = self._ends.take_released()
         return plan
-
-    def _load_spec(self, req: _Request) -> LoadSpec:
-        """Chunks ``[0, hit)`` into the request's blocks; if its blocks cannot hold the chunks
-        that cover vLLM's loaded range, a spec without hashes, which the workers report failed."""
-        local, end = req.pending_load
-        bs, per_chunk = self.block_size, self.chunk_size // self.block_size
-        report = list(req.block_ids[local // bs:-(-end // bs)])
-        hit = min(req.hit, len(req.block_ids) * bs)
-        hit -= hit % self.chunk_size
-        if hit < end:
-            return LoadSpec(req.info.request_id, [], np.zeros(0, dtype=np.int32), report)
-        num_chunks = hit // self.chunk_size
-        blocks = np.asarray(req.block_ids[:num_chunks * per_chunk], dtype=np.int32)
-        blocks[:local // bs] = -1  # vLLM's own blocks: not written
-        req.stored_upto = max(req.stored_upto, hit)  # gpukv holds them: never stored again
-        return LoadSpec(req.info.request_id, req.chain.hashes[:num_chunks], blocks, report)
-
-    def _plan_store(self, req: _Request, computed: int, plan: StepPlan) -> None:
-        """``computed``: tokens with KV after this step (drafts included; ``token_ids`` caps them)."""
-        if not (self.store and req.info.store):
-            return
-        end = min(computed, len(req.info.token_ids), len(req.block_ids) * self.block_size)
-        end -= end % self.chunk_size
-        if end <= req.stored_upto:
-            return
-        first, last = req.stored_upto // self.chunk_size, end // self.chunk_size
-        per_chunk = self.chunk_size // self.block_size
-        hashes = req.chain.extend(req.info.token_ids, last)[first:last]
-        blocks = np.asarray(req.block_ids[first * per_chunk:last * per_chunk], dtype=np.int32)
-        plan.stores.append(StoreSpec(req.info.request_id, hashes, blocks))
-        req.stored_upto, req.store_step = end, self._step
 
     # ---- the end of a request (see :mod:`.ends`) -----------------------------------------------
     def finished(self, request_id: str) -> bool:
@@ -328,7 +275,7 @@ class SchedulerPlanner:
     def num_fenced(self) -> int:
         return len(self._ends)
 
-    def _end(self, req: _Request) -> None:
+    def _end(self, req: RequestBooks) -> None:
         if req.opened:
             self.calls.settle([self.calls.send(self.client.end_session, self._rid(req.info.request_id, s))
                                for s in range(len(self.models))])

@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -227,3 +227,12 @@ def _log_failure(future: Future) -> None:
     exc = None if future.cancelled() else future.exception()
     if exc is not None:
         log.error("gpukv: a worker's server check raised", exc_info=exc)
+
+
+def model_stream(views: Mapping[str, torch.Tensor] | None) -> torch.cuda.Stream | None:
+    """The stream the model's work is queued on now (CUDA), for the copy threads to queue theirs
+    behind it; None on CPU."""
+    if not views:
+        return None
+    device = next(iter(views.values())).device
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None

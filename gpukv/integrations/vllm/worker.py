@@ -1,11 +1,9 @@
-"""Worker side of the vLLM connector: vLLM's own KV tensors, registered with gpukv, and each step's
-loads and stores run on them through the client (nothing here imports vLLM).
-
-- Registration and its healing after a server restart: :mod:`.registration` (unregistered, the
-  worker stores nothing and reports every planned load failed).
-- Pipeline parallelism: the worker registers its stage's model key and loads under its stage's
-  request id (:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every
-  rank holds the same latent bytes); every rank loads.
+"""Worker side of the vLLM connector: each step's loads and stores on vLLM's own KV tensors,
+through the client (nothing here imports vLLM). Registration and its healing after a server
+restart: :mod:`.registration` (unregistered, the worker stores nothing and reports every planned
+load failed). Pipeline parallelism: loads run under the stage's request id
+(:func:`.plan.stage_request_id`). MLA: only TP rank 0 of a stage stores (every rank holds the
+same latent bytes); every rank loads.
 
 Every copy is a job on the worker's threads (:mod:`.transfers`). A load the step needs waits for
 the server at most ``wait_budget_s`` (from the step's first wait), then is cancelled (vLLM
@@ -14,27 +12,24 @@ request): asynchronous stores never make a step wait, synchronous ones wait as s
 did. The modes:
 
 - loads ``"sync"``: :meth:`load` (vLLM's ``start_load_kv``, before the forward) returns once the
-  step's loads are in their blocks (and, within the budget, their ends sent); ``"layerwise"``: it returns at once and :meth:`wait_layer`
-  (``wait_for_layer_load``) waits for one layer's slices of them; ``"async"``: vLLM's
-  asynchronous loads -- the request waits in vLLM, :meth:`load` queues the copy (vLLM calls it
-  after the forward) and :meth:`finished` reports it in ``finished_recving`` once done.
+  step's loads are in their blocks (and, within the budget, their ends sent); ``"layerwise"``: it
+  returns at once and :meth:`wait_layer` (``wait_for_layer_load``) waits for one layer's slices;
+  ``"async"``: vLLM's asynchronous loads -- the request waits in vLLM, :meth:`load` queues the
+  copy (vLLM calls it after the forward) and :meth:`finished` reports it in
+  ``finished_recving`` once done.
 - stores ``"sync"``: :meth:`store` (``wait_for_save``) returns once the step's chunks are copied
-  out of vLLM's blocks (however long the server takes to grant slots) and, within the budget,
-  committed (a slow commit goes on on its thread); ``"async"``: it returns at once; the
+  out of vLLM's blocks and, within the budget, committed; ``"async"``: it returns at once; the
   blocks of a finished request stay vLLM's until :meth:`finished` reports it
   (``finished_sending``), and :meth:`preempted` waits for a preempted request's stores before the
   forward that may overwrite its blocks.
 
-A load that fails (the server does not hold a chunk any more, does not answer in time, the
-plan could not load, or this rank is not registered) writes no byte, and its blocks go to what
-vLLM collects through ``get_block_ids_with_load_errors`` (no later than the step that reports
-an asynchronous load finished); vLLM then recomputes them (the connector makes the failure
-policy "recompute" for gpukv's loads).
+A load that fails (a chunk gone, no answer in time, a plan that could not load, an unregistered
+rank) writes no byte; its blocks go to ``get_block_ids_with_load_errors`` (no later than the
+step that reports an asynchronous load finished) and vLLM recomputes them.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Mapping
 
@@ -43,10 +38,8 @@ import torch
 from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
 from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, block_slots, stage_request_id
 from gpukv.integrations.vllm.registration import PROBE_S, Registration
-from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
 from gpukv.integrations.vllm.stats import TransferRecorder, token_bytes
-
-log = logging.getLogger(__name__)
+from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers, model_stream
 
 __all__ = ["WorkerSide", "Transfer", "LOAD_MODES", "STORE_MODES"]
 
@@ -55,14 +48,13 @@ class WorkerSide:
     """One rank's connector work. ``client`` has the ``CacheClient`` API (register, unregister,
     begin_*_chunks, copy_layers, finish, abort, ping) plus :class:`.guard.GuardedClient`'s
     ``take_lost`` and ``down``. :attr:`stats` records each load and store when it ends (on a copy
-    thread): bytes, seconds from submission, success. ``inline``: run the copies
-    in the calling thread (tests driving a worker step by step)."""
+    thread): bytes, seconds from submission, success. ``inline``: run the copies in the calling
+    thread (tests driving a worker step by step)."""
 
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
-                 wait_budget_s: float = 0.03, probe_s: float = PROBE_S,
-                 inline: bool = False,
+                 wait_budget_s: float = 0.03, probe_s: float = PROBE_S, inline: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
@@ -102,9 +94,6 @@ class WorkerSide:
     def refuse(self, reason: str) -> None:
         self.registration.refuse(reason)
 
-    def _heal(self) -> None:
-        self.registration.heal(self.transfers.background)
-
     @property
     def registered(self) -> bool:
         return self.registration.registered
@@ -142,7 +131,7 @@ class WorkerSide:
         """Queue the step's loads into this rank's pages; ``"sync"``: return once they are in
         (see the module docstring). A load that does not complete writes nothing and its blocks
         are reported (see :meth:`take_failed_blocks`)."""
-        self._heal()
+        self.registration.heal(self.transfers.background)  # on a side thread
         self.last_loads = []
         for spec in plan.loads:
             job = self._submit_load(spec)
@@ -166,7 +155,7 @@ class WorkerSide:
         rid = stage_request_id(spec.request_id, self.stage, self.num_stages)
         views = self.registration.views
         layers = len(views) if self.load_mode == "layerwise" else 0
-        job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, _model_stream(views))
+        job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, model_stream(views))
         slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
         return self.transfers.submit(job, lambda j: self._run_load(j, spec, slots))
 
@@ -242,7 +231,7 @@ class WorkerSide:
 
     def _submit_store(self, spec: StoreSpec) -> Job:
         job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
-                  stream=_model_stream(self.registration.views))
+                  stream=model_stream(self.registration.views))
         slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
         return self.transfers.submit(job, lambda j: self._run_store(j, spec, slots))
 
@@ -284,9 +273,7 @@ class WorkerSide:
                 self.num_loaded_tokens += job.asked
             else:
                 self._load_failed(spec)
-        recving |= self._recv_failed
-        self._recv_failed = set()
-        self._async_loads = waiting
+        recving, self._recv_failed, self._async_loads = recving | self._recv_failed, set(), waiting
         return sending, recving
 
     def _result(self, job: Job, done: int, *, ok: bool = True, nbytes: int = 0) -> Transfer:
@@ -310,11 +297,3 @@ class WorkerSide:
         self.transfers.close()
         self.registration.close()
 
-
-def _model_stream(views: Mapping[str, torch.Tensor] | None) -> torch.cuda.Stream | None:
-    """The stream the model's work is queued on now (CUDA), for the copy threads to queue theirs
-    behind it; None on CPU."""
-    if not views:
-        return None
-    device = next(iter(views.values())).device
-    return torch.cuda.current_stream(device) if device.type == "cuda" else None
