@@ -13,7 +13,8 @@ import pytest
 from frontend_cases import CHUNK, DIMS, chunk_bytes, kv_cache
 from gpukv.config import EngineConfig
 from gpukv.engine.chunks import describe
-from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
+from gpukv.engine.core import CacheCore
+from gpukv.engine.grants import ReadGrant, WriteGrant
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p
 from gpukv.frontend.session import Limits

@@ -28,6 +28,17 @@ CS = 32
 pytestmark = pytest.mark.slow  # real-model scenarios (a few seconds each on CPU)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-identical logits need a fixed reduction order: one intra-op thread. With two, a run on
+    a loaded machine once differed in a logit's last bits (2e-7): how a matmul's sums are split
+    can depend on the threads the BLAS gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def deepseek():
     return tiny_deepseek()

@@ -15,7 +15,8 @@ from typing import Any, Hashable, Protocol
 
 import torch
 
-from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
+from gpukv.engine.core import CacheCore
+from gpukv.engine.grants import ReadGrant, WriteGrant
 from gpukv.l1.topology import device_name
 
 

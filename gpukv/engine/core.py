@@ -1,7 +1,8 @@
 """The books of a cache: registry, requests, shares and pins in L1, and the tier stack; no copies.
 
 ``CacheCore`` is what the embedded :class:`gpukv.CacheEngine` and the ``gpukv serve`` server
-share. It speaks chunk hashes, instance ids and request owners, and hands out *grants*: a write
+share. It speaks chunk hashes, instance ids and request owners, and hands out *grants*
+(:mod:`gpukv.engine.grants`): a write
 grant names the arena slots a worker must pack into (write-pinned until commit or abort), a
 read grant the objects it may unpack from (pinned until ``end_retrieve``). Whoever holds a grant
 runs the copy (the engine in-process, or the worker through the server) and then gives it back.
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Hashable
 
 from gpukv.config import EngineConfig
 from gpukv.engine.counters import CoreCounters
+from gpukv.engine.grants import ReadGrant, UnknownRequest, WriteGrant
 from gpukv.engine.hit_sources import LookupHit, hit_runs, l1_source
 from gpukv.engine.observe import Observer
 from gpukv.engine.placement import Placement
@@ -33,39 +34,10 @@ from gpukv.engine.registry import Instance, Registry
 from gpukv.engine.requests import Busy, RequestTable
 from gpukv.engine.tier_stack import TierStack
 from gpukv.l1 import L1Manager, Status
-from gpukv.l1.entry import Entry
 from gpukv.l1.memory import ArenaMemory, create
 from gpukv.l1.slab import SlabArena
 
 log = logging.getLogger(__name__)
-
-
-class UnknownRequest(ValueError):
-    """A retrieve or free names a request that never looked up (or already ended)."""
-
-
-@dataclass(slots=True)
-class WriteGrant:
-    """Slots to pack into: ``chunks[i]`` (an index into the hashes given) goes to
-    ``handles[i]`` (``.device``, ``.offset``). ``cached``: chunks already held."""
-
-    instance: Instance
-    chunks: list[int]
-    handles: list[Entry]
-    cached: int
-    full: int  # chunks refused for lack of room
-    t0: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(slots=True)
-class ReadGrant:
-    """Pinned objects to unpack from, one per chunk of the prefix, in order."""
-
-    instance: Instance
-    request: Hashable
-    handles: list[Entry]
-    released: int = field(default=0)
-    t0: float = field(default_factory=time.perf_counter)
 
 
 class CacheCore:

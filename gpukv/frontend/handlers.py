@@ -17,7 +17,8 @@ import os
 from typing import Any
 
 from gpukv.engine.chunks import token_range
-from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant, UnknownRequest
+from gpukv.engine.core import CacheCore
+from gpukv.engine.grants import ReadGrant, UnknownRequest, WriteGrant
 from gpukv.engine.hit_sources import LookupHit
 from gpukv.errors import Busy
 from gpukv.frontend import protocol as p

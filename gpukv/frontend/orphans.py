@@ -16,7 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
+from gpukv.engine.core import CacheCore
+from gpukv.engine.grants import ReadGrant, WriteGrant
 from gpukv.frontend.liveness import Peers
 
 Plan = WriteGrant | ReadGrant

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import itertools
 
-from gpukv.engine.core import CacheCore, ReadGrant, WriteGrant
+from gpukv.engine.core import CacheCore
+from gpukv.engine.grants import ReadGrant, WriteGrant
 from gpukv.errors import Busy
 from gpukv.frontend.orphans import Orphans, release
 from gpukv.frontend.session import Client, Limits, Session

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Hashable, NamedTuple
 from gpukv.frontend.liveness import Peers
 
 if TYPE_CHECKING:  # (annotations only: the CLI reads Limits without importing torch)
-    from gpukv.engine.core import ReadGrant, WriteGrant
+    from gpukv.engine.grants import ReadGrant, WriteGrant
 
 
 class Scoped(NamedTuple):

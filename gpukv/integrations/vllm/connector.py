@@ -48,6 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -85,8 +86,10 @@ class GpukvMetadata(KVConnectorMetadata):
     plan: StepPlan
 
 
-class GpukvConnector(KVConnectorBase_V1):
-    """gpukv's vLLM connector (see the module docstring)."""
+class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
+    """gpukv's vLLM connector (see the module docstring). ``SupportsHMA``: vLLM keeps its hybrid
+    KV cache manager on; a model with one KV cache group is served as without it, one with
+    several (sliding window, SSM) runs uncached (:func:`.topology.refusal`) but starts."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -276,6 +279,12 @@ class GpukvConnector(KVConnectorBase_V1):
             return False, None
         self._reports.finished(request.request_id)
         return self._planner.finished(request.request_id), None
+
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call with the hybrid manager on: one block list per KV cache group, and a
+        connector that serves a model has exactly one group."""
+        return self.request_finished(request, block_ids[0] if len(block_ids) == 1 else [])
 
     def take_events(self) -> Iterable[Any]:
         """The blocks gpukv holds that this engine republishes, since the last call, as vLLM's

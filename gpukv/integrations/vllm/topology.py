@@ -77,7 +77,11 @@ def refusal(vllm_config: Any, num_kv_cache_groups: int) -> str | None:
                 f"prefill_context_parallel_size={pcp}) shards each block's tokens over ranks, "
                 "which gpukv does not key")
     if num_kv_cache_groups != 1:
-        return f"the model has {num_kv_cache_groups} KV cache groups; gpukv serves one"
+        return (f"the model has {num_kv_cache_groups} KV cache groups (hybrid attention: sliding "
+                "window or SSM layers); gpukv caches models with one group, so vLLM's hybrid "
+                "manager stays on and this engine runs uncached (a sliding-window model started "
+                "with --disable-hybrid-kv-cache-manager has one group, which gpukv caches, at "
+                "full-attention memory for every layer)")
     cache_dtype = str(getattr(cache, "cache_dtype", ""))
     if cache_dtype.startswith("nvfp4"):
         return f"kv_cache_dtype={cache_dtype!r} (K and V heads apart, with block scales) has no gpukv layout"
