@@ -46,7 +46,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from gpukv.integrations.vllm.books import RequestBooks
+from gpukv.integrations.vllm.request_books import RequestBooks
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.chain import ChunkChain
 from gpukv.integrations.vllm.ends import RequestEnds
