@@ -8,9 +8,10 @@ through vLLM's hook order, one step at a time: a new 1024-token request arrives 
 decodes 8 steps, finishes. The "forward" is a fixed sleep. Per step, the seconds spent inside
 gpukv's hooks on each side (scheduler: lookup, alloc, build, finished, outputs; worker: preempt,
 load, layer waits, store, finished) are summed; the baseline, the same loop without a
-connector, spends none. Modes: sync loads / sync stores (the default) and async / async.
+connector, spends none. Modes (loads / stores): ``sync`` sync / sync (the code before
+asynchronous copies), ``default`` sync / async (the connector's default), ``async`` async / async.
 
-    python perf/sweep_vllm_steps.py --preset quick     # ~3 minutes
+    python perf/sweep_vllm_steps.py --preset quick     # ~5 minutes
 
 Writes perf/results/cpu/sweep_vllm_steps_<preset>.csv and .png: per server condition and mode,
 p50 / p99 / max ms per step, and the share of requests served from gpukv.
@@ -46,7 +47,7 @@ PRESETS = {"quick": dict(steps=150, forward_s=0.02), "full": dict(steps=400, for
 CHUNK, BS, LAYERS, H, D, NB = 256, 16, 8, 4, 64, 2048
 PROMPT, SHARED, DECODE = 1024, 512, 8
 MODEL, GROUP = "sweep-steps-model", "sweep-steps-engine-group-1"
-MODES = {"sync": ("sync", "sync"), "async": ("async", "async")}
+MODES = {"sync": ("sync", "sync"), "default": ("sync", "async"), "async": ("async", "async")}
 
 
 class Engine:

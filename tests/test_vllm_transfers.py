@@ -20,7 +20,7 @@ import torch
 from gpukv.integrations.vllm.plan import RequestInfo, StepView
 from gpukv.integrations.vllm.transfers import Job
 from vllm_fakes import FakeClient
-from vllm_pages import CS, MODEL, Clock, engine, fill, new_step, store_prompt, tokens
+from vllm_pages import CS, D, H, MODEL, Clock, engine, fill, new_step, store_prompt, tokens
 
 
 class Gated(FakeClient):
@@ -226,3 +226,41 @@ def test_a_job_claimed_for_copying_is_not_cancelled_and_a_cancelled_one_never_co
     assert all(e.is_set() for e in other.layers) and other.wait_started(0.0)
     clock = Clock()
     assert clock() == 0.0 and MODEL and torch  # (shared helpers stay imported)
+
+
+def test_the_stats_count_a_copy_when_it_ends_not_when_it_starts():
+    """vLLM's connector stats (bytes, seconds, failures) come from each copy's end on its thread:
+    an asynchronous store still copying is not in them; once done, its exact bytes are; a load
+    cancelled for time counts as one failed load of no byte."""
+    client = Gated()
+    plan, work, pages = threaded(client, "a", store_mode="async")
+    per_token = 2 * H * 2 * D * 4  # mha_pages: 2 layers of H heads x (K|V of D) float32
+    assert work.token_bytes == per_token
+    prompt = tokens(64, 6)
+    plan.num_new_matched_tokens(RequestInfo("r", prompt), 0)
+    plan.after_alloc("r", 0)
+    fill(pages, [0, 1, 2, 3], 64, seed=6)
+    client.gates["copy_store"] = threading.Event()
+    step = plan.build(new_step("r", [0, 1, 2, 3], 0, 64))
+    work.load(step)
+    work.store(step)  # returns at once: the copy waits for the gate
+    assert client.entered("copy_store").wait(10)
+    assert work.stats.take() is None  # begun, not ended: nothing to report yet
+    client.gates["copy_store"].set()
+    assert work.transfers.drain(10)
+    data = work.stats.take()
+    assert data["store"]["ops"] == 1 and data["store"]["failures"] == 0
+    assert data["store"]["bytes"] == 64 * per_token and len(data["store"]["seconds"]) == 1
+    assert data["load"]["ops"] == 0
+    # a load the server does not start within the budget: one failed load, no byte
+    plan_b, work_b, _ = threaded(client, "b", wait_budget_s=0.0)
+    plan_b.num_new_matched_tokens(RequestInfo("rb", prompt + [5]), 0)
+    plan_b.after_alloc("rb", 64)
+    client.gates["begin_retrieve"] = threading.Event()
+    work_b.load(plan_b.build(new_step("rb", [4, 5, 6, 7, 8], 64, 1)))
+    client.gates["begin_retrieve"].set()
+    assert work_b.transfers.drain(10)
+    data = work_b.stats.take()
+    assert (data["load"]["ops"], data["load"]["failures"], data["load"]["bytes"]) == (1, 1, 0)
+    work.close()
+    work_b.close()
