@@ -231,7 +231,7 @@ def test_a_job_claimed_for_copying_is_not_cancelled_and_a_cancelled_one_never_co
 def test_the_stats_count_a_copy_when_it_ends_not_when_it_starts():
     """vLLM's connector stats (bytes, seconds, failures) come from each copy's end on its thread:
     an asynchronous store still copying is not in them; once done, its exact bytes are; a load
-    cancelled for time counts as one failed load of no byte."""
+    cancelled for time counts as one failed load of no byte; a load counts the bytes it wrote."""
     client = Gated()
     plan, work, pages = threaded(client, "a", store_mode="async")
     per_token = 2 * H * 2 * D * 4  # mha_pages: 2 layers of H heads x (K|V of D) float32
@@ -262,5 +262,13 @@ def test_the_stats_count_a_copy_when_it_ends_not_when_it_starts():
     assert work_b.transfers.drain(10)
     data = work_b.stats.take()
     assert (data["load"]["ops"], data["load"]["failures"], data["load"]["bytes"]) == (1, 1, 0)
-    work.close()
-    work_b.close()
+    # a load beside vLLM's own first block: only the three blocks it writes count
+    plan_c, work_c, _ = threaded(client, "c", wait_budget_s=10.0)
+    plan_c.num_new_matched_tokens(RequestInfo("rc", prompt + [5]), 16)
+    plan_c.after_alloc("rc", 48)
+    work_c.load(plan_c.build(new_step("rc", [9, 10, 11, 12, 13], 64, 1)))
+    assert work_c.transfers.drain(10) and work_c.take_failed_blocks() == set()
+    data = work_c.stats.take()
+    assert (data["load"]["ops"], data["load"]["failures"], data["load"]["bytes"]) == (1, 0, 48 * per_token)
+    for w in (work, work_b, work_c):
+        w.close()

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 class Transfer:
     """One load or store as the worker side ran it: ``asked`` tokens (a load: all or nothing; a
     store: the chunks offered), ``done`` tokens (a load: ``asked`` or 0; a store: the tokens newly
-    stored), ``nbytes`` moved, ``seconds`` from submission to done, ``ok``: no failure (a store
-    of chunks already cached is ok with ``done`` 0)."""
+    stored), ``nbytes`` (in vLLM's layout: written into its pages, or newly stored), ``seconds``
+    from submission to done, ``ok``: no failure (a store of chunks already cached is ok with
+    ``done`` 0)."""
 
     op: str
     request_id: str

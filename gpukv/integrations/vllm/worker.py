@@ -177,7 +177,8 @@ class WorkerSide:
                 self.client.copy_layers(copy).wait()
         job.end_copy(True)
         self.client.finish(copy)  # the end of the retrieve: its shares go (the bytes are in)
-        return self._result(job, job.asked, nbytes=copy.nbytes)
+        written = int((slots >= 0).sum()) * self.token_bytes  # vLLM's own blocks (-1) are not
+        return self._result(job, job.asked, nbytes=written)
 
     def wait_layer(self, layer_name: str) -> None:
         """``"layerwise"``: wait until this step's loads have this layer's slices in vLLM's
@@ -250,7 +251,7 @@ class WorkerSide:
         self.client.copy_layers(copy).wait()
         job.end_copy(True)
         stored = self.client.finish(copy)  # the commit
-        return self._result(job, stored, nbytes=copy.nbytes)
+        return self._result(job, stored, nbytes=stored * self.token_bytes)
 
     # ---- completions -------------------------------------------------------------------------
     def finished(self, plan: StepPlan) -> tuple[set[str], set[str]]:
@@ -282,7 +283,7 @@ class WorkerSide:
     def _transfer_done(self, transfer: Transfer) -> None:
         if transfer.op == "store":
             self.num_stored_tokens += transfer.done
-        self.stats.record(transfer.op, transfer.done * self.token_bytes, transfer.seconds, transfer.ok)
+        self.stats.record(transfer.op, transfer.nbytes, transfer.seconds, transfer.ok)
 
     def take_completed(self) -> list[Transfer]:
         """The transfers that ended since the last call."""
