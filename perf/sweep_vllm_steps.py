@@ -100,9 +100,12 @@ def run(engine: Engine, steps: int, forward_s: float, seed: int, on_step=None) -
             s += dt
             if ext is None:
                 continue
+            need = -(-(PROMPT + DECODE) // BS)
+            if len(engine.free) < need:  # as vLLM: not admitted while its blocks are not free
+                continue
             asked += 1
             hits += ext > 0
-            blocks = [engine.free.pop() for _ in range(-(-(PROMPT + DECODE) // BS))]
+            blocks = [engine.free.pop() for _ in range(need)]
             _, dt = _timed(planner.after_alloc, rid, ext, blocks)
             s += dt
             del waiting[rid]
