@@ -173,3 +173,61 @@ def test_chunks_hashed_once_move_like_the_whole_prompt(which, tmp_path):
         assert mismatched_tokens(rows(pages, "mla", dst[2 * CHUNK:]), rows(pages, "mla", src[2 * CHUNK:N])) == 0
         with pytest.raises(ValueError, match=r"expected len\(hashes\) \* chunk_size = 48"):
             cache.start_store_chunks("r0", rest, src[:N])
+
+
+@pytest.mark.parametrize("which", BOOKS)
+def test_a_retrieve_queued_layer_by_layer_writes_each_layer_only_when_its_turn_comes(which, tmp_path):
+    """begin pins and writes nothing; each copy_layers call writes exactly its layers and fences
+    them; finish refuses a copy with layers left; the shares go in finish."""
+    from gpukv.engine.keys import chunk_hashes, request_seed
+
+    with books(which, tmp_path) as (cache, core):
+        pages, tokens = kv_cache("mla", 7), prompt(7)
+        cache.register("r0", "m", pages, DIMS["mla"], kind="mla")
+        src = slots_of(STORE_BLOCKS, len(tokens))
+        cache.store("r0", tokens, src)
+        assert cache.lookup("m", tokens, request_id="q") == N
+        hashes = cache.copies.hashes(tokens[:N])
+        assert hashes == chunk_hashes(tokens[:N], CHUNK, seed=request_seed(cache.copies.books.salt, b""))
+        dst = slots_of(RANK_BLOCKS[0], N)
+        want = rows(pages, "mla", src[:N])
+        before = rows(pages, "mla", dst)
+        copy = cache.begin_retrieve_chunks("r0", hashes, dst, request_id="q")
+        assert core.l1.stats()["pinned"] == 5 and copy.layers_queued == 0
+        assert [torch.equal(a, b) for a, b in zip(rows(pages, "mla", dst), before)] == [True] * 3
+        with pytest.raises(ValueError, match="queued 0 of 3 layers"):
+            cache.finish(copy)
+        fences = [cache.copy_layers(copy, 1), cache.copy_layers(copy, 2)]
+        got = rows(pages, "mla", dst)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got[2], before[2])  # layer 2's turn has not come
+        assert all(f is not None and f.done() for f in fences)  # CPU: the copy is done at once
+        with pytest.raises(ValueError, match=r"stop 2 must be in \(2, 3\]"):
+            cache.copy_layers(copy, 2)
+        cache.copy_layers(copy)
+        assert mismatched_tokens(rows(pages, "mla", dst), want) == 0
+        assert core.l1.stats()["shares"] == 5  # released in finish only
+        assert cache.finish(copy) == N
+        assert core.l1.stats()["shares"] == 0 and core.l1.stats()["pinned"] == 0
+
+
+@pytest.mark.parametrize("which", BOOKS)
+def test_an_aborted_copy_gives_its_grant_back_and_commits_nothing(which, tmp_path):
+    with books(which, tmp_path) as (cache, core):
+        pages, tokens = kv_cache("mha", 8), prompt(8)
+        cache.register("r0", "m", pages, DIMS["mha"], kind="mha")
+        src = slots_of(STORE_BLOCKS, len(tokens))
+        hashes = cache.copies.hashes(tokens)
+        store = cache.begin_store_chunks("r0", hashes, src[:N])
+        assert core.l1.stats()["writing"] == 5
+        cache.copy_layers(store, 1)
+        cache.abort(store)  # e.g. the request was preempted before its store was copied
+        assert core.l1.stats()["writing"] == 0 and core.l1.stats()["objects"] == 0
+        with pytest.raises(ValueError, match="finished already"):
+            cache.copy_layers(store)
+        assert cache.store("r0", tokens, src) == N  # the slots were given back
+        assert cache.lookup("m", tokens, request_id="q") == N
+        load = cache.begin_retrieve_chunks("r0", hashes, slots_of(RANK_BLOCKS[0], N), request_id="q")
+        assert core.l1.stats()["pinned"] == 5
+        cache.abort(load)
+        assert core.l1.stats()["pinned"] == 0 and core.l1.stats()["shares"] == 0

@@ -115,7 +115,7 @@ def test_no_server_leaves_the_engine_uncached(model, tmp_path, caplog):
 
 def test_the_engine_loop_stores_loads_fences_an_abort_and_forces_recompute(model, tmp_path, caplog):
     with serving(tmp_path, chunk_size=CHUNK) as server:
-        extra = {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0}
+        extra = {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0, "gpukv.wait_budget_s": 1.0}
         config = _config(model, extra, policy="fail")
         with caplog.at_level(logging.WARNING, logger=LOG):
             scheduler = GpukvConnector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
@@ -131,7 +131,11 @@ def test_the_engine_loop_stores_loads_fences_an_abort_and_forces_recompute(model
         scheduler.update_state_after_alloc(_request("a", prompt), None, 0)
         blocks_a, blocks_b = [5, 1, 9, 3, 7], [2, 8, 4, 6, 0]
         assert _run_step(scheduler, worker, _output([("a", blocks_a, 0, 70)])) == (None, set())
-        assert scheduler.request_finished(_request("a", prompt), blocks_a) == (False, None)
+        # its store runs beside the next steps (asynchronous stores, the default): vLLM keeps A's
+        # blocks until the worker reports them copied out
+        assert scheduler.request_finished(_request("a", prompt), blocks_a) == (True, None)
+        assert worker._worker.transfers.drain(10)  # noqa: SLF001 - (the store's copy is done)
+        assert _run_step(scheduler, worker, _output(finished={"a"})) == ({"a"}, set())
         # request B shares A's 64 tokens: loaded into its own blocks, then aborted at once
         b = _request("b", prompt[:64] + tokens(10, 4))
         assert scheduler.get_num_new_matched_tokens(b, 0) == (64, False)
@@ -159,7 +163,7 @@ def test_a_registration_that_fails_leaves_the_worker_uncached_and_its_loads_repo
     import vllm.distributed.kv_transfer.kv_connector.utils as utils
 
     with serving(tmp_path, chunk_size=CHUNK) as server:
-        config = _config(model, {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0})
+        config = _config(model, {"gpukv.address": server.config.address, "gpukv.step_budget_s": 1.0, "gpukv.wait_budget_s": 1.0})
         worker = GpukvConnector(config, KVConnectorRole.WORKER, _kv_cache_config())
         monkeypatch.setattr(utils, "get_current_attn_backends",
                             lambda *a, **k: [SimpleNamespace(get_name=lambda: "FLEX_ATTENTION")])
@@ -178,7 +182,7 @@ def test_a_registration_that_fails_leaves_the_worker_uncached_and_its_loads_repo
 
         import numpy as np
         worker.bind_connector_metadata(GpukvMetadata(StepPlan(1, loads=[
-            LoadSpec("r", np.arange(CHUNK), np.arange(CHUNK), [0, 1], b"", None)])))
+            LoadSpec("r", [b"h" * 16], np.arange(CHUNK // BS, dtype=np.int32), [0, 1])])))
         worker.start_load_kv(None)
         assert worker.get_block_ids_with_load_errors() == {0, 1}
         for c in (worker, other, scheduler):

@@ -88,3 +88,47 @@ def test_a_request_that_finishes_after_its_load_steps_ran_ends_at_once(tmp_path)
         counts = server_counts(address)
         assert (counts["shares"], counts["open_requests"]) == (0, 0)
         assert work_b.take_failed_blocks() == set()
+
+
+def test_async_loads_and_stores_end_a_request_only_after_every_copy_of_it(tmp_path):
+    """On a real server, copies on the worker's threads: an asynchronous load aborted before it
+    ran keeps its request open until the worker reports it received; an asynchronous store of a
+    request that finishes keeps its blocks (fenced) until the worker reports it copied out. Then
+    nothing is left: no share, no pin, no open request."""
+    with serving(tmp_path, chunk_size=CS) as server:
+        address = server.config.address
+        written, prompt_b = _stored_prefix(address)
+        plan_b, work_b, pages_b = served_engine(address, "b", async_loads=True, async_stores=True,
+                                                worker_options=dict(inline=False, load_mode="async",
+                                                                    store_mode="async"))
+        assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt_b), 0) == 96
+        plan_b.after_alloc("rb", 96, BLOCKS_B)
+        step = plan_b.build(StepView([]))  # vLLM does not schedule a request it loads async
+        assert plan_b.finished("rb") is False  # aborted: vLLM keeps the blocks until received
+        assert server_counts(address)["open_requests"] == 1
+        work_b.load(step)
+        assert work_b.transfers.drain(30)
+        assert work_b.finished(plan_b.build(StepView([]))) == (set(), {"rb"})
+        for (key, value), kv in zip(written, pages_b.values()):  # the load ran, whole
+            k, v = cpu_read(kv, slots_of(BLOCKS_B, 96))
+            assert torch.equal(k, key[:96]) and torch.equal(v, value[:96])
+        plan_b.loads_done(["rb"])
+        counts = server_counts(address)
+        assert (counts["shares"], counts["open_requests"], counts["pinned"]) == (0, 0, 0)
+        # an asynchronous store: the request finishes before the workers report it
+        prompt_c = tokens(70, 5)
+        plan_b.num_new_matched_tokens(RequestInfo("rc", prompt_c), 0)
+        plan_b.after_alloc("rc", 0)
+        step = plan_b.build(new_step("rc", [1, 3, 5, 7, 9], 0, 70))
+        work_b.load(step)
+        work_b.store(step)
+        assert plan_b.finished("rc") is True and plan_b.num_fenced == 1
+        after = plan_b.build(StepView([], finished=frozenset({"rc"})))
+        assert after.released == ["rc"]
+        assert work_b.transfers.drain(30)
+        sending, _ = work_b.finished(after)
+        assert sending == {"rc"} and work_b.num_stored_tokens == 2 * CS
+        plan_b.workers_done(sorted(sending))
+        counts = server_counts(address)
+        assert (counts["shares"], counts["open_requests"], counts["pinned"]) == (0, 0, 0)
+        work_b.close()

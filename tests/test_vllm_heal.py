@@ -20,12 +20,13 @@ from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.plan import RequestInfo, StepView
 from gpukv.integrations.vllm.planner import SchedulerPlanner
-from gpukv.integrations.vllm.worker import RETRY_MIN_S, WorkerSide
+from gpukv.integrations.vllm.registration import RETRY_MIN_S
+from gpukv.integrations.vllm.worker import WorkerSide
 from vllm_fakes import FakeClient
 from vllm_pages import (BS, CS, MODEL, Clock, cpu_read, engine, mha_pages, new_step, served_engine,
                         server_counts, slots_of, store_prompt, tokens)
 
-WORKER_LOG = "gpukv.integrations.vllm.worker"
+WORKER_LOG = "gpukv.integrations.vllm.registration"
 
 
 def _step(planner, worker, rid, prompt, blocks):
@@ -34,7 +35,8 @@ def _step(planner, worker, rid, prompt, blocks):
     planner.after_alloc(rid, 0)
     plan = planner.build(new_step(rid, blocks, 0, len(prompt)))
     worker.load(plan)  # vLLM calls start_load_kv before wait_for_save in every step
-    return worker.store(plan)
+    worker.store(plan)
+    return [t for t in worker.take_completed() if t.op == "store"]  # copies run inline here
 
 
 def test_a_worker_registers_again_when_its_store_finds_the_server_restarted(caplog):
@@ -105,7 +107,7 @@ class _Refusing(FakeClient):
 def test_a_worker_the_server_does_not_answer_runs_uncached_and_registers_with_backoff(caplog):
     client, clock = _Refusing([ServerUnavailable("no answer"), Busy("busy")]), Clock()
     worker = WorkerSide(GuardedClient(client, clock=clock), instance_id="w", model=MODEL, tp_rank=0,
-                        tp_size=1, clock=clock)
+                        tp_size=1, clock=clock, inline=True)
     with caplog.at_level(logging.WARNING, logger=WORKER_LOG):
         assert worker.register(mha_pages(), "CPU_ATTN") is False
         planner = SchedulerPlanner(GuardedClient(client, clock=clock), MODEL, tp_size=1, chunk_size=CS,
@@ -114,7 +116,8 @@ def test_a_worker_the_server_does_not_answer_runs_uncached_and_registers_with_ba
         planner.after_alloc("r", 0)
         plan = planner.build(new_step("r", [0, 1, 2, 3], 0, 64))
         worker.load(plan)
-        assert worker.store(plan) == [] and client.calls["store"] == 0  # uncached meanwhile
+        worker.store(plan)
+        assert worker.take_completed() == [] and client.calls["store"] == 0  # uncached meanwhile
         clock.t = RETRY_MIN_S  # first retry: Busy, the next one 2 s later
         worker.load(planner.build(StepView([])))
         assert not worker.registered and client.calls["register"] == 2
@@ -132,7 +135,7 @@ def test_a_worker_the_server_refuses_runs_uncached_for_good_and_reports_planned_
     gpu = ValueError("this server has no arena for device cuda-uuid:GPU-4 (it serves cpu)")
     client, clock = _Refusing([gpu]), Clock()
     worker = WorkerSide(GuardedClient(client, clock=clock), instance_id="w", model=MODEL, tp_rank=0,
-                        tp_size=1, clock=clock)
+                        tp_size=1, clock=clock, inline=True)
     with caplog.at_level(logging.ERROR, logger=WORKER_LOG):
         assert worker.register(mha_pages(), "CPU_ATTN") is False
         other = WorkerSide(client, instance_id="x", model=MODEL, tp_rank=0, tp_size=1)
@@ -143,7 +146,7 @@ def test_a_worker_the_server_refuses_runs_uncached_for_good_and_reports_planned_
     from gpukv.integrations.vllm.plan import LoadSpec, StepPlan
 
     import numpy as np
-    spec = LoadSpec("r", np.arange(CS), np.arange(CS), [0, 1], b"", None)
+    spec = LoadSpec("r", [b"h" * 16], np.arange(CS // BS, dtype=np.int32), [0, 1])
     worker.load(StepPlan(1, loads=[spec]))
     assert worker.take_failed_blocks() == {0, 1} and client.calls["register"] == 1
 
@@ -156,10 +159,10 @@ class _Stalled(FakeClient):
         self.release = threading.Event()
         self.order: list[str] = []
 
-    def lookup(self, *args, **kwargs):
+    def lookup_hashes(self, *args, **kwargs):
         assert self.release.wait(30)
         self.order.append("lookup")
-        return super().lookup(*args, **kwargs)
+        return super().lookup_hashes(*args, **kwargs)
 
     def end_session(self, request_id) -> None:
         self.order.append("end")
@@ -239,7 +242,7 @@ def test_after_a_restart_the_scheduler_claims_no_hit_until_its_workers_registere
         plan_b.loadable = True
         assert plan_b.num_new_matched_tokens(RequestInfo("rb2", info.token_ids), 0) == 0
         plan_b.after_alloc("rb2", 0)
-        work_b.probe_s = 0.0
+        work_b.registration.probe_s = 0.0
         work_b.load(plan_b.build(StepView([])))  # its probe sees another server: registers
         assert work_b.registered and work_b.num_registrations == 2
         assert plan_b.num_new_matched_tokens(RequestInfo("rb3", info.token_ids), 0) == 96

@@ -47,7 +47,10 @@ def _run(env, name: str, prompts, *, connector: bool = True, shares: bool = Fals
     root, model, address, _ = env
     rec = root / name / "records"
     rec.mkdir(parents=True)
-    extra = {"gpukv.address": address, "gpukv_test.record_dir": str(rec), "gpukv_test.record_shares": shares}
+    # a generous wait budget: on a busy shared machine a load's server call may take longer than
+    # the default 30 ms and be recomputed (correct, but not what these tests look at)
+    extra = {"gpukv.address": address, "gpukv.wait_budget_s": 1.0, "gpukv_test.record_dir": str(rec),
+             "gpukv_test.record_shares": shares}
     result = run_engine(root / name, model, prompts, extra_config=extra, connector=connector,
                         args=("--stats-address", address, "--record"))
     return result, read_records(rec)

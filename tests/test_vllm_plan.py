@@ -11,7 +11,8 @@ from gpukv.integrations.vllm.keys import MMItem
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from vllm_fakes import FakeClient
-from vllm_pages import BS, CS, MODEL, NB, Clock, cpu_read, engine, fill, new_step, slots_of, store_prompt, tokens
+from vllm_pages import (BS, CS, MODEL, NB, Clock, cpu_read, engine, fill, new_step, slots_of, spec_slots,
+                        store_prompt, tokens)
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def test_a_stored_prefix_is_loaded_into_other_blocks_with_the_same_k_and_v(clien
     written = fill(pages_a, blocks_a, 100, seed=0)
     step = plan_a.build(new_step("ra", blocks_a, 0, 100))
     assert step.loads == [] and len(step.stores) == 1
-    assert step.stores[0].token_ids.tolist() == prompt_a[:96]
-    assert step.stores[0].slot_mapping.tolist() == slots_of(blocks_a, 96)
+    assert step.stores[0].hashes == client.hashes(prompt_a[:96])
+    assert spec_slots(step.stores[0]) == slots_of(blocks_a, 96)
     work_a.store(step)
     assert work_a.num_stored_tokens == 96
 
@@ -46,9 +47,9 @@ def test_a_stored_prefix_is_loaded_into_other_blocks_with_the_same_k_and_v(clien
     blocks_b = [0, 2, 4, 6, 8, 10, 11, 13]
     step = plan_b.build(new_step("rb", blocks_b, 96, 20))
     (load,) = step.loads
-    assert load.token_ids.tolist() == prompt_b[:96]
-    assert load.slot_mapping.tolist() == slots_of(blocks_b, 96)
-    assert load.block_ids == blocks_b[:6]
+    assert load.hashes == client.hashes(prompt_b[:96])
+    assert spec_slots(load) == slots_of(blocks_b, 96)
+    assert load.report_blocks == blocks_b[:6]
     work_b.load(step)
     assert work_b.take_failed_blocks() == set() and client.total_shares() == 0
     for (key, value), kv in zip(written, pages_b.values()):
@@ -85,7 +86,7 @@ def test_the_hit_stays_below_the_prompt_length_and_the_whole_last_chunk_is_loade
     assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt), 0) == 63  # vLLM computes 1
     plan_b.after_alloc("rb", 63)
     (load,) = plan_b.build(new_step("rb", [1, 2, 3, 4], 63, 1)).loads
-    assert len(load.token_ids) == 64 and load.block_ids == [1, 2, 3, 4]
+    assert len(load.hashes) * CS == 64 and load.report_blocks == [1, 2, 3, 4]
 
 
 def test_vllm_local_blocks_get_minus_one_slots_and_their_whole_chunks_free_their_shares(client):
@@ -104,9 +105,9 @@ def test_vllm_local_blocks_get_minus_one_slots_and_their_whole_chunks_free_their
     blocks_b = [10, 11, 12, 13, 14, 15, 16, 17, 18]
     step = plan_b.build(new_step("rb", blocks_b, 128, 2))
     (load,) = step.loads
-    assert load.slot_mapping[:48].tolist() == [-1] * 48
-    assert load.slot_mapping[48:].tolist() == slots_of(blocks_b, 128)[48:]
-    assert load.block_ids == blocks_b[3:8]
+    assert spec_slots(load)[:48] == [-1] * 48
+    assert spec_slots(load)[48:] == slots_of(blocks_b, 128)[48:]
+    assert load.report_blocks == blocks_b[3:8]
     work_b.load(step)
     assert client.total_shares() == 0
     assert all(kv[blocks_b[:3]].isnan().all() and not kv[blocks_b[3:8]].isnan().any()
@@ -132,8 +133,8 @@ def test_stores_follow_computed_chunks_through_chunked_prefill_and_decode_withou
     plan.num_new_matched_tokens(info, 0)
     plan.after_alloc("r", 0)
 
-    def stored(*scheduled: ScheduledRequest) -> list[int]:
-        return [s.token_ids.size for s in plan.build(StepView(list(scheduled))).stores]
+    def stored(*scheduled: ScheduledRequest) -> list[list[bytes]]:
+        return [s.hashes for s in plan.build(StepView(list(scheduled))).stores]
 
     ends = [stored(ScheduledRequest("r", [0, 1, 2], True, 0, 40)),  # chunked prefill
             stored(ScheduledRequest("r", [3, 4, 5], False, 40, 50))]
@@ -142,7 +143,9 @@ def test_stores_follow_computed_chunks_through_chunked_prefill_and_decode_withou
     ends.append(stored(ScheduledRequest("r", [6], False, 94, 7)))
     prompt.append(16)
     ends.append(stored(ScheduledRequest("r", None, False, 95, 1)))
-    assert ends == [[32], [64], [], [96]]
+    # each step names only its new chunks, each hash once (the chain of the whole token list)
+    chain = client.hashes(prompt[:96])
+    assert ends == [[chain[:1]], [chain[1:2]], [], [chain[2:3]]]
 
 
 def test_a_preempted_request_is_planned_again_with_its_outputs_and_new_blocks(client):
@@ -160,7 +163,7 @@ def test_a_preempted_request_is_planned_again_with_its_outputs_and_new_blocks(cl
     assert client.calls["lookup"] == 2
     plan_a.after_alloc("r", 64)
     step = plan_a.build(StepView([ScheduledRequest("r", [9, 8, 7, 6, 5], True, 64, 10)]))
-    assert step.loads[0].slot_mapping.tolist() == slots_of([9, 8, 7, 6, 5], 64)
+    assert spec_slots(step.loads[0]) == slots_of([9, 8, 7, 6, 5], 64)
     assert step.stores == []  # chunks 0-1 were stored before the preemption
 
 
@@ -184,7 +187,11 @@ def test_salt_lora_and_multimodal_items_key_disjoint_chains(client):
     plan_a.after_alloc("ra", 0)
     fill(pages_a, [0, 1, 2, 3], 64, seed=9)
     step = plan_a.build(new_step("ra", [0, 1, 2, 3], 0, 64))
-    assert step.stores[0].seed == b"tenant-a" and step.stores[0].extras is not None
+    from gpukv.integrations.vllm.keys import chunk_extras
+
+    extras = chunk_extras(salted.mm_items, 2, CS)
+    assert extras is not None and step.stores[0].hashes == client.hashes(prompt, b"tenant-a", extras)
+    assert step.stores[0].hashes != client.hashes(prompt, b"tenant-a")
     work_a.store(step)
     plan_b, _, _ = engine(client, "b")
     assert plan_b.num_new_matched_tokens(RequestInfo("r1", prompt + [1]), 0) == 0

@@ -72,7 +72,7 @@ def _pp_engine(address: str, name: str, keys: list[str], layers: list[int]):
     for stage, (key, stage_pages) in enumerate(zip(keys, pages)):
         worker = WorkerSide(GuardedClient(CacheClient(address, group=group, ping_interval_s=0)),
                             instance_id=f"{name}-pp{stage}", model=key, tp_rank=0, tp_size=1,
-                            stage=stage, num_stages=len(keys))
+                            block_size=BS, stage=stage, num_stages=len(keys), inline=True)
         assert worker.register(stage_pages, "CPU_ATTN")  # an uneven split registers too
         workers.append(worker)
     planner = SchedulerPlanner(GuardedClient(CacheClient(address, group=group, ping_interval_s=0)), keys,

@@ -1,17 +1,21 @@
 """A fake ``CacheClient`` for the vLLM connector's planning unit tests ONLY.
 
-It follows the API the connector is written against (register / store / lookup / retrieve /
-free_lookup_locks / end_session / read_count) with the semantics it relies on, in one process:
+It follows the API the connector is written against (register / lookup_hashes / the data path's
+begin_store_chunks, begin_retrieve_chunks, copy_layers, finish, abort / free_lookup_locks /
+end_session / read_count; store / lookup / retrieve by tokens for tests) with the semantics it
+relies on, in one process:
 
-- keys: ``chunk_hashes(tokens, chunk_size, seed)`` with each chunk's extra bytes mixed in;
+- keys: the real chain (``chunk_hashes`` from ``request_seed(salt, seed)``, extras mixed in);
   ``(model, kv_rank, hash)``, kv_rank = tp_rank for MHA, 0 for MLA;
 - lookup: leading chunks present (MHA: on every rank ``0..tp_size-1``), shares topped up to the
   target (MLA ``tp_size`` per object, MHA 1 per rank shard) -- repeated lookups add nothing;
 - retrieve: all or nothing; chunks whose slots are all ``-1`` are skipped and need no share; each
   used chunk needs one share of the request and gives it back; returns ``len(token_ids)`` or 0;
 - free_lookup_locks(start, end): the shares of chunks lying entirely inside ``[start, end)``;
-- store copies the token rows of full chunks not yet present; the rows are the registered views'
+- store copies the token rows of full chunks not yet present (visible once finished; ``stored``
+  lists the hashes each STORE_BEGIN named); the rows are the registered views'
   ``[block, ..., offset, ...]`` slices, as gpukv's generic descriptor reads them;
+- copies are two-step and layer by layer like ``WorkerCopies`` (:class:`FakeCopy`);
 - lookup with ``loadable``: 0 unless instances of the model are registered for every TP rank by
   the caller's group (:class:`GroupView`: one engine's processes);
 - :meth:`FakeClient.restart`: the server restarts (a new pid; registrations, objects and shares
@@ -20,14 +24,45 @@ free_lookup_locks / end_session / read_count) with the semantics it relies on, i
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from gpukv.engine.keys import chunk_hashes
+from gpukv.engine.keys import chunk_hashes, request_seed
+
+
+@dataclass
+class FakeCopy:
+    """A begun store or retrieve of :class:`FakeClient` (``WorkerCopies.Copy``'s fields the
+    connector reads)."""
+
+    op: str
+    instance_id: str
+    request_id: str | None
+    chunks: list[tuple[int, tuple]]  # (chunk index, key) to copy
+    slots: list[int]
+    num_layers: int
+    chunk_bytes: int = 64
+    grant: Any = True  # None: nothing to copy
+    tokens: int = 0
+    layers_queued: int = 0
+    finished: bool = False
+    rows: dict = field(default_factory=dict)  # store: key -> per-layer rows copied so far
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.chunks) * self.chunk_bytes
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+    def done(self) -> bool:
+        return True
 
 
 class FakeClient:
@@ -39,6 +74,7 @@ class FakeClient:
         self.chunk_index: dict[tuple, int] = {}  # (request_id, key) -> chunk index in its lookup
         self.calls: Counter = Counter()
         self.fail_next_retrieves = 0
+        self.stored: list[list[bytes]] = []  # the hashes each STORE_BEGIN named
         self.server_info = {"pid": 1000, "chunk_size": chunk_size, "salt": ""}
 
     def restart(self, *, chunk_size: int | None = None) -> None:
@@ -60,12 +96,9 @@ class FakeClient:
         return inst
 
     # -- keys ---------------------------------------------------------------------------------
-    def _hashes(self, token_ids, seed: bytes, extras) -> list[bytes]:
-        hashes = chunk_hashes(np.asarray(token_ids, dtype=np.int64), self.chunk_size, seed=seed)
-        if extras is not None:
-            hashes = [hashlib.blake2b(h + (extras[i] if i < len(extras) else b""), digest_size=16).digest()
-                      for i, h in enumerate(hashes)]
-        return hashes
+    def hashes(self, token_ids, seed: bytes = b"", extras=None) -> list[bytes]:
+        return chunk_hashes(np.asarray(token_ids, dtype=np.int64), self.chunk_size,
+                            seed=request_seed(self.server_info["salt"], seed), extras=extras)
 
     def _kind(self, model: str) -> str:
         kinds = {i["kind"] for i in self.instances.values() if i["model"] == model}
@@ -92,22 +125,106 @@ class FakeClient:
     def unregister(self, instance_id) -> None:
         del self.instances[instance_id]
 
-    def store(self, instance_id, token_ids, slot_mapping, *, seed=b"", extras=None) -> int:
+    # -- the data path (WorkerCopies' chunk-level API) -----------------------------------------
+    def begin_store_chunks(self, instance_id, hashes, slot_mapping) -> FakeCopy:
         self.calls["store"] += 1
         inst, cs = self._instance(instance_id), self.chunk_size
+        self.stored.append(list(hashes))
         slots = slot_mapping.tolist()
-        stored = 0
-        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
-            key = (inst["model"], inst["kv_rank"], h)
-            if key in self.objects:
+        todo = [(i, (inst["model"], inst["kv_rank"], h)) for i, h in enumerate(hashes)
+                if (inst["model"], inst["kv_rank"], h) not in self.objects
+                and all(s >= 0 for s in slots[i * cs:(i + 1) * cs])]
+        copy = FakeCopy("store", instance_id, None, todo, slots, len(inst["views"]))
+        if not todo:
+            copy.grant = None
+        return copy
+
+    def begin_retrieve_chunks(self, instance_id, hashes, slot_mapping, *, request_id) -> FakeCopy:
+        self.calls["retrieve"] += 1
+        inst, cs = self._instance(instance_id), self.chunk_size
+        slots = slot_mapping.tolist()
+        used = []
+        missing = FakeCopy("retrieve", instance_id, request_id, [], slots, 0, grant=None, tokens=0)
+        for i, h in enumerate(hashes):
+            if all(s < 0 for s in slots[i * cs:(i + 1) * cs]):
                 continue
-            self.objects[key] = [torch.stack([self._rows(v, inst["dims"], s, inst["block_size"]).clone()
-                                              for s in slots[i * cs:(i + 1) * cs]]) for v in inst["views"]]
-            stored += cs
-        return stored
+            key = (inst["model"], inst["kv_rank"], h)
+            if key not in self.objects or self.shares[(request_id, key)] < 1:
+                return missing
+            used.append((i, key))
+        if self.fail_next_retrieves:
+            self.fail_next_retrieves -= 1
+            return missing
+        copy = FakeCopy("retrieve", instance_id, request_id, used, slots, len(inst["views"]),
+                        tokens=len(hashes) * cs)
+        if not used:
+            copy.grant = None
+        return copy
+
+    def copy_layers(self, copy: FakeCopy, stop=None, **_) -> _Done:
+        assert not copy.finished and copy.grant is not None
+        stop = copy.num_layers if stop is None else stop
+        assert copy.layers_queued < stop <= copy.num_layers
+        inst, cs = self._instance(copy.instance_id), self.chunk_size
+        for layer in range(copy.layers_queued, stop):
+            view = inst["views"][layer]
+            for i, key in copy.chunks:
+                span = copy.slots[i * cs:(i + 1) * cs]
+                if copy.op == "store":
+                    copy.rows.setdefault(key, [None] * copy.num_layers)[layer] = torch.stack(
+                        [self._rows(view, inst["dims"], s, inst["block_size"]).clone() for s in span])
+                else:
+                    for j, s in enumerate(span):
+                        if s >= 0:
+                            self._rows(view, inst["dims"], s, inst["block_size"]).copy_(self.objects[key][layer][j])
+        copy.layers_queued = stop
+        return _Done()
+
+    def finish(self, copy: FakeCopy) -> int:
+        assert not copy.finished
+        copy.finished = True
+        if copy.grant is None:
+            return copy.tokens
+        assert copy.layers_queued == copy.num_layers
+        if copy.op == "store":
+            for _, key in copy.chunks:
+                self.objects.setdefault(key, copy.rows[key])
+            return len(copy.chunks) * self.chunk_size
+        self._release(copy)
+        return copy.tokens
+
+    def abort(self, copy: FakeCopy) -> None:
+        assert not copy.finished
+        copy.finished = True
+        if copy.grant is not None and copy.op == "retrieve":
+            self._release(copy)
+
+    def _release(self, copy: FakeCopy) -> None:
+        for _, key in copy.chunks:
+            self.shares[(copy.request_id, key)] -= 1
+
+    # -- by tokens (tests) ----------------------------------------------------------------------
+    def store(self, instance_id, token_ids, slot_mapping, *, seed=b"", extras=None) -> int:
+        hashes = self.hashes(token_ids, seed, extras)
+        copy = self.begin_store_chunks(instance_id, hashes, slot_mapping[:len(hashes) * self.chunk_size])
+        if copy.grant is not None:
+            self.copy_layers(copy)
+        return self.finish(copy) if copy.grant is not None else 0
+
+    def retrieve(self, instance_id, token_ids, slot_mapping, *, request_id, seed=b"", extras=None) -> int:
+        hashes = self.hashes(token_ids, seed, extras)
+        copy = self.begin_retrieve_chunks(instance_id, hashes, slot_mapping, request_id=request_id)
+        if copy.grant is not None:
+            self.copy_layers(copy)
+        return self.finish(copy)
 
     def lookup(self, model, token_ids, *, request_id, tp_size=1, num_readers=None, seed=b"", extras=None,
                loadable=False, group=None) -> int:
+        return self.lookup_hashes(model, self.hashes(token_ids, seed, extras), request_id=request_id,
+                                  tp_size=tp_size, num_readers=num_readers, loadable=loadable, group=group)
+
+    def lookup_hashes(self, model, hashes, *, request_id, tp_size=1, num_readers=None, loadable=False,
+                      group=None) -> int:
         self.calls["lookup"] += 1
         if loadable:
             ranks = {i["tp_rank"] for i in self.instances.values()
@@ -118,7 +235,7 @@ class FakeClient:
             raise ValueError(f"unknown model {model!r}: no instance registered it")
         kind = self._kind(model)
         hit = 0
-        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
+        for i, h in enumerate(hashes):
             keys = [(model, 0, h)] if kind == "mla" else [(model, r, h) for r in range(tp_size)]
             if not all(k in self.objects for k in keys):
                 break
@@ -128,29 +245,6 @@ class FakeClient:
                 self.chunk_index[(request_id, k)] = i
             hit += self.chunk_size
         return hit
-
-    def retrieve(self, instance_id, token_ids, slot_mapping, *, request_id, seed=b"", extras=None) -> int:
-        self.calls["retrieve"] += 1
-        inst, cs = self._instance(instance_id), self.chunk_size
-        slots = slot_mapping.tolist()
-        used = []
-        for i, h in enumerate(self._hashes(token_ids, seed, extras)):
-            if all(s < 0 for s in slots[i * cs:(i + 1) * cs]):
-                continue
-            key = (inst["model"], inst["kv_rank"], h)
-            if key not in self.objects or self.shares[(request_id, key)] < 1:
-                return 0
-            used.append((i, key))
-        if self.fail_next_retrieves:
-            self.fail_next_retrieves -= 1
-            return 0
-        for i, key in used:
-            for view, obj in zip(inst["views"], self.objects[key]):
-                for j, s in enumerate(slots[i * cs:(i + 1) * cs]):
-                    if s >= 0:
-                        self._rows(view, inst["dims"], s, inst["block_size"]).copy_(obj[j])
-            self.shares[(request_id, key)] -= 1
-        return len(token_ids)
 
     def free_lookup_locks(self, request_id, *, start_token=0, end_token=None) -> int:
         self.calls["free_lookup_locks"] += 1
@@ -172,7 +266,7 @@ class FakeClient:
 
     def read_count(self, model, token_ids, *, kv_rank=0, seed=b"") -> list[int]:
         return [sum(n for (_, k), n in self.shares.items() if k == (model, kv_rank, h))
-                for h in self._hashes(token_ids, seed, None)]
+                for h in self.hashes(token_ids, seed, None)]
 
     # -- test helpers -------------------------------------------------------------------------
     def total_shares(self) -> int:
@@ -194,3 +288,6 @@ class GroupView:
 
     def lookup(self, *args, **kwargs) -> int:
         return self.fake.lookup(*args, group=self.group, **kwargs)
+
+    def lookup_hashes(self, *args, **kwargs) -> int:
+        return self.fake.lookup_hashes(*args, group=self.group, **kwargs)

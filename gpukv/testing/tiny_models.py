@@ -1,9 +1,12 @@
 """Tiny random-weight models saved as local Hugging Face folders that vLLM-CPU can serve.
 
 No hub access: the weights come from :mod:`gpukv.integrations.transformers`' seeded builders and
-are written with ``save_pretrained`` (safetensors + config.json). There is no tokenizer: run vLLM
-with ``skip_tokenizer_init=True`` and prompts as token ids (``{"prompt_token_ids": [...]}``), see
-:func:`prompt_token_ids`.
+are written with ``save_pretrained`` (safetensors + config.json). By default there is no
+tokenizer: run vLLM with ``skip_tokenizer_init=True`` and prompts as token ids
+(``{"prompt_token_ids": [...]}``), see :func:`prompt_token_ids`. ``tokenizer=True`` also writes
+a word-level tokenizer built offline with the ``tokenizers`` library (:func:`write_tokenizer`):
+token ``i`` is the word ``t<i>`` (fixed width), so any id sequence decodes to text that encodes
+back to exactly the same ids -- what an OpenAI server and ``vllm bench serve``'s datasets need.
 
 - ``tiny-llama``: 3 layers, 4 query heads, 2 KV heads of 32 (head size 32 is one of vLLM-CPU's
   ``CPU_ATTN`` sizes), vocab 512. KV per token: 3 x 2 x 2 x 32 x 2 B = 768 B in bf16.
@@ -50,12 +53,13 @@ _STAMP = "gpukv-tiny-model.json"
 
 
 def write_tiny_model(name: str, folder: str | os.PathLike, *, seed: int = 0,
-                     dtype: torch.dtype | None = None, **overrides: Any) -> Path:
+                     dtype: torch.dtype | None = None, tokenizer: bool = False, **overrides: Any) -> Path:
     """Write model ``name`` ("tiny-llama" or "tiny-deepseek") into ``folder``; return its path.
 
     ``dtype`` defaults to bf16 for the Llama and fp32 for the DeepSeek (bf16 MLA greedy tokens are
-    too fragile to compare). ``overrides`` go to the transformers config. Idempotent: a folder
-    already holding the same recipe (name, seed, dtype, overrides) is left as it is.
+    too fragile to compare). ``overrides`` go to the transformers config. ``tokenizer``: also
+    write :func:`write_tokenizer`'s tokenizer for the model's vocabulary. Idempotent: a folder
+    already holding the same recipe (name, seed, dtype, overrides, tokenizer) is left as it is.
     """
     from gpukv.integrations import transformers as adapter
 
@@ -69,6 +73,8 @@ def write_tiny_model(name: str, folder: str | os.PathLike, *, seed: int = 0,
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = Path(folder)
     recipe = {"name": name, "seed": seed, "dtype": str(dtype), "config": {**config, **overrides}}
+    if tokenizer:
+        recipe["tokenizer"] = "word-level-v1"
     stamp = path / _STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return path
@@ -76,7 +82,35 @@ def write_tiny_model(name: str, folder: str | os.PathLike, *, seed: int = 0,
     model.config.dtype = dtype
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        write_tokenizer(path, int(model.config.vocab_size))
     stamp.write_text(json.dumps(recipe, sort_keys=True))
+    return path
+
+
+def write_tokenizer(folder: str | os.PathLike, vocab_size: int) -> Path:
+    """A word-level tokenizer of ``vocab_size`` words (id ``i`` is ``t<i>``, zero-padded to one
+    width, e.g. ``t002``: no word is a prefix of another, so the special words cannot match inside
+    others), split on whitespace, saved as ``tokenizer.json`` and ``tokenizer_config.json`` in
+    ``folder`` for transformers' ``AutoTokenizer`` (hence vLLM). ``decode`` joins words with
+    single spaces, so ``encode(decode(ids)) == ids`` for any ids below ``vocab_size``. End of
+    sequence: id 2 (the tiny models' ``eos_token_id``), beginning: id 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 4:
+        raise ValueError(f"vocab_size must be an int >= 4, got {vocab_size!r}")
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    width = len(str(vocab_size - 1))
+    vocab = {f"t{i:0{width}d}": i for i in range(vocab_size)}
+    word = {i: f"t{i:0{width}d}" for i in (0, 1, 2)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=word[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": word[2], "bos_token": word[1],
+        "unk_token": word[0], "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20}))
     return path
 
 

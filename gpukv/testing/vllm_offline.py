@@ -19,7 +19,7 @@ into one ``generate`` call. Greedy sampling, ``ignore_eos``. ``OUT.json``::
 ``generate_s`` is the wall time of the request's ``generate`` call; ``ttft_s`` vLLM's own time to
 first token (``RequestOutput.metrics.first_token_latency``: from the request's arrival in the
 front end to its first token there). ``--stats-address``: after each call, the gpukv
-server's counters (:func:`server_counts`), read through a client of its own.
+server's counters once settled (:func:`settled_counts`), read through a client of its own.
 
 TP > 1 uses the ``mp`` executor and, unless already set, ``VLLM_CPU_OMP_THREADS_BIND`` = one core
 per rank (``"0|1"``). ``LLM(...)`` lives under ``if __name__ == "__main__"`` (the mp executor
@@ -81,6 +81,20 @@ def server_counts(stats: dict[str, Any]) -> dict[str, int]:
             "hit_chunks_l1": stats["hit_chunks_l1"], "instances": stats["instances"]}
 
 
+def settled_counts(client: Any, timeout_s: float = 20.0) -> dict[str, int]:
+    """:func:`server_counts` once no share, pin or open request is left, or after ``timeout_s``
+    (the last reading: a leak never settles). A request whose blocks an asynchronous store held
+    ends a step or two after its last output reached the caller (the engine keeps stepping until
+    its workers report it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = server_counts(client.stats())
+        if (counts["shares"], counts["pinned"], counts["open_requests"]) == (0, 0, 0) \
+                or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.01)
+
+
 def _request_result(out: Any, generate_s: float) -> dict[str, Any]:
     completion = out.outputs[0]
     steps = []
@@ -133,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         outs = llm.generate(engine_prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
-        counts = server_counts(stats.stats()) if stats is not None else None
+        counts = settled_counts(stats) if stats is not None else None
         for out in outs:
             results.append({**_request_result(out, elapsed), "server": counts})
     if stats is not None:

@@ -60,10 +60,13 @@ class RecordingGpukvConnector(GpukvConnector):
     def _failures(self) -> dict[str, int]:
         return dict(self.client.failures) if self.client is not None else {}
 
-    def _digests(self, slot_mappings: list) -> list[dict[str, list]] | None:
+    def _digests(self, specs: list) -> list[dict[str, list]] | None:
         """Per planned transfer, per layer, the digests of its chunks' bytes in vLLM's pages."""
-        if not (self._record_digests and self._kv_caches and slot_mappings):
+        if not (self._record_digests and self._kv_caches and specs):
             return None
+        from gpukv.integrations.vllm.plan import block_slots
+
+        slot_mappings = [block_slots(s.blocks, self.block_size) for s in specs]
         mla = self._worker.kind == "mla"
         return [{name: chunk_digests(kv.flatten(1, 2) if mla else kv, slots, self.client.chunk_size)
                  for name, kv in self._kv_caches.items()} for slots in slot_mappings]
@@ -93,9 +96,10 @@ class RecordingGpukvConnector(GpukvConnector):
                      forward=getattr(forward_context, "attn_metadata", None) is not None,
                      failures=self._failures(),
                      registrations=getattr(self._worker, "num_registrations", None),
-                     digests=self._digests([s.slot_mapping for s in plan.loads]))
+                     digests=self._digests(plan.loads))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        super().wait_for_layer_load(layer_name)
         self._record("wait_for_layer_load", layer=layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
@@ -109,14 +113,17 @@ class RecordingGpukvConnector(GpukvConnector):
         super().wait_for_save()
         plan = _plan(self._connector_metadata)
         stores = self._worker.last_stores if self._worker is not None else []
-        self._record("wait_for_save", step=plan.step, stores=[_transfer(t) for t in stores],
-                     failures=self._failures(),
-                     digests=self._digests([s.slot_mapping for s in plan.stores]))
+        self._record("wait_for_save", step=plan.step,
+                     stores=[dict(request_id=r, asked=n) for r, n in stores],
+                     failures=self._failures(), digests=self._digests(plan.stores))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving = super().get_finished(finished_req_ids)
-        if sending:
-            self._record("get_finished", finished_sending=sorted(sending))
+        done = self._worker.take_completed() if self._worker is not None else []
+        if sending or recving or done:
+            self._record("get_finished", step=_plan(self._connector_metadata).step,
+                         finished_sending=sorted(sending or ()), finished_recving=sorted(recving or ()),
+                         transfers=[_transfer(t) for t in done])
         return sending, recving
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -133,6 +140,8 @@ class RecordingGpukvConnector(GpukvConnector):
                      stored_tokens=getattr(worker, "num_stored_tokens", None),
                      failed_loads=getattr(worker, "num_failed_loads", None))
         super().shutdown()
+        if worker is not None:  # what ended while the worker drained its copies
+            self._record("transfers", transfers=[_transfer(t) for t in worker.take_completed()])
         self._recorder.close()
 
     # ---- scheduler side ----------------------------------------------------------------------
@@ -146,7 +155,9 @@ class RecordingGpukvConnector(GpukvConnector):
         shares = None
         if self._record_shares and hit:
             shares = self.client.read_count(planner.model, info.token_ids, seed=info.seed)
-        self._record("get_num_new_matched_tokens", request_id=info.request_id,
+        chain = planner.chain_of(info.request_id) if planner is not None else None
+        self._record("get_num_new_matched_tokens", request_id=info.request_id, async_load=is_async,
+                     hashed=chain.num_hashed if chain is not None else None,
                      num_tokens=len(info.token_ids), num_computed_tokens=num_computed_tokens,
                      hit=hit, external=ext, seconds=seconds,
                      tp_size=planner.tp_size if planner is not None else None,
@@ -172,19 +183,21 @@ class RecordingGpukvConnector(GpukvConnector):
                      view=[[r.request_id, r.block_ids, r.replace_blocks, r.num_computed_tokens,
                             r.num_scheduled_tokens] for r in view.requests],
                      preempted=sorted(view.preempted), finished=sorted(view.finished),
-                     loads=[dict(request_id=s.request_id, num_tokens=len(s.token_ids),
-                                 num_skipped=int((s.slot_mapping < 0).sum()), block_ids=s.block_ids)
-                            for s in plan.loads],
-                     stores=[dict(request_id=s.request_id, num_tokens=len(s.token_ids))
+                     loads=[dict(request_id=s.request_id, num_tokens=len(s.hashes) * self.client.chunk_size,
+                                 num_skipped=int((s.blocks < 0).sum()) * self.block_size,
+                                 block_ids=s.report_blocks) for s in plan.loads],
+                     stores=[dict(request_id=s.request_id, num_tokens=len(s.hashes) * self.client.chunk_size)
                              for s in plan.stores],
-                     released=list(plan.released))
+                     released=list(plan.released),
+                     nbytes=plan.nbytes())
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
         super().update_connector_output(connector_output)
-        if connector_output.finished_sending:
+        if connector_output.finished_sending or connector_output.finished_recving:
             self._record("update_connector_output",
-                         finished_sending=sorted(connector_output.finished_sending))
+                         finished_sending=sorted(connector_output.finished_sending or ()),
+                         finished_recving=sorted(connector_output.finished_recving or ()))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         delay, params = super().request_finished(request, block_ids)
@@ -195,4 +208,5 @@ class RecordingGpukvConnector(GpukvConnector):
 
 
 def _transfer(t: Any) -> dict[str, Any]:
-    return dict(request_id=t.request_id, asked=t.asked, done=t.done, seconds=t.seconds)
+    return dict(op=t.op, request_id=t.request_id, asked=t.asked, done=t.done, seconds=t.seconds,
+                nbytes=t.nbytes, ok=t.ok)

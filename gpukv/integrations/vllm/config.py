@@ -28,6 +28,16 @@ key                         default  meaning
 ``gpukv.events_address``    None     not used any more (a warning says so): gpukv's blocks reach
                                      vLLM's KV events through the server connection when the
                                      server runs with ``--vllm-events`` (see :mod:`.events`)
+``gpukv.load_mode``         "sync"   ``"sync"``: loads are in before the forward;
+                                     ``"layerwise"``: each layer waits for its own slices
+                                     (``wait_for_layer_load``); ``"async"``: vLLM's asynchronous
+                                     loads (the request waits while the workers load it)
+``gpukv.store_mode``        "async"  ``"async"``: the copies run beside the next steps, a finished
+                                     request's blocks fenced until they are copied out;
+                                     ``"sync"``: a step returns once its chunks are copied out of
+                                     vLLM's blocks (commits follow on a thread)
+``gpukv.wait_budget_s``     0.03     the most one worker step waits for the server before a load
+                                     it needs starts (then it is cancelled: vLLM recomputes it)
 ==========================  =======  =========================================================
 
 Keys of other prefixes are ignored (the tests' recording connector reads ``gpukv_test.*``).
@@ -43,7 +53,9 @@ from typing import Any, Mapping
 
 _KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
          "gpukv.group", "gpukv.timeout_s", "gpukv.step_budget_s", "gpukv.lookup_wait_s",
-         "gpukv.relookup_s", "gpukv.events_address")
+         "gpukv.relookup_s", "gpukv.events_address", "gpukv.load_mode", "gpukv.store_mode",
+         "gpukv.wait_budget_s")
+LOAD_MODES, STORE_MODES = ("sync", "layerwise", "async"), ("sync", "async")
 ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
 
 
@@ -61,6 +73,9 @@ class ConnectorConfig:
     lookup_wait_s: float = 1.0
     relookup_s: float = 5.0
     events_address: str | None = None
+    load_mode: str = "sync"
+    store_mode: str = "async"
+    wait_budget_s: float = 0.03
     load: bool = True
     store: bool = True
 
@@ -86,6 +101,13 @@ class ConnectorConfig:
         budget = self.step_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
             raise ValueError(f"gpukv.step_budget_s must be a number in [0, 1] (seconds), got {budget!r}")
+        if self.load_mode not in LOAD_MODES:
+            raise ValueError(f"gpukv.load_mode must be one of {list(LOAD_MODES)}, got {self.load_mode!r}")
+        if self.store_mode not in STORE_MODES:
+            raise ValueError(f"gpukv.store_mode must be one of {list(STORE_MODES)}, got {self.store_mode!r}")
+        wait = self.wait_budget_s
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1:
+            raise ValueError(f"gpukv.wait_budget_s must be a number in [0, 1] (seconds), got {wait!r}")
         if self.group is not None and not 16 <= len(self.group) <= 128:
             raise ValueError(f"gpukv.group must be 16 to 128 characters, got {len(self.group)}")
 
@@ -109,7 +131,10 @@ class ConnectorConfig:
                    step_budget_s=extra.get("gpukv.step_budget_s", 0.02),
                    lookup_wait_s=extra.get("gpukv.lookup_wait_s", 1.0),
                    relookup_s=extra.get("gpukv.relookup_s", 5.0),
-                   events_address=extra.get("gpukv.events_address"), load=load, store=store)
+                   events_address=extra.get("gpukv.events_address"),
+                   load_mode=extra.get("gpukv.load_mode", "sync"),
+                   store_mode=extra.get("gpukv.store_mode", "async"),
+                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.03), load=load, store=store)
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

@@ -9,17 +9,16 @@ each worker; they never share memory, so both talk to the server (one ``CacheCli
 one group per engine, so the workers' retrieves use the shares the scheduler's lookups took).
 
 - Scheduler side (:class:`.planner.SchedulerPlanner`): ``get_num_new_matched_tokens`` looks up
-  every pipeline stage, within a per-step time budget (``None``: ask again later),
-  ``update_state_after_alloc`` frees the shares of what vLLM already holds and plans the load,
-  ``build_connector_meta`` puts the step's loads, stores and released fences in
-  :class:`GpukvMetadata`, ``request_finished`` ends the request, or fences it while a load for
-  it may still be in flight (then ``update_connector_output`` ends it once every worker
-  reported it in ``get_finished``).
+  every pipeline stage within a per-step time budget (``None``: ask again later) and says whether
+  the load is asynchronous; ``update_state_after_alloc`` plans the load; ``build_connector_meta``
+  ships the step's loads, new chunks to store (hashes and blocks), preemptions and released
+  fences in :class:`GpukvMetadata`; ``request_finished`` ends the request or fences it while a
+  copy may still use its blocks (ended from ``update_connector_output``: :mod:`.ends`).
 - Worker side (:class:`.worker.WorkerSide`): ``register_kv_caches`` registers vLLM's own tensors
-  (a worker that cannot register runs uncached; the engine always starts); loads are synchronous
-  and run in ``start_load_kv``, which vLLM calls before the forward of a step with loads
-  (``has_sync_kv_loads``); stores run in ``wait_for_save``, after the forward wrote the step's
-  KV (MLA: TP rank 0 only). A load that fails is reported through
+  (a worker that cannot register runs uncached; the engine always starts); copies run on the
+  worker's threads (:mod:`.transfers`) in the modes ``gpukv.load_mode`` / ``gpukv.store_mode``
+  choose: ``start_load_kv``, ``wait_for_layer_load``, ``wait_for_save``, ``handle_preemptions``
+  and ``get_finished`` as :mod:`.worker` says. A load that fails is reported through
   ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks.
 
 Reports (:class:`.reports.SchedulerReports`, :class:`.stats.TransferRecorder`): which gpukv tier
@@ -28,12 +27,8 @@ times and failures and the scheduler's hits per tier (``get_kv_connector_stats``
 ``build_prom_metrics``), the engine's chunks described as vLLM blocks to a server with
 ``--vllm-events`` and this engine's share of those events (``take_events``).
 
-Failure policy: vLLM's scheduler reads ``kv_load_failure_policy`` once, right after it builds
-this connector (``vllm/v1/core/sched/scheduler.py``); with ``"fail"`` it fails every request
-whose load a connector reports failed. gpukv is a cache, so the scheduler side sets the policy to
-``"recompute"`` there (logged once): a gpukv failure never fails a request. (Inside vLLM's
-MultiConnector the policy is the outer configuration's, which this connector cannot see: set it
-to ``"recompute"`` there.)
+The failure policy is ``"recompute"`` for gpukv's loads (:mod:`.sides`): a gpukv failure never
+fails a request.
 
 Configurations gpukv cannot serve correctly (:func:`.topology.refusal`), or no server to talk to,
 leave the connector off for the engine's life: one log line, then every hook is a no-op and
@@ -45,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -58,19 +52,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from gpukv.frontend.client import CacheClient, ServerUnavailable
 from gpukv.frontend.protocol import default_address
-from gpukv.integrations.vllm.autostart import ensure_server
-from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
 from gpukv.integrations.vllm.plan import StepPlan
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.reports import SchedulerReports
-from gpukv.integrations.vllm.topology import pipeline_stages, refusal, worker_stage_index
-from gpukv.integrations.vllm.translate import (cpu_attention_isa, engine_model_key, request_info,
-                                               step_view, tp_rank)
+from gpukv.integrations.vllm.sides import connect, scheduler_side, worker_side
+from gpukv.integrations.vllm.topology import pipeline_stages, refusal
+from gpukv.integrations.vllm.translate import (group0_blocks, cpu_attention_isa, engine_model_key,
+                                               request_info, step_view)
 from gpukv.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -110,12 +102,14 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker: WorkerSide | None = None
         self._reports: SchedulerReports | None = None
         self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
+        self._unreceived: set[str] = set()  # their requests (async loads: reported received)
         self.started_server = False
         parallel = vllm_config.parallel_config
         self.address = cfg.address or default_address()
         self.off = refusal(vllm_config, len(kv_cache_config.kv_cache_groups))
         if self.off is None:
-            self.off = self._connect(ktc.engine_id, int(parallel.data_parallel_rank))
+            self.group = engine_group(ktc.engine_id, int(parallel.data_parallel_rank), cfg.group)
+            self.client, self.started_server, self.off = connect(cfg, self.address, self.group)
         if self.off is not None:
             log.error("gpukv: %s; this engine runs without gpukv", self.off)
             return
@@ -132,49 +126,12 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             return cpu_attention_isa(vllm_config)
 
         self.model_keys = [engine_model_key(vllm_config, stage=s, attention=attention) for s in stages]
-        tp_size = int(parallel.tensor_parallel_size)
         if role is KVConnectorRole.SCHEDULER:
-            if cfg.load and ktc.kv_load_failure_policy != "recompute":
-                log.warning("gpukv: kv_load_failure_policy was %r; gpukv sets it to \"recompute\" for "
-                            "this engine (a chunk gpukv cannot deliver is recomputed, never a failed "
-                            "request)", ktc.kv_load_failure_policy)
-                ktc.kv_load_failure_policy = "recompute"
-            events = vllm_config.kv_events_config
-            self._reports = SchedulerReports(
-                self.client, self.model_keys, tp_size=tp_size, block_size=self.block_size,
-                store=cfg.store, kv_events=bool(events is not None and events.enable_kv_cache_events))
-            self._planner = SchedulerPlanner(
-                self._reports.lookups, self.model_keys, tp_size=tp_size, chunk_size=self.client.chunk_size,
-                block_size=self.block_size, load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s,
-                lookup_wait_s=cfg.lookup_wait_s, max_in_flight=int(vllm_config.max_concurrent_batches),
-                loadable=True, calls=ServerCalls(cfg.step_budget_s))
-            if cfg.events_address is not None:
-                log.warning("gpukv: \"gpukv.events_address\" is not used any more: the blocks gpukv "
-                            "holds reach vLLM's KV events through the server when it runs with "
-                            "--vllm-events")
+            self._reports, self._planner = scheduler_side(vllm_config, cfg, self.client, self.model_keys,
+                                                          block_size=self.block_size)
         else:
-            stage, rank = worker_stage_index(parallel), tp_rank(parallel)
-            self._worker = WorkerSide(
-                self.client, instance_id=f"{self.group}-pp{stage}-tp{rank}-{os.getpid()}",
-                model=self.model_keys[stage], tp_rank=rank, tp_size=tp_size, stage=stage,
-                num_stages=len(stages), load=cfg.load, store=cfg.store)
-
-    def _connect(self, engine_id: str, dp_rank: int) -> str | None:
-        """Find (or autostart) the server and connect; why not, or None."""
-        cfg = self.config
-        self.group = engine_group(engine_id, dp_rank, cfg.group)
-        try:
-            if cfg.autostart:
-                serve_args = list(cfg.autostart_args)
-                if cfg.chunk_size is not None and "--chunk-size" not in serve_args:
-                    serve_args += ["--chunk-size", str(cfg.chunk_size)]
-                _, self.started_server = ensure_server(self.address, serve_args=serve_args)
-            raw = CacheClient(self.address, group=self.group, timeout_s=cfg.timeout_s)
-        except (ServerUnavailable, RuntimeError, OSError) as exc:
-            return (f"no gpukv server at {self.address} ({exc}); start `gpukv serve --address "
-                    f"{self.address}`, or set \"gpukv.autostart\": true, and restart the engine")
-        self.client = GuardedClient(raw)
-        return None
+            self._worker = worker_side(vllm_config, cfg, self.client, self.model_keys, group=self.group,
+                                       block_size=self.block_size)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -197,29 +154,49 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             log.error("gpukv: registering the KV caches raised", exc_info=True)
             self._worker.refuse(f"registration raised {type(exc).__name__}: {exc}")
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._worker.new_step()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # before the step's forward may overwrite the preempted requests' blocks
+        if self._worker is not None:
+            self._worker.preempted(_plan(kv_connector_metadata))
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         plan = _plan(self._connector_metadata)
         if self._worker is not None:
+            self._worker.preempted(plan)  # vLLM-CPU's runner may not call handle_preemptions
             self._worker.load(plan)
         elif plan.loads:  # planned for a worker that never connected: vLLM must recompute them
-            self._unloaded.update(b for spec in plan.loads for b in spec.block_ids)
+            self._unloaded.update(b for spec in plan.loads for b in spec.report_blocks)
+            if self.config.load_mode == "async":
+                self._unreceived.update(spec.request_id for spec in plan.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        pass  # the loads are done in start_load_kv
+        if self._worker is not None:
+            self._worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
-        pass  # the stores run in wait_for_save, after every layer
+        pass  # the stores run from wait_for_save, after every layer
 
     def wait_for_save(self) -> None:
         if self._worker is not None:
             self._worker.store(_plan(self._connector_metadata))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # fenced requests: this step's plan reached this worker, so their loads (planned in
-        # earlier steps) have run; reported whatever state this worker is in
-        released = _plan(self._connector_metadata).released
-        return (set(released) if released else None), None
+        # fenced requests (named in a plan's ``released``) once this worker's copies are done
+        # with their blocks; asynchronous loads once done. Reported whatever state this worker
+        # is in: vLLM counts every worker's word.
+        plan = _plan(self._connector_metadata)
+        if self._worker is not None:
+            sending, recving = self._worker.finished(plan)
+        else:
+            sending, recving = set(plan.released), self._unreceived
+            self._unreceived = set()
+        return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._unloaded = self._unloaded, set()
@@ -264,7 +241,8 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         if self._planner is None:
             return 0, False
         self._reports.asked(request, num_computed_tokens)
-        return self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens), False
+        tokens = self._planner.num_new_matched_tokens(request_info(request), num_computed_tokens)
+        return tokens, bool(tokens and self._planner.async_loads)
 
     def get_external_cache_hit_sources(self, request: "Request",
                                        num_external_tokens: int) -> dict[CacheHitSource, int]:
@@ -277,7 +255,9 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
         if self._planner is not None:
-            self._planner.after_alloc(request.request_id, num_external_tokens)
+            block_ids = blocks.get_block_ids() if num_external_tokens and blocks is not None else None
+            self._planner.after_alloc(request.request_id, num_external_tokens,
+                                      group0_blocks(block_ids) if block_ids is not None else None)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._planner is None:
@@ -290,6 +270,8 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._planner is not None and connector_output.finished_sending:
             self._planner.workers_done(sorted(connector_output.finished_sending))
+        if self._planner is not None and connector_output.finished_recving:
+            self._planner.loads_done(sorted(connector_output.finished_recving))
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -2,7 +2,8 @@
 not answer must cost the engine a miss, never a failed request or a stalled scheduler.
 
 :class:`GuardedClient` has the ``CacheClient`` methods the planner and the worker side use and
-the same return values. When a call fails for a reason the server or its state causes -- no
+the same return values (the data path's ``begin_*_chunks`` / ``finish`` / ``abort`` too: a
+begun copy, or None when the server failed the call). When a call fails for a reason the server or its state causes -- no
 answer in time (:class:`ServerUnavailable`), a bound (:class:`Busy`), a server-side failure
 (:class:`ServerError`), or a refusal because of the server's state (a ``ValueError`` naming an
 unknown request or instance: the server restarted, or this process's session was reaped) -- it
@@ -87,6 +88,9 @@ class GuardedClient:
     def lookup(self, *args: Any, **kwargs: Any) -> int:
         return self._guard("lookup", 0, True, self.client.lookup, *args, **kwargs)
 
+    def lookup_hashes(self, *args: Any, **kwargs: Any) -> int:
+        return self._guard("lookup", 0, True, self.client.lookup_hashes, *args, **kwargs)
+
     def lookup_tiers(self, *args: Any, **kwargs: Any) -> LookupHit:
         return self._guard("lookup", _MISS, True, self.client.lookup_tiers, *args, **kwargs)
 
@@ -104,6 +108,25 @@ class GuardedClient:
 
     def store(self, *args: Any, **kwargs: Any) -> int:
         return self._guard("store", 0, True, self.client.store, *args, **kwargs)
+
+    def begin_retrieve_chunks(self, *args: Any, **kwargs: Any) -> Any:
+        """A begun copy, or None (nothing to load: the server failed the call)."""
+        return self._guard("retrieve", None, True, self.client.begin_retrieve_chunks, *args, **kwargs)
+
+    def begin_store_chunks(self, *args: Any, **kwargs: Any) -> Any:
+        """A begun copy, or None (nothing to store: the server failed the call)."""
+        return self._guard("store", None, True, self.client.begin_store_chunks, *args, **kwargs)
+
+    def copy_layers(self, copy: Any, stop: int | None = None, **kwargs: Any) -> Any:
+        """Not guarded: the copy itself runs here, the server is not asked."""
+        return self.client.copy_layers(copy, stop, **kwargs)
+
+    def finish(self, copy: Any) -> int:
+        """The commit / end of a copy: the tokens stored / loaded, or 0 if the server failed it."""
+        return self._guard(copy.op, 0, True, self.client.finish, copy)
+
+    def abort(self, copy: Any) -> None:
+        self._guard(copy.op, None, True, self.client.abort, copy)
 
     def free_lookup_locks(self, *args: Any, **kwargs: Any) -> int:
         return self._guard("free_lookup_locks", 0, False, self.client.free_lookup_locks, *args, **kwargs)

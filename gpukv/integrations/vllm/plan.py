@@ -2,7 +2,8 @@
 values the planner reads from vLLM (the connector translates vLLM's objects, see
 :mod:`.translate`; nothing here imports vLLM).
 
-The workers see no requests: all they load or store reaches them in a :class:`StepPlan`. Under
+The workers see no requests: all they load or store reaches them in a :class:`StepPlan`, by chunk
+hash (hashed once, on the scheduler side: :mod:`.chain`) and block id. Under
 pipeline parallelism each stage's workers run the same plan on their own layers, under their
 stage's request id on the server (:func:`stage_request_id`).
 """
@@ -53,44 +54,65 @@ class StepView:
 
 @dataclass(slots=True)
 class LoadSpec:
-    """Retrieve ``token_ids`` (int64, a whole number of chunks) into ``slot_mapping`` (int64, one
-    slot per token, ``-1`` for tokens vLLM already holds). ``block_ids``: the blocks vLLM counts as
-    loaded, reported if the load fails. Empty ``token_ids``: the load cannot be done (the
+    """Retrieve the chunks ``hashes`` (a prefix of the request's chain, from chunk 0) into
+    ``blocks`` (int32, the chunks' blocks in token order, ``chunk_size // block_size`` per chunk;
+    ``-1`` for a block vLLM already holds, which is not written). ``report_blocks``: the blocks
+    vLLM counts as loaded, reported if the load fails. No hashes: the load cannot be done (the
     request's blocks do not reach the end of the chunks to load); the workers report
-    ``block_ids`` as failed."""
+    ``report_blocks`` as failed."""
 
     request_id: str
-    token_ids: np.ndarray
-    slot_mapping: np.ndarray
-    block_ids: list[int]
-    seed: bytes
-    extras: list[bytes] | None
+    hashes: list[bytes]
+    blocks: np.ndarray
+    report_blocks: list[int]
+
+    def num_tokens(self, chunk_size: int) -> int:
+        return len(self.hashes) * chunk_size
 
 
 @dataclass(slots=True)
 class StoreSpec:
-    """Store the full chunks of ``token_ids`` (int64, from token 0) from ``slot_mapping``."""
+    """Store the chunks ``hashes`` -- only the request's chunks not planned for storing before,
+    in chain order -- from ``blocks`` (int32, the chunks' blocks in token order)."""
 
     request_id: str
-    token_ids: np.ndarray
-    slot_mapping: np.ndarray
-    seed: bytes
-    extras: list[bytes] | None
+    hashes: list[bytes]
+    blocks: np.ndarray
+
+
+def block_slots(blocks: np.ndarray, block_size: int) -> np.ndarray:
+    """The int64 slot mapping of whole ``blocks`` (``-1`` blocks give ``-1`` slots)."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    slots = blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)
+    slots[blocks < 0] = -1
+    return slots.reshape(-1)
 
 
 @dataclass(slots=True)
 class StepPlan:
-    """What the workers do in one engine step (carried in the connector metadata).
+    """What the workers do in one engine step (carried in the connector metadata). It names only
+    this step's new work: each chunk's hash once, when it is loaded or stored, and its blocks.
 
-    ``released``: finished requests whose blocks vLLM kept because a load for them was planned
-    in a step that may not have run when they finished (the abort fence, see
-    :mod:`.planner`); every worker reports them finished (vLLM's ``finished_sending``) once
-    this step's plan reaches it, which is after every earlier step's loads ran."""
+    ``released``: finished requests whose blocks vLLM kept because a copy of them may still be
+    running (a load planned in a step that may not have run when they finished -- the abort
+    fence, see :mod:`.planner` -- or an asynchronous store that may still read its blocks);
+    every worker reports each of them finished (vLLM's ``finished_sending``) once the copies of
+    it that it ran or queued are done with its blocks. ``preempted``: requests vLLM preempted
+    this step (it freed their blocks): a worker waits for any store still reading them before
+    the step's forward may overwrite them."""
 
     step: int
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        """The plan's payload: hashes, block arrays and request ids (what grows with the work)."""
+        total = sum(len(r) for r in (*self.released, *self.preempted))
+        for spec in (*self.loads, *self.stores):
+            total += len(spec.request_id) + sum(len(h) for h in spec.hashes) + spec.blocks.nbytes
+        return total + sum(4 * len(spec.report_blocks) for spec in self.loads)
 
 
 def stage_request_id(request_id: str, stage: int, num_stages: int) -> str:

@@ -16,67 +16,53 @@ behaviour behind them (``vllm/v1/core/sched/scheduler.py``):
   collected at a later step; after ``lookup_wait_s`` without an answer the request goes on
   without gpukv (a miss). Frees and ends run in order after the lookups sent before them and are
   waited for within the same budget (a healthy server has run them when the hook returns).
-- ``after_alloc`` is the commit: vLLM's own hit is ``[0, local)``; if it takes no external tokens
-  every share is freed, else the shares of chunks inside ``[0, local)`` are freed and the load of
-  chunks ``[0, hit)`` is planned, with slot ``-1`` for the tokens vLLM already holds. A chunk is a
-  whole number of blocks, so a load writes whole blocks only.
-- ``build`` plans, per scheduled request, the pending load and the store of every chunk that is
-  fully computed after this step. Only tokens in ``token_ids`` count (prompt and accepted
-  outputs, never speculative drafts). Stores pass all tokens from 0 (the hash chain needs
-  them); the server skips chunks it already holds.
+- ``after_alloc`` is the commit: vLLM's own hit is ``[0, local)`` (whole blocks); if it takes no
+  external tokens every share is freed, else the shares of chunks inside ``[0, local)`` are freed
+  and the load of chunks ``[0, hit)`` is planned, block ``-1`` for the blocks vLLM already holds.
+  A chunk is a whole number of blocks, so a load writes whole blocks only.
+- **O(new) plans.** Each request's chunks are hashed once, on this side (:mod:`.chain`), when its
+  lookup or a store first needs them. ``build`` plans each pending load (the hashes of chunks
+  ``[0, hit)`` and their blocks) and, per scheduled request, the store of the chunks that are
+  fully computed after this step and were never planned before: their hashes and blocks only.
+  Loaded chunks are not stored again. Only tokens in ``token_ids`` count (prompt and accepted
+  outputs, never speculative drafts). A step's plan and the work of building it grow with the
+  step's new chunks, never with a prompt's length.
+- **Asynchronous loads** (``async_loads``): the request waits in vLLM while the workers load it
+  after the forward; vLLM does not schedule it that step, so its load's blocks come from
+  ``after_alloc``. **Asynchronous stores** (``async_stores``): a preempted request is named in
+  the next plan's ``preempted`` (its workers wait for its stores before the forward that may
+  overwrite its blocks).
 - A request that comes back to the lookup after it was admitted was preempted: its plan starts
   again (vLLM freed its blocks; its tokens now include its outputs).
 - A prompt shorter than one chunk is not looked up (the server could hold nothing for it).
-- **Aborts are fenced.** ``finished`` ends the request on the server (its shares go) unless a
-  load for it is in a step that may still be in flight (one of the last ``max_in_flight``
-  steps: vLLM's ``max_concurrent_batches``, more than one under async scheduling or pipeline
-  parallelism). Then it returns True (vLLM keeps the blocks), names the request in the next
-  plan's ``released`` (every worker reports it finished once that plan reaches it, after the
-  load ran) and ends it in :meth:`workers_done`. So a load is never starved of its shares by an
-  abort, and no block of a finished request is reported invalid after vLLM gave it away. (With
-  one step in flight the latest step is fenced too, although vLLM has always run it by then:
-  one rule for every schedule, at the cost of holding such a request's blocks one step longer.)
+- **The end of a request** (:mod:`.ends`): ``finished`` ends it on the server at once, or fences
+  it while a copy may still use its blocks (an asynchronous store, a load that may not have run:
+  vLLM keeps the blocks until every worker reports it), or, during an asynchronous load (the
+  request waits in vLLM for it: ``async_loads``), ends it once every worker reported the load.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
+from gpukv.integrations.vllm.request_books import RequestBooks
 from gpukv.integrations.vllm.calls import ServerCalls
-from gpukv.integrations.vllm.keys import chunk_extras
-from gpukv.integrations.vllm.plan import (LoadSpec, RequestInfo, StepPlan, StepView, StoreSpec,
-                                          stage_request_id)
-
-
-@dataclass(slots=True)
-class _Request:
-    info: RequestInfo
-    hit: int | None = None  # chunk-aligned tokens every stage holds (shares taken); None: no answer yet
-    looked_up_at: float = 0.0
-    first_asked: float = 0.0
-    pending: list[Future] | None = None  # lookups sent, answers not taken yet
-    local: int = 0  # vLLM's own hit at the last lookup call
-    admitted: bool = False
-    pending_load: tuple[int, int] | None = None  # (local, vLLM's loaded end)
-    load_step: int | None = None  # the step whose plan carries its latest load
-    block_ids: list[int] = field(default_factory=list)
-    stored_upto: int = 0
-    opened: bool = False  # a lookup was sent: the server may hold a request to end
+from gpukv.integrations.vllm.chain import ChunkChain
+from gpukv.integrations.vllm.ends import RequestEnds
+from gpukv.integrations.vllm.plan import RequestInfo, StepPlan, StepView, stage_request_id
 
 
 class SchedulerPlanner:
-    """The scheduler side's books. ``client`` has the ``CacheClient`` API (lookup,
+    """The scheduler side's books. ``client`` has the ``CacheClient`` API (lookup_hashes,
     free_lookup_locks, end_session); ``models``: one model key per pipeline stage (a str for
-    one stage); ``calls``: where the server calls run (default: inline, no budget)."""
+    one stage); ``salt``: the server's (the chains start from it; default: the client's
+    ``server_info``); ``calls``: where the server calls run (default: inline, no budget)."""
 
     def __init__(self, client: Any, models: str | Sequence[str], *, tp_size: int, chunk_size: int,
-                 block_size: int, load: bool = True, store: bool = True, relookup_s: float = 5.0,
-                 lookup_wait_s: float = 1.0, max_in_flight: int = 1, loadable: bool = False,
+                 block_size: int, salt: str | None = None, load: bool = True, store: bool = True,
+                 relookup_s: float = 5.0, lookup_wait_s: float = 1.0, max_in_flight: int = 1,
+                 loadable: bool = False, async_loads: bool = False, async_stores: bool = False,
                  calls: ServerCalls | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         for name, value in (("tp_size", tp_size), ("chunk_size", chunk_size), ("block_size", block_size),
                             ("max_in_flight", max_in_flight)):
@@ -88,13 +74,15 @@ class SchedulerPlanner:
         if not self.models:
             raise ValueError("models must name at least one pipeline stage's model key")
         self.client, self.tp_size = client, tp_size
+        self.salt = client.server_info.get("salt", "") if salt is None else salt
         self.chunk_size, self.block_size = chunk_size, block_size
         self.load, self.store, self.relookup_s, self._clock = load, store, relookup_s, clock
         self.lookup_wait_s, self.max_in_flight, self.loadable = lookup_wait_s, max_in_flight, loadable
+        self.async_loads, self.async_stores = async_loads, async_stores
         self.calls = calls if calls is not None else ServerCalls(0.0, inline=True)
-        self._requests: dict[str, _Request] = {}
-        self._fenced: dict[str, _Request] = {}  # finished, waiting for the workers' word
-        self._release: set[str] = set()  # fenced, to name in the next plan
+        self._requests: dict[str, RequestBooks] = {}
+        self._to_load: dict[str, RequestBooks] = {}  # loads committed, not in a plan yet
+        self._ends: RequestEnds[RequestBooks] = RequestEnds()  # finished, not ended yet
         self._step = 0
         self.num_lookups = 0  # lookups sent (one per stage each)
         self.num_given_up = 0  # requests that went on without an answer
@@ -112,8 +100,9 @@ class SchedulerPlanner:
         req = self._requests.get(request_id)
         return None if req is None else req.hit
 
-    def _extras(self, info: RequestInfo, num_tokens: int) -> list[bytes] | None:
-        return chunk_extras(info.mm_items, num_tokens // self.chunk_size, self.chunk_size)
+    def chain_of(self, request_id: str) -> ChunkChain | None:
+        req = self._requests.get(request_id)
+        return None if req is None else req.chain
 
     def _rid(self, request_id: str, stage: int) -> str:
         return stage_request_id(request_id, stage, len(self.models))
@@ -127,8 +116,7 @@ class SchedulerPlanner:
             raise ValueError(f"num_computed_tokens must be a non-negative int, got {num_computed_tokens!r}")
         req = self._requests.get(info.request_id)
         if req is None or req.admitted:  # new, or back after a preemption: plan it afresh
-            stored, opened = (req.stored_upto, req.opened) if req is not None else (0, False)
-            req = self._requests[info.request_id] = _Request(info, stored_upto=stored, opened=opened)
+            req = self._requests[info.request_id] = self._new_request(info, req)
         req.local = num_computed_tokens
         if not (self.load and info.lookup):
             return 0
@@ -150,21 +138,28 @@ class SchedulerPlanner:
         usable = min(req.hit, len(info.token_ids) - 1)
         return max(0, usable - num_computed_tokens)
 
-    def _send_lookups(self, req: _Request, now: float) -> None:
+    def _new_request(self, info: RequestInfo, old: RequestBooks | None) -> RequestBooks:
+        """A request's books; after a preemption its chain, stores and server request carry over."""
+        if old is not None:
+            return RequestBooks(info, old.chain, stored_upto=old.stored_upto, opened=old.opened)
+        return RequestBooks(info, ChunkChain(self.chunk_size, salt=self.salt, seed=info.seed,
+                                         mm_items=info.mm_items))
+
+    def _send_lookups(self, req: RequestBooks, now: float) -> None:
         info = req.info
-        tokens = np.asarray(info.token_ids, dtype=np.int64)
-        extras = self._extras(info, len(tokens))
+        num_chunks = len(info.token_ids) // self.chunk_size
+        hashes = req.chain.extend(info.token_ids, num_chunks)[:num_chunks]  # a snapshot
         options = dict(loadable=True) if self.loadable else {}
-        req.pending = [self.calls.submit(self.client.lookup, model, tokens,
+        req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes,
                                          request_id=self._rid(info.request_id, s),
-                                         tp_size=self.tp_size, seed=info.seed, extras=extras, **options)
+                                         tp_size=self.tp_size, **options)
                        for s, model in enumerate(self.models)]
         if req.hit is None:
             req.first_asked = now
         req.looked_up_at, req.opened = now, True
         self.num_lookups += len(self.models)
 
-    def _take(self, req: _Request, answers: list[int]) -> None:
+    def _take(self, req: RequestBooks, answers: list[int]) -> None:
         """The stages' answers: the hit is the shortest; a longer stage's extra shares go."""
         req.pending = None
         req.hit = hit = min(int(a) for a in answers)
@@ -178,11 +173,17 @@ class SchedulerPlanner:
                                            **token_range) for s in range(len(self.models))])
 
     # ---- allocation and steps ----------------------------------------------------------------
-    def after_alloc(self, request_id: str, num_external_tokens: int) -> None:
-        """vLLM allocated the request's blocks and counts ``num_external_tokens`` as loaded."""
+    def after_alloc(self, request_id: str, num_external_tokens: int,
+                    block_ids: Sequence[int] | None = None) -> None:
+        """vLLM allocated the request's blocks (``block_ids``: its whole block table, if known)
+        and counts ``num_external_tokens`` as loaded."""
         req = self._requests.get(request_id)
         if req is None:
             raise ValueError(f"after_alloc for request {request_id!r}, which was never looked up")
+        if block_ids is not None:
+            req.block_ids = list(block_ids)
+        if req.admitted and req.load_step is not None and num_external_tokens == 0:
+            return  # admitted again once its asynchronous load is in: nothing new to plan
         req.admitted = True
         if not req.hit:
             return
@@ -193,19 +194,25 @@ class SchedulerPlanner:
         end = req.local + num_external_tokens
         if end > req.hit:
             raise ValueError(f"request {request_id!r}: vLLM counts {end} tokens loaded, gpukv offered {req.hit}")
+        if req.local % self.block_size:
+            raise ValueError(f"request {request_id!r}: vLLM's own hit {req.local} is not whole blocks "
+                             f"of {self.block_size}")
         held = req.local - req.local % self.chunk_size
         if held:  # chunks vLLM already holds in full
             self._free(request_id, start_token=0, end_token=held)
         req.pending_load = (req.local, end)
+        self._to_load[request_id] = req
 
     def build(self, view: StepView) -> StepPlan:
         """This step's plan; call once per engine step, after the step's ``after_alloc`` calls."""
         self._step += 1
         self.calls.new_step()
-        plan = StepPlan(self._step)
+        plan = StepPlan(self._step, preempted=sorted(view.preempted))
         for request_id in view.preempted:
-            if request_id in self._requests:
-                self._requests[request_id].block_ids = []
+            req = self._requests.get(request_id)
+            if req is not None:  # vLLM freed its blocks; its workers wait for its stores first
+                req.block_ids, req.store_step = [], None
+        scheduled = []
         for sched in view.requests:
             req = self._requests.get(sched.request_id)
             if req is None:
@@ -214,86 +221,68 @@ class SchedulerPlanner:
                 req.block_ids = list(sched.block_ids or ())
             elif sched.block_ids:
                 req.block_ids.extend(sched.block_ids)
-            if req.pending_load is not None:
-                plan.loads.append(self._load_spec(req))
-                req.pending_load, req.load_step = None, self._step
-            self._plan_store(req, sched.num_computed_tokens + sched.num_scheduled_tokens, plan)
+            scheduled.append((req, sched.num_computed_tokens + sched.num_scheduled_tokens))
+        for req in self._to_load.values():
+            plan.loads.append(req.load_spec(self.chunk_size, self.block_size))
+            req.pending_load, req.load_step, req.loading = None, self._step, self.async_loads
+        self._to_load.clear()
+        for req, computed in scheduled:
+            spec = req.store_spec(computed, self.chunk_size, self.block_size) if (
+                self.store and req.info.store) else None
+            if spec is not None:
+                plan.stores.append(spec)
+                req.store_step = self._step
         for request_id in view.finished:
             self._requests.pop(request_id, None)
-        plan.released = sorted(self._release)
-        self._release.clear()
+        plan.released = self._ends.take_released()
         return plan
 
-    def _slots(self, block_ids: Sequence[int], num_tokens: int) -> np.ndarray:
-        positions = np.arange(num_tokens, dtype=np.int64)
-        blocks = np.asarray(block_ids, dtype=np.int64)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
-
-    def _load_spec(self, req: _Request) -> LoadSpec:
-        """Chunks ``[0, hit)`` into the request's blocks; if its blocks cannot hold the chunks
-        that cover vLLM's loaded range, an empty spec, which the workers report as failed."""
-        local, end = req.pending_load
-        first, last = local // self.block_size, -(-end // self.block_size)
-        failed_blocks = list(req.block_ids[first:last])
-        hit = min(req.hit, len(req.block_ids) * self.block_size)
-        hit -= hit % self.chunk_size
-        if hit < end:
-            empty = np.zeros(0, dtype=np.int64)
-            return LoadSpec(req.info.request_id, empty, empty.copy(), failed_blocks, req.info.seed, None)
-        slots = self._slots(req.block_ids, hit)
-        slots[:local] = -1
-        tokens = np.asarray(req.info.token_ids[:hit], dtype=np.int64)
-        return LoadSpec(req.info.request_id, tokens, slots, failed_blocks, req.info.seed,
-                        self._extras(req.info, hit))
-
-    def _plan_store(self, req: _Request, computed: int, plan: StepPlan) -> None:
-        """``computed``: tokens with KV after this step (drafts included; ``token_ids`` caps them)."""
-        if not (self.store and req.info.store):
-            return
-        end = min(computed, len(req.info.token_ids), len(req.block_ids) * self.block_size)
-        end -= end % self.chunk_size
-        if end <= req.stored_upto:
-            return
-        tokens = np.asarray(req.info.token_ids[:end], dtype=np.int64)
-        plan.stores.append(StoreSpec(req.info.request_id, tokens, self._slots(req.block_ids, end),
-                                     req.info.seed, self._extras(req.info, end)))
-        req.stored_upto = end
-
-    # ---- the end of a request ----------------------------------------------------------------
+    # ---- the end of a request (see :mod:`.ends`) -----------------------------------------------
     def finished(self, request_id: str) -> bool:
         """The request is done (finished, aborted or rejected). Returns whether vLLM must keep its
-        blocks until the workers report it (a load for it may not have run yet: the fence)."""
+        blocks until the workers report it (a copy may still use them: the fence)."""
         req = self._requests.pop(request_id, None)
+        self._to_load.pop(request_id, None)  # a load never put in a plan is dropped with it
         if req is None:
             return False
-        if req.load_step is not None and req.load_step > self._step - self.max_in_flight:
-            self._fenced[request_id] = req
-            self._release.add(request_id)
+        if req.loading:  # vLLM keeps the blocks until the load is reported; then it ends
+            self._ends.after_load(request_id, req)
+            return False
+        recent_load = req.load_step is not None and req.load_step > self._step - self.max_in_flight
+        if recent_load or (self.async_stores and req.store_step is not None):
+            self._ends.fence(request_id, req)
             return True
-        self._end(req)  # a load planned but never put in a plan is dropped with it
+        self._end(req)
         return False
 
     def workers_done(self, request_ids: Sequence[str]) -> None:
-        """Every worker reported these requests finished (vLLM's aggregated ``finished_sending``):
-        their loads ran; end them on the server."""
+        """Every worker reported these fenced requests finished (vLLM's aggregated
+        ``finished_sending``): their copies are done with the blocks; end them on the server."""
+        for req in self._ends.workers_done(request_ids):
+            self._end(req)
+
+    def loads_done(self, request_ids: Sequence[str]) -> None:
+        """Every worker reported these requests' asynchronous loads done (vLLM's aggregated
+        ``finished_recving``)."""
         for request_id in request_ids:
-            req = self._fenced.pop(request_id, None)
+            req = self._requests.get(request_id)
             if req is not None:
-                self._end(req)
+                req.loading = False
+        for req in self._ends.loads_done(request_ids):
+            self._end(req)
 
     @property
     def num_fenced(self) -> int:
-        return len(self._fenced)
+        return len(self._ends)
 
-    def _end(self, req: _Request) -> None:
+    def _end(self, req: RequestBooks) -> None:
         if req.opened:
             self.calls.settle([self.calls.send(self.client.end_session, self._rid(req.info.request_id, s))
                                for s in range(len(self.models))])
 
     def close(self) -> None:
         """End every request still open (engine shutdown), then stop the calls' thread."""
-        for req in [*self._requests.values(), *self._fenced.values()]:
+        for req in [*self._requests.values(), *self._ends.drain()]:
             self._end(req)
         self._requests.clear()
-        self._fenced.clear()
         self.calls.close()

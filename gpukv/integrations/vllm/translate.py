@@ -39,7 +39,7 @@ def request_info(request: Any) -> RequestInfo:
                        lookup=not (embeds or skip_read), store=not embeds)
 
 
-def _group0(block_ids: Any) -> list[int] | None:
+def group0_blocks(block_ids: Any) -> list[int] | None:
     if block_ids is None:
         return None
     if len(block_ids) != 1:
@@ -50,12 +50,12 @@ def _group0(block_ids: Any) -> list[int] | None:
 def step_view(scheduler_output: Any) -> StepView:
     """The planner's view of one ``SchedulerOutput``."""
     scheduled = scheduler_output.num_scheduled_tokens
-    requests = [ScheduledRequest(r.req_id, _group0(r.block_ids), True, r.num_computed_tokens,
+    requests = [ScheduledRequest(r.req_id, group0_blocks(r.block_ids), True, r.num_computed_tokens,
                                  scheduled.get(r.req_id, 0))
                 for r in scheduler_output.scheduled_new_reqs]
     cached = scheduler_output.scheduled_cached_reqs
     for rid, new_ids, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
-        requests.append(ScheduledRequest(rid, _group0(new_ids), rid in cached.resumed_req_ids,
+        requests.append(ScheduledRequest(rid, group0_blocks(new_ids), rid in cached.resumed_req_ids,
                                          computed, scheduled.get(rid, 0)))
     return StepView(requests, preempted=frozenset(scheduler_output.preempted_req_ids or ()),
                     finished=frozenset(scheduler_output.finished_req_ids))
