@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, results_dir, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
-from gpukv.testing.vllm_offline import RESULT_MARK, engine_env, kill_session, spawn  # noqa: E402
+from gpukv.testing.engine_session import engine_env, kill_session  # noqa: E402
+from gpukv.testing.vllm_offline import RESULT_MARK, spawn  # noqa: E402
 from gpukv.testing.vllm_records import read_records  # noqa: E402
 from gpukv.testing.tiny_models import prompt_token_ids, write_tiny_model  # noqa: E402
 

@@ -46,7 +46,7 @@ from common import load_average, results_dir, run_info, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
 from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
-from gpukv.testing.vllm_offline import engine_env, kill_session  # noqa: E402
+from gpukv.testing.engine_session import engine_env, kill_session  # noqa: E402
 
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, max_position_embeddings=8192,
              num_attention_heads=8, num_key_value_heads=4)

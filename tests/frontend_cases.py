@@ -102,16 +102,16 @@ def secret(tag: str) -> str:
 def one_shot(monkeypatch, op: str, action) -> None:
     """The next ``op`` ("pack"/"unpack") of a client in this process runs ``action()`` first, then
     the real copy (later calls, e.g. other clients' inside ``action``, are plain)."""
-    import gpukv.engine.copies as copies_module
+    import gpukv.engine.copy_job as copy_job_module
 
-    real = getattr(copies_module, op)
+    real = getattr(copy_job_module, op)
 
     def hooked(*args, **kwargs):
-        monkeypatch.setattr(copies_module, op, real)
+        monkeypatch.setattr(copy_job_module, op, real)
         action()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(copies_module, op, hooked)
+    monkeypatch.setattr(copy_job_module, op, hooked)
 
 
 # ---- an in-process server -----------------------------------------------------------------------
@@ -187,12 +187,12 @@ class _WorkerState:
     def arm(self, op: str, mode: str) -> None:
         """The next ``op`` ("pack"/"unpack") of this client stops "before" or "after" its real
         copy, tells the test ("hook", op) and waits for "go"."""
-        import gpukv.engine.copies as copies_module
+        import gpukv.engine.copy_job as copy_job_module
 
-        real = getattr(copies_module, op)
+        real = getattr(copy_job_module, op)
 
         def hooked(*args, **kwargs):
-            setattr(copies_module, op, real)  # one shot
+            setattr(copy_job_module, op, real)  # one shot
             if mode == "after":
                 real(*args, **kwargs)
             self.conn.send(("hook", op))
@@ -200,7 +200,7 @@ class _WorkerState:
             if mode == "before":
                 real(*args, **kwargs)
 
-        setattr(copies_module, op, hooked)
+        setattr(copy_job_module, op, hooked)
 
 
 def _worker_main(conn) -> None:

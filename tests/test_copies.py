@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 
-import gpukv.engine.copies as copies_module
+import gpukv.engine.copy_job as copy_job_module
 from frontend_cases import (CHUNK, DIMS, N, RANK_BLOCKS, STORE_BLOCKS, client, kv_cache,
                             mismatched_tokens, prompt, rows, serving, slots_of)
 from gpukv.config import EngineConfig
@@ -84,7 +84,7 @@ def test_a_copy_that_fails_waits_for_what_it_queued_then_gives_its_slots_back(wh
             cache.store("r0", tokens, slots_of(STORE_BLOCKS, len(tokens)))
             assert cache.lookup("m", tokens, request_id="q") == N
         events = []
-        real_wait = copies_module.Fence.wait
+        real_wait = copy_job_module.Fence.wait
 
         def failing_copy(*args, **kwargs):
             events.append(("copy queued", held(core)))
@@ -94,8 +94,8 @@ def test_a_copy_that_fails_waits_for_what_it_queued_then_gives_its_slots_back(wh
             events.append(("waited", held(core)))
             real_wait(fence)
 
-        monkeypatch.setattr(copies_module, op, failing_copy)
-        monkeypatch.setattr(copies_module.Fence, "wait", recording_wait)
+        monkeypatch.setattr(copy_job_module, op, failing_copy)
+        monkeypatch.setattr(copy_job_module.Fence, "wait", recording_wait)
         with pytest.raises(RuntimeError, match="launch failed"):
             if op == "pack":
                 cache.store("r0", tokens, slots_of(STORE_BLOCKS, len(tokens)))

@@ -211,13 +211,13 @@ def test_store_out_of_memory_keeps_the_prefix_that_fits():
 def test_log_lines(caplog):
     engine = _engine()
     g = MLAGroup(engine)
-    with caplog.at_level(logging.DEBUG, logger="gpukv.engine.copies"):
+    with caplog.at_level(logging.DEBUG, logger="gpukv.engine.copy_job"):
         engine.store("mla-0", g.tokens, g.store_slots)
         engine.lookup("dsv3", g.tokens, request_id="R", tp_size=2)
         engine.retrieve("mla-0", g.tokens, g.read_slots, request_id="R")
     # copies, like lookups, are the hot path: one DEBUG line each, nothing at INFO
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
-    copies = [r.getMessage() for r in caplog.records if r.name == "gpukv.engine.copies"]
+    copies = [r.getMessage() for r in caplog.records if r.name == "gpukv.engine.copy_job"]
     assert [m.split(" in ")[0] for m in copies] == ["store: 512 tokens", "retrieve: 512 tokens"]
     assert all("GB/s)" in m for m in copies)
     caplog.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpukv.engine.copies as engine_mod
+import gpukv.engine.copy_job as engine_mod
 from gpukv import CacheEngine, EngineConfig
 from gpukv.demo import make_pages, token_rows
 from gpukv.errors import Busy

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-import gpukv.engine.copies as copies_module
+import gpukv.engine.copy_job as copy_job_module
 from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, client, kv_cache,
                             mismatched_tokens, prompt, rows, serving, slots_of)
 
@@ -65,8 +65,8 @@ def test_a_store_punched_before_its_commit_stores_nothing(tmp_path, monkeypatch)
     with serving(tmp_path) as server, client(server.address) as worker:
         pages, tokens = kv_cache("mla", 2), prompt(2)
         worker.register("w", "m", pages, DIMS["mla"], kind="mla")
-        real_wait = copies_module.Fence.wait  # the pack is done: punch before the commit
-        monkeypatch.setattr(copies_module.Fence, "wait",
+        real_wait = copy_job_module.Fence.wait  # the pack is done: punch before the commit
+        monkeypatch.setattr(copy_job_module.Fence, "wait",
                             lambda fence: (real_wait(fence), punch(server, "fallocate")))
         assert worker.store("w", tokens, slots_of(STORE_BLOCKS, len(tokens))) == 0
         assert worker.lookup("m", tokens, request_id="q") == 0

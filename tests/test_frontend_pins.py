@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import gpukv.engine.copies as copies_module
+import gpukv.engine.copy_job as copy_job_module
 from gpukv.frontend.sessions import Limits
 from frontend_cases import (CHUNK, DIMS, RANK_BLOCKS, STORE_BLOCKS, chunk_bytes, client, kv_cache,
                             mismatched_tokens, one_shot, prompt, rows, secret, serving, slots_of)
@@ -147,7 +147,7 @@ def test_a_late_commit_of_a_reaped_session_never_commits_another_store(tmp_path,
             worker.register("w", "m", pages, DIMS["mla"], kind="mla")
             old, new = prompt(1), prompt(3)
             new_slots = slots_of(RANK_BLOCKS[1], len(new))
-            real_pack = copies_module.pack
+            real_pack = copy_job_module.pack
             parked, resume, done = threading.Event(), threading.Event(), {}
 
             def second_pack(*args, **kwargs):
@@ -164,7 +164,7 @@ def test_a_late_commit_of_a_reaped_session_never_commits_another_store(tmp_path,
             def reap_register_and_start_a_new_store():
                 server.sessions.reap(worker.session)
                 worker.register("w", "m", pages, DIMS["mla"], kind="mla")
-                monkeypatch.setattr(copies_module, "pack", second_pack)
+                monkeypatch.setattr(copy_job_module, "pack", second_pack)
                 thread = threading.Thread(target=new_store)
                 thread.start()
                 assert parked.wait(60)  # the new store holds its plan, its pack not yet run

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import gpukv.engine.copies as copies_module
+import gpukv.engine.copy_job as copy_job_module
 from frontend_cases import CHUNK, DIMS, STORE_BLOCKS, kv_cache, prompt, slots_of
 from gpukv.engine.copies import WorkerCopies
 from gpukv.frontend.channel import ServerError
@@ -42,7 +42,7 @@ def _copies(reply: dict, monkeypatch) -> tuple[WorkerCopies, FakeServer, list]:
     copies.register("r0", "m", kv_cache("mla", 1), DIMS["mla"], kind="mla")
     queued = []
     for op in ("pack", "unpack"):
-        monkeypatch.setattr(copies_module, op, lambda *a, **k: queued.append(a))
+        monkeypatch.setattr(copy_job_module, op, lambda *a, **k: queued.append(a))
     return copies, server, queued
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpukv.testing.vllm_offline import output_tail, run_group
+from gpukv.testing.engine_session import output_tail, run_group
 
 # A parent that starts a grandchild in its own session (like vLLM's engine core) and one in a
 # new session (like autostart's server), writes their pids, prints, and then exits or hangs.

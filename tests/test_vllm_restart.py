@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 require_vllm()
 
 from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
-from gpukv.testing.vllm_offline import engine_env, output_tail, run_group  # noqa: E402
+from gpukv.testing.engine_session import engine_env, output_tail, run_group  # noqa: E402
 from gpukv.testing.vllm_records import read_records  # noqa: E402
 
 

@@ -67,10 +67,11 @@ def main() -> None:
         real_begin = client_module.CacheClient.begin_retrieve_chunks
 
         def lose_once(self, *args, **kwargs):
-            from gpukv.engine.copies import Copy
+            from gpukv.engine.copy_job import Copy
 
             client_module.CacheClient.begin_retrieve_chunks = real_begin
-            return Copy("retrieve", None, None, 0, time.perf_counter())  # a chunk is missing
+            # a chunk is missing: no grant, 0 tokens (what begin_retrieve_chunks then returns)
+            return Copy("retrieve", None, 0, time.perf_counter(), self.copies.books)
 
         client_module.CacheClient.begin_retrieve_chunks = lose_once
         run("lost_load", prompt)

@@ -46,7 +46,7 @@ def run_engine(tmp: Path, model: Path, prompts: list[dict[str, Any]], *, tp: int
 def run_lifecycle(tmp: Path, model: Path, address: str, record_dir: Path,
                   extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """``tests/vllm_lifecycle.py`` in a fresh process; returns its JSON result."""
-    from gpukv.testing.vllm_offline import engine_env, output_tail, run_group
+    from gpukv.testing.engine_session import engine_env, output_tail, run_group
 
     tmp.mkdir(parents=True, exist_ok=True)
     out_path = tmp / "out.json"

@@ -10,7 +10,8 @@ never wait for the device) and :meth:`finish` (wait for the copy's fence, then c
 engine step never makes the host wait on the GPU.
 
 Layer by layer: :meth:`begin_retrieve_chunks` / :meth:`begin_store_chunks` take the grant and
-queue nothing; :meth:`copy_layers` then queues the next layers of every chunk (the chunk format is
+queue nothing (each copy a :class:`~gpukv.engine.copy_job.Copy`, which owns its own completion);
+:meth:`copy_layers` then queues the next layers of every chunk (the chunk format is
 layer-major) and returns a :class:`Fence` for just those layers, so a connector can let layer ``l``
 of the forward run as soon as layer ``l``'s slices are in; :meth:`finish` once every layer is
 queued, or :meth:`abort` to give a grant back without copying the rest. The copies run on the
@@ -30,17 +31,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 import torch
 
 from gpukv.engine.books import Books, Grant
-from gpukv.engine.chunks import check_id, chunk_slots, chunks_to_read, describe, full_chunks
+from gpukv.engine.chunks import check_id, chunks_to_read, describe, full_chunks
+from gpukv.engine.copy_job import Copy
 from gpukv.engine.keys import TokenIds, chunk_hashes, request_seed
-from gpukv.paged.copy import check_slot_mapping, pack, unpack
+from gpukv.paged.copy import check_slot_mapping
 from gpukv.paged.layout import PagedKV
-from gpukv.paged.staging import Fence, fenced_on_error
+from gpukv.paged.staging import Fence
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +62,6 @@ class Pages:
                 raise ValueError(f"instance {instance_id!r}: registered tensor {i} now lives at "
                                  f"{t.data_ptr():#x}, not {ptr:#x} (its storage changed after "
                                  "register): unregister and register it again")
-
-
-@dataclass(slots=True)
-class Copy:
-    """A store or retrieve begun by ``begin_*`` / ``start_*``; :meth:`WorkerCopies.finish` (or
-    :meth:`WorkerCopies.abort`) completes it once. ``grant`` None: nothing to copy (``tokens`` is
-    then the final answer). ``parts``: per arena, the (arena, slot mapping, offsets) of its
-    chunks; ``layers_queued``: layers ``[0, layers_queued)`` of every chunk are queued."""
-
-    op: str
-    grant: Grant | None
-    fence: Fence | None
-    tokens: int
-    t0: float
-    chunk_bytes: int = 0
-    finished: bool = False
-    paged: PagedKV | None = None
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    layers_queued: int = 0
-
-    @property
-    def num_layers(self) -> int:
-        return self.paged.num_layers if self.paged is not None else 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this copy moves (its granted chunks, every layer)."""
-        return len(self.grant.chunks) * self.chunk_bytes if self.grant is not None else 0
-
-    def ready(self) -> bool:
-        """Whether :meth:`WorkerCopies.finish` would return without waiting for the device."""
-        return self.fence is None or self.fence.done()
 
 
 class WorkerCopies:
@@ -195,9 +165,9 @@ class WorkerCopies:
         chunks = full_chunks(slot_mapping, len(hashes), self.chunk_size)
         grant = self.books.begin_store(instance_id, [hashes[i] for i in chunks]) if chunks else None
         if grant is None:
-            return Copy("store", None, None, 0, t0)
-        copy = Copy("store", grant, None, 0, t0, pages.chunk_bytes, paged=pages.paged)
-        self._plan_parts(copy, pages, slot_mapping, [chunks[i] for i in grant.chunks])
+            return self._copy("store", t0)
+        copy = self._copy("store", t0, 0, grant, pages)
+        copy.map_parts(slot_mapping, [chunks[i] for i in grant.chunks])
         return copy
 
     # ---- retrieve -------------------------------------------------------------------------
@@ -253,114 +223,35 @@ class WorkerCopies:
         whole = len(hashes) * self.chunk_size
         chunks = chunks_to_read(slot_mapping, len(hashes), self.chunk_size)
         if not chunks:
-            return Copy("retrieve", None, None, whole, t0)
+            return self._copy("retrieve", t0, whole)
         grant = self.books.begin_retrieve(instance_id, request_id, [hashes[i] for i in chunks])
         if grant is None:
             log.debug("retrieve %r: a chunk is missing, nothing written", request_id)
-            return Copy("retrieve", None, None, 0, t0)
-        copy = Copy("retrieve", grant, None, whole, t0, pages.chunk_bytes, paged=pages.paged)
-        self._plan_parts(copy, pages, slot_mapping, [chunks[i] for i in grant.chunks])
+            return self._copy("retrieve", t0)
+        copy = self._copy("retrieve", t0, whole, grant, pages)
+        copy.map_parts(slot_mapping, [chunks[i] for i in grant.chunks])
         return copy
 
-    # ---- completion -----------------------------------------------------------------------
+    # ---- completion (each a :class:`~gpukv.engine.copy_job.Copy`'s own, once per copy) ------
     def copy_layers(self, copy: Copy, stop: int | None = None, *,
                     sm_budget: int | None = None) -> Fence | None:
-        """Queue layers ``[copy.layers_queued, stop)`` (``stop`` None: every layer left) of every
-        chunk of a begun copy and fence them; returns that fence (None: nothing to copy). If
-        queueing fails: wait for what was queued, give the grant back, re-raise (the copy is
-        then finished)."""
-        if copy.finished:
-            raise ValueError(f"this {copy.op} was finished already")
-        if copy.grant is None:
-            return None
-        stop = copy.num_layers if stop is None else stop
-        if not isinstance(stop, int) or not copy.layers_queued < stop <= copy.num_layers:
-            raise ValueError(f"stop {stop!r} must be in ({copy.layers_queued}, {copy.num_layers}] "
-                             f"(layers [0, {copy.layers_queued}) are queued already)")
-        op = pack if copy.op == "store" else unpack
-        layers = None if (copy.layers_queued, stop) == (0, copy.num_layers) else (copy.layers_queued, stop)
-        try:
-            with fenced_on_error(copy.paged.device):
-                for arena, slots, offsets in copy.parts:
-                    op(copy.paged, slots, arena, offsets, chunk_size=self.chunk_size,
-                       backend=self.backend, layers=layers, sm_budget=sm_budget)
-        except BaseException:
-            copy.finished = True
-            self._give_back(copy)
-            raise
-        copy.layers_queued = stop
-        copy.fence = Fence(copy.paged.device)
-        return copy.fence
+        """Queue layers ``[copy.layers_queued, stop)`` of a begun copy (:meth:`Copy.queue_layers`)."""
+        return copy.queue_layers(stop, sm_budget=sm_budget)
 
     def abort(self, copy: Copy) -> None:
-        """Give a begun copy's grant back without completing it (a store commits nothing; a
-        retrieve releases its shares and pins, its pages' bytes are not to be used): after
-        waiting for whatever it queued. Once per copy, instead of :meth:`finish`."""
-        if copy.finished:
-            raise ValueError(f"this {copy.op} was finished already")
-        copy.finished = True
-        if copy.grant is None:
-            return
-        if copy.fence is not None:
-            copy.fence.wait()
-        self._give_back(copy)
+        """Give a begun copy's grant back without completing it (:meth:`Copy.abort`)."""
+        copy.abort()
 
     def finish(self, copy: Copy) -> int:
-        """Wait for ``copy``'s fence, then commit (store) or release (retrieve) its grant;
-        returns the tokens stored / retrieved. Once per copy, once every layer is queued."""
-        if copy.finished:
-            raise ValueError(f"this {copy.op} was finished already")
-        if copy.grant is not None and copy.layers_queued != copy.num_layers:
-            raise ValueError(f"this {copy.op} has queued {copy.layers_queued} of {copy.num_layers} "
-                             "layers: copy_layers() the rest, or abort() it")
-        copy.finished = True
-        if copy.grant is None:
-            return copy.tokens
-        try:
-            copy.fence.wait()
-        except BaseException:
-            log.error("a gpukv %s failed on the device: its slots stay out of circulation until "
-                      "the server's lease on them expires", copy.op)
-            raise
-        if copy.op == "store":
-            tokens = self.books.end_store(copy.grant, ok=True) * self.chunk_size
-            moved = tokens // self.chunk_size
-        else:
-            self.books.end_retrieve(copy.grant)
-            tokens, moved = copy.tokens, len(copy.grant.chunks)
-        seconds = time.perf_counter() - copy.t0
-        if self._on_finish is not None:
-            self._on_finish(copy.op, seconds)
-        if log.isEnabledFor(logging.DEBUG):
-            nbytes = moved * copy.chunk_bytes
-            log.debug("%s: %d tokens in %.3f s (%.2f GB/s)", copy.op, moved * self.chunk_size,
-                      seconds, nbytes / max(seconds, 1e-9) / 1e9)
-        return tokens
+        """Wait for ``copy``'s fence, then commit or release its grant (:meth:`Copy.finish`)."""
+        return copy.finish()
 
     # ---- helpers --------------------------------------------------------------------------
-    def _plan_parts(self, copy: Copy, pages: Pages, slots: torch.Tensor, chunks: Sequence[int]) -> None:
-        """``copy.parts``: chunk ``chunks[i]`` with the grant's slot ``i``, grouped by arena (one
-        copy call each). If mapping an arena fails, the grant is given back first."""
-        grant, cs = copy.grant, self.chunk_size
-        try:
-            for dev, where in grant.by_device().items():
-                arena = self.books.arena(dev, pages.paged.device)
-                offsets = torch.tensor([grant.offsets[i] for i in where], dtype=torch.int64)
-                copy.parts.append((arena, chunk_slots(slots, [chunks[i] for i in where], cs), offsets))
-        except BaseException:
-            copy.finished = True
-            self._give_back(copy)
-            raise
-
-    def _give_back(self, copy: Copy) -> None:
-        """Return a grant whose copy will not complete (the caller waited for what it queued)."""
-        try:
-            if copy.op == "store":
-                self.books.end_store(copy.grant, ok=False)
-            else:
-                self.books.end_retrieve(copy.grant)
-        except Exception as exc:  # the books are unreachable: their lease reclaims the slots
-            log.warning("gpukv: could not give back the slots of a failed copy: %s", exc)
+    def _copy(self, op: str, t0: float, tokens: int = 0, grant: Grant | None = None,
+              pages: Pages | None = None) -> Copy:
+        return Copy(op, grant, tokens, t0, self.books, self.backend, self._on_finish,
+                    pages.chunk_bytes if pages is not None else 0,
+                    pages.paged if pages is not None else None)
 
     def _local(self, instance_id: Hashable) -> Pages:
         check_id(instance_id, "instance_id")

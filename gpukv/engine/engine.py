@@ -21,7 +21,8 @@ import torch
 from gpukv.config import EngineConfig
 from gpukv.engine.books import LocalBooks
 from gpukv.engine.chunks import check_id, token_range
-from gpukv.engine.copies import Copy, WorkerCopies
+from gpukv.engine.copies import WorkerCopies
+from gpukv.engine.copy_job import Copy
 from gpukv.engine.core import CacheCore
 from gpukv.engine.hit_sources import LookupHit
 from gpukv.engine.keys import TokenIds

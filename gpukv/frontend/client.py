@@ -37,7 +37,8 @@ from typing import Any, Hashable
 import torch
 
 from gpukv.engine.chunks import token_range
-from gpukv.engine.copies import Copy, WorkerCopies
+from gpukv.engine.copies import WorkerCopies
+from gpukv.engine.copy_job import Copy
 from gpukv.engine.hit_sources import LookupHit, parse_runs
 from gpukv.engine.keys import TokenIds
 from gpukv.frontend import protocol as p

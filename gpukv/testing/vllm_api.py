@@ -20,7 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from gpukv.testing.vllm_offline import CONNECTOR, engine_env, kill_session, output_tail
+from gpukv.testing.engine_session import engine_env, kill_session, output_tail
+from gpukv.testing.vllm_offline import CONNECTOR
 
 
 def free_port() -> int:
