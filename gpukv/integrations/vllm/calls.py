@@ -2,8 +2,10 @@
 
 vLLM's scheduler runs the connector's hooks inline: a lookup that waits for a stalled server
 stalls every request of the engine. So the scheduler's calls (lookup, free, end) run in order on
-one background thread, and the scheduler waits for an answer at most ``budget_s`` per engine step
-in all (:meth:`ServerCalls.wait`; :meth:`ServerCalls.new_step` starts the next step's budget). An
+one background thread, and the scheduler waits for answers at most ``budget_s`` per engine step
+in all: the budget is the time spent waiting (:meth:`ServerCalls.wait`), not the wall time, so
+the forward between a step's lookups and its ends spends none of it; :meth:`ServerCalls.new_step`
+starts the next step's budget (the planner calls it at a step's first lookup). An
 answer that is not there in time is asked for again at the next step (the call keeps running;
 vLLM's "ask again later"), or given up on by the planner; a call whose answer nobody waits for
 (free, end) simply runs later, still in order after the lookups sent before it (:meth:`ServerCalls.settle` still waits for them
@@ -33,7 +35,7 @@ class ServerCalls:
             raise ValueError(f"budget_s must be a non-negative number, got {budget_s!r}")
         self.budget_s, self.inline, self._clock = float(budget_s), inline, clock
         self._pool = None if inline else ThreadPoolExecutor(1, thread_name_prefix="gpukv-scheduler")
-        self._deadline: float | None = None  # set by the step's first wait
+        self._spent = 0.0  # seconds this step waited so far
         self.num_late = 0  # waits that ran out of budget
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
@@ -62,21 +64,20 @@ class ServerCalls:
 
     def wait(self, futures: Sequence[Future], *, results: bool = True) -> list[Any] | None:
         """The results of ``futures`` if they all complete within what is left of this step's
-        budget, else None (they keep running). A call that raised raises here. The step's budget
-        starts at its first wait (not at :meth:`new_step`, which comes before the forward)."""
-        if self._deadline is None:
-            self._deadline = self._clock() + self.budget_s
-        left = self._deadline - self._clock()
+        budget (``budget_s`` less the time this step's waits took so far), else None (they keep
+        running). A call that raised raises here."""
         if not all(f.done() for f in futures):
-            done, _ = wait_all(futures, timeout=max(0.0, left))
+            t0 = self._clock()
+            done, _ = wait_all(futures, timeout=max(0.0, self.budget_s - self._spent))
+            self._spent += max(0.0, self._clock() - t0)
             if len(done) < len(futures):
                 self.num_late += 1
                 return None
         return [f.result() for f in futures] if results else []
 
     def new_step(self) -> None:
-        """The engine step is over: the next wait starts the next step's budget."""
-        self._deadline = None
+        """A new engine step: its waits get the whole budget again."""
+        self._spent = 0.0
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Let the queued calls (ends of requests) run for up to ``timeout_s``, then drop the rest."""

@@ -84,6 +84,7 @@ class SchedulerPlanner:
         self._to_load: dict[str, RequestBooks] = {}  # loads committed, not in a plan yet
         self._ends: RequestEnds[RequestBooks] = RequestEnds()  # finished, not ended yet
         self._step = 0
+        self._step_open = False  # this step's budget started (its first lookup, or its plan)
         self.num_lookups = 0  # lookups sent (one per stage each)
         self.num_given_up = 0  # requests that went on without an answer
 
@@ -118,6 +119,7 @@ class SchedulerPlanner:
         if req is None or req.admitted:  # new, or back after a preemption: plan it afresh
             req = self._requests[info.request_id] = self._new_request(info, req)
         req.local = num_computed_tokens
+        self._open_step()
         if not (self.load and info.lookup):
             return 0
         if len(info.token_ids) < self.chunk_size:  # no full chunk: nothing to ask the server
@@ -144,6 +146,15 @@ class SchedulerPlanner:
             return RequestBooks(info, old.chain, stored_upto=old.stored_upto, opened=old.opened)
         return RequestBooks(info, ChunkChain(self.chunk_size, salt=self.salt, seed=info.seed,
                                          mm_items=info.mm_items))
+
+    def _open_step(self) -> None:
+        """One budget per engine step (vLLM's schedule, forward, then its outputs): it starts at
+        the step's first lookup, or at its plan when nothing was looked up, and covers the ends
+        of requests that finish after the forward; the next step's first lookup starts the
+        next one."""
+        if not self._step_open:
+            self.calls.new_step()
+            self._step_open = True
 
     def _send_lookups(self, req: RequestBooks, now: float) -> None:
         info = req.info
@@ -206,7 +217,8 @@ class SchedulerPlanner:
     def build(self, view: StepView) -> StepPlan:
         """This step's plan; call once per engine step, after the step's ``after_alloc`` calls."""
         self._step += 1
-        self.calls.new_step()
+        self._open_step()
+        self._step_open = False  # the ends after this step's forward still spend its budget
         plan = StepPlan(self._step, preempted=sorted(view.preempted))
         for request_id in view.preempted:
             req = self._requests.get(request_id)
