@@ -36,7 +36,7 @@ key                         default  meaning
                                      request's blocks fenced until they are copied out;
                                      ``"sync"``: a step returns once its chunks are copied out of
                                      vLLM's blocks (commits follow on a thread)
-``gpukv.wait_budget_s``     0.03     the most one worker step waits for the server before a load
+``gpukv.wait_budget_s``     0.02     the most one worker step waits for the server before a load
                                      it needs starts (then it is cancelled: vLLM recomputes it)
 ==========================  =======  =========================================================
 
@@ -75,7 +75,7 @@ class ConnectorConfig:
     events_address: str | None = None
     load_mode: str = "sync"
     store_mode: str = "async"
-    wait_budget_s: float = 0.03
+    wait_budget_s: float = 0.02
     load: bool = True
     store: bool = True
 
@@ -134,7 +134,7 @@ class ConnectorConfig:
                    events_address=extra.get("gpukv.events_address"),
                    load_mode=extra.get("gpukv.load_mode", "sync"),
                    store_mode=extra.get("gpukv.store_mode", "async"),
-                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.03), load=load, store=store)
+                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.02), load=load, store=store)
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

@@ -54,7 +54,7 @@ class WorkerSide:
     def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
-                 wait_budget_s: float = 0.03, probe_s: float = PROBE_S, inline: bool = False,
+                 wait_budget_s: float = 0.02, probe_s: float = PROBE_S, inline: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
