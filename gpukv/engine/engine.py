@@ -22,13 +22,13 @@ from gpukv.config import EngineConfig
 from gpukv.engine.books import LocalBooks
 from gpukv.engine.chunks import check_id, token_range
 from gpukv.engine.copies import WorkerCopies
-from gpukv.engine.copy_job import Copy
 from gpukv.engine.core import CacheCore
 from gpukv.engine.hit_sources import LookupHit
 from gpukv.engine.keys import TokenIds
+from gpukv.engine.worker_path import WorkerPath
 
 
-class CacheEngine:
+class CacheEngine(WorkerPath):
     """An in-process gpukv: L1 arenas on the worker's device(s), optional disk and remote tiers."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -38,76 +38,10 @@ class CacheEngine:
         self.device = torch.device(self.config.devices[0])
         self.copies = WorkerCopies(LocalBooks(self.core), backend=self.config.backend)
 
-    # ---- registration and copies (see WorkerCopies) ------------------------------------------
-    def register(self, instance_id: Hashable, model: str, kv_caches, dims: str, *,
-                 kind: str = "mha", tp_rank: int = 0, tp_size: int = 1,
-                 device: str | None = None) -> None:
-        """Describe one worker's paged KV cache (see :meth:`WorkerCopies.register`). All
-        instances of one ``model`` must have the same layout fingerprint. MHA instances key
-        their chunks by ``tp_rank``; MLA instances share objects across ranks."""
-        self.copies.register(instance_id, model, kv_caches, dims, kind=kind, tp_rank=tp_rank,
-                             tp_size=tp_size, device=device)
-
+    # ---- registration and copies: WorkerPath (register, store, retrieve, ...), and ----------
     def unregister(self, instance_id: Hashable) -> None:
         """Forget an instance (its stored chunks stay cached for other instances)."""
         self.copies.unregister(instance_id)
-
-    def store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-              seed: bytes = b"", extras=None) -> int:
-        """Pack the full chunks of ``token_ids`` not cached yet; returns tokens really stored
-        (see :meth:`WorkerCopies.store`)."""
-        return self.copies.store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
-
-    def start_store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor,
-                    *, seed: bytes = b"", extras=None) -> Copy:
-        return self.copies.start_store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
-
-    def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-                 request_id: Hashable, seed: bytes = b"", extras=None) -> int:
-        """Unpack the prefix a lookup of ``request_id`` found, all or nothing (see
-        :meth:`WorkerCopies.retrieve`). ValueError for a request that never looked up."""
-        return self.copies.retrieve(instance_id, token_ids, slot_mapping, request_id=request_id,
-                                    seed=seed, extras=extras)
-
-    def start_retrieve(self, instance_id: Hashable, token_ids: TokenIds,
-                       slot_mapping: torch.Tensor, *, request_id: Hashable, seed: bytes = b"",
-                       extras=None) -> Copy:
-        return self.copies.start_retrieve(instance_id, token_ids, slot_mapping,
-                                          request_id=request_id, seed=seed, extras=extras)
-
-    def start_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                           slot_mapping: torch.Tensor) -> Copy:
-        """Store chunks already hashed (see :meth:`WorkerCopies.start_store_chunks`)."""
-        return self.copies.start_store_chunks(instance_id, hashes, slot_mapping)
-
-    def start_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
-        """Retrieve chunks already hashed (see :meth:`WorkerCopies.start_retrieve_chunks`)."""
-        return self.copies.start_retrieve_chunks(instance_id, hashes, slot_mapping,
-                                                 request_id=request_id)
-
-    def finish(self, copy: Copy) -> int:
-        """Complete a started store or retrieve (see :meth:`WorkerCopies.finish`)."""
-        return self.copies.finish(copy)
-
-    def begin_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                           slot_mapping: torch.Tensor) -> Copy:
-        """Reserve write slots, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.begin_store_chunks(instance_id, hashes, slot_mapping)
-
-    def begin_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
-        """Pin the objects, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.begin_retrieve_chunks(instance_id, hashes, slot_mapping,
-                                                 request_id=request_id)
-
-    def copy_layers(self, copy: Copy, stop: int | None = None, *, sm_budget: int | None = None):
-        """Queue the next layers of a begun copy (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.copy_layers(copy, stop, sm_budget=sm_budget)
-
-    def abort(self, copy: Copy) -> None:
-        """Give a begun copy's grant back uncompleted (see :meth:`WorkerCopies.abort`)."""
-        self.copies.abort(copy)
 
     # ---- lookup ---------------------------------------------------------------------------
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,

@@ -34,13 +34,11 @@ import time
 import uuid
 from typing import Any, Hashable
 
-import torch
-
 from gpukv.engine.chunks import token_range
 from gpukv.engine.copies import WorkerCopies
-from gpukv.engine.copy_job import Copy
 from gpukv.engine.hit_sources import LookupHit, parse_runs
 from gpukv.engine.keys import TokenIds
+from gpukv.engine.worker_path import WorkerPath
 from gpukv.frontend import protocol as p
 from gpukv.frontend.channel import Channel, ServerError, ServerUnavailable
 from gpukv.frontend.peer import server_uid
@@ -50,7 +48,7 @@ from gpukv.ops.client_metrics import ClientMetrics
 __all__ = ["CacheClient", "ServerError", "ServerUnavailable"]
 
 
-class CacheClient:
+class CacheClient(WorkerPath):
     """A connection to a ``gpukv serve`` process at ``address`` (``ipc://...`` or ``tcp://...``;
     default: :func:`gpukv.frontend.protocol.default_address`, the server's default).
 
@@ -95,76 +93,10 @@ class CacheClient:
         if interval > 0:
             self._channel.keep_alive(interval)
 
-    # ---- registration and copies (see WorkerCopies) ------------------------------------------
-    def register(self, instance_id: Hashable, model: str, kv_caches, dims: str, *,
-                 kind: str = "mha", tp_rank: int = 0, tp_size: int = 1,
-                 device: str | None = None) -> None:
-        """Describe this worker's KV tensors to the server (see :meth:`CacheEngine.register`)
-        and map the server's arenas. ``device``: the arena name to store into (default: the
-        server's arena on the pages' device)."""
-        self.copies.register(instance_id, model, kv_caches, dims, kind=kind, tp_rank=tp_rank,
-                             tp_size=tp_size, device=device)
-
+    # ---- registration and copies: WorkerPath (register, store, retrieve, ...), and ----------
     def unregister(self, instance_id: Hashable) -> None:
         self.copies.forget(instance_id)
         self._call(p.Unregister(instance_id))
-
-    def store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-              seed: bytes = b"", extras=None) -> int:
-        """Tokens really stored: the full chunks not cached yet, packed here into the slots the
-        server reserved, then committed (a chunk with a ``-1`` slot is not stored)."""
-        return self.copies.store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
-
-    def start_store(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor,
-                    *, seed: bytes = b"", extras=None) -> Copy:
-        return self.copies.start_store(instance_id, token_ids, slot_mapping, seed=seed, extras=extras)
-
-    def retrieve(self, instance_id: Hashable, token_ids: TokenIds, slot_mapping: torch.Tensor, *,
-                 request_id: Hashable, seed: bytes = b"", extras=None) -> int:
-        """The tokens of the full-chunk prefix once they are in this worker's pages, or 0
-        (nothing written): all or nothing; chunks whose slots are all ``-1`` are not read."""
-        return self.copies.retrieve(instance_id, token_ids, slot_mapping, request_id=request_id,
-                                    seed=seed, extras=extras)
-
-    def start_retrieve(self, instance_id: Hashable, token_ids: TokenIds,
-                       slot_mapping: torch.Tensor, *, request_id: Hashable, seed: bytes = b"",
-                       extras=None) -> Copy:
-        return self.copies.start_retrieve(instance_id, token_ids, slot_mapping,
-                                          request_id=request_id, seed=seed, extras=extras)
-
-    def start_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                           slot_mapping: torch.Tensor) -> Copy:
-        """Store chunks already hashed (see :meth:`WorkerCopies.start_store_chunks`)."""
-        return self.copies.start_store_chunks(instance_id, hashes, slot_mapping)
-
-    def start_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
-        """Retrieve chunks already hashed (see :meth:`WorkerCopies.start_retrieve_chunks`)."""
-        return self.copies.start_retrieve_chunks(instance_id, hashes, slot_mapping,
-                                                 request_id=request_id)
-
-    def finish(self, copy: Copy) -> int:
-        """Complete a started store or retrieve (see :meth:`WorkerCopies.finish`)."""
-        return self.copies.finish(copy)
-
-    def begin_store_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                           slot_mapping: torch.Tensor) -> Copy:
-        """Reserve write slots, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.begin_store_chunks(instance_id, hashes, slot_mapping)
-
-    def begin_retrieve_chunks(self, instance_id: Hashable, hashes: list[bytes],
-                              slot_mapping: torch.Tensor, *, request_id: Hashable) -> Copy:
-        """Pin the objects, queue nothing (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.begin_retrieve_chunks(instance_id, hashes, slot_mapping,
-                                                 request_id=request_id)
-
-    def copy_layers(self, copy: Copy, stop: int | None = None, *, sm_budget: int | None = None):
-        """Queue the next layers of a begun copy (see :meth:`WorkerCopies.copy_layers`)."""
-        return self.copies.copy_layers(copy, stop, sm_budget=sm_budget)
-
-    def abort(self, copy: Copy) -> None:
-        """Give a begun copy's grant back uncompleted (see :meth:`WorkerCopies.abort`)."""
-        self.copies.abort(copy)
 
     def lookup(self, model: str, token_ids: TokenIds, *, request_id: Hashable, tp_size: int = 1,
                num_readers: int | None = None, seed: bytes = b"", extras=None,
