@@ -79,6 +79,16 @@ def main() -> None:
         server.stop()
         server = start()
         run("after_restart", prompt)
+        # the worker learns the server forgot it from that run's store, which may fail after the
+        # run's last step (stores are asynchronous); it registers again, on a thread of its own,
+        # at its next step: tiny requests (no chunk: no lookup, load or store) step the engine
+        # until the server has it, so "healed" tests caching after the registration, not a race
+        for _ in range(100):
+            with CacheClient(address, ping_interval_s=0, connect_timeout_s=30) as stats:
+                if stats.stats()["instances"] >= 1:
+                    break
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1),
+                         use_tqdm=False)
         run("healed", prompt)
         run("reloaded", prompt)
         os.kill(server.pid, signal.SIGSTOP)
