@@ -98,7 +98,10 @@ async def _run(model: str, address: str, record_dir: str, extra: dict) -> dict:
             assert time.monotonic() < deadline and not r1.done(), f"R1 stalled at {progress}"
             await asyncio.sleep(0.005)
         r2 = asyncio.ensure_future(run("r2", q[:384] + prompt_token_ids(16, seed=32), 8))
-        while (before := _counts(stats))["shares"] < 3:  # R2 looked up: one share per chunk
+        # the server is asked from a thread: a slow STATS must not stall this event loop, which
+        # has to submit R2 while R1 still runs (in one CI run R1 finished before R2 was looked
+        # up; a loop blocked in these calls is one way that happens, not a proven one)
+        while (before := await asyncio.to_thread(_counts, stats))["shares"] < 3:  # R2 looked up
             assert time.monotonic() < deadline and not r2.done(), f"R2 never held shares: {before}"
             await asyncio.sleep(0.005)
         await llm.abort("r2")
