@@ -164,6 +164,11 @@ def run_info() -> dict[str, str]:
                 threads=thread_settings())
 
 
+def run_header(info: dict[str, str]) -> str:
+    """The first line of a sweep's log: when, where, how loaded, which commit, which threads."""
+    return f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; {info['threads']}"
+
+
 def thread_settings() -> str:
     """torch's thread count and the OpenMP / BLAS environment, as one printable line."""
     env = {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_average, progress, quantile, results_dir, run_info, write_csv  # noqa: E402
+from common import load_average, progress, quantile, results_dir, run_header, run_info, write_csv  # noqa: E402
 
 from gpukv.frontend.client import CacheClient  # noqa: E402
 from gpukv.frontend.process import ServerProcess  # noqa: E402
@@ -65,8 +65,6 @@ def _stores(client: CacheClient, n: int, seed: list[int]) -> list[float]:
 
 
 def _scheduler(address: str, repeats: int, calls: int) -> list[dict]:
-    from types import SimpleNamespace
-
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -117,7 +115,7 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     info = run_info()
-    print(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; {info['threads']}")
+    print(run_header(info))
     prompt = list(range(1, TOKENS + 1))
     pages = torch.zeros(4 * CHUNK // 16 + TOKENS // 16 + 1, 16, 64, dtype=torch.bfloat16)
     rows: list[dict] = []

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_average, progress, quantile, results_dir, run_info, write_csv  # noqa: E402
+from common import load_average, progress, quantile, results_dir, run_header, run_info, write_csv  # noqa: E402
 
 from gpukv.frontend.client import CacheClient  # noqa: E402
 from gpukv.frontend.process import ServerProcess  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     info = run_info()
-    print(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; {info['threads']}")
+    print(run_header(info))
     prompt = list(range(1, TOKENS + 1))
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpukv-sweep-calls-") as tmp:

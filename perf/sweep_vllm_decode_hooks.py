@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep_vllm_steps as steps  # noqa: E402
-from common import quantile, results_dir, run_info, write_csv  # noqa: E402
+from common import quantile, results_dir, run_header, run_info, write_csv  # noqa: E402
 
 from gpukv.frontend.process import ServerProcess  # noqa: E402
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView  # noqa: E402
@@ -58,7 +58,7 @@ def run(engine: steps.Engine) -> list[float]:
 def main() -> None:
     torch.set_num_threads(1)
     info = run_info()
-    print(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; {info['threads']}")
+    print(run_header(info))
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpukv-decode-hooks-") as tmp:
         address = f"ipc://{tmp}/gpukv.sock"

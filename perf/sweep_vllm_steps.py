@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common import load_average, progress, quantile, results_dir, run_info, write_csv  # noqa: E402
+from common import load_average, quantile, results_dir, run_header, run_info, write_csv  # noqa: E402
 from tcp_proxy import DelayProxy  # noqa: E402
 
 from gpukv.frontend.client import CacheClient  # noqa: E402
@@ -182,7 +182,7 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     info = run_info()
-    print(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; {info['threads']}")
+    print(run_header(info))
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpukv-sweep-steps-") as tmp:
         port = 25000 + os.getpid() % 20000
