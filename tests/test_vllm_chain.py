@@ -52,7 +52,7 @@ def test_a_long_chunked_prefill_hashes_each_chunk_once_and_each_plan_carries_onl
         block += blocks_per_step
         step = plan.build(StepView([ScheduledRequest("long", new, computed == 0, computed, per_step)]))
         (spec,) = step.stores
-        assert len(spec.hashes) == per_step // CS and spec.blocks.tolist() == new
+        assert len(spec.hashes) == per_step // CS and spec.blocks[0].tolist() == new
         stored.extend(spec.hashes)
         sizes.append(step.nbytes())
     prompt.extend([7] * CS)  # decode: one more chunk of outputs

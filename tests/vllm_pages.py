@@ -64,7 +64,7 @@ def spec_slots(spec) -> list[int]:
     """A load's or store's slot mapping, as its worker builds it from the spec's blocks."""
     from gpukv.integrations.vllm.plan import block_slots
 
-    return block_slots(spec.blocks, BS).tolist()
+    return block_slots(spec.blocks[0], BS).tolist()
 
 
 def new_step(rid: str, block_ids, computed: int, scheduled: int) -> StepView:

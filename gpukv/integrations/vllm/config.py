@@ -31,7 +31,9 @@ key                         default  meaning
 ``gpukv.load_mode``         "sync"   ``"sync"``: loads are in before the forward;
                                      ``"layerwise"``: each layer waits for its own slices
                                      (``wait_for_layer_load``); ``"async"``: vLLM's asynchronous
-                                     loads (the request waits while the workers load it)
+                                     loads (the request waits while the workers load it);
+                                     a model with several KV cache groups always loads
+                                     asynchronously (:meth:`ConnectorConfig.for_groups`)
 ``gpukv.store_mode``        "async"  ``"async"``: the copies run beside the next steps, a finished
                                      request's blocks fenced until they are copied out;
                                      ``"sync"``: a step returns once its chunks are copied out of
@@ -48,8 +50,12 @@ stores, ``kv_consumer`` only loads. No module-level state; nothing here imports 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 _KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
          "gpukv.group", "gpukv.timeout_s", "gpukv.step_budget_s", "gpukv.lookup_wait_s",
@@ -110,6 +116,24 @@ class ConnectorConfig:
             raise ValueError(f"gpukv.wait_budget_s must be a number in [0, 1] (seconds), got {wait!r}")
         if self.group is not None and not 16 <= len(self.group) <= 128:
             raise ValueError(f"gpukv.group must be 16 to 128 characters, got {len(self.group)}")
+
+    def for_groups(self, groups: Sequence[Any], zeroing: bool) -> "ConnectorConfig":
+        """The load and store modes a model with these KV cache groups (:mod:`.kv_groups`) can
+        run, logged when they differ from the configured ones: several groups load
+        asynchronously (vLLM hears of a failed load of such a model only as a failed asynchronous
+        load); a sliding-window group stores synchronously when vLLM zeroes the blocks it hands
+        out again (``zeroing``: it would zero a freed out-of-window block before the next step's
+        fence on the stores still reading it)."""
+        load_mode, store_mode = self.load_mode, self.store_mode
+        if len(groups) > 1:
+            load_mode = "async"
+        if zeroing and any(g.sliding for g in groups):
+            store_mode = "sync"
+        if (load_mode, store_mode) == (self.load_mode, self.store_mode):
+            return self
+        log.warning("gpukv: the model has %d KV cache groups: load mode %r, store mode %r (configured "
+                    "%r, %r)", len(groups), load_mode, store_mode, self.load_mode, self.store_mode)
+        return dataclasses.replace(self, load_mode=load_mode, store_mode=store_mode)
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None, *, kv_role: str | None) -> "ConnectorConfig":

@@ -56,13 +56,13 @@ from gpukv.frontend.protocol import default_address
 from gpukv.integrations.vllm.config import ConnectorConfig, check_chunking
 from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.keys import engine_group
+from gpukv.integrations.vllm.kv_groups import Parts, kv_groups
 from gpukv.integrations.vllm.plan import StepPlan
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.reports import SchedulerReports
 from gpukv.integrations.vllm.sides import connect, scheduler_side, worker_side
 from gpukv.integrations.vllm.topology import pipeline_stages, refusal
-from gpukv.integrations.vllm.translate import (group0_blocks, cpu_attention_isa, engine_model_key,
-                                               request_info, step_view)
+from gpukv.integrations.vllm.translate import cpu_attention_isa, engine_model_key, request_info, step_view
 from gpukv.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -88,8 +88,11 @@ class GpukvMetadata(KVConnectorMetadata):
 
 class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
     """gpukv's vLLM connector (see the module docstring). ``SupportsHMA``: vLLM keeps its hybrid
-    KV cache manager on; a model with one KV cache group is served as without it, one with
-    several (sliding window, SSM) runs uncached (:func:`.topology.refusal`) but starts."""
+    KV cache manager on and hands the connector every KV cache group; full-attention and
+    sliding-window groups are cached, each in objects of its own (:mod:`.kv_groups`); a model
+    with any other group (SSM states...) runs uncached (:func:`.topology.refusal`) but starts.
+    With several groups the loads are asynchronous (vLLM can hear of a failed load of such a
+    model only as a failed asynchronous load: ``failed_recving``)."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -106,7 +109,8 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         self.started_server = False
         parallel = vllm_config.parallel_config
         self.address = cfg.address or default_address()
-        self.off = refusal(vllm_config, len(kv_cache_config.kv_cache_groups))
+        self.groups, why = kv_groups(kv_cache_config)
+        self.off = refusal(vllm_config, why)
         if self.off is None:
             self.group = engine_group(ktc.engine_id, int(parallel.data_parallel_rank), cfg.group)
             self.client, self.started_server, self.off = connect(cfg, self.address, self.group)
@@ -114,6 +118,7 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             log.error("gpukv: %s; this engine runs without gpukv", self.off)
             return
         self.block_size = int(kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size)
+        cfg = self.config = cfg.for_groups(self.groups, getattr(kv_cache_config, "needs_kv_cache_zeroing", False))
         try:
             check_chunking(self.client.chunk_size, self.block_size, cfg.chunk_size)
         except ValueError:
@@ -126,11 +131,12 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             return cpu_attention_isa(vllm_config)
 
         self.model_keys = [engine_model_key(vllm_config, stage=s, attention=attention) for s in stages]
+        self.parts = Parts.of(self.model_keys, self.groups)
         if role is KVConnectorRole.SCHEDULER:
-            self._reports, self._planner = scheduler_side(vllm_config, cfg, self.client, self.model_keys,
+            self._reports, self._planner = scheduler_side(vllm_config, cfg, self.client, self.parts,
                                                           block_size=self.block_size)
         else:
-            self._worker = worker_side(vllm_config, cfg, self.client, self.model_keys, group=self.group,
+            self._worker = worker_side(vllm_config, cfg, self.client, self.parts, group=self.group,
                                        block_size=self.block_size)
 
     @property
@@ -198,6 +204,16 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             self._unreceived = set()
         return (sending or None), (recving or None)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """:meth:`get_finished`, and with several KV cache groups the requests whose
+        asynchronous load failed (vLLM recomputes them from the start)."""
+        results = super().get_transfer_results(finished_req_ids)
+        if self._worker is not None:
+            failed = self._worker.take_failed_requests()
+            results.failed_recving |= failed
+            results.finished_recving |= failed
+        return results
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._unloaded = self._unloaded, set()
         if self._worker is not None:
@@ -256,8 +272,7 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
                                  num_external_tokens: int) -> None:
         if self._planner is not None:
             block_ids = blocks.get_block_ids() if num_external_tokens and blocks is not None else None
-            self._planner.after_alloc(request.request_id, num_external_tokens,
-                                      group0_blocks(block_ids) if block_ids is not None else None)
+            self._planner.after_alloc(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._planner is None:
@@ -282,9 +297,9 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
 
     def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
-        """vLLM's call with the hybrid manager on: one block list per KV cache group, and a
-        connector that serves a model has exactly one group."""
-        return self.request_finished(request, block_ids[0] if len(block_ids) == 1 else [])
+        """vLLM's call with the hybrid manager on (one block list per KV cache group): the same
+        end as :meth:`request_finished` -- the fence keeps every group's blocks."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def take_events(self) -> Iterable[Any]:
         """The blocks gpukv holds that this engine republishes, since the last call, as vLLM's
@@ -297,3 +312,4 @@ def _plan(meta: KVConnectorMetadata | None) -> StepPlan:
     if not isinstance(meta, GpukvMetadata):
         raise TypeError(f"GpukvConnector got connector metadata {type(meta).__name__}, not GpukvMetadata")
     return meta.plan
+

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from gpukv.integrations.vllm.keys import MMItem
+from gpukv.integrations.vllm.kv_groups import part_request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,8 @@ class RequestInfo:
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     """One request of a ``SchedulerOutput``. ``block_ids``: the whole block table for a new or
-    resumed request (``replace_blocks``), else the blocks added this step (or None)."""
+    resumed request (``replace_blocks``), else the blocks added this step (or None); one list per
+    KV cache group (a flat list for a model with one group)."""
 
     request_id: str
     block_ids: Sequence[int] | None
@@ -55,11 +57,11 @@ class StepView:
 @dataclass(slots=True)
 class LoadSpec:
     """Retrieve the chunks ``hashes`` (a prefix of the request's chain, from chunk 0) into
-    ``blocks`` (int32, the chunks' blocks in token order, ``chunk_size // block_size`` per chunk;
-    ``-1`` for a block vLLM already holds, which is not written). ``report_blocks``: the blocks
+    ``blocks`` (int32, one row per KV cache group: the chunks' blocks in token order,
+    ``chunk_size // block_size`` per chunk; ``-1`` for a block that is not written: one vLLM
+    already holds, or a sliding window's null block). ``report_blocks``: the blocks (of group 0)
     vLLM counts as loaded, reported if the load fails. No hashes: the load cannot be done (the
-    request's blocks do not reach the end of the chunks to load); the workers report
-    ``report_blocks`` as failed."""
+    request's blocks do not reach the end of the chunks to load); the workers report it failed."""
 
     request_id: str
     hashes: list[bytes]
@@ -73,7 +75,9 @@ class LoadSpec:
 @dataclass(slots=True)
 class StoreSpec:
     """Store the chunks ``hashes`` -- only the request's chunks not planned for storing before,
-    in chain order -- from ``blocks`` (int32, the chunks' blocks in token order)."""
+    in chain order -- from ``blocks`` (int32, one row per KV cache group: the chunks' blocks in
+    token order; ``-1`` where a group's block may no longer be the request's: that group does not
+    store the chunk, see :mod:`.kv_groups`)."""
 
     request_id: str
     hashes: list[bytes]
@@ -81,7 +85,8 @@ class StoreSpec:
 
 
 def block_slots(blocks: np.ndarray, block_size: int) -> np.ndarray:
-    """The int64 slot mapping of whole ``blocks`` (``-1`` blocks give ``-1`` slots)."""
+    """The int64 slot mapping of whole ``blocks``, one group's row (``-1`` blocks give ``-1``
+    slots)."""
     blocks = np.asarray(blocks, dtype=np.int64)
     slots = blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)
     slots[blocks < 0] = -1
@@ -116,6 +121,17 @@ class StepPlan:
 
 
 def stage_request_id(request_id: str, stage: int, num_stages: int) -> str:
-    """The server's request id of one pipeline stage's part of a request (the server keeps one
-    model per request id): the vLLM id itself without pipeline parallelism."""
-    return request_id if num_stages == 1 else f"{request_id}@pp{stage}"
+    """The server's request id of one pipeline stage's part of a one-group request (see
+    :func:`.kv_groups.part_request_id`)."""
+    return part_request_id(request_id, stage, num_stages)
+
+
+def group_lists(block_ids: Sequence, num_groups: int) -> list[list[int]]:
+    """Block ids as one list per KV cache group: ``block_ids`` is one list per group (vLLM's
+    tuple), or, for a model with one group, that group's flat list."""
+    if num_groups == 1 and all(isinstance(b, (int, np.integer)) for b in block_ids):
+        return [list(block_ids)]
+    lists = [list(ids) for ids in block_ids]
+    if len(lists) != num_groups:
+        raise ValueError(f"block ids of {len(lists)} KV cache groups, the engine has {num_groups}")
+    return lists

@@ -50,16 +50,19 @@ from gpukv.integrations.vllm.request_books import RequestBooks
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.chain import ChunkChain
 from gpukv.integrations.vllm.ends import RequestEnds
-from gpukv.integrations.vllm.plan import RequestInfo, StepPlan, StepView, stage_request_id
+from gpukv.integrations.vllm.kv_groups import ONE_GROUP, KVGroup, Parts
+from gpukv.integrations.vllm.plan import RequestInfo, StepPlan, StepView, group_lists
 
 
 class SchedulerPlanner:
     """The scheduler side's books. ``client`` has the ``CacheClient`` API (lookup_hashes,
     free_lookup_locks, end_session); ``models``: one model key per pipeline stage (a str for
-    one stage); ``salt``: the server's (the chains start from it; default: the client's
+    one stage); ``groups``: the engine's KV cache groups (:mod:`.kv_groups`: every stage's
+    groups are looked up, a chunk counts where every part holds it); ``salt``: the server's (the chains start from it; default: the client's
     ``server_info``); ``calls``: where the server calls run (default: inline, no budget)."""
 
     def __init__(self, client: Any, models: str | Sequence[str], *, tp_size: int, chunk_size: int,
+                 groups: Sequence[KVGroup] = ONE_GROUP,
                  block_size: int, salt: str | None = None, load: bool = True, store: bool = True,
                  relookup_s: float = 5.0, lookup_wait_s: float = 1.0, max_in_flight: int = 1,
                  loadable: bool = False, async_loads: bool = False, async_stores: bool = False,
@@ -73,6 +76,9 @@ class SchedulerPlanner:
         self.models = (models,) if isinstance(models, str) else tuple(models)
         if not self.models:
             raise ValueError("models must name at least one pipeline stage's model key")
+        self.parts = Parts.of(self.models, groups)
+        self.groups = self.parts.groups
+        self._keys = self.parts.keys  # one per (stage, group): what a lookup asks
         self.client, self.tp_size = client, tp_size
         self.salt = client.server_info.get("salt", "") if salt is None else salt
         self.chunk_size, self.block_size = chunk_size, block_size
@@ -105,8 +111,8 @@ class SchedulerPlanner:
         req = self._requests.get(request_id)
         return None if req is None else req.chain
 
-    def _rid(self, request_id: str, stage: int) -> str:
-        return stage_request_id(request_id, stage, len(self.models))
+    def _rids(self, request_id: str) -> list[str]:
+        return self.parts.request_ids(request_id)
 
     # ---- lookups -----------------------------------------------------------------------------
     def num_new_matched_tokens(self, info: RequestInfo, num_computed_tokens: int) -> int | None:
@@ -143,9 +149,10 @@ class SchedulerPlanner:
     def _new_request(self, info: RequestInfo, old: RequestBooks | None) -> RequestBooks:
         """A request's books; after a preemption its chain, stores and server request carry over."""
         if old is not None:
-            return RequestBooks(info, old.chain, stored_upto=old.stored_upto, opened=old.opened)
+            return RequestBooks(info, old.chain, stored_upto=old.stored_upto, opened=old.opened,
+                                block_ids=[[] for _ in self.groups])
         return RequestBooks(info, ChunkChain(self.chunk_size, salt=self.salt, seed=info.seed,
-                                         mm_items=info.mm_items))
+                                             mm_items=info.mm_items), block_ids=[[] for _ in self.groups])
 
     def _open_step(self) -> None:
         """One budget per engine step (vLLM's schedule, forward, then its outputs): it starts at
@@ -161,38 +168,37 @@ class SchedulerPlanner:
         num_chunks = len(info.token_ids) // self.chunk_size
         hashes = req.chain.extend(info.token_ids, num_chunks)[:num_chunks]  # a snapshot
         options = dict(loadable=True) if self.loadable else {}
-        req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes,
-                                         request_id=self._rid(info.request_id, s),
+        req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes, request_id=rid,
                                          tp_size=self.tp_size, **options)
-                       for s, model in enumerate(self.models)]
+                       for model, rid in zip(self._keys, self._rids(info.request_id))]
         if req.hit is None:
             req.first_asked = now
         req.looked_up_at, req.opened = now, True
-        self.num_lookups += len(self.models)
+        self.num_lookups += len(self._keys)
 
     def _take(self, req: RequestBooks, answers: list[int]) -> None:
-        """The stages' answers: the hit is the shortest; a longer stage's extra shares go."""
+        """The parts' answers: the hit is the shortest; a longer part's extra shares go."""
         req.pending = None
         req.hit = hit = min(int(a) for a in answers)
-        for s, answer in enumerate(answers):
+        for rid, answer in zip(self._rids(req.info.request_id), answers):
             if answer > hit:
-                self.calls.send(self.client.free_lookup_locks, self._rid(req.info.request_id, s),
-                                start_token=hit)
+                self.calls.send(self.client.free_lookup_locks, rid, start_token=hit)
 
     def _free(self, request_id: str, **token_range: int) -> None:
-        self.calls.settle([self.calls.send(self.client.free_lookup_locks, self._rid(request_id, s),
-                                           **token_range) for s in range(len(self.models))])
+        self.calls.settle([self.calls.send(self.client.free_lookup_locks, rid, **token_range)
+                           for rid in self._rids(request_id)])
 
     # ---- allocation and steps ----------------------------------------------------------------
     def after_alloc(self, request_id: str, num_external_tokens: int,
-                    block_ids: Sequence[int] | None = None) -> None:
-        """vLLM allocated the request's blocks (``block_ids``: its whole block table, if known)
-        and counts ``num_external_tokens`` as loaded."""
+                    block_ids: Sequence | None = None) -> None:
+        """vLLM allocated the request's blocks (``block_ids``: its whole block table, if known;
+        one list per KV cache group, or a flat list for one group) and counts
+        ``num_external_tokens`` as loaded."""
         req = self._requests.get(request_id)
         if req is None:
             raise ValueError(f"after_alloc for request {request_id!r}, which was never looked up")
         if block_ids is not None:
-            req.block_ids = list(block_ids)
+            req.block_ids = group_lists(block_ids, len(self.groups))
         if req.admitted and req.load_step is not None and num_external_tokens == 0:
             return  # admitted again once its asynchronous load is in: nothing new to plan
         req.admitted = True
@@ -223,24 +229,25 @@ class SchedulerPlanner:
         for request_id in view.preempted:
             req = self._requests.get(request_id)
             if req is not None:  # vLLM freed its blocks; its workers wait for its stores first
-                req.block_ids, req.store_step = [], None
+                req.block_ids, req.store_step = [[] for _ in self.groups], None
         scheduled = []
         for sched in view.requests:
             req = self._requests.get(sched.request_id)
             if req is None:
                 continue  # never looked up (should not happen): nothing to plan
             if sched.replace_blocks:
-                req.block_ids = list(sched.block_ids or ())
+                req.block_ids = group_lists(sched.block_ids or [()] * len(self.groups), len(self.groups))
             elif sched.block_ids:
-                req.block_ids.extend(sched.block_ids)
-            scheduled.append((req, sched.num_computed_tokens + sched.num_scheduled_tokens))
+                for ids, new in zip(req.block_ids, group_lists(sched.block_ids, len(self.groups))):
+                    ids.extend(new)
+            scheduled.append((req, sched.num_computed_tokens, sched.num_scheduled_tokens))
         for req in self._to_load.values():
-            plan.loads.append(req.load_spec(self.chunk_size, self.block_size))
+            plan.loads.append(req.load_spec(self.chunk_size, self.block_size, self.groups))
             req.pending_load, req.load_step, req.loading = None, self._step, self.async_loads
         self._to_load.clear()
-        for req, computed in scheduled:
-            spec = req.store_spec(computed, self.chunk_size, self.block_size) if (
-                self.store and req.info.store) else None
+        for req, computed, scheduled_now in scheduled:
+            spec = req.store_spec(computed + scheduled_now, self.chunk_size, self.block_size, self.groups,
+                                  scheduled_from=computed) if (self.store and req.info.store) else None
             if spec is not None:
                 plan.stores.append(spec)
                 req.store_step = self._step
@@ -289,8 +296,8 @@ class SchedulerPlanner:
 
     def _end(self, req: RequestBooks) -> None:
         if req.opened:
-            self.calls.settle([self.calls.send(self.client.end_session, self._rid(req.info.request_id, s))
-                               for s in range(len(self.models))])
+            self.calls.settle([self.calls.send(self.client.end_session, rid)
+                               for rid in self._rids(req.info.request_id)])
 
     def close(self) -> None:
         """End every request still open (engine shutdown), then stop the calls' thread."""

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from gpukv.integrations.vllm.block_meta import BlockDescriber
-from gpukv.integrations.vllm.plan import StepView, stage_request_id
+from gpukv.integrations.vllm.kv_groups import Parts
+from gpukv.integrations.vllm.plan import StepView
 from gpukv.integrations.vllm.stats import TransferRecorder
 from gpukv.integrations.vllm.tier_hits import VLLM_SOURCE, TierLookups
 
@@ -19,12 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerReports:
-    """``client``: the scheduler's guarded client; ``models``: the model key per pipeline stage.
-    :attr:`lookups` is the client the planner must use (it records the hits' sources)."""
+    """``client``: the scheduler's guarded client; ``parts``: the engine's pipeline stages x KV
+    cache groups (a hit's source is the farthest of its parts'; the KV events describe the
+    chunks of the first group of every stage). :attr:`lookups` is the client the planner must
+    use (it records the hits' sources)."""
 
-    def __init__(self, client: Any, models: list[str], *, tp_size: int, block_size: int,
+    def __init__(self, client: Any, parts: Parts | list[str], *, tp_size: int, block_size: int,
                  store: bool, kv_events: bool) -> None:
-        self.models = models
+        self.parts = parts = parts if isinstance(parts, Parts) else Parts.of(parts)
+        models = [parts.key(s, 0) for s in range(parts.num_stages)]
         self.lookups = TierLookups(client, client.chunk_size)
         self.stats = TransferRecorder()
         self._local: dict[str, int] = {}  # vLLM's own hit at the request's last lookup
@@ -47,7 +51,7 @@ class SchedulerReports:
     def hit_sources(self, request_id: str, num_external_tokens: int) -> dict[str, int]:
         """vLLM's ``CacheHitSource`` member names -> tokens of the external hit (recorded in the
         stats under gpukv's source names); ``EXTERNAL_UNSPECIFIED`` when unknown."""
-        split = self.lookups.split(self._stage_ids(request_id), self._local.get(request_id, 0),
+        split = self.lookups.split(self.parts.request_ids(request_id), self._local.get(request_id, 0),
                                    num_external_tokens)
         if split is None:
             return {"EXTERNAL_UNSPECIFIED": num_external_tokens}
@@ -66,7 +70,7 @@ class SchedulerReports:
 
     def finished(self, request_id: str) -> None:
         self._local.pop(request_id, None)
-        self.lookups.forget(self._stage_ids(request_id))
+        self.lookups.forget(self.parts.request_ids(request_id))
         if self.blocks is not None:
             self.blocks.forget(request_id)
 
@@ -76,6 +80,3 @@ class SchedulerReports:
     def close(self) -> None:
         if self.blocks is not None:
             self.blocks.close()
-
-    def _stage_ids(self, request_id: str) -> list[str]:
-        return [stage_request_id(request_id, s, len(self.models)) for s in range(len(self.models))]

@@ -22,6 +22,7 @@ from gpukv.integrations.vllm.autostart import ensure_server
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.config import ConnectorConfig
 from gpukv.integrations.vllm.guard import GuardedClient
+from gpukv.integrations.vllm.kv_groups import Parts
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.reports import SchedulerReports
 from gpukv.integrations.vllm.topology import worker_stage_index
@@ -48,10 +49,11 @@ def connect(cfg: ConnectorConfig, address: str, group: str) -> tuple[GuardedClie
     return GuardedClient(raw), started, None
 
 
-def scheduler_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, model_keys: list[str], *,
+def scheduler_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, parts: Parts, *,
                    block_size: int) -> tuple[SchedulerReports, SchedulerPlanner]:
     """The scheduler's reports and planner (its lookups go through the reports' client, which
-    records the hits' sources); sets the failure policy (see the module docstring)."""
+    records the hits' sources) for the engine's ``parts`` (pipeline stages x KV cache groups);
+    sets the failure policy (see the module docstring)."""
     ktc = vllm_config.kv_transfer_config
     if cfg.load and ktc.kv_load_failure_policy != "recompute":
         log.warning("gpukv: kv_load_failure_policy was %r; gpukv sets it to \"recompute\" for "
@@ -61,10 +63,11 @@ def scheduler_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, model_ke
     tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
     events = vllm_config.kv_events_config
     reports = SchedulerReports(
-        client, model_keys, tp_size=tp_size, block_size=block_size, store=cfg.store,
+        client, parts, tp_size=tp_size, block_size=block_size, store=cfg.store,
         kv_events=bool(events is not None and events.enable_kv_cache_events))
     planner = SchedulerPlanner(
-        reports.lookups, model_keys, tp_size=tp_size, chunk_size=client.chunk_size,
+        reports.lookups, list(parts.stage_keys), groups=parts.groups, tp_size=tp_size,
+        chunk_size=client.chunk_size,
         block_size=block_size, load=cfg.load, store=cfg.store, relookup_s=cfg.relookup_s,
         lookup_wait_s=cfg.lookup_wait_s, max_in_flight=int(vllm_config.max_concurrent_batches),
         loadable=True, async_loads=cfg.load_mode == "async", async_stores=cfg.store_mode == "async",
@@ -76,13 +79,15 @@ def scheduler_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, model_ke
     return reports, planner
 
 
-def worker_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, model_keys: list[str], *,
+def worker_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, parts: Parts, *,
                 group: str, block_size: int) -> WorkerSide:
-    """This rank's worker side (its instance id names the engine group, stage, rank and pid)."""
+    """This rank's worker side (its instance id names the engine group, stage, rank and pid),
+    one registration per KV cache group of its stage."""
     parallel = vllm_config.parallel_config
     stage, rank = worker_stage_index(parallel), tp_rank(parallel)
     return WorkerSide(
-        client, instance_id=f"{group}-pp{stage}-tp{rank}-{os.getpid()}", model=model_keys[stage],
+        client, instance_id=f"{group}-pp{stage}-tp{rank}-{os.getpid()}",
+        model=[parts.key(stage, g) for g in range(parts.num_groups)], groups=parts.groups,
         tp_rank=rank, tp_size=int(parallel.tensor_parallel_size), block_size=block_size, stage=stage,
-        num_stages=len(model_keys), load=cfg.load, store=cfg.store, load_mode=cfg.load_mode,
+        num_stages=parts.num_stages, load=cfg.load, store=cfg.store, load_mode=cfg.load_mode,
         store_mode=cfg.store_mode, wait_budget_s=cfg.wait_budget_s)

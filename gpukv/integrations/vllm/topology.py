@@ -10,8 +10,9 @@
 - **Decode / prefill context parallelism (DCP, PCP > 1)**: the scheduler's block spans
   ``block_size * dcp_size`` tokens spread over the ranks, and MLA latents are no longer replicated
   on every rank; gpukv does not key that yet, so the engine runs uncached (:func:`refusal`).
-- Models with more than one KV cache group (hybrid attention) and NVFP4 KV caches (FlashInfer
-  stores K and V heads apart with block scales) are refused the same way.
+- KV cache groups gpukv does not store (SSM states and other kinds: :func:`.kv_groups.kv_groups`
+  says why) and NVFP4 KV caches (FlashInfer stores K and V heads apart with block scales) are
+  refused the same way.
 
 A refused configuration never stops the engine: the connector logs one line naming it and does
 nothing else. Nothing here imports vLLM at module level.
@@ -66,9 +67,9 @@ def worker_stage_index(parallel: Any) -> int:
     return (int(parallel.rank) // tp) % pp
 
 
-def refusal(vllm_config: Any, num_kv_cache_groups: int) -> str | None:
+def refusal(vllm_config: Any, groups_refused: str | None = None) -> str | None:
     """Why gpukv cannot serve this engine correctly (one line naming the configuration), or
-    None when it can."""
+    None when it can; ``groups_refused``: why its KV cache groups cannot be served, if so."""
     parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
     dcp = int(getattr(parallel, "decode_context_parallel_size", 1) or 1)
     pcp = int(getattr(parallel, "prefill_context_parallel_size", 1) or 1)
@@ -76,12 +77,8 @@ def refusal(vllm_config: Any, num_kv_cache_groups: int) -> str | None:
         return (f"context parallelism (decode_context_parallel_size={dcp}, "
                 f"prefill_context_parallel_size={pcp}) shards each block's tokens over ranks, "
                 "which gpukv does not key")
-    if num_kv_cache_groups != 1:
-        return (f"the model has {num_kv_cache_groups} KV cache groups (hybrid attention: sliding "
-                "window or SSM layers); gpukv caches models with one group, so vLLM's hybrid "
-                "manager stays on and this engine runs uncached (a sliding-window model started "
-                "with --disable-hybrid-kv-cache-manager has one group, which gpukv caches, at "
-                "full-attention memory for every layer)")
+    if groups_refused is not None:
+        return groups_refused
     cache_dtype = str(getattr(cache, "cache_dtype", ""))
     if cache_dtype.startswith("nvfp4"):
         return f"kv_cache_dtype={cache_dtype!r} (K and V heads apart, with block scales) has no gpukv layout"

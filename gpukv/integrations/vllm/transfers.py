@@ -199,6 +199,21 @@ class Transfers:
             job.copied.wait()
         return len(jobs) - len(copying)
 
+    def settle(self, op: str, deadline: float) -> int:
+        """Before vLLM may reuse blocks the jobs of ``op`` read (a sliding window's, freed at a
+        schedule): each waits until it starts copying, or is cancelled if it has not by
+        ``deadline`` (``time.monotonic``), then until it is copied. Returns how many it
+        cancelled."""
+        with self._lock:
+            jobs = [j for js in self._jobs.values() for j in js if j.op == op]
+        cancelled = 0
+        for job in jobs:
+            if job.wait_started(deadline):
+                job.copied.wait()
+            elif job.cancelled:
+                cancelled += 1
+        return cancelled
+
     def take_completed(self) -> list[Transfer]:
         with self._lock:
             done, self._completed = self._completed, []

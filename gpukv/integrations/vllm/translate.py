@@ -7,8 +7,8 @@ testable without vLLM). The fields read: ``vllm/v1/request.py`` (``Request.all_t
 
 - :func:`request_info`: a ``vllm.v1.request.Request`` -> :class:`RequestInfo` (live token view,
   seed from ``cache_salt`` and ``lora_request``, multimodal items from ``mm_features``).
-- :func:`step_view`: a ``SchedulerOutput`` -> :class:`StepView` (block tables of KV group 0; the
-  connector refuses configurations with more than one KV cache group).
+- :func:`step_view`: a ``SchedulerOutput`` -> :class:`StepView` (block tables: one list per KV
+  cache group).
 - :func:`engine_model_key`: a ``VllmConfig`` and a pipeline stage -> the gpukv model name,
   identical in EngineCore and in every worker of that stage (all of them hold the same config);
   :func:`cpu_attention_isa` and :func:`tp_rank` ask vLLM itself (imported when called).
@@ -39,23 +39,20 @@ def request_info(request: Any) -> RequestInfo:
                        lookup=not (embeds or skip_read), store=not embeds)
 
 
-def group0_blocks(block_ids: Any) -> list[int] | None:
-    if block_ids is None:
-        return None
-    if len(block_ids) != 1:
-        raise ValueError(f"expected block ids of one KV cache group, got {len(block_ids)} groups")
-    return list(block_ids[0])
+def group_blocks(block_ids: Any) -> tuple[list[int], ...] | None:
+    """vLLM's block ids (one sequence per KV cache group) as lists; None stays None."""
+    return None if block_ids is None else tuple(list(ids) for ids in block_ids)
 
 
 def step_view(scheduler_output: Any) -> StepView:
     """The planner's view of one ``SchedulerOutput``."""
     scheduled = scheduler_output.num_scheduled_tokens
-    requests = [ScheduledRequest(r.req_id, group0_blocks(r.block_ids), True, r.num_computed_tokens,
+    requests = [ScheduledRequest(r.req_id, group_blocks(r.block_ids), True, r.num_computed_tokens,
                                  scheduled.get(r.req_id, 0))
                 for r in scheduler_output.scheduled_new_reqs]
     cached = scheduler_output.scheduled_cached_reqs
     for rid, new_ids, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
-        requests.append(ScheduledRequest(rid, group0_blocks(new_ids), rid in cached.resumed_req_ids,
+        requests.append(ScheduledRequest(rid, group_blocks(new_ids), rid in cached.resumed_req_ids,
                                          computed, scheduled.get(rid, 0)))
     return StepView(requests, preempted=frozenset(scheduler_output.preempted_req_ids or ()),
                     finished=frozenset(scheduler_output.finished_req_ids))

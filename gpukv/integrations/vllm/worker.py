@@ -36,8 +36,11 @@ from typing import Any, Callable, Mapping
 import torch
 
 from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
-from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, block_slots, stage_request_id
-from gpukv.integrations.vllm.registration import PROBE_S, Registration
+from gpukv.integrations.vllm.group_rows import group_rows
+from gpukv.integrations.vllm.kv_groups import ONE_GROUP, KVGroup, part_request_id
+from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, stage_request_id
+from gpukv.integrations.vllm.group_registrations import GroupRegistrations
+from gpukv.integrations.vllm.registration import PROBE_S
 from gpukv.integrations.vllm.stats import TransferRecorder, token_bytes
 from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers, model_stream
 
@@ -49,9 +52,12 @@ class WorkerSide:
     begin_*_chunks, copy_layers, finish, abort, ping) plus :class:`.guard.GuardedClient`'s
     ``take_lost`` and ``down``. :attr:`stats` records each load and store when it ends (on a copy
     thread): bytes, seconds from submission, success. ``inline``: run the copies in the calling
-    thread (tests driving a worker step by step)."""
+    thread (tests driving a worker step by step). ``groups``: the engine's KV cache groups
+    (:mod:`.kv_groups`), ``model`` then one key per group (a str for one group): one registration
+    per group, each copy covers every group (all or nothing)."""
 
-    def __init__(self, client: Any, *, instance_id: str, model: str, tp_rank: int, tp_size: int,
+    def __init__(self, client: Any, *, instance_id: str, model: str | list[str], tp_rank: int, tp_size: int,
+                 groups: tuple[KVGroup, ...] = ONE_GROUP,
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
                  wait_budget_s: float = 0.02, probe_s: float = PROBE_S, inline: bool = False,
@@ -74,8 +80,13 @@ class WorkerSide:
         self.client, self.stage, self.num_stages = client, stage, num_stages
         self.instance_id, self.tp_rank = instance_id, tp_rank
         self.load_enabled, self.store_enabled = load, store
-        self.registration = Registration(client, instance_id=instance_id, model=model, tp_rank=tp_rank,
-                                         tp_size=tp_size, probe_s=probe_s, clock=clock)
+        self.groups = groups
+        self.registrations = GroupRegistrations(
+            client, instance_id=instance_id, models=[model] if isinstance(model, str) else model,
+            groups=groups, tp_rank=tp_rank, tp_size=tp_size, probe_s=probe_s, clock=clock)
+        self.registration = self.registrations.all[0]  # group 0's: layer names, views, kind
+        self._fence_stores = any(g.sliding for g in groups)  # vLLM frees out-of-window blocks
+        self._failed_requests: set[str] = set()  # several groups: failed loads, by request
         self._failed: set[int] = set()
         self.last_loads: list[Transfer] = []  # this step's sync / layerwise loads, once settled
         self.last_stores: list[tuple[str, int]] = []  # this step's queued stores: (request, tokens)
@@ -85,22 +96,22 @@ class WorkerSide:
 
     # ---- registration (see :mod:`.registration`) ----------------------------------------------
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> bool:
-        """Register vLLM's own tensors; whether it is registered now (else it runs uncached)."""
-        registered = self.registration.register(kv_caches, backend)
-        if self.registration.views is not None:
-            self.token_bytes = token_bytes(self.registration.views, self.registration.dims)
+        """Register vLLM's own tensors (each group's layers with its registration); whether it is
+        registered now (else it runs uncached)."""
+        registered = self.registrations.register(kv_caches, backend)
+        self.token_bytes = sum(self.registrations.token_bytes)
         return registered
 
     def refuse(self, reason: str) -> None:
-        self.registration.refuse(reason)
+        self.registrations.refuse(reason)
 
     @property
     def registered(self) -> bool:
-        return self.registration.registered
+        return self.registrations.registered
 
     @property
     def refused(self) -> str | None:
-        return self.registration.refused
+        return self.registrations.refused
 
     @property
     def kind(self) -> str | None:
@@ -108,7 +119,7 @@ class WorkerSide:
 
     @property
     def num_registrations(self) -> int:
-        return self.registration.num_registrations
+        return self.registrations.num_registrations
 
     # ---- steps -------------------------------------------------------------------------------
     def _wait_deadline(self) -> float:
@@ -117,8 +128,13 @@ class WorkerSide:
         return self._deadline
 
     def new_step(self) -> None:
-        """A new engine step (vLLM bound its plan): the next wait starts its budget."""
+        """A new engine step (vLLM bound its plan, before its forward): the next wait starts its
+        budget. With a sliding-window group, the stores still copying are waited for: vLLM's
+        schedule of this step may have freed (and given to another request) a block outside a
+        window that a store of the last step still reads."""
         self._deadline = None
+        if self._fence_stores:
+            self.transfers.settle("store", self._wait_deadline())
 
     def preempted(self, plan: StepPlan) -> None:
         """Before the step's forward: stores still reading the blocks of requests vLLM preempted
@@ -131,7 +147,7 @@ class WorkerSide:
         """Queue the step's loads into this rank's pages; ``"sync"``: return once they are in
         (see the module docstring). A load that does not complete writes nothing and its blocks
         are reported (see :meth:`take_failed_blocks`)."""
-        self.registration.heal(self.transfers.background)  # on a side thread
+        self.registrations.heal(self.transfers.background)  # on a side thread
         self.last_loads = []
         for spec in plan.loads:
             job = self._submit_load(spec)
@@ -154,30 +170,51 @@ class WorkerSide:
             return None
         rid = stage_request_id(spec.request_id, self.stage, self.num_stages)
         views = self.registration.views
-        layers = len(views) if self.load_mode == "layerwise" else 0
+        layers = len(views) if self.load_mode == "layerwise" and len(self.groups) == 1 else 0
         job = Job("load", rid, len(spec.hashes) * self.client.chunk_size, layers, model_stream(views))
-        slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
-        return self.transfers.submit(job, lambda j: self._run_load(j, spec, slots))
+        rows = self._rows(spec.request_id, spec.hashes, spec.blocks, store=False)
+        return self.transfers.submit(job, lambda j: self._run_load(j, rows))
 
-    def _run_load(self, job: Job, spec: LoadSpec, slots: torch.Tensor) -> Transfer:
+    def _rows(self, request_id: str, hashes: list[bytes], blocks, *, store: bool) -> list[tuple]:
+        """Per group that copies anything: (its registration, hashes, slot mapping, server
+        request id, one token's bytes in its pages) (see :mod:`.group_rows`)."""
+        out = []
+        for g, registration in enumerate(self.registrations.all):
+            chunks, slots = group_rows(hashes, blocks[g], self.block_size, store=store)
+            if chunks:
+                out.append((registration, chunks, torch.from_numpy(slots),
+                            part_request_id(request_id, self.stage, self.num_stages, g, len(self.groups)),
+                            self.registrations.token_bytes[g]))
+        return out
+
+    def _run_load(self, job: Job, rows: list[tuple]) -> Transfer:
         if job.cancelled:
             return self._result(job, 0, ok=False)
-        copy = self.client.begin_retrieve_chunks(self.instance_id, spec.hashes, slots,
-                                                 request_id=job.request_id)
-        if copy is None or (copy.grant is None and copy.tokens == 0):  # a chunk is missing
-            return self._result(job, 0, ok=False)
+        copies = []
+        for registration, hashes, slots, rid, _ in rows:  # every group's objects pinned, or none
+            copy = self.client.begin_retrieve_chunks(registration.instance_id, hashes, slots, request_id=rid)
+            if copy is None or (copy.grant is None and copy.tokens == 0):  # a chunk is missing
+                for begun in copies:
+                    self.client.abort(begun)
+                return self._result(job, 0, ok=False)
+            copies.append(copy)
         if not job.claim():  # the step gave up on it: nothing written
-            self.client.abort(copy)
+            for copy in copies:
+                self.client.abort(copy)
             return self._result(job, 0, ok=False)
-        if copy.grant is not None:
-            for layer in range(len(job.layers)):  # layer by layer, each fenced
+        for copy in copies:
+            if copy.grant is None:
+                continue
+            for layer in range(len(job.layers)):  # layer by layer, each fenced (one group)
                 self.client.copy_layers(copy, layer + 1).wait()
                 job.layer_copied(layer)
             if copy.layers_queued < copy.num_layers:
                 self.client.copy_layers(copy).wait()
         job.end_copy(True)
-        self.client.finish(copy)  # the end of the retrieve: its shares go (the bytes are in)
-        written = int((slots >= 0).sum()) * self.token_bytes  # vLLM's own blocks (-1) are not
+        for copy in copies:
+            self.client.finish(copy)  # the end of the retrieve: its shares go (the bytes are in)
+        written = sum(int((slots >= 0).sum()) * nbytes  # vLLM's own blocks (-1) are not written
+                      for _, _, slots, _, nbytes in rows)
         return self._result(job, job.asked, nbytes=written)
 
     def wait_layer(self, layer_name: str) -> None:
@@ -208,7 +245,13 @@ class WorkerSide:
         self._step_loads = []
 
     def _load_failed(self, spec: LoadSpec) -> None:
-        self._failed.update(spec.report_blocks)
+        """Report a failed load: its blocks (vLLM recomputes from the first), or, with several
+        KV cache groups (vLLM cannot map block ids of several groups back to requests), the
+        request (vLLM's ``failed_recving``: asynchronous loads only, :mod:`.sides`)."""
+        if len(self.groups) == 1:
+            self._failed.update(spec.report_blocks)
+        else:
+            self._failed_requests.add(spec.request_id)
         self.num_failed_loads += 1
 
     # ---- stores ------------------------------------------------------------------------------
@@ -231,27 +274,35 @@ class WorkerSide:
                 job.done.wait(max(0.0, deadline - time.monotonic()))  # the commit, within the budget
 
     def _submit_store(self, spec: StoreSpec) -> Job:
-        job = Job("store", spec.request_id, len(spec.hashes) * self.client.chunk_size,
-                  stream=model_stream(self.registration.views))
-        slots = torch.from_numpy(block_slots(spec.blocks, self.block_size))
-        return self.transfers.submit(job, lambda j: self._run_store(j, spec, slots))
+        job = Job("store", stage_request_id(spec.request_id, self.stage, self.num_stages),
+                  len(spec.hashes) * self.client.chunk_size, stream=model_stream(self.registration.views))
+        rows = self._rows(spec.request_id, spec.hashes, spec.blocks, store=True)
+        return self.transfers.submit(job, lambda j: self._run_store(j, rows))
 
-    def _run_store(self, job: Job, spec: StoreSpec, slots: torch.Tensor) -> Transfer:
+    def _run_store(self, job: Job, rows: list[tuple]) -> Transfer:
         if job.cancelled:
             return self._result(job, 0, ok=False)
-        copy = self.client.begin_store_chunks(self.instance_id, spec.hashes, slots)
-        if copy is None:  # the server failed the call (logged by the guard)
-            return self._result(job, 0, ok=False)
-        if copy.grant is None:  # every chunk is cached already
+        copies = []
+        for registration, hashes, slots, _, nbytes in rows:
+            copy = self.client.begin_store_chunks(registration.instance_id, hashes, slots)
+            if copy is None:  # the server failed the call (logged by the guard)
+                for begun in copies:
+                    self.client.abort(begun)
+                return self._result(job, 0, ok=False)
+            if copy.grant is not None:  # else every chunk is cached already
+                copies.append((nbytes, copy))
+        if not copies:
             job.end_copy(True)
             return self._result(job, 0)
         if not job.claim():  # cancelled (preempted, or the step gave up): nothing committed
-            self.client.abort(copy)
+            for _, copy in copies:
+                self.client.abort(copy)
             return self._result(job, 0, ok=False)
-        self.client.copy_layers(copy).wait()
+        for _, copy in copies:
+            self.client.copy_layers(copy).wait()
         job.end_copy(True)
-        stored = self.client.finish(copy)  # the commit
-        return self._result(job, stored, nbytes=stored * self.token_bytes)
+        stored = [(nbytes, self.client.finish(copy)) for nbytes, copy in copies]  # the commits
+        return self._result(job, max(n for _, n in stored), nbytes=sum(b * n for b, n in stored))
 
     # ---- completions -------------------------------------------------------------------------
     def finished(self, plan: StepPlan) -> tuple[set[str], set[str]]:
@@ -289,6 +340,12 @@ class WorkerSide:
         """The transfers that ended since the last call."""
         return self.transfers.take_completed()
 
+    def take_failed_requests(self) -> set[str]:
+        """Requests whose asynchronous load failed since the last call (several KV cache
+        groups; reported with the requests whose load is done, :meth:`finished`)."""
+        failed, self._failed_requests = self._failed_requests, set()
+        return failed
+
     def take_failed_blocks(self) -> set[int]:
         """Block ids whose load failed since the last call (vLLM asks once per step)."""
         failed, self._failed = self._failed, set()
@@ -296,5 +353,4 @@ class WorkerSide:
 
     def close(self) -> None:
         self.transfers.close()
-        self.registration.close()
-
+        self.registrations.close()
