@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 class SchedulerReports:
     """``client``: the scheduler's guarded client; ``parts``: the engine's pipeline stages x KV
     cache groups (a hit's source is the farthest of its parts'; the KV events describe the
-    chunks of the first group of every stage). :attr:`lookups` is the client the planner must
+    chunks of every stage's first full-attention group, the blocks a router matches prefixes on). :attr:`lookups` is the client the planner must
     use (it records the hits' sources)."""
 
     def __init__(self, client: Any, parts: Parts | list[str], *, tp_size: int, block_size: int,
                  store: bool, kv_events: bool) -> None:
         self.parts = parts = parts if isinstance(parts, Parts) else Parts.of(parts)
-        models = [parts.key(s, 0) for s in range(parts.num_stages)]
+        described = next((g for g, group in enumerate(parts.groups) if not group.sliding), 0)
+        models = [parts.key(s, described) for s in range(parts.num_stages)]
         self.lookups = TierLookups(client, client.chunk_size)
         self.stats = TransferRecorder()
         self._local: dict[str, int] = {}  # vLLM's own hit at the request's last lookup
