@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpukv.integrations.vllm.guard import GuardedClient
-from gpukv.integrations.vllm.group_rows import group_rows
+from gpukv.integrations.vllm.group_copies import group_rows
 from gpukv.integrations.vllm.kv_groups import KVGroup, Parts, kv_groups
 from gpukv.integrations.vllm.plan import RequestInfo, ScheduledRequest, StepView
 from gpukv.integrations.vllm.planner import SchedulerPlanner

@@ -26,6 +26,12 @@ did. The modes:
 A load that fails (a chunk gone, no answer in time, a plan that could not load, an unregistered
 rank) writes no byte; its blocks go to ``get_block_ids_with_load_errors`` (no later than the
 step that reports an asynchronous load finished) and vLLM recomputes them.
+
+KV cache groups (:mod:`.kv_groups`): one registration per group (:mod:`.group_registrations`),
+and each job copies every group's share, all or nothing (:mod:`.group_copies`). With several
+groups a failed load is reported by request (:meth:`take_failed_requests`: vLLM's
+``failed_recving``); with a sliding-window group a step waits, before its forward, for the stores
+still copying (:meth:`new_step`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from gpukv.integrations.vllm.config import LOAD_MODES, STORE_MODES
-from gpukv.integrations.vllm.group_rows import group_rows
+from gpukv.integrations.vllm.group_copies import GroupRow, rows_of, run_load, run_store
 from gpukv.integrations.vllm.kv_groups import ONE_GROUP, KVGroup, part_request_id
 from gpukv.integrations.vllm.plan import LoadSpec, StepPlan, StoreSpec, stage_request_id
 from gpukv.integrations.vllm.group_registrations import GroupRegistrations
@@ -175,46 +181,16 @@ class WorkerSide:
         rows = self._rows(spec.request_id, spec.hashes, spec.blocks, store=False)
         return self.transfers.submit(job, lambda j: self._run_load(j, rows))
 
-    def _rows(self, request_id: str, hashes: list[bytes], blocks, *, store: bool) -> list[tuple]:
-        """Per group that copies anything: (its registration, hashes, slot mapping, server
-        request id, one token's bytes in its pages) (see :mod:`.group_rows`)."""
-        out = []
-        for g, registration in enumerate(self.registrations.all):
-            chunks, slots = group_rows(hashes, blocks[g], self.block_size, store=store)
-            if chunks:
-                out.append((registration, chunks, torch.from_numpy(slots),
-                            part_request_id(request_id, self.stage, self.num_stages, g, len(self.groups)),
-                            self.registrations.token_bytes[g]))
-        return out
+    def _rows(self, request_id: str, hashes: list[bytes], blocks, *, store: bool) -> list[GroupRow]:
+        groups = range(len(self.groups))
+        return rows_of([r.instance_id for r in self.registrations.all],
+                       [part_request_id(request_id, self.stage, self.num_stages, g, len(groups)) for g in groups],
+                       self.registrations.token_bytes, hashes, blocks, self.block_size, store=store)
 
-    def _run_load(self, job: Job, rows: list[tuple]) -> Transfer:
-        if job.cancelled:
+    def _run_load(self, job: Job, rows: list[GroupRow]) -> Transfer:
+        written = None if job.cancelled else run_load(self.client, job, rows)
+        if written is None:
             return self._result(job, 0, ok=False)
-        copies = []
-        for registration, hashes, slots, rid, _ in rows:  # every group's objects pinned, or none
-            copy = self.client.begin_retrieve_chunks(registration.instance_id, hashes, slots, request_id=rid)
-            if copy is None or (copy.grant is None and copy.tokens == 0):  # a chunk is missing
-                for begun in copies:
-                    self.client.abort(begun)
-                return self._result(job, 0, ok=False)
-            copies.append(copy)
-        if not job.claim():  # the step gave up on it: nothing written
-            for copy in copies:
-                self.client.abort(copy)
-            return self._result(job, 0, ok=False)
-        for copy in copies:
-            if copy.grant is None:
-                continue
-            for layer in range(len(job.layers)):  # layer by layer, each fenced (one group)
-                self.client.copy_layers(copy, layer + 1).wait()
-                job.layer_copied(layer)
-            if copy.layers_queued < copy.num_layers:
-                self.client.copy_layers(copy).wait()
-        job.end_copy(True)
-        for copy in copies:
-            self.client.finish(copy)  # the end of the retrieve: its shares go (the bytes are in)
-        written = sum(int((slots >= 0).sum()) * nbytes  # vLLM's own blocks (-1) are not written
-                      for _, _, slots, _, nbytes in rows)
         return self._result(job, job.asked, nbytes=written)
 
     def wait_layer(self, layer_name: str) -> None:
@@ -279,30 +255,11 @@ class WorkerSide:
         rows = self._rows(spec.request_id, spec.hashes, spec.blocks, store=True)
         return self.transfers.submit(job, lambda j: self._run_store(j, rows))
 
-    def _run_store(self, job: Job, rows: list[tuple]) -> Transfer:
-        if job.cancelled:
+    def _run_store(self, job: Job, rows: list[GroupRow]) -> Transfer:
+        stored = None if job.cancelled else run_store(self.client, job, rows)
+        if stored is None:
             return self._result(job, 0, ok=False)
-        copies = []
-        for registration, hashes, slots, _, nbytes in rows:
-            copy = self.client.begin_store_chunks(registration.instance_id, hashes, slots)
-            if copy is None:  # the server failed the call (logged by the guard)
-                for begun in copies:
-                    self.client.abort(begun)
-                return self._result(job, 0, ok=False)
-            if copy.grant is not None:  # else every chunk is cached already
-                copies.append((nbytes, copy))
-        if not copies:
-            job.end_copy(True)
-            return self._result(job, 0)
-        if not job.claim():  # cancelled (preempted, or the step gave up): nothing committed
-            for _, copy in copies:
-                self.client.abort(copy)
-            return self._result(job, 0, ok=False)
-        for _, copy in copies:
-            self.client.copy_layers(copy).wait()
-        job.end_copy(True)
-        stored = [(nbytes, self.client.finish(copy)) for nbytes, copy in copies]  # the commits
-        return self._result(job, max(n for _, n in stored), nbytes=sum(b * n for b, n in stored))
+        return self._result(job, stored[0], nbytes=stored[1])
 
     # ---- completions -------------------------------------------------------------------------
     def finished(self, plan: StepPlan) -> tuple[set[str], set[str]]:
