@@ -202,3 +202,51 @@ def test_with_a_sliding_group_the_next_step_waits_for_the_stores_still_reading_t
     thread.join()
     assert work_a.transfers.drain(10) and work_a.num_stored_tokens == 64
     work_a.close()
+
+
+def test_a_hole_in_the_sliding_groups_chunks_before_the_window_does_not_cut_the_hit():
+    client = FakeClient(chunk_size=CS)
+    plan_a, work_a, pages_a = _engine(client, "a", window=8)
+    prompt = tokens(100, 1)
+    blocks_a = ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14])
+    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
+    plan_a.after_alloc("ra", 0)
+    written = fill(_page(pages_a, SLIDE), blocks_a[0], 100, seed=3)[0]
+    fill(_page(pages_a, FULL), blocks_a[1], 100, seed=4)
+    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", blocks_a, True, 0, 100)])))
+    slide_key = plan_a.parts.key(0, 0)
+    hole = next(k for k in client.objects if k[0] == slide_key and k[2] == plan_a.chain_of("ra").hashes[1])
+    del client.objects[hole]  # e.g. evicted, or never stored (its blocks were freed first)
+
+    plan_b, work_b, pages_b = _engine(client, "b", window=8, load_mode="async")
+    prompt_b = prompt[:96] + tokens(4, 2)
+    # a prefix of the sliding group would stop at chunk 1; the hit needs only chunk 2 there
+    assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt_b), 0) == 96
+    blocks_b = ([0, 0, 0, 0, 0, 15, 16], [17, 18, 19, 20, 21, 22, 23])  # window 8 at 96: block 5 on
+    plan_b.after_alloc("rb", 96, blocks_b)
+    step = plan_b.build(StepView([]))
+    work_b.load(step)
+    assert work_b.finished(step) == (set(), {"rb"}) and work_b.take_failed_requests() == set()
+    slide_k, _ = cpu_read(pages_b[SLIDE], slots_of([0, 0, 0, 0, 0, 15], 96)[80:])
+    assert torch.equal(slide_k, written[0][80:96])
+    plan_b.loads_done(["rb"])
+    assert plan_b.finished("rb")
+    plan_b.workers_done(["rb"])
+    assert client.total_shares() == 0  # the sliding part's shares went with the request's end
+
+
+def test_without_the_windows_chunks_the_hit_falls_back_to_the_sliding_groups_prefix():
+    client = FakeClient(chunk_size=CS)
+    plan_a, work_a, _ = _engine(client, "a", window=8)
+    prompt = tokens(100, 1)
+    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
+    plan_a.after_alloc("ra", 0)
+    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]),
+                                                         True, 0, 100)])))
+    slide_key, chain = plan_a.parts.key(0, 0), plan_a.chain_of("ra").hashes
+    for c in (1, 2):
+        del client.objects[next(k for k in client.objects if k[0] == slide_key and k[2] == chain[c])]
+    plan_b, _, _ = _engine(client, "b", window=8)
+    assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt[:96] + [1]), 0) == 32
+    plan_b.finished("rb")
+    assert client.total_shares() == 0

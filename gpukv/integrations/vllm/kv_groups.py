@@ -11,8 +11,9 @@ its own block ids (unique within the group only) and its own layers. gpukv serve
   allocates real blocks only inside the window of the hit's end); a store copies only chunks
   whose blocks in that group are all still the request's: none null, none before the window as
   of the step's schedule (:meth:`KVGroup.live_from`), since vLLM may have freed and reused them.
-  The objects of every group are looked up as a prefix, so a hit needs the group's chunks from
-  the first one: older chunks are stored (while their blocks are live) and required.
+  Its older chunks are stored too (while their blocks are live: any later hit may end anywhere)
+  but a hit does not require them: it needs the group's chunks inside the window before the
+  hit's end only (:mod:`.group_lookup`), so a hole left by a freed block does not cut it.
 
 Every other kind (``MambaSpec`` -- SSM / linear-attention states, chunked local attention,
 cross attention, sink, sparse-attention caches...) and groups of different block sizes are

@@ -50,6 +50,7 @@ from gpukv.integrations.vllm.request_books import RequestBooks
 from gpukv.integrations.vllm.calls import ServerCalls
 from gpukv.integrations.vllm.chain import ChunkChain
 from gpukv.integrations.vllm.ends import RequestEnds
+from gpukv.integrations.vllm.group_lookup import lookup_parts
 from gpukv.integrations.vllm.kv_groups import ONE_GROUP, KVGroup, Parts
 from gpukv.integrations.vllm.plan import RequestInfo, StepPlan, StepView, group_lists
 
@@ -79,6 +80,8 @@ class SchedulerPlanner:
         self.parts = Parts.of(self.models, groups)
         self.groups = self.parts.groups
         self._keys = self.parts.keys  # one per (stage, group): what a lookup asks
+        self._part_groups = [self.groups[g] for _, g in self.parts.all]
+        self._sliding = any(g.sliding for g in self.groups)  # lookups in rounds (:mod:`.group_lookup`)
         self.client, self.tp_size = client, tp_size
         self.salt = client.server_info.get("salt", "") if salt is None else salt
         self.chunk_size, self.block_size = chunk_size, block_size
@@ -168,25 +171,34 @@ class SchedulerPlanner:
         num_chunks = len(info.token_ids) // self.chunk_size
         hashes = req.chain.extend(info.token_ids, num_chunks)[:num_chunks]  # a snapshot
         options = dict(loadable=True) if self.loadable else {}
-        req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes, request_id=rid,
-                                         tp_size=self.tp_size, **options)
-                       for model, rid in zip(self._keys, self._rids(info.request_id))]
+        rids = self._rids(info.request_id)
+        if self._sliding:  # one call: its rounds depend on each other's answers
+            req.pending = [self.calls.submit(lookup_parts, self.client, self._keys, rids, self._part_groups,
+                                             hashes, self.chunk_size, tp_size=self.tp_size, **options)]
+        else:
+            req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes, request_id=rid,
+                                             tp_size=self.tp_size, **options)
+                           for model, rid in zip(self._keys, rids)]
         if req.hit is None:
             req.first_asked = now
         req.looked_up_at, req.opened = now, True
         self.num_lookups += len(self._keys)
 
     def _take(self, req: RequestBooks, answers: list[int]) -> None:
-        """The parts' answers: the hit is the shortest; a longer part's extra shares go."""
+        """The parts' answers: the hit is the shortest; a longer prefix part's extra shares go (a
+        sliding-window part's stay until the request ends: :mod:`.group_lookup`)."""
         req.pending = None
+        if self._sliding:
+            answers = answers[0]
         req.hit = hit = min(int(a) for a in answers)
-        for rid, answer in zip(self._rids(req.info.request_id), answers):
-            if answer > hit:
+        for rid, answer, group in zip(self._rids(req.info.request_id), answers, self._part_groups):
+            if answer > hit and not group.sliding:
                 self.calls.send(self.client.free_lookup_locks, rid, start_token=hit)
 
     def _free(self, request_id: str, **token_range: int) -> None:
         self.calls.settle([self.calls.send(self.client.free_lookup_locks, rid, **token_range)
-                           for rid in self._rids(request_id)])
+                           for rid, group in zip(self._rids(request_id), self._part_groups)
+                           if not (token_range and group.sliding)])
 
     # ---- allocation and steps ----------------------------------------------------------------
     def after_alloc(self, request_id: str, num_external_tokens: int,

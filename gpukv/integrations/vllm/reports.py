@@ -52,7 +52,7 @@ class SchedulerReports:
     def hit_sources(self, request_id: str, num_external_tokens: int) -> dict[str, int]:
         """vLLM's ``CacheHitSource`` member names -> tokens of the external hit (recorded in the
         stats under gpukv's source names); ``EXTERNAL_UNSPECIFIED`` when unknown."""
-        split = self.lookups.split(self.parts.request_ids(request_id), self._local.get(request_id, 0),
+        split = self.lookups.split(self._prefix_ids(request_id), self._local.get(request_id, 0),
                                    num_external_tokens)
         if split is None:
             return {"EXTERNAL_UNSPECIFIED": num_external_tokens}
@@ -74,6 +74,13 @@ class SchedulerReports:
         self.lookups.forget(self.parts.request_ids(request_id))
         if self.blocks is not None:
             self.blocks.forget(request_id)
+
+    def _prefix_ids(self, request_id: str) -> list[str]:
+        """The server request ids of the parts looked up as a prefix (a sliding window's are
+        asked for other ranges: :mod:`.group_lookup`); all of them if every group slides."""
+        ids = self.parts.request_ids(request_id)
+        prefix = [rid for rid, (_, g) in zip(ids, self.parts.all) if not self.parts.groups[g].sliding]
+        return prefix or ids
 
     def take_events(self) -> list[Any]:
         return self.blocks.take_events() if self.blocks is not None and self.blocks.take else []
