@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,11 +20,13 @@ require_vllm()
 
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,  # noqa: E402
+                                        SlidingWindowSpec)
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 
 from frontend_cases import serving  # noqa: E402
-from gpukv.integrations.vllm.connector import GpukvConnector  # noqa: E402
+from gpukv.integrations.vllm.connector import GpukvConnector, GpukvMetadata  # noqa: E402
+from gpukv.integrations.vllm.plan import LoadSpec, StepPlan  # noqa: E402
 from gpukv.testing.tiny_models import write_tiny_model  # noqa: E402
 from vllm_pages import server_counts, tokens  # noqa: E402
 
@@ -101,6 +104,26 @@ def test_context_parallelism_leaves_the_engine_uncached_with_one_log_line(model,
     sending, errors = _run_step(scheduler, worker, _output([("r", range(4), 0, 64)]))
     assert (sending, errors) == (None, set())
     assert scheduler.request_finished(_request("r", []), []) == (False, None)
+
+
+def test_a_hybrid_worker_without_a_server_reports_a_planned_load_failed_by_request(model, tmp_path, caplog):
+    # vLLM 0.32 raises on block-level load errors of a model with several KV cache groups
+    # (block ids are unique per group only): such a load must come back as a failed request
+    slide = SlidingWindowSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.bfloat16, sliding_window=64)
+    full = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+    groups = KVCacheConfig(num_blocks=NB, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(NAMES[:1], slide), KVCacheGroupSpec(NAMES[1:], full)])
+    config = _config(model, {"gpukv.address": f"ipc://{tmp_path}/nobody.sock", "gpukv.autostart": False})
+    worker = GpukvConnector(config, KVConnectorRole.WORKER, groups)
+    assert worker.off and worker.config.load_mode == "async"  # as its scheduler plans, connected or not
+    blocks = np.array([[-1, 5], [4, 5]], dtype=np.int32)
+    worker.bind_connector_metadata(GpukvMetadata(StepPlan(1, loads=[LoadSpec("r", [b"h"], blocks, [4, 5])])))
+    worker.start_load_kv(None)
+    results = worker.get_transfer_results(set())
+    assert results.failed_recving == {"r"} and results.finished_recving == {"r"}
+    assert worker.get_block_ids_with_load_errors() == set()
+    worker.clear_connector_metadata()
+    worker.shutdown()
 
 
 def test_no_server_leaves_the_engine_uncached(model, tmp_path, caplog):

