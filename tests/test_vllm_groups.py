@@ -93,16 +93,22 @@ def _page(pages, layer):
     return {layer: pages[layer]}
 
 
-def test_two_groups_store_and_a_fresh_engine_loads_every_full_block_and_only_the_windows_blocks():
-    client = FakeClient(chunk_size=CS)
-    plan_a, work_a, pages_a = _engine(client, "a", window=24)
-    prompt = tokens(70, 1)
-    blocks_a = ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])
+def _stored(client: FakeClient, window: int, prompt: list[int], blocks: tuple[list[int], list[int]], **options):
+    """Engine "a" computes ``prompt`` into ``blocks`` (one list per group) in one prefill step and
+    stores its full chunks; returns (planner, worker, pages, the K written per group)."""
+    plan_a, work_a, pages_a = _engine(client, "a", window=window, **options)
     plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
     plan_a.after_alloc("ra", 0)
-    written = {SLIDE: fill(_page(pages_a, SLIDE), blocks_a[0], 70, seed=3)[0],
-               FULL: fill(_page(pages_a, FULL), blocks_a[1], 70, seed=4)[0]}
-    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", blocks_a, True, 0, 70)])))
+    written = {SLIDE: fill(_page(pages_a, SLIDE), blocks[0], len(prompt), seed=3)[0],
+               FULL: fill(_page(pages_a, FULL), blocks[1], len(prompt), seed=4)[0]}
+    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", blocks, True, 0, len(prompt))])))
+    return plan_a, work_a, pages_a, written
+
+
+def test_two_groups_store_and_a_fresh_engine_loads_every_full_block_and_only_the_windows_blocks():
+    client = FakeClient(chunk_size=CS)
+    prompt = tokens(70, 1)
+    _, work_a, _, written = _stored(client, 24, prompt, ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]))
     assert work_a.num_stored_tokens == 64 and len(client.objects) == 4  # 2 chunks x 2 groups
 
     plan_b, work_b, pages_b = _engine(client, "b", window=24, load_mode="async")
@@ -150,11 +156,8 @@ def test_a_sliding_chunk_whose_blocks_vllm_may_have_freed_is_not_stored_and_the_
 
 def test_a_failed_load_of_two_groups_is_reported_by_request_never_by_block():
     client = FakeClient(chunk_size=CS)
-    plan_a, work_a, pages_a = _engine(client, "a", window=24)
     prompt = tokens(70, 1)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]), True, 0, 70)])))
+    _stored(client, 24, prompt, ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]))
     plan_b, work_b, pages_b = _engine(client, "b", window=24, load_mode="async")
     assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt), 0) == 64
     plan_b.after_alloc("rb", 64, ([0, 0, 12, 13, 14], [20, 21, 22, 23, 24]))
@@ -187,11 +190,8 @@ class _HeldCopies(FakeClient):
 
 def test_with_a_sliding_group_the_next_step_waits_for_the_stores_still_reading_the_blocks():
     client = _HeldCopies()
-    plan_a, work_a, _ = _engine(client, "a", window=24, inline=False, store_mode="async")
-    prompt = tokens(70, 1)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]), True, 0, 70)])))
+    _, work_a, _, _ = _stored(client, 24, tokens(70, 1), ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]), inline=False,
+                              store_mode="async")
     assert client.copying.wait(10)  # the asynchronous store is copying out of the blocks
     stepped = threading.Event()
     thread = threading.Thread(target=lambda: (work_a.new_step(), stepped.set()))
@@ -206,14 +206,8 @@ def test_with_a_sliding_group_the_next_step_waits_for_the_stores_still_reading_t
 
 def test_a_hole_in_the_sliding_groups_chunks_before_the_window_does_not_cut_the_hit():
     client = FakeClient(chunk_size=CS)
-    plan_a, work_a, pages_a = _engine(client, "a", window=8)
     prompt = tokens(100, 1)
-    blocks_a = ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14])
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    written = fill(_page(pages_a, SLIDE), blocks_a[0], 100, seed=3)[0]
-    fill(_page(pages_a, FULL), blocks_a[1], 100, seed=4)
-    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", blocks_a, True, 0, 100)])))
+    plan_a, _, _, written = _stored(client, 8, prompt, ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]))
     slide_key = plan_a.parts.key(0, 0)
     hole = next(k for k in client.objects if k[0] == slide_key and k[2] == plan_a.chain_of("ra").hashes[1])
     del client.objects[hole]  # e.g. evicted, or never stored (its blocks were freed first)
@@ -228,7 +222,7 @@ def test_a_hole_in_the_sliding_groups_chunks_before_the_window_does_not_cut_the_
     work_b.load(step)
     assert work_b.finished(step) == (set(), {"rb"}) and work_b.take_failed_requests() == set()
     slide_k, _ = cpu_read(pages_b[SLIDE], slots_of([0, 0, 0, 0, 0, 15], 96)[80:])
-    assert torch.equal(slide_k, written[0][80:96])
+    assert torch.equal(slide_k, written[SLIDE][0][80:96])
     plan_b.loads_done(["rb"])
     assert plan_b.finished("rb")
     plan_b.workers_done(["rb"])
@@ -237,12 +231,8 @@ def test_a_hole_in_the_sliding_groups_chunks_before_the_window_does_not_cut_the_
 
 def test_without_the_windows_chunks_the_hit_falls_back_to_the_sliding_groups_prefix():
     client = FakeClient(chunk_size=CS)
-    plan_a, work_a, _ = _engine(client, "a", window=8)
     prompt = tokens(100, 1)
-    plan_a.num_new_matched_tokens(RequestInfo("ra", prompt), 0)
-    plan_a.after_alloc("ra", 0)
-    work_a.store(plan_a.build(StepView([ScheduledRequest("ra", ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]),
-                                                         True, 0, 100)])))
+    plan_a, _, _, _ = _stored(client, 8, prompt, ([1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]))
     slide_key, chain = plan_a.parts.key(0, 0), plan_a.chain_of("ra").hashes
     for c in (1, 2):
         del client.objects[next(k for k in client.objects if k[0] == slide_key and k[2] == chain[c])]
