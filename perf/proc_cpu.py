@@ -4,7 +4,8 @@
 all their descendants: a root's own threads count under its label, a descendant's under its
 process name (vLLM names its engine ``VLLM::EngineCore`` and its workers ``VLLM::Worker``).
 Two samples' difference (:func:`cpu_between`) says how much of the machine each role took in
-between, and :func:`busy_threads` how many of a role's threads computed (e.g. a vLLM-CPU
+between, :func:`machine_busy` what the whole machine used (the rest of it is other users'
+work on a shared machine), and :func:`busy_threads` how many of a role's threads computed (e.g. a vLLM-CPU
 worker's OpenMP threads: vLLM binds one per core it gives the worker). psutil is installed
 with vLLM, which every caller of this module runs.
 """
@@ -47,3 +48,9 @@ def busy_threads(before: dict[tuple[str, int], float], after: dict[tuple[str, in
     """How many threads of roles starting with ``prefix`` used at least ``min_s`` seconds."""
     return sum(1 for key, seconds in after.items()
                if key[0].startswith(prefix) and seconds - before.get(key, 0.0) >= min_s)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, all but idle and I/O wait)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
