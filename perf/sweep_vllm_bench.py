@@ -32,7 +32,7 @@ lookup aliased to that name, nothing else changed.
 
     python perf/sweep_vllm_bench.py --preset quick      # ~25 minutes on 2 cores
     python perf/sweep_vllm_bench.py --only-random 3     # the no-reuse comparison alone, ~6 minutes
-    python perf/sweep_vllm_bench.py --only-random 3 --random-arms all   # six arms, ~25 minutes
+    python perf/sweep_vllm_bench.py --only-random 3 --random-arms all   # six arms, ~15 minutes idle
 
 Writes perf/results/cpu/sweep_vllm_bench_<preset>[_random[_arms]].csv, .png (the log: redirect
 stdout).
