@@ -60,6 +60,8 @@ def test_each_group_has_a_key_and_request_id_of_its_own_and_one_group_keeps_the_
     assert two.request_ids("r") == ["r@g0", "r@g1"]
     other_window = Parts.of("k", (KVGroup(0, "sliding", 128), KVGroup(1)))
     assert other_window.key(0, 0) != two.key(0, 0) and other_window.key(0, 1) == two.key(0, 1)
+    only_sliding = Parts.of("k", (KVGroup(0, "sliding", 64),))
+    assert only_sliding.key(0, 0) != "k" and only_sliding.request_ids("r") == ["r"]
     with pytest.raises(ValueError, match="positive window"):
         KVGroup(0, "sliding", 0)
 

@@ -98,8 +98,10 @@ def kv_groups(kv_cache_config: Any) -> tuple[tuple[KVGroup, ...], str | None]:
 
 def group_key(stage_key: str, group: KVGroup, num_groups: int) -> str:
     """The server's model key of one group of a stage: the stage's own key for a model with one
-    group (its objects are those of a connector without groups)."""
-    if num_groups == 1:
+    full-attention group (its objects are those of a connector without groups). A model with
+    one sliding-window group gets a key of its own too: a connector without groups stored its
+    chunks from vLLM's null block where the window had passed."""
+    if num_groups == 1 and not group.sliding:
         return stage_key
     digest = hashlib.blake2b(f"{stage_key}|{group.tag}".encode(), digest_size=4).hexdigest()
     return f"{stage_key}-{digest}"

@@ -223,7 +223,8 @@ class WorkerSide:
     def _load_failed(self, spec: LoadSpec) -> None:
         """Report a failed load: its blocks (vLLM recomputes from the first), or, with several
         KV cache groups (vLLM cannot map block ids of several groups back to requests), the
-        request (vLLM's ``failed_recving``: asynchronous loads only, :mod:`.sides`)."""
+        request (vLLM's ``failed_recving``: such a model loads asynchronously,
+        :meth:`.config.ConnectorConfig.for_groups`)."""
         if len(self.groups) == 1:
             self._failed.update(spec.report_blocks)
         else:
