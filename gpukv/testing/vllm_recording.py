@@ -66,7 +66,7 @@ class RecordingGpukvConnector(GpukvConnector):
             return None
         from gpukv.integrations.vllm.plan import block_slots
 
-        slot_mappings = [block_slots(s.blocks, self.block_size) for s in specs]
+        slot_mappings = [block_slots(s.blocks[0], self.block_size) for s in specs]  # group 0 (the one)
         mla = self._worker.kind == "mla"
         return [{name: chunk_digests(kv.flatten(1, 2) if mla else kv, slots, self.client.chunk_size)
                  for name, kv in self._kv_caches.items()} for slots in slot_mappings]
@@ -184,7 +184,7 @@ class RecordingGpukvConnector(GpukvConnector):
                             r.num_scheduled_tokens] for r in view.requests],
                      preempted=sorted(view.preempted), finished=sorted(view.finished),
                      loads=[dict(request_id=s.request_id, num_tokens=len(s.hashes) * self.client.chunk_size,
-                                 num_skipped=int((s.blocks < 0).sum()) * self.block_size,
+                                 num_skipped=int((s.blocks[0] < 0).sum()) * self.block_size,
                                  block_ids=s.report_blocks) for s in plan.loads],
                      stores=[dict(request_id=s.request_id, num_tokens=len(s.hashes) * self.client.chunk_size)
                              for s in plan.stores],
