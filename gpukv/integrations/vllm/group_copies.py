@@ -8,6 +8,8 @@ them, all or nothing (:func:`run_load`, :func:`run_store`).
 - A store copies a chunk from a group only where all its blocks are the request's (``-1``: a
   sliding window's block that vLLM may have freed, see :mod:`.kv_groups`); that group does not
   hold the chunk then.
+- A job begins every group's copy (a load pins every group's objects) before it claims the
+  bytes; if one cannot begin, the others are aborted and nothing moves.
 """
 
 from __future__ import annotations
