@@ -21,6 +21,20 @@ def _names(ax, rows: list[dict]) -> None:
     ax.set_xticks(range(len(rows)), [s["arm"] for s in rows], rotation=30, ha="right", fontsize=8)
 
 
+def _bars(ax, rows: list[dict], key: str, ylabel: str, title: str) -> None:
+    """One bar per arm of ``rows[i][key]``."""
+    ax.bar(list(range(len(rows))), [s[key] for s in rows])
+    _names(ax, rows)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(summary: list[dict], path: Path) -> None:
     prefix = [s for s in summary if s["dataset"] == "prefix"] or summary  # --only-random: those
     plt, fig, axes = _axes(2)
@@ -31,13 +45,8 @@ def plot(summary: list[dict], path: Path) -> None:
     axes[0].set_ylabel("ms")
     axes[0].set_title("prefix_repetition: time to first token (median of runs)")
     axes[0].legend()
-    axes[1].bar(list(x), [s["req_per_s"] for s in prefix])
-    _names(axes[1], prefix)
-    axes[1].set_ylabel("requests / s")
-    axes[1].set_title("request throughput")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _bars(axes[1], prefix, "req_per_s", "requests / s", "request throughput")
+    _save(plt, fig, path)
 
 
 def plot_random(summary: list[dict], path: Path) -> None:
@@ -52,14 +61,6 @@ def plot_random(summary: list[dict], path: Path) -> None:
     axes[0].set_ylabel("ms per output token")
     axes[0].set_title("no reuse: TPOT taken apart (median of runs)")
     axes[0].legend(fontsize=8)
-    axes[1].bar(x, [s["ttft_median_ms"] for s in rows])
-    _names(axes[1], rows)
-    axes[1].set_ylabel("ms")
-    axes[1].set_title("TTFT p50")
-    axes[2].bar(x, [s["req_per_s"] for s in rows])
-    _names(axes[2], rows)
-    axes[2].set_ylabel("requests / s")
-    axes[2].set_title("request throughput")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _bars(axes[1], rows, "ttft_median_ms", "ms", "TTFT p50")
+    _bars(axes[2], rows, "req_per_s", "requests / s", "request throughput")
+    _save(plt, fig, path)

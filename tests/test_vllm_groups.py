@@ -242,3 +242,38 @@ def test_without_the_windows_chunks_the_hit_falls_back_to_the_sliding_groups_pre
     assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt[:96] + [1]), 0) == 32
     plan_b.finished("rb")
     assert client.total_shares() == 0
+
+
+class _SecondRetrieveFails(FakeClient):
+    """A fake whose second RETRIEVE_BEGIN of a job finds its chunk gone (the first group's copy
+    has begun: its objects are pinned)."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CS)
+        self.begun: list = []
+
+    def begin_retrieve_chunks(self, *args, **kwargs):
+        if len(self.begun) == 1:
+            self.fail_next_retrieves = 1
+        copy = super().begin_retrieve_chunks(*args, **kwargs)
+        self.begun.append(copy)
+        return copy
+
+
+def test_a_group_whose_copy_cannot_begin_aborts_the_groups_begun_before_it_and_nothing_is_written():
+    client = _SecondRetrieveFails()
+    prompt = tokens(70, 1)
+    _stored(client, 24, prompt, ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]))
+    plan_b, work_b, pages_b = _engine(client, "b", window=24, load_mode="async")
+    assert plan_b.num_new_matched_tokens(RequestInfo("rb", prompt), 0) == 64
+    plan_b.after_alloc("rb", 64, ([0, 0, 12, 13, 14], [20, 21, 22, 23, 24]))
+    step = plan_b.build(StepView([]))
+    work_b.load(step)
+    assert work_b.finished(step) == (set(), {"rb"}) and work_b.take_failed_requests() == {"rb"}
+    first, second = client.begun
+    assert first.grant is not None and first.finished and second.grant is None  # the sliding one aborted
+    assert torch.isnan(pages_b[SLIDE]).all() and torch.isnan(pages_b[FULL]).all()
+    plan_b.loads_done(["rb"])
+    assert plan_b.finished("rb")
+    plan_b.workers_done(["rb"])
+    assert client.total_shares() == 0

@@ -1,5 +1,7 @@
-"""A lookup across KV cache groups with a sliding window (:mod:`.kv_groups`): how many leading
-tokens every part can serve, with a sliding-window part asked only for what the hit needs.
+"""The scheduler's lookup of every part of an engine (pipeline stage x KV cache group,
+:mod:`.kv_groups`), as one call on its calls thread: how many leading tokens each part can
+serve. Without a sliding-window group that is one prefix lookup per part; a sliding-window part
+is asked only for what the hit needs.
 
 A full-attention part serves a prefix: every chunk from the first. A sliding-window part serves
 a hit ending at ``E`` when it holds the chunks of the window before ``E`` (vLLM writes only the

@@ -81,7 +81,6 @@ class SchedulerPlanner:
         self.groups = self.parts.groups
         self._keys = self.parts.keys  # one per (stage, group): what a lookup asks
         self._part_groups = [self.groups[g] for _, g in self.parts.all]
-        self._sliding = any(g.sliding for g in self.groups)  # lookups in rounds (:mod:`.group_lookup`)
         self.client, self.tp_size = client, tp_size
         self.salt = client.server_info.get("salt", "") if salt is None else salt
         self.chunk_size, self.block_size = chunk_size, block_size
@@ -171,14 +170,10 @@ class SchedulerPlanner:
         num_chunks = len(info.token_ids) // self.chunk_size
         hashes = req.chain.extend(info.token_ids, num_chunks)[:num_chunks]  # a snapshot
         options = dict(loadable=True) if self.loadable else {}
-        rids = self._rids(info.request_id)
-        if self._sliding:  # one call: its rounds depend on each other's answers
-            req.pending = [self.calls.submit(lookup_parts, self.client, self._keys, rids, self._part_groups,
-                                             hashes, self.chunk_size, tp_size=self.tp_size, **options)]
-        else:
-            req.pending = [self.calls.submit(self.client.lookup_hashes, model, hashes, request_id=rid,
-                                             tp_size=self.tp_size, **options)
-                           for model, rid in zip(self._keys, rids)]
+        # one call on the calls thread: a sliding window's rounds depend on the others' answers
+        req.pending = [self.calls.submit(lookup_parts, self.client, self._keys, self._rids(info.request_id),
+                                         self._part_groups, hashes, self.chunk_size, tp_size=self.tp_size,
+                                         **options)]
         if req.hit is None:
             req.first_asked = now
         req.looked_up_at, req.opened = now, True
@@ -188,8 +183,7 @@ class SchedulerPlanner:
         """The parts' answers: the hit is the shortest; a longer prefix part's extra shares go (a
         sliding-window part's stay until the request ends: :mod:`.group_lookup`)."""
         req.pending = None
-        if self._sliding:
-            answers = answers[0]
+        answers = answers[0]  # the one call's answer per part
         req.hit = hit = min(int(a) for a in answers)
         for rid, answer, group in zip(self._rids(req.info.request_id), answers, self._part_groups):
             if answer > hit and not group.sliding:
