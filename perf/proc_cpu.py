@@ -15,9 +15,13 @@ from __future__ import annotations
 import psutil
 
 
+MAIN = "/main"  # a process's main thread's role: its role and this (a vLLM worker's forward)
+
+
 def thread_cpu(roots: dict[str, int]) -> dict[tuple[str, int], float]:
     """``{(role, thread id): cpu seconds}`` of ``roots`` (``{label: pid}``) and their
-    descendants now; a process that is gone counts nothing."""
+    descendants now; a process that is gone counts nothing. A process's main thread has its
+    role plus :data:`MAIN` (sums by role prefix count it with the rest)."""
     out: dict[tuple[str, int], float] = {}
     for label, pid in roots.items():
         try:
@@ -29,7 +33,8 @@ def thread_cpu(roots: dict[str, int]) -> dict[tuple[str, int], float]:
             try:
                 role = role or proc.name()
                 for thread in proc.threads():
-                    out[(role, thread.id)] = thread.user_time + thread.system_time
+                    out[(role + MAIN if thread.id == proc.pid else role, thread.id)] = (
+                        thread.user_time + thread.system_time)
             except psutil.Error:
                 continue
     return out

@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_timeline import timeline_stats  # noqa: E402
 from common import load_average, results_dir, run_info, write_csv  # noqa: E402
-from proc_cpu import busy_threads, cpu_between, machine_busy, thread_cpu  # noqa: E402
+from proc_cpu import MAIN, busy_threads, cpu_between, machine_busy, thread_cpu  # noqa: E402
 from vllm_bench_plot import plot, plot_random  # noqa: E402
 from vllm_openai import bench, get, openai_server  # noqa: E402
 from vllm_scrape import engine_numbers  # noqa: E402
@@ -86,6 +86,8 @@ RANDOM_ARMS = {  # name: (prefix caching, kv-transfer-config without the gpukv a
     "g-gpukv-lookups-only": (True, dict(CONNECTOR, kv_role="kv_consumer", kv_connector_extra_config=ARMS[DEFAULT][1])),
     "c-gpukv-sync-stores": (True, dict(CONNECTOR, kv_connector_extra_config=ARMS["c-gpukv-sync"][1])),
     DEFAULT: (True, dict(CONNECTOR, kv_connector_extra_config=ARMS[DEFAULT][1])),
+    "i-gpukv-threads-inherit": (True, dict(CONNECTOR, kv_connector_extra_config={
+        **ARMS[DEFAULT][1], "gpukv.worker_cpus": "inherit"})),  # gpukv's threads on the forward's core
 }
 
 
@@ -131,6 +133,7 @@ def arm(model: Path, work: Path, name: str, dataset: str, seed: int, port: int, 
                **engine, **timeline_stats(result), duration_s=result["duration"],
                **{f"cpu_{k}_s": sum(v for r, v in cpu.items() if r.startswith(role)) for k, role in CPU_ROLES.items()},
                cpu_client_s=result["client_cpu_s"],
+               cpu_worker_main_s=cpu.get(CPU_ROLES["worker"] + MAIN, 0.0),  # the forward's thread
                worker_busy_threads=busy_threads(threads_before, threads_after, CPU_ROLES["worker"],
                                                 0.1 * result["duration"]),
                load_before=before[0], load_after=load_average()[0], attempts=1)
@@ -144,6 +147,7 @@ def arm(model: Path, work: Path, name: str, dataset: str, seed: int, port: int, 
         f"{row['decode_batch_mean']:.2f}, vLLM hits {row['prefix_hit_rate']:.2f}, gpukv hits "
         f"{row['external_hit_rate']:.2f}; load {before[0]} -> {row['load_after']}\n"
         f"  {'':24} CPU s: " + ", ".join(f"{k} {row[f'cpu_{k}_s']:.1f}" for k in (*CPU_ROLES, "client"))
+        + f" (its forward's thread {row['cpu_worker_main_s']:.1f})"
         + f" in {window:.1f} s ({row['cores_busy']:.2f} cores busy; other processes "
         f"{row['cpu_others_s']:.1f} s); worker threads computing: "
         f"{row['worker_busy_threads']}")
@@ -238,13 +242,14 @@ def main() -> None:
                              "(default: b-vllm-cache and gpukv's default); ARM@rN: that arm with "
                              "VLLM_CPU_NUM_OF_RESERVED_CPU=N (vLLM-CPU reserves N cores for its other "
                              "processes, the rest are its worker's OpenMP threads)")
+    parser.add_argument("--tag", default="", help="added to the output files' names (keeps an earlier run's)")
     args = parser.parse_args()
     names = list(RANDOM_ARMS) if args.random_arms == "all" else [n for n in args.random_arms.split(",") if n]
     unknown = [n for n in names if n.partition("@r")[0] not in RANDOM_ARMS
                or not (n.partition("@r")[2] or "0").isdigit()]
     if unknown:
         parser.error(f"--random-arms: unknown arms {unknown}; known: {list(RANDOM_ARMS)}")
-    suffix = ("_random" if args.only_random else "") + ("_arms" if names else "")
+    suffix = ("_random" if args.only_random else "") + ("_arms" if names else "") + (f"_{args.tag}" if args.tag else "")
     out = results_dir("cpu") / f"sweep_vllm_bench_{args.preset}{suffix}.csv"
     info = run_info()
     log(f"{info['date']}, {info['machine']}, load {info['loadavg']}, commit {info['commit']}; "

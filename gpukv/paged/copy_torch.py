@@ -13,8 +13,9 @@ too in large unpacks: :func:`nontemporal`; :mod:`gpukv.paged.native`), or by
 numpy's ``take(out=)`` / ``put``, one memmove per item, where it cannot be built. Planes sharing
 a buffer (K and V of a layer, all layers of a vLLM cross-layer buffer) move in one call. Both
 release the GIL while copying, so a large call splits its work over ``torch.get_num_threads()``
-threads: the caller's and a pool kept with the cache (:meth:`PagedKV.cached`), which take pieces
-in turn (:func:`run_shared`).
+threads, no more than the calling thread's CPUs (a vLLM worker's copy thread runs on the cores
+the forward leaves free: :mod:`gpukv.integrations.vllm.thread_cpus`): the caller's and a pool
+kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
 On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
 indexed copies on integer-word views (:func:`gpukv.paged.units.unit_views`).
 Arguments are validated by :mod:`gpukv.paged.copy`; this module assumes them correct.
@@ -107,6 +108,8 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     compiled = [parts.batch() for parts in batches.values()]
     entries = len(work) + sum(len(b.counts) for b in compiled)
     threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
+    if threads > 1:
+        threads = min(threads, len(os.sched_getaffinity(0)))
     streaming = nontemporal(to_arena, len(offsets) * span)
     if threads <= 1:
         for batch in compiled:

@@ -40,6 +40,11 @@ key                         default  meaning
                                      vLLM's blocks (commits follow on a thread)
 ``gpukv.wait_budget_s``     0.02     the most one worker step waits for the server before a load
                                      it needs starts (then it is cancelled: vLLM recomputes it)
+``gpukv.worker_cpus``       "auto"   the CPUs a worker's gpukv threads (copies, pings, sockets)
+                                     run on: ``"auto"``: those vLLM-CPU keeps free of its
+                                     OpenMP threads, if any; ``"inherit"``: where they start
+                                     (the forward's first core on vLLM-CPU); or a CPU list,
+                                     ``[1, 3]`` or ``"1,3-4"`` (see :mod:`.thread_cpus`)
 ==========================  =======  =========================================================
 
 Keys of other prefixes are ignored (the tests' recording connector reads ``gpukv_test.*``).
@@ -55,12 +60,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from gpukv.integrations.vllm.thread_cpus import SETTINGS, parse_cpu_list
+
 log = logging.getLogger(__name__)
 
 _KEYS = ("gpukv.address", "gpukv.autostart", "gpukv.autostart_args", "gpukv.chunk_size",
          "gpukv.group", "gpukv.timeout_s", "gpukv.step_budget_s", "gpukv.lookup_wait_s",
          "gpukv.relookup_s", "gpukv.events_address", "gpukv.load_mode", "gpukv.store_mode",
-         "gpukv.wait_budget_s")
+         "gpukv.wait_budget_s", "gpukv.worker_cpus")
 LOAD_MODES, STORE_MODES = ("sync", "layerwise", "async"), ("sync", "async")
 ROLES = {"kv_both": (True, True), "kv_producer": (False, True), "kv_consumer": (True, False)}
 
@@ -82,6 +89,7 @@ class ConnectorConfig:
     load_mode: str = "sync"
     store_mode: str = "async"
     wait_budget_s: float = 0.02
+    worker_cpus: str | frozenset[int] = "auto"
     load: bool = True
     store: bool = True
 
@@ -114,6 +122,10 @@ class ConnectorConfig:
         wait = self.wait_budget_s
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1:
             raise ValueError(f"gpukv.wait_budget_s must be a number in [0, 1] (seconds), got {wait!r}")
+        if not (self.worker_cpus in SETTINGS or isinstance(self.worker_cpus, frozenset) and self.worker_cpus
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.worker_cpus)):
+            raise ValueError(f"gpukv.worker_cpus must be one of {list(SETTINGS)} or a list of CPU ids, "
+                             f"got {self.worker_cpus!r}")
         if self.group is not None and not 16 <= len(self.group) <= 128:
             raise ValueError(f"gpukv.group must be 16 to 128 characters, got {len(self.group)}")
 
@@ -158,7 +170,21 @@ class ConnectorConfig:
                    events_address=extra.get("gpukv.events_address"),
                    load_mode=extra.get("gpukv.load_mode", "sync"),
                    store_mode=extra.get("gpukv.store_mode", "async"),
-                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.02), load=load, store=store)
+                   wait_budget_s=extra.get("gpukv.wait_budget_s", 0.02),
+                   worker_cpus=_cpus_setting(extra.get("gpukv.worker_cpus", "auto")), load=load, store=store)
+
+
+def _cpus_setting(value: Any) -> Any:
+    """``gpukv.worker_cpus`` as given: a setting name, a CPU list (``"1,3-4"`` or ``[1, 3]``:
+    a frozenset), or the value unchanged for the check to name."""
+    if isinstance(value, str) and value not in SETTINGS:
+        try:
+            return parse_cpu_list(value)
+        except ValueError:
+            return value
+    if isinstance(value, (list, tuple)):
+        return frozenset(value) if all(isinstance(c, int) and not isinstance(c, bool) for c in value) else value
+    return value
 
 
 def check_chunking(chunk_size: int, block_size: int, expected_chunk_size: int | None) -> None:

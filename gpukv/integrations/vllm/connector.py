@@ -61,6 +61,7 @@ from gpukv.integrations.vllm.plan import StepPlan
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.reports import SchedulerReports
 from gpukv.integrations.vllm.sides import connect, scheduler_side, worker_side
+from gpukv.integrations.vllm.thread_cpus import ThreadCpus
 from gpukv.integrations.vllm.topology import pipeline_stages, refusal
 from gpukv.integrations.vllm.translate import cpu_attention_isa, engine_model_key, request_info, step_view
 from gpukv.integrations.vllm.worker import WorkerSide
@@ -108,6 +109,7 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         self._unreceived: set[str] = set()  # their requests (async loads: reported received)
         self._unloaded_requests: set[str] = set()  # the same, several KV cache groups: by request
         self.started_server = False
+        self.thread_cpus = ThreadCpus()  # where a worker's gpukv threads run
         parallel = vllm_config.parallel_config
         self.address = cfg.address or default_address()
         self.groups, why = kv_groups(kv_cache_config)
@@ -117,7 +119,10 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
             cfg = self.config = cfg.for_groups(self.groups, zeroing)
         if self.off is None:
             self.group = engine_group(ktc.engine_id, int(parallel.data_parallel_rank), cfg.group)
-            self.client, self.started_server, self.off = connect(cfg, self.address, self.group)
+            if role is not KVConnectorRole.SCHEDULER:  # off the forward's cores (:mod:`.thread_cpus`)
+                self.thread_cpus = ThreadCpus.for_worker(cfg.worker_cpus)
+            self.client, self.started_server, self.off = connect(cfg, self.address, self.group,
+                                                                 self.thread_cpus)
         if self.off is not None:
             log.error("gpukv: %s; this engine runs without gpukv", self.off)
             return
@@ -140,7 +145,7 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
                                                           block_size=self.block_size)
         else:
             self._worker = worker_side(vllm_config, cfg, self.client, self.parts, group=self.group,
-                                       block_size=self.block_size)
+                                       block_size=self.block_size, thread_cpus=self.thread_cpus)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -25,6 +25,7 @@ from gpukv.integrations.vllm.guard import GuardedClient
 from gpukv.integrations.vllm.kv_groups import Parts
 from gpukv.integrations.vllm.planner import SchedulerPlanner
 from gpukv.integrations.vllm.reports import SchedulerReports
+from gpukv.integrations.vllm.thread_cpus import ThreadCpus
 from gpukv.integrations.vllm.topology import worker_stage_index
 from gpukv.integrations.vllm.translate import tp_rank
 from gpukv.integrations.vllm.worker import WorkerSide
@@ -32,9 +33,11 @@ from gpukv.integrations.vllm.worker import WorkerSide
 log = logging.getLogger(__name__)
 
 
-def connect(cfg: ConnectorConfig, address: str, group: str) -> tuple[GuardedClient | None, bool, str | None]:
+def connect(cfg: ConnectorConfig, address: str, group: str, thread_cpus: ThreadCpus | None = None
+            ) -> tuple[GuardedClient | None, bool, str | None]:
     """Find (or autostart) the server and connect: (the guarded client, whether this process
-    started the server, why there is no connection or None)."""
+    started the server, why there is no connection or None). The client's threads (its
+    socket I/O thread, its ping thread) start on ``thread_cpus``."""
     started = False
     try:
         if cfg.autostart:
@@ -42,7 +45,8 @@ def connect(cfg: ConnectorConfig, address: str, group: str) -> tuple[GuardedClie
             if cfg.chunk_size is not None and "--chunk-size" not in serve_args:
                 serve_args += ["--chunk-size", str(cfg.chunk_size)]
             _, started = ensure_server(address, serve_args=serve_args)
-        raw = CacheClient(address, group=group, timeout_s=cfg.timeout_s)
+        with (thread_cpus or ThreadCpus()).starting():
+            raw = CacheClient(address, group=group, timeout_s=cfg.timeout_s)
     except (ServerUnavailable, RuntimeError, OSError) as exc:
         return None, started, (f"no gpukv server at {address} ({exc}); start `gpukv serve --address "
                                f"{address}`, or set \"gpukv.autostart\": true, and restart the engine")
@@ -80,9 +84,9 @@ def scheduler_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, parts: P
 
 
 def worker_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, parts: Parts, *,
-                group: str, block_size: int) -> WorkerSide:
+                group: str, block_size: int, thread_cpus: ThreadCpus | None = None) -> WorkerSide:
     """This rank's worker side (its instance id names the engine group, stage, rank and pid),
-    one registration per KV cache group of its stage."""
+    one registration per KV cache group of its stage; its copy threads run on ``thread_cpus``."""
     parallel = vllm_config.parallel_config
     stage, rank = worker_stage_index(parallel), tp_rank(parallel)
     return WorkerSide(
@@ -90,4 +94,5 @@ def worker_side(vllm_config: Any, cfg: ConnectorConfig, client: Any, parts: Part
         model=[parts.key(stage, g) for g in range(parts.num_groups)], groups=parts.groups,
         tp_rank=rank, tp_size=int(parallel.tensor_parallel_size), block_size=block_size, stage=stage,
         num_stages=parts.num_stages, load=cfg.load, store=cfg.store, load_mode=cfg.load_mode,
-        store_mode=cfg.store_mode, wait_budget_s=cfg.wait_budget_s)
+        store_mode=cfg.store_mode, wait_budget_s=cfg.wait_budget_s,
+        thread_init=(thread_cpus or ThreadCpus()).enter)

@@ -125,9 +125,10 @@ class Transfers:
     called (on the job's thread) after each job ends. ``inline=True`` runs each job at once in
     the submitting thread (tests that drive a worker step by step)."""
 
-    def __init__(self, on_done: Callable[[Transfer], None] | None = None, *, inline: bool = False) -> None:
-        self._pools = {} if inline else {
-            op: ThreadPoolExecutor(1, thread_name_prefix=f"gpukv-{op}s") for op in ("load", "store")}
+    def __init__(self, on_done: Callable[[Transfer], None] | None = None, *, inline: bool = False,
+                 thread_init: Callable[[], None] | None = None) -> None:
+        self._thread_init = thread_init  # runs first on each of the threads (:mod:`.thread_cpus`)
+        self._pools = {} if inline else {op: self._pool(f"gpukv-{op}s") for op in ("load", "store")}
         self._lock = threading.Lock()
         self._jobs: dict[str, list[Job]] = {}  # request id -> its jobs not done yet
         self._completed: list[Transfer] = []
@@ -173,10 +174,13 @@ class Transfers:
         if not self._pools:
             future.set_result(fn(*args))
             return future
-        pool = self._pools.setdefault("side", ThreadPoolExecutor(1, thread_name_prefix="gpukv-checks"))
+        pool = self._pools.get("side") or self._pools.setdefault("side", self._pool("gpukv-checks"))
         future = pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
         return future
+
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._thread_init)
 
     def jobs_of(self, request_id: str, op: str | None = None) -> list[Job]:
         with self._lock:

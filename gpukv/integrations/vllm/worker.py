@@ -58,7 +58,8 @@ class WorkerSide:
     begin_*_chunks, copy_layers, finish, abort, ping) plus :class:`.guard.GuardedClient`'s
     ``take_lost`` and ``down``. :attr:`stats` records each load and store when it ends (on a copy
     thread): bytes, seconds from submission, success. ``inline``: run the copies in the calling
-    thread (tests driving a worker step by step). ``groups``: the engine's KV cache groups
+    thread (tests driving a worker step by step); ``thread_init`` runs first on each copy thread
+    (:meth:`.thread_cpus.ThreadCpus.enter`). ``groups``: the engine's KV cache groups
     (:mod:`.kv_groups`), ``model`` then one key per group (a str for one group): one registration
     per group, each copy covers every group (all or nothing)."""
 
@@ -67,7 +68,7 @@ class WorkerSide:
                  block_size: int = 16, stage: int = 0, num_stages: int = 1, load: bool = True,
                  store: bool = True, load_mode: str = "sync", store_mode: str = "sync",
                  wait_budget_s: float = 0.02, probe_s: float = PROBE_S, inline: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, thread_init: Callable[[], None] | None = None) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside [0, tp_size={tp_size})")
         if not 0 <= stage < num_stages:
@@ -77,7 +78,7 @@ class WorkerSide:
                              f"{STORE_MODES}, got {load_mode!r}, {store_mode!r}")
         self.block_size, self.load_mode, self.store_mode = block_size, load_mode, store_mode
         self.wait_budget_s = wait_budget_s
-        self.transfers = Transfers(on_done=self._transfer_done, inline=inline)
+        self.transfers = Transfers(on_done=self._transfer_done, inline=inline, thread_init=thread_init)
         self._deadline: float | None = None  # the step's budget, from its first wait
         self._step_loads: list[tuple[Job, LoadSpec]] = []  # sync/layerwise loads of this step
         self._async_loads: list[tuple[Job, LoadSpec]] = []  # async loads not reported yet

@@ -1,0 +1,148 @@
+"""The CPUs a vLLM worker's gpukv threads run on (``gpukv.worker_cpus``).
+
+vLLM-CPU binds each worker's OpenMP threads -- the forward -- one per core
+(``vllm/utils/ompmultiprocessing.py``): it hands the worker its core list in the OpenMP
+runtime's variables (``KMP_AFFINITY``'s ``proclist`` for Intel's runtime, ``GOMP_CPU_AFFINITY``
+for GNU's, else ``OMP_PLACES``) and binds from the worker's main thread. A thread inherits the
+mask of the thread that starts it, so gpukv's copy, ping and socket threads would share the
+forward's first core, and every store copy would be time taken from the forward. vLLM keeps
+cores out of that binding for its other processes, one more "for nixl_connector" whenever a KV
+connector is configured, and its own NixlConnector moves its transfers to the last core of each
+NUMA node (``os.sched_setaffinity`` in ``nixl/base_worker.py``).
+
+gpukv does the same. ``"auto"`` (the default) places its worker threads on the CPUs the worker
+may use that no OpenMP thread is bound to. The CPUs it may use are its parent's mask (the engine
+process that chose the binding). When the engine binds nothing (GPU platforms,
+``VLLM_CPU_OMP_THREADS_BIND=nobind``) or leaves no core free (2 cores with a connector:
+``VLLM_CPU_NUM_OF_RESERVED_CPU`` chooses), the threads stay where they are started.
+``"inherit"`` never moves them; a CPU list (``[1, 3]`` or ``"1,3-4"``) names the CPUs.
+
+A placement that cannot be applied (a CPU the worker may not use) is logged and the threads stay
+where they are: a gpukv setting never stops an engine from starting. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from typing import Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("auto", "inherit")
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPU ids of ``"0,2-4"`` (also ``"0 1"``, ``"{0,1}"``, and ``a-b:stride`` as GNU OpenMP
+    writes it); ValueError naming the text for anything else."""
+    cpus: set[int] = set()
+    for item in re.split(r"[\s,]+", text.strip().strip("{}[]").replace("},{", ",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", item)
+        if m is None:
+            raise ValueError(f"not a CPU list: {text!r} (item {item!r})")
+        first, last, stride = int(m[1]), int(m[2] or m[1]), int(m[3] or 1)
+        if last < first or stride < 1:
+            raise ValueError(f"not a CPU list: {text!r} (item {item!r})")
+        cpus.update(range(first, last + 1, stride))
+    if not cpus:
+        raise ValueError(f"not a CPU list: {text!r} (no CPU)")
+    return frozenset(cpus)
+
+
+def bound_cpus(env: Mapping[str, str]) -> frozenset[int] | None:
+    """The cores the engine binds this worker's OpenMP threads to, read from the variables
+    vLLM-CPU sets for its OpenMP runtime; None when it binds nothing (or writes a form this
+    does not read: logged)."""
+    try:
+        kmp = env.get("KMP_AFFINITY", "")
+        m = re.search(r"proclist=\[([^\]]*)\]", kmp)
+        if m:
+            return parse_cpu_list(m[1])
+        if env.get("GOMP_CPU_AFFINITY", "").strip():
+            return parse_cpu_list(env["GOMP_CPU_AFFINITY"])
+        places = env.get("OMP_PLACES", "").strip()
+        if places.startswith("{"):
+            return parse_cpu_list(places)
+    except ValueError as exc:
+        log.warning("gpukv: cannot read the engine's OpenMP binding (%s); gpukv's worker threads "
+                    "stay where they start", exc)
+    return None
+
+
+def choose(setting: str | frozenset[int], bound: frozenset[int] | None,
+           allowed: frozenset[int]) -> tuple[frozenset[int] | None, str]:
+    """(the CPUs for gpukv's worker threads or None: leave them where they start, why)."""
+    if setting == "inherit":
+        return None, "gpukv.worker_cpus is \"inherit\""
+    if setting == "auto":
+        if bound is None:
+            return None, "the engine binds no OpenMP threads"
+        free = allowed - bound
+        if not free:
+            return None, (f"the engine binds its OpenMP threads to every CPU it may use "
+                          f"{sorted(allowed)} (VLLM_CPU_NUM_OF_RESERVED_CPU keeps cores free)")
+        return frozenset(free), f"the CPUs the engine keeps free of its OpenMP threads {sorted(bound)}"
+    if not setting <= allowed:
+        return None, (f"gpukv.worker_cpus {sorted(setting)} names CPUs this worker may not use "
+                      f"(it may use {sorted(allowed)})")
+    return frozenset(setting), "gpukv.worker_cpus"
+
+
+def allowed_cpus() -> frozenset[int]:
+    """The CPUs this worker may use: its parent's mask (the engine process that chose the
+    binding, before the worker's threads were bound), else this thread's."""
+    with contextlib.suppress(OSError):
+        return frozenset(os.sched_getaffinity(os.getppid()))
+    return frozenset(os.sched_getaffinity(0))
+
+
+class ThreadCpus:
+    """Where this process's gpukv threads run: :meth:`enter` on a thread moves it (a pool's
+    initializer), :meth:`starting` moves the calling thread only while threads it starts are
+    created (they inherit its mask: a socket's I/O thread, a ping thread). ``cpus`` None:
+    nothing moves."""
+
+    def __init__(self, cpus: frozenset[int] | None = None, why: str = "") -> None:
+        self.cpus = cpus
+        self.why = why
+
+    @classmethod
+    def for_worker(cls, setting: str | frozenset[int], env: Mapping[str, str] | None = None,
+                   allowed: frozenset[int] | None = None) -> "ThreadCpus":
+        """The placement for this worker process (logged once)."""
+        env = os.environ if env is None else env
+        cpus, why = choose(setting, bound_cpus(env), allowed_cpus() if allowed is None else allowed)
+        if cpus is None:
+            log.info("gpukv: worker threads stay on the CPUs they start on (%s)", why)
+        else:
+            log.info("gpukv: worker threads run on CPUs %s (%s)", sorted(cpus), why)
+        return cls(cpus, why)
+
+    def enter(self) -> None:
+        """Move the calling thread onto :attr:`cpus` (nothing if None or if the system refuses:
+        logged, and the placement is dropped)."""
+        if self.cpus is None:
+            return
+        try:
+            os.sched_setaffinity(0, self.cpus)
+        except OSError as exc:
+            log.warning("gpukv: cannot move a worker thread to CPUs %s (%s); gpukv's threads stay "
+                        "where they start", sorted(self.cpus), exc)
+            self.cpus = None
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Run the block on :attr:`cpus`, then give the calling thread its own mask back."""
+        if self.cpus is None:
+            yield
+            return
+        mine = os.sched_getaffinity(0)
+        self.enter()
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, mine)
