@@ -54,11 +54,13 @@ def test_an_unreadable_binding_is_logged_and_moves_nothing(caplog):
     assert any("cannot read the engine's OpenMP binding" in r.getMessage() for r in caplog.records)
 
 
-def test_auto_takes_the_cpus_the_engine_keeps_free_and_nothing_else():
-    allowed = frozenset({0, 1, 2, 3})
-    assert choose("auto", frozenset({0, 1}), allowed)[0] == {2, 3}
-    cpus, why = choose("auto", frozenset({0, 1, 2, 3}), allowed)  # vLLM reserved no core
-    assert cpus is None and "VLLM_CPU_NUM_OF_RESERVED_CPU" in why
+def test_auto_takes_the_cpus_the_engine_keeps_free_but_the_one_left_to_its_own_processes():
+    allowed = frozenset({0, 1, 2, 3, 4})
+    assert choose("auto", frozenset({0, 1}), allowed)[0] == {3, 4}
+    assert choose("auto", frozenset({0, 1, 2}), allowed)[0] == {4}  # vLLM's default: 2 reserved
+    for bound in ({0, 1, 2, 3}, {0, 1, 2, 3, 4}):  # one core free (it runs the scheduler), or none
+        cpus, why = choose("auto", frozenset(bound), allowed)
+        assert cpus is None and "VLLM_CPU_NUM_OF_RESERVED_CPU >= 2" in why
     assert choose("auto", None, allowed) == (None, "the engine binds no OpenMP threads")
     assert choose("inherit", frozenset({0}), allowed)[0] is None
     assert choose(frozenset({3}), frozenset({0}), allowed)[0] == {3}
@@ -81,9 +83,9 @@ def test_a_bad_setting_is_refused_naming_the_value(value):
 
 
 @two_cpus
-def test_a_copy_thread_runs_on_the_free_cpus_and_the_caller_keeps_its_own():
+def test_a_copy_thread_runs_on_the_placement_and_the_caller_keeps_its_own():
     forward, free = min(MINE), MINE - {min(MINE)}
-    cpus = ThreadCpus.for_worker("auto", env={"GOMP_CPU_AFFINITY": str(forward)}, allowed=MINE)
+    cpus = ThreadCpus.for_worker(free, env={"GOMP_CPU_AFFINITY": str(forward)}, allowed=MINE)
     assert cpus.cpus == free
     seen: list[frozenset[int]] = []
 

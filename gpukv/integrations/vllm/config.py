@@ -42,9 +42,10 @@ key                         default  meaning
                                      it needs starts (then it is cancelled: vLLM recomputes it)
 ``gpukv.worker_cpus``       "auto"   the CPUs a worker's gpukv threads (copies, pings, sockets)
                                      run on: ``"auto"``: those vLLM-CPU keeps free of its
-                                     OpenMP threads, if any; ``"inherit"``: where they start
-                                     (the forward's first core on vLLM-CPU); or a CPU list,
-                                     ``[1, 3]`` or ``"1,3-4"`` (see :mod:`.thread_cpus`)
+                                     OpenMP threads but the first (its own processes'), when
+                                     2 or more are free; ``"inherit"``: where they start (the
+                                     forward's first core on vLLM-CPU); or a CPU list, ``[1, 3]``
+                                     or ``"1,3-4"`` (see :mod:`.thread_cpus`)
 ==========================  =======  =========================================================
 
 Keys of other prefixes are ignored (the tests' recording connector reads ``gpukv_test.*``).

@@ -6,15 +6,20 @@ runtime's variables (``KMP_AFFINITY``'s ``proclist`` for Intel's runtime, ``GOMP
 for GNU's, else ``OMP_PLACES``) and binds from the worker's main thread. A thread inherits the
 mask of the thread that starts it, so gpukv's copy, ping and socket threads would share the
 forward's first core, and every store copy would be time taken from the forward. vLLM keeps
-cores out of that binding for its other processes, one more "for nixl_connector" whenever a KV
-connector is configured, and its own NixlConnector moves its transfers to the last core of each
-NUMA node (``os.sched_setaffinity`` in ``nixl/base_worker.py``).
+cores out of that binding: one for its own processes (the scheduler, which every step waits
+for, and the API server), one more "for nixl_connector" whenever a KV connector is configured
+(``VLLM_CPU_NUM_OF_RESERVED_CPU`` overrides the count); its own NixlConnector moves its
+transfers to the last core of each NUMA node (``os.sched_setaffinity`` in
+``nixl/base_worker.py``).
 
 gpukv does the same. ``"auto"`` (the default) places its worker threads on the CPUs the worker
-may use that no OpenMP thread is bound to. The CPUs it may use are its parent's mask (the engine
-process that chose the binding). When the engine binds nothing (GPU platforms,
-``VLLM_CPU_OMP_THREADS_BIND=nobind``) or leaves no core free (2 cores with a connector:
-``VLLM_CPU_NUM_OF_RESERVED_CPU`` chooses), the threads stay where they are started.
+may use that no OpenMP thread is bound to, but the first of them: that one is left to vLLM's own
+processes. The CPUs it may use are its parent's mask (the engine process that chose the
+binding). With fewer than 2 free CPUs the threads stay where they are started: when the engine
+binds nothing (GPU platforms, ``VLLM_CPU_OMP_THREADS_BIND=nobind``), when it leaves no core free
+(2 cores with a connector), and when the one free core runs vLLM's scheduler. Measured on 2
+cores with ``VLLM_CPU_NUM_OF_RESERVED_CPU=1``, moving the threads to that core cost more TPOT than
+sharing the forward's (``perf/results/cpu/sweep_vllm_bench_quick_random_arms_cpus*``).
 ``"inherit"`` never moves them; a CPU list (``[1, 3]`` or ``"1,3-4"``) names the CPUs.
 
 A placement that cannot be applied (a CPU the worker may not use) is logged and the threads stay
@@ -81,11 +86,13 @@ def choose(setting: str | frozenset[int], bound: frozenset[int] | None,
     if setting == "auto":
         if bound is None:
             return None, "the engine binds no OpenMP threads"
-        free = allowed - bound
-        if not free:
-            return None, (f"the engine binds its OpenMP threads to every CPU it may use "
-                          f"{sorted(allowed)} (VLLM_CPU_NUM_OF_RESERVED_CPU keeps cores free)")
-        return frozenset(free), f"the CPUs the engine keeps free of its OpenMP threads {sorted(bound)}"
+        free = sorted(allowed - bound)
+        if len(free) < 2:
+            return None, (f"the engine keeps {len(free)} of the CPUs it may use {sorted(allowed)} free of "
+                          f"its OpenMP threads, and the first is left to its own processes "
+                          f"(VLLM_CPU_NUM_OF_RESERVED_CPU >= 2 keeps one more)")
+        return frozenset(free[1:]), (f"the CPUs the engine keeps free of its OpenMP threads "
+                                     f"{sorted(bound)}, but {free[0]}, left to its own processes")
     if not setting <= allowed:
         return None, (f"gpukv.worker_cpus {sorted(setting)} names CPUs this worker may not use "
                       f"(it may use {sorted(allowed)})")
