@@ -41,6 +41,7 @@ stdout).
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -52,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_timeline import timeline_stats  # noqa: E402
 from common import load_average, results_dir, run_info, write_csv  # noqa: E402
+from paired import paired_ratios  # noqa: E402
 from proc_cpu import MAIN, busy_threads, cpu_between, machine_busy, thread_cpu  # noqa: E402
 from vllm_bench_plot import plot, plot_random  # noqa: E402
 from vllm_openai import bench, get, openai_server  # noqa: E402
@@ -243,7 +245,13 @@ def main() -> None:
                              "VLLM_CPU_NUM_OF_RESERVED_CPU=N (vLLM-CPU reserves N cores for its other "
                              "processes, the rest are its worker's OpenMP threads)")
     parser.add_argument("--tag", default="", help="added to the output files' names (keeps an earlier run's)")
+    parser.add_argument("--from-csv", type=Path, metavar="CSV",
+                        help="run nothing: summarize an earlier run's CSV again (medians, paired ratios, plot)")
     args = parser.parse_args()
+    if args.from_csv:
+        rows = list(csv.DictReader(args.from_csv.open()))
+        report(rows, args.from_csv, random_arms=all(r["dataset"] == "random" for r in rows))
+        return
     names = list(RANDOM_ARMS) if args.random_arms == "all" else [n for n in args.random_arms.split(",") if n]
     unknown = [n for n in names if n.partition("@r")[0] not in RANDOM_ARMS
                or not (n.partition("@r")[2] or "0").isdigit()]
@@ -259,10 +267,21 @@ def main() -> None:
         model = write_tiny_model("tiny-llama", work / "small-llama", tokenizer=True, **MODEL)
         repeats = args.only_random or PRESETS[args.preset]["repeats"]
         rows = run(model, work, repeats, only_random=bool(args.only_random), random_arms=names or None)
-    summary = summarize(rows)
     write_csv(out, [dict(r, **info) for r in rows])
+    report(rows, out, random_arms=bool(names))
+
+
+PAIRED = ["tpot_median_ms", "req_per_s", "itl_median_ms", "tpot_steady_ms", "ttft_median_ms"]
+
+
+def report(rows: list[dict], out: Path, *, random_arms: bool) -> None:
+    """Medians per arm (``_summary.csv``, the plot) and, for the no-reuse arms, each arm against
+    the first one repeat by repeat (``_paired.csv``: :mod:`paired`)."""
+    numeric = [{k: v for k, v in ((k, _number(v)) for k, v in r.items())  # (a CSV's run info left out)
+                if k in ("arm", "dataset") or isinstance(v, (int, float))} for r in rows]
+    summary = summarize(numeric)
     write_csv(out.with_name(out.stem + "_summary.csv"), summary)
-    (plot_random if names else plot)(summary, out.with_suffix(".png"))
+    (plot_random if random_arms else plot)(summary, out.with_suffix(".png"))
     log("\nmedians over repeats:")
     for s in summary:
         log(f"  {s['arm']:24} {s['dataset']:6} TTFT p50 {s['ttft_median_ms']:7.1f} p99 {s['ttft_p99_ms']:7.1f} "
@@ -272,7 +291,26 @@ def main() -> None:
             f"({s['stalls_per_req']:.2f} per request), decode gap p50 {s['decode_gap_p50_ms']:.2f} ms, paired starts "
             f"{s['paired_starts']:.2f}, decode steps batch 1 / 2: {s['decode_steps_1']:.0f} / {s['decode_steps_2plus']:.0f}, "
             f"queue / prefill / decode {s['queue_mean_ms']:.0f} / {s['prefill_mean_ms']:.0f} / {s['decode_mean_ms']:.0f} ms")
+    if random_arms:
+        random = [r for r in numeric if r["dataset"] == "random"]
+        paired = paired_ratios(random, random[0]["arm"], PAIRED) if random else []
+        write_csv(out.with_name(out.stem + "_paired.csv"), paired)
+        log(f"\neach arm / {random[0]['arm'] if random else '-'} within each repeat (same prompts, run next "
+            "to each other): median, mean +- sd [min, max] over repeats")
+        for p in paired:
+            log(f"  {p['arm']:26} {p['metric']:16} {p['median']:.3f}, {p['mean']:.3f} +- {p['sd']:.3f} "
+                f"[{p['min']:.3f}, {p['max']:.3f}] over {p['repeats']}")
     log(f"load now {load_average()}; wrote {out}, its _summary.csv and {out.with_suffix('.png').name}")
+
+
+def _number(value):
+    """A CSV cell as a number where it is one (rows read back with ``--from-csv``)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 if __name__ == "__main__":

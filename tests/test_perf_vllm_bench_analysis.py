@@ -86,3 +86,16 @@ def test_null_connector_asks_again_as_often_as_told_then_misses():
     assert connector({}).get_num_new_matched_tokens(request, 0) == (0, False)
     with pytest.raises(ValueError, match="null.ask_again"):
         connector({"null.ask_again": -1})
+
+
+def test_paired_ratios_compare_each_repeat_with_its_own_baseline():
+    from paired import paired_ratios
+
+    rows = [dict(arm="b", seed=1, tpot=10.0), dict(arm="d", seed=1, tpot=10.5),
+            dict(arm="d", seed=2, tpot="21.0"), dict(arm="b", seed=2, tpot="20.0"),  # a CSV's strings
+            dict(arm="b", seed=3, tpot=30.0)]  # d did not run in repeat 3: not paired
+    (row,) = paired_ratios(rows, "b", ["tpot"])
+    assert (row["arm"], row["repeats"], row["min"], row["max"]) == ("d", 2, 1.05, 1.05)
+    assert row["median"] == pytest.approx(1.05) and row["sd"] == pytest.approx(0.0)
+    # medians per arm would mix the drift between repeats in: d's 15.75 against b's 20.0
+    assert paired_ratios(rows, "x", ["tpot"]) == []
