@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from gpukv.integrations.vllm.config import ConnectorConfig
-from gpukv.integrations.vllm.thread_cpus import ThreadCpus, bound_cpus, choose, parse_cpu_list
+from gpukv.integrations.vllm.thread_cpus import ThreadCpus, bound_cpus, choose, parse_cpu_list, sibling_bound
 from gpukv.integrations.vllm.transfers import Job, Transfer, Transfers
 
 MINE = frozenset(os.sched_getaffinity(0))
@@ -66,6 +66,26 @@ def test_auto_takes_the_cpus_the_engine_keeps_free_but_the_one_left_to_its_own_p
     assert choose(frozenset({3}), frozenset({0}), allowed)[0] == {3}
     cpus, why = choose(frozenset({7}), frozenset({0}), allowed)  # not this worker's to use
     assert cpus is None and "[7]" in why
+
+
+def test_auto_leaves_the_cores_of_the_engines_other_workers_alone():
+    allowed = frozenset(range(6))  # TP=2: rank 0 on {0, 1}, rank 1 on {3, 4}
+    assert choose("auto", frozenset({0, 1}), allowed, frozenset({3, 4}))[0] == {5}
+    assert choose("auto", frozenset({0, 1}), allowed, frozenset({2, 3, 4}))[0] is None  # one left
+
+
+def test_the_sibling_workers_bindings_are_read_from_their_environment():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             env={"PATH": os.environ.get("PATH", ""), "GOMP_CPU_AFFINITY": "3 5"})
+    try:  # (Popen returns once the child has exec'd: its environment is the one given)
+        assert sibling_bound(parent=os.getpid(), me=-1) >= {3, 5}
+        assert not sibling_bound(parent=os.getpid(), me=child.pid) & {3, 5}  # itself: not a sibling
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize("value, parsed", [

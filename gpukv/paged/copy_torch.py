@@ -108,7 +108,7 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     compiled = [parts.batch() for parts in batches.values()]
     entries = len(work) + sum(len(b.counts) for b in compiled)
     threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
-    if threads > 1:
+    if threads > 1 and hasattr(os, "sched_getaffinity"):
         threads = min(threads, len(os.sched_getaffinity(0)))
     streaming = nontemporal(to_arena, len(offsets) * span)
     if threads <= 1:

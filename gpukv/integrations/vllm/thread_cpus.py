@@ -13,9 +13,12 @@ transfers to the last core of each NUMA node (``os.sched_setaffinity`` in
 ``nixl/base_worker.py``).
 
 gpukv does the same. ``"auto"`` (the default) places its worker threads on the CPUs the worker
-may use that no OpenMP thread is bound to, but the first of them: that one is left to vLLM's own
-processes. The CPUs it may use are its parent's mask (the engine process that chose the
-binding). With fewer than 2 free CPUs the threads stay where they are started: when the engine
+may use that no OpenMP thread of the engine is bound to, but the first of them: that one is left
+to vLLM's own processes. The CPUs it may use are its parent's mask (the engine process that chose
+the binding); the engine's OpenMP threads are this worker's and its sibling workers' (the other
+ranks on this host: same parent, their binding read from their environment). Engines that share
+a host without a CPU set each (``taskset``, a container's cpuset) do not see each other's
+bindings: give such engines ``gpukv.worker_cpus`` explicitly, or ``"inherit"``. With fewer than 2 free CPUs the threads stay where they are started: when the engine
 binds nothing (GPU platforms, ``VLLM_CPU_OMP_THREADS_BIND=nobind``), when it leaves no core free
 (2 cores with a connector), and when the one free core runs vLLM's scheduler. Measured on 2
 cores with ``VLLM_CPU_NUM_OF_RESERVED_CPU=1``, moving the threads to that core cost more TPOT than
@@ -78,14 +81,16 @@ def bound_cpus(env: Mapping[str, str]) -> frozenset[int] | None:
     return None
 
 
-def choose(setting: str | frozenset[int], bound: frozenset[int] | None,
-           allowed: frozenset[int]) -> tuple[frozenset[int] | None, str]:
-    """(the CPUs for gpukv's worker threads or None: leave them where they start, why)."""
+def choose(setting: str | frozenset[int], bound: frozenset[int] | None, allowed: frozenset[int],
+           others: frozenset[int] = frozenset()) -> tuple[frozenset[int] | None, str]:
+    """(the CPUs for gpukv's worker threads or None: leave them where they start, why);
+    ``bound``: this worker's OpenMP cores, ``others``: its sibling workers'."""
     if setting == "inherit":
         return None, "gpukv.worker_cpus is \"inherit\""
     if setting == "auto":
         if bound is None:
             return None, "the engine binds no OpenMP threads"
+        bound = bound | others
         free = sorted(allowed - bound)
         if len(free) < 2:
             return None, (f"the engine keeps {len(free)} of the CPUs it may use {sorted(allowed)} free of "
@@ -97,6 +102,32 @@ def choose(setting: str | frozenset[int], bound: frozenset[int] | None,
         return None, (f"gpukv.worker_cpus {sorted(setting)} names CPUs this worker may not use "
                       f"(it may use {sorted(allowed)})")
     return frozenset(setting), "gpukv.worker_cpus"
+
+
+def sibling_bound(parent: int | None = None, me: int | None = None) -> frozenset[int]:
+    """The cores the OpenMP threads of ``parent``'s other children (default: this process's
+    siblings, the engine's other workers on this host) are bound to, read from their
+    environment (``/proc/PID/environ``: fixed when each started); an unreadable one adds
+    nothing."""
+    parent = os.getppid() if parent is None else parent
+    me = os.getpid() if me is None else me
+    out: set[int] = set()
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me]
+    except OSError:  # no /proc here
+        return frozenset()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) != parent:
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                items = f.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        env = dict(item.split("=", 1) for item in items if "=" in item)
+        out |= bound_cpus(env) or frozenset()
+    return frozenset(out)
 
 
 def allowed_cpus() -> frozenset[int]:
@@ -120,9 +151,15 @@ class ThreadCpus:
     @classmethod
     def for_worker(cls, setting: str | frozenset[int], env: Mapping[str, str] | None = None,
                    allowed: frozenset[int] | None = None) -> "ThreadCpus":
-        """The placement for this worker process (logged once)."""
+        """The placement for this worker process (logged once); nothing moves where the
+        platform has no thread affinity."""
         env = os.environ if env is None else env
-        cpus, why = choose(setting, bound_cpus(env), allowed_cpus() if allowed is None else allowed)
+        if not hasattr(os, "sched_setaffinity"):
+            cpus, why = None, "this platform sets no thread affinity"
+        else:
+            bound = bound_cpus(env)
+            others = sibling_bound() if setting == "auto" and bound is not None else frozenset()
+            cpus, why = choose(setting, bound, allowed_cpus() if allowed is None else allowed, others)
         if cpus is None:
             log.info("gpukv: worker threads stay on the CPUs they start on (%s)", why)
         else:
