@@ -182,3 +182,14 @@ def test_the_workers_client_starts_its_socket_and_ping_threads_on_the_placement(
             assert sockets and all(_mask(tid) == free for tid in sockets)  # the I/O (and reaper) threads
         finally:
             client.close()
+
+
+def test_a_placement_that_cannot_be_read_moves_nothing(monkeypatch):
+    from gpukv.integrations.vllm import thread_cpus
+
+    def broken() -> frozenset[int]:
+        raise OSError("no affinity here")
+
+    monkeypatch.setattr(thread_cpus, "allowed_cpus", broken)
+    cpus = ThreadCpus.for_worker("auto", env={"GOMP_CPU_AFFINITY": "0"})
+    assert cpus.cpus is None and "OSError: no affinity here" in cpus.why

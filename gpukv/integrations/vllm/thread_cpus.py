@@ -157,9 +157,12 @@ class ThreadCpus:
         if not hasattr(os, "sched_setaffinity"):
             cpus, why = None, "this platform sets no thread affinity"
         else:
-            bound = bound_cpus(env)
-            others = sibling_bound() if setting == "auto" and bound is not None else frozenset()
-            cpus, why = choose(setting, bound, allowed_cpus() if allowed is None else allowed, others)
+            try:
+                bound = bound_cpus(env)
+                others = sibling_bound() if setting == "auto" and bound is not None else frozenset()
+                cpus, why = choose(setting, bound, allowed_cpus() if allowed is None else allowed, others)
+            except Exception as exc:  # noqa: BLE001 - a placement never stops an engine from starting
+                cpus, why = None, f"reading the CPUs raised {type(exc).__name__}: {exc}"
         if cpus is None:
             log.info("gpukv: worker threads stay on the CPUs they start on (%s)", why)
         else:
