@@ -91,10 +91,11 @@ def test_stacked_cache_and_int32_slots():
     _check(stacked, "NB,BS,D", "mla", slots, chunk_size=16)
 
 
+@pytest.mark.parametrize("cpus", [8, 2])  # a thread that may run on 2 CPUs splits over 2
 @pytest.mark.parametrize("use_native", [False, True])
 @pytest.mark.parametrize("layout, num_groups", [
     ("kv_first", 5), ("flashinfer_hnd", 5), ("mla", 5), ("cross_kv_first", 1)])
-def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native):
+def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native, cpus):
     import contextlib
     import threading
 
@@ -106,6 +107,7 @@ def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native):
         pytest.skip("no C compiler")
     monkeypatch.setattr(copy_torch, "BYTES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(copy_torch, "thread_cpus", lambda: cpus)
     calls = []  # (pack?, entries, thread) of every numpy piece and every compiled piece
     real_move = copy_torch._move_host
     monkeypatch.setattr(copy_torch, "_move_host", lambda work, to_arena: calls.append(
@@ -127,7 +129,7 @@ def test_work_splits_over_threads(monkeypatch, layout, num_groups, use_native):
     with contextlib.nullcontext() if use_native else native.disabled():
         _check(layers, dims, kind, torch.cat([whole, holed]), chunk_size=32)
     work = 2 * num_groups  # (chunk, plane group) pairs
-    threads = min(3, work)
+    threads = min(3, cpus, work)  # torch's threads, the calling thread's CPUs
     for to_arena in (True, False):  # pack, then unpack: cut in even pieces, each done once
         sizes = [n for op, n, _ in calls if op == to_arena and n]
         assert len(sizes) == min(work, 4 * threads) and sum(sizes) == work

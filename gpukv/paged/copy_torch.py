@@ -108,8 +108,8 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     compiled = [parts.batch() for parts in batches.values()]
     entries = len(work) + sum(len(b.counts) for b in compiled)
     threads = min(torch.get_num_threads(), entries, len(offsets) * span // BYTES_PER_THREAD)
-    if threads > 1 and hasattr(os, "sched_getaffinity"):
-        threads = min(threads, len(os.sched_getaffinity(0)))
+    if threads > 1:
+        threads = min(threads, thread_cpus())
     streaming = nontemporal(to_arena, len(offsets) * span)
     if threads <= 1:
         for batch in compiled:
@@ -129,6 +129,11 @@ def _copy_host(paged: PagedKV, slots: torch.Tensor, arena: torch.Tensor, offsets
     pool = paged.cached(("copy_pool", threads, os.getpid()), lambda: ThreadPoolExecutor(
         threads - 1, thread_name_prefix="gpukv-copy"))
     run_shared(pieces, pool, threads)
+
+
+def thread_cpus() -> int:
+    """How many CPUs the calling thread may run on (more copy threads than that gain nothing)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def nontemporal(to_arena: bool, call_bytes: int) -> bool:
