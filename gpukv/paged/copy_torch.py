@@ -13,8 +13,8 @@ too in large unpacks: :func:`nontemporal`; :mod:`gpukv.paged.native`), or by
 numpy's ``take(out=)`` / ``put``, one memmove per item, where it cannot be built. Planes sharing
 a buffer (K and V of a layer, all layers of a vLLM cross-layer buffer) move in one call. Both
 release the GIL while copying, so a large call splits its work over ``torch.get_num_threads()``
-threads, no more than the calling thread's CPUs (a vLLM worker's copy thread runs on the cores
-the forward leaves free: :mod:`gpukv.integrations.vllm.thread_cpus`): the caller's and a pool
+threads, no more than the calling thread may run on (a vLLM worker's copy thread runs where
+:mod:`gpukv.integrations.vllm.thread_cpus` places it): the caller's and a pool
 kept with the cache (:meth:`PagedKV.cached`), which take pieces in turn (:func:`run_shared`).
 On other devices (``backend="torch"`` forced on CUDA) a plain loop over chunks and planes does
 indexed copies on integer-word views (:func:`gpukv.paged.units.unit_views`).
