@@ -33,6 +33,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 def main() -> None:
     model, address, record_dir, out_path = sys.argv[1:5]
     from vllm import LLM, SamplingParams
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     import gpukv.frontend.client as client_module
     from gpukv.frontend.client import CacheClient
@@ -53,10 +54,15 @@ def main() -> None:
     prompt, other = prompt_token_ids(400, seed=1), prompt_token_ids(400, seed=2)
     out: dict = {}
 
+    def worker():  # the worker side of the connector (the engine runs in this process)
+        return get_kv_transfer_group()._worker  # noqa: SLF001
+
     def run(name: str, tokens: list[int]) -> None:
         t0 = time.perf_counter()
         (res,) = llm.generate([{"prompt_token_ids": tokens}], SamplingParams(
             max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        # its stores are asynchronous: the request may return before they commit
+        assert worker().transfers.drain(30), f"{name}: the worker's copies did not end"
         with CacheClient(address, ping_interval_s=0, connect_timeout_s=30) as stats:
             counts = server_counts(stats.stats())
         out[name] = {"token_ids": list(res.outputs[0].token_ids), "finish": res.outputs[0].finish_reason,
@@ -82,10 +88,12 @@ def main() -> None:
         # the worker learns the server forgot it from that run's store, which may fail after the
         # run's last step (stores are asynchronous); it registers again, on a thread of its own,
         # at its next step: tiny requests (no chunk: no lookup, load or store) step the engine
-        # until the server has it, so "healed" tests caching after the registration, not a race
+        # until the server has it and the worker has its answer (the server registers the
+        # instance before the worker's thread reads the reply), so "healed" tests caching after
+        # the registration, not a race
         for _ in range(100):
             with CacheClient(address, ping_interval_s=0, connect_timeout_s=30) as stats:
-                if stats.stats()["instances"] >= 1:
+                if stats.stats()["instances"] >= 1 and worker().registered:
                     break
             llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1),
                          use_tqdm=False)
