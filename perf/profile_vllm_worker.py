@@ -70,13 +70,13 @@ def profile(py_spy: str, model: Path, work: Path, arm: str, address: str, seed: 
     if transfer is not None and transfer["kv_connector"] == "GpukvConnector":
         transfer = dict(transfer, kv_connector_extra_config={**transfer["kv_connector_extra_config"],
                                                              "gpukv.address": address})
-    with openai_server(model, 8123, work / f"{arm}-{seed}.server.log", prefix_caching=prefix_caching,
+    with openai_server(model, work / f"{arm}-{seed}.server", prefix_caching=prefix_caching,
                        transfer=transfer, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) as server:
-        procs = {role: next(p for p in psutil.Process(server.pid).children(recursive=True) if p.name() == name)
+        procs = {role: next(p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name() == name)
                  for role, name in ROLES.items()}
         result: dict = {}
         client = threading.Thread(target=lambda: result.update(
-            bench(8123, model, dataset_args("random"), seed, work, f"{arm}-{seed}")))
+            bench(server.port, model, dataset_args("random"), seed, work, f"{arm}-{seed}")))
         client.start()
         time.sleep(4)  # past the first prefills
         spies = {role: subprocess.Popen([py_spy, "record", "--pid", str(p.pid), "--duration", str(seconds),

@@ -115,19 +115,19 @@ def transfer_config(modes: dict | None, address: str | None) -> dict | None:
 CPU_ROLES = {"api": "api_server", "engine": "VLLM::Engine", "worker": "VLLM::Worker", "gpukv": "gpukv_serve"}
 
 
-def arm(model: Path, work: Path, name: str, dataset: str, seed: int, port: int, *,
+def arm(model: Path, work: Path, name: str, dataset: str, seed: int, *,
         prefix_caching: bool, transfer: dict | None, gpukv_pid: int | None = None,
         env: dict[str, str] | None = None) -> dict:
     before = load_average()
-    with openai_server(model, port, work / f"{name}-{seed}.server.log", prefix_caching=prefix_caching,
+    with openai_server(model, work / f"{name}-{seed}.server", prefix_caching=prefix_caching,
                        transfer=transfer, env=env) as server:
-        roots = {"api_server": server.pid, **({"gpukv_serve": gpukv_pid} if gpukv_pid else {})}
-        metrics_before, threads_before, busy = get(port, "/metrics") or "", thread_cpu(roots), machine_busy()
+        roots = {"api_server": server.proc.pid, **({"gpukv_serve": gpukv_pid} if gpukv_pid else {})}
+        metrics_before, threads_before, busy = get(server.port, "/metrics") or "", thread_cpu(roots), machine_busy()
         window = time.monotonic()  # the client's whole run: its start-up too
-        result = bench(port, model, dataset_args(dataset), seed, work, f"{name}-{dataset}-{seed}")
+        result = bench(server.port, model, dataset_args(dataset), seed, work, f"{name}-{dataset}-{seed}")
         threads_after, busy, window = thread_cpu(roots), machine_busy() - busy, time.monotonic() - window
         cpu = cpu_between(threads_before, threads_after)
-        engine = engine_numbers(get(port, "/metrics") or "", metrics_before)
+        engine = engine_numbers(get(server.port, "/metrics") or "", metrics_before)
     row = dict(arm=name, dataset=dataset, seed=seed, completed=result["completed"],
                req_per_s=result["request_throughput"],
                **{f"{m}_{p}_ms": result[f"{p}_{m}_ms"] for m in ("ttft", "tpot", "itl")
@@ -165,36 +165,36 @@ def gpukv_server(work: Path, tag: str):
 
 def run(model: Path, work: Path, repeats: int, only_random: bool = False,
         random_arms: list[str] | None = None) -> list[dict]:
-    rows, port = [], 18000 + os.getpid() % 1000
+    rows = []
     for r in range(repeats):
         seed = 1000 + r
         if only_random:
-            rows += run_random(model, work, r, seed, port, random_arms)
+            rows += run_random(model, work, r, seed, random_arms)
             continue
         order = list(ARMS) if r % 2 == 0 else list(reversed(ARMS))
         log(f"repeat {r + 1}/{repeats}: prefix_repetition, arms {order}")
         for name in order:
             caching, modes = ARMS[name]
             if modes is None:
-                rows.append(arm(model, work, name, "prefix", seed, port, prefix_caching=caching, transfer=None))
+                rows.append(arm(model, work, name, "prefix", seed, prefix_caching=caching, transfer=None))
                 continue
             with gpukv_server(work, f"{name}-{seed}") as (address, pid):
-                rows.append(arm(model, work, name, "prefix", seed, port, prefix_caching=caching,
+                rows.append(arm(model, work, name, "prefix", seed, prefix_caching=caching,
                                 transfer=transfer_config(modes, address), gpukv_pid=pid))
                 if name == DEFAULT:  # (e): a fresh engine, the same prompts, only gpukv can hit
-                    rows.append(arm(model, work, "e-gpukv-after-restart", "prefix", seed, port,
+                    rows.append(arm(model, work, "e-gpukv-after-restart", "prefix", seed,
                                     prefix_caching=caching, transfer=transfer_config(modes, address), gpukv_pid=pid))
-        rows += run_random(model, work, r, seed, port, random_arms)
+        rows += run_random(model, work, r, seed, random_arms)
         log(f"repeat {r + 1}/{repeats}: two OpenAI servers, one gpukv serve")
         with gpukv_server(work, f"two-{seed}") as (address, pid):
             for server in ("f-server-1", "f-server-2"):
-                rows.append(arm(model, work, server, "prefix", seed, port + (server == "f-server-2"),
+                rows.append(arm(model, work, server, "prefix", seed,
                                 prefix_caching=True, transfer=transfer_config(ARMS[DEFAULT][1], address),
                                 gpukv_pid=pid))
     return rows
 
 
-def run_random(model: Path, work: Path, r: int, seed: int, port: int, names: list[str] | None = None) -> list[dict]:
+def run_random(model: Path, work: Path, r: int, seed: int, names: list[str] | None = None) -> list[dict]:
     """No reuse (random prompts): ``names`` (default: vLLM's prefix cache alone and gpukv's
     default) in turn, forward on even repeats, backward on odd ones; a fresh ``gpukv serve``
     for each gpukv arm."""
@@ -203,7 +203,7 @@ def run_random(model: Path, work: Path, r: int, seed: int, port: int, names: lis
     rows = []
     for name in (names if r % 2 == 0 else names[::-1]):
         for attempt in range(1, ATTEMPTS + 1):
-            row = random_arm(model, work, name, seed, port)
+            row = random_arm(model, work, name, seed)
             if row["cpu_others_s"] <= OTHERS_MAX_S or attempt == ATTEMPTS:
                 break
             log(f"  (other processes used {row['cpu_others_s']:.1f} s of CPU during {name}: run again)")
@@ -211,16 +211,16 @@ def run_random(model: Path, work: Path, r: int, seed: int, port: int, names: lis
     return rows
 
 
-def random_arm(model: Path, work: Path, name: str, seed: int, port: int) -> dict:
+def random_arm(model: Path, work: Path, name: str, seed: int) -> dict:
     """One no-reuse arm (``ARM`` or ``ARM@rN``), with a fresh ``gpukv serve`` for gpukv's arms."""
     base, _, reserved = name.partition("@r")
     caching, transfer = RANDOM_ARMS[base]
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": reserved} if reserved else None
     if transfer is None or transfer["kv_connector"] != CONNECTOR["kv_connector"]:
-        return arm(model, work, name, "random", seed, port, prefix_caching=caching, transfer=transfer, env=env)
+        return arm(model, work, name, "random", seed, prefix_caching=caching, transfer=transfer, env=env)
     with gpukv_server(work, f"random-{base}-{seed}") as (address, pid):
         extra = {**transfer["kv_connector_extra_config"], "gpukv.address": address}
-        return arm(model, work, name, "random", seed, port, prefix_caching=caching,
+        return arm(model, work, name, "random", seed, prefix_caching=caching,
                    transfer=dict(transfer, kv_connector_extra_config=extra), gpukv_pid=pid, env=env)
 
 
@@ -294,7 +294,8 @@ def report(rows: list[dict], out: Path, *, random_arms: bool) -> None:
     if random_arms:
         random = [r for r in numeric if r["dataset"] == "random"]
         paired = paired_ratios(random, random[0]["arm"], PAIRED) if random else []
-        write_csv(out.with_name(out.stem + "_paired.csv"), paired)
+        if paired:  # (one arm: nothing to pair)
+            write_csv(out.with_name(out.stem + "_paired.csv"), paired)
         log(f"\neach arm / {random[0]['arm'] if random else '-'} within each repeat (same prompts, run next "
             "to each other): median, mean +- sd [min, max] over repeats")
         for p in paired:

